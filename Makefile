@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh clone:
+#   make demo   set up .venv and replay sops/local_pallas_vs_jax.yaml on the local target (tiny model, CPU)
+#   make test   set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[trainer,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/grpoctl --target local sop replay sops/local_pallas_vs_jax.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator trainer tests benchmarks
+
+clean:
+	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""grpoctl's laptop side: targets, transports, remote recipes, run records, SOP replay and the CLI."""
+
+__version__ = "0.1.0"

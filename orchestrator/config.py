@@ -1,0 +1,142 @@
+"""`grpoctl.yaml`: the laptop-side configuration, declared once, typed and validated.
+
+Lookup order: `--config-file`, then `$GRPOCTL_CONFIG`, then `./grpoctl.yaml`; with none of them the
+embedded default applies (one `local` target: this machine plays the VM).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import UsageError
+
+CONFIG_ENV = "GRPOCTL_CONFIG"
+TARGET_ENV = "GRPOCTL_TARGET"
+DEFAULT_CONFIG_NAME = "grpoctl.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RepoConfig(_Strict):
+    url: str | None = None  # default: `git remote get-url origin` of the current repo
+    branch: str | None = None  # default: the current branch
+    remote_dir: str = "~/grpoctl-work"  # the checkout on each worker
+
+
+class LocalTargetConfig(_Strict):
+    kind: Literal["local"] = "local"
+    workdir: str = ".grpoctl/local"  # plays the worker's home: checkout, logs and runs live here
+    python: str | None = None  # an interpreter to use instead of bootstrapping a venv
+
+
+class SshTargetConfig(_Strict):
+    kind: Literal["ssh"]
+    hosts: list[str] = Field(min_length=1)  # "host" or "host:port", one per worker, in worker order
+    user: str = "root"
+    ssh_key: str | None = None  # private key file; default: ssh-agent / ~/.ssh/id_*
+    host_key_sha256: list[str] = []  # pinned "SHA256:..." fingerprints (one for all, or one per host)
+    known_hosts: str | None = None  # default: ~/.ssh/known_hosts
+    accept_new_host_key: bool = False  # trust-on-first-use; off unless asked for
+    python: str | None = None
+    connect_timeout_s: float = 10.0
+
+
+class TpuTargetConfig(_Strict):
+    kind: Literal["tpu"]
+    project: str
+    zone: str
+    name: str
+    accelerator_type: str = "v6e-8"
+    runtime_version: str = "v2-alpha-tpuv6e"
+    spot: bool = True
+    queued: bool = False  # provision through a queued resource (spot) instead of a plain node
+    valid_until_s: int | None = None  # queued resource: give up waiting after this many seconds
+    labels: dict[str, str] = {}
+    internal_ip: bool = False
+    user: str = "root"
+    ssh_key: str = "~/.ssh/grpoctl_ed25519"  # created when missing
+    host_key_sha256: list[str] = []  # pins; default: read from the node's guest attributes
+    api_endpoint: str | None = None  # e.g. a private endpoint, or the fake API in tests
+    python: str | None = None
+    connect_timeout_s: float = 10.0
+
+    @field_validator("zone")
+    @classmethod
+    def _zone_shape(cls, v: str) -> str:
+        parts = v.split("-")
+        if len(parts) != 3 or not parts[2] or not all(p.isalnum() for p in parts):
+            raise ValueError(f"zone {v!r} is not of the form region-name-zone, e.g. us-east1-d")
+        return v
+
+
+TargetConfig = Annotated[
+    LocalTargetConfig | SshTargetConfig | TpuTargetConfig, Field(discriminator="kind")
+]
+
+
+class GrpoctlConfig(_Strict):
+    repo: RepoConfig = RepoConfig()
+    targets: dict[str, TargetConfig] = {"local": LocalTargetConfig()}
+    default_target: str = "local"
+    source: str = "<embedded default>"  # where this config came from (not a YAML key)
+
+    def target(self, name: str | None = None) -> tuple[str, TargetConfig]:
+        """The target `name`, else `$GRPOCTL_TARGET`, else `default_target`."""
+        chosen = name or os.environ.get(TARGET_ENV) or self.default_target
+        if chosen not in self.targets:
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise UsageError(f"unknown target {chosen!r} (known: {known}) in {self.source}")
+        return chosen, self.targets[chosen]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key {key!r}"
+    return f"{source}: {key}: {first['msg']}"
+
+
+def parse_config(data: Any, source: str) -> GrpoctlConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    if "source" in data:
+        raise UsageError(f"{source}: unknown key 'source'")
+    try:
+        cfg = GrpoctlConfig.model_validate({**data, "source": source})
+    except ValidationError as err:
+        raise UsageError(_format_validation_error(err, source)) from None
+    if cfg.default_target not in cfg.targets:
+        raise UsageError(f"{source}: default_target {cfg.default_target!r} is not one of the targets")
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> GrpoctlConfig:
+    """Load and validate the config; raise `UsageError` with one line naming the key and file."""
+    explicit = path or os.environ.get(CONFIG_ENV)
+    if explicit:
+        file = Path(explicit).expanduser()
+        if not file.is_file():
+            raise UsageError(f"config file {str(file)!r} not found")
+    else:
+        file = Path(DEFAULT_CONFIG_NAME)
+        if not file.is_file():
+            return GrpoctlConfig()
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{file}:{where} malformed YAML") from None
+    return parse_config(data, str(file))

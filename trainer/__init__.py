@@ -1,0 +1,1 @@
+"""The GRPO trainer that runs on the worker: `python -m trainer --config CONFIG --run-dir DIR`."""

@@ -1,0 +1,1 @@
+"""Per-token log-prob providers for the GRPO loss (jax | chunked | pallas)."""
