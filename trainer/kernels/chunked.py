@@ -31,7 +31,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _tile(lm_head: jax.Array, i: jax.Array, chunk: int):
-    """Rows of chunk i, their vocabulary ids [1, chunk], which of them are new to this chunk, and the start."""
+    """Rows of chunk i, their vocabulary ids [1, chunk], which of them are new to this chunk, the start."""
     vocab = lm_head.shape[0]
     first = i * chunk
     start = jnp.minimum(first, vocab - chunk)

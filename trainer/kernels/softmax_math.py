@@ -13,7 +13,7 @@ When the max moves from m to m', every term rescales by a = exp(m - m') and (z -
 Backward. With cotangents (g_logp, g_lse, g_ent) of the three outputs and mu = E_p[z] = lse - entropy:
     d lse / dz_j   = p_j
     d logp / dz_j  = [j = t] - p_j
-    d ent / dz_j   = -p_j (z_j - mu)          (ent = lse - sum_k p_k z_k; d(sum p z)/dz_j = p_j + p_j (z_j - mu))
+    d ent / dz_j   = -p_j (z_j - mu)     (ent = lse - sum_k p_k z_k, d(sum p z)/dz_j = p_j + p_j (z_j - mu))
 so  dz_j = g_logp [j = t] + p_j (g_lse - g_logp - g_ent (z_j - mu)),
 and the cotangent of the raw logits hidden @ lm_head.T is dz / T.
 
@@ -77,7 +77,9 @@ def backward_coefficients(
     return jnp.stack([lse, mu, g_lse - g_logp, g_ent, g_logp], axis=1).astype(jnp.float32)
 
 
-def dlogits(z: jax.Array, is_target: jax.Array, valid: jax.Array, coef: jax.Array, inv_temp: float) -> jax.Array:
+def dlogits(
+    z: jax.Array, is_target: jax.Array, valid: jax.Array, coef: jax.Array, inv_temp: float
+) -> jax.Array:
     """Cotangent of the raw logits tile (hidden @ lm_head.T) from the tempered logits z [rows, cols].
 
     coef [rows, 5] comes from backward_coefficients; invalid entries (masked columns, padding rows) get 0.
