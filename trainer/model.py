@@ -78,8 +78,14 @@ class Qwen2Config:
     def tiny(cls, vocab_size: int = 512, **overrides: Any) -> Qwen2Config:
         """A CPU-sized config with every feature of the real one (GQA 4:2, biases, tied head)."""
         base = dict(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10_000.0,
         )
         return cls(**{**base, **overrides})
 

@@ -1,0 +1,230 @@
+"""Batched autoregressive sampling: one prefill, then a jitted `lax.while_loop` over single-token decode
+steps against a static KV cache, stopping as soon as every row has emitted a stop token.
+
+Prompts are left-padded (so every row's next token lands in the same cache slot) and padded further to a
+length bucket, so a run compiles one program per bucket instead of one per prompt length.
+
+Each sampled token records two log-probs:
+  * `logprobs`: under the distribution actually sampled from (temperature, then top-k, then top-p,
+    renormalised) -- the behaviour policy, 0 for greedy;
+  * `full_logprobs`: `log_softmax(logits / temperature)` without truncation -- what the training loss
+    recomputes (temperature 1 for greedy), so training can check rollout and update agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainer.model import Params, Qwen2Config, forward, hidden_to_logits, init_cache, positions_from_mask
+
+
+class SampleOutput(NamedTuple):
+    completion: jax.Array  # [B, T] int32, pad_id after the stop token
+    completion_mask: jax.Array  # [B, T] int32, 1 up to and including the stop token
+    logprobs: jax.Array  # [B, T] f32, sampling distribution (0 where masked, 0 for greedy)
+    full_logprobs: jax.Array  # [B, T] f32, full softmax at the temperature (0 where masked)
+    lengths: jax.Array  # [B] int32, number of completion tokens (stop token included)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that shapes the compiled program (hashable: a static jit argument)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    top_p: float = 1.0  # 1.0 = no nucleus truncation
+    stop_token_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    dtype: Any = jnp.bfloat16
+    cache_dtype: Any = jnp.bfloat16
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= max(n, minimum): few distinct shapes, at most 2x padding."""
+    n = max(n, minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (tokens [B, length] int32, mask [B, length] bool), real tokens flush right."""
+    length = max(len(s) for s in seqs) if length is None else length
+    tokens = np.full((len(seqs), length), pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), bool)
+    for row, seq in enumerate(seqs):
+        if len(seq) > length:
+            raise ValueError(f"sequence of {len(seq)} tokens does not fit in length {length}")
+        if seq:
+            tokens[row, length - len(seq) :] = seq
+            mask[row, length - len(seq) :] = True
+    return tokens, mask
+
+
+def sample_token(
+    logits: jax.Array, rng: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] f32 -> (token [B] int32, sampling log-prob [B], full-softmax log-prob [B])."""
+    if temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        full = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.zeros(token.shape, jnp.float32), _take(full, token)
+    scaled = logits / temperature
+    full = jax.nn.log_softmax(scaled, axis=-1)
+    if top_k == 0 and top_p >= 1.0:
+        token = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+        lp = _take(full, token)
+        return token, lp, lp
+    # Candidates sorted by logit, descending: top_k of them, or the whole vocabulary for top-p alone.
+    k = top_k if top_k else scaled.shape[-1]
+    values, indices = jax.lax.top_k(scaled, k)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)  # the top candidate always survives
+    choice = jax.random.categorical(rng, values, axis=-1)
+    token = _take(indices, choice).astype(jnp.int32)
+    return token, _take(jax.nn.log_softmax(values, axis=-1), choice), _take(full, token)
+
+
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array  # next column to write
+    cache: Any
+    last_token: jax.Array  # [B]
+    position: jax.Array  # [B] position of last_token
+    done: jax.Array  # [B] bool
+    out: SampleOutput
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+def _generate(
+    params: Params,
+    cfg: Qwen2Config,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    settings: SamplingSettings,
+) -> SampleOutput:
+    s = settings
+    batch, prompt_len = prompt_tokens.shape
+    steps = s.max_new_tokens
+    stop_ids = jnp.asarray(s.stop_token_ids or (-1,), jnp.int32)
+
+    def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
+        """Samples column `state.step` from `logits` and records it; finished rows get padding."""
+        token, lp, full_lp = sample_token(
+            logits, jax.random.fold_in(rng, state.step), s.temperature, s.top_k, s.top_p
+        )
+        live = ~state.done
+        token = jnp.where(live, token, s.pad_id)
+        col = state.step
+        out = state.out._replace(
+            completion=state.out.completion.at[:, col].set(token),
+            completion_mask=state.out.completion_mask.at[:, col].set(live.astype(jnp.int32)),
+            logprobs=state.out.logprobs.at[:, col].set(jnp.where(live, lp, 0.0)),
+            full_logprobs=state.out.full_logprobs.at[:, col].set(jnp.where(live, full_lp, 0.0)),
+        )
+        done = state.done | (live & jnp.isin(token, stop_ids))
+        return state._replace(step=col + 1, last_token=token, position=state.position + 1, done=done, out=out)
+
+    # Prefill: the whole (bucketed) prompt at once; the cache holds prompt + all but the last new token.
+    cache = init_cache(cfg, batch, prompt_len + steps, s.cache_dtype)
+    positions = positions_from_mask(prompt_mask)
+    hidden, cache = forward(params, cfg, prompt_tokens, positions, prompt_mask, cache, s.dtype)
+    zeros_f = jnp.zeros((batch, steps), jnp.float32)
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        last_token=prompt_tokens[:, -1],
+        position=jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32) - 1,
+        done=jnp.zeros((batch,), bool),
+        out=SampleOutput(
+            completion=jnp.full((batch, steps), s.pad_id, jnp.int32),
+            completion_mask=jnp.zeros((batch, steps), jnp.int32),
+            logprobs=zeros_f,
+            full_logprobs=zeros_f,
+            lengths=jnp.zeros((batch,), jnp.int32),
+        ),
+    )
+    state = emit(state, hidden_to_logits(params, cfg, hidden[:, -1]))
+
+    def cond(state: _LoopState) -> jax.Array:
+        return (state.step < steps) & ~jnp.all(state.done)
+
+    def body(state: _LoopState) -> _LoopState:
+        hidden, cache = forward(
+            params,
+            cfg,
+            state.last_token[:, None],
+            state.position[:, None],
+            jnp.ones((batch, 1), bool),
+            state.cache,
+            s.dtype,
+        )
+        return emit(state._replace(cache=cache), hidden_to_logits(params, cfg, hidden[:, 0]))
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.out._replace(lengths=jnp.sum(state.out.completion_mask, axis=-1, dtype=jnp.int32))
+
+
+def generate(
+    params: Params,
+    cfg: Qwen2Config,
+    prompt_tokens: jax.Array | np.ndarray,
+    prompt_mask: jax.Array | np.ndarray,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    dtype: Any = jnp.bfloat16,
+    cache_dtype: Any = jnp.bfloat16,
+    prompt_bucket_min: int = 16,
+) -> SampleOutput:
+    """Samples up to `max_new_tokens` per left-padded prompt [B, P]; temperature 0 is greedy.
+
+    The prompt is left-padded further to `bucket_length(P, prompt_bucket_min)` so that prompts of nearby
+    lengths share one compiled program."""
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        stop_token_ids=tuple(int(t) for t in stop_token_ids),
+        pad_id=int(pad_id),
+        dtype=dtype,
+        cache_dtype=cache_dtype,
+    )
+    prompt_len = prompt_tokens.shape[1]
+    extra = bucket_length(prompt_len, prompt_bucket_min) - prompt_len
+    if extra:
+        prompt_tokens = jnp.pad(jnp.asarray(prompt_tokens), ((0, 0), (extra, 0)), constant_values=pad_id)
+        prompt_mask = jnp.pad(jnp.asarray(prompt_mask), ((0, 0), (extra, 0)), constant_values=False)
+    return _generate(
+        params, cfg, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, bool), rng, settings
+    )
