@@ -106,7 +106,9 @@ def is_grpoctl(labels: Any) -> bool:
 class TpuApi:
     """Nodes and queued resources in one project and zone."""
 
-    def __init__(self, project: str, zone: str, *, api_endpoint: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self, project: str, zone: str, *, api_endpoint: str | None = None, client: Any = None
+    ) -> None:
         self.project, self.zone = project, zone
         self.parent = f"projects/{project}/locations/{zone}"
         self.client: tpu_v2.TpuClient = client if client is not None else build_client(api_endpoint)
@@ -117,7 +119,9 @@ class TpuApi:
     def queued_path(self, name: str) -> str:
         return f"{self.parent}/queuedResources/{name}"
 
-    def _call(self, action: str, fn: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any) -> T:
+    def _call(
+        self, action: str, fn: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any
+    ) -> T:
         """`fn(...)` with a timeout; with `missing_ok` a NotFound returns None instead of raising."""
         try:
             return fn(*args, timeout=CALL_TIMEOUT_S, **kwargs)
@@ -132,7 +136,9 @@ class TpuApi:
 
     # ---- nodes ----------------------------------------------------------------------------------------
     def get_node(self, name: str) -> tpu_v2.Node | None:
-        return self._call(f"get node {name}", self.client.get_node, name=self.node_path(name), missing_ok=True)
+        return self._call(
+            f"get node {name}", self.client.get_node, name=self.node_path(name), missing_ok=True
+        )
 
     def create_node(self, name: str, req: NodeRequest) -> Operation:
         return self._call(
@@ -185,7 +191,9 @@ class TpuApi:
             missing_ok=True,
         )
 
-    def create_queued(self, name: str, node_id: str, req: NodeRequest, valid_until_s: int | None) -> Operation:
+    def create_queued(
+        self, name: str, node_id: str, req: NodeRequest, valid_until_s: int | None
+    ) -> Operation:
         return self._call(
             f"create queued resource {name} ({req.accelerator_type} in {self.zone})",
             self.client.create_queued_resource,

@@ -323,7 +323,9 @@ class FakeTpuApi:
             case ("nodes", "POST", False, ""):
                 return self._create_node(parent, q.get("nodeId", ""), body)
             case ("nodes", "GET", False, ""):
-                return {"nodes": [self._node_json(n) for n in self.nodes.values() if n.name.startswith(parent)]}
+                return {
+                    "nodes": [self._node_json(n) for n in self.nodes.values() if n.name.startswith(parent)]
+                }
             case ("nodes", "GET", True, ""):
                 return self._node_json(self._get_node(name))
             case ("nodes", "DELETE", True, ""):
@@ -405,7 +407,9 @@ class FakeTpuApi:
         if self.script.quota_exhausted:
             chips = body.get("acceleratorType", "?")
             return self._failed_operation(
-                parent, "RESOURCE_EXHAUSTED", f"Quota limit 'TPUV6EPreemptiblePodPerProjectPerZone' exceeded for {chips}"
+                parent,
+                "RESOURCE_EXHAUSTED",
+                f"Quota 'TPUV6EPreemptiblePodPerProjectPerZone' exceeded for {chips}",
             )
         node = self._new_node(name, body)
         return self._new_operation(
@@ -428,7 +432,9 @@ class FakeTpuApi:
         node.body["metadata"] = {k: v for k, v in body.get("metadata", {}).items() if k != "enable-oslogin"}
         keys = self._ssh_key_lines(node.body)
 
-        def propagate(workers: list[FakeWorker] = list(node.workers)) -> None:
+        workers = list(node.workers)
+
+        def propagate() -> None:
             for w in workers:
                 w.set_authorized_keys(keys)
 
@@ -465,8 +471,12 @@ class FakeTpuApi:
             qr.state = "FAILED"
         self.queued[name] = qr
         return self._new_operation(
-            parent, lambda: True, lambda: {"@type": "type.googleapis.com/google.cloud.tpu.v2.QueuedResource",
-                                           **self._queued_json(qr)}
+            parent,
+            lambda: True,
+            lambda: {
+                "@type": "type.googleapis.com/google.cloud.tpu.v2.QueuedResource",
+                **self._queued_json(qr),
+            },
         )
 
     def _delete_queued(self, name: str, force: bool) -> dict[str, Any]:
