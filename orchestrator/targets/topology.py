@@ -1,0 +1,66 @@
+"""Pure helpers about where workers are: host strings, host-key pins per host, TPU slice shapes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from orchestrator.errors import UsageError
+
+# TPU generations whose accelerator type counts chips (v5e, v6e) rather than TensorCores (v2-v5p).
+_CHIP_COUNTED = ("v5litepod", "v5e", "v6e")
+_CORE_COUNTED = ("v2", "v3", "v4", "v5p")
+_ACCEL = re.compile(r"(?P<gen>[a-z0-9]+)-(?P<n>\d+)\Z")
+
+
+def parse_host(spec: str, default_port: int = 22) -> tuple[str, int]:
+    """'host', 'host:port', '[v6::addr]:port' -> (host, port)."""
+    host, port = spec, default_port
+    if spec.startswith("["):
+        end = spec.find("]")
+        if end < 0:
+            raise UsageError(f"host {spec!r}: missing ']'")
+        host, rest = spec[1:end], spec[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise UsageError(f"host {spec!r}: expected [address]:port")
+            port = _port(spec, rest[1:])
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+        port = _port(spec, port_text)
+    if not host:
+        raise UsageError(f"host {spec!r}: empty host name")
+    return host, port
+
+
+def _port(spec: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UsageError(f"host {spec!r}: port {text!r} is not a number in 1..65535")
+    return int(text)
+
+
+def pins_per_host(pins: Sequence[str], n_hosts: int) -> list[tuple[str, ...]]:
+    """No pins; one pin for every host; or one pin per host, in host order."""
+    for pin in pins:
+        if not pin.startswith("SHA256:"):
+            raise UsageError(f"host_key_sha256 {pin!r} must look like 'SHA256:<base64>' (ssh-keygen -lf)")
+    if not pins:
+        return [()] * n_hosts
+    if len(pins) == 1:
+        return [(pins[0],)] * n_hosts
+    if len(pins) == n_hosts:
+        return [(pin,) for pin in pins]
+    raise UsageError(f"host_key_sha256 has {len(pins)} entries for {n_hosts} hosts: give 1 or {n_hosts}")
+
+
+def hosts_for_accelerator(accelerator_type: str) -> int:
+    """How many VMs (workers) a TPU slice has: v6e-8 -> 1, v6e-16 -> 4, v4-32 -> 4."""
+    m = _ACCEL.match(accelerator_type)
+    if not m:
+        raise UsageError(f"accelerator_type {accelerator_type!r} is not of the form e.g. v6e-8")
+    gen, n = m["gen"], int(m["n"])
+    if gen in _CHIP_COUNTED:  # up to 8 chips fit one host; bigger slices have 4 chips per host
+        return 1 if n <= 8 else n // 4
+    if gen in _CORE_COUNTED:  # 4 chips x 2 TensorCores = 8 cores per host
+        return max(1, n // 8)
+    raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")

@@ -1,0 +1,167 @@
+"""LocalTransport and LocalTarget: real bash subprocesses and real files in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import LocalTargetConfig, RepoConfig
+from orchestrator.targets import build_target
+from orchestrator.targets.local import LocalTarget
+from orchestrator.transport.base import Transport
+from orchestrator.transport.local import LocalTransport
+from orchestrator.transport.shell import TIMEOUT_EXIT_CODE
+
+
+@pytest.fixture
+def local() -> LocalTransport:
+    return LocalTransport("w0 localhost")
+
+
+def test_is_a_transport(local: LocalTransport) -> None:
+    assert isinstance(local, Transport)
+    assert local.name == "w0 localhost"
+
+
+def test_exit_codes_stdout_stderr_and_streamed_lines(local: LocalTransport) -> None:
+    lines: list[str] = []
+    result = local.run("echo one; echo two >&2; printf 'three'; exit 3", on_output=lines.append)
+    assert result.exit_code == 3 and not result.ok
+    assert result.stdout == "one\nthree"
+    assert result.stderr == "two\n"
+    assert sorted(lines) == ["one", "three", "two"]  # each line once, unterminated tail included
+    assert result.worker == "w0 localhost"
+
+
+def test_output_is_streamed_while_the_command_runs(local: LocalTransport) -> None:
+    seen: list[tuple[str, float]] = []
+    start = time.monotonic()
+    local.run("echo first; sleep 0.6; echo second", on_output=lambda s: seen.append((s, time.monotonic())))
+    assert [s for s, _ in seen] == ["first", "second"]
+    assert seen[0][1] - start < 0.45  # arrived before the command finished
+    assert seen[1][1] - seen[0][1] > 0.4
+
+
+def test_env_is_exported_quoted_and_cwd_is_honoured(local: LocalTransport, tmp_path: Path) -> None:
+    folder = tmp_path / "a dir with 'quotes'"
+    folder.mkdir()
+    value = "x y; $(touch pwned) 'z'"
+    result = local.run('printf "%s|%s" "$FLAG" "$PWD"', env={"FLAG": value}, cwd=str(folder))
+    assert result.ok, result.stderr
+    assert result.stdout == f"{value}|{folder}"
+    assert not (folder / "pwned").exists()
+
+
+def test_bad_env_name_is_refused(local: LocalTransport) -> None:
+    with pytest.raises(ValueError, match="invalid environment variable name"):
+        local.run("true", env={"A;rm -rf /": "1"})
+
+
+def test_missing_cwd_fails_without_running(local: LocalTransport, tmp_path: Path) -> None:
+    result = local.run(f"touch {tmp_path}/ran", cwd=str(tmp_path / "missing"))
+    assert result.exit_code == 1 and "missing" in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_timeout_kills_the_whole_process_group(local: LocalTransport, tmp_path: Path) -> None:
+    marker = f"grpoctl-timeout-{os.getpid()}"
+    start = time.monotonic()
+    result = local.run(f"sleep 30 & echo started; exec -a {marker} sleep 31", timeout=0.5)
+    assert result.exit_code == TIMEOUT_EXIT_CODE
+    assert "timed out after 0.5 s" in result.stderr
+    assert result.stdout == "started\n"
+    assert time.monotonic() - start < 4
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps
+
+
+def test_detached_child_does_not_hold_run_open(local: LocalTransport, tmp_path: Path) -> None:
+    # A job launched with setsid nohup that keeps our pipes: run returns once the shell exits.
+    start = time.monotonic()
+    result = local.run("setsid sleep 5 & echo launched")
+    assert result.ok and result.stdout == "launched\n"
+    assert time.monotonic() - start < 3
+
+
+def test_put_is_atomic_with_mode_from_the_first_byte(local: LocalTransport, tmp_path: Path) -> None:
+    dest = tmp_path / "deep" / "er" / ".env"
+    local.put(b"OLD=1\n", str(dest), mode=0o600)
+    old_inode = dest.stat().st_ino
+    local.put(b"NEW=2\n", str(dest), mode=0o600)
+    assert dest.read_bytes() == b"NEW=2\n"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert dest.stat().st_ino != old_inode  # replaced by rename, never rewritten in place
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".env"]  # no temp file left behind
+
+
+def test_put_mode_is_exact_whatever_the_umask(local: LocalTransport, tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        local.put(b"#!/bin/sh\n", str(tmp_path / "tool"), mode=0o755)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "tool").stat().st_mode) == 0o755
+
+
+def test_put_failure_leaves_no_temp_file(local: LocalTransport, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keeps the directory non-empty")
+    with pytest.raises(OSError):
+        local.put(b"data", str(tmp_path / "taken"), mode=0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_get_roundtrip_and_missing_file(local: LocalTransport, tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 10
+    local.put(payload, str(tmp_path / "blob"))
+    assert local.get(str(tmp_path / "blob")) == payload
+    with pytest.raises(FileNotFoundError, match="w0 localhost"):
+        local.get(str(tmp_path / "nope"))
+
+
+def test_secret_put_never_reaches_ps_or_output(local: LocalTransport, tmp_path: Path) -> None:
+    secret = "sk-local-PLANTED-" + os.urandom(8).hex()
+    payload = f"WANDB_API_KEY={secret}\n".encode() * 20000
+    seen = _ps_during(lambda: local.put(payload, str(tmp_path / ".env"), mode=0o600))
+    result = local.run(f"wc -c < {tmp_path}/.env")
+    assert secret not in seen and secret not in result.stdout + result.stderr
+
+
+def _ps_during(action) -> str:  # type: ignore[no-untyped-def]
+    """Everything `ps` showed while `action` ran (sampled in a loop)."""
+    samples: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        action()
+    finally:
+        done.set()
+        thread.join()
+    assert samples
+    return "\n".join(samples)
+
+
+def test_local_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = build_target("local", LocalTargetConfig(workdir="w/local"), RepoConfig(remote_dir="/elsewhere"))
+    assert isinstance(target, LocalTarget)
+    assert target.remote_dir == str(tmp_path / "w" / "local" / "grpoctl-work")
+    assert [w.label for w in target.workers()] == ["w0"]
+    assert target.transports()[0] is target.transports()[0]  # cached, kept open
+    target.up()
+    assert (tmp_path / "w" / "local").is_dir()
+    (result,) = [t.run("pwd", cwd=str(tmp_path / "w" / "local")) for t in target.transports()]
+    assert result.stdout.strip() == str(tmp_path / "w" / "local")
+    assert target.state().healthy
