@@ -110,14 +110,16 @@ def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype: Any = jnp.bflo
     )
 
 
-def init_params(cfg: Qwen2Config, rng: jax.Array, param_dtype: Any = jnp.float32) -> Params:
-    """Random init (normal, std 0.02, as HF's `initializer_range`); biases zero, norm scales one."""
+def init_params(
+    cfg: Qwen2Config, rng: jax.Array, param_dtype: Any = jnp.float32, std: float = 0.02
+) -> Params:
+    """Random init: weights normal(0, std) (HF's `initializer_range`), biases zero, norm scales one."""
     L, H, I = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size  # noqa: E741
     dq, dkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     keys = iter(jax.random.split(rng, 9))
 
     def normal(*shape: int) -> jax.Array:
-        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(param_dtype)
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(param_dtype)
 
     def ones(*shape: int) -> jax.Array:
         return jnp.ones(shape, param_dtype)

@@ -1,0 +1,190 @@
+"""Qwen2 model: logits parity with transformers' PyTorch Qwen2ForCausalLM through our safetensors loader,
+KV-cache decode == full forward, masking, and the loader's errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainer import hf_io
+from trainer.model import (
+    Qwen2Config,
+    forward,
+    hidden_to_logits,
+    init_cache,
+    init_params,
+    lm_head_weight,
+    logits,
+    positions_from_mask,
+)
+from trainer.sampler import left_pad
+
+HF_TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+PROMPTS = [[11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31, 32, 33, 34, 35]]  # ragged: left padding varies
+
+
+def _save_random_hf_model(folder, tie: bool):
+    """A transformers Qwen2ForCausalLM with EVERY tensor random (HF zero-inits biases and one-inits norms,
+    which would hide a swapped or dropped mapping), saved with save_pretrained as safetensors."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(
+        **HF_TINY, tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}
+    )
+    torch.manual_seed(0 if tie else 1)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    # Two shards, so the index.json path of the loader is exercised too.
+    model.save_pretrained(folder, max_shard_size="150KB")
+    return model
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def hf_pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tied" if request.param else "untied")
+    torch_model = _save_random_hf_model(folder, tie=request.param)
+    cfg, params = hf_io.load_model(str(folder))
+    return torch_model, cfg, params, folder
+
+
+def test_logits_match_transformers(hf_pair):
+    import torch
+
+    torch_model, cfg, params, folder = hf_pair
+    assert (folder / "model.safetensors.index.json").exists()  # the sharded layout was really loaded
+    assert cfg.tie_word_embeddings == torch_model.config.tie_word_embeddings
+    assert cfg.rope_theta == 5000.0 and cfg.num_kv_heads == 2
+    assert ("lm_head" in params) == (not cfg.tie_word_embeddings)
+
+    tokens, mask = left_pad(PROMPTS, pad_id=0)
+    positions = np.asarray(positions_from_mask(mask))
+    with torch.no_grad():
+        ref = torch_model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        ).logits.numpy()
+    ours = np.asarray(logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), dtype=jnp.float32))
+    # Compare real tokens only (padding rows are garbage in both). Error relative to the logit scale.
+    rel_err = np.abs(ours - ref)[mask].max() / np.abs(ref[mask]).max()
+    assert rel_err <= 1e-4, rel_err
+    assert np.abs(ref[mask]).max() > 1.0  # a non-degenerate model: the comparison means something
+
+
+def test_tied_head_is_the_embedding(hf_pair):
+    _, cfg, params, _ = hf_pair
+    w = lm_head_weight(params, cfg)
+    assert w.shape == (cfg.vocab_size, cfg.hidden_size)
+    assert (w is params["embed"]["embedding"]) == cfg.tie_word_embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = Qwen2Config.tiny(vocab_size=256)
+    return cfg, init_params(cfg, jax.random.key(0), std=0.1)
+
+
+def test_kv_cache_decode_equals_full_forward(tiny):
+    """Prefill a ragged left-padded batch, then decode the rest one token at a time: the logits at every
+    real position equal the uncached forward over the whole sequence."""
+    cfg, params = tiny
+    tokens, mask = left_pad([p + [40 + i, 50 + i, 60 + i] for i, p in enumerate(PROMPTS)], pad_id=0)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    positions = positions_from_mask(mask)
+    full_hidden, _ = forward(params, cfg, tokens, positions, mask, dtype=jnp.float32)
+    full = hidden_to_logits(params, cfg, full_hidden)
+
+    prefill = tokens.shape[1] - 3
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + 2, dtype=jnp.float32)
+    step = jax.jit(forward, static_argnames=("cfg", "dtype"))
+    h, cache = step(
+        params, cfg, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache, jnp.float32
+    )
+    pieces = [h]
+    for t in range(prefill, tokens.shape[1]):
+        sl = slice(t, t + 1)
+        h, cache = step(params, cfg, tokens[:, sl], positions[:, sl], mask[:, sl], cache, jnp.float32)
+        pieces.append(h)
+    assert int(cache.index) == tokens.shape[1]
+    cached = hidden_to_logits(params, cfg, jnp.concatenate(pieces, axis=1))
+    np.testing.assert_allclose(np.asarray(cached)[mask], np.asarray(full)[mask], atol=2e-5, rtol=1e-5)
+
+
+def test_padding_is_invisible(tiny):
+    """Changing what sits under the padding, or how much padding there is, leaves real-token outputs alone."""
+    cfg, params = tiny
+    tokens, mask = left_pad(PROMPTS, pad_id=0)
+    base = logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    junk = np.where(mask, tokens, 199)
+    np.testing.assert_allclose(
+        logits(params, cfg, jnp.asarray(junk), jnp.asarray(mask))[mask], base[mask], atol=1e-5
+    )
+    more_tokens, more_mask = left_pad(PROMPTS, pad_id=0, length=tokens.shape[1] + 4)
+    more = logits(params, cfg, jnp.asarray(more_tokens), jnp.asarray(more_mask))
+    np.testing.assert_allclose(more[:, 4:][mask], base[mask], atol=1e-5)
+    assert np.isfinite(np.asarray(more)).all()  # fully masked pad rows give finite values, never NaN
+
+
+def test_bf16_compute_with_f32_params_stays_close(tiny):
+    cfg, params = tiny
+    tokens, mask = left_pad(PROMPTS, pad_id=0)
+    pos = positions_from_mask(jnp.asarray(mask))
+    h32, _ = forward(params, cfg, jnp.asarray(tokens), pos, jnp.asarray(mask), dtype=jnp.float32)
+    h16, _ = forward(params, cfg, jnp.asarray(tokens), pos, jnp.asarray(mask), dtype=jnp.bfloat16)
+    assert h16.dtype == jnp.bfloat16 and jax.tree.leaves(params)[0].dtype == jnp.float32
+    err = np.abs(np.asarray(h16, np.float32) - np.asarray(h32))[mask].max()
+    assert err < 0.1 * np.abs(np.asarray(h32)[mask]).max()
+
+
+def test_remat_gives_the_same_gradient(tiny):
+    cfg, params = tiny
+    tokens, mask = (jnp.asarray(a) for a in left_pad(PROMPTS, pad_id=0))
+    pos = positions_from_mask(mask)
+
+    def loss(p, remat):
+        h, _ = forward(p, cfg, tokens, pos, mask, dtype=jnp.float32, remat=remat)
+        return jnp.sum(jnp.where(mask[..., None], h, 0.0) ** 2)
+
+    g_plain = jax.grad(loss)(params, False)
+    g_remat = jax.grad(loss)(params, True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_plain, g_remat)
+    assert float(jnp.abs(g_plain["layers"]["q"]["bias"]).sum()) > 0
+
+
+def test_from_hf_reads_both_rope_spellings():
+    v4 = {**HF_TINY, "rope_theta": 1e6, "tie_word_embeddings": True}
+    v5 = {**HF_TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    assert Qwen2Config.from_hf(v4).rope_theta == Qwen2Config.from_hf(v5).rope_theta == 1e6
+    assert Qwen2Config.from_hf(v4).head_dim == 16
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        Qwen2Config.from_hf({**v4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_loader_errors_are_one_line(tmp_path):
+    with pytest.raises(hf_io.CheckpointError, match="no such folder"):
+        hf_io.resolve_checkpoint(str(tmp_path / "missing"))
+    # HF_HUB_OFFLINE=1 (conftest): an uncached hub id fails at once with a hint.
+    with pytest.raises(hf_io.CheckpointError) as err:
+        hf_io.resolve_checkpoint("grpoctl-test/not-a-model")
+    assert "offline" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "config.json").write_text(json.dumps({**HF_TINY, "tie_word_embeddings": True}))
+    with pytest.raises(hf_io.CheckpointError, match="no \\*.safetensors"):
+        hf_io.load_model(str(tmp_path))
