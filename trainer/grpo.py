@@ -1,0 +1,274 @@
+"""GRPO math: group advantages, the one policy-loss function, and the step gradient over micro-batches.
+
+Everything here is a pure function of arrays. The loss of a step is a weighted SUM over completion tokens,
+`sum_t w_t * loss_t`, with per-token weights `w` computed once from the whole (global) batch by
+`token_weights`. A micro-batch's loss is the same sum over its rows, so the accumulated micro-batch
+gradients are exactly the full-batch gradient (the reference averaged per micro-batch and then again).
+
+Batch layout (all [B, T] over packed sequences `prompt + completion + padding`, see `pack_sequences`):
+    tokens, positions, attn_mask   model inputs
+    targets                        tokens shifted left: position t predicts targets[t] = tokens[t + 1]
+    loss_mask                      1.0 where targets[t] is a completion token (the actions)
+    rewards [B]                    total reward of each sequence; rows of one group are contiguous
+    old_logp                       (optional) log-probs of the policy that sampled, for ppo_epochs > 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainer.kernels import token_logprobs
+from trainer.model import Qwen2Config, forward, lm_head_weight
+
+Batch = dict[str, jax.Array]
+ADV_EPS = 1e-4  # the reference's std epsilon
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The static knobs of the loss (hashable: a static argument of the jitted update)."""
+
+    group_size: int
+    beta: float = 0.0
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.3
+    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | dr_grpo
+    advantage_scaling: str = "group"  # group | batch | none
+    max_completion_len: int = 1024  # dr_grpo's constant normaliser
+    temperature: float = 1.0
+    impl: str = "jax"
+    kernel_blocks: tuple[tuple[str, int], ...] = ()
+    compute_dtype: Any = jnp.bfloat16
+    remat: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Advantages and per-token weights (whole batch).
+
+
+def group_advantages(rewards: jax.Array, group_size: int, scaling: str = "group") -> jax.Array:
+    """(r - group mean) / (std + 1e-4), one scalar per sequence; groups are contiguous runs of rows.
+
+    scaling: "group" divides by the group's population std (the reference), "batch" by the whole batch's
+    std, "none" does not divide (Dr. GRPO)."""
+    r = rewards.astype(jnp.float32).reshape(-1, group_size)
+    centred = r - r.mean(axis=1, keepdims=True)
+    if scaling == "group":
+        centred = centred / (r.std(axis=1, keepdims=True) + ADV_EPS)
+    elif scaling == "batch":
+        centred = centred / (r.std() + ADV_EPS)
+    elif scaling != "none":
+        raise ValueError(f"unknown advantage scaling {scaling!r}")
+    return centred.reshape(-1)
+
+
+def token_weights(loss_mask: jax.Array, aggregation: str, max_completion_len: int) -> jax.Array:
+    """[B, T] weights such that the step loss is sum(w * per_token_loss).
+
+    token_mean:           1 / (completion tokens in the whole batch)   (the reference)
+    seq_mean_token_mean:  1 / (sequence's completion length * sequences)
+    dr_grpo:              1 / (max completion length * sequences)       (a constant: no length bias)
+    """
+    mask = loss_mask.astype(jnp.float32)
+    n_seq = mask.shape[0]
+    if aggregation == "token_mean":
+        return mask / jnp.maximum(mask.sum(), 1.0)
+    if aggregation == "seq_mean_token_mean":
+        lengths = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+        return mask / (lengths * n_seq)
+    if aggregation == "dr_grpo":
+        return mask / (max_completion_len * n_seq)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The policy loss.
+
+
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array | None,
+    advantages: jax.Array,
+    weights: jax.Array,
+    token_frac: jax.Array,
+    *,
+    beta: float,
+    clip_eps_low: float,
+    clip_eps_high: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO-clip surrogate + beta * KL(k3) as `sum(weights * per_token_loss)`.
+
+    logp/old_logp/ref_logp/weights/token_frac: [B, T]; advantages: [B]. token_frac is the loss mask over
+    the global completion-token count, so the returned metrics are token means that add up across
+    micro-batches."""
+    adv = advantages[:, None]
+    ratio = jnp.exp(logp - old_logp)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    metrics = {
+        "clip_frac_low": jnp.sum(token_frac * ((ratio < 1.0 - clip_eps_low) & (adv < 0))),
+        "clip_frac_high": jnp.sum(token_frac * ((ratio > 1.0 + clip_eps_high) & (adv > 0))),
+        "ratio_mean": jnp.sum(token_frac * ratio),
+    }
+    if ref_logp is not None:
+        # k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0.
+        delta = ref_logp - logp
+        kl = jnp.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+        metrics["kl"] = jnp.sum(token_frac * kl)
+    loss = jnp.sum(weights * per_token)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From params to per-token log-probs, and the step gradient.
+
+
+def sequence_logprobs(params: Any, model_cfg: Qwen2Config, batch: Batch, loss_cfg: LossConfig):
+    """TokenStats [B, T] of the batch's targets under `params` (hidden states -> token_logprobs)."""
+    hidden, _ = forward(
+        params, model_cfg, batch["tokens"], batch["positions"], batch["attn_mask"],
+        dtype=loss_cfg.compute_dtype, remat=loss_cfg.remat,
+    )
+    w = lm_head_weight(params, model_cfg).astype(loss_cfg.compute_dtype)
+    return token_logprobs(
+        hidden, w, batch["targets"], loss_cfg.temperature, loss_cfg.impl, **dict(loss_cfg.kernel_blocks)
+    )
+
+
+def micro_batch_loss(params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: Batch, loss_cfg: LossConfig):
+    stats = sequence_logprobs(params, model_cfg, mb, loss_cfg)
+    # ppo_epochs == 1: the sampling policy is the current one, so old = stop_gradient(logp), ratio == 1.
+    old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(stats.logp)
+    ref_logp = None
+    if loss_cfg.beta > 0:
+        ref_logp = jax.lax.stop_gradient(sequence_logprobs(ref_params, model_cfg, mb, loss_cfg).logp)
+    loss, metrics = policy_loss(
+        stats.logp, old_logp, ref_logp, mb["advantages"], mb["weights"], mb["token_frac"],
+        beta=loss_cfg.beta, clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
+    )
+    metrics["entropy"] = jnp.sum(mb["token_frac"] * stats.entropy)
+    return loss, metrics
+
+
+def prepare_batch(batch: Batch, loss_cfg: LossConfig) -> Batch:
+    """Adds advantages, loss weights and metric weights computed over the WHOLE batch."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    out = dict(batch)
+    out["advantages"] = group_advantages(batch["rewards"], loss_cfg.group_size, loss_cfg.advantage_scaling)
+    out["weights"] = token_weights(mask, loss_cfg.aggregation, loss_cfg.max_completion_len)
+    out["token_frac"] = mask / jnp.maximum(mask.sum(), 1.0)
+    return out
+
+
+def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
+    """[B, ...] -> [num_micro, B / num_micro, ...]. Row b goes to micro-batch b % num_micro, so each
+    micro-batch takes rows from every data shard (the batch axis is sharded in contiguous blocks)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        if b % num_micro:
+            raise ValueError(f"batch of {b} rows does not split into {num_micro} micro-batches")
+        return jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def step_gradients(
+    params: Any,
+    ref_params: Any,
+    model_cfg: Qwen2Config,
+    batch: Batch,
+    loss_cfg: LossConfig,
+    num_micro: int,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of the whole step's loss, accumulated over `num_micro` micro-batches (a lax.scan).
+
+    Returns (grads, metrics) where metrics are whole-step values (loss, KL, clip fractions, entropy)."""
+    batch = prepare_batch(batch, loss_cfg)
+    keys = ("tokens", "positions", "attn_mask", "targets", "advantages", "weights", "token_frac", "old_logp")
+    micro = split_micro_batches({k: batch[k] for k in keys if k in batch}, num_micro)
+    grad_fn = jax.grad(micro_batch_loss, has_aux=True)
+
+    def body(carry, mb):
+        grads, sums = carry
+        g, m = grad_fn(params, ref_params, model_cfg, mb, loss_cfg)
+        grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
+        return (grads, {k: sums[k] + m[k] for k in sums}), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    first = jax.tree.map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(
+        lambda: micro_batch_loss(params, ref_params, model_cfg, first, loss_cfg)[1]
+    )
+    init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+    (grads, metrics), _ = jax.lax.scan(body, init, micro)
+    metrics["advantage_abs_mean"] = jnp.mean(jnp.abs(batch["advantages"]))
+    return grads, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side: pack prompt + completion rows and trim to the longest real sequence.
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def packed_length(longest_row: int, seq_bucket: int) -> int:
+    return round_up(longest_row, seq_bucket)
+
+
+def pack_sequences(
+    prompt_tokens: np.ndarray,
+    prompt_mask: np.ndarray,
+    completion_tokens: np.ndarray,
+    completion_mask: np.ndarray,
+    seq_bucket: int,
+    pad_id: int = 0,
+    length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Left-padded prompts [B, P] + right-padded completions [B, G] -> packed rows [B, T].
+
+    Each row is `real prompt tokens, real completion tokens, padding`; T is the longest row rounded up to
+    `seq_bucket` (few distinct shapes, so few compilations), not the full P + G buffer. Several hosts
+    pass the same `length` (their common maximum) so that their rows form one global batch."""
+    b = prompt_tokens.shape[0]
+    p_len = prompt_mask.sum(axis=1).astype(np.int64)
+    c_len = completion_mask.sum(axis=1).astype(np.int64)
+    t = length or packed_length(int((p_len + c_len).max()), seq_bucket)
+    tokens = np.full((b, t), pad_id, np.int32)
+    attn = np.zeros((b, t), bool)
+    loss_mask = np.zeros((b, t), np.float32)
+    for i in range(b):
+        prompt = prompt_tokens[i][prompt_mask[i].astype(bool)]
+        completion = completion_tokens[i][completion_mask[i].astype(bool)]
+        n_p, n_c = len(prompt), len(completion)
+        tokens[i, :n_p] = prompt
+        tokens[i, n_p : n_p + n_c] = completion
+        attn[i, : n_p + n_c] = True
+        loss_mask[i, n_p - 1 : n_p + n_c - 1] = 1.0  # position t predicts token t + 1
+    targets = np.concatenate([tokens[:, 1:], np.full((b, 1), pad_id, np.int32)], axis=1)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "attn_mask": attn,
+        "targets": targets,
+        "loss_mask": loss_mask,
+    }
+
+
+def scatter_completion_values(values: np.ndarray, packed_loss_mask: np.ndarray, completion_mask: np.ndarray):
+    """Puts per-completion-token values [B, G] (e.g. sampling log-probs) at their packed slots [B, T]."""
+    out = np.zeros(packed_loss_mask.shape, np.float32)
+    for i in range(out.shape[0]):
+        out[i, packed_loss_mask[i] > 0] = values[i][completion_mask[i].astype(bool)]
+    return out

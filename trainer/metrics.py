@@ -1,0 +1,152 @@
+"""Where metrics go: W&B (online / offline / disabled), metrics.jsonl, JSON progress lines on stdout for the
+orchestrator, the optional time breakdown, and summary.json (always: W&B offline writes no summary file).
+
+Only process 0 writes; other processes get a `RunLogger(enabled=False)` that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Metrics shown in the per-step progress line (by their W&B names).
+PROGRESS_KEYS = (
+    "train/reward/total/mean",
+    "train/reward/func/reward_correct/mean",
+    "loss",
+    "eval/reward/total/mean",
+    "time/train/step_s",
+)
+# What the SOP reads from a finished run.
+SOP_KEYS = (
+    "eval_full/accuracy",
+    "eval/reward/func/reward_correct/mean",
+    "eval/reward/total/mean",
+    "time/train/step_avg_last10_s",
+    "time/eval_full/step_s",
+)
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _jsonable(value: Any) -> Any:
+    """Floats that JSON can hold (NaN/inf become null so every line stays valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def emit(event: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed at once (the log is a file under nohup)."""
+    print(json.dumps(event, separators=(", ", ": ")), flush=True)
+
+
+class RunLogger:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        config: Mapping[str, Any],
+        config_hash: str,
+        wandb_mode: str,
+        wandb_project: str,
+        wandb_name: str | None,
+        run_id: str | None = None,
+        enabled: bool = True,
+    ):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.config_hash = config_hash
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.latest: dict[str, Any] = {}  # the last value of every metric: the summary
+        self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        if wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner would interleave with our lines
+            self._wandb = wandb.init(
+                project=wandb_project,
+                name=wandb_name,
+                mode=wandb_mode,
+                dir=str(run_dir),
+                id=self.run_id,
+                resume="allow",  # a resumed run (same run dir) continues the same W&B run
+                config={**dict(config), "config_hash": config_hash},
+            )
+            self.run_id = self._wandb.id
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _jsonable(float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        self.latest.update(clean)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
+
+    def progress(self, step: int, total: int, elapsed_s: float, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        shown = {k: _jsonable(float(metrics[k])) for k in PROGRESS_KEYS if k in metrics}
+        emit({"event": "progress", "step": step, "total": total, "elapsed_s": round(elapsed_s, 3),
+              "metrics": shown})
+
+    def time_breakdown(self, step: int, total: int, times: Mapping[str, float]) -> None:
+        """The seed's PRINT_TRAIN_TIME_BREAKDOWN line (plain text: not an orchestrator event)."""
+        if not self.enabled:
+            return
+        parts = " ".join(f"{k} {v:.3f}s" for k, v in times.items())
+        print(f"time step {step}/{total}: {parts}", flush=True)
+
+    def finish(self, steps: int, total: int, extra: Mapping[str, Any] | None = None) -> Path:
+        """Writes summary.json (latest metrics + run id, config hash, git commit), prints the done line."""
+        path = self.run_dir / "summary.json"
+        if not self.enabled:
+            return path
+        summary = {
+            **self.latest,
+            **{k: _jsonable(v) for k, v in (extra or {}).items()},
+            "run_id": self.run_id,
+            "config_hash": self.config_hash,
+            "git_commit": git_commit(),
+            "steps": steps,
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        if self._wandb is not None:
+            self._wandb.summary.update({k: v for k, v in summary.items() if v is not None})
+            self._wandb.finish()
+            self._wandb = None
+        emit({"event": "done", "step": steps, "total": total, "summary": str(path)})
+        return path
+
+    def close(self) -> None:
+        """Ends the W&B run without a summary (the run failed or was interrupted)."""
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=1)
+            self._wandb = None
+
+
+def print_error(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
