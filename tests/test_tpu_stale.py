@@ -1,0 +1,92 @@
+"""Clearing stale TPU users: fake device files held open by sleeping processes, on a real transport."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cloud.stale import clear_stale_tpu_users
+from orchestrator.errors import UsageError
+from orchestrator.transport.local import LocalTransport
+
+# A holder that ignores SIGTERM: only the KILL after the grace period ends it.
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ok', flush=True); time.sleep(300)"
+)
+POLITE = "import time; print('ok', flush=True); time.sleep(300)"
+
+
+def _hold(device: Path, code: str) -> subprocess.Popen[bytes]:
+    """A process with `device` open (as the TPU runtime would), in its own session like a nohup job."""
+    fh = device.open("rb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=fh, stdout=subprocess.PIPE, start_new_session=True
+    )
+    fh.close()
+    assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"  # signal handler installed
+    return proc
+
+
+@pytest.fixture()
+def worker(tmp_path: Path) -> dict[str, Path]:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "accel0").touch()
+    (dev / "vfio").mkdir()
+    (dev / "vfio" / "0").touch()
+    remote = tmp_path / "work"
+    (remote / "logs").mkdir(parents=True)
+    lock = tmp_path / "libtpu_lockfile"
+    lock.touch()
+    return {"dev": dev, "remote": remote, "lock": lock}
+
+
+def _clear(worker: dict[str, Path], **kw):  # type: ignore[no-untyped-def]
+    dev = worker["dev"]
+    return clear_stale_tpu_users(
+        [LocalTransport("w0 localhost")],
+        remote_dir=str(worker["remote"]),
+        device_patterns=(f"{dev}/vfio/*", f"{dev}/accel*"),
+        lockfile=str(worker["lock"]),
+        grace_s=0.5,
+        **kw,
+    )
+
+
+def test_stale_holders_get_term_then_kill_and_lock_goes_last(worker) -> None:
+    polite = _hold(worker["dev"] / "accel0", POLITE)
+    stubborn = _hold(worker["dev"] / "vfio" / "0", STUBBORN)
+    (report,) = _clear(worker)
+    assert sorted(report.killed) == sorted([polite.pid, stubborn.pid])
+    assert report.force_killed == [stubborn.pid]  # TERM was ignored: KILL after the grace period
+    assert polite.wait(5) == -15 and stubborn.wait(5) == -9
+    assert not worker["lock"].exists()
+
+
+def test_nothing_holding_just_removes_the_lock(worker) -> None:
+    (report,) = _clear(worker)
+    assert report.killed == [] and not worker["lock"].exists()
+
+
+def test_a_running_grpoctl_run_is_refused_unless_forced(worker) -> None:
+    job = _hold(worker["dev"] / "accel0", POLITE)
+    pid_file = worker["remote"] / "logs" / "nohup_tiny_20260101_000000.pid"
+    pid_file.write_text(f"{job.pid}\n")
+    try:
+        with pytest.raises(UsageError, match=f"held by pid {job.pid} of a grpoctl run still RUNNING"):
+            _clear(worker)
+        assert job.poll() is None and worker["lock"].exists()  # nothing touched
+        (report,) = _clear(worker, force=True)
+        assert report.killed == [job.pid] and job.wait(5) == -15
+    finally:
+        job.kill()
+    # a finished run (exit file present) does not protect a leftover holder
+    leftover = _hold(worker["dev"] / "accel0", POLITE)
+    pid_file.write_text(f"{leftover.pid}\n")
+    pid_file.with_suffix(".exit").write_text("0\n")
+    (report,) = _clear(worker)
+    assert report.killed == [leftover.pid]
