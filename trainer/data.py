@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,13 @@ class Problem:
     question: str
     solution: str  # GSM8K's "answer" field: worked solution ending with "#### N"
     answer: str  # N, the final number as text (thousands separators removed)
+
+    @property
+    def value(self) -> float:
+        """The final answer as a number (validated when the Problem is made from a row)."""
+        value = gold_answer(self.answer)
+        assert value is not None, self.answer
+        return value
 
     def as_row(self) -> dict[str, str]:
         return asdict(self)
@@ -119,11 +127,14 @@ def _load_local(source: str, split: str) -> list[Problem]:
     files = _split_files(source, split)
     builder = "parquet" if files[0].endswith(".parquet") else "json"
     datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as err:  # datasets raises many types for unreadable files
-        raise DataError(f"data source {source}: cannot read {split} ({_first_line(err)})") from err
-    return [problem_from_row(row, f"{split}-{i}") for i, row in enumerate(table)]
+    # A throwaway Arrow cache: local files are re-read in well under a second, and the user's
+    # datasets cache does not fill up with copies of every run folder's files.
+    with tempfile.TemporaryDirectory(prefix="grpoctl-data-") as cache_dir:
+        try:
+            table = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        except Exception as err:  # datasets raises many types for unreadable files
+            raise DataError(f"data source {source}: cannot read {split} ({_first_line(err)})") from err
+        return [problem_from_row(row, f"{split}-{i}") for i, row in enumerate(table)]
 
 
 def _load_hub(dataset_id: str, config: str | None, split: str) -> list[Problem]:
@@ -254,10 +265,7 @@ class ProblemStream:
             raise DataError("no problems to train on")
         self.problems = problems
         self.seed = seed
-        self.epoch, self.position = 0, 0
-        if state is not None:
-            self.restore(state)
-        self._order = self._permutation(self.epoch)
+        self.restore(state or {"seed": seed, "epoch": 0, "position": 0, "size": len(problems)})
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.problems))
@@ -278,10 +286,13 @@ class ProblemStream:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "size": len(self.problems)}
 
     def restore(self, state: dict[str, int]) -> None:
+        """Continue from a state() taken earlier on the same problems and seed."""
         if int(state["size"]) != len(self.problems) or int(state["seed"]) != self.seed:
             raise DataError(
                 f"data order state is for {state['size']} problems with seed {state['seed']}, not "
                 f"{len(self.problems)} with seed {self.seed}: the data source or seed changed"
             )
+        if not 0 <= int(state["position"]) <= len(self.problems) or int(state["epoch"]) < 0:
+            raise DataError(f"data order state {state} is out of range")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)

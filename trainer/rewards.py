@@ -88,6 +88,13 @@ def gold_answer(answer: object) -> float | None:
     return last_number(tail if marker else answer)
 
 
+def format_number(value: float | None) -> str | None:
+    """A parsed answer as text for logs and eval_full.jsonl: "42", "-3.5"; None stays None."""
+    if value is None:
+        return None
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
 def numbers_match(predicted: float | None, gold: float | None) -> bool:
     if predicted is None or gold is None:
         return False

@@ -25,7 +25,9 @@ from trainer.prompts import FORMAT_TAGS, SYSTEM_PROMPT, chat_messages, ideal_com
 TINY = "tiny"
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_SPECIALS: tuple[str, ...] = (PAD, IM_START, IM_END)
-TINY_VOCAB_SIZE = 512  # 256 byte symbols + 3 specials + 249 merges (whole words) + 4 tags; 4 x 128
+# Upper bound of the tiny vocab: 256 byte symbols + 3 specials + merges + 4 tags. BPE runs out of merges
+# below it (~500: every word of the task is one token), so the model pads its table to this, 4 x 128.
+TINY_VOCAB_SIZE = 512
 _TINY_RECIPE = "tiny-bpe-v1"  # bump when the build below changes
 _CORPUS_PROBLEMS_PER_LEVEL = 400
 
@@ -168,6 +170,11 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return stop_token_ids(tokenizer)[0]
+
+
+def padded_vocab_size(tokenizer: PreTrainedTokenizerBase, multiple: int = 128) -> int:
+    """Embedding rows for a model of this tokenizer: len(tokenizer) rounded up (TPU tiles, like Qwen's)."""
+    return -(-len(tokenizer) // multiple) * multiple
 
 
 def decode(

@@ -1,0 +1,201 @@
+"""The reward parser and reward functions, table-driven; malformed completions score 0 and never raise."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from trainer.rewards import (
+    REWARD_FUNCS,
+    RewardWeights,
+    extract_answer,
+    format_number,
+    gold_answer,
+    last_number,
+    reward_correct,
+    reward_format,
+    reward_tag_count,
+    score_completions,
+)
+
+GOOD = "<think>3 + 4 = 7</think>\n<answer>7</answer>"
+
+# (text, last number). Rows marked "reference bug" are ones the reference parser got wrong.
+LAST_NUMBER_ROWS = [
+    ("42", 42.0),
+    ("-5", -5.0),  # reference bug: minus dropped
+    ("the answer is -12 degrees", -12.0),  # reference bug
+    ("\u22128", -8.0),  # unicode minus sign
+    ("(-3)", -3.0),
+    ("x = -7.5", -7.5),
+    ("10-5", 5.0),  # a subtraction, not a negative number
+    ("12 - 5 = 7", 7.0),
+    ("1,234", 1234.0),  # reference bug: read as 234
+    ("1,234,567 people", 1234567.0),
+    ("$1,234.50", 1234.5),
+    ("-$5", -5.0),
+    ("costs $18 in total", 18.0),
+    ("3.14159", 3.14159),
+    (".5", 0.5),
+    ("3/4", 0.75),
+    ("-1/2 cup", -0.5),
+    ("12/0", None),  # division by zero is no number
+    ("-0", 0.0),
+    ("7.", 7.0),  # sentence full stop
+    ("50%", 50.0),
+    ("5kg and 3m", 3.0),
+    ("1,2345", 2345.0),  # not a thousands group: 1 then 2345
+    ("1, 2, 3", 3.0),  # a list, not thousands
+    ("007", 7.0),
+    ("9" * 400, None),  # does not fit a float
+    ("abc", None),
+    ("", None),
+    (None, None),
+    (12, None),  # only text is parsed
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), LAST_NUMBER_ROWS)
+def test_last_number(text: object, expected: float | None) -> None:
+    got = last_number(text)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected)
+
+
+# (completion, gold answer, correct?)
+CORRECT_ROWS = [
+    (GOOD, "#### 7", 1.0),
+    (GOOD, "Tom has 3 + 4 = 7 apples.\n#### 7", 1.0),
+    (GOOD, "7", 1.0),
+    (GOOD, 7, 1.0),
+    (GOOD, 7.0, 1.0),
+    (GOOD, "#### 8", 0.0),
+    ("<think>5 - 9</think>\n<answer>-4</answer>", "#### -4", 1.0),
+    ("<think>5 - 9</think>\n<answer>-4</answer>", "#### 4", 0.0),  # reference bug: matched 4
+    ("<think>sum</think>\n<answer>1,234</answer>", "#### 1234", 1.0),  # reference bug: read 234
+    ("<think>sum</think>\n<answer>1234</answer>", "#### 1,234", 1.0),
+    ("<think>x</think>\n<answer>$1,234.00</answer>", "#### 1234", 1.0),
+    ("<think>x</think>\n<answer>18 dollars</answer>", "#### 18", 1.0),
+    ("<think>x</think>\n<answer>The total is 3 + 4 = 7</answer>", "#### 7", 1.0),
+    ("<think>x</think>\n<answer>0.5</answer>", "#### 1/2", 1.0),
+    ("<think>x</think>\n<answer>3/4</answer>", "#### 0.75", 1.0),
+    ("<think>x</think>\n<answer>0.3333333</answer>", "#### 1/3", 1.0),  # within 1e-6
+    ("<think>x</think>\n<answer>0.333</answer>", "#### 1/3", 0.0),  # but not a rough rounding
+    ("<think>x</think>\n<answer>-0</answer>", "#### 0", 1.0),
+    ("<think>x</think>\n<answer>7.0</answer>", "#### 7", 1.0),
+    ("<think>x</think>\n<answer>7.0000001</answer>", "#### 7", 1.0),  # numeric tolerance
+    ("<think>x</think>\n<answer>7.01</answer>", "#### 7", 0.0),
+    # The <answer> block wins over later numbers; without one, the last number of the completion.
+    ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 7", 1.0),
+    ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 9", 0.0),
+    ("so the answer is 7", "#### 7", 1.0),
+    ("<think>7 apples</think>\n<answer>seven</answer>", "#### 7", 1.0),  # no number in the block
+    ("<answer>3</answer><answer>7</answer>", "#### 7", 1.0),  # last block
+    ("<think>the answer is 7", "#### 7", 1.0),  # truncated mid-thought
+    ("<think>x</think>\n<answer>", "#### 7", 0.0),
+    ("", "#### 7", 0.0),
+    (None, "#### 7", 0.0),
+    (b"<answer>7</answer>", "#### 7", 0.0),
+    ("<answer>" + "9" * 5000 + "</answer>", "#### 7", 0.0),
+    (GOOD, None, 0.0),  # no gold answer never matches
+    (GOOD, "#### unknown", 0.0),
+    (GOOD, True, 0.0),
+    (GOOD, float("nan"), 0.0),
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), CORRECT_ROWS)
+def test_reward_correct(completion: object, gold: object, expected: float) -> None:
+    assert reward_correct(completion, gold) == expected
+
+
+FORMAT_ROWS = [
+    (GOOD, 1.0, 1.0),
+    ("<think>\nreason\n</think>\n<answer>\n7\n</answer>", 1.0, 1.0),
+    ("  <think>a</think>  \n  <answer>7</answer>\n", 1.0, 1.0),  # surrounding whitespace is fine
+    ("<think></think>\n<answer>7</answer>", 1.0, 1.0),  # empty reasoning still has the layout
+    ("<think>a</think><answer>7</answer>", 0.0, 1.0),  # no line break between the blocks
+    ("<think>a</think>\n<answer> </answer>", 0.0, 1.0),  # empty answer
+    ("<think>a</think>\n<answer>7</answer> extra", 0.0, 1.0),  # text after the answer
+    ("preamble <think>a</think>\n<answer>7</answer>", 0.0, 1.0),
+    ("<answer>7</answer>\n<think>a</think>", 0.0, 1.0),  # wrong order
+    ("<think>a</think>\n<answer>7</answer>\n<answer>8</answer>", 0.0, 0.5),  # tag twice
+    ("<think>a<think>b</think>\n<answer>7</answer>", 0.0, 0.75),
+    ("<think>a</think>\n<answer>7", 0.0, 0.75),  # truncated
+    ("<think>a", 0.0, 0.25),
+    ("</think></answer>", 0.0, 0.5),
+    ("7", 0.0, 0.0),
+    ("", 0.0, 0.0),
+    (None, 0.0, 0.0),
+    (["<think>"], 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("completion", "fmt", "tags"), FORMAT_ROWS)
+def test_format_and_tag_count(completion: object, fmt: float, tags: float) -> None:
+    assert reward_format(completion) == fmt
+    assert reward_tag_count(completion) == tags
+
+
+def test_extract_answer_and_gold() -> None:
+    assert extract_answer("<think>1</think>\n<answer>-3</answer>") == -3.0
+    assert extract_answer("no digits") is None
+    assert gold_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == 72.0  # only the text after ####
+    assert gold_answer("#### -1,000") == -1000.0
+    assert gold_answer(np.int64(5)) == 5.0
+    assert format_number(extract_answer("<answer>-0</answer>")) == "0"
+    assert format_number(2.5) == "2.5"
+    assert format_number(None) is None
+
+
+def test_batch_scores_weighted_total_and_metric_names() -> None:
+    completions = [GOOD, "<think>a</think>\n<answer>8</answer>", "7", None, "<think>"]
+    answers = ["#### 7"] * len(completions)
+    batch = score_completions(completions, answers, RewardWeights())
+    np.testing.assert_allclose(batch.per_func["reward_correct"], [1, 0, 1, 0, 0])
+    np.testing.assert_allclose(batch.per_func["reward_format"], [1, 1, 0, 0, 0])
+    np.testing.assert_allclose(batch.per_func["reward_tag_count"], [1, 1, 0, 0, 0.25])
+    np.testing.assert_allclose(batch.total, [2.0, 1.0, 1.0, 0.0, 0.125])
+    assert batch.total.dtype == np.float32 and batch.total.shape == (5,)
+    metrics = batch.metrics()
+    assert set(metrics) == {f"reward/func/{name}/mean" for name in REWARD_FUNCS} | {
+        "reward/total/mean", "reward/total/std"}
+    assert metrics["reward/func/reward_correct/mean"] == pytest.approx(0.4)
+    assert metrics["reward/total/mean"] == pytest.approx(4.125 / 5)
+    assert RewardWeights().max_total == 2.0
+
+
+def test_weights_change_the_total() -> None:
+    weights = RewardWeights.from_config({"correct": 2.0, "format": 0.0, "reward_tag_count": 1.0})
+    batch = score_completions([GOOD, "7"], ["7", "7"], weights)
+    np.testing.assert_allclose(batch.total, [3.0, 2.0])
+    assert RewardWeights.from_config([1.0, 0.5, 0.5]) == RewardWeights()
+    assert RewardWeights.from_config(None) == RewardWeights()
+
+
+@pytest.mark.parametrize("bad", [{"speed": 1.0}, [1.0, 2.0]])
+def test_bad_weights_name_the_key(bad: object) -> None:
+    with pytest.raises(ValueError, match="reward_weights"):
+        RewardWeights.from_config(bad)  # type: ignore[arg-type]
+
+
+def test_batch_length_mismatch_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        score_completions([GOOD, GOOD], ["7"])
+
+
+def test_random_garbage_scores_within_bounds_and_never_raises() -> None:
+    rng = random.Random(0)
+    alphabet = ["<think>", "</think>", "<answer>", "</answer>", "\n", " ", "-", ",", ".", "/", "$", "9", "0",
+                "a", "\u2212", "<", ">", "####", "1,000", "\x00", "\U0001f600"]
+    completions = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(400)]
+    batch = score_completions(completions, ["#### 9"] * len(completions))
+    assert np.all((batch.total >= 0) & (batch.total <= RewardWeights().max_total))
+    for name in REWARD_FUNCS:
+        assert set(np.unique(batch.per_func[name])) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    # Garbage occasionally hits the layout by chance; the format reward must then agree with the tags.
+    assert np.all(batch.per_func["reward_format"] <= batch.per_func["reward_tag_count"])
