@@ -41,8 +41,6 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int = 0  # 0 = no top-k
     top_p: float = 1.0  # 1.0 = no nucleus truncation
-    stop_token_ids: tuple[int, ...] = ()
-    pad_id: int = 0
     dtype: Any = jnp.bfloat16
     cache_dtype: Any = jnp.bfloat16
 
@@ -125,12 +123,13 @@ def _generate(
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
     settings: SamplingSettings,
 ) -> SampleOutput:
     s = settings
     batch, prompt_len = prompt_tokens.shape
     steps = s.max_new_tokens
-    stop_ids = jnp.asarray(s.stop_token_ids or (-1,), jnp.int32)
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
         """Samples column `state.step` from `logits` and records it; finished rows get padding."""
@@ -138,7 +137,7 @@ def _generate(
             logits, jax.random.fold_in(rng, state.step), s.temperature, s.top_k, s.top_p
         )
         live = ~state.done
-        token = jnp.where(live, token, s.pad_id)
+        token = jnp.where(live, token, pad_id)
         col = state.step
         out = state.out._replace(
             completion=state.out.completion.at[:, col].set(token),
@@ -161,7 +160,7 @@ def _generate(
         position=jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32) - 1,
         done=jnp.zeros((batch,), bool),
         out=SampleOutput(
-            completion=jnp.full((batch, steps), s.pad_id, jnp.int32),
+            completion=jnp.full((batch, steps), pad_id, jnp.int32),
             completion_mask=jnp.zeros((batch, steps), jnp.int32),
             logprobs=zeros_f,
             full_logprobs=zeros_f,
@@ -215,8 +214,6 @@ def generate(
         temperature=float(temperature),
         top_k=int(top_k),
         top_p=float(top_p),
-        stop_token_ids=tuple(int(t) for t in stop_token_ids),
-        pad_id=int(pad_id),
         dtype=dtype,
         cache_dtype=cache_dtype,
     )
@@ -225,6 +222,16 @@ def generate(
     if extra:
         prompt_tokens = jnp.pad(jnp.asarray(prompt_tokens), ((0, 0), (extra, 0)), constant_values=pad_id)
         prompt_mask = jnp.pad(jnp.asarray(prompt_mask), ((0, 0), (extra, 0)), constant_values=False)
+    # Stop ids are data, not part of the program: padded with -1 (never sampled) to a multiple of 4.
+    slots = 4 * max(1, -(-len(stop_token_ids) // 4))
+    stop = [int(t) for t in stop_token_ids] + [-1] * (slots - len(stop_token_ids))
     return _generate(
-        params, cfg, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, bool), rng, settings
+        params,
+        cfg,
+        jnp.asarray(prompt_tokens, jnp.int32),
+        jnp.asarray(prompt_mask, bool),
+        rng,
+        jnp.asarray(stop, jnp.int32),
+        jnp.asarray(pad_id, jnp.int32),
+        settings,
     )
