@@ -1,0 +1,5 @@
+"""`python -m orchestrator` is `grpoctl`."""
+
+from orchestrator.cli import main
+
+main()

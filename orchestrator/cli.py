@@ -1,0 +1,561 @@
+"""grpoctl: a thin Typer app over `orchestrator.ops`.
+
+Results go to stdout (a table, a run id, or JSON with --json); progress, warnings and dry-run commands go
+to stderr. Expected errors print one line to stderr and exit with their code (errors.py); no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from orchestrator import compare as cmp
+from orchestrator import recipes
+from orchestrator.errors import GrpoctlError, JobFailed, UsageError
+from orchestrator.ops import env as env_ops
+from orchestrator.ops import fetch as fetch_ops
+from orchestrator.ops import launch as launch_ops
+from orchestrator.ops import logs as logs_ops
+from orchestrator.ops import sync as sync_ops
+from orchestrator.ops import watch as watch_ops
+from orchestrator.ops.session import Session, open_session
+from orchestrator.runs import RunRecord
+
+app = typer.Typer(
+    name="grpoctl",
+    help="Run GRPO experiments on Cloud TPU VMs (or SSH hosts, or this machine) from a laptop.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+env_app = typer.Typer(help="Secrets for the trainer (.env).", no_args_is_help=True)
+sop_app = typer.Typer(help="Standard operating procedures as data.", no_args_is_help=True)
+app.add_typer(env_app, name="env")
+app.add_typer(sop_app, name="sop")
+
+
+@dataclass
+class Globals:
+    dry_run: bool = False
+    json: bool = False
+    verbose: bool = False
+    target: str | None = None
+    config_file: str | None = None
+    accept_new_host_key: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def say(self, line: str) -> None:
+        self.err.print(line, markup=False)
+
+    def session(self, target: str | None = None, **kw: Any) -> Session:
+        return open_session(
+            config_file=self.config_file,
+            target=target or self.target,
+            dry_run=self.dry_run,
+            accept_new_host_key=self.accept_new_host_key,
+            say=self.say,
+            **kw,
+        )
+
+    def emit_json(self, data: Any) -> None:
+        # Plain print: rich would wrap long lines of JSON.
+        print(json.dumps(data, indent=1, default=str))
+
+
+def _globals(ctx: typer.Context) -> Globals:
+    return ctx.find_root().obj
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """GrpoctlError -> one line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GrpoctlError as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"grpoctl: error: {message}", file=sys.stderr)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            print("grpoctl: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print every remote command; touch nothing.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")] = False,
+    target: Annotated[
+        str | None, typer.Option("--target", envvar="GRPOCTL_TARGET", help="Target name.")
+    ] = None,
+    config_file: Annotated[
+        str | None, typer.Option("--config-file", envvar="GRPOCTL_CONFIG", help="Default: ./grpoctl.yaml.")
+    ] = None,
+    accept_new_host_key: Annotated[
+        bool, typer.Option("--accept-new-host-key", help="Trust an unknown SSH host key on first use.")
+    ] = False,
+) -> None:
+    ctx.obj = Globals(dry_run, json_out, verbose, target, config_file, accept_new_host_key)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _record(g: Globals, session: Session, run_id: str | None) -> RunRecord:
+    if run_id:
+        return session.store.get(run_id)
+    records = session.store.list(limit=1)
+    if not records:
+        raise UsageError("no runs yet (grpoctl run CONFIG)")
+    return records[0]
+
+
+def _session_for(g: Globals, run_id: str | None) -> tuple[Session, RunRecord]:
+    """A session on the target the run was launched on (not --target)."""
+    probe = g.session()
+    record = _record(g, probe, run_id)
+    if record.target == probe.target_name:
+        return probe, record
+    probe.close()
+    return g.session(target=record.target, store=probe.store), record
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+def _progress_text(record: RunRecord) -> str:
+    p = record.last_progress or {}
+    if not p.get("total"):
+        return "-"
+    return f"step {p['step']}/{p['total']} eta {_fmt_eta(p.get('eta_s'))}"
+
+
+def _runs_table(records: list[RunRecord]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("run id", "target", "state", "progress", "workers", "log"):
+        table.add_column(col)
+    for r in records:
+        workers = " ".join(
+            f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}" for w in r.workers
+        )
+        state = r.state
+        failed = [w for w in r.workers if w.state == "FAILED"]
+        if state == "FAILED" and failed:
+            state = f"FAILED({failed[0].exit_code})"
+        table.add_row(r.run_id, r.target, state, _progress_text(r), workers, r.log_path)
+    return table
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+@handle_errors
+def up(ctx: typer.Context) -> None:
+    """Make the target exist and be reachable (provision a TPU, or just connect)."""
+    g = _globals(ctx)
+    session = g.session()
+    try:
+        session.target.up()
+        state = session.target.state()
+    finally:
+        session.close()
+    if g.json:
+        g.emit_json({"target": session.target_name, "state": state.state, "details": state.details})
+    else:
+        g.out.print(f"{session.target_name}: {state.state} ({len(session.target.workers())} worker(s))")
+
+
+@app.command()
+@handle_errors
+def down(ctx: typer.Context) -> None:
+    """Release what `up` provisioned (nothing for fixed hosts)."""
+    g = _globals(ctx)
+    session = g.session()
+    try:
+        session.target.down()
+    finally:
+        session.close()
+    g.emit_json({"target": session.target_name, "down": True}) if g.json else g.out.print(
+        f"{session.target_name}: down"
+    )
+
+
+@app.command()
+@handle_errors
+def sync(
+    ctx: typer.Context,
+    bootstrap: Annotated[
+        bool, typer.Option(help="Create the worker venv (skipped when python is set).")
+    ] = True,
+) -> None:
+    """Git-sync the repo on every worker (clone/fetch/reset/clean), then bootstrap the venv."""
+    g = _globals(ctx)
+    session = g.session()
+    try:
+        result = sync_ops.sync(session)
+        pythons = sync_ops.bootstrap(session) if bootstrap else {}
+    finally:
+        session.close()
+    if g.json:
+        g.emit_json(
+            {
+                "url": result.url,
+                "branch": result.branch,
+                "heads": result.heads,
+                "python": pythons,
+                "warnings": result.warnings,
+            }
+        )
+        return
+    for worker, head in result.heads.items():
+        g.out.print(f"{worker}: HEAD {head[:12]} ({result.branch})")
+
+
+@env_app.command("push")
+@handle_errors
+def env_push(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Option("--file", "-f", help="The local .env to upload.")] = ".env",
+) -> None:
+    """Upload .env to every worker (mode 0600, atomic); print each key with its value's LENGTH."""
+    g = _globals(ctx)
+    session = g.session()
+    try:
+        result = env_ops.push_env(session, file)
+    finally:
+        session.close()
+    if g.json:
+        g.emit_json(
+            {
+                "remote_path": result.remote_path,
+                "mode": result.mode,
+                "lengths": result.lengths,
+                "workers": result.workers,
+            }
+        )
+        return
+    g.out.print(f"{result.remote_path} (mode {result.mode}) on {len(result.workers)} worker(s)")
+    for key, length in result.lengths.items():
+        g.out.print(f"  {key}_len={length}")
+
+
+@app.command()
+@handle_errors
+def run(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Argument(help="Trainer config, relative to the checkout.")],
+    env: Annotated[
+        list[str], typer.Option("--env", "-e", help="KEY=VALUE flag for the job (not secrets).")
+    ] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Launch even if the worker is busy.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 2.0,
+) -> None:
+    """Launch the trainer on every worker; print the run id at once."""
+    g = _globals(ctx)
+    session = g.session()
+    try:
+        trainer_args = [a for pair in _parse_pairs(set_, "--set").items() for a in ("--set", "=".join(pair))]
+        record = launch_ops.start_run(
+            session, config, env=_parse_pairs(env, "--env"), trainer_args=trainer_args, force=force
+        )
+        if not wait:
+            if g.json:
+                g.emit_json(record.to_json())
+            else:
+                g.out.print(record.run_id)
+                g.say(f"log: {record.log_path}  pid: {record.pid_path}  exit: {record.exit_path}")
+            return
+        g.say(f"{record.run_id}: log {record.log_path}")
+        try:
+            _wait_with_bar(g, session, record, interval)
+        finally:
+            if g.json:
+                g.emit_json(record.to_json())
+            else:
+                g.out.print(f"{record.run_id} {record.state}")
+    finally:
+        session.close()
+
+
+def _wait_with_bar(g: Globals, session: Session, record: RunRecord, interval: float) -> None:
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=g.err, transient=False, disable=g.json) as bar:
+        task = bar.add_task(record.run_id, total=None, info="starting")
+
+        def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
+            p = poll.progress
+            info = rec.state if not p else f"step {p.step}/{p.total} eta {_fmt_eta(p.eta_s)}"
+            if poll.errors:
+                info += f" ({len(poll.errors)} worker(s) unreachable, retrying)"
+            bar.update(
+                task, total=(p.total if p and p.total else None), completed=(p.step if p else 0), info=info
+            )
+
+        watch_ops.wait(session.target, record, session.store, interval=interval, on_poll=on_poll)
+
+
+@app.command()
+@handle_errors
+def status(
+    ctx: typer.Context,
+    run_id: Annotated[
+        str | None, typer.Argument(help="A run id (or unique prefix); default: all runs.")
+    ] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until the run(s) end.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+) -> None:
+    """Show runs: RUNNING / SUCCEEDED / FAILED(code) / LOST, step k/N and ETA."""
+    g = _globals(ctx)
+    base = g.session()
+    records = [base.store.get(run_id)] if run_id else base.store.list(limit=limit)
+    sessions: dict[str, Session] = {base.target_name: base}
+    try:
+        while True:
+            unreachable = []
+            for record in records:
+                if record.is_terminal:
+                    continue
+                session = sessions.get(record.target)
+                if session is None:
+                    session = sessions[record.target] = g.session(target=record.target, store=base.store)
+                poll = watch_ops.poll(session.target, record)
+                base.store.save(record)
+                unreachable += poll.errors
+            if g.json:
+                g.emit_json([r.to_json() for r in records] if not run_id else records[0].to_json())
+            else:
+                g.out.print(_runs_table(records))
+            for line in unreachable:
+                g.say(f"unreachable (will retry): {line}")
+            if not watch or all(r.is_terminal for r in records):
+                break
+            time.sleep(interval)
+    finally:
+        for s in sessions.values():
+            s.close()
+    if run_id and records[0].state in ("FAILED", "LOST") and watch:
+        raise typer.Exit(JobFailed.exit_code)
+
+
+@app.command()
+@handle_errors
+def logs(
+    ctx: typer.Context,
+    run_id: Annotated[str | None, typer.Argument(help="Default: the latest run.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the run ends.")] = False,
+    worker: Annotated[int, typer.Option("--worker", "-w", help="Worker index.")] = 0,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of tail without --follow.")] = 200,
+    env_file: Annotated[str, typer.Option(help="Values from this file are redacted.")] = ".env",
+) -> None:
+    """Print a worker's log of a run (values from the local .env redacted)."""
+    g = _globals(ctx)
+    session, record = _session_for(g, run_id)
+    redact = env_ops.redactor(list(env_ops.read_dotenv(env_file).values()))
+    try:
+        if follow:
+            state = logs_ops.follow(
+                session.target, record, lambda text: g.out.out(redact(text), end=""), worker=worker
+            )
+            g.say(f"{record.run_id} on w{worker}: {state}")
+        else:
+            sys.stdout.write(redact(logs_ops.tail(session.target, record, worker=worker, lines=lines)))
+    finally:
+        session.close()
+
+
+@app.command()
+@handle_errors
+def stop(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run to stop on every worker.")],
+) -> None:
+    """Stop a run on every worker (TERM, then KILL); its exit file records the signal."""
+    g = _globals(ctx)
+    session, record = _session_for(g, run_id)
+    try:
+        said = watch_ops.kill(session.target, record)
+        watch_ops.poll(session.target, record)
+        session.store.save(record)
+    finally:
+        session.close()
+    g.emit_json({"run_id": record.run_id, "workers": said, "state": record.state}) if g.json else g.out.print(
+        f"{record.run_id}: {record.state}"
+    )
+
+
+@app.command()
+@handle_errors
+def fetch(
+    ctx: typer.Context,
+    run_ids: Annotated[list[str], typer.Argument(help="Run ids (default: the latest run).")] = None,  # type: ignore[assignment]
+    dest: Annotated[str, typer.Option(help="Local folder for runs/<run-id>/.")] = "runs",
+    keys: Annotated[str | None, typer.Option(help="Comma-separated summary keys to print.")] = None,
+) -> None:
+    """Copy summary.json, eval_full.jsonl, metrics.jsonl, config.json (+ W&B summary) to runs/<id>/."""
+    g = _globals(ctx)
+    if g.dry_run:  # made-up results never land beside real ones
+        dest = str(Path(dest) / "dry-run")
+    chosen = [k for k in (keys or "").split(",") if k] or list(cmp.SOP_KEYS)
+    results = []
+    for run_id in run_ids or [None]:
+        session, record = _session_for(g, run_id)
+        try:
+            result = fetch_ops.fetch(session.target, record, dest)
+            record.fetched_to = str(result.folder)
+            session.store.save(record)
+        finally:
+            session.close()
+        results.append(result)
+    if g.json:
+        g.emit_json(
+            [
+                {
+                    "run_id": r.run_id,
+                    "folder": str(r.folder),
+                    "files": r.files,
+                    "summary": {k: r.summary.get(k) for k in chosen},
+                }
+                for r in results
+            ]
+        )
+        return
+    for r in results:
+        g.out.print(f"{r.run_id} -> {r.folder}/ ({', '.join(r.files)})")
+        for k in chosen:
+            g.out.print(f"  {k} = {cmp.fmt(r.summary.get(k))}")
+
+
+def _run_folder(g: Globals, ref: str, dest: str) -> Path:
+    """A run id (fetched on demand) or a folder path."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    session = g.session()
+    try:
+        record = session.store.get(ref)
+        folder = Path(dest) / record.run_id
+        if not (folder / "summary.json").is_file():
+            session.close()
+            session = g.session(target=record.target, store=session.store)
+            folder = fetch_ops.fetch(session.target, record, dest).folder
+        return folder
+    finally:
+        session.close()
+
+
+@app.command()
+@handle_errors
+def compare(
+    ctx: typer.Context,
+    a: Annotated[str, typer.Argument(help="Run A: run id or fetched folder.")],
+    b: Annotated[str, typer.Argument(help="Run B: run id or fetched folder.")],
+    keys: Annotated[str | None, typer.Option(help="Comma-separated keys (default: the SOP's five).")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write reward/loss curves to this PNG.")] = None,
+    dest: Annotated[str, typer.Option(help="Where fetched runs live.")] = "runs",
+) -> None:
+    """Summaries side by side with deltas; exact McNemar test on paired eval results; verdict."""
+    g = _globals(ctx)
+    run_a, run_b = cmp.load_run(_run_folder(g, a, dest)), cmp.load_run(_run_folder(g, b, dest))
+    result = cmp.compare_runs(run_a, run_b, [k for k in (keys or "").split(",") if k] or None)
+    if plot:
+        cmp.plot(run_a, run_b, plot)
+    if g.json:
+        g.emit_json({**result.to_json(), "plot": plot})
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("key", f"A {run_a.run_id}", f"B {run_b.run_id}", "delta (B-A)"):
+        table.add_column(col)
+    for row in result.rows:
+        table.add_row(row.key, cmp.fmt(row.a), cmp.fmt(row.b), cmp.fmt_delta(row))
+    g.out.print(table)
+    g.out.print(result.paired.line() if result.paired else "no paired eval_full.jsonl in both runs: no test")
+    if plot:
+        g.out.print(f"plot: {plot}")
+
+
+@sop_app.command("replay")
+@handle_errors
+def sop_replay(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="SOP YAML file.")],
+    from_step: Annotated[
+        str | None, typer.Option("--from", help="Start at this step (id or number).")
+    ] = None,
+    report: Annotated[str | None, typer.Option(help="Markdown report path (state file beside it).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the saved state: run every step.")] = False,
+) -> None:
+    """Replay an SOP: resumable (finished steps are skipped), writes a Markdown report."""
+    from orchestrator import sop
+
+    g = _globals(ctx)
+    result = sop.replay(
+        file,
+        config_file=g.config_file,
+        target=g.target,
+        dry_run=g.dry_run,
+        from_step=from_step,
+        report_path=report,
+        fresh=fresh,
+        accept_new_host_key=g.accept_new_host_key,
+        say=g.say,
+    )
+    if g.json:
+        g.emit_json(result.to_json())
+    else:
+        g.out.print(f"report: {result.report_path}")
+        if result.verdict:
+            g.out.print(result.verdict)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["app", "main", "recipes"]

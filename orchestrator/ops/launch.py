@@ -1,0 +1,135 @@
+"""Launch a run on every worker (detached under setsid nohup) and return its record at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from orchestrator import recipes
+from orchestrator.errors import InfraError, UsageError
+from orchestrator.ops.fanout import fan_out
+from orchestrator.ops.session import Session
+from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
+from orchestrator.transport.base import Transport
+
+
+def new_record(
+    session: Session,
+    config: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    trainer_args: Sequence[str] = (),
+    git_commit: str | None = None,
+) -> RunRecord:
+    """A record with its id and the per-worker paths decided here, before anything starts."""
+    stem = Path(config).stem
+    ts = utc_stamp()
+    run_id = new_run_id(stem, ts)
+    paths = recipes.RunPaths.for_run(stem, ts, run_id)
+    return RunRecord(
+        run_id=run_id,
+        config=config,
+        target=session.target_name,
+        target_kind=session.kind,
+        remote_dir=session.remote_dir,
+        log_path=paths.log,
+        pid_path=paths.pid,
+        exit_path=paths.exit,
+        run_dir=paths.run_dir,
+        ts=ts,
+        env=dict(env or {}),
+        trainer_args=list(trainer_args),
+        workers=[
+            WorkerRun(w.label, f"{w.host}:{w.port}" if w.port != 22 else w.host)
+            for w in session.target.workers()
+        ],
+        git_commit=git_commit,
+        python=session.python,
+    )
+
+
+def paths_of(record: RunRecord) -> recipes.RunPaths:
+    return recipes.RunPaths(record.log_path, record.pid_path, record.exit_path, record.run_dir)
+
+
+def renew_attempt(record: RunRecord) -> None:
+    """New log/pid/exit paths (a fresh UTC stamp) for relaunching the same run, e.g. after preemption.
+
+    The run dir stays: the trainer resumes from its checkpoints there.
+    """
+    record.ts = utc_stamp()
+    fresh = recipes.RunPaths.for_run(record.config_stem, record.ts, record.run_id)
+    record.log_path, record.pid_path, record.exit_path = fresh.log, fresh.pid, fresh.exit
+    for w in record.workers:
+        w.pid, w.state, w.exit_code = None, "LAUNCHING", None
+
+
+def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 120) -> RunRecord:
+    """Start `record` on every worker of `target` in parallel; fill in pids. Does not save the record.
+
+    Refuses (UsageError, nothing started anywhere new) when a worker is busy, unless `force`. A worker that
+    fails to start makes the launch fail after the started ones are stopped again.
+    """
+    python = record.python or recipes.venv_python(record.remote_dir)
+    paths = paths_of(record)
+
+    def one(i: int, t: Transport) -> int:
+        env = {**record.env, "GRPOCTL_RUN_ID": record.run_id, "GRPOCTL_WORKER": str(i)}
+        script = recipes.launch(
+            record.remote_dir,
+            python,
+            record.config,
+            paths,
+            config_stem=record.config_stem,
+            env=env,
+            trainer_args=record.trainer_args,
+            force=force,
+        )
+        result = t.run(script, timeout=timeout)
+        if result.exit_code == recipes.EXIT_BUSY:
+            raise UsageError(f"{t.name}: busy ({recipes.parse_busy(result.stdout)}); stop it or pass --force")
+        if result.exit_code == recipes.EXIT_EXISTS:
+            raise UsageError(f"{t.name}: {record.log_path} already exists")
+        pid = recipes.parse_pid(result.stdout)
+        if not result.ok or pid is None:
+            detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InfraError(f"{t.name}: launch failed (exit {result.exit_code}): {detail}")
+        return pid
+
+    results = fan_out(target.transports(), one)
+    for r, w in zip(results, record.workers, strict=True):
+        w.pid, w.state = r.value, ("RUNNING" if r.ok else "UNREACHABLE")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        started = [t for r, t in zip(results, target.transports(), strict=True) if r.ok]
+        if started:  # a partial start is worse than none: multi-host jobs would hang waiting for peers
+            kill_script = recipes.kill(record.remote_dir, paths)
+            fan_out(started, lambda _i, t: t.run(kill_script, timeout=60))
+        record.state = "FAILED"
+        raise failed[0].error
+    record.state = "RUNNING"
+    return record
+
+
+def start_run(
+    session: Session,
+    config: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    trainer_args: Sequence[str] = (),
+    force: bool = False,
+    git_commit: str | None = None,
+) -> RunRecord:
+    """Create, save, launch, save again; returns as soon as every worker has a pid."""
+    record = new_record(session, config, env=env, trainer_args=trainer_args, git_commit=git_commit)
+    session.store.save(record)
+    try:
+        launch(session.target, record, force=force)
+    except BaseException:
+        if any(w.pid for w in record.workers):
+            session.store.save(record)
+        else:  # nothing started anywhere: leave no record behind
+            session.store.delete(record.run_id)
+        raise
+    session.store.save(record)
+    return record

@@ -1,0 +1,72 @@
+"""Read a run's log from one worker: the tail, or followed until the run ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from orchestrator import recipes
+from orchestrator.errors import InfraError, UsageError
+from orchestrator.ops.launch import paths_of
+from orchestrator.runs import RunRecord
+
+
+def _transport(target, record: RunRecord, worker: int):
+    transports = target.transports()
+    if not 0 <= worker < len(transports):
+        raise UsageError(f"--worker {worker}: run {record.run_id} has workers 0..{len(transports) - 1}")
+    return transports[worker]
+
+
+def tail(target, record: RunRecord, *, worker: int = 0, lines: int = 200) -> str:
+    t = _transport(target, record, worker)
+    result = t.run(recipes.tail_log(record.remote_dir, record.log_path, lines), timeout=60)
+    if not result.ok:
+        raise InfraError(f"{t.name}: cannot read {record.log_path}: {result.stderr.strip()[:200]}")
+    return result.stdout
+
+
+def follow(
+    target,
+    record: RunRecord,
+    emit: Callable[[str], None],
+    *,
+    worker: int = 0,
+    interval: float = 1.0,
+    max_unreachable_s: float = 300.0,
+) -> str:
+    """Stream new log bytes until the run ends on that worker; returns its final state label.
+
+    Reads by byte offset each poll, so a dropped connection loses no output: the next read resumes.
+    """
+    t = _transport(target, record, worker)
+    status_script = recipes.status(record.remote_dir, paths_of(record))
+    offset, last_ok, pending = 0, time.monotonic(), ""
+
+    def take(text: str, final: bool = False) -> None:
+        # Emit whole lines only, so that redaction downstream never sees half a secret.
+        nonlocal pending
+        pending += text
+        cut = len(pending) if final else pending.rfind("\n") + 1
+        if cut:
+            emit(pending[:cut])
+            pending = pending[cut:]
+
+    while True:
+        try:
+            chunk = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
+            state = recipes.parse_status(t.run(status_script, timeout=30).stdout)
+            last_ok = time.monotonic()
+        except InfraError:
+            if time.monotonic() - last_ok > max_unreachable_s:
+                raise
+            time.sleep(interval)
+            continue
+        if chunk.ok and chunk.stdout:
+            offset += len(chunk.stdout.encode())
+            take(chunk.stdout)
+        if state.state in recipes.TERMINAL:
+            final = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
+            take(final.stdout if final.ok else "", final=True)
+            return state.label
+        time.sleep(interval)

@@ -1,0 +1,109 @@
+"""A Session: the loaded config, the chosen target, the run store, and how to talk about them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator import recipes
+from orchestrator.config import GrpoctlConfig, RepoConfig, TargetConfig, load_config
+from orchestrator.runs import RunStore
+from orchestrator.targets import Target, build_target
+from orchestrator.transport.recording import RecordingScript
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Session:
+    config: GrpoctlConfig
+    target_name: str
+    target_cfg: TargetConfig
+    target: Target
+    store: RunStore
+    dry_run: bool = False
+    script: RecordingScript | None = None  # the dry run's journal
+    say: Say = _quiet  # progress and warnings, one line each (the CLI sends them to stderr)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.target_cfg.kind
+
+    @property
+    def repo(self) -> RepoConfig:
+        return self.config.repo
+
+    @property
+    def remote_dir(self) -> str:
+        return self.target.remote_dir
+
+    @property
+    def python(self) -> str:
+        """The worker's interpreter: the one the target names; for the local target, this very
+        interpreter (the laptop plays the VM and already has the trainer's packages); else the venv
+        that `bootstrap` creates in the checkout."""
+        if self.target.python:
+            return self.target.python
+        if self.kind == "local":
+            return sys.executable
+        return recipes.venv_python(self.remote_dir)
+
+    def close(self) -> None:
+        self.target.close()
+
+
+def open_session(
+    *,
+    config: GrpoctlConfig | None = None,
+    config_file: str | Path | None = None,
+    target: str | None = None,
+    dry_run: bool = False,
+    accept_new_host_key: bool = False,
+    store: RunStore | None = None,
+    say: Say = _quiet,
+    extra_targets: dict[str, TargetConfig] | None = None,
+) -> Session:
+    """Load the config, pick the target (nothing connects yet) and open the run store.
+
+    `extra_targets` (an SOP's inline targets) fill in names the config does not define.
+    """
+    cfg = config if config is not None else load_config(config_file)
+    if extra_targets:
+        merged = {**extra_targets, **cfg.targets}
+        cfg = cfg.model_copy(update={"targets": merged})
+    name, target_cfg = cfg.target(target)
+    script = None
+    if dry_run:
+        from orchestrator.ops.dryrun import responder
+
+        script = RecordingScript(responder=responder, files=_DryRunFiles(), printer=lambda s: say(s))
+    built = build_target(
+        name, target_cfg, cfg.repo, dry_run=dry_run, accept_new_host_key=accept_new_host_key, script=script
+    )
+    if store is None:
+        store = RunStore.in_memory() if dry_run else RunStore()
+    return Session(cfg, name, target_cfg, built, store, dry_run, script, say)
+
+
+class _DryRunFiles(dict):
+    """`get` in a dry run: plausible contents for any run file asked for."""
+
+    def __contains__(self, path: object) -> bool:
+        from orchestrator.ops.dryrun import fake_file
+
+        return isinstance(path, str) and fake_file(path) is not None
+
+    def __getitem__(self, path: str) -> bytes:
+        from orchestrator.ops.dryrun import fake_file
+
+        data = fake_file(path)
+        if data is None:
+            raise KeyError(path)
+        return data

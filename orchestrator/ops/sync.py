@@ -1,0 +1,139 @@
+"""Sync the repo on every worker by git (never by copying files), and bootstrap the worker's venv."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator import recipes
+from orchestrator.errors import InfraError, UsageError
+from orchestrator.ops.fanout import fan_out, values
+from orchestrator.ops.session import Session
+from orchestrator.transport.base import CommandResult
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    url: str
+    branch: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class SyncResult:
+    url: str
+    branch: str
+    heads: dict[str, str]  # worker name -> full commit
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def head(self) -> str:
+        return next(iter(self.heads.values()), "")
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """Read-only look at the local repo; None when git says no."""
+    proc = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def resolve_repo(session: Session, cwd: Path | None = None) -> RepoSpec:
+    """repo.url / repo.branch from the config, else the current repo's origin and branch.
+
+    For the local target a repo without a remote is used by its own path. Warns (never refuses) when the
+    working tree is dirty or the local branch has commits origin does not: workers get origin's tip.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    if session.dry_run:
+        try:
+            return _resolve_repo(session, cwd)
+        except UsageError as err:  # a dry run shows the procedure even outside a usable checkout
+            return RepoSpec(session.repo.url or "<repo.url>", session.repo.branch or "<branch>",
+                            (f"dry run: {err}",))
+    return _resolve_repo(session, cwd)
+
+
+def _resolve_repo(session: Session, cwd: Path) -> RepoSpec:
+    top = _git(cwd, "rev-parse", "--show-toplevel")
+    url, branch = session.repo.url, session.repo.branch
+    if url is None and top is not None:
+        url = _git(cwd, "remote", "get-url", "origin")
+        if url is None and session.kind == "local":
+            url = top
+    if url is None:
+        raise UsageError(
+            "repo.url is not set in the config and the current folder has no git remote 'origin'"
+        )
+    if branch is None:
+        branch = _git(cwd, "rev-parse", "--abbrev-ref", "HEAD") if top else None
+        if not branch or branch == "HEAD":
+            raise UsageError("repo.branch is not set and the current folder is not on a git branch")
+    warnings: list[str] = []
+    if top is not None:
+        if _git(cwd, "status", "--porcelain"):
+            warnings.append("local working tree has uncommitted changes: workers get committed code only")
+        if url != top:
+            ahead = _git(cwd, "rev-list", "--count", f"origin/{branch}..HEAD")
+            if ahead is None:
+                warnings.append(f"branch {branch!r} is not on origin (push it first)")
+            elif ahead != "0":
+                warnings.append(f"{ahead} local commit(s) on {branch!r} not pushed: workers get origin's tip")
+    return RepoSpec(url, branch, tuple(warnings))
+
+
+def _check(result: CommandResult, what: str) -> CommandResult:
+    if result.exit_code == recipes.EXIT_NOT_CHECKOUT:
+        raise UsageError(f"{result.worker}: {_last_line(result.stderr)}")
+    if not result.ok:
+        raise InfraError(
+            f"{result.worker}: {what} failed (exit {result.exit_code}): {_last_line(result.stderr)}"
+        )
+    return result
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def sync(session: Session, spec: RepoSpec | None = None, *, timeout: float = 600) -> SyncResult:
+    """Bring every worker's checkout to origin's tip of the branch; refuse when workers disagree."""
+    spec = spec or resolve_repo(session)
+    for w in spec.warnings:
+        session.say(f"warning: {w}")
+    script = recipes.sync(session.remote_dir, spec.url, spec.branch)
+
+    def one(_: int, t) -> str:
+        result = _check(t.run(script, timeout=timeout), "git sync")
+        head = recipes.parse_head(result.stdout)
+        if not head:
+            raise InfraError(f"{t.name}: git sync printed no HEAD")
+        return head
+
+    results = fan_out(session.target.transports(), one)
+    heads = dict(zip([r.worker for r in results], values(results), strict=True))
+    if len(set(heads.values())) > 1:
+        listing = ", ".join(f"{w.split()[0]} {h[:12]}" for w, h in heads.items())
+        raise InfraError(f"workers disagree on HEAD after sync ({listing}): re-run sync")
+    return SyncResult(spec.url, spec.branch, heads, list(spec.warnings))
+
+
+def bootstrap(
+    session: Session, *, extras: tuple[str, ...] | None = None, timeout: float = 1800
+) -> dict[str, str]:
+    """A venv with the trainer on every worker, unless the target names an interpreter."""
+    if session.target.python or session.kind == "local":
+        return {t.name: session.python for t in session.target.transports()}
+    if extras is None:
+        extras = ("trainer", "tpu") if session.kind == "tpu" else ("trainer",)
+    script = recipes.bootstrap(session.remote_dir, extras)
+
+    def one(_: int, t) -> str:
+        result = t.run(script, timeout=timeout)
+        if result.exit_code == recipes.EXIT_NO_PYTHON:
+            raise InfraError(f"{t.name}: no python >= 3.11 on the worker (set the target's `python`)")
+        return recipes.parse_python(_check(result, "bootstrap").stdout) or ""
+
+    results = fan_out(session.target.transports(), one)
+    return dict(zip([r.worker for r in results], values(results), strict=True))

@@ -1,0 +1,138 @@
+"""Poll runs on their workers, wait for them with fail-fast, stop them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator import recipes
+from orchestrator.errors import InfraError, JobFailed
+from orchestrator.ops.fanout import fan_out
+from orchestrator.ops.launch import paths_of
+from orchestrator.runs import RunRecord, RunStore, utc_now_iso
+from orchestrator.transport.base import Transport
+
+
+@dataclass(frozen=True)
+class Poll:
+    """One look at a run: a status per worker (None where the worker could not be reached)."""
+
+    statuses: list[recipes.WorkerStatus | None]
+    errors: list[str]  # one line per unreachable worker
+
+    @property
+    def reachable(self) -> bool:
+        return not self.errors
+
+    @property
+    def progress(self) -> recipes.Progress | None:
+        first = self.statuses[0] if self.statuses else None
+        return first.progress if first else None
+
+
+def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
+    """Probe every worker once and update `record` in place (not saved). Unreachable workers keep
+    their last known state; the run's state is decided only from the workers that answered."""
+    script = recipes.status(record.remote_dir, paths_of(record))
+    results = fan_out(
+        target.transports(), lambda _i, t: recipes.parse_status(t.run(script, timeout=timeout).stdout)
+    )
+    statuses = [r.value for r in results]
+    errors = [str(r.error) for r in results if r.error is not None]
+    for w, s in zip(record.workers, statuses, strict=True):
+        if s is not None:
+            w.state, w.exit_code = s.state, s.exit_code
+            w.pid = s.pid or w.pid
+            if s.progress:
+                w.step, w.total = s.progress.step, s.progress.total
+    answered = [s for s in statuses if s is not None]
+    if answered and len(answered) == len(statuses) or any(s.state in ("FAILED", "LOST") for s in answered):
+        state = recipes.combine(answered)
+    else:
+        state = record.state
+    if state != record.state and state in recipes.TERMINAL:
+        record.finished_at = utc_now_iso()
+    record.state = state
+    progress = statuses[0].progress if statuses and statuses[0] else None
+    if progress:
+        record.last_progress = {
+            "step": progress.step,
+            "total": progress.total,
+            "elapsed_s": progress.elapsed_s,
+            "eta_s": progress.eta_s,
+            "metrics": dict(progress.metrics or {}),
+        }
+    return Poll(statuses, errors)
+
+
+def kill(target, record: RunRecord, *, workers: list[int] | None = None, grace_s: float = 10.0) -> list[str]:
+    """TERM (then KILL) the run on the given workers (default: all); returns what each worker said."""
+    script = recipes.kill(record.remote_dir, paths_of(record), grace_s)
+    transports: list[Transport] = target.transports()
+    chosen = [transports[i] for i in workers] if workers is not None else transports
+    results = fan_out(chosen, lambda _i, t: t.run(script, timeout=grace_s + 30).stdout.strip())
+    return [r.value or str(r.error) for r in results]
+
+
+def failure_message(record: RunRecord) -> str:
+    bad = [w for w in record.workers if w.state in ("FAILED", "LOST")]
+    parts = [
+        f"{w.worker} ({w.host}) "
+        + (f"exit code {w.exit_code}" if w.state == "FAILED" else "lost (no exit file)")
+        for w in bad
+    ]
+    return f"run {record.run_id} failed on " + ", ".join(parts)
+
+
+OnPoll = Callable[[RunRecord, Poll], None]
+
+
+def wait(
+    target,
+    record: RunRecord,
+    store: RunStore | None = None,
+    *,
+    interval: float = 2.0,
+    on_poll: OnPoll | None = None,
+    unreachable_timeout: float = 900.0,
+    fail_fast: bool = True,
+) -> RunRecord:
+    """Poll until the run ends. Fail-fast: when one worker fails or is lost, stop the others and raise
+    JobFailed naming the worker and its exit code. Raise InfraError when no worker answered for
+    `unreachable_timeout` seconds; shorter drops are ridden out (the transport reconnects)."""
+    last_contact, polls = time.monotonic(), 0
+    while True:
+        result = poll(target, record)
+        if result.reachable:
+            last_contact = time.monotonic()
+        if store is not None:
+            store.save(record)
+        if on_poll is not None:
+            on_poll(record, result)
+        failed = [i for i, w in enumerate(record.workers) if w.state in ("FAILED", "LOST")]
+        if failed and fail_fast:
+            others = [
+                i for i, w in enumerate(record.workers) if i not in failed and w.state not in recipes.TERMINAL
+            ]
+            message = failure_message(record)
+            if others:
+                kill(target, record, workers=others)
+                poll(target, record)  # record the stopped workers' final states
+                message += "; stopped " + ", ".join(record.workers[i].worker for i in others)
+            record.state = "FAILED" if any(record.workers[i].state == "FAILED" for i in failed) else "LOST"
+            if store is not None:
+                store.save(record)
+            raise JobFailed(message)
+        if record.state in recipes.TERMINAL:
+            if record.state != "SUCCEEDED":
+                raise JobFailed(failure_message(record))
+            return record
+        if time.monotonic() - last_contact > unreachable_timeout:
+            raise InfraError(
+                f"run {record.run_id}: workers unreachable for {unreachable_timeout:.0f} s: "
+                + "; ".join(result.errors)
+            )
+        # Short runs end fast and long ones need no hammering: 0.25 s, 0.5 s, ... up to `interval`.
+        time.sleep(min(interval, 0.25 * 2**polls))
+        polls += 1

@@ -1,0 +1,197 @@
+"""Run records: what was launched where, kept in SQLite in the user's state folder.
+
+`status` reads them back after the laptop sleeps or the shell closes. The folder is `$GRPOCTL_STATE_DIR`,
+else `$XDG_STATE_HOME/grpoctl`, else `~/.local/state/grpoctl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UsageError
+
+STATE_DIR_ENV = "GRPOCTL_STATE_DIR"
+
+
+def state_dir() -> Path:
+    explicit = os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "grpoctl"
+
+
+def utc_stamp(now: datetime | None = None) -> str:
+    """UTC `%Y%m%d_%H%M%S`, the seed's log-file stamp."""
+    return (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
+
+
+def new_run_id(config_stem: str, ts: str) -> str:
+    return f"{config_stem}-{ts}-{secrets.token_hex(2)}"
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class WorkerRun:
+    """One worker's share of a run: the same relative paths on every worker, its own pid and outcome."""
+
+    worker: str  # "w0"
+    host: str
+    pid: int | None = None
+    state: str = "LAUNCHING"  # LAUNCHING, RUNNING, SUCCEEDED, FAILED, LOST, UNREACHABLE
+    exit_code: int | None = None
+    step: int | None = None
+    total: int | None = None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    config: str  # path of the trainer config inside the checkout
+    target: str
+    target_kind: str
+    remote_dir: str
+    log_path: str  # relative to the checkout, identical on every worker
+    pid_path: str
+    exit_path: str
+    run_dir: str
+    ts: str
+    env: dict[str, str] = field(default_factory=dict)  # non-secret flags only
+    trainer_args: list[str] = field(default_factory=list)
+    workers: list[WorkerRun] = field(default_factory=list)
+    state: str = "LAUNCHING"
+    git_commit: str | None = None
+    python: str | None = None
+    created_at: str = field(default_factory=utc_now_iso)
+    updated_at: str = field(default_factory=utc_now_iso)
+    finished_at: str | None = None
+    last_progress: dict[str, Any] | None = None
+    fetched_to: str | None = None
+    # Appended by preemption recovery: {"at", "reason", "action", ...} per recovery.
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def config_stem(self) -> str:
+        return Path(self.config).stem
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED", "LOST")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> RunRecord:
+        known = {f.name for f in fields(RunRecord)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["workers"] = [WorkerRun(**w) for w in data.get("workers", [])]
+        return RunRecord(**data)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  run_id     TEXT PRIMARY KEY,
+  created_at TEXT NOT NULL,
+  target     TEXT NOT NULL,
+  state      TEXT NOT NULL,
+  record     TEXT NOT NULL
+)
+"""
+
+
+class RunStore:
+    """A small SQLite table of run records (one JSON document per run, indexed by id and time)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        if path is None:
+            folder = state_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "runs.sqlite"
+        self.path = str(path)
+        self._lock = threading.Lock()  # fan-out threads update worker rows of the same record
+        with self._connect() as db:
+            db.execute(_SCHEMA)
+
+    @staticmethod
+    def in_memory() -> RunStore:
+        """For `--dry-run`: records live only as long as the process."""
+        store = RunStore.__new__(RunStore)
+        store.path = ":memory:"
+        store._lock = threading.Lock()
+        store._memory = sqlite3.connect(":memory:", check_same_thread=False)
+        store._memory.execute(_SCHEMA)
+        return store
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        memory = getattr(self, "_memory", None)
+        if memory is not None:
+            with self._lock:
+                yield memory
+                memory.commit()
+            return
+        with self._lock:
+            db = sqlite3.connect(self.path, timeout=10)
+            try:
+                yield db
+                db.commit()
+            finally:
+                db.close()
+
+    def save(self, record: RunRecord) -> None:
+        record.updated_at = utc_now_iso()
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs (run_id, created_at, target, state, record)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (record.run_id, record.created_at, record.target, record.state, json.dumps(record.to_json())),
+            )
+
+    def delete(self, run_id: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    def get(self, run_id: str) -> RunRecord:
+        """By full id, or by a unique prefix of one."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT record FROM runs WHERE run_id = ? OR run_id LIKE ? ESCAPE '\\' ORDER BY run_id",
+                (run_id, _like_prefix(run_id)),
+            ).fetchall()
+        records = [RunRecord.from_json(json.loads(r[0])) for r in rows]
+        exact = [r for r in records if r.run_id == run_id]
+        if exact:
+            return exact[0]
+        if len(records) == 1:
+            return records[0]
+        if not records:
+            raise UsageError(f"no run {run_id!r} in {self.path}")
+        raise UsageError(f"run id prefix {run_id!r} is ambiguous ({len(records)} runs)")
+
+    def list(self, *, target: str | None = None, limit: int = 50) -> list[RunRecord]:
+        sql, args = "SELECT record FROM runs", []
+        if target:
+            sql, args = sql + " WHERE target = ?", [target]
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        with self._connect() as db:
+            rows = db.execute(sql, (*args, limit)).fetchall()
+        return [RunRecord.from_json(json.loads(r[0])) for r in rows]
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
