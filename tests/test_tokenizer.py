@@ -71,7 +71,7 @@ def test_build_is_deterministic(tiny) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_vocab_is_small_and_specials_tags_digits_are_single_tokens(tiny) -> None:  # type: ignore[no-untyped-def]
-    assert 300 < len(tiny) <= TINY_VOCAB_SIZE == padded_vocab_size(tiny) == 512
+    assert 300 < len(tiny) <= TINY_VOCAB_SIZE == padded_vocab_size(tiny) == 384
     for token in (PAD, IM_START, IM_END, *FORMAT_TAGS):
         ids = tiny(token, add_special_tokens=False)["input_ids"]
         assert len(ids) == 1 and tiny.convert_ids_to_tokens(ids[0]) == token
@@ -108,12 +108,18 @@ def test_encode_prompts_uses_system_prompt_and_ends_with_assistant_header(tiny) 
     ideal_completion("3 + 4 = 7", "7"),
     "There are 956 shells in Ben's bag.\nBen gives away 870 shells.",
     "  leading spaces, tabs\tand\n\nnewlines  ",
-    "unseen text: héllo wörld, ünïcode ✓ 😀, $1,234.50 and -3/4",
+    "unseen words: zebra quartz; $1,234.50 and -3/4 ~ {x} | 100%",
     "",
 ])
 def test_round_trip(tiny, text: str) -> None:  # type: ignore[no-untyped-def]
     ids = tiny(text, add_special_tokens=False)["input_ids"]
     assert decode(tiny, ids) == text
+
+
+def test_text_outside_ascii_becomes_unk(tiny) -> None:  # type: ignore[no-untyped-def]
+    ids = tiny("héllo 😀!", add_special_tokens=False)["input_ids"]
+    assert tiny.decode(ids) == "h<unk>llo <unk>!"  # one <unk> per run of unknown bytes
+    assert decode(tiny, ids) == "hllo !"  # completions drop special tokens
 
 
 def test_decode_stops_at_end_of_turn_and_drops_padding(tiny) -> None:  # type: ignore[no-untyped-def]
@@ -123,6 +129,8 @@ def test_decode_stops_at_end_of_turn_and_drops_padding(tiny) -> None:  # type: i
     assert decode(tiny, [*body, end, *garbage, pad, pad]) == ideal_completion("2 + 2 = 4", "4")
     batch = decode_batch(tiny, [[*body, pad, pad], [end, *body], []])
     assert batch == [ideal_completion("2 + 2 = 4", "4"), "", ""]
+    # A model's table is padded past the tokenizer (padded_vocab_size): such ids decode to nothing.
+    assert decode(tiny, [*body, len(tiny), padded_vocab_size(tiny) - 1]) == ideal_completion("2 + 2 = 4", "4")
 
 
 def test_unknown_hub_id_offline_fails_fast_with_one_line(cache_dir: Path) -> None:

@@ -1,11 +1,13 @@
 """Tokenizers: a HF tokenizer with its chat template, or a tiny one the project builds offline.
 
 `load_tokenizer("Qwen/Qwen2.5-3B-Instruct")` (or a local folder) is transformers' AutoTokenizer.
-`load_tokenizer("tiny")` is a byte-level BPE of a few hundred tokens trained with `tokenizers` on text of
-the built-in problem generator and the system prompt, with Qwen's special tokens and a chat template of
-the same shape. Digits are single tokens and the four format tags are single tokens, so a random-init model
-can learn the answer layout in a few dozen steps. The build is deterministic and cached on disk under
-$GRPOCTL_CACHE_DIR (default ~/.cache/grpoctl)/tokenizers/tiny-<hash of recipe and corpus>.
+`load_tokenizer("tiny")` is a byte-level BPE of ~350 tokens trained with `tokenizers` on text of the
+built-in problem generator and the system prompt, with Qwen's special tokens and a chat template of the
+same shape. Digits and the four format tags are single tokens and every word of the task is one token, so
+a random-init model can learn the answer layout in a few dozen steps. Its alphabet is printable ASCII (the
+task's text): anything else encodes to <unk>, a price worth paying for a small vocabulary. The build is
+deterministic and cached under $GRPOCTL_CACHE_DIR (default ~/.cache/grpoctl)/tokenizers/tiny-<hash of
+recipe and corpus>.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import os
 import re
 import shutil
+import string
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,12 +26,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from trainer.prompts import FORMAT_TAGS, SYSTEM_PROMPT, chat_messages, ideal_completion
 
 TINY = "tiny"
-PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+PAD, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
 CHAT_SPECIALS: tuple[str, ...] = (PAD, IM_START, IM_END)
-# Upper bound of the tiny vocab: 256 byte symbols + 3 specials + merges + 4 tags. BPE runs out of merges
-# below it (~500: every word of the task is one token), so the model pads its table to this, 4 x 128.
-TINY_VOCAB_SIZE = 512
-_TINY_RECIPE = "tiny-bpe-v1"  # bump when the build below changes
+# Upper bound of the tiny vocab: 100 ASCII symbols + 4 specials + merges + 4 tags. BPE runs out of merges
+# below it (~350, when every word of the task is one token); 3 x 128 rows suit TPU tiles.
+TINY_VOCAB_SIZE = 384
+_TINY_RECIPE = "tiny-bpe-v2"  # bump when the build below changes
 _CORPUS_PROBLEMS_PER_LEVEL = 400
 
 # Qwen2's chat layout: <|im_start|>role\ncontent<|im_end|>\n per turn, then "<|im_start|>assistant\n".
@@ -92,11 +95,19 @@ def _corpus_pieces(texts: Iterable[str]) -> Iterable[str]:
         yield from (piece for piece in pattern.split(text) if piece)
 
 
+def _ascii_alphabet() -> list[str]:
+    """Printable ASCII (with newline and tab) in the byte-level symbols the BPE sees."""
+    from tokenizers import pre_tokenizers
+
+    to_symbols = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str
+    return sorted({to_symbols(ch)[0][0] for ch in string.printable})
+
+
 def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Train the tiny byte-level BPE on `texts` (deterministic) and wrap it for transformers."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True))
     # Digits split one by one before the byte-level split: every number is a sequence of digit tokens.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -105,8 +116,9 @@ def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int = TINY_VOCAB_SIZE
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(FORMAT_TAGS),
-        special_tokens=list(CHAT_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text round-trips, byte by byte
+        special_tokens=[*CHAT_SPECIALS, UNK],
+        initial_alphabet=_ascii_alphabet(),
+        limit_alphabet=len(_ascii_alphabet()),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus_pieces(texts), trainer=trainer)
@@ -115,6 +127,7 @@ def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int = TINY_VOCAB_SIZE
         tokenizer_object=tok,
         eos_token=IM_END,
         pad_token=PAD,
+        unk_token=UNK,
         additional_special_tokens=[IM_START],
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
