@@ -66,6 +66,10 @@ class TpuTargetConfig(_Strict):
     api_endpoint: str | None = None  # e.g. a private endpoint, or the fake API in tests
     python: str | None = None
     connect_timeout_s: float = 10.0
+    ssh_port: int = Field(default=22, ge=0, lt=65536)  # 0: each network endpoint's `port` (the fake API)
+    up_timeout_s: float = 1800.0  # give up (and delete what `up` created) after this long
+    auth_retry_s: float = 60.0  # keep retrying SSH auth this long while a new key propagates
+    poll_s: float = 5.0  # API polling interval while waiting
 
     @field_validator("zone")
     @classmethod

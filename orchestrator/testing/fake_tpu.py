@@ -15,8 +15,11 @@ that is what "the VM died" means on one machine.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -494,3 +498,77 @@ class FakeTpuApi:
         del self.queued[name]
         parent = name.split("/queuedResources/")[0]
         return self._new_operation(parent, lambda: True, lambda: EMPTY)
+
+
+# ---- workers: loopback sshd servers that die like VMs -----------------------------------------------------
+VM_TAG_ENV = "GRPOCTL_FAKE_VM"  # sshd sets it in every session; what a session starts inherits it
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes (other than us) whose environment carries `VM_TAG_ENV=tag`: everything the VM ran."""
+    needle = f"{VM_TAG_ENV}={tag}\0".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def kill_vm_processes(tag: str) -> int:
+    """SIGKILL every process of the fake VM `tag` (setsid/nohup jobs included); returns how many."""
+    killed = 0
+    for _ in range(5):  # a dying shell may fork once more: look again until nothing is left
+        pids = _tagged_pids(tag)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.05)
+    return killed
+
+
+class SshdWorker:
+    """A fake TPU VM host: its own sshd (own host key, own HOME), killed with all it started."""
+
+    def __init__(self, root: Path, tag: str) -> None:
+        from orchestrator.testing.sshd import LoopbackSshd
+
+        self.tag = tag
+        self.home = root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._authorized = root / "sshd" / "authorized_keys"
+        env = {"HOME": str(self.home), VM_TAG_ENV: tag}
+        self.sshd = LoopbackSshd(root / "sshd", session_env=env)
+        self.set_authorized_keys([])  # nobody gets in until the node's ssh-keys metadata says so
+        self.sshd.start()
+        self.port = self.sshd.port
+
+    def host_public_key(self) -> str:
+        return self.sshd.host_key_line
+
+    def set_authorized_keys(self, lines: list[str]) -> None:
+        tmp = self._authorized.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        tmp.replace(self._authorized)  # sshd reads the file per login: swap it whole
+
+    def kill(self) -> None:
+        self.sshd.stop()
+        kill_vm_processes(self.tag)
+
+
+def sshd_workers(base: Path) -> WorkerFactory:
+    """Workers under `base`, a fresh folder (fresh disk, fresh host key) for every node incarnation."""
+    incarnation = itertools.count()
+
+    def make(node_id: str, index: int) -> FakeWorker:
+        tag = f"{node_id}-{next(incarnation)}-w{index}"
+        return SshdWorker(base / tag, tag)
+
+    return make

@@ -1,0 +1,329 @@
+"""TpuTarget: a Cloud TPU VM (one or more workers) created or attached through the Cloud TPU API.
+
+`up` is idempotent: READY node -> attach (adding our SSH key to its metadata if needed); missing, preempted
+or terminated -> create it (or its queued resource) and wait, showing each state; anything this call
+created is deleted again if the wait is interrupted, times out or ends unusable. Workers are reached over
+SSH without gcloud: our own ed25519 key in the `ssh-keys` metadata and host keys pinned from the
+guest attributes (or the user's `host_key_sha256`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from google.cloud import tpu_v2
+
+from orchestrator.cloud import api as cloud
+from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
+from orchestrator.config import RepoConfig, TpuTargetConfig
+from orchestrator.errors import HostKeyError, InfraError, UsageError
+from orchestrator.targets.base import Target, TargetState, Worker
+from orchestrator.targets.topology import pins_per_host
+from orchestrator.transport.base import Transport
+from orchestrator.transport.ssh import SshTransport
+
+# Node states after which the node will never run our job again: recreate it.
+DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED")
+DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
+HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class TpuTarget(Target):
+    def __init__(
+        self,
+        name: str,
+        cfg: TpuTargetConfig,
+        repo_cfg: RepoConfig,
+        *,
+        accept_new_host_key: bool = False,
+        api: cloud.TpuApi | None = None,
+        say: Callable[[str], None] = _stderr,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.remote_dir = repo_cfg.remote_dir
+        self.python = cfg.python
+        self.say = say
+        self._accept_new = accept_new_host_key
+        self._api = api
+        self._node: tpu_v2.Node | None = None
+        self._transports: list[Transport] | None = None
+        self._create_op: cloud.Operation | None = None  # the node create this `up` started
+
+    # ---- the API ------------------------------------------------------------------------------------
+    @property
+    def api(self) -> cloud.TpuApi:
+        if self._api is None:  # built on first use: `status` of other targets never needs credentials
+            self._api = cloud.TpuApi(self.cfg.project, self.cfg.zone, api_endpoint=self.cfg.api_endpoint)
+        return self._api
+
+    @property
+    def node_label(self) -> str:
+        return f"node {self.cfg.name} ({self.cfg.accelerator_type}, {self.cfg.zone})"
+
+    def _node_request(self) -> cloud.NodeRequest:
+        key = ensure_key(self.cfg.ssh_key)
+        return cloud.NodeRequest(
+            accelerator_type=self.cfg.accelerator_type,
+            runtime_version=self.cfg.runtime_version,
+            spot=self.cfg.spot,
+            labels=dict(self.cfg.labels),
+            ssh_keys=metadata_line(self.cfg.user, key),
+            internal_ip=self.cfg.internal_ip,
+        )
+
+    # ---- up -----------------------------------------------------------------------------------------
+    def up(self) -> None:
+        self._reset_transports()
+        self._create_op = None
+        node = self.api.get_node(self.cfg.name)
+        queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        if self._is_dead(node, queued):
+            self.say(
+                f"{self.node_label}: {self._dead_reason(node, queued)}; deleting it to create a fresh one"
+            )
+            self._delete(node, queued)
+            node, queued = None, None
+        created: list[str] = []
+        try:
+            if node is None and queued is None:
+                self._create(created)
+            # a node that exists without a queued resource is attached as a plain node
+            self._node = self._wait_ready(queued_mode=queued is not None or "queued" in created)
+            self._check_os_login(self._node)
+            self._ensure_ssh_key(self._node)
+            self._connect()
+        except BaseException as err:
+            self._reset_transports()
+            if created:
+                self._undo(created, err)
+            raise
+
+    def _create(self, created: list[str]) -> None:
+        req = self._node_request()
+        if self.cfg.queued:
+            self.say(f"{self.node_label}: creating queued resource {self.cfg.name} (spot={self.cfg.spot})")
+            op = self.api.create_queued(self.cfg.name, self.cfg.name, req, self.cfg.valid_until_s)
+            created.append("queued")
+            cloud.wait_operation(op, f"create queued resource {self.cfg.name}", timeout_s=120, poll_s=1.0)
+        else:
+            self.say(
+                f"{self.node_label}: creating (spot={self.cfg.spot}, runtime {self.cfg.runtime_version})"
+            )
+            self._create_op = self.api.create_node(self.cfg.name, req)
+            created.append("node")
+
+    def _wait_ready(self, *, queued_mode: bool) -> tpu_v2.Node:
+        """Poll until the node (and its queued resource) is READY; say each state once."""
+        deadline = time.monotonic() + self.cfg.up_timeout_s
+        start, last, state = time.monotonic(), "", ""
+        op = self._create_op
+        while True:
+            if queued_mode:
+                qr = self.api.get_queued(self.cfg.name)
+                if qr is None:
+                    raise InfraError(f"queued resource {self.cfg.name} vanished while waiting")
+                state = cloud.queued_state_name(qr)
+                if state in DEAD_QUEUED_STATES:
+                    raise InfraError(f"queued resource {self.cfg.name} is {state}{_why(qr)}")
+            node = self.api.get_node(self.cfg.name)
+            node_state = cloud.state_name(node) if node is not None else "NOT_CREATED"
+            shown = f"{state} / node {node_state}" if queued_mode else node_state
+            if shown != last:
+                self.say(f"{self.node_label}: {shown} ({time.monotonic() - start:.0f} s)")
+                last = shown
+            if node is not None and node_state == "READY" and (not queued_mode or state == "ACTIVE"):
+                return node
+            if node is not None and node_state in DEAD_NODE_STATES:
+                raise InfraError(f"{self.node_label} became {node_state} while starting")
+            if op is not None and op.done():
+                cloud.wait_operation(op, f"create {self.node_label}", timeout_s=0)  # raises on failure
+            if time.monotonic() > deadline:
+                raise InfraError(
+                    f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
+                )
+            time.sleep(self.cfg.poll_s)
+
+    def _undo(self, created: list[str], err: BaseException) -> None:
+        """Delete what this `up` created; say exactly what is left when that fails too."""
+        what = f"queued resource {self.cfg.name}" if "queued" in created else f"node {self.cfg.name}"
+        why = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        try:
+            self._delete(self.api.get_node(self.cfg.name), self.api.get_queued(self.cfg.name))
+            self.say(f"{self.node_label}: up {why}; deleted the {what} it created")
+        except Exception as cleanup_err:  # noqa: BLE001 - the original error matters more
+            self.say(
+                f"{self.node_label}: up {why} and deleting the {what} failed ({cleanup_err}); "
+                f"it is still there: run `grpoctl down --target {self.name} --yes` or `grpoctl gc`"
+            )
+
+    def _check_os_login(self, node: tpu_v2.Node) -> None:
+        if cloud.os_login_enabled(dict(node.metadata)):
+            raise UsageError(
+                f"{self.node_label}: OS Login is on (metadata enable-oslogin=TRUE), so ssh-keys metadata is "
+                "ignored; set enable-oslogin=FALSE in the project or node metadata, or use a target of kind "
+                "ssh with your OS Login user and key"
+            )
+
+    def _ensure_ssh_key(self, node: tpu_v2.Node) -> None:
+        """Attach: add our key to the node's ssh-keys metadata, keeping every key already there."""
+        line = self._node_request().ssh_keys
+        merged = cloud.merge_ssh_keys(dict(node.metadata).get(cloud.SSH_KEYS, ""), line)
+        if merged is None:
+            return
+        self.say(f"{self.node_label}: adding the SSH key of {self.cfg.user} to the node metadata")
+        op = self.api.set_metadata(node, {**dict(node.metadata), cloud.SSH_KEYS: merged})
+        cloud.wait_operation(op, f"update metadata of {self.cfg.name}", timeout_s=300, poll_s=self.cfg.poll_s)
+
+    # ---- workers and SSH ----------------------------------------------------------------------------
+    def _current_node(self) -> tpu_v2.Node:
+        if self._node is None:
+            node = self.api.get_node(self.cfg.name)
+            if node is None:
+                raise InfraError(f"{self.node_label} does not exist: run `grpoctl up --target {self.name}`")
+            self._node = node
+        return self._node
+
+    def workers(self) -> list[Worker]:
+        node = self._current_node()
+        endpoints = list(node.network_endpoints)
+        if not endpoints:
+            raise InfraError(f"{self.node_label} is {cloud.state_name(node)} and has no workers yet")
+        out = []
+        for i, ep in enumerate(endpoints):
+            host = ep.ip_address if self.cfg.internal_ip else ep.access_config.external_ip
+            if not host:
+                raise UsageError(f"{self.node_label}: worker {i} has no external IP; set internal_ip: true")
+            out.append(Worker(i, host, self.cfg.ssh_port or ep.port or 22))
+        return out
+
+    def _pins(self, n: int) -> list[tuple[str, ...]]:
+        if self.cfg.host_key_sha256:
+            return pins_per_host(self.cfg.host_key_sha256, n)
+        deadline = time.monotonic() + HOST_KEY_WAIT_S
+        while True:
+            keys = self.api.host_keys(self.cfg.name)
+            if len(keys) == n and all("ssh-ed25519" in k for k in keys):
+                return [(fingerprint_of(k["ssh-ed25519"]),) for k in keys]
+            if self._accept_new:
+                return [()] * n
+            if time.monotonic() > deadline:
+                raise HostKeyError(
+                    f"{self.node_label}: the workers have not published their SSH host keys; pin them with "
+                    "host_key_sha256 or pass --accept-new-host-key"
+                )
+            time.sleep(self.cfg.poll_s)
+
+    def transports(self) -> list[Transport]:
+        if self._transports is None:
+            workers = self.workers()
+            pins = self._pins(len(workers))
+            self._transports = [
+                SshTransport(
+                    w.host,
+                    w.port,
+                    user=self.cfg.user,
+                    key_file=self.cfg.ssh_key,
+                    host_key_sha256=pin,
+                    accept_new_host_key=self._accept_new and not pin,
+                    connect_timeout=self.cfg.connect_timeout_s,
+                    name=f"{w.label} {w.host}:{w.port}",
+                )
+                for w, pin in zip(workers, pins, strict=True)
+            ]
+        return self._transports
+
+    def _connect(self) -> None:
+        """First contact with every worker; retry auth while a new key propagates to the VMs."""
+        deadline = time.monotonic() + self.cfg.auth_retry_s
+        for t in self.transports():
+            while True:
+                try:
+                    t.run("true", timeout=30)
+                    break
+                except HostKeyError:
+                    raise
+                except InfraError as err:
+                    if time.monotonic() > deadline:
+                        raise InfraError(f"{err} (kept trying for {self.cfg.auth_retry_s:.0f} s)") from None
+                    time.sleep(min(5.0, self.cfg.poll_s))
+        self.say(f"{self.node_label}: READY, {len(self.transports())} worker(s) reachable")
+
+    def _reset_transports(self) -> None:
+        for t in self._transports or []:
+            t.close()
+        self._transports = None
+        self._node = None
+
+    def close(self) -> None:
+        self._reset_transports()
+
+    # ---- down, state, preemption --------------------------------------------------------------------
+    def _delete(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> bool:
+        ops = []
+        if queued is not None:
+            ops.append((f"delete queued resource {self.cfg.name}", self.api.delete_queued(self.cfg.name)))
+        elif node is not None:
+            ops.append((f"delete node {self.cfg.name}", self.api.delete_node(self.cfg.name)))
+        for what, op in ops:
+            cloud.wait_operation(op, what, timeout_s=600, poll_s=self.cfg.poll_s)
+        return bool(ops)
+
+    def down(self) -> None:
+        self._reset_transports()
+        node = self.api.get_node(self.cfg.name)
+        queued = self.api.get_queued(self.cfg.name)
+        if node is None and queued is None:
+            self.say(f"{self.node_label}: nothing to delete")
+            return
+        self._delete(node, queued)
+        self.say(
+            f"{self.node_label}: deleted" + (" (with its queued resource)" if queued is not None else "")
+        )
+
+    def state(self) -> TargetState:
+        node = self.api.get_node(self.cfg.name)
+        queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        details: dict[str, object] = {"zone": self.cfg.zone, "accelerator_type": self.cfg.accelerator_type}
+        if queued is not None:
+            details["queued_resource"] = cloud.queued_state_name(queued)
+        if node is None:
+            return TargetState("NOT_FOUND", healthy=False, details=details)
+        health = cloud.health_name(node)
+        details.update(health=health, workers=len(node.network_endpoints), spot=node.scheduling_config.spot)
+        state = cloud.state_name(node)
+        return TargetState(
+            state, healthy=state == "READY" and health in ("HEALTHY", "HEALTH_UNSPECIFIED"), details=details
+        )
+
+    def preemption(self) -> str | None:
+        """Why the node will not come back by itself (preempted, terminated, gone), or None if it lives."""
+        node = self.api.get_node(self.cfg.name)
+        queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        if node is None or self._is_dead(node, queued):
+            return self._dead_reason(node, queued)
+        return None
+
+    def _is_dead(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> bool:
+        if queued is not None and cloud.queued_state_name(queued) in DEAD_QUEUED_STATES:
+            return True
+        return node is not None and cloud.state_name(node) in DEAD_NODE_STATES
+
+    def _dead_reason(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> str:
+        if queued is not None and cloud.queued_state_name(queued) in DEAD_QUEUED_STATES:
+            return f"queued resource {cloud.queued_state_name(queued)}"
+        if node is None:
+            return "node NOT_FOUND"
+        return f"node {cloud.state_name(node)}"
+
+
+def _why(qr: tpu_v2.QueuedResource) -> str:
+    failed = qr.state.failed_data
+    msg = failed.error.message if failed and failed.error else ""
+    return f": {msg}" if msg else ""
