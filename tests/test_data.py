@@ -85,6 +85,13 @@ def test_bad_rows_fail_with_the_row_named(tmp_path: Path, rows: list[dict], mess
         load_problems(str(tmp_path), "train")
 
 
+def test_unreadable_file_fails_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\nnot json at all\n')
+    with pytest.raises(DataError, match=r"cannot read train") as err:
+        load_problems(str(tmp_path), "train")
+    assert "\n" not in str(err.value)
+
+
 def test_missing_sources_fail_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no such file or folder") as err:
         load_problems(str(tmp_path / "nope.jsonl"), "train")

@@ -44,9 +44,10 @@ class Problem:
 
     @property
     def value(self) -> float:
-        """The final answer as a number (validated when the Problem is made from a row)."""
+        """The final answer as a number."""
         value = gold_answer(self.answer)
-        assert value is not None, self.answer
+        if value is None:
+            raise DataError(f"problem {self.id}: answer {self.answer[:40]!r} is not a number")
         return value
 
     def as_row(self) -> dict[str, str]:
@@ -257,7 +258,8 @@ def generate_problems(split: str, size: int, *, difficulty: int = 1, seed: int =
 class ProblemStream:
     """Batches of problems in a shuffled order, a fresh permutation per epoch from (seed, epoch).
 
-    The whole position is `state()` (three ints): the trainer checkpoints it and resumes the same order.
+    The whole position is `state()`, a dict of four ints: the trainer checkpoints it and resumes the
+    same order from it.
     """
 
     def __init__(self, problems: Sequence[Problem], seed: int, state: dict[str, int] | None = None):
