@@ -1,4 +1,4 @@
-"""Test-wide guards: no network beyond loopback, no hub look-ups, W&B offline, 8 CPU devices for mesh tests."""
+"""Test-wide guards: no network beyond loopback, no hub look-ups, W&B offline, 8 CPU devices for meshes."""
 
 from __future__ import annotations
 
@@ -41,3 +41,73 @@ socket.socket.connect = _loopback_only_connect  # type: ignore[method-assign]
 def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own grpoctl state folder (run records) so tests never see each other's runs."""
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+# --- SSH: private sshd servers on 127.0.0.1 (orchestrator/testing/sshd.py) -----------------------------
+# They run as the current user on this machine, so a test's "remote" paths are local paths: always
+# point remote_dir / put / get at a tmp_path, never at ~ (that is the real home of whoever runs the tests).
+
+
+def _require_sshd() -> None:
+    from orchestrator.testing.sshd import SSHD, sshd_available
+
+    if sshd_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{SSHD} is missing but CI is set: SSH tests must run in CI (see .ci/run)", pytrace=False)
+    pytest.skip(f"{SSHD} not installed (apt-get install openssh-server); CI installs it and never skips")
+
+
+@pytest.fixture(scope="session")
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """`sshd_factory(client_key=None)` -> a started LoopbackSshd; all stopped at the end of the session.
+
+    For tests that stop or restart a server: take a fresh one instead of the shared `sshd`.
+    """
+    from orchestrator.testing.sshd import LoopbackSshd
+
+    _require_sshd()
+    started: list[LoopbackSshd] = []
+
+    def make(client_key: str | os.PathLike[str] | None = None) -> LoopbackSshd:
+        server = LoopbackSshd(tmp_path_factory.mktemp("sshd"), client_key=client_key).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd(sshd_factory):  # type: ignore[no-untyped-def]
+    """One shared server for the whole session: do not stop or restart it."""
+    return sshd_factory()
+
+
+@pytest.fixture(scope="session")
+def sshd_pair(sshd_factory):  # type: ignore[no-untyped-def]
+    """Two servers on two ports that accept the same client key: a two-worker target."""
+    first = sshd_factory()
+    return first, sshd_factory(client_key=first.client_key)
+
+
+@pytest.fixture
+def ssh_target_config():  # type: ignore[no-untyped-def]
+    """`ssh_target_config(*servers, **overrides)` -> SshTargetConfig with one worker per server,
+    host keys pinned per host and a known_hosts file private to the first server."""
+    from orchestrator.config import SshTargetConfig
+
+    def make(*servers, **overrides) -> SshTargetConfig:  # type: ignore[no-untyped-def]
+        fields = {
+            "kind": "ssh",
+            "hosts": [s.address for s in servers],
+            "user": servers[0].user,
+            "ssh_key": str(servers[0].client_key),
+            "host_key_sha256": [s.host_key_sha256 for s in servers],
+            "known_hosts": str(servers[0].root / "client_known_hosts"),
+            "connect_timeout_s": 5.0,
+        }
+        return SshTargetConfig(**{**fields, **overrides})
+
+    return make

@@ -77,7 +77,7 @@ def test_timeout_kills_the_whole_process_group(local: LocalTransport, tmp_path: 
     assert "timed out after 0.5 s" in result.stderr
     assert result.stdout == "started\n"
     assert time.monotonic() - start < 4
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert marker not in ps
 
 
@@ -140,7 +140,8 @@ def _ps_during(action) -> str:  # type: ignore[no-untyped-def]
 
     def sample() -> None:
         while not done.is_set():
-            samples.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+            ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True)
+            samples.append(ps.stdout)
 
     thread = threading.Thread(target=sample)
     thread.start()

@@ -55,9 +55,14 @@ class LineSplitter:
         for line in complete:
             self._on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
 
+    @property
+    def data(self) -> bytes:
+        """Every byte fed so far, undecoded."""
+        return b"".join(self._chunks)
+
     def close(self) -> str:
         """Emit the last unterminated line, if any, and return everything seen as text."""
         if self._on_line is not None and self._pending:
             self._on_line(self._pending.decode("utf-8", errors="replace").rstrip("\r"))
         self._pending = b""
-        return b"".join(self._chunks).decode("utf-8", errors="replace")
+        return self.data.decode("utf-8", errors="replace")

@@ -1,0 +1,367 @@
+"""SshTransport: one kept paramiko connection per host, pinned host keys, reconnect on the next call.
+
+Why paramiko's Transport and not SSHClient: the host-key decision (pins first, then known_hosts, then
+trust-on-first-use only when asked) must happen before any authentication or command, in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import posixpath
+import secrets
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import paramiko
+
+from orchestrator.errors import HostKeyError, InfraError, UsageError
+from orchestrator.transport.base import CommandResult, OutputCallback
+from orchestrator.transport.shell import TIMEOUT_EXIT_CODE, LineSplitter, quote_path, script
+
+_READ_CHUNK = 65536
+# After the remote shell exited, how long to wait for an EOF that a detached child may be holding back.
+_EXIT_GRACE_S = 1.0
+# The remote `timeout` kills the command; the client gives it this much longer before dropping the channel.
+_CLIENT_TIMEOUT_SLACK_S = 10.0
+# What OpenSSH's client reports when the server gave no exit status (the process died by a signal).
+_NO_STATUS_EXIT_CODE = 255
+# known_hosts key names -> the negotiation names that select them.
+_NEGOTIATED_TYPES = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256")}
+
+# paramiko logs dropped connections at ERROR level; without a handler Python would print them raw.
+# Our errors say what happened in one line; `-v` (root logging config) still sees paramiko's records.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
+def sha256_fingerprint(key_blob: bytes) -> str:
+    """OpenSSH's `SHA256:...` fingerprint of a public key blob (base64 without padding)."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key_blob).digest()).decode().rstrip("=")
+
+
+class _Retryable(Exception):
+    """A connect attempt failed in a way that another attempt might not (refused, timed out, reset)."""
+
+
+class SshTransport:
+    """Runs commands on one host over one kept SSH connection (see the `Transport` protocol)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 22,
+        *,
+        user: str = "root",
+        key_file: str | os.PathLike[str] | None = None,
+        host_key_sha256: Sequence[str] = (),
+        known_hosts: str | os.PathLike[str] | None = None,
+        accept_new_host_key: bool = False,
+        connect_timeout: float = 10.0,
+        connect_attempts: int = 3,
+        backoff_s: float = 0.5,
+        keepalive_s: float = 15.0,
+        name: str | None = None,
+    ) -> None:
+        self.host, self.port, self.user = host, port, user
+        self.name = name or f"{host}:{port}"
+        self.connects = 0  # connections opened so far: 1 + reconnects
+        self._key_file = Path(key_file).expanduser() if key_file else None
+        self._pins = tuple(host_key_sha256)
+        self._known_hosts = Path(known_hosts or "~/.ssh/known_hosts").expanduser()
+        self._accept_new = accept_new_host_key
+        self._connect_timeout = connect_timeout
+        self._attempts = max(1, connect_attempts)
+        self._backoff_s = backoff_s
+        self._keepalive_s = keepalive_s
+        self._lock = threading.Lock()
+        self._conn: paramiko.Transport | None = None
+        self._keys: list[paramiko.PKey] | None = None
+
+    @property
+    def _where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    @property
+    def _known_hosts_entry(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    # -- the Transport interface ---------------------------------------------------------------
+
+    def run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> CommandResult:
+        start = time.monotonic()
+        # The trailing `exit $?` stops bash from exec-ing the last command in its place: if that command
+        # dies by a signal, bash reports 128+N (paramiko drops SSH's exit-signal message).
+        text = shlex.quote(script(command, env=env, cwd=cwd) + "\nexit $?")
+        # The remote `timeout` kills the command's whole process group; closing a channel would not.
+        line = f"bash -c {text}" if timeout is None else f"timeout -k 5 {timeout:.3f} bash -c {text}"
+        client_deadline = None if timeout is None else start + timeout + _CLIENT_TIMEOUT_SLACK_S
+        code, out, err = self._exec(line, None, client_deadline, on_output)
+        stdout, stderr = out.close(), err.close()
+        elapsed = time.monotonic() - start
+        if code == TIMEOUT_EXIT_CODE and timeout is not None and elapsed >= timeout:
+            stderr += f"grpoctl: {self.name}: timed out after {timeout:g} s\n"
+        return CommandResult(self.name, code, stdout, stderr, elapsed)
+
+    def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
+        """Stream `data` through the channel's stdin into a 0600 temp file, chmod, rename over `remote_path`.
+
+        The contents never appear on a command line; only paths and the mode do.
+        """
+        folder = posixpath.dirname(remote_path) or "."
+        tmp = f"{remote_path}.grpoctl-tmp.{secrets.token_hex(6)}"
+        dest_q, tmp_q, dir_q = quote_path(remote_path), quote_path(tmp), quote_path(folder)
+        text = (
+            f"set -e; mkdir -p -- {dir_q}; umask 077; trap 'rm -f -- {tmp_q}' EXIT; "
+            f"cat > {tmp_q}; chmod {mode:o} {tmp_q}; mv -f -T -- {tmp_q} {dest_q}"
+        )
+        code, _, err = self._exec(f"bash -c {shlex.quote(text)}", data, None, None)
+        if code != 0:
+            raise InfraError(f"{self.name}: put {remote_path} failed: {_last_line(err.close())}")
+
+    def get(self, remote_path: str) -> bytes:
+        code, out, err = self._exec(f"cat -- {quote_path(remote_path)}", None, None, None)
+        message = _last_line(err.close())
+        if code != 0:
+            if "No such file" in message:
+                raise FileNotFoundError(f"{self.name}: no such file {remote_path}")
+            raise InfraError(f"{self.name}: get {remote_path} failed: {message}")
+        return out.data
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def connect(self) -> None:
+        """Open the connection now (it is otherwise opened by the first call)."""
+        with self._lock:
+            self._ensure_connected()
+
+    # -- one command on one channel ------------------------------------------------------------
+
+    def _exec(
+        self,
+        line: str,
+        stdin: bytes | None,
+        deadline: float | None,
+        on_output: OutputCallback | None,
+    ) -> tuple[int, LineSplitter, LineSplitter]:
+        chan = self._open_channel()
+        try:
+            chan.exec_command(line)
+            if stdin is not None:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = LineSplitter(on_output), LineSplitter(on_output)
+            timed_out = self._drain(chan, out, err, deadline)
+            if timed_out:
+                return TIMEOUT_EXIT_CODE, out, err
+            if chan.exit_status == -1:  # closed without an exit status
+                if not chan.eof_received or not chan.get_transport().is_active():
+                    raise InfraError(f"{self.name}: connection to {self._where} lost while a command ran")
+                err.feed(b"grpoctl: the remote command was killed by a signal\n")
+                return _NO_STATUS_EXIT_CODE, out, err
+            return chan.exit_status, out, err
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise InfraError(f"{self.name}: connection to {self._where} failed mid-command: {exc}") from None
+        finally:
+            chan.close()
+
+    @staticmethod
+    def _drain(chan: paramiko.Channel, out: LineSplitter, err: LineSplitter, deadline: float | None) -> bool:
+        """Feed output to the splitters until the command is done; True if the deadline passed first."""
+        exited_at: float | None = None
+        while True:
+            while chan.recv_ready():
+                out.feed(chan.recv(_READ_CHUNK))
+            while chan.recv_stderr_ready():
+                err.feed(chan.recv_stderr(_READ_CHUNK))
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return True
+            left = 3600.0 if deadline is None else deadline - now
+            if chan.eof_received or chan.closed:
+                # All output is in; the exit status is usually right behind (or the connection died).
+                if chan.exit_status_ready() or chan.closed or not chan.get_transport().is_active():
+                    return False
+                chan.status_event.wait(min(left, 0.5))
+                continue
+            if chan.exit_status_ready():
+                exited_at = exited_at or now
+                if now - exited_at > _EXIT_GRACE_S:  # a detached child holds the output open
+                    return False
+            # Data and EOF wake the channel's pipe; the exit status does not, hence the short wait.
+            select.select([chan], [], [], min(left, 0.25))
+
+    # -- connection management -----------------------------------------------------------------
+
+    def _open_channel(self) -> paramiko.Channel:
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._ensure_connected()
+                try:
+                    return conn.open_session(timeout=self._connect_timeout)
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    # The kept connection died under us (sshd restarted, network blip): nothing ran
+                    # yet, so reconnecting and trying once more is safe.
+                    conn.close()
+                    self._conn = None
+                    if attempt == 2:
+                        raise InfraError(f"{self.name}: no session on {self._where}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _ensure_connected(self) -> paramiko.Transport:
+        if self._conn is not None and self._conn.is_active():
+            return self._conn
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        reason = ""
+        for attempt in range(self._attempts):
+            if attempt:
+                time.sleep(self._backoff_s * 2 ** (attempt - 1))
+            try:
+                self._conn = self._connect_once()
+                self.connects += 1
+                return self._conn
+            except _Retryable as exc:
+                reason = str(exc)
+        tries = f" ({self._attempts} attempts)" if self._attempts > 1 else ""
+        raise InfraError(f"{self.name}: cannot reach {self._where}: {reason}{tries}")
+
+    def _connect_once(self) -> paramiko.Transport:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+        except ConnectionRefusedError:
+            raise _Retryable("connection refused") from None
+        except TimeoutError:
+            raise _Retryable(f"no answer within {self._connect_timeout:g} s") from None
+        except socket.gaierror as exc:
+            raise _Retryable(f"cannot resolve host ({exc.strerror})") from None
+        except OSError as exc:
+            raise _Retryable(exc.strerror or str(exc)) from None
+        # Small request/reply packets: without this, Nagle + delayed ACK add ~40 ms to every channel open.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = paramiko.Transport(sock)
+        conn.banner_timeout = conn.handshake_timeout = conn.auth_timeout = self._connect_timeout
+        known = self._known_keys()
+        if known and not self._pins:
+            options = conn.get_security_options()
+            preferred = [t for name in known for t in _NEGOTIATED_TYPES.get(name, (name,))]
+            options.key_types = tuple(dict.fromkeys([*preferred, *options.key_types]))
+        try:
+            conn.start_client(timeout=self._connect_timeout)
+            # start_client returns quietly when its timeout passes mid-handshake: check it finished.
+            server_key = conn.get_remote_server_key()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            conn.close()
+            raise _Retryable(f"SSH handshake failed within {self._connect_timeout:g} s: {exc}") from None
+        try:
+            self._check_host_key(server_key, known)
+            self._authenticate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        conn.set_keepalive(int(self._keepalive_s))
+        return conn
+
+    def _known_keys(self) -> dict[str, paramiko.PKey]:
+        if not self._known_hosts.is_file():
+            return {}
+        entries = paramiko.HostKeys(str(self._known_hosts)).lookup(self._known_hosts_entry)
+        return {} if entries is None else {name: entries[name] for name in entries}
+
+    def _check_host_key(self, key: paramiko.PKey, known: dict[str, paramiko.PKey]) -> None:
+        offered = sha256_fingerprint(key.asbytes())
+        where = f"{self.host}:{self.port}"
+        if self._pins:
+            if offered in self._pins:
+                return
+            raise HostKeyError(
+                f"{self.name}: host key mismatch for {where}: pinned {', '.join(self._pins)}, "
+                f"server offered {offered} ({key.get_name()}); refusing to connect"
+            )
+        if key.get_name() in known:
+            expected = known[key.get_name()]
+            if expected.asbytes() == key.asbytes():
+                return
+            raise HostKeyError(
+                f"{self.name}: host key mismatch for {where}: {self._known_hosts} has "
+                f"{sha256_fingerprint(expected.asbytes())}, server offered {offered}; refusing to connect"
+            )
+        if not self._accept_new:
+            raise HostKeyError(
+                f"{self.name}: unknown host key {offered} ({key.get_name()}) for {where}: pin it in "
+                f"host_key_sha256 or accept it once with --accept-new-host-key"
+            )
+        self._remember(key)
+
+    def _remember(self, key: paramiko.PKey) -> None:
+        """Append the accepted key to known_hosts (created 0600, its folder 0700)."""
+        self._known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        line = f"{self._known_hosts_entry} {key.get_name()} {key.get_base64()}\n"
+        fd = os.open(self._known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(line)
+
+    def _authenticate(self, conn: paramiko.Transport) -> None:
+        for key in self._client_keys():
+            try:
+                conn.auth_publickey(self.user, key)
+            except paramiko.AuthenticationException:
+                continue
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise InfraError(f"{self.name}: authentication with {self._where} broke off: {exc}") from None
+            if conn.is_authenticated():
+                return
+        which = str(self._key_file) if self._key_file else "ssh-agent and ~/.ssh/id_* keys"
+        raise InfraError(f"{self.name}: authentication failed for {self._where} with {which}")
+
+    def _client_keys(self) -> list[paramiko.PKey]:
+        if self._keys is not None:
+            return self._keys
+        if self._key_file is not None:
+            self._keys = [_load_key(self._key_file)]
+            return self._keys
+        keys: list[paramiko.PKey] = list(paramiko.Agent().get_keys())
+        for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+            path = Path("~/.ssh").expanduser() / name
+            if path.is_file():
+                try:
+                    keys.append(_load_key(path))
+                except UsageError:
+                    continue  # a passphrase-protected default key: the agent may hold it
+        self._keys = keys
+        return keys
+
+
+def _load_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(path)
+    except FileNotFoundError:
+        raise UsageError(f"ssh key {path} not found") from None
+    except paramiko.PasswordRequiredException:
+        raise UsageError(f"ssh key {path} is passphrase-protected: add it to ssh-agent instead") from None
+    except (paramiko.SSHException, ValueError, OSError) as exc:
+        raise UsageError(f"ssh key {path} cannot be read: {exc}") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"

@@ -1,0 +1,294 @@
+"""SshTransport and SshTarget against real OpenSSH servers on 127.0.0.1 (fixtures in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import RepoConfig
+from orchestrator.errors import HostKeyError, InfraError, UsageError
+from orchestrator.targets import build_target
+from orchestrator.targets.ssh import SshTarget
+from orchestrator.testing.sshd import LoopbackSshd, free_port, generate_key
+from orchestrator.transport.base import Transport
+from orchestrator.transport.shell import TIMEOUT_EXIT_CODE
+from orchestrator.transport.ssh import SshTransport, sha256_fingerprint
+
+
+def transport_for(server: LoopbackSshd, **overrides) -> SshTransport:  # type: ignore[no-untyped-def]
+    options = {
+        "user": server.user,
+        "key_file": server.client_key,
+        "host_key_sha256": [server.host_key_sha256],
+        "known_hosts": server.root / "client_known_hosts",
+        "connect_timeout": 5.0,
+        "name": f"w0 {server.address}",
+    }
+    return SshTransport(server.host, server.port, **{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ssh(sshd: LoopbackSshd):  # type: ignore[no-untyped-def]
+    t = transport_for(sshd)
+    yield t
+    t.close()
+
+
+def ps_args() -> str:
+    return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def test_run_exit_code_output_and_streamed_lines(ssh: SshTransport) -> None:
+    assert isinstance(ssh, Transport)
+    lines: list[str] = []
+    result = ssh.run("echo one; echo two >&2; printf three; exit 3", on_output=lines.append)
+    assert (result.exit_code, result.stdout, result.stderr) == (3, "one\nthree", "two\n")
+    assert sorted(lines) == ["one", "three", "two"]
+    assert result.worker == ssh.name and not result.ok
+
+
+def test_output_arrives_while_the_command_runs(ssh: SshTransport) -> None:
+    seen: list[tuple[str, float]] = []
+    start = time.monotonic()
+    ssh.run("echo first; sleep 0.6; echo second", on_output=lambda s: seen.append((s, time.monotonic())))
+    assert [s for s, _ in seen] == ["first", "second"]
+    assert seen[0][1] - start < 0.45 and seen[1][1] - seen[0][1] > 0.4
+
+
+def test_env_and_cwd(ssh: SshTransport, tmp_path: Path) -> None:
+    folder = tmp_path / "dir with 'quote' and space"
+    folder.mkdir()
+    value = "a b; $(touch pwned) 'c'"
+    result = ssh.run(
+        'printf "%s|%s|%s" "$FLAG" "$PWD" "$EVAL_FULL_SWEEP"',
+        env={"FLAG": value, "EVAL_FULL_SWEEP": "1"},
+        cwd=str(folder),
+    )
+    assert result.ok, result.stderr
+    assert result.stdout == f"{value}|{folder}|1"
+    assert not (folder / "pwned").exists()
+    assert ssh.run("pwd", cwd="~").stdout.strip() == str(Path("~").expanduser())
+
+
+def test_missing_cwd_runs_nothing(ssh: SshTransport, tmp_path: Path) -> None:
+    result = ssh.run(f"touch {tmp_path}/ran", cwd=str(tmp_path / "missing"))
+    assert result.exit_code == 1 and "missing" in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_timeout_kills_the_remote_command(ssh: SshTransport) -> None:
+    marker = f"grpoctl-ssh-timeout-{time.monotonic_ns()}"
+    start = time.monotonic()
+    result = ssh.run(f"echo started; sleep 30 & exec -a {marker} sleep 31", timeout=0.7)
+    assert time.monotonic() - start < 4
+    assert result.exit_code == TIMEOUT_EXIT_CODE and "timed out after 0.7 s" in result.stderr
+    assert result.stdout == "started\n"
+    time.sleep(0.2)
+    assert marker not in ps_args()
+    assert ssh.run("echo still usable").stdout == "still usable\n"
+
+
+def test_detached_job_does_not_hold_run_open(ssh: SshTransport) -> None:
+    start = time.monotonic()
+    result = ssh.run("setsid sleep 5 & echo launched")
+    assert result.stdout == "launched\n" and time.monotonic() - start < 3
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def test_put_is_atomic_with_mode_0600_and_get_roundtrips(ssh: SshTransport, tmp_path: Path) -> None:
+    dest = tmp_path / "new" / "dirs" / ".env"
+    ssh.put(b"A=1\n", str(dest), mode=0o600)
+    inode = ssh.run(f"stat -c %i {dest}").stdout
+    ssh.put(b"A=2\n", str(dest), mode=0o600)
+    assert ssh.run(f"stat -c %a {dest}").stdout.strip() == "600"  # checked on the remote side
+    assert ssh.run(f"stat -c %i {dest}").stdout != inode  # renamed over, never rewritten in place
+    assert ssh.run(f"ls -A {dest.parent}").stdout.split() == [".env"]  # no temp file left
+    assert ssh.get(str(dest)) == b"A=2\n"
+    blob = bytes(range(256)) * 4096
+    ssh.put(blob, str(tmp_path / "blob.bin"), mode=0o644)
+    assert ssh.get(str(tmp_path / "blob.bin")) == blob
+    assert ssh.run(f"stat -c %a {tmp_path / 'blob.bin'}").stdout.strip() == "644"
+
+
+def test_put_failure_raises_and_leaves_no_temp_file(ssh: SshTransport, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("non-empty directory")
+    with pytest.raises(InfraError, match=r"put .*taken failed"):
+        ssh.put(b"data", str(tmp_path / "taken"), mode=0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_get_missing_file(ssh: SshTransport, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ssh.get(str(tmp_path / "absent"))
+
+
+def test_planted_secret_never_in_ps_nor_output(ssh: SshTransport, tmp_path: Path) -> None:
+    secret = f"sk-PLANTED-{time.monotonic_ns()}-do-not-leak"
+    payload = f"WANDB_API_KEY={secret}\n".encode() * 200_000  # ~10 MB: the put lasts a while
+    samples: list[str] = []
+    done = threading.Event()
+
+    def watch_ps() -> None:
+        while not done.is_set():
+            samples.append(ps_args())
+
+    watcher = threading.Thread(target=watch_ps)
+    watcher.start()
+    try:
+        ssh.put(payload, str(tmp_path / ".env"), mode=0o600)
+    finally:
+        done.set()
+        watcher.join()
+    assert any(".env.grpoctl-tmp" in s for s in samples)  # ps did see the put in flight
+    assert all(secret not in s for s in samples)
+    lines: list[str] = []
+    result = ssh.run(f"wc -c < {tmp_path / '.env'}; stat -c %a {tmp_path / '.env'}", on_output=lines.append)
+    assert result.stdout.split() == [str(len(payload)), "600"]
+    assert secret not in result.stdout + result.stderr + "".join(lines)
+
+
+# -- host keys -----------------------------------------------------------------------------------
+
+
+def test_wrong_pinned_fingerprint_is_refused_and_runs_nothing(sshd: LoopbackSshd, tmp_path: Path) -> None:
+    wrong = sha256_fingerprint(b"not the key")
+    t = transport_for(sshd, host_key_sha256=[wrong])
+    with pytest.raises(HostKeyError) as err:
+        t.run(f"touch {tmp_path}/ran")
+    message = str(err.value)
+    assert "\n" not in message and sshd.address in message
+    assert wrong in message and sshd.host_key_sha256 in message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_unknown_key_refused_unless_accepted_then_remembered(sshd: LoopbackSshd, tmp_path: Path) -> None:
+    known = tmp_path / "ssh" / "known_hosts"
+    with pytest.raises(HostKeyError, match="unknown host key .*--accept-new-host-key"):
+        transport_for(sshd, host_key_sha256=[], known_hosts=known).run("true")
+    assert not known.exists()
+    accepted = transport_for(sshd, host_key_sha256=[], known_hosts=known, accept_new_host_key=True)
+    assert accepted.run("echo ok").stdout == "ok\n"
+    assert known.stat().st_mode & 0o777 == 0o600
+    assert f"[127.0.0.1]:{sshd.port} ssh-ed25519 " in known.read_text()
+    # Now known: a transport that does not accept new keys gets in through known_hosts.
+    assert transport_for(sshd, host_key_sha256=[], known_hosts=known).run("echo again").stdout == "again\n"
+
+
+def test_known_hosts_mismatch_is_refused(sshd: LoopbackSshd, tmp_path: Path) -> None:
+    other = generate_key(tmp_path / "other")
+    kind, blob = Path(f"{other}.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
+    t = transport_for(sshd, host_key_sha256=[], known_hosts=known, accept_new_host_key=True)
+    with pytest.raises(HostKeyError, match="host key mismatch") as err:
+        t.run("true")
+    assert sshd.host_key_sha256 in str(err.value)
+    assert known.read_text().count("\n") == 1  # never "fixed" silently
+
+
+# -- failures and reconnects ---------------------------------------------------------------------
+
+
+def test_connection_refused_is_an_infra_error_within_seconds() -> None:
+    port = free_port()  # nobody listens here
+    t = SshTransport("127.0.0.1", port, key_file=None, connect_timeout=2.0, name="w0 nowhere")
+    start = time.monotonic()
+    with pytest.raises(InfraError, match=f"127.0.0.1:{port}: connection refused") as err:
+        t.run("true")
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(err.value) and err.value.exit_code == 3
+
+
+def test_auth_failure_is_an_infra_error(sshd: LoopbackSshd, tmp_path: Path) -> None:
+    stranger = generate_key(tmp_path / "stranger")
+    with pytest.raises(InfraError, match="authentication failed"):
+        transport_for(sshd, key_file=stranger).run("true")
+
+
+def test_missing_key_file_is_a_usage_error(sshd: LoopbackSshd, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        transport_for(sshd, key_file=tmp_path / "nope").run("true")
+
+
+def test_silent_server_times_out(tmp_path: Path) -> None:
+    with socket.socket() as listener:  # accepts TCP, never speaks SSH
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        t = SshTransport("127.0.0.1", port, connect_timeout=0.5, connect_attempts=1, name="w0 mute")
+        start = time.monotonic()
+        with pytest.raises(InfraError, match="handshake"):
+            t.run("true")
+        assert time.monotonic() - start < 4
+
+
+def test_reconnects_after_sshd_restart(sshd_factory) -> None:  # type: ignore[no-untyped-def]
+    server = sshd_factory()
+    t = transport_for(server)
+    first = t.run("echo $SSH_CONNECTION").stdout.split()
+    server.restart()  # kills the server and its connections by PID; same port, same host key
+    assert t.run("echo back").stdout == "back\n"  # the same SshTransport object
+    second = t.run("echo $SSH_CONNECTION").stdout.split()
+    assert t.connects == 2 and first[1] != second[1]  # a new client port: a new connection
+    server.stop()
+    with pytest.raises(InfraError, match="connection refused"):
+        t.run("true")
+    server.start()
+    assert t.run("echo up").stdout == "up\n"
+
+
+def test_connection_lost_mid_command_is_an_infra_error(sshd_factory) -> None:  # type: ignore[no-untyped-def]
+    server = sshd_factory()
+    t = transport_for(server)
+    t.run("true")
+    threading.Timer(0.5, server.stop).start()
+    with pytest.raises(InfraError, match="lost|failed"):
+        t.run("sleep 20")
+    server.start()
+    assert t.run("echo recovered").stdout == "recovered\n"
+
+
+# -- the SSH target ------------------------------------------------------------------------------
+
+
+def test_two_worker_target_runs_in_parallel_on_both(sshd_pair, ssh_target_config) -> None:  # type: ignore[no-untyped-def]
+    a, b = sshd_pair
+    target = build_target("lab", ssh_target_config(a, b), RepoConfig(remote_dir="/srv/work"))
+    assert isinstance(target, SshTarget)
+    assert [t.name for t in target.transports()] == [f"w0 {a.address}", f"w1 {b.address}"]
+    assert target.remote_dir == "/srv/work"
+    target.up()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda t: t.run("sleep 0.5; echo $SSH_CONNECTION"), target.transports()))
+    assert [r.stdout.split()[3] for r in results] == [str(a.port), str(b.port)]
+    assert target.state().state == "REACHABLE"
+    target.close()
+
+
+def test_target_with_one_wrong_pin_names_the_worker(sshd_pair, ssh_target_config) -> None:  # type: ignore[no-untyped-def]
+    a, b = sshd_pair
+    cfg = ssh_target_config(a, b, host_key_sha256=[a.host_key_sha256, a.host_key_sha256])
+    target = build_target("lab", cfg, RepoConfig())
+    with pytest.raises(HostKeyError, match=f"w1 {b.address}"):
+        target.up()
+    state = target.state()
+    assert not state.healthy and list(state.details["unreachable"]) == [f"w1 {b.address}"]
+
+
+def test_exit_codes_of_commands_killed_by_signals(ssh: SshTransport) -> None:
+    assert ssh.run("sh -c 'kill -9 $$'").exit_code == 137  # a child killed: the shell reports 128+9
+    killed = ssh.run("kill -9 $$")  # the remote shell itself: SSH sends no exit status at all
+    assert killed.exit_code == 255 and "killed by a signal" in killed.stderr
+    assert ssh.run("echo fine").ok
