@@ -22,6 +22,7 @@ from rich.table import Table
 
 from orchestrator import compare as cmp
 from orchestrator import recipes
+from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import fetch as fetch_ops
@@ -30,6 +31,7 @@ from orchestrator.ops import logs as logs_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
+from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord
 
 app = typer.Typer(
@@ -55,7 +57,8 @@ class Globals:
     accept_new_host_key: bool = False
 
     def __post_init__(self) -> None:
-        self.out = Console(highlight=False, soft_wrap=True)
+        # Piped output is for grep and logs: wide tables, never wrapped ids or paths.
+        self.out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def say(self, line: str) -> None:
@@ -166,6 +169,8 @@ def _progress_text(record: RunRecord) -> str:
     p = record.last_progress or {}
     if not p.get("total"):
         return "-"
+    if record.is_terminal:
+        return f"step {p['step']}/{p['total']}"
     return f"step {p['step']}/{p['total']} eta {_fmt_eta(p.get('eta_s'))}"
 
 
@@ -207,17 +212,57 @@ def up(ctx: typer.Context) -> None:
 
 @app.command()
 @handle_errors
-def down(ctx: typer.Context) -> None:
-    """Release what `up` provisioned (nothing for fixed hosts)."""
+def down(
+    ctx: typer.Context,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete a TPU node without asking.")] = False,
+) -> None:
+    """Release what `up` provisioned: delete a TPU node or queued resource (nothing for fixed hosts)."""
     g = _globals(ctx)
     session = g.session()
     try:
+        if session.kind == "tpu" and not yes and not g.dry_run:
+            _confirm(f"delete TPU {session.target_name} ({session.target_cfg.name}) and all on its disks?")
         session.target.down()
     finally:
         session.close()
     g.emit_json({"target": session.target_name, "down": True}) if g.json else g.out.print(
         f"{session.target_name}: down"
     )
+
+
+@app.command()
+@handle_errors
+def gc(
+    ctx: typer.Context,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+    list_only: Annotated[bool, typer.Option("--list", help="Only list what would be deleted.")] = False,
+) -> None:
+    """Delete grpoctl's leftovers: PREEMPTED/TERMINATED nodes, FAILED/SUSPENDED queued resources."""
+    from orchestrator.cloud import gc as cloud_gc
+
+    g = _globals(ctx)
+    found = cloud_gc.find_all(load_config(g.config_file), g.target)
+    if g.json:
+        g.emit_json([{"kind": x.kind, "name": x.name, "state": x.state, "zone": x.zone} for _, x in found])
+    else:
+        for _, x in found:
+            g.out.print(f"{x.kind} {x.name} ({x.zone}): {x.state}")
+        if not found:
+            g.out.print("nothing to collect")
+    if not found or list_only or g.dry_run:
+        return
+    if not yes:
+        _confirm(f"delete these {len(found)} leftover(s)?")
+    for api, x in found:
+        cloud_gc.delete_leftover(api, x)
+        g.say(f"deleted {x.kind} {x.name}")
+
+
+def _machine_line(session: Session) -> str:
+    """`target v6e: READY (health HEALTHY, workers 1)` for targets that are machines with a state."""
+    st = session.target.state()
+    extra = ", ".join(f"{k} {st.details[k]}" for k in ("health", "workers", "queued_resource") if k in st.details)
+    return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
 
 
 @app.command()
@@ -291,9 +336,19 @@ def run(
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Launch even if the worker is busy.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 2.0,
+    recover: Annotated[
+        bool, typer.Option("--recover", help="Wait, and recreate + relaunch (same run id) on preemption.")
+    ] = False,
+    recover_on_exit_code: Annotated[
+        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
+    ] = [],  # noqa: B006
+    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed.")] = 20,
+    max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
 ) -> None:
     """Launch the trainer on every worker; print the run id at once."""
     g = _globals(ctx)
+    policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures)
+    wait = wait or policy is not None
     session = g.session()
     try:
         trainer_args = [a for pair in _parse_pairs(set_, "--set").items() for a in ("--set", "=".join(pair))]
@@ -309,7 +364,7 @@ def run(
             return
         g.say(f"{record.run_id}: log {record.log_path}")
         try:
-            _wait_with_bar(g, session, record, interval)
+            _wait_with_bar(g, session, record, interval, policy)
         finally:
             if g.json:
                 g.emit_json(record.to_json())
@@ -319,7 +374,9 @@ def run(
         session.close()
 
 
-def _wait_with_bar(g: Globals, session: Session, record: RunRecord, interval: float) -> None:
+def _wait_with_bar(
+    g: Globals, session: Session, record: RunRecord, interval: float, policy: RecoveryPolicy | None = None
+) -> None:
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=g.err, transient=False, disable=g.json) as bar:
         task = bar.add_task(record.run_id, total=None, info="starting")
@@ -333,7 +390,28 @@ def _wait_with_bar(g: Globals, session: Session, record: RunRecord, interval: fl
                 task, total=(p.total if p and p.total else None), completed=(p.step if p else 0), info=info
             )
 
-        watch_ops.wait(session.target, record, session.store, interval=interval, on_poll=on_poll)
+        if policy is not None:
+            wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
+        else:
+            watch_ops.wait(session.target, record, session.store, interval=interval, on_poll=on_poll)
+
+
+def _policy(
+    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int
+) -> RecoveryPolicy | None:
+    if not recover and exit_codes:
+        raise UsageError("--recover-on-exit-code needs --recover")
+    if not recover:
+        return None
+    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes))
+
+
+def _confirm(question: str) -> None:
+    """Ask on a terminal; without one, refuse (scripts pass --yes)."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} Not a terminal: pass --yes to confirm")
+    if not typer.confirm(question, default=False):
+        raise UsageError("cancelled: nothing deleted")
 
 
 @app.command()
@@ -346,31 +424,41 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until the run(s) end.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
     limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
 ) -> None:
     """Show runs: RUNNING / SUCCEEDED / FAILED(code) / LOST, step k/N and ETA."""
     g = _globals(ctx)
+    g.json = g.json or json_out
     base = g.session()
     records = [base.store.get(run_id)] if run_id else base.store.list(limit=limit)
     sessions: dict[str, Session] = {base.target_name: base}
+    unpollable: set[str] = set()
     try:
         while True:
             unreachable = []
             for record in records:
-                if record.is_terminal:
+                if record.is_terminal or record.run_id in unpollable:
                     continue
                 session = sessions.get(record.target)
                 if session is None:
-                    session = sessions[record.target] = g.session(target=record.target, store=base.store)
+                    try:
+                        session = sessions[record.target] = g.session(target=record.target, store=base.store)
+                    except UsageError as err:  # e.g. an SOP's inline target: show what is stored
+                        unreachable.append(f"{record.run_id}: {err}")
+                        unpollable.add(record.run_id)
+                        continue
                 poll = watch_ops.poll(session.target, record)
                 base.store.save(record)
                 unreachable += poll.errors
             if g.json:
                 g.emit_json([r.to_json() for r in records] if not run_id else records[0].to_json())
             else:
+                if base.kind == "tpu" and not base.dry_run:
+                    g.out.print(_machine_line(base))
                 g.out.print(_runs_table(records))
             for line in unreachable:
                 g.say(f"unreachable (will retry): {line}")
-            if not watch or all(r.is_terminal for r in records):
+            if not watch or all(r.is_terminal or r.run_id in unpollable for r in records):
                 break
             time.sleep(interval)
     finally:

@@ -129,3 +129,12 @@ def make_standin_repo(root: Path) -> tuple[str, Path]:
     git(work, "remote", "add", "origin", url)
     git(work, "push", "-q", "origin", "main")
     return url, work
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One stand-in repo for the whole session: (file:// URL of the bare origin, work clone)."""
+    return make_standin_repo(tmp_path_factory.mktemp("standin"))

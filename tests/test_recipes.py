@@ -1,0 +1,232 @@
+"""Recipes: the shell text they build is quoted, and it does what it says when bash runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from standin import git, standin_repo  # noqa: F401
+
+from orchestrator import recipes
+
+
+def bash(script: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------ quoting
+
+
+def test_qpath_keeps_home_meaning_and_quotes_the_rest():
+    assert recipes.qpath("~") == '"$HOME"'
+    assert recipes.qpath("~/a b/c") == "\"$HOME\"/'a b/c'"
+    assert recipes.qpath("/x/$(reboot)") == "'/x/$(reboot)'"
+    out = bash(f"HOME=/h; echo {recipes.qpath('~/w $x')}").stdout.strip()
+    assert out == "/h/w $x"
+
+
+def test_launch_rejects_bad_env_names():
+    paths = recipes.RunPaths.for_run("c", "20260101_000000", "c-1")
+    with pytest.raises(recipes.UsageError):
+        recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={"A;rm -rf /": "1"})
+
+
+# ------------------------------------------------------------------------------------------- parsers
+
+
+def test_parse_status_precedence():
+    done = json.dumps({"event": "done", "step": 5, "total": 5, "elapsed_s": 1.0})
+    ok = recipes.parse_status(f"PIDV=12\nEXIT=0\nALIVE=1\nPROGRESS={done}\n")
+    assert (ok.state, ok.exit_code, ok.pid) == ("SUCCEEDED", 0, 12)  # the exit file decides
+    assert ok.progress is not None and ok.progress.done
+    failed = recipes.parse_status("PIDV=12\nEXIT=3\nALIVE=0\nPROGRESS=\n")
+    assert failed.label == "FAILED(3)" and failed.progress is None
+    running = recipes.parse_status('PIDV=12\nALIVE=1\nPROGRESS={"event": "progress", "step": 2, "total": 8, '
+                                   '"elapsed_s": 4.0}\n')
+    assert running.state == "RUNNING"
+    assert running.progress.eta_s == pytest.approx(12.0)  # 2 s/step x 6 steps left
+    assert recipes.parse_status("PIDV=12\nALIVE=0\nPROGRESS=\n").state == "LOST"
+    assert recipes.parse_status("CHECKOUT=missing\n").state == "LOST"
+
+
+def test_combine_states():
+    s = recipes.WorkerStatus
+    assert recipes.combine([s("SUCCEEDED"), s("SUCCEEDED")]) == "SUCCEEDED"
+    assert recipes.combine([s("SUCCEEDED"), s("RUNNING")]) == "RUNNING"
+    assert recipes.combine([s("RUNNING"), s("LOST")]) == "LOST"
+    assert recipes.combine([s("LOST"), s("FAILED", 3)]) == "FAILED"
+
+
+def test_progress_line_garbage_is_ignored():
+    assert recipes.parse_progress_line('{"event": broken') is None
+    assert recipes.parse_progress_line("step 3") is None
+
+
+# ---------------------------------------------------------------------------------- executed by bash
+
+
+def test_env_verify_reports_lengths_never_values(tmp_path: Path):
+    env = tmp_path / ".env"
+    secret = "s3cr3t-value-xyz"
+    env.write_text(f'WANDB_API_KEY={secret}\nexport QUOTED="a b c"\r\n# COMMENT=zzz\nEMPTY=\n')
+    env.chmod(0o600)
+    out = bash(recipes.env_verify(str(env)))
+    assert out.returncode == 0, out.stderr
+    mode, lengths = recipes.parse_env_verify(out.stdout)
+    assert mode == "600"
+    assert lengths == {"WANDB_API_KEY": len(secret), "QUOTED": 5, "EMPTY": 0}
+    assert secret not in out.stdout + out.stderr
+    assert secret not in recipes.env_verify(str(env))
+
+
+def test_sync_clones_resets_cleans_and_spares_run_outputs(tmp_path: Path, standin_repo):  # noqa: F811
+    url, work = standin_repo
+    checkout = tmp_path / "ck"
+    first = bash(recipes.sync(str(checkout), url, "main"))
+    assert first.returncode == 0, first.stderr
+    head = recipes.parse_head(first.stdout)
+    assert head == git(work, "rev-parse", "HEAD")
+    # Leftovers: a stray file and a local edit go; logs/, runs/, .env stay.
+    (checkout / "stray.txt").write_text("x")
+    (checkout / "configs" / "ok.yaml").write_text("steps: 999\n")
+    for keep in ("logs/a.log", "runs/r/summary.json", ".env", "wandb/w.txt"):
+        (checkout / keep).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / keep).write_text("keep")
+    again = bash(recipes.sync(str(checkout), url, "main"))
+    assert again.returncode == 0, again.stderr
+    assert recipes.parse_head(again.stdout) == head
+    assert not (checkout / "stray.txt").exists()
+    assert "999" not in (checkout / "configs" / "ok.yaml").read_text()
+    for keep in ("logs/a.log", "runs/r/summary.json", ".env", "wandb/w.txt"):
+        assert (checkout / keep).read_text() == "keep"
+
+
+def test_sync_adopts_a_folder_with_only_env_and_refuses_any_other(tmp_path: Path, standin_repo):  # noqa: F811
+    url, _ = standin_repo
+    adopt = tmp_path / "adopt"
+    adopt.mkdir()
+    (adopt / ".env").write_text("K=v\n")
+    out = bash(recipes.sync(str(adopt), url, "main"))
+    assert out.returncode == 0, out.stderr
+    assert (adopt / ".env").read_text() == "K=v\n" and (adopt / "trainer").is_dir()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "precious.txt").write_text("mine")
+    refused = bash(recipes.sync(str(home), url, "main"))
+    assert refused.returncode == recipes.EXIT_NOT_CHECKOUT
+    assert sorted(p.name for p in home.iterdir()) == ["precious.txt"]
+
+
+def test_sync_quotes_hostile_values(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    script = recipes.sync(str(tmp_path / "ck"), f"file:///nonexistent/$(touch {marker})", f"x;touch {marker}")
+    out = bash(script)
+    assert out.returncode != 0
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory, standin_repo) -> Path:  # noqa: F811
+    url, _ = standin_repo
+    ck = tmp_path_factory.mktemp("launch") / "checkout dir"
+    out = bash(recipes.sync(str(ck), url, "main"))
+    assert out.returncode == 0, out.stderr
+    return ck
+
+
+def _launch(ck: Path, config: str, *, env=None, force=False, args=()) -> tuple[recipes.RunPaths, str]:
+    stem = Path(config).stem
+    ts = f"{time.time_ns()}"
+    paths = recipes.RunPaths.for_run(stem, ts, f"{stem}-{ts}")
+    out = bash(recipes.launch(str(ck), sys.executable, config, paths, config_stem=stem, env=env, force=force,
+                              trainer_args=args))
+    return paths, out
+
+
+def _wait_state(ck: Path, paths: recipes.RunPaths, timeout: float = 20) -> recipes.WorkerStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = recipes.parse_status(bash(recipes.status(str(ck), paths)).stdout)
+        if status.state in recipes.TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def test_launch_runs_detached_writes_exit_file_and_latest_links(checkout: Path):
+    marker = checkout / "pwned"
+    paths, out = _launch(checkout, "configs/ok.yaml", env={"EVAL_FULL_SWEEP": "1", "ODD": f"$(touch {marker})"})
+    assert out.returncode == 0, out.stderr
+    assert recipes.parse_pid(out.stdout) is not None
+    status = _wait_state(checkout, paths)
+    assert (status.state, status.exit_code) == ("SUCCEEDED", 0)
+    assert status.progress is not None and status.progress.done and status.progress.step == 3
+    assert not marker.exists()
+    assert (checkout / paths.exit).read_text().strip() == "0"
+    latest = checkout / "logs" / "nohup_ok_latest.log"
+    assert latest.is_symlink() and latest.resolve() == (checkout / paths.log).resolve()
+    config = json.loads((checkout / paths.run_dir / "config.json").read_text())
+    assert config["eval_full_sweep"] is True
+    assert (checkout / paths.run_dir / "eval_full.jsonl").is_file()
+
+
+def test_launch_failure_exit_code_is_recorded(checkout: Path):
+    paths, out = _launch(checkout, "configs/fail3.yaml")
+    assert out.returncode == 0, out.stderr
+    status = _wait_state(checkout, paths)
+    assert status.label == "FAILED(3)"
+    assert "failing on purpose" in (checkout / paths.log).read_text()
+
+
+def test_busy_worker_refused_unless_forced_then_term_writes_exit_and_kill_loses(checkout: Path):
+    paths, out = _launch(checkout, "configs/slow.yaml")
+    assert out.returncode == 0, out.stderr
+    pid = recipes.parse_pid(out.stdout)
+    try:
+        busy_paths, busy = _launch(checkout, "configs/ok.yaml")
+        assert busy.returncode == recipes.EXIT_BUSY
+        assert paths.pid in (recipes.parse_busy(busy.stdout) or "")
+        assert not (checkout / busy_paths.log).exists()  # nothing started
+        forced_paths, forced = _launch(checkout, "configs/ok.yaml", force=True)
+        assert forced.returncode == 0
+        assert _wait_state(checkout, forced_paths).state == "SUCCEEDED"
+        assert recipes.parse_status(bash(recipes.status(str(checkout), paths)).stdout).state == "RUNNING"
+        # TERM through the kill recipe: the trap writes the exit file.
+        killed = bash(recipes.kill(str(checkout), paths, grace_s=5))
+        assert "KILL=terminated" in killed.stdout, killed.stdout + killed.stderr
+        assert _wait_state(checkout, paths).label == "FAILED(143)"
+    finally:
+        if pid:
+            subprocess.run(["kill", "-KILL", f"-{pid}"], capture_output=True)
+    # SIGKILL leaves no exit file: LOST, never RUNNING forever.
+    lost_paths, out = _launch(checkout, "configs/slow.yaml")
+    lost_pid = recipes.parse_pid(out.stdout)
+    assert lost_pid
+    os.killpg(lost_pid, signal.SIGKILL)
+    assert _wait_state(checkout, lost_paths).state == "LOST"
+
+
+def test_log_reading_recipes(checkout: Path):
+    paths, _ = _launch(checkout, "configs/ok.yaml", force=True)
+    _wait_state(checkout, paths)
+    tail = bash(recipes.tail_log(str(checkout), paths.log, 1)).stdout
+    assert json.loads(tail)["event"] == "done"
+    whole = (checkout / paths.log).read_bytes()
+    rest = bash(recipes.read_log_from(str(checkout), paths.log, 10)).stdout
+    assert rest.encode() == whole[10:]
+    files = bash(recipes.existing_files(str(checkout), [f"{paths.run_dir}/summary.json", "nope.json"])).stdout
+    assert recipes.parse_files(files) == [f"{paths.run_dir}/summary.json"]
+
+
+def test_wandb_summary_is_the_run_specific_file(checkout: Path):
+    paths, _ = _launch(checkout, "configs/ok_b.yaml", force=True)
+    _wait_state(checkout, paths)
+    found = recipes.parse_wandb_paths(bash(recipes.find_wandb_summary(str(checkout), paths.run_dir)).stdout)
+    assert found == [f"{paths.run_dir}/wandb/run-20260101_000000-abcd1234/files/wandb-summary.json"]
+    assert shlex.quote(paths.run_dir) in recipes.find_wandb_summary(str(checkout), paths.run_dir)
