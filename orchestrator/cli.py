@@ -261,7 +261,8 @@ def gc(
 def _machine_line(session: Session) -> str:
     """`target v6e: READY (health HEALTHY, workers 1)` for targets that are machines with a state."""
     st = session.target.state()
-    extra = ", ".join(f"{k} {st.details[k]}" for k in ("health", "workers", "queued_resource") if k in st.details)
+    shown = [k for k in ("health", "workers", "queued_resource") if k in st.details]
+    extra = ", ".join(f"{k} {st.details[k]}" for k in shown)
     return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
 
 
