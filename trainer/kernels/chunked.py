@@ -4,14 +4,14 @@ Memory is bounded by one [N, chunk] float32 logits tile instead of [N, V]. The b
 tile from hidden and lm_head (never stored) and accumulates dhidden in float32; each dlm_head chunk is
 complete after one tile (it sums over all tokens at once), so it is written straight into its rows.
 
-No padding copy of lm_head: the last chunk is slid back to end at V (start = min(i * chunk, V - chunk)) and
-the columns it shares with the previous chunk are masked, so a vocabulary like 151,936 = 2^7 x 1187 needs
-no chunk size that divides it.
+A vocabulary like 151,936 = 2^7 x 1187 has no convenient divisor, so the loop covers the V // chunk full
+chunks and one statically shaped tail chunk follows it: no padded copy of lm_head, no masked columns.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,37 +26,30 @@ def matmul_precision(dtype: jnp.dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _over_chunks(vocab: int, chunk: int, step: Callable, carry):
+    """carry = step(carry, start, size) for every chunk [start, start + size) of range(vocab), in order."""
+    chunk = min(chunk, vocab)
+    full, tail = divmod(vocab, chunk)
+    carry = lax.fori_loop(0, full, lambda i, c: step(c, i * chunk, chunk), carry)
+    return step(carry, full * chunk, tail) if tail else carry
 
 
-def _tile(lm_head: jax.Array, i: jax.Array, chunk: int):
-    """Rows of chunk i, their vocabulary ids [1, chunk], which of them are new to this chunk, the start."""
-    vocab = lm_head.shape[0]
-    first = i * chunk
-    start = jnp.minimum(first, vocab - chunk)
-    w = lax.dynamic_slice_in_dim(lm_head, start, chunk, axis=0)
-    cols = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-    return w, cols, cols >= first, start
-
-
-def _logits(hidden: jax.Array, w: jax.Array, inv_temp: float) -> jax.Array:
+def _tile(hidden, lm_head, targets, start, size: int, inv_temp: float):
+    """The lm_head rows of one chunk, its tempered logits [N, size] and where the targets fall in it."""
+    w = lax.dynamic_slice_in_dim(lm_head, start, size, axis=0)
     raw = jnp.dot(hidden, w.T, preferred_element_type=jnp.float32, precision=matmul_precision(hidden.dtype))
-    return raw * inv_temp
+    cols = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    return w, raw * inv_temp, cols == targets[:, None]
 
 
 def _forward(hidden, lm_head, targets, temperature, chunk):
-    chunk = min(chunk, lm_head.shape[0])
     inv_temp = 1.0 / temperature
-    tgt = targets[:, None]
 
-    def body(i, state):
-        w, cols, valid, _ = _tile(lm_head, i, chunk)
-        z = jnp.where(valid, _logits(hidden, w, inv_temp), sm.MASKED)
-        return sm.online_update(state, z, valid & (cols == tgt))
+    def step(state, start, size):
+        _, z, is_target = _tile(hidden, lm_head, targets, start, size, inv_temp)
+        return sm.online_update(state, z, is_target)
 
-    num_chunks = _cdiv(lm_head.shape[0], chunk)
-    state = lax.fori_loop(0, num_chunks, body, sm.init_state(hidden.shape[0]))
+    state = _over_chunks(lm_head.shape[0], chunk, step, sm.init_state(hidden.shape[0]))
     logp, lse, entropy = (x[:, 0] for x in sm.finalize(state))
     return TokenStats(logp, lse, entropy)
 
@@ -73,28 +66,21 @@ def _chunked_fwd(hidden, lm_head, targets, temperature, chunk):
 
 def _chunked_bwd(temperature, chunk, residuals, g: TokenStats):
     hidden, lm_head, targets, lse, entropy = residuals
-    chunk = min(chunk, lm_head.shape[0])
     inv_temp = 1.0 / temperature
-    tgt = targets[:, None]
     coef = sm.backward_coefficients(lse, entropy, g.logp, g.lse, g.entropy)
     precision = matmul_precision(hidden.dtype)
+    all_valid = jnp.ones((1, 1), bool)
 
-    def body(i, carry):
+    def step(carry, start, size):
         dh, dw = carry
-        w, cols, valid, start = _tile(lm_head, i, chunk)
-        z = jnp.where(valid, _logits(hidden, w, inv_temp), sm.MASKED)
-        dl = sm.dlogits(z, valid & (cols == tgt), valid, coef, inv_temp).astype(hidden.dtype)
+        w, z, is_target = _tile(hidden, lm_head, targets, start, size, inv_temp)
+        dl = sm.dlogits(z, is_target, all_valid, coef, inv_temp).astype(hidden.dtype)
         dh = dh + jnp.dot(dl, w, preferred_element_type=jnp.float32, precision=precision)
-        dw_tile = lax.dot_general(
-            dl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
-        ).astype(dw.dtype)
-        # Rows shared with the previous chunk (only in the slid-back last chunk) keep their finished value.
-        kept = lax.dynamic_slice_in_dim(dw, start, chunk, axis=0)
-        dw = lax.dynamic_update_slice_in_dim(dw, jnp.where(valid.T, dw_tile, kept), start, axis=0)
-        return dh, dw
+        dw_rows = jnp.dot(dl.T, hidden, preferred_element_type=jnp.float32, precision=precision)
+        return dh, lax.dynamic_update_slice_in_dim(dw, dw_rows.astype(dw.dtype), start, axis=0)
 
     init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros_like(lm_head))
-    dh, dw = lax.fori_loop(0, _cdiv(lm_head.shape[0], chunk), body, init)
+    dh, dw = _over_chunks(lm_head.shape[0], chunk, step, init)
     return dh.astype(hidden.dtype), dw, None
 
 

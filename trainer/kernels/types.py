@@ -29,7 +29,7 @@ class KernelBlocks:
 
     block_tokens: int = 512
     block_vocab: int = 1024
-    chunk_vocab: int = 8192
+    chunk_vocab: int = 4096
     vmem_limit_bytes: int = 96 * 1024 * 1024
 
     def __post_init__(self) -> None:
