@@ -121,7 +121,7 @@ def make_standin_repo(root: Path) -> tuple[str, Path]:
     for name, text in CONFIGS.items():
         (work / "configs" / name).write_text(text)
     (work / ".gitignore").write_text(".env\nruns/\nlogs/\n")
-    git(root, "init", "-q", "--bare", str(bare))
+    git(root, "init", "-q", "--bare", "-b", "main", str(bare))
     git(work, "init", "-q", "-b", "main")
     git(work, "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A")
     git(work, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "-m", "stand-in trainer")

@@ -1,0 +1,135 @@
+"""The CLI end to end on the local target, with the stand-in trainer from a `file://` origin."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from standin import git, standin_repo  # noqa: F401
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+
+SECRET = "sk-local-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
+    """A clean clone as the current folder, a config outside it, a .env with a secret."""
+    url, _ = standin_repo
+    root = tmp_path_factory.mktemp("cli_local")
+    work = root / "clone"
+    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
+    config = root / "grpoctl.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {root / 'wd'}}}\n")
+    (work / ".env").write_text(f"STANDIN_SECRET={SECRET}\nWANDB_MODE=offline\n")
+    state = root / "state"
+    return {"root": root, "work": work, "config": str(config), "checkout": root / "wd" / "grpoctl-work",
+            "state": state}
+
+
+@pytest.fixture
+def cli(env, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(env["work"])
+    monkeypatch.setenv("GRPOCTL_STATE_DIR", str(env["state"]))  # one run store for the module's tests
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int | None = 0):
+        result = runner.invoke(app, ["--config-file", env["config"], *args])
+        if code is not None:
+            assert result.exit_code == code, (args, result.stdout, result.stderr, result.exception)
+        assert SECRET not in result.output
+        return result
+
+    return invoke
+
+
+def test_sync_and_env_push(cli, env):
+    result = cli("sync")
+    head = git(env["work"], "rev-parse", "HEAD")
+    assert f"HEAD {head[:12]}" in result.stdout
+    assert "warning" not in result.stderr  # .env is ignored, the clone is clean and pushed
+    pushed = cli("env", "push")
+    assert "STANDIN_SECRET_len=25" in pushed.stdout and "WANDB_MODE_len=7" in pushed.stdout
+    remote_env = env["checkout"] / ".env"
+    assert stat.S_IMODE(remote_env.stat().st_mode) == 0o600
+    assert remote_env.read_text() == (env["work"] / ".env").read_text()
+    as_json = json.loads(cli("--json", "env", "push").stdout)
+    assert as_json["lengths"] == {"STANDIN_SECRET": 25, "WANDB_MODE": 7} and as_json["mode"] == "600"
+
+
+def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
+    a = cli("run", "configs/ok.yaml", "--env", "EVAL_FULL_SWEEP=1", "--wait").stdout.split()[0]
+    b = cli("run", "configs/ok_b.yaml", "-e", "EVAL_FULL_SWEEP=1", "--wait", "--interval", "0.2")
+    b = b.stdout.split()[0]
+    assert a.startswith("ok-") and b.startswith("ok_b-")
+    status = json.loads(cli("status", a, "--json").stdout)
+    assert status["state"] == "SUCCEEDED" and status["last_progress"]["step"] == 3
+    assert status["workers"][0]["exit_code"] == 0 and status["workers"][0]["pid"] > 0
+    listing = cli("status").stdout
+    assert a in listing and b in listing and "SUCCEEDED" in listing
+    assert '"event": "done"' in cli("logs", a, "-n", "1").stdout
+    fetched = cli("fetch", a, b).stdout
+    assert "eval_full/accuracy = " in fetched
+    folder_b = env["work"] / "runs" / b
+    assert sorted(p.name for p in folder_b.iterdir()) == sorted(
+        ["summary.json", "eval_full.jsonl", "metrics.jsonl", "config.json", "wandb-summary.json"])
+    summary = json.loads((env["work"] / "runs" / a / "summary.json").read_text())
+    assert summary["secret_len"] == len(SECRET)  # the trainer loaded the pushed .env
+    png = tmp_path / "curves.png"
+    compared = cli("compare", a, b, "--plot", str(png)).stdout
+    assert "eval_full/accuracy" in compared and "McNemar exact test on 200 paired questions" in compared
+    assert ("aligned" in compared) != ("different at 5%" in compared)
+    assert png.stat().st_size > 5000
+    as_json = json.loads(cli("--json", "compare", a, b).stdout)
+    assert as_json["mcnemar"]["n"] == 200 and as_json["keys"][0]["key"] == "eval_full/accuracy"
+
+
+def test_failed_run_exit_code_and_one_line_error(cli):
+    result = cli("run", "configs/fail3.yaml", "--wait", code=1)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("grpoctl: error: run fail3-") and "w0" in lines[-1]
+    assert lines[-1].endswith("exit code 3")
+    assert "Traceback" not in result.output
+
+
+def test_run_returns_at_once_busy_refusal_force_and_stop(cli, env):
+    started = time.monotonic()
+    slow = cli("run", "configs/slow.yaml").stdout.strip()
+    assert time.monotonic() - started < 5  # a 60 s job: the id comes back at once
+    try:
+        assert json.loads(cli("status", slow, "--json").stdout)["state"] == "RUNNING"
+        refused = cli("run", "configs/ok.yaml", code=2)
+        assert "busy" in refused.stderr and "--force" in refused.stderr
+        forced = cli("run", "configs/ok.yaml", "--force", "--wait").stdout
+        assert "SUCCEEDED" in forced
+    finally:
+        stopped = cli("stop", slow).stdout
+    assert "FAILED" in stopped  # the trap wrote 143 for the TERM
+    status = json.loads(cli("status", slow, "--json").stdout)
+    assert status["workers"][0]["exit_code"] == 143
+
+
+def test_logs_redact_local_env_values_and_follow(cli):
+    run_id = cli("run", "configs/leaky.yaml").stdout.strip()
+    followed = cli("logs", run_id, "--follow")
+    assert "leaked: ***" in followed.stdout
+    assert "SUCCEEDED" in followed.stderr
+    assert "leaked: ***" in cli("logs", run_id).stdout
+
+
+def test_sync_warns_on_dirty_tree_and_unpushed_commit(cli, env):
+    work = env["work"]
+    (work / "scratch.txt").write_text("x")
+    git(work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "local only")
+    try:
+        warned = cli("sync").stderr
+        assert "uncommitted changes" in warned
+        assert "1 local commit(s)" in warned
+    finally:
+        (work / "scratch.txt").unlink()
+        git(work, "reset", "-q", "--hard", "origin/main")
