@@ -96,6 +96,18 @@ def test_tied_head_is_the_embedding(hf_pair):
     assert (w is params["embed"]["embedding"]) == cfg.tie_word_embeddings
 
 
+def test_load_onto_a_mesh(hf_pair):
+    """With a mesh, every tensor goes straight to its fsdp shards and holds the same values."""
+    from trainer.sharding import make_mesh
+
+    _, cfg, params, folder = hf_pair
+    _, sharded = hf_io.load_model(str(folder), mesh=make_mesh("1,8,1"))
+    embed = sharded["embed"]["embedding"]
+    assert len(embed.addressable_shards) == 8
+    assert embed.addressable_shards[0].data.shape == (cfg.vocab_size // 8, cfg.hidden_size)
+    jax.tree.map(np.testing.assert_array_equal, sharded, params)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = Qwen2Config.tiny(vocab_size=256)

@@ -21,6 +21,7 @@ Params (L = num_layers, H = hidden, I = intermediate, Dq = heads*head_dim, Dkv =
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -110,6 +111,7 @@ def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype: Any = jnp.bflo
     )
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "param_dtype", "std"))
 def init_params(
     cfg: Qwen2Config, rng: jax.Array, param_dtype: Any = jnp.float32, std: float = 0.02
 ) -> Params:
