@@ -155,6 +155,8 @@ def micro_batch_loss(params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: B
         beta=loss_cfg.beta, clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
     )
     metrics["entropy"] = jnp.sum(mb["token_frac"] * stats.entropy)
+    if "sample_logp" in mb:  # how far the sampler's log-probs are from the ones training computes
+        metrics["logp_mismatch"] = jnp.sum(mb["token_frac"] * jnp.abs(stats.logp - mb["sample_logp"]))
     return loss, metrics
 
 
@@ -193,7 +195,10 @@ def step_gradients(
 
     Returns (grads, metrics) where metrics are whole-step values (loss, KL, clip fractions, entropy)."""
     batch = prepare_batch(batch, loss_cfg)
-    keys = ("tokens", "positions", "attn_mask", "targets", "advantages", "weights", "token_frac", "old_logp")
+    keys = (
+        "tokens", "positions", "attn_mask", "targets", "advantages", "weights", "token_frac", "old_logp",
+        "sample_logp",
+    )
     micro = split_micro_batches({k: batch[k] for k in keys if k in batch}, num_micro)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
 

@@ -94,6 +94,19 @@ class RunLogger:
             )
             self.run_id = self._wandb.id
 
+    def resume_history(self, step: int, key: str) -> list[float]:
+        """On a restart from the checkpoint of `step`: drops metrics.jsonl lines of later (lost) steps,
+        reloads the latest value of every metric, and returns the history of `key` (e.g. step times)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.is_file():
+            return []
+        kept = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [row for row in map(json.loads, kept) if row.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        for row in kept:
+            self.latest.update({k: v for k, v in row.items() if k != "step"})
+        return [row[key] for row in kept if row.get(key) is not None]
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return

@@ -1,0 +1,115 @@
+"""Trainer config: YAML + overrides + env flags, errors that name the key, and the shipped configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = C.load(path, environ={})
+    assert cfg.steps > 0
+
+
+def test_reference_configs_hold_the_reference_recipe_and_differ_only_in_the_loss_impl():
+    jax_cfg = C.load(ROOT / "configs/grpo_gsm8k_qwen25_3b_bs128_steps100.yaml", environ={})
+    pallas_cfg = C.load(ROOT / "configs/grpo_gsm8k_qwen25_3b_bs128_steps100_pallas.yaml", environ={})
+    assert jax_cfg.model_path == "Qwen/Qwen2.5-3B-Instruct" and jax_cfg.steps == 100
+    assert (jax_cfg.rollout.batch_size, jax_cfg.rollout.n, jax_cfg.rollout.top_k) == (16, 8, 50)
+    assert jax_cfg.train.micro_batch_size_per_device == 4 and jax_cfg.train.beta == 0.0
+    o = jax_cfg.optimizer
+    got = (o.name, o.lr, o.warmup_frac, o.end_lr, o.weight_decay, o.clip_norm)
+    assert got == ("lion", 1e-6, 0.05, 0.0, 1e-8, 1.0)
+    assert (jax_cfg.train.clip_eps_low, jax_cfg.train.clip_eps_high) == (0.2, 0.3)
+    assert jax_cfg.reward_weights == [1.0, 0.5, 0.5]
+    assert jax_cfg.train.policy_loss_impl == "jax" and pallas_cfg.train.policy_loss_impl == "pallas"
+    assert C.replace(pallas_cfg, "train.policy_loss_impl=jax") == jax_cfg
+
+
+def test_overrides_are_yaml_scalars_on_dotted_keys():
+    overrides = [
+        "optimizer.lr=1e-6", "train.beta=0.04", "wandb_name=null", "steps=7", "reward_weights=[1, 0, 0]",
+        "eval_full_sweep=true", "train.kernel_blocks={block_tokens: 256}",
+    ]
+    cfg = C.load(None, overrides, environ={})
+    assert cfg.optimizer.lr == 1e-6 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.beta == 0.04 and cfg.wandb_name is None and cfg.steps == 7
+    assert cfg.reward_weights == [1.0, 0.0, 0.0] and cfg.eval_full_sweep is True
+    assert cfg.train.kernel_blocks == {"block_tokens": 256}
+
+
+def test_env_flags_switch_on_their_config_fields():
+    cfg = C.load(None, environ={"EVAL_FULL_SWEEP": "1", "PRINT_TRAIN_TIME_BREAKDOWN": "1"})
+    assert cfg.eval_full_sweep and cfg.print_time_breakdown
+    assert not C.load(None, environ={"EVAL_FULL_SWEEP": "0"}).eval_full_sweep
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.betta=0.1"], "train.betta"),
+        (["nonsense=1"], "nonsense"),
+        (["train.beta=abc"], "train.beta"),
+        (["steps=1.5"], "steps"),
+        (["steps=0"], "steps"),
+        (["train.policy_loss_impl=triton"], "train.policy_loss_impl"),
+        (["rollout.top_p=1.5"], "rollout.top_p"),
+        (["mesh_shape=8"], "mesh_shape"),
+        (["eval_full_sweep=maybe"], "eval_full_sweep"),
+        (["reward_weights=[1, 2]"], "reward_weights"),
+        (["reward_weights=[1, x, 2]"], "reward_weights[1]"),
+        (["rollout=3"], "rollout"),
+        (["steps.x=3"], "steps"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, overrides, environ={})
+    assert err.value.key == key
+    message = str(err.value)
+    assert message.startswith(f"config error: {key}:") and "\n" not in message
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(C.ConfigError, match="file not found"):
+        C.load(tmp_path / "nope.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(bad, environ={})
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  micro_batch_size: big\n")
+    with pytest.raises(C.ConfigError, match=r"^config error: train\.micro_batch_size: expected an integer"):
+        C.load(nested, environ={})
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = C.load(None, environ={}), C.load(None, environ={})
+    assert C.config_hash(a) == C.config_hash(b)
+    assert C.config_hash(C.replace(a, "seed=1")) != C.config_hash(a)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--config", "configs/tiny_cpu.yaml", "--run-dir", "X", "--set", "train.nope=1"], "train.nope"),
+        (["--config", "configs/tiny_cpu.yaml", "--run-dir", "X", "--set", "train.beta=high"], "train.beta"),
+        (["--config", "missing.yaml", "--run-dir", "X"], "--config"),
+    ],
+)
+def test_cli_rejects_bad_config_with_one_line_and_exit_2(args, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (ROOT / "X").exists()

@@ -1,0 +1,101 @@
+"""Evaluation under the reference's metric names.
+
+periodic: `eval_batches_per_process` batches of `rollout.batch_size` questions x `rollout.n` samples at
+          the training temperature -> eval/reward/func/<name>/mean, eval/reward/total/mean. The questions
+          are the first ones of the eval split every time, so successive evals differ only by the policy.
+full sweep: greedy pass@1 over the eval split -> eval_full/accuracy, time/eval_full/step_s, and one line
+          per question in eval_full.jsonl ({"id", "answer", "prediction", "correct"}) so two runs can be
+          compared question by question (McNemar).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from trainer.data import Problem
+from trainer.rewards import RewardWeights, extract_answer, reward_correct, score_completions
+from trainer.rollout import Sampler, SamplingConfig, global_concat
+
+
+def periodic_eval(
+    sampler: Sampler,
+    params: Any,
+    problems: Sequence[Problem],
+    *,
+    batch_size: int,
+    batches: int,
+    n: int,
+    settings: SamplingConfig,
+    weights: RewardWeights,
+    rng: jax.Array,
+) -> dict[str, float]:
+    """`batches` global batches of `batch_size` questions (sliced per process), n samples each."""
+    per_func: dict[str, list[np.ndarray]] = {}
+    totals, lengths = [], []
+    for b in range(batches):
+        start = (b * batch_size) % max(len(problems) - batch_size + 1, 1)
+        batch = list(problems[start : start + batch_size])
+        mine = batch[sampler.local_slice(len(batch))]
+        rollout = sampler.sample(params, mine, n, jax.random.fold_in(rng, b), settings)
+        scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], weights)
+        for name, values in scores.per_func.items():
+            per_func.setdefault(name, []).append(global_concat(values))
+        totals.append(global_concat(scores.total))
+        lengths.append(global_concat(rollout.lengths))
+    metrics = {f"eval/reward/func/{k}/mean": float(np.concatenate(v).mean()) for k, v in per_func.items()}
+    metrics["eval/reward/total/mean"] = float(np.concatenate(totals).mean())
+    metrics["eval/completion_len/mean"] = float(np.concatenate(lengths).mean())
+    return metrics
+
+
+def _number(value: float | None) -> float | int | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+
+
+def full_sweep(
+    sampler: Sampler,
+    params: Any,
+    problems: Sequence[Problem],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    prompt_bucket: int,
+    dtype: Any,
+    out_path: Path | None,
+) -> dict[str, float]:
+    """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path)."""
+    t0 = time.perf_counter()
+    settings = SamplingConfig(max_new_tokens, temperature=0.0, prompt_bucket=prompt_bucket, dtype=dtype)
+    correct, predictions = [], []
+    rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
+    for start in range(0, len(problems), batch_size):
+        batch = list(problems[start : start + batch_size])
+        real = len(batch)
+        batch += [batch[-1]] * (batch_size - real)  # one compiled shape for the ragged last batch
+        mine = batch[sampler.local_slice(batch_size)]
+        rollout = sampler.sample(params, mine, 1, rng, settings)
+        ok = np.array([reward_correct(t, p.answer) for t, p in zip(rollout.texts, mine, strict=True)])
+        pred = np.array([np.nan if (v := extract_answer(t)) is None else v for t in rollout.texts])
+        correct.append(global_concat(ok.astype(np.float32))[:real])
+        predictions.append(global_concat(pred.astype(np.float64))[:real])
+    flags, preds = np.concatenate(correct), np.concatenate(predictions)
+    if out_path is not None:
+        with open(out_path, "w") as f:
+            for p, c, v in zip(problems, flags, preds, strict=True):
+                row = {"id": p.id, "answer": p.answer, "prediction": _number(float(v)), "correct": bool(c)}
+                f.write(json.dumps(row) + "\n")
+    return {
+        "eval_full/accuracy": float(flags.mean()) if flags.size else 0.0,
+        "eval_full/num_questions": float(flags.size),
+        "time/eval_full/step_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,386 @@
+"""The GRPO training loop, top to bottom.
+
+    config -> .env -> mesh -> tokenizer, data, model, optimizer -> resume from the latest checkpoint ->
+    for each step: rollout -> rewards -> update (advantages, micro-batches) -> periodic eval -> log ->
+    checkpoint -> optional full eval sweep -> summary.json
+
+Programmatic entry point: `run(config, run_dir) -> summary dict` (python -m trainer calls it).
+Every process runs the same loop on its share of the prompts; process 0 logs and writes files.
+A step's sampling rng is derived from (seed, step) and the data order is checkpointed, so a run restarted
+from a checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trainer import grpo, hf_io, sharding
+from trainer.checkpoints import Checkpointer
+from trainer.config import Config, ConfigError, config_hash, to_dict
+from trainer.data import ProblemStream, load_problems
+from trainer.evaluation import full_sweep, periodic_eval
+from trainer.metrics import RunLogger
+from trainer.model import Qwen2Config, init_params
+from trainer.optim import lr_schedule, make_optimizer
+from trainer.rewards import RewardWeights, score_completions
+from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
+from trainer.tokenizer import TINY, load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process-level setup.
+
+
+def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
+    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    names = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key and key not in os.environ:
+            os.environ[key] = value
+            names.append(key)
+    return names
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize() when this is one of several processes (multi-host TPU slice).
+
+    Detected from JAX's own coordinator variables, GRPOCTL_DISTRIBUTED=1 (set by the launcher for
+    multi-worker targets) or a TPU_WORKER_HOSTNAMES list with more than one host."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if (
+        os.environ.get("JAX_COORDINATOR_ADDRESS")
+        or os.environ.get("GRPOCTL_DISTRIBUTED") == "1"
+        or len([h for h in hosts.split(",") if h.strip()]) > 1
+    ):
+        jax.distributed.initialize()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the pieces.
+
+
+def make_mesh(mesh_shape: str) -> jax.sharding.Mesh:
+    """'auto' spans every device; an explicit 'dp,fsdp,tp' takes the first dp*fsdp*tp local devices
+    (e.g. '1,1,1' keeps a tiny CPU run on one device even when XLA exposes eight)."""
+    if mesh_shape == "auto":
+        return sharding.make_mesh("auto")
+    dp, fsdp, tp = (int(x) for x in mesh_shape.split(","))
+    devices = jax.devices()
+    if dp * fsdp * tp > len(devices):
+        problem = f"{mesh_shape!r} needs {dp * fsdp * tp} devices, {len(devices)} are present"
+        raise ConfigError("mesh_shape", problem)
+    return sharding.make_mesh(mesh_shape, devices[: dp * fsdp * tp])
+
+
+def build_model(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> tuple[Qwen2Config, Any]:
+    """Pretrained weights (hub id or local folder) or a random-init tiny Qwen2, sharded on `mesh`."""
+    dtype = DTYPES[cfg.param_dtype]
+    if cfg.model_init == "pretrained":
+        return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh)
+    t = cfg.tiny_model
+    if t.hidden_size % t.num_attention_heads:
+        raise ConfigError("tiny_model.hidden_size", "must be a multiple of tiny_model.num_attention_heads")
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise ConfigError("tiny_model.num_key_value_heads", "must divide tiny_model.num_attention_heads")
+    model_cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_layers=t.num_hidden_layers,
+        num_heads=t.num_attention_heads,
+        num_kv_heads=t.num_key_value_heads,
+        head_dim=t.hidden_size // t.num_attention_heads,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+    params = init_params(model_cfg, jax.random.key(cfg.seed), dtype)
+    return model_cfg, sharding.shard_params(params, mesh)
+
+
+def loss_config(cfg: Config) -> grpo.LossConfig:
+    t = cfg.train
+    return grpo.LossConfig(
+        group_size=cfg.rollout.n,
+        beta=t.beta,
+        clip_eps_low=t.clip_eps_low,
+        clip_eps_high=t.clip_eps_high,
+        aggregation=t.loss_aggregation,
+        advantage_scaling=t.advantage_scaling,
+        max_completion_len=cfg.rollout.max_length_sample,
+        temperature=cfg.rollout.temperature,
+        impl=t.policy_loss_impl,
+        kernel_blocks=tuple(sorted(t.kernel_blocks.items())),
+        compute_dtype=DTYPES[cfg.compute_dtype],
+        remat=t.remat,
+    )
+
+
+def num_micro_batches(cfg: Config, mesh: jax.sharding.Mesh) -> int:
+    """Micro-batches per step from micro_batch_size_per_device (wins) or micro_batch_size (global)."""
+    rows = cfg.rollout.batch_size * cfg.rollout.n
+    divisor = sharding.batch_divisor(mesh)
+    if rows % divisor:
+        problem = f"batch_size x n = {rows} sequences must split over {divisor} data shards (dp x fsdp)"
+        raise ConfigError("rollout.batch_size", problem)
+    if cfg.rollout.batch_size % jax.process_count():
+        raise ConfigError("rollout.batch_size", f"must be a multiple of the {jax.process_count()} processes")
+    key, micro = "train.micro_batch_size", rows
+    if cfg.train.micro_batch_size_per_device is not None:
+        key, micro = "train.micro_batch_size_per_device", cfg.train.micro_batch_size_per_device * divisor
+    elif cfg.train.micro_batch_size is not None:
+        micro = cfg.train.micro_batch_size
+    if micro > rows or rows % micro:
+        raise ConfigError(key, f"a micro-batch of {micro} sequences does not divide the {rows} of a step")
+    return rows // micro
+
+
+@functools.lru_cache(maxsize=8)
+def cached_optimizer(opt_cfg: Any, total_steps: int) -> optax.GradientTransformation:
+    """One optimizer object per (config, length): jitted updates that take it as static arg get reused."""
+    return make_optimizer(opt_cfg, total_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jitted steps (module level, static configs by value: runs in one process share compilations).
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model_cfg", "loss_cfg", "num_micro", "optimizer"), donate_argnums=(0, 1)
+)
+def update_step(params, opt_state, ref_params, batch, *, model_cfg, loss_cfg, num_micro, optimizer):
+    grads, metrics = grpo.step_gradients(params, ref_params, model_cfg, batch, loss_cfg, num_micro)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return params, opt_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "loss_cfg", "num_micro"))
+def behaviour_logprobs(params, batch, *, model_cfg, loss_cfg, num_micro):
+    """Log-probs of the batch under the pre-update policy (ppo_epochs > 1), one micro-batch at a time."""
+    keys = ("tokens", "positions", "attn_mask", "targets")
+    micro = grpo.split_micro_batches({k: batch[k] for k in keys}, num_micro)
+    logp = jax.lax.map(lambda mb: grpo.sequence_logprobs(params, model_cfg, mb, loss_cfg).logp, micro)
+    return jnp.swapaxes(logp, 0, 1).reshape(batch["tokens"].shape)  # undo split_micro_batches
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step's host-side pieces.
+
+
+def training_batch(
+    rollout: Rollout, rewards: np.ndarray, seq_bucket: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """This process's rows, packed and trimmed to the (global) longest sequence's bucket."""
+    longest = int((rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)).max())
+    length = grpo.packed_length(global_max(longest), seq_bucket)
+    batch = grpo.pack_sequences(
+        rollout.prompt_tokens, rollout.prompt_mask, rollout.completion, rollout.completion_mask,
+        seq_bucket, pad_id, length=length,
+    )
+    batch["rewards"] = rewards.astype(np.float32)
+    batch["sample_logp"] = grpo.scatter_completion_values(
+        rollout.sample_logp, batch["loss_mask"], rollout.completion_mask
+    )
+    return batch
+
+
+def rollout_metrics(rollout: Rollout, reward_metrics: dict[str, float], seconds: float) -> dict[str, float]:
+    lengths = global_concat(rollout.lengths)
+    out = {f"train/{k}": v for k, v in reward_metrics.items()}
+    out["train/completion_len/mean"] = float(lengths.mean())
+    out["train/completion_len/max"] = float(lengths.max())
+    out["train/rollout_tokens_per_s"] = float(lengths.sum()) / max(seconds, 1e-9)
+    return out
+
+
+def global_reward_metrics(scores: Any) -> dict[str, float]:
+    per_func = {k: global_concat(v) for k, v in scores.per_func.items()}
+    total = global_concat(scores.total)
+    out = {f"reward/func/{k}/mean": float(v.mean()) for k, v in per_func.items()}
+    out["reward/total/mean"] = float(total.mean())
+    out["reward/total/std"] = float(total.std())
+    return out
+
+
+@dataclasses.dataclass
+class StepTimer:
+    """Wall-clock seconds per phase of a step (the PRINT_TRAIN_TIME_BREAKDOWN line)."""
+
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def phase(self, name: str) -> Callable[[], None]:
+        start = time.perf_counter()
+
+        def stop() -> None:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+        return stop
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def run(
+    cfg: Config,
+    run_dir: str | os.PathLike[str],
+    *,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train per `cfg`, writing into `run_dir`; returns the summary (also in run_dir/summary.json).
+
+    `on_step(step, metrics)` is called after each step is logged and checkpointed (tests use it to
+    interrupt a run)."""
+    run_dir = Path(run_dir)
+    load_dotenv()
+    init_distributed()
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh_shape)
+    num_micro = num_micro_batches(cfg, mesh)
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path or (TINY if cfg.model_init == "random" else cfg.model_path))
+    model_cfg, params = build_model(cfg, len(tokenizer), mesh)
+    ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # frozen initial policy
+    total_updates = cfg.steps * cfg.train.ppo_epochs
+    optimizer = cached_optimizer(cfg.optimizer, total_updates)
+    opt_state = jax.jit(optimizer.init)(params)
+    schedule = lr_schedule(cfg.optimizer, total_updates)
+    loss_cfg = loss_config(cfg)
+
+    d = cfg.data
+    stream = ProblemStream(
+        load_problems(d.source, d.train_split, size=d.train_size, difficulty=d.difficulty, seed=cfg.seed),
+        seed=cfg.seed,
+    )
+    eval_size = cfg.eval_full_limit or None
+    eval_problems = load_problems(
+        d.source, cfg.eval_split, size=eval_size, difficulty=d.difficulty, seed=cfg.seed
+    )
+
+    checkpointer = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep)
+    start, run_id = 0, None
+    restored = checkpointer.restore_latest({"params": params, "opt_state": opt_state})
+    if restored is not None:
+        start, state, meta = restored
+        params, opt_state = state["params"], state["opt_state"]
+        stream.restore(meta["data"])
+        run_id = meta.get("wandb_run_id")
+    logger = RunLogger(
+        run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,
+        wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id, enabled=is_main,
+    )
+    step_times = logger.resume_history(start, "time/train/step_s")
+
+    sampler = Sampler(model_cfg, tokenizer, mesh)
+    dtype = DTYPES[cfg.compute_dtype]
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.rollout.max_length_sample, temperature=cfg.rollout.temperature,
+        top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, prompt_bucket=cfg.rollout.global_length,
+        dtype=dtype,
+    )
+    weights = RewardWeights.from_config(cfg.reward_weights)
+    base_rng = jax.random.key(cfg.seed)
+    local_prompts = sampler.local_slice(cfg.rollout.batch_size)
+    update_kw = dict(model_cfg=model_cfg, loss_cfg=loss_cfg, num_micro=num_micro, optimizer=optimizer)
+    t_run = time.perf_counter()
+
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            timer, t_step = StepTimer(), time.perf_counter()
+            step_rng = jax.random.fold_in(base_rng, step)
+
+            stop = timer.phase("rollout")
+            problems = stream.next_batch(cfg.rollout.batch_size)[local_prompts]
+            rollout = sampler.sample(params, problems, cfg.rollout.n, step_rng, sampling)
+            stop()
+
+            stop = timer.phase("reward")
+            scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], weights)
+            metrics = rollout_metrics(rollout, global_reward_metrics(scores), timer.times["rollout"])
+            stop()
+
+            stop = timer.phase("update")
+            host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, sampler.pad_id)
+            batch = sharding.shard_batch(host_batch, mesh)
+            if cfg.train.ppo_epochs > 1:
+                batch["old_logp"] = behaviour_logprobs(
+                    params, batch, model_cfg=model_cfg, loss_cfg=loss_cfg, num_micro=num_micro
+                )
+            for _ in range(cfg.train.ppo_epochs):
+                params, opt_state, update_metrics = update_step(
+                    params, opt_state, ref_params, batch, **update_kw
+                )
+            update_metrics = jax.device_get(update_metrics)
+            stop()
+
+            metrics.update({k if k == "loss" else f"train/{k}": float(v) for k, v in update_metrics.items()})
+            metrics["train/lr"] = float(schedule(step * cfg.train.ppo_epochs - 1))
+            row_lengths = global_concat(host_batch["attn_mask"].sum(axis=1))
+            metrics["train/seq_len"] = float(host_batch["tokens"].shape[1])
+            metrics["train/padding_frac"] = 1.0 - float(row_lengths.mean()) / metrics["train/seq_len"]
+
+            if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or step == cfg.steps):
+                stop = timer.phase("eval")
+                metrics.update(periodic_eval(
+                    sampler, params, eval_problems, batch_size=cfg.rollout.batch_size,
+                    batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=sampling, weights=weights,
+                    rng=jax.random.fold_in(step_rng, 1),
+                ))
+                stop()
+
+            step_s = time.perf_counter() - t_step
+            step_times.append(step_s)
+            metrics["time/train/step_s"] = step_s
+            metrics["time/train/step_avg_last10_s"] = float(np.mean(step_times[-10:]))
+            metrics.update({f"time/train/{k}_s": v for k, v in timer.times.items()})
+            logger.log(step, metrics)
+            logger.progress(step, cfg.steps, time.perf_counter() - t_run, metrics)
+            if cfg.print_time_breakdown:
+                logger.time_breakdown(step, cfg.steps, {**timer.times, "total": step_s})
+
+            every = cfg.checkpoint.every_steps
+            if step == cfg.steps or (every and step % every == 0):
+                meta = {"data": stream.state(), "wandb_run_id": logger.run_id, "step": step}
+                checkpointer.save(step, {"params": params, "opt_state": opt_state}, meta)
+            if on_step is not None:
+                on_step(step, metrics)
+
+        checkpointer.wait()
+        if cfg.eval_full_sweep:
+            sweep = full_sweep(
+                sampler, params, eval_problems, batch_size=cfg.eval_full_batch_size,
+                max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
+                dtype=dtype, out_path=run_dir / "eval_full.jsonl" if is_main else None,
+            )
+            logger.log(cfg.steps, sweep)
+        logger.finish(cfg.steps, cfg.steps)
+        return dict(logger.latest, run_id=logger.run_id, config_hash=logger.config_hash)
+    except BaseException:
+        logger.close()
+        raise
+    finally:
+        checkpointer.close()
