@@ -1,0 +1,173 @@
+"""grpoctl on a `tpu` target, end to end: the CLI, the real google-cloud-tpu client, the fake TPU API,
+workers that are loopback sshd servers, and a stand-in trainer that checkpoints and resumes."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.cloud.api import LABEL_KEY, LABEL_VALUE
+from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
+from orchestrator.testing.resumable_standin import StandinRepo, make_standin_repo
+
+SECRET = "s3cr3t-wandb-value-0123456789"
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from orchestrator.testing.sshd import sshd_available
+
+    if not sshd_available():
+        pytest.skip("no /usr/sbin/sshd")
+    with FakeTpuApi(sshd_workers(tmp_path_factory.mktemp("vms"))) as f:
+        yield f
+
+
+@pytest.fixture()
+def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A laptop checkout of the stand-in repo (the cwd), its grpoctl.yaml writer and a .env."""
+    fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
+    repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
+    monkeypatch.chdir(repo.work)
+    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
+    return Project(tmp_path, repo, fake)
+
+
+class Project:
+    def __init__(self, root: Path, repo: StandinRepo, fake: FakeTpuApi) -> None:
+        self.root, self.repo, self.fake = root, repo, fake
+        self.key = root / "keys" / "grpoctl_ed25519"
+
+    def config(self, **tpu: object) -> str:
+        target = {
+            "kind": "tpu",
+            "project": "proj",
+            "zone": "us-east1-d",
+            "name": "grpo-test",
+            "api_endpoint": self.fake.endpoint,
+            "ssh_port": 0,  # the fake's workers listen on per-worker ports
+            "user": getpass.getuser(),
+            "ssh_key": str(self.key),
+            "python": sys.executable,
+            "poll_s": 0.05,
+            "auth_retry_s": 15,
+            "connect_timeout_s": 5,
+            **tpu,
+        }
+        cfg = {
+            "repo": {"url": self.repo.url, "branch": "main", "remote_dir": "~/grpoctl-work"},
+            "targets": {"tpu": target},
+            "default_target": "tpu",
+        }
+        path = self.root / "grpoctl.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    def cli(self, config: str, *args: str, code: int = 0):  # type: ignore[no-untyped-def]
+        result = CliRunner().invoke(app, ["--config-file", config, *args])
+        out = result.stdout + result.stderr
+        assert result.exit_code == code, f"{args}: exit {result.exit_code}\n{out}\n{result.exception!r}"
+        assert SECRET not in out
+        return result
+
+    def node(self, name: str = "grpo-test"):  # type: ignore[no-untyped-def]
+        return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
+
+
+def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("grpoctl: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Project) -> None:
+    cfg = project.config(accelerator_type="v4-16")  # 2 hosts: every step fans out
+    up = project.cli(cfg, "up")
+    assert "tpu: READY (2 worker(s))" in up.stdout
+    assert "CREATING" in up.stderr  # the progress display went through the states
+
+    body = project.fake.creates()[-1].body
+    assert body["schedulingConfig"] == {"spot": True}
+    assert body["labels"][LABEL_KEY] == LABEL_VALUE
+    pub = (project.key.parent / "grpoctl_ed25519.pub").read_text().split()
+    assert body["metadata"]["ssh-keys"] == f"{getpass.getuser()}:{pub[0]} {pub[1]} {getpass.getuser()}"
+    assert stat.S_IMODE(project.key.stat().st_mode) == 0o600
+    assert any(r.path.endswith(":getGuestAttributes") for r in project.fake.requests)
+
+    synced = project.cli(cfg, "sync")
+    assert synced.stdout.count("HEAD") == 2
+    pushed = project.cli(cfg, "env", "push")
+    assert f"WANDB_API_KEY_len={len(SECRET)}" in pushed.stdout
+
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
+    run_id, state = ran.stdout.split()[-2:]
+    assert state == "SUCCEEDED"
+    status = project.cli(cfg, "status", run_id)
+    assert "target tpu: READY (health HEALTHY, workers 2)" in status.stdout and "SUCCEEDED" in status.stdout
+    for worker in project.node().workers:  # both VMs ran it, each from its own checkout
+        run_dir = worker.home / "grpoctl-work" / "runs" / run_id
+        assert json.loads((run_dir / "summary.json").read_text())["wandb_key_len"] == len(SECRET)
+    project.cli(cfg, "fetch", run_id)
+    assert json.loads((Path("runs") / run_id / "summary.json").read_text())["steps"] == 4
+
+    refused = project.cli(cfg, "down", code=2)  # not a terminal and no --yes: nothing deleted
+    assert "--yes" in _one_line_error(refused) and project.node() is not None
+    project.cli(cfg, "down", "--yes")
+    assert project.node() is None and not project.fake.nodes
+
+
+def test_preemption_mid_run_recovers_with_the_same_run_id(project: Project) -> None:
+    repo = make_standin_repo(
+        project.root / "long", steps=40, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
+    )
+    os.chdir(repo.work)
+    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
+    project.repo = repo
+    cfg = project.config(name="grpo-spot")
+    project.cli(cfg, "up")
+    project.cli(cfg, "sync")
+    project.cli(cfg, "env", "push")
+
+    bucket = project.root / "bucket"
+    preempted_at: list[int] = []
+
+    def preempt_mid_run() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            steps = list(bucket.glob("*/step"))
+            if steps and int(steps[0].read_text() or 0) >= 10:
+                preempted_at.append(int(steps[0].read_text()))
+                project.fake.preempt("grpo-spot")
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=preempt_mid_run, daemon=True).start()
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.2")
+    run_id, state = ran.stdout.split()[-2:]
+    assert state == "SUCCEEDED" and preempted_at
+    assert "node PREEMPTED" in ran.stderr and "relaunched (preemption #1)" in ran.stderr
+
+    starts = [int(x) for x in (bucket / run_id / "starts").read_text().split()]
+    assert starts[0] == 0 and starts[1] >= preempted_at[0]  # resumed from its checkpoint, not from 0
+    record = json.loads(project.cli(cfg, "--json", "status", run_id).stdout)
+    assert record["state"] == "SUCCEEDED" and len(record["recoveries"]) == 1
+    assert (
+        record["recoveries"][0]["kind"] == "preemption"
+        and record["recoveries"][0]["reason"] == "node PREEMPTED"
+    )
+    new_vm = project.node("grpo-spot").workers[0]  # a fresh VM: cloned, env pushed, same run dir
+    summary = json.loads((new_vm.home / "grpoctl-work" / "runs" / run_id / "summary.json").read_text())
+    assert summary["resumed_from"] == starts[1] and summary["wandb_key_len"] == len(SECRET)
+    assert len([r for r in project.fake.creates() if r.query["nodeId"] == ["grpo-spot"]]) == 2
+    project.cli(cfg, "down", "--yes")
