@@ -11,6 +11,7 @@ import pytest
 from orchestrator.cloud.stale import clear_stale_tpu_users
 from orchestrator.errors import UsageError
 from orchestrator.transport.local import LocalTransport
+from orchestrator.transport.ssh import SshTransport
 
 # A holder that ignores SIGTERM: only the KILL after the grace period ends it.
 STUBBORN = (
@@ -45,10 +46,34 @@ def worker(tmp_path: Path) -> dict[str, Path]:
     return {"dev": dev, "remote": remote, "lock": lock}
 
 
-def _clear(worker: dict[str, Path], **kw):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["local", "ssh"])
+def transport(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The recipe runs the same through a local shell and through a loopback sshd."""
+    if request.param == "local":
+        yield LocalTransport("w0 localhost")
+        return
+    server = request.getfixturevalue("sshd")
+    t = SshTransport(
+        server.host,
+        server.port,
+        user=server.user,
+        key_file=server.client_key,
+        host_key_sha256=[server.host_key_sha256],
+        name="w0 sshd",
+    )
+    yield t
+    t.close()
+
+
+@pytest.fixture()
+def clear(worker, transport):  # type: ignore[no-untyped-def]
+    return lambda **kw: _clear(worker, transport, **kw)
+
+
+def _clear(worker: dict[str, Path], transport, **kw):  # type: ignore[no-untyped-def]
     dev = worker["dev"]
     return clear_stale_tpu_users(
-        [LocalTransport("w0 localhost")],
+        [transport],
         remote_dir=str(worker["remote"]),
         device_patterns=(f"{dev}/vfio/*", f"{dev}/accel*"),
         lockfile=str(worker["lock"]),
@@ -57,30 +82,30 @@ def _clear(worker: dict[str, Path], **kw):  # type: ignore[no-untyped-def]
     )
 
 
-def test_stale_holders_get_term_then_kill_and_lock_goes_last(worker) -> None:
+def test_stale_holders_get_term_then_kill_and_lock_goes_last(worker, clear) -> None:
     polite = _hold(worker["dev"] / "accel0", POLITE)
     stubborn = _hold(worker["dev"] / "vfio" / "0", STUBBORN)
-    (report,) = _clear(worker)
+    (report,) = clear()
     assert sorted(report.killed) == sorted([polite.pid, stubborn.pid])
     assert report.force_killed == [stubborn.pid]  # TERM was ignored: KILL after the grace period
     assert polite.wait(5) == -15 and stubborn.wait(5) == -9
     assert not worker["lock"].exists()
 
 
-def test_nothing_holding_just_removes_the_lock(worker) -> None:
-    (report,) = _clear(worker)
+def test_nothing_holding_just_removes_the_lock(worker, clear) -> None:
+    (report,) = clear()
     assert report.killed == [] and not worker["lock"].exists()
 
 
-def test_a_running_grpoctl_run_is_refused_unless_forced(worker) -> None:
+def test_a_running_grpoctl_run_is_refused_unless_forced(worker, clear) -> None:
     job = _hold(worker["dev"] / "accel0", POLITE)
     pid_file = worker["remote"] / "logs" / "nohup_tiny_20260101_000000.pid"
     pid_file.write_text(f"{job.pid}\n")
     try:
         with pytest.raises(UsageError, match=f"held by pid {job.pid} of a grpoctl run still RUNNING"):
-            _clear(worker)
+            clear()
         assert job.poll() is None and worker["lock"].exists()  # nothing touched
-        (report,) = _clear(worker, force=True)
+        (report,) = clear(force=True)
         assert report.killed == [job.pid] and job.wait(5) == -15
     finally:
         job.kill()
@@ -88,5 +113,5 @@ def test_a_running_grpoctl_run_is_refused_unless_forced(worker) -> None:
     leftover = _hold(worker["dev"] / "accel0", POLITE)
     pid_file.write_text(f"{leftover.pid}\n")
     pid_file.with_suffix(".exit").write_text("0\n")
-    (report,) = _clear(worker)
+    (report,) = clear()
     assert report.killed == [leftover.pid]
