@@ -46,6 +46,14 @@ def _script(*lines: str) -> str:
     return "\n".join(["set -eu", *lines]) + "\n"
 
 
+# `kill -0` succeeds on a zombie, and a killed job whose parent never reaps it (PID 1 in many containers)
+# stays one: a pid counts as alive only if it exists and is not in state Z.
+_ALIVE_FN = (
+    'alive() { kill -0 "$1" 2>/dev/null || return 1; '
+    's=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -c1); [ "$s" != Z ]; }'
+)
+
+
 # --------------------------------------------------------------------------------------------- sync
 
 
@@ -196,11 +204,12 @@ def _busy_check() -> list[str]:
     # A job is running when a pid file has a live pid and no exit file; a TPU is busy when a process
     # holds its device files (v5e/v6e: /dev/vfio/N, older: /dev/accelN).
     return [
+        _ALIVE_FN,
         "for f in logs/nohup_*.pid; do",
         '  [ -e "$f" ] || continue',
         '  case "$f" in *_latest.pid) continue ;; esac',
         '  p=$(cat "$f" 2>/dev/null || true)',
-        '  if [ -n "$p" ] && [ ! -e "${f%.pid}.exit" ] && kill -0 "$p" 2>/dev/null; then',
+        '  if [ -n "$p" ] && [ ! -e "${f%.pid}.exit" ] && alive "$p"; then',
         f'    echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
         "  fi",
         "done",
@@ -263,10 +272,11 @@ def status(repo_dir: str, paths: RunPaths) -> str:
     """Probe one run on one worker: exit file, pid liveness and the last progress line of the log."""
     return _script(
         f"cd {qpath(repo_dir)} 2>/dev/null || {{ echo CHECKOUT=missing; exit 0; }}",
+        _ALIVE_FN,
         f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
         'echo "PIDV=$p"',
         f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
-        'if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then echo ALIVE=1; else echo ALIVE=0; fi',
+        'if [ -n "$p" ] && alive "$p"; then echo ALIVE=1; else echo ALIVE=0; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
         f"line=$(grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null | tail -n 1 || true)",
         'printf "PROGRESS=%s\\n" "$line"',
@@ -351,11 +361,12 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
     ticks = max(1, int(grace_s * 10))
     return _script(
         f"cd {qpath(repo_dir)}",
+        _ALIVE_FN,
         f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
-        'if [ -z "$p" ] || ! kill -0 "$p" 2>/dev/null; then echo KILL=not-running; exit 0; fi',
+        'if [ -z "$p" ] || ! alive "$p"; then echo KILL=not-running; exit 0; fi',
         'kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true',
-        f'for _ in $(seq {ticks}); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done',
-        'if kill -0 "$p" 2>/dev/null; then',
+        f'for _ in $(seq {ticks}); do alive "$p" || break; sleep 0.1; done',
+        'if alive "$p"; then',
         '  kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p"; echo KILL=killed',
         "else echo KILL=terminated; fi",
     )

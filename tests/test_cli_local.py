@@ -28,8 +28,13 @@ def env(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
     config.write_text(f"targets:\n  local: {{kind: local, workdir: {root / 'wd'}}}\n")
     (work / ".env").write_text(f"STANDIN_SECRET={SECRET}\nWANDB_MODE=offline\n")
     state = root / "state"
-    return {"root": root, "work": work, "config": str(config), "checkout": root / "wd" / "grpoctl-work",
-            "state": state}
+    return {
+        "root": root,
+        "work": work,
+        "config": str(config),
+        "checkout": root / "wd" / "grpoctl-work",
+        "state": state,
+    }
 
 
 @pytest.fixture
@@ -77,7 +82,8 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
     assert "eval_full/accuracy = " in fetched
     folder_b = env["work"] / "runs" / b
     assert sorted(p.name for p in folder_b.iterdir()) == sorted(
-        ["summary.json", "eval_full.jsonl", "metrics.jsonl", "config.json", "wandb-summary.json"])
+        ["summary.json", "eval_full.jsonl", "metrics.jsonl", "config.json", "wandb-summary.json"]
+    )
     summary = json.loads((env["work"] / "runs" / a / "summary.json").read_text())
     assert summary["secret_len"] == len(SECRET)  # the trainer loaded the pushed .env
     png = tmp_path / "curves.png"
@@ -125,7 +131,9 @@ def test_logs_redact_local_env_values_and_follow(cli):
 def test_sync_warns_on_dirty_tree_and_unpushed_commit(cli, env):
     work = env["work"]
     (work / "scratch.txt").write_text("x")
-    git(work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "local only")
+    git(
+        work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "local only"
+    )
     try:
         warned = cli("sync").stderr
         assert "uncommitted changes" in warned

@@ -12,7 +12,9 @@ from orchestrator import compare as cmp
 from orchestrator.errors import UsageError
 
 
-@pytest.mark.parametrize("only_a,only_b", [(0, 0), (1, 0), (3, 9), (10, 10), (200, 234), (30, 61), (700, 619)])
+@pytest.mark.parametrize(
+    "only_a,only_b", [(0, 0), (1, 0), (3, 9), (10, 10), (200, 234), (30, 61), (700, 619)]
+)
 def test_mcnemar_matches_scipy_binomial(only_a: int, only_b: int):
     n = only_a + only_b
     expected = 1.0 if n == 0 else binomtest(min(only_a, only_b), n, 0.5).pvalue
@@ -48,8 +50,10 @@ def _write_run(folder: Path, summary: dict, correct: list[bool] | None, rewards:
         rows = [{"id": i, "answer": "1", "prediction": "1", "correct": c} for i, c in enumerate(correct)]
         (folder / "eval_full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "train/reward/total/mean": r, "loss": -r}) + "\n"
-                for s, r in enumerate(rewards, 1))
+        "".join(
+            json.dumps({"step": s, "train/reward/total/mean": r, "loss": -r}) + "\n"
+            for s, r in enumerate(rewards, 1)
+        )
     )
     return folder
 

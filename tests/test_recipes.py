@@ -48,8 +48,9 @@ def test_parse_status_precedence():
     assert ok.progress is not None and ok.progress.done
     failed = recipes.parse_status("PIDV=12\nEXIT=3\nALIVE=0\nPROGRESS=\n")
     assert failed.label == "FAILED(3)" and failed.progress is None
-    running = recipes.parse_status('PIDV=12\nALIVE=1\nPROGRESS={"event": "progress", "step": 2, "total": 8, '
-                                   '"elapsed_s": 4.0}\n')
+    running = recipes.parse_status(
+        'PIDV=12\nALIVE=1\nPROGRESS={"event": "progress", "step": 2, "total": 8, "elapsed_s": 4.0}\n'
+    )
     assert running.state == "RUNNING"
     assert running.progress.eta_s == pytest.approx(12.0)  # 2 s/step x 6 steps left
     assert recipes.parse_status("PIDV=12\nALIVE=0\nPROGRESS=\n").state == "LOST"
@@ -145,8 +146,11 @@ def _launch(ck: Path, config: str, *, env=None, force=False, args=()) -> tuple[r
     stem = Path(config).stem
     ts = f"{time.time_ns()}"
     paths = recipes.RunPaths.for_run(stem, ts, f"{stem}-{ts}")
-    out = bash(recipes.launch(str(ck), sys.executable, config, paths, config_stem=stem, env=env, force=force,
-                              trainer_args=args))
+    out = bash(
+        recipes.launch(
+            str(ck), sys.executable, config, paths, config_stem=stem, env=env, force=force, trainer_args=args
+        )
+    )
     return paths, out
 
 
@@ -161,7 +165,9 @@ def _wait_state(ck: Path, paths: recipes.RunPaths, timeout: float = 20) -> recip
 
 def test_launch_runs_detached_writes_exit_file_and_latest_links(checkout: Path):
     marker = checkout / "pwned"
-    paths, out = _launch(checkout, "configs/ok.yaml", env={"EVAL_FULL_SWEEP": "1", "ODD": f"$(touch {marker})"})
+    paths, out = _launch(
+        checkout, "configs/ok.yaml", env={"EVAL_FULL_SWEEP": "1", "ODD": f"$(touch {marker})"}
+    )
     assert out.returncode == 0, out.stderr
     assert recipes.parse_pid(out.stdout) is not None
     status = _wait_state(checkout, paths)

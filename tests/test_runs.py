@@ -14,9 +14,18 @@ from orchestrator.runs import RunRecord, RunStore, WorkerRun, new_run_id, state_
 
 def _record(run_id: str, **kw) -> RunRecord:
     return RunRecord(
-        run_id=run_id, config="configs/tiny_cpu.yaml", target="local", target_kind="local", remote_dir="/w",
-        log_path="logs/a.log", pid_path="logs/a.pid", exit_path="logs/a.exit", run_dir=f"runs/{run_id}",
-        ts="20260101_000000", workers=[WorkerRun("w0", "localhost", pid=42)], **kw,
+        run_id=run_id,
+        config="configs/tiny_cpu.yaml",
+        target="local",
+        target_kind="local",
+        remote_dir="/w",
+        log_path="logs/a.log",
+        pid_path="logs/a.pid",
+        exit_path="logs/a.exit",
+        run_dir=f"runs/{run_id}",
+        ts="20260101_000000",
+        workers=[WorkerRun("w0", "localhost", pid=42)],
+        **kw,
     )
 
 
