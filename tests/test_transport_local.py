@@ -166,3 +166,15 @@ def test_local_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (result,) = [t.run("pwd", cwd=str(tmp_path / "w" / "local")) for t in target.transports()]
     assert result.stdout.strip() == str(tmp_path / "w" / "local")
     assert target.state().healthy
+
+
+def test_a_raising_callback_does_not_leave_the_command_running(local: LocalTransport) -> None:
+    marker = f"grpoctl-abandoned-{os.getpid()}"
+
+    def stop_following(line: str) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C during `logs --follow` looks like from here
+
+    with pytest.raises(KeyboardInterrupt):
+        local.run(f"echo go; exec -a {marker} sleep 30", on_output=stop_following)
+    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps

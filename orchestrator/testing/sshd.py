@@ -108,6 +108,8 @@ class LoopbackSshd:
         `session_env`: more variables for every session (sshd takes only its first SetEnv line); the
         fake TPU API gives each VM its own HOME and a tag that finds the processes it started."""
         self.session_env = dict(session_env or {})
+        if any('"' in f"{k}{v}" or "\n" in f"{k}{v}" for k, v in self.session_env.items()):
+            raise ValueError("session_env names and values cannot contain double quotes or newlines")
         self._own_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="grpoctl-sshd-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ class LoopbackSshd:
         for _ in range(5):  # a picked port can be taken before sshd binds it: pick again
             port = self.port if keep_port else free_port()
             config = self.root / "sshd_config"
-            env = "".join(f" {k}={v}" for k, v in self.session_env.items())
+            env = "".join(f' "{k}={v}"' for k, v in self.session_env.items())  # quoted: spaces survive
             config.write_text(_CONFIG.format(port=port, root=self.root, session_env=env))
             log = (self.root / "sshd.log").open("ab")
             self._proc = subprocess.Popen(

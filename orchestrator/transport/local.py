@@ -44,6 +44,35 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def _collect(
+    proc: subprocess.Popen[bytes],
+    chunks: queue.Queue[tuple[int, bytes]],
+    splitters: dict[int, LineSplitter],
+    deadline: float | None,
+) -> bool:
+    """Feed output to the splitters until both pipes close; True if the deadline killed the command."""
+    open_streams, exited_at, timed_out = 2, None, False
+    while open_streams:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline and proc.poll() is None:
+            _kill_group(proc)
+            timed_out = True
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now - exited_at > _EXIT_GRACE_S:
+            break  # a detached child still holds our pipes: its output is not ours
+        wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - now))
+        try:
+            which, data = chunks.get(timeout=wait)
+        except queue.Empty:
+            continue
+        if data:
+            splitters[which].feed(data)
+        else:
+            open_streams -= 1
+    return timed_out
+
+
 class LocalTransport:
     """Runs commands as `bash -c SCRIPT` in their own process group; env/cwd go into the script."""
 
@@ -75,25 +104,11 @@ class LocalTransport:
         # Callbacks run here, in the caller's thread, never in the pump threads.
         splitters = {1: LineSplitter(on_output), 2: LineSplitter(on_output)}
         deadline = None if timeout is None else start + timeout
-        open_streams, exited_at, timed_out = 2, None, False
-        while open_streams:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline and proc.poll() is None:
-                _kill_group(proc)
-                timed_out = True
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
-            if exited_at is not None and now - exited_at > _EXIT_GRACE_S:
-                break  # a detached child still holds our pipes: its output is not ours
-            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - now))
-            try:
-                which, data = chunks.get(timeout=wait)
-            except queue.Empty:
-                continue
-            if data:
-                splitters[which].feed(data)
-            else:
-                open_streams -= 1
+        try:
+            timed_out = _collect(proc, chunks, splitters, deadline)
+        except BaseException:  # Ctrl-C or a callback that raised: do not leave the command behind
+            _kill_group(proc)
+            raise
         code = proc.wait()
         stdout, stderr = splitters[1].close(), splitters[2].close()
         if timed_out:
