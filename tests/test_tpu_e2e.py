@@ -7,88 +7,25 @@ import getpass
 import json
 import os
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from typer.testing import CliRunner
+from tpu_support import SECRET, Project, fake_api_with_vms, laptop_project, one_line_error
 
-from orchestrator.cli import app
 from orchestrator.cloud.api import LABEL_KEY, LABEL_VALUE
-from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
-from orchestrator.testing.resumable_standin import StandinRepo, make_standin_repo
-
-SECRET = "s3cr3t-wandb-value-0123456789"
+from orchestrator.testing.resumable_standin import make_standin_repo
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from orchestrator.testing.sshd import sshd_available
-
-    if not sshd_available():
-        pytest.skip("no /usr/sbin/sshd")
-    with FakeTpuApi(sshd_workers(tmp_path_factory.mktemp("vms"))) as f:
-        yield f
+def fake(tmp_path_factory):  # type: ignore[no-untyped-def]
+    yield from fake_api_with_vms(tmp_path_factory)
 
 
 @pytest.fixture()
-def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """A laptop checkout of the stand-in repo (the cwd), its grpoctl.yaml writer and a .env."""
-    fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
-    repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
-    monkeypatch.chdir(repo.work)
-    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
-    return Project(tmp_path, repo, fake)
-
-
-class Project:
-    def __init__(self, root: Path, repo: StandinRepo, fake: FakeTpuApi) -> None:
-        self.root, self.repo, self.fake = root, repo, fake
-        self.key = root / "keys" / "grpoctl_ed25519"
-
-    def config(self, **tpu: object) -> str:
-        target = {
-            "kind": "tpu",
-            "project": "proj",
-            "zone": "us-east1-d",
-            "name": "grpo-test",
-            "api_endpoint": self.fake.endpoint,
-            "ssh_port": 0,  # the fake's workers listen on per-worker ports
-            "user": getpass.getuser(),
-            "ssh_key": str(self.key),
-            "python": sys.executable,
-            "poll_s": 0.05,
-            "auth_retry_s": 15,
-            "connect_timeout_s": 5,
-            **tpu,
-        }
-        cfg = {
-            "repo": {"url": self.repo.url, "branch": "main", "remote_dir": "~/grpoctl-work"},
-            "targets": {"tpu": target},
-            "default_target": "tpu",
-        }
-        path = self.root / "grpoctl.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return str(path)
-
-    def cli(self, config: str, *args: str, code: int = 0):  # type: ignore[no-untyped-def]
-        result = CliRunner().invoke(app, ["--config-file", config, *args])
-        out = result.stdout + result.stderr
-        assert result.exit_code == code, f"{args}: exit {result.exit_code}\n{out}\n{result.exception!r}"
-        assert SECRET not in out
-        return result
-
-    def node(self, name: str = "grpo-test"):  # type: ignore[no-untyped-def]
-        return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
-
-
-def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    lines = [x for x in result.stderr.splitlines() if x.startswith("grpoctl: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+def project(tmp_path, fake, monkeypatch) -> Project:  # type: ignore[no-untyped-def]
+    return laptop_project(tmp_path, fake, monkeypatch)
 
 
 def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Project) -> None:
@@ -122,7 +59,7 @@ def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Projec
     assert json.loads((Path("runs") / run_id / "summary.json").read_text())["steps"] == 4
 
     refused = project.cli(cfg, "down", code=2)  # not a terminal and no --yes: nothing deleted
-    assert "--yes" in _one_line_error(refused) and project.node() is not None
+    assert "--yes" in one_line_error(refused) and project.node() is not None
     project.cli(cfg, "down", "--yes")
     assert project.node() is None and not project.fake.nodes
 

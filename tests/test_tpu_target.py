@@ -1,0 +1,178 @@
+"""The tpu target's edges: queued resources, interrupted and timed-out `up`, bad input and API errors
+(one line, exit 2 or 3, nothing left in the fake), attaching to a node, gc, failure budgets."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+
+import pytest
+from tpu_support import Project, fake_api_with_vms, laptop_project, one_line_error
+
+from orchestrator.cloud import api as cloud
+from orchestrator.config import RepoConfig, TpuTargetConfig
+from orchestrator.targets.tpu import TpuTarget
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):  # type: ignore[no-untyped-def]
+    yield from fake_api_with_vms(tmp_path_factory)
+
+
+@pytest.fixture()
+def project(tmp_path, fake, monkeypatch) -> Project:  # type: ignore[no-untyped-def]
+    return laptop_project(tmp_path, fake, monkeypatch)
+
+
+def _nothing_left(project: Project) -> None:
+    assert not project.fake.nodes and not project.fake.queued
+
+
+def test_queued_resource_up_run_down(project: Project) -> None:
+    cfg = project.config(name="grpo-qr", queued=True, valid_until_s=3600)
+    up = project.cli(cfg, "up")
+    assert "WAITING_FOR_RESOURCES" in up.stderr and "ACTIVE / node READY" in up.stderr
+    body = project.fake.creates("queuedResources")[-1].body
+    assert body["spot"] == {} and body["queueingPolicy"] == {"validUntilDuration": "3600s"}
+    node_body = body["tpu"]["nodeSpec"][0]["node"]
+    assert node_body["labels"][cloud.LABEL_KEY] == cloud.LABEL_VALUE and "ssh-keys" in node_body["metadata"]
+
+    project.cli(cfg, "sync")
+    run_id, state = project.cli(
+        cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1"
+    ).stdout.split()[-2:]
+    assert state == "SUCCEEDED"
+    assert "queued_resource ACTIVE" in project.cli(cfg, "status", run_id).stdout
+    project.cli(cfg, "up")  # idempotent: attaches, creates nothing
+    assert [r.query["queuedResourceId"] for r in project.fake.creates("queuedResources")] == [["grpo-qr"]]
+    project.cli(cfg, "down", "--yes")
+    _nothing_left(project)
+
+
+def test_ctrl_c_while_waiting_for_resources_deletes_the_queued_resource(project: Project) -> None:
+    project.fake.script.wait_for_resources_s = 60
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if "WAITING_FOR_RESOURCES" in line:
+            raise KeyboardInterrupt  # the user's Ctrl-C, landing in the wait loop
+
+    tpu = TpuTargetConfig.model_validate(json.loads(_target_json(project, name="grpo-int", queued=True)))
+    target = TpuTarget("tpu", tpu, RepoConfig(), say=say)
+    with pytest.raises(KeyboardInterrupt):
+        target.up()
+    assert "up interrupted; deleted the queued resource grpo-int it created" in said[-1]
+    _nothing_left(project)
+
+
+def test_up_timeout_deletes_what_it_created(project: Project) -> None:
+    project.fake.script.create_s = 30
+    result = project.cli(project.config(name="grpo-slow", up_timeout_s=0.5), "up", code=3)
+    assert "not READY after 0 s (last: CREATING)" in one_line_error(result)
+    assert "deleted the node grpo-slow it created" in result.stderr
+    _nothing_left(project)
+
+
+def _target_json(project: Project, **tpu: object) -> str:
+    import yaml
+
+    return json.dumps(yaml.safe_load(open(project.config(**tpu)))["targets"]["tpu"])
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("malformed zone", 2, "zone 'useast1d' is not of the form"),
+        ("accelerator type not offered", 2, 'Accelerator type "v5p-8" is not available in zone'),
+        ("quota exhausted", 3, "quota or capacity exhausted"),
+        ("os login on", 2, "OS Login is on"),
+        ("wrong pinned host key", 3, "host key"),
+        ("no credentials", 2, "no Google credentials found"),
+    ],
+)
+def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code: int, words: str) -> None:
+    tpu: dict[str, object] = {"name": "grpo-bad"}
+    if case == "malformed zone":
+        tpu["zone"] = "useast1d"
+    elif case == "accelerator type not offered":
+        tpu["accelerator_type"] = "v5p-8"
+    elif case == "quota exhausted":
+        project.fake.script.quota_exhausted = True
+    elif case == "os login on":
+        project.fake.script.os_login = True
+    elif case == "wrong pinned host key":
+        tpu["host_key_sha256"] = ["SHA256:" + "A" * 43]
+    elif case == "no credentials":
+        tpu["api_endpoint"] = "https://127.0.0.1:9"  # not plain http: needs ADC, and there is none
+        monkeypatch.setenv("HOME", str(project.root))
+        monkeypatch.setenv("CLOUDSDK_CONFIG", str(project.root / "no-gcloud"))
+    requests_before = len(project.fake.requests)
+    result = project.cli(project.config(**tpu), "up", code=code)
+    assert words in one_line_error(result)
+    _nothing_left(project)  # whatever `up` created on the way was deleted again
+    if case in ("malformed zone", "no credentials"):
+        assert len(project.fake.requests) == requests_before  # refused before any API call
+
+
+def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(project: Project) -> None:
+    api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=project.fake.endpoint)
+    theirs = "alice:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlice alice"
+    req = cloud.NodeRequest("v6e-8", "v2-alpha-tpuv6e", spot=True, ssh_keys=theirs)
+    cloud.wait_operation(api.create_node("grpo-att", req), "create", timeout_s=10, poll_s=0.05)
+    project.fake.script.key_propagation_s = 1.0
+
+    started = time.monotonic()
+    project.cli(project.config(name="grpo-att"), "up")
+    assert time.monotonic() - started >= 1.0  # logins failed until the key reached the VM
+    patch = [r for r in project.fake.requests if r.method == "PATCH"][-1]
+    assert patch.query["updateMask"] == ["metadata"]
+    keys = api.get_node("grpo-att").metadata["ssh-keys"].splitlines()
+    assert keys[0] == theirs and keys[1].startswith(f"{getpass.getuser()}:ssh-ed25519 ")
+    assert [r.query["nodeId"] for r in project.fake.creates()].count(["grpo-att"]) == 1  # attached
+    project.cli(project.config(name="grpo-att"), "down", "--yes")
+
+
+def test_gc_deletes_only_grpoctl_leftovers(project: Project) -> None:
+    api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=project.fake.endpoint)
+    req = cloud.NodeRequest("v6e-8", "v2-alpha-tpuv6e", spot=True)
+    for name in ("ours-dead", "ours-alive"):
+        cloud.wait_operation(api.create_node(name, req), name, timeout_s=10, poll_s=0.05)
+    cloud.wait_operation(api.create_queued("ours-qr", "ours-qr", req, None), "qr", timeout_s=10)
+    foreign = cloud.node_message(req)
+    del foreign.labels[cloud.LABEL_KEY]
+    api.client.create_node(parent=api.parent, node_id="theirs-dead", node=foreign)
+    deadline = time.monotonic() + 10
+    while api.get_node("ours-qr") is None or cloud.state_name(api.get_node("ours-qr")) != "READY":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for name in ("ours-dead", "theirs-dead", "ours-qr"):
+        project.fake.preempt(name)
+
+    cfg = project.config()
+    listed = project.cli(cfg, "gc", "--list").stdout
+    assert "queued resource ours-qr (us-east1-d): SUSPENDED" in listed
+    assert "node ours-dead (us-east1-d): PREEMPTED" in listed
+    assert "theirs" not in listed and "ours-alive" not in listed
+    project.cli(cfg, "gc", "--yes")
+    assert sorted(n.rsplit("/", 1)[1] for n in project.fake.nodes) == ["ours-alive", "theirs-dead"]
+    assert not project.fake.queued
+    assert "nothing to collect" in project.cli(cfg, "gc", "--list").stdout
+    for name in ("ours-alive", "theirs-dead"):
+        cloud.wait_operation(api.delete_node(name), name, timeout_s=10)
+
+
+def test_failure_recovery_has_its_own_budget(project: Project) -> None:
+    cfg = project.config(name="grpo-fail")
+    project.cli(cfg, "up")
+    project.cli(cfg, "sync")
+    args = ["run", "configs/standin.yaml", "--set", "exit_code=3", "--interval", "0.1", "--recover"]
+    result = project.cli(cfg, *args, "--recover-on-exit-code", "3", "--max-failures", "2", code=1)
+    assert "exit code 3" in one_line_error(result)
+    run_id = result.stdout.split()[-2]
+    record = json.loads(project.cli(cfg, "--json", "status", run_id).stdout)
+    assert [r["kind"] for r in record["recoveries"]] == ["failure", "failure"]
+    assert record["state"] == "FAILED"
+    assert [r.query["nodeId"] for r in project.fake.creates()].count(["grpo-fail"]) == 1  # not recreated
+    project.cli(cfg, "down", "--yes")
