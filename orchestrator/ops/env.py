@@ -56,10 +56,14 @@ def absolute_remote_dir(t: Transport, remote_dir: str) -> str:
 def push_env(session: Session, local_path: str | Path = ".env") -> EnvPushResult:
     local_path = Path(local_path)
     if not local_path.is_file():
-        raise UsageError(f"{local_path}: no such file (nothing to push)")
-    data = local_path.read_bytes()
+        if not session.dry_run:
+            raise UsageError(f"{local_path}: no such file (nothing to push)")
+        session.say(f"warning: {local_path} not found: the dry run pushes an empty file, a real run stops here")
+        data = b""
+    else:
+        data = local_path.read_bytes()
     expected = {k: len(v) for k, v in parse_dotenv(data.decode("utf-8", errors="replace")).items()}
-    if not expected:
+    if not expected and not session.dry_run:
         raise UsageError(f"{local_path}: no KEY=VALUE lines")
 
     def one(_: int, t: Transport) -> tuple[str, str, dict[str, int]]:

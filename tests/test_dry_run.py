@@ -1,0 +1,118 @@
+"""The CI dry run: the seed SOP replays end to end against the recording transport, touching nothing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator import sop
+from orchestrator.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TPU_SOP = REPO / "sops" / "grpo_gsm8k_pallas_vs_jax.yaml"
+SECRET = "wandb-key-0123456789abcdef0123456789abcdef"
+
+
+def classify(line: str) -> str:
+    """Which recipe a printed dry-run line is (one label per remote call)."""
+    body = line.split("] ", 1)[1]
+    if body.startswith("put "):
+        return "put " + body.split()[1].rsplit("/", 1)[-1] + " " + re.search(r"mode (\d+)", body).group(1)
+    if body.startswith("get "):
+        return "get " + body.split()[1].rsplit("/", 1)[-1]
+    markers = [  # most specific first: several recipes also `mkdir -p`
+        ("git fetch --all", "sync"), ("pip install", "bootstrap"), ("setsid nohup", "launch"),
+        ("ALIVE=", "status"), ("KEYLEN=", "env-verify"), ('echo "FILE=', "list-files"),
+        ("WANDB=", "find-wandb"), ('printf "HOME=', "home"), ("mkdir -p", "mkdir"), ("$ true", "probe"),
+    ]
+    for marker, label in markers:
+        if marker in line:
+            return label
+    return "?"
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory):
+    """Replay once, in an empty folder (no grpoctl.yaml, no git repo) with a secret .env present."""
+    folder = tmp_path_factory.mktemp("dry_run")
+    (folder / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("GRPOCTL_STATE_DIR", str(folder / "state"))
+        result = sop.replay(TPU_SOP, dry_run=True, say=lines.append)
+    return folder, lines, result
+
+
+def test_tpu_sop_dry_run_command_sequence(replayed):
+    _, lines, result = replayed
+    calls = [classify(line) for line in lines if line.startswith("[w0 ")]
+    per_run_fetch = ["home", "list-files", "find-wandb", "get summary.json", "get eval_full.jsonl",
+                     "get metrics.jsonl", "get config.json"]
+    assert calls == [
+        "probe",  # up
+        "sync", "bootstrap",  # sync
+        "home", "mkdir", "put .env 0600", "env-verify",  # env_push
+        "launch", "status",  # run jax (the scripted job is done at the first poll)
+        "launch", "status",  # run pallas
+        *per_run_fetch, *per_run_fetch,  # fetch
+    ]
+    steps = [line for line in lines if re.match(r"\[\d/8\]", line)]
+    assert [s.split()[1] for s in steps] == [
+        "up", "sync", "env_push", "run:jax", "run:pallas", "fetch", "compare", "down"]
+    assert all(v.status == "done" for v in result.state.steps.values()) and len(result.state.steps) == 8
+    assert "aligned" in result.verdict or "different at 5%" in result.verdict
+
+
+def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
+    _, lines, _ = replayed
+    text = "\n".join(lines)
+    assert SECRET not in text
+    launches = [line for line in lines if "setsid nohup" in line]
+    assert len(launches) == 2
+    for config, launch in zip(["steps100.yaml", "steps100_pallas.yaml"], launches, strict=True):
+        assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
+        assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
+        assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
+    assert "pip install --quiet -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
+
+
+def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
+    folder, _, result = replayed
+    assert not (folder / "state").exists()  # no run records: the dry run's store is in memory
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["dry-run", "sops"]  # fetched: dry-run/
+    report = (folder / result.report_path).read_text()  # relative to the folder it ran in
+    assert result.report_path.name == "report.dry-run.md"
+    assert "(dry run)" in report and "## Observed summary" in report and "**Verdict**" in report
+    for key in ("eval_full/accuracy", "time/eval_full/step_s"):
+        assert f"| `{key}` |" in report
+    assert re.search(r"\| jax \| `grpo_gsm8k_qwen25_3b_bs128_steps100-\d{8}_\d{6}-[0-9a-f]{4}` \| SUCCEEDED", report)
+    assert (folder / "runs" / "sops" / "grpo_gsm8k_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
+
+
+def test_cli_dry_run_replay_exit_zero_from_the_repo_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """What CI runs: `grpoctl --dry-run sop replay sops/grpo_gsm8k_pallas_vs_jax.yaml`."""
+    work = tmp_path / "repo"
+    (work / "sops").mkdir(parents=True)
+    shutil.copy(TPU_SOP, work / "sops")
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(app, ["--dry-run", "sop", "replay", "sops/grpo_gsm8k_pallas_vs_jax.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "report: runs/sops/grpo_gsm8k_pallas_vs_jax/report.dry-run.md" in result.stdout
+    assert "McNemar exact test on 1319 paired questions" in result.stdout
+    assert result.stderr.count("setsid nohup") == 2
+    assert ".env not found: the dry run pushes an empty file" in result.stderr  # CI has no secrets
+
+
+def test_dry_run_of_single_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    launched = runner.invoke(app, ["--dry-run", "--json", "run", "configs/tiny_cpu.yaml", "--wait"])
+    assert launched.exit_code == 0, launched.output
+    assert '"state": "SUCCEEDED"' in launched.stdout
+    assert "[w0 localhost] $ set -eu" in launched.stderr
+    assert not (tmp_path / ".grpoctl").exists()  # the local target's workdir was never created
