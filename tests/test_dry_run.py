@@ -25,9 +25,16 @@ def classify(line: str) -> str:
     if body.startswith("get "):
         return "get " + body.split()[1].rsplit("/", 1)[-1]
     markers = [  # most specific first: several recipes also `mkdir -p`
-        ("git fetch --all", "sync"), ("pip install", "bootstrap"), ("setsid nohup", "launch"),
-        ("ALIVE=", "status"), ("KEYLEN=", "env-verify"), ('echo "FILE=', "list-files"),
-        ("WANDB=", "find-wandb"), ('printf "HOME=', "home"), ("mkdir -p", "mkdir"), ("$ true", "probe"),
+        ("git fetch --all", "sync"),
+        ("pip install", "bootstrap"),
+        ("setsid nohup", "launch"),
+        ("ALIVE=", "status"),
+        ("KEYLEN=", "env-verify"),
+        ('echo "FILE=', "list-files"),
+        ("WANDB=", "find-wandb"),
+        ('printf "HOME=', "home"),
+        ("mkdir -p", "mkdir"),
+        ("$ true", "probe"),
     ]
     for marker, label in markers:
         if marker in line:
@@ -51,19 +58,41 @@ def replayed(tmp_path_factory: pytest.TempPathFactory):
 def test_tpu_sop_dry_run_command_sequence(replayed):
     _, lines, result = replayed
     calls = [classify(line) for line in lines if line.startswith("[w0 ")]
-    per_run_fetch = ["home", "list-files", "find-wandb", "get summary.json", "get eval_full.jsonl",
-                     "get metrics.jsonl", "get config.json"]
+    per_run_fetch = [
+        "home",
+        "list-files",
+        "find-wandb",
+        "get summary.json",
+        "get eval_full.jsonl",
+        "get metrics.jsonl",
+        "get config.json",
+    ]
     assert calls == [
         "probe",  # up
-        "sync", "bootstrap",  # sync
-        "home", "mkdir", "put .env 0600", "env-verify",  # env_push
-        "launch", "status",  # run jax (the scripted job is done at the first poll)
-        "launch", "status",  # run pallas
-        *per_run_fetch, *per_run_fetch,  # fetch
+        "sync",
+        "bootstrap",  # sync
+        "home",
+        "mkdir",
+        "put .env 0600",
+        "env-verify",  # env_push
+        "launch",
+        "status",  # run jax (the scripted job is done at the first poll)
+        "launch",
+        "status",  # run pallas
+        *per_run_fetch,
+        *per_run_fetch,  # fetch
     ]
     steps = [line for line in lines if re.match(r"\[\d/8\]", line)]
     assert [s.split()[1] for s in steps] == [
-        "up", "sync", "env_push", "run:jax", "run:pallas", "fetch", "compare", "down"]
+        "up",
+        "sync",
+        "env_push",
+        "run:jax",
+        "run:pallas",
+        "fetch",
+        "compare",
+        "down",
+    ]
     assert all(v.status == "done" for v in result.state.steps.values()) and len(result.state.steps) == 8
     assert "aligned" in result.verdict or "different at 5%" in result.verdict
 
@@ -90,7 +119,9 @@ def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
     assert "(dry run)" in report and "## Observed summary" in report and "**Verdict**" in report
     for key in ("eval_full/accuracy", "time/eval_full/step_s"):
         assert f"| `{key}` |" in report
-    assert re.search(r"\| jax \| `grpo_gsm8k_qwen25_3b_bs128_steps100-\d{8}_\d{6}-[0-9a-f]{4}` \| SUCCEEDED", report)
+    assert re.search(
+        r"\| jax \| `grpo_gsm8k_qwen25_3b_bs128_steps100-\d{8}_\d{6}-[0-9a-f]{4}` \| SUCCEEDED", report
+    )
     assert (folder / "runs" / "sops" / "grpo_gsm8k_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
 
 

@@ -58,7 +58,7 @@ def push_env(session: Session, local_path: str | Path = ".env") -> EnvPushResult
     if not local_path.is_file():
         if not session.dry_run:
             raise UsageError(f"{local_path}: no such file (nothing to push)")
-        session.say(f"warning: {local_path} not found: the dry run pushes an empty file, a real run stops here")
+        session.say(f"warning: {local_path} not found: the dry run pushes an empty file (a real run stops)")
         data = b""
     else:
         data = local_path.read_bytes()
