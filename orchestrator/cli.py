@@ -615,6 +615,14 @@ def sop_replay(
     ] = None,
     report: Annotated[str | None, typer.Option(help="Markdown report path (state file beside it).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the saved state: run every step.")] = False,
+    recover: Annotated[
+        bool, typer.Option("--recover", help="Recreate + relaunch (same run id) runs hit by preemption.")
+    ] = False,
+    recover_on_exit_code: Annotated[
+        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when a job exits with this.")
+    ] = [],  # noqa: B006
+    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed per run.")] = 20,
+    max_failures: Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")] = 2,
 ) -> None:
     """Replay an SOP: resumable (finished steps are skipped), writes a Markdown report."""
     from orchestrator import sop
@@ -630,6 +638,7 @@ def sop_replay(
         fresh=fresh,
         accept_new_host_key=g.accept_new_host_key,
         say=g.say,
+        recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
     )
     if g.json:
         g.emit_json(result.to_json())

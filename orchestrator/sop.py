@@ -43,6 +43,7 @@ from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
+from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord, RunStore
 
 # ---------------------------------------------------------------------------------------- schema
@@ -302,6 +303,7 @@ class _Replayer:
         self.config_file, self.target_override = config_file, target
         self.dry_run, self.accept_new_host_key, self.say = dry_run, accept_new_host_key, say
         self.report_dir, self.state_path = report_dir, state_path
+        self.recover: RecoveryPolicy | None = None  # `--recover`: preempted runs are relaunched
         self.store = RunStore.in_memory() if dry_run else RunStore()
         self.sessions: dict[str | None, Session] = {}
 
@@ -482,9 +484,16 @@ class _Replayer:
             st.record = rec.to_json()
 
         try:
-            watch_ops.wait(
-                s.target, record, self.store, interval=interval if not self.dry_run else 0, on_poll=on_poll
-            )
+            if self.recover is not None and not self.dry_run:
+                wait_recovering(s, record, self.recover, interval=interval, on_poll=on_poll)
+            else:
+                watch_ops.wait(
+                    s.target,
+                    record,
+                    self.store,
+                    interval=interval if not self.dry_run else 0,
+                    on_poll=on_poll,
+                )
         finally:
             self._remember(st, record)
 
@@ -496,6 +505,11 @@ class _Replayer:
         for w in record.workers:
             code = "" if w.exit_code is None else f", exit {w.exit_code}"
             st.details.append(f"{w.worker} ({w.host}): pid {w.pid}, {w.state}{code}")
+        for i, r in enumerate(record.recoveries, 1):
+            st.details.append(
+                f"recovery {i}: {r['kind']} ({r['reason']}) at step {r.get('step')}, "
+                f"relaunched at {r['at']} with log `{r.get('log')}`"
+            )
 
 
 def replay(
@@ -509,6 +523,7 @@ def replay(
     fresh: bool = False,
     accept_new_host_key: bool = False,
     say: Callable[[str], None] = lambda _: None,
+    recover: RecoveryPolicy | None = None,
 ) -> ReplayResult:
     sop_path = Path(path)
     sop = load_sop(sop_path)
@@ -528,6 +543,7 @@ def replay(
         report_dir=report.parent,
         state_path=state_path,
     )
+    replayer.recover = recover
     try:
         for i, step in enumerate(sop.steps):
             sid = step_id(step)
