@@ -1,0 +1,159 @@
+"""SOP files: schema, replay of the repo's local SOP on the local target, resume, re-attach, --from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from standin import standin_repo  # noqa: F401
+
+from orchestrator import sop
+from orchestrator.errors import UsageError
+from orchestrator.ops import watch as watch_ops
+from orchestrator.runs import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SOP = REPO / "sops" / "local_pallas_vs_jax.yaml"
+
+
+def test_step_forms_ids_and_defaults():
+    parsed = sop.parse_sop(
+        {
+            "name": "x",
+            "steps": [
+                "up",
+                {"sync": None},
+                {"run": {"name": "a", "config": "c.yaml", "env": {"EVAL_FULL_SWEEP": 1}}},
+                {"run": {"name": "b", "config": "d.yaml", "wait": False}},
+                {"wait": {"run": "b"}},
+                {"compare": {"a": "a", "b": "b"}},
+            ],
+        },
+        "x.yaml",
+    )
+    assert [sop.step_id(s) for s in parsed.steps] == ["up", "sync", "run:a", "run:b", "wait", "compare"]
+    assert parsed.steps[2].env == {"EVAL_FULL_SWEEP": "1"}  # YAML ints become env strings
+    assert parsed.steps[1].bootstrap is True and parsed.summary_keys[0] == "eval_full/accuracy"
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"name": "x", "steps": ["up", "up"]}, "duplicate step ids"),
+        ({"name": "x", "steps": []}, "steps"),
+        ({"name": "x", "steps": [{"up": {}, "down": {}}]}, "one-key mapping"),
+        ({"name": "x", "steps": [{"fetch": {"runs": ["nope"]}}]}, "unknown run(s) ['nope']"),
+        ({"name": "x", "steps": [{"run": {"name": "a"}}]}, "missing required key 'steps.0.run.config'"),
+        ({"steps": ["up"]}, "missing required key 'name'"),
+        ({"name": "x", "steps": ["up"], "targets": {"t": {"kind": "tpu"}}}, "missing required key"),
+    ],
+)
+def test_schema_errors_are_one_line(data, message):
+    with pytest.raises(UsageError, match=None) as err:
+        sop.parse_sop(data, "x.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_repo_sop_files_validate():
+    tpu = sop.load_sop(REPO / "sops" / "grpo_gsm8k_pallas_vs_jax.yaml")
+    local = sop.load_sop(LOCAL_SOP)
+    kinds = [s.kind for s in tpu.steps]
+    assert kinds == [s.kind for s in local.steps]  # the same procedure on two targets
+    assert tpu.targets["v6e"].kind == "tpu" and local.target == "local"
+    for s in tpu.steps:
+        if s.kind == "run":
+            assert s.env == {"EVAL_FULL_SWEEP": "1", "PRINT_TRAIN_TIME_BREAKDOWN": "1"}
+    assert len(tpu.summary_keys) == 5
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):  # noqa: F811
+    url, _ = standin_repo
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
+    config = tmp_path / "grpoctl.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
+    monkeypatch.chdir(work)
+    return work, str(config)
+
+
+def test_local_sop_end_to_end_then_resume_then_from(lab):
+    work, config = lab
+    messages: list[str] = []
+    first = sop.replay(LOCAL_SOP, config_file=config, say=messages.append)
+    assert all(s.status == "done" for s in first.state.steps.values())
+    runs = {name: first.state.steps[f"run:{name}"].run_id for name in ("jax", "pallas")}
+    assert runs["jax"].startswith("tiny_cpu-") and runs["pallas"].startswith("tiny_cpu_pallas-")
+    report = (work / first.report_path).read_text()
+    for run_id in runs.values():
+        assert f"`{run_id}` | SUCCEEDED" in report
+        assert (work / "runs" / run_id / "summary.json").is_file()
+    assert "logs/nohup_tiny_cpu_2" in report and ".exit`" in report and ".pid`" in report
+    assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
+    assert "McNemar exact test on 300 paired questions" in report and "**Verdict**" in report
+    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
+    assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
+    assert "env_push" in report and "not present: skipped (optional)" in report
+    # Same seed, same data: the stand-in's "pallas" agrees with "jax" on every question.
+    assert first.verdict.endswith("aligned")
+
+    # A second replay finishes nothing twice.
+    messages.clear()
+    again = sop.replay(LOCAL_SOP, config_file=config, say=messages.append)
+    assert sum("done earlier, skipped" in m for m in messages) == 8
+    assert len(RunStore().list()) == 2
+    assert {n: again.state.steps[f"run:{n}"].run_id for n in runs} == runs
+
+    # --from re-runs that step and those after it, not the ones before.
+    third = sop.replay(LOCAL_SOP, config_file=config, from_step="run:pallas")
+    assert third.state.steps["run:jax"].run_id == runs["jax"]
+    assert third.state.steps["run:pallas"].run_id != runs["pallas"]
+    assert len(RunStore().list()) == 3
+    state = json.loads(third.state_path.read_text())
+    assert state["steps"]["compare"]["status"] == "done"
+
+
+def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path, monkeypatch):
+    work, config = lab
+    file = tmp_path / "one_run.yaml"
+    file.write_text(
+        "name: one_run\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
+    )
+    real_wait = watch_ops.wait
+
+    def laptop_sleeps(*args, **kwargs):
+        raise KeyboardInterrupt  # the replay dies after launching, before the run ends
+
+    monkeypatch.setattr(watch_ops, "wait", laptop_sleeps)
+    with pytest.raises(KeyboardInterrupt):
+        sop.replay(file, config_file=config)
+    state = json.loads((work / "runs" / "sops" / "one_run" / "report.state.json").read_text())
+    launched = state["steps"]["run:w"]["run_id"]
+    assert state["steps"]["run:w"]["status"] == "running" and launched
+
+    monkeypatch.setattr(watch_ops, "wait", real_wait)
+    messages: list[str] = []
+    result = sop.replay(file, config_file=config, say=messages.append)
+    assert result.state.steps["run:w"].run_id == launched
+    assert any(f"re-attached to {launched}" in m for m in messages)
+    assert [r.run_id for r in RunStore().list()] == [launched]  # launched once
+    assert result.state.steps["fetch"].status == "done"
+    assert (work / "runs" / launched / "summary.json").is_file()
+
+
+def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
+    _, config = lab
+    file = tmp_path / "failing.yaml"
+    file.write_text(
+        "name: failing\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: bad, config: configs/fail3.yaml, interval_s: 0.3}\n  - fetch\n"
+    )
+    with pytest.raises(Exception, match="exit code 3") as err:
+        sop.replay(file, config_file=config, report_path=tmp_path / "r" / "report.md")
+    assert getattr(err.value, "exit_code", None) == 1
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| `run:bad` | failed |" in report and "| `fetch` | pending |" in report
+    assert "**error**: run fail3-" in report
