@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import time
+from pathlib import Path
 
 import pytest
 from tpu_support import Project, fake_api_with_vms, laptop_project, one_line_error
@@ -23,6 +24,13 @@ def fake(tmp_path_factory):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def project(tmp_path, fake, monkeypatch) -> Project:  # type: ignore[no-untyped-def]
     return laptop_project(tmp_path, fake, monkeypatch)
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (nobody reaped it yet) holds nothing any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _nothing_left(project: Project) -> None:
@@ -175,4 +183,32 @@ def test_failure_recovery_has_its_own_budget(project: Project) -> None:
     assert [r["kind"] for r in record["recoveries"]] == ["failure", "failure"]
     assert record["state"] == "FAILED"
     assert [r.query["nodeId"] for r in project.fake.creates()].count(["grpo-fail"]) == 1  # not recreated
+    project.cli(cfg, "down", "--yes")
+
+
+def test_run_clears_stale_tpu_users_first(project: Project, monkeypatch) -> None:
+    dev = project.root / "dev"
+    (dev / "vfio").mkdir(parents=True)
+    (dev / "vfio" / "0").touch()
+    lock = project.root / "libtpu_lockfile"
+    monkeypatch.setattr(TpuTarget, "device_patterns", (f"{dev}/vfio/*",))
+    monkeypatch.setattr(TpuTarget, "libtpu_lockfile", str(lock))
+    cfg = project.config(name="grpo-stale")
+    project.cli(cfg, "up")
+    project.cli(cfg, "sync")
+    (worker,) = project.fake.nodes["projects/proj/locations/us-east1-d/nodes/grpo-stale"].workers
+    # a crashed job's leftover on the VM, still holding the chips, and libtpu's lock
+    holder = worker.home / "holder.pid"
+    stale = f"setsid nohup sleep 300 3<{dev}/vfio/0 >/dev/null 2>&1 & echo $! > {holder}; touch {lock}"
+    target = TpuTarget(
+        "tpu",
+        TpuTargetConfig.model_validate(json.loads(_target_json(project, name="grpo-stale"))),
+        RepoConfig(),
+    )
+    assert target.transports()[0].run(stale).ok
+    target.close()
+    pid = int(holder.read_text())
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
+    assert f"stopped stale TPU users (pids {pid})" in ran.stderr and ran.stdout.split()[-1] == "SUCCEEDED"
+    assert not lock.exists() and not _alive(pid)
     project.cli(cfg, "down", "--yes")

@@ -115,7 +115,7 @@ def clear_stale_tpu_users(
             pid, pid_file = res.stdout.strip().splitlines()[-1].split()[1:3]
             raise UsageError(
                 f"{t.name}: the TPU is held by pid {pid} of a grpoctl run still RUNNING ({pid_file}); "
-                "stop it first or pass --force-tpu"
+                "stop it first or pass --force"
             )
         if not res.ok:
             raise InfraError(f"{t.name}: clearing stale TPU users failed with exit code {res.exit_code}")

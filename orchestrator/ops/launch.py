@@ -72,6 +72,9 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     """
     python = record.python or recipes.venv_python(record.remote_dir)
     paths = paths_of(record)
+    before_launch = getattr(target, "before_launch", None)
+    if before_launch is not None:  # a TPU VM: clear stale processes holding the chips (tpu.py)
+        before_launch(record.remote_dir, force=force)
 
     def one(i: int, t: Transport) -> int:
         env = {**record.env, "GRPOCTL_RUN_ID": record.run_id, "GRPOCTL_WORKER": str(i)}

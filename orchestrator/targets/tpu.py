@@ -17,6 +17,7 @@ from google.cloud import tpu_v2
 
 from orchestrator.cloud import api as cloud
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
+from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import RepoConfig, TpuTargetConfig
 from orchestrator.errors import HostKeyError, InfraError, UsageError
 from orchestrator.targets.base import Target, TargetState, Worker
@@ -35,6 +36,10 @@ def _stderr(line: str) -> None:
 
 
 class TpuTarget(Target):
+    # What counts as "holding the TPU" on a worker; tests point these at fake device files.
+    device_patterns: tuple[str, ...] = TPU_DEVICE_PATTERNS
+    libtpu_lockfile: str = LIBTPU_LOCKFILE
+
     def __init__(
         self,
         name: str,
@@ -254,6 +259,20 @@ class TpuTarget(Target):
                         raise InfraError(f"{err} (kept trying for {self.cfg.auth_retry_s:.0f} s)") from None
                     time.sleep(min(5.0, self.cfg.poll_s))
         self.say(f"{self.node_label}: READY, {len(self.transports())} worker(s) reachable")
+
+    def before_launch(self, remote_dir: str, *, force: bool = False) -> None:
+        """Clear stale TPU users on every worker (see cloud/stale.py); a live grpoctl run is refused."""
+        reports = clear_stale_tpu_users(
+            self.transports(),
+            remote_dir=remote_dir,
+            device_patterns=self.device_patterns,
+            lockfile=self.libtpu_lockfile,
+            force=force,
+        )
+        for report in reports:
+            if report.killed:
+                pids = ", ".join(map(str, report.killed))
+                self.say(f"{report.worker}: stopped stale TPU users (pids {pids}), removed the libtpu lock")
 
     def _reset_transports(self) -> None:
         for t in self._transports or []:
