@@ -127,6 +127,9 @@ def test_put_failure_raises_and_leaves_no_temp_file(ssh: SshTransport, tmp_path:
     with pytest.raises(InfraError, match=r"put .*taken failed"):
         ssh.put(b"data", str(tmp_path / "taken"), mode=0o600)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(InfraError, match="put .* failed: mkdir: .*Not a directory"):
+        ssh.put(b"x" * 4_000_000, str(tmp_path / "file" / "sub" / ".env"), mode=0o600)
 
 
 def test_get_missing_file(ssh: SshTransport, tmp_path: Path) -> None:
@@ -182,8 +185,14 @@ def test_unknown_key_refused_unless_accepted_then_remembered(sshd: LoopbackSshd,
     assert accepted.run("echo ok").stdout == "ok\n"
     assert known.stat().st_mode & 0o777 == 0o600
     assert f"[127.0.0.1]:{sshd.port} ssh-ed25519 " in known.read_text()
-    # Now known: a transport that does not accept new keys gets in through known_hosts.
+    entry = f"[127.0.0.1]:{sshd.port}"
+    assert subprocess.run(["ssh-keygen", "-F", entry, "-f", str(known)], capture_output=True).returncode == 0
+    # Now known: a transport that does not accept new keys gets in through known_hosts,
+    # also once OpenSSH has hashed the host names (Debian's default HashKnownHosts yes).
     assert transport_for(sshd, host_key_sha256=[], known_hosts=known).run("echo again").stdout == "again\n"
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    assert entry not in known.read_text()
+    assert transport_for(sshd, host_key_sha256=[], known_hosts=known).run("echo hashed").stdout == "hashed\n"
 
 
 def test_known_hosts_mismatch_is_refused(sshd: LoopbackSshd, tmp_path: Path) -> None:
@@ -253,9 +262,11 @@ def test_connection_lost_mid_command_is_an_infra_error(sshd_factory) -> None:  #
     server = sshd_factory()
     t = transport_for(server)
     t.run("true")
-    threading.Timer(0.5, server.stop).start()
+    dropper = threading.Timer(0.5, server.stop)
+    dropper.start()
     with pytest.raises(InfraError, match="lost|failed"):
         t.run("sleep 20")
+    dropper.join()
     server.start()
     assert t.run("echo recovered").stdout == "recovered\n"
 

@@ -7,6 +7,7 @@ trust-on-first-use only when asked) must happen before any authentication or com
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -166,7 +167,9 @@ class SshTransport:
         try:
             chan.exec_command(line)
             if stdin is not None:
-                chan.sendall(stdin)
+                # If the remote side stops reading, it failed: its stderr (read below) says why.
+                with contextlib.suppress(OSError):
+                    chan.sendall(stdin)
             chan.shutdown_write()
             out, err = LineSplitter(on_output), LineSplitter(on_output)
             timed_out = self._drain(chan, out, err, deadline)
@@ -339,7 +342,10 @@ class SshTransport:
         if self._key_file is not None:
             self._keys = [_load_key(self._key_file)]
             return self._keys
-        keys: list[paramiko.PKey] = list(paramiko.Agent().get_keys())
+        try:
+            keys: list[paramiko.PKey] = list(paramiko.Agent().get_keys())
+        except (paramiko.SSHException, OSError):
+            keys = []  # a stale SSH_AUTH_SOCK: fall back to key files
         for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
             path = Path("~/.ssh").expanduser() / name
             if path.is_file():
