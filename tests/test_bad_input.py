@@ -116,3 +116,26 @@ def test_sop_file_errors(folder: Path):
     sop.write_text("name: s\nsteps: [up, down]\n")
     assert "--from 'sync'" in grpoctl("sop", "replay", str(sop), "--from", "sync", code=2)
     assert not (folder / ".grpoctl").exists() and not (folder / "runs").exists()
+
+
+def test_sync_refuses_when_workers_disagree_on_head(folder: Path):
+    from orchestrator.config import parse_config
+    from orchestrator.errors import InfraError
+    from orchestrator.ops import sync as sync_ops
+    from orchestrator.ops.session import open_session
+
+    cfg = parse_config(
+        {
+            "repo": {"url": "file:///r.git", "branch": "main"},
+            "targets": {"two": {"kind": "ssh", "hosts": ["10.0.0.5", "10.0.0.6"]}},
+            "default_target": "two",
+        },
+        "test",
+    )
+    session = open_session(config=cfg, dry_run=True)
+    assert session.script is not None
+    session.script.responder = lambda command, worker: (
+        (f"HEAD={'a' * 40 if worker.startswith('w0') else 'b' * 40}\n", 0) if "git fetch" in command else None
+    )
+    with pytest.raises(InfraError, match=r"disagree on HEAD after sync \(w0 a{12}, w1 b{12}\)"):
+        sync_ops.sync(session)
