@@ -41,11 +41,9 @@ def test_exit_codes_stdout_stderr_and_streamed_lines(local: LocalTransport) -> N
 
 def test_output_is_streamed_while_the_command_runs(local: LocalTransport) -> None:
     seen: list[tuple[str, float]] = []
-    start = time.monotonic()
     local.run("echo first; sleep 0.6; echo second", on_output=lambda s: seen.append((s, time.monotonic())))
     assert [s for s, _ in seen] == ["first", "second"]
-    assert seen[0][1] - start < 0.45  # arrived before the command finished
-    assert seen[1][1] - seen[0][1] > 0.4
+    assert seen[1][1] - seen[0][1] > 0.4  # the first line came while the command was still sleeping
 
 
 def test_env_is_exported_quoted_and_cwd_is_honoured(local: LocalTransport, tmp_path: Path) -> None:

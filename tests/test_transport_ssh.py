@@ -58,10 +58,9 @@ def test_run_exit_code_output_and_streamed_lines(ssh: SshTransport) -> None:
 
 def test_output_arrives_while_the_command_runs(ssh: SshTransport) -> None:
     seen: list[tuple[str, float]] = []
-    start = time.monotonic()
     ssh.run("echo first; sleep 0.6; echo second", on_output=lambda s: seen.append((s, time.monotonic())))
     assert [s for s, _ in seen] == ["first", "second"]
-    assert seen[0][1] - start < 0.45 and seen[1][1] - seen[0][1] > 0.4
+    assert seen[1][1] - seen[0][1] > 0.4  # the first line came while the command was still sleeping
 
 
 def test_env_and_cwd(ssh: SshTransport, tmp_path: Path) -> None:

@@ -136,7 +136,8 @@ class LoopbackSshd:
         """Start on a free port (or on the same port as before, after `stop`)."""
         if self._proc is not None:
             raise RuntimeError(f"sshd already running on port {self.port}")
-        os.makedirs("/run/sshd", exist_ok=True)  # privilege-separation folder sshd insists on
+        if os.geteuid() == 0:  # sshd run as root insists on its privilege-separation folder
+            os.makedirs("/run/sshd", exist_ok=True)
         keep_port = self.port != 0
         for _ in range(5):  # a picked port can be taken before sshd binds it: pick again
             port = self.port if keep_port else free_port()
