@@ -61,6 +61,11 @@ class Globals:
         self.out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+    def debug(self, line: str) -> None:
+        """Only with -v."""
+        if self.verbose:
+            self.say(line)
+
     def say(self, line: str) -> None:
         self.err.print(line, markup=False)
 
@@ -279,7 +284,10 @@ def sync(
     session = g.session()
     try:
         result = sync_ops.sync(session)
+        g.debug(f"{result.url} @ {result.branch} -> {session.remote_dir} on {len(result.heads)} worker(s)")
         pythons = sync_ops.bootstrap(session) if bootstrap else {}
+        for worker, python in pythons.items():
+            g.debug(f"{worker}: python {python}")
     finally:
         session.close()
     if g.json:
@@ -356,6 +364,9 @@ def run(
         record = launch_ops.start_run(
             session, config, env=_parse_pairs(env, "--env"), trainer_args=trainer_args, force=force
         )
+        g.debug(f"target {session.target_name} ({session.kind}): {record.remote_dir}, python {record.python}")
+        for w in record.workers:
+            g.debug(f"{w.worker} {w.host}: pid {w.pid}")
         if not wait:
             if g.json:
                 g.emit_json(record.to_json())
@@ -623,6 +634,9 @@ def sop_replay(
     ] = [],  # noqa: B006
     max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed per run.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")] = 2,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Trainer override key=value for every run step.")
+    ] = [],  # noqa: B006
 ) -> None:
     """Replay an SOP: resumable (finished steps are skipped), writes a Markdown report."""
     from orchestrator import sop
@@ -638,6 +652,7 @@ def sop_replay(
         fresh=fresh,
         accept_new_host_key=g.accept_new_host_key,
         say=g.say,
+        overrides=_parse_pairs(set_, "--set"),
         recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
     )
     if g.json:

@@ -304,6 +304,7 @@ class _Replayer:
         self.dry_run, self.accept_new_host_key, self.say = dry_run, accept_new_host_key, say
         self.report_dir, self.state_path = report_dir, state_path
         self.recover: RecoveryPolicy | None = None  # `--recover`: preempted runs are relaunched
+        self.overrides: dict[str, str] = {}  # trainer `--set` overrides for every run step
         self.store = RunStore.in_memory() if dry_run else RunStore()
         self.sessions: dict[str | None, Session] = {}
 
@@ -372,13 +373,14 @@ class _Replayer:
 
     def do_run(self, step: RunStep, st: StepState) -> None:
         s = self.session(step)
+        overrides = {**step.set, **self.overrides}  # `sop replay --set` applies to every run
         flags = [f"--env {k}={v}" for k, v in step.env.items()] + [
-            f"--set {k}={v}" for k, v in step.set.items()
+            f"--set {k}={v}" for k, v in overrides.items()
         ]
         st.command = self._cli(s, "run", step.config, *flags, *(["--wait"] if step.wait else []))
         record = self._attached(st)
         if record is None:
-            trainer_args = [a for k, v in step.set.items() for a in ("--set", f"{k}={v}")]
+            trainer_args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
             record = launch_ops.start_run(
                 s, step.config, env=step.env, trainer_args=trainer_args, force=step.force
             )
@@ -524,6 +526,7 @@ def replay(
     accept_new_host_key: bool = False,
     say: Callable[[str], None] = lambda _: None,
     recover: RecoveryPolicy | None = None,
+    overrides: dict[str, str] | None = None,
 ) -> ReplayResult:
     sop_path = Path(path)
     sop = load_sop(sop_path)
@@ -544,6 +547,7 @@ def replay(
         state_path=state_path,
     )
     replayer.recover = recover
+    replayer.overrides = dict(overrides or {})
     try:
         for i, step in enumerate(sop.steps):
             sid = step_id(step)

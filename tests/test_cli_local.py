@@ -96,7 +96,8 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
 
 
 def test_failed_run_exit_code_and_one_line_error(cli):
-    result = cli("run", "configs/fail3.yaml", "--wait", code=1)
+    result = cli("-v", "run", "configs/fail3.yaml", "--wait", code=1)
+    assert "w0 localhost: pid " in result.stderr  # -v says where things are
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("grpoctl: error: run fail3-") and "w0" in lines[-1]
     assert lines[-1].endswith("exit code 3")
