@@ -27,7 +27,7 @@ SSH_KEYGEN = "ssh-keygen"
 _CONFIG = """\
 Port {port}
 ListenAddress 127.0.0.1
-HostKey {root}/host_ed25519
+{host_keys}
 PidFile {root}/sshd.pid
 AuthorizedKeysFile {root}/authorized_keys
 StrictModes no
@@ -58,10 +58,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def generate_key(path: Path) -> Path:
-    """A fresh unencrypted ed25519 key pair at `path` and `path.pub`."""
+def generate_key(path: Path, kind: str = "ed25519") -> Path:
+    """A fresh unencrypted key pair (`ssh-keygen -t kind`) at `path` and `path.pub`."""
     subprocess.run(
-        [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "grpoctl-test", "-f", str(path)],
+        [SSH_KEYGEN, "-q", "-t", kind, "-N", "", "-C", "grpoctl-test", "-f", str(path)],
         check=True,
         stdin=subprocess.DEVNULL,
     )
@@ -102,11 +102,13 @@ class LoopbackSshd:
         *,
         client_key: str | os.PathLike[str] | None = None,
         session_env: dict[str, str] | None = None,
+        extra_host_key_types: tuple[str, ...] = (),
     ) -> None:
         """`client_key`: a private key (with `.pub` beside it) to authorize instead of a generated one,
         so that several servers accept the same client (a multi-worker target has one `ssh_key`).
         `session_env`: more variables for every session (sshd takes only its first SetEnv line); the
-        fake TPU API gives each VM its own HOME and a tag that finds the processes it started."""
+        fake TPU API gives each VM its own HOME and a tag that finds the processes it started.
+        `extra_host_key_types`: e.g. ("rsa",): host keys beside the ed25519 one (`host_key_sha256`)."""
         self.session_env = dict(session_env or {})
         if any('"' in f"{k}{v}" or "\n" in f"{k}{v}" for k, v in self.session_env.items()):
             raise ValueError("session_env names and values cannot contain double quotes or newlines")
@@ -119,9 +121,10 @@ class LoopbackSshd:
             or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
         )
         self._proc: subprocess.Popen[bytes] | None = None
-        host_key = self.root / "host_ed25519"
-        if not host_key.exists():
-            generate_key(host_key)
+        self.host_keys = [self.root / f"host_{kind}" for kind in ("ed25519", *extra_host_key_types)]
+        for key, kind in zip(self.host_keys, ("ed25519", *extra_host_key_types), strict=True):
+            if not key.exists():
+                generate_key(key, kind)
         self.client_key = Path(client_key) if client_key is not None else self.root / "client_ed25519"
         if not self.client_key.exists():
             generate_key(self.client_key)
@@ -143,7 +146,8 @@ class LoopbackSshd:
             port = self.port if keep_port else free_port()
             config = self.root / "sshd_config"
             env = "".join(f' "{k}={v}"' for k, v in self.session_env.items())  # quoted: spaces survive
-            config.write_text(_CONFIG.format(port=port, root=self.root, session_env=env))
+            host_keys = "\n".join(f"HostKey {key}" for key in self.host_keys)
+            config.write_text(_CONFIG.format(port=port, root=self.root, session_env=env, host_keys=host_keys))
             log = (self.root / "sshd.log").open("ab")
             self._proc = subprocess.Popen(
                 [SSHD, "-D", "-e", "-f", str(config)],

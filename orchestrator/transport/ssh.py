@@ -266,8 +266,10 @@ class SshTransport:
         known = self._known_keys()
         if known and not self._pins:
             options = conn.get_security_options()
-            preferred = [t for name in known for t in _NEGOTIATED_TYPES.get(name, (name,))]
-            options.key_types = tuple(dict.fromkeys([*preferred, *options.key_types]))
+            # Negotiate a key type known_hosts has, so a known host is checked, not reported unknown.
+            supported = options.key_types
+            preferred = [t for name in known for t in _NEGOTIATED_TYPES.get(name, (name,)) if t in supported]
+            options.key_types = tuple(dict.fromkeys([*preferred, *supported]))
         try:
             conn.start_client(timeout=self._connect_timeout)
             # start_client returns quietly when its timeout passes mid-handshake: check it finished.
