@@ -20,6 +20,7 @@ from jax import export
 from jax._src.interpreters import mlir as jax_mlir
 from jax._src.lib import tpu as tpu_dialect
 from jax._src.lib.mlir import ir, passmanager
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from trainer.kernels import KernelBlocks, token_logprobs
 from trainer.kernels.pallas import token_logprobs_pallas
@@ -47,12 +48,12 @@ def _export_for_tpu(stats_fn) -> str:
     return exported.mlir_module()
 
 
-def _tpu_kernels(module_text: str) -> list[tuple[dict, str]]:
-    """(backend config, Mosaic kernel signature text) of every tpu_custom_call in a StableHLO module."""
+def _tpu_kernels(module_text: str) -> list[tuple[dict, str, list[str]]]:
+    """(backend config, Mosaic kernel signature, operand types) of every tpu_custom_call in a module."""
     ctx = jax_mlir.make_ir_context()
     tpu_dialect.register_dialect(ctx)
     ctx.allow_unregistered_dialects = True
-    configs: list[str] = []
+    calls: list[tuple[str, list[str]]] = []
     kernels = []
     with ctx, ir.Location.unknown():
 
@@ -62,16 +63,17 @@ def _tpu_kernels(module_text: str) -> list[tuple[dict, str]]:
                 op.operation.name == "stablehlo.custom_call"
                 and ir.StringAttr(attrs["call_target_name"]).value == "tpu_custom_call"
             ):
-                configs.append(ir.StringAttr(attrs["backend_config"]).value)
+                operands = [str(x.type) for x in op.operation.operands]
+                calls.append((ir.StringAttr(attrs["backend_config"]).value, operands))
             return ir.WalkResult.ADVANCE
 
         ir.Module.parse(module_text).operation.walk(collect)
-        for text in configs:
+        for text, operands in calls:
             config = json.loads(text)
             body = ir.Module.parse(base64.b64decode(config["custom_call_config"]["body"]))
             passmanager.PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(body.operation)
             signature = next(line for line in str(body).splitlines() if "func.func @token_logprobs" in line)
-            kernels.append((config, signature))
+            kernels.append((config, signature, operands))
     return kernels
 
 
@@ -84,7 +86,7 @@ def pallas_module() -> str:
 def test_pallas_forward_and_backward_lower_for_tpu_at_qwen_3b_shapes(pallas_module):
     blocks = KernelBlocks()
     kernels = _tpu_kernels(pallas_module)
-    names = [re.search(r"func.func @(\w+)", sig).group(1) for _, sig in kernels]
+    names = [re.search(r"func.func @(\w+)", sig).group(1) for _, sig, _ in kernels]
     assert sorted(names) == ["token_logprobs_dhidden", "token_logprobs_dlm_head", "token_logprobs_fwd"]
     token_blocks, vocab_blocks = N // blocks.block_tokens, -(-V // blocks.block_vocab)  # 8, 149 (ragged)
     expected_grid = {
@@ -92,7 +94,7 @@ def test_pallas_forward_and_backward_lower_for_tpu_at_qwen_3b_shapes(pallas_modu
         "token_logprobs_dhidden": (token_blocks, vocab_blocks),
         "token_logprobs_dlm_head": (vocab_blocks, token_blocks),
     }
-    for (config, signature), name in zip(kernels, names, strict=True):
+    for (config, signature, _), name in zip(kernels, names, strict=True):
         bounds = re.search(r"iteration_bounds = array<i64: (\d+), (\d+)>", signature).groups()
         assert tuple(map(int, bounds)) == expected_grid[name]
         assert "parallel>, #tpu.dimension_semantics<arbitrary>]" in signature
@@ -115,3 +117,27 @@ def test_illegal_tpu_block_is_rejected_by_the_lowering():
     object.__setattr__(blocks, "block_tokens", 500)  # bypass KernelBlocks' own validation on purpose
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         _export_for_tpu(lambda h, w, t: token_logprobs_pallas(h, w, t, 1.0, blocks, interpret=False))
+
+
+def test_under_a_mesh_each_device_runs_the_kernels_on_its_own_tokens():
+    """v6e-8 style: 8 devices, tokens split over fsdp. Each kernel sees [N/8, H] hidden and the whole lm_head
+    (gathered, as FSDP does for every layer), instead of GSPMD running the full loss on every device."""
+    devices = jax.devices()[:8]
+    mesh = jax.make_mesh((1, 8, 1), ("dp", "fsdp", "tp"), axis_types=(AxisType.Auto,) * 3, devices=devices)
+    split = NamedSharding(mesh, PartitionSpec("fsdp"))
+    args = (
+        jax.ShapeDtypeStruct((N, H), jnp.bfloat16, sharding=split),
+        jax.ShapeDtypeStruct((V, H), jnp.bfloat16, sharding=split),
+        jax.ShapeDtypeStruct((N,), jnp.int32, sharding=split),
+    )
+    blocks = KernelBlocks()
+    fn = _loss_and_grad(lambda h, w, t: token_logprobs_pallas(h, w, t, 1.0, blocks, interpret=False))
+    with jax.set_mesh(mesh):
+        exported = export.export(fn, platforms=["tpu"])(*args)
+    assert exported.nr_devices == 8
+    kernels = _tpu_kernels(exported.mlir_module())
+    assert len(kernels) == 3
+    for _, signature, operands in kernels:
+        assert f"tensor<{N // 8}x{H}xbf16>" in operands, (signature[:60], operands)
+        assert f"tensor<{V}x{H}xbf16>" in operands
+        assert "iteration_bounds = array<i64: 1, 149>" in signature or "array<i64: 149, 1>" in signature

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from trainer.kernels import KernelBlocks, TokenStats, token_logprobs
-from trainer.kernels.pallas import token_logprobs_pallas
+from trainer.kernels.pallas import token_axes, token_logprobs_pallas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,22 @@ def test_pallas_under_tpu_interpret_params():
     params = pltpu.InterpretParams(uninitialized_memory="nan")
     fn = lambda h, w, t, T: token_logprobs_pallas(h, w, t, T, blocks, interpret=params)
     stats, grads = _loss_and_grads(fn, h, w, t, case.temperature, coeffs)
+    _assert_parity(stats, grads, numpy_reference(h, w, t, case.temperature, coeffs), case.dtype)
+
+
+def test_pallas_under_a_device_mesh_splits_tokens_and_sums_dlm_head():
+    """8 CPU devices, tokens split over (dp, fsdp) = (2, 4): same values and gradients as one device."""
+    case = Case(64, 300, 128, 1.0, "float32", {}, 6)
+    h, w, t, coeffs = _inputs(case)
+    mesh = jax.make_mesh((2, 4, 1), ("dp", "fsdp", "tp"), axis_types=(AxisType.Auto,) * 3,
+                         devices=jax.devices()[:8])
+    blocks = KernelBlocks(block_tokens=8, block_vocab=128)
+    fn = lambda h, w, t, T: token_logprobs_pallas(h, w, t, T, blocks)
+    with jax.set_mesh(mesh):
+        assert token_axes(case.tokens) == ("dp", "fsdp")
+        h = jax.device_put(h, NamedSharding(mesh, PartitionSpec(("dp", "fsdp"))))
+        w = jax.device_put(w, NamedSharding(mesh, PartitionSpec("fsdp")))  # vocab-sharded, as FSDP keeps it
+        stats, grads = _loss_and_grads(fn, h, w, t, case.temperature, coeffs)
     _assert_parity(stats, grads, numpy_reference(h, w, t, case.temperature, coeffs), case.dtype)
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
 
 from trainer.kernels import softmax_math as sm
 from trainer.kernels.chunked import matmul_precision
@@ -246,6 +247,20 @@ def _pallas_bwd(temperature, blocks, interpret, residuals, g: TokenStats):
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
+def token_axes(tokens: int) -> tuple[str, ...]:
+    """Axes of the ambient mesh (`jax.set_mesh`) to split the token axis over: every axis of size > 1, in
+    mesh order, while their product divides N. Empty outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes: list[str] = []
+    ways = 1
+    for name in () if mesh.empty else mesh.axis_names:
+        size = mesh.shape[name]
+        if size > 1 and tokens % (ways * size) == 0:
+            axes.append(name)
+            ways *= size
+    return tuple(axes)
+
+
 def token_logprobs_pallas(
     hidden: jax.Array,
     lm_head: jax.Array,
@@ -258,5 +273,19 @@ def token_logprobs_pallas(
 
     interpret: None picks Mosaic on a TPU backend and interpret mode elsewhere; True, False or a
     `pltpu.InterpretParams()` force one (the lowering test uses False to build the TPU kernel on a CPU host).
+
+    Under a device mesh set with `jax.set_mesh`, the kernels run per device on that device's tokens
+    (shard_map over `token_axes`), with lm_head gathered whole and dlm_head summed over the devices. Without
+    it, GSPMD sees an opaque custom call and would run the whole loss on every device.
     """
-    return _pallas(hidden, lm_head, targets, float(temperature), blocks, interpret)
+    temperature = float(temperature)
+    kernel = lambda h, w, t: _pallas(h, w, t, temperature, blocks, interpret)
+    axes = token_axes(hidden.shape[0])
+    if not axes:
+        return kernel(hidden, lm_head, targets)
+    tokens = PartitionSpec(axes)
+    # check_vma=False: pallas_call outputs carry no varying-axes type; the replicated lm_head's cotangent
+    # is still summed over the token shards by shard_map's transpose.
+    return jax.shard_map(
+        kernel, in_specs=(tokens, PartitionSpec(), tokens), out_specs=tokens, check_vma=False
+    )(hidden, lm_head, targets)
