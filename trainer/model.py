@@ -196,32 +196,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, hq * d)
 
 
-def _layer(
-    cfg: Qwen2Config,
-    x: jax.Array,
-    p: Params,
-    positions: jax.Array,
-    mask: jax.Array,
-    cache_kv: tuple[jax.Array, jax.Array] | None,
-    index: jax.Array | None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+def _qkv(cfg: Qwen2Config, x: jax.Array, p: Params, positions: jax.Array) -> tuple[jax.Array, ...]:
+    """Pre-norm q/k/v projections with RoPE applied: [B, T, heads, D]."""
     b, t, _ = x.shape
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
     q = _dense(h, p["q"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = _dense(h, p["k"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = _dense(h, p["v"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta)
-    if cache_kv is not None:
-        ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
-        cache_kv = (ck, cv)
-        k, v = ck.astype(x.dtype), cv.astype(x.dtype)
-    x = x + _dense(attention(q, k, v, mask), p["o"])
+    return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
+
+
+def _attn_out_and_mlp(cfg: Qwen2Config, x: jax.Array, p: Params, attn: jax.Array) -> jax.Array:
+    x = x + _dense(attn, p["o"])
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    x = x + _dense(jax.nn.silu(_dense(h, p["gate"])) * _dense(h, p["up"]), p["down"])
-    return x, cache_kv
+    return x + _dense(jax.nn.silu(_dense(h, p["gate"])) * _dense(h, p["up"]), p["down"])
 
 
 def forward(
@@ -244,29 +232,43 @@ def forward(
     t = tokens.shape[1]
     x = params["embed"]["embedding"][tokens].astype(dtype)
     attn_mask = attn_mask.astype(bool)
+
     if cache is None:
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & attn_mask[:, None, :]
-        index, valid = None, None
-    else:
-        index = cache.index
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
-        slots = jnp.arange(cache.valid.shape[1])
-        causal = slots[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
-        mask = causal[None] & valid[:, None, :]
+        mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]
 
-    def body(x: jax.Array, xs: tuple[Params, Any]) -> tuple[jax.Array, Any]:
-        layer_params, cache_kv = xs
-        return _layer(cfg, x, layer_params, positions, mask, cache_kv, index)
+        def body(x: jax.Array, p: Params) -> tuple[jax.Array, None]:
+            q, k, v = _qkv(cfg, x, p, positions)
+            return _attn_out_and_mlp(cfg, x, p, attention(q, k, v, mask)), None
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    cache_xs = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], cache_xs))
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        return rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps), None
+
+    index = cache.index
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
+    slots = jnp.arange(valid.shape[1])
+    mask = (slots[None, :] <= (index + jnp.arange(t))[:, None])[None] & valid[:, None, :]  # [B, T, S]
+
+    # The whole cache rides in the scan carry and each layer writes only its T new slots in place;
+    # emitting per-layer caches as scan outputs would copy the entire cache on every decode step.
+    def cached_body(
+        carry: tuple[jax.Array, ...], xs: tuple[Params, jax.Array]
+    ) -> tuple[tuple[jax.Array, ...], None]:
+        x, ck, cv = carry
+        p, layer = xs
+        q, k, v = _qkv(cfg, x, p, positions)
+        at = (layer, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+        layer_k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
+        layer_v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
+        return (_attn_out_and_mlp(cfg, x, p, attention(q, layer_k, layer_v, mask)), ck, cv), None
+
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["layers"], layers))
     hidden = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
-    if cache is not None:
-        cache = KVCache(k=new_kv[0], v=new_kv[1], valid=valid, index=index + t)
-    return hidden, cache
+    return hidden, KVCache(k=k, v=v, valid=valid, index=index + t)
 
 
 def logits(
