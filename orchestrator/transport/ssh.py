@@ -109,7 +109,9 @@ class SshTransport:
         # dies by a signal, bash reports 128+N (paramiko drops SSH's exit-signal message).
         text = shlex.quote(script(command, env=env, cwd=cwd) + "\nexit $?")
         # The remote `timeout` kills the command's whole process group; closing a channel would not.
-        line = f"bash -c {text}" if timeout is None else f"timeout -k 5 {timeout:.3f} bash -c {text}"
+        # (`timeout 0` would mean "no limit": the smallest limit it takes is 1 ms.)
+        limit = None if timeout is None else max(timeout, 0.001)
+        line = f"bash -c {text}" if limit is None else f"timeout -k 5 {limit:.3f} bash -c {text}"
         client_deadline = None if timeout is None else start + timeout + _CLIENT_TIMEOUT_SLACK_S
         code, out, err = self._exec(line, None, client_deadline, on_output)
         stdout, stderr = out.close(), err.close()
@@ -259,8 +261,7 @@ class SshTransport:
             raise _Retryable(f"cannot resolve host ({exc.strerror})") from None
         except OSError as exc:
             raise _Retryable(exc.strerror or str(exc)) from None
-        # Small request/reply packets: without this, Nagle + delayed ACK add ~40 ms to every channel open.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune_socket(sock, self._keepalive_s)
         conn = paramiko.Transport(sock)
         conn.banner_timeout = conn.handshake_timeout = conn.auth_timeout = self._connect_timeout
         known = self._known_keys()
@@ -357,6 +358,18 @@ class SshTransport:
                     continue  # a passphrase-protected default key: the agent may hold it
         self._keys = keys
         return keys
+
+
+def _tune_socket(sock: socket.socket, keepalive_s: float) -> None:
+    # Small request/reply packets: without this, Nagle + delayed ACK add ~40 ms to every channel open.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A host that vanishes without a reset (preempted VM, dropped route) would leave a command without
+    # a timeout waiting forever; TCP keepalive declares the connection dead after ~3 missed probes.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(keepalive_s))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", idle), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _load_key(path: Path) -> paramiko.PKey:
