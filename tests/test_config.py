@@ -113,3 +113,21 @@ def test_cli_rejects_bad_config_with_one_line_and_exit_2(args, needle, tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (ROOT / "X").exists()
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        out += _leaf_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    return out
+
+
+def test_every_key_is_documented():
+    doc = (ROOT / "docs" / "trainer-config.md").read_text()
+    missing = [k for k in _leaf_keys(C.Config) if f"`{k}`" not in doc and f"`{k.split('.')[-1]}`" not in doc]
+    assert not missing, f"undocumented config keys: {missing}"

@@ -174,7 +174,7 @@ def update_step(params, opt_state, ref_params, batch, *, model_cfg, loss_cfg, nu
     grads, metrics = grpo.step_gradients(params, ref_params, model_cfg, batch, loss_cfg, num_micro)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
 
