@@ -11,6 +11,7 @@ record (and so shows in `status --json` and the SOP report).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
     }
     target = session.target
     if kind == "preemption":
-        session.say(f"{record.run_id}: {reason}; recreating {session.target_name}")
+        session.say(
+            f"{record.run_id}: {reason}; recreating {session.target_name} (a fresh disk: the run resumes "
+            "from checkpoints kept off the VM, e.g. checkpoint.dir gs://...)"
+        )
         target.up()
         prepare_workers(session, policy.env_file)
     elif policy.clear_stale_tpu and session.kind == "tpu":
@@ -70,6 +74,9 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
 
         clear_stale_tpu_users(target.transports(), remote_dir=record.remote_dir)
     launch_ops.renew_attempt(record)
+    while record.log_path == entry["previous_log"]:  # log names have 1 s resolution: a fast failure
+        time.sleep(0.2)
+        launch_ops.renew_attempt(record)
     for w, fresh in zip(record.workers, target.workers(), strict=True):
         w.host = fresh.host if fresh.port == 22 else f"{fresh.host}:{fresh.port}"
     record.state, record.finished_at = "LAUNCHING", None

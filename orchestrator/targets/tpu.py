@@ -147,6 +147,10 @@ class TpuTarget(Target):
                 return node
             if node is not None and node_state in DEAD_NODE_STATES:
                 raise InfraError(f"{self.node_label} became {node_state} while starting")
+            if node_state in ("STOPPED", "STOPPING"):  # stopped by a person: theirs to start or delete
+                raise InfraError(
+                    f"{self.node_label} is {node_state}: start it, or `grpoctl down` and `up` again"
+                )
             if op is not None and op.done():
                 cloud.wait_operation(op, f"create {self.node_label}", timeout_s=0)  # raises on failure
             if time.monotonic() > deadline:
@@ -160,8 +164,9 @@ class TpuTarget(Target):
         what = f"queued resource {self.cfg.name}" if "queued" in created else f"node {self.cfg.name}"
         why = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         try:
-            self._delete(self.api.get_node(self.cfg.name), self.api.get_queued(self.cfg.name))
-            self.say(f"{self.node_label}: up {why}; deleted the {what} it created")
+            deleted = self._delete(self.api.get_node(self.cfg.name), self.api.get_queued(self.cfg.name))
+            done = f"deleted the {what} it created" if deleted else f"the {what} was never created"
+            self.say(f"{self.node_label}: up {why}; {done}")
         except Exception as cleanup_err:  # noqa: BLE001 - the original error matters more
             self.say(
                 f"{self.node_label}: up {why} and deleting the {what} failed ({cleanup_err}); "
@@ -199,7 +204,7 @@ class TpuTarget(Target):
         node = self._current_node()
         endpoints = list(node.network_endpoints)
         if not endpoints:
-            raise InfraError(f"{self.node_label} is {cloud.state_name(node)} and has no workers yet")
+            raise InfraError(f"{self.node_label} is {cloud.state_name(node)}: no workers to reach")
         out = []
         for i, ep in enumerate(endpoints):
             host = ep.ip_address if self.cfg.internal_ip else ep.access_config.external_ip
