@@ -48,7 +48,7 @@ class Target(ABC):
         for t in self.transports():
             t.run("true", timeout=30)
 
-    def down(self) -> None:
+    def down(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Release what `up` provisioned. Nothing to release for fixed hosts."""
 
     def state(self) -> TargetState:
