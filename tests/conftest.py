@@ -15,7 +15,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
-os.environ["NO_GCE_CHECK"] = "True"  # google-auth: never probe the metadata server
+os.environ["NO_GCE_CHECK"] = "true"  # google-auth: never probe the metadata server (lowercase!)
 
 import pytest  # noqa: E402
 
