@@ -100,7 +100,7 @@ def test_failed_run_exit_code_and_one_line_error(cli):
     assert "w0 localhost: pid " in result.stderr  # -v says where things are
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("grpoctl: error: run fail3-") and "w0" in lines[-1]
-    assert lines[-1].endswith("exit code 3")
+    assert lines[-1].endswith("exit code 3; w0 log: failing on purpose with 3")  # the job's last words
     assert "Traceback" not in result.output
 
 

@@ -157,3 +157,22 @@ def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
     report = (tmp_path / "r" / "report.md").read_text()
     assert "| `run:bad` | failed |" in report and "| `fetch` | pending |" in report
     assert "**error**: run fail3-" in report
+
+
+@pytest.mark.slow
+def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`make demo` in small: the repo's own SOP, the real trainer (jax vs pallas loss), cut to 2 steps."""
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)  # committed code, like a worker
+    config = tmp_path / "grpoctl.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
+    monkeypatch.chdir(work)
+    small = {"steps": "2", "eval_every_steps": "2", "eval_full_limit": "16", "checkpoint.every_steps": "100"}
+    result = sop.replay(LOCAL_SOP, config_file=str(config), overrides=small)
+    assert all(s.status == "done" for s in result.state.steps.values())
+    for name in ("jax", "pallas"):
+        run_id = result.state.steps[f"run:{name}"].run_id
+        summary = json.loads((work / "runs" / run_id / "summary.json").read_text())
+        assert summary["steps"] == 2 and 0.0 <= summary["eval_full/accuracy"] <= 1.0
+        assert len((work / "runs" / run_id / "eval_full.jsonl").read_text().splitlines()) == 16
+    assert "McNemar exact test on 16 paired questions" in result.verdict

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator import recipes
-from orchestrator.errors import InfraError, JobFailed
+from orchestrator.errors import GrpoctlError, InfraError, JobFailed
+from orchestrator.ops import env as env_ops
 from orchestrator.ops.fanout import fan_out
 from orchestrator.ops.launch import paths_of
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
@@ -85,6 +86,25 @@ def failure_message(record: RunRecord) -> str:
     return f"run {record.run_id} failed on " + ", ".join(parts)
 
 
+def log_hint(target, record: RunRecord, index: int, redact: Callable[[str], str] | None = None) -> str:
+    """`; w1 log: <its last line>`: why a job died is usually the last thing it printed (best effort)."""
+    t = target.transports()[index]
+    try:
+        result = t.run(recipes.tail_log(record.remote_dir, record.log_path, 1), timeout=30)
+    except GrpoctlError:
+        return ""
+    line = result.stdout.strip().splitlines()[-1:] if result.ok else []
+    if not line:
+        return ""
+    text = (redact or _redact_local_env)(line[0])
+    return f"; {record.workers[index].worker} log: {text[:200]}"
+
+
+def _redact_local_env(text: str) -> str:
+    # The trainer never prints .env values; this guards against a job that does.
+    return env_ops.redactor(list(env_ops.read_dotenv(".env").values()))(text)
+
+
 OnPoll = Callable[[RunRecord, Poll], None]
 
 
@@ -116,6 +136,7 @@ def wait(
                 i for i, w in enumerate(record.workers) if i not in failed and w.state not in recipes.TERMINAL
             ]
             message = failure_message(record)
+            hint = log_hint(target, record, failed[0])
             if others:
                 kill(target, record, workers=others)
                 poll(target, record)  # record the stopped workers' final states
@@ -123,10 +144,11 @@ def wait(
             record.state = "FAILED" if any(record.workers[i].state == "FAILED" for i in failed) else "LOST"
             if store is not None:
                 store.save(record)
-            raise JobFailed(message)
+            raise JobFailed(message + hint)
         if record.state in recipes.TERMINAL:
             if record.state != "SUCCEEDED":
-                raise JobFailed(failure_message(record))
+                bad = next(i for i, w in enumerate(record.workers) if w.state in ("FAILED", "LOST"))
+                raise JobFailed(failure_message(record) + log_hint(target, record, bad))
             return record
         if time.monotonic() - last_contact > unreachable_timeout:
             raise InfraError(
