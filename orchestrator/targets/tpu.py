@@ -12,8 +12,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from google.cloud import tpu_v2
+from rich.console import Console
+from rich.status import Status
 
 from orchestrator.cloud import api as cloud
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
@@ -126,6 +129,10 @@ class TpuTarget(Target):
 
     def _wait_ready(self, *, queued_mode: bool) -> tpu_v2.Node:
         """Poll until the node (and its queued resource) is READY; say each state once."""
+        with _live_status() as live:
+            return self._poll_until_ready(queued_mode, live)
+
+    def _poll_until_ready(self, queued_mode: bool, live: Status | None) -> tpu_v2.Node:
         deadline = time.monotonic() + self.cfg.up_timeout_s
         start, last, state = time.monotonic(), "", ""
         op = self._create_op
@@ -140,9 +147,12 @@ class TpuTarget(Target):
             node = self.api.get_node(self.cfg.name)
             node_state = cloud.state_name(node) if node is not None else "NOT_CREATED"
             shown = f"{state} / node {node_state}" if queued_mode else node_state
-            if shown != last:
-                self.say(f"{self.node_label}: {shown} ({time.monotonic() - start:.0f} s)")
+            line = f"{self.node_label}: {shown} ({time.monotonic() - start:.0f} s)"
+            if shown != last:  # one line per state for the record, a live line on a terminal
+                self.say(line)
                 last = shown
+            if live is not None:
+                live.update(line)
             if node is not None and node_state == "READY" and (not queued_mode or state == "ACTIVE"):
                 return node
             if node is not None and node_state in DEAD_NODE_STATES:
@@ -345,6 +355,13 @@ class TpuTarget(Target):
         if node is None:
             return "node NOT_FOUND"
         return f"node {cloud.state_name(node)}"
+
+
+def _live_status() -> AbstractContextManager[Status | None]:
+    """A spinner with the current state on an interactive terminal; nothing otherwise."""
+    return (
+        Console(stderr=True).status("waiting for the Cloud TPU API") if sys.stderr.isatty() else nullcontext()
+    )
 
 
 def _why(qr: tpu_v2.QueuedResource) -> str:
