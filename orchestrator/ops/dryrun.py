@@ -108,3 +108,16 @@ def fake_file(path: str) -> bytes | None:
     if name == "config.json":
         return json.dumps({"policy_loss_impl": flavour, "dry_run": True}).encode()
     return None
+
+
+class FakeRunFiles(dict):
+    """The RecordingScript's `files`: `get` in a dry run finds plausible contents for any run file."""
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and fake_file(path) is not None
+
+    def __getitem__(self, path: str) -> bytes:
+        data = fake_file(path)
+        if data is None:
+            raise KeyError(path)
+        return data

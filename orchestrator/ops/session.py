@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import recipes
 from orchestrator.config import GrpoctlConfig, RepoConfig, TargetConfig, load_config
+from orchestrator.ops import dryrun
 from orchestrator.runs import RunStore
 from orchestrator.targets import Target, build_target
 from orchestrator.transport.recording import RecordingScript
@@ -30,7 +31,6 @@ class Session:
     dry_run: bool = False
     script: RecordingScript | None = None  # the dry run's journal
     say: Say = _quiet  # progress and warnings, one line each (the CLI sends them to stderr)
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -81,29 +81,10 @@ def open_session(
     name, target_cfg = cfg.target(target)
     script = None
     if dry_run:
-        from orchestrator.ops.dryrun import responder
-
-        script = RecordingScript(responder=responder, files=_DryRunFiles(), printer=lambda s: say(s))
+        script = RecordingScript(responder=dryrun.responder, files=dryrun.FakeRunFiles(), printer=say)
     built = build_target(
         name, target_cfg, cfg.repo, dry_run=dry_run, accept_new_host_key=accept_new_host_key, script=script
     )
     if store is None:
         store = RunStore.in_memory() if dry_run else RunStore()
     return Session(cfg, name, target_cfg, built, store, dry_run, script, say)
-
-
-class _DryRunFiles(dict):
-    """`get` in a dry run: plausible contents for any run file asked for."""
-
-    def __contains__(self, path: object) -> bool:
-        from orchestrator.ops.dryrun import fake_file
-
-        return isinstance(path, str) and fake_file(path) is not None
-
-    def __getitem__(self, path: str) -> bytes:
-        from orchestrator.ops.dryrun import fake_file
-
-        data = fake_file(path)
-        if data is None:
-            raise KeyError(path)
-        return data

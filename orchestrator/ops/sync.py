@@ -49,8 +49,9 @@ def resolve_repo(session: Session, cwd: Path | None = None) -> RepoSpec:
         try:
             return _resolve_repo(session, cwd)
         except UsageError as err:  # a dry run shows the procedure even outside a usable checkout
-            return RepoSpec(session.repo.url or "<repo.url>", session.repo.branch or "<branch>",
-                            (f"dry run: {err}",))
+            return RepoSpec(
+                session.repo.url or "<repo.url>", session.repo.branch or "<branch>", (f"dry run: {err}",)
+            )
     return _resolve_repo(session, cwd)
 
 
