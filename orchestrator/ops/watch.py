@@ -36,9 +36,14 @@ def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
     """Probe every worker once and update `record` in place (not saved). Unreachable workers keep
     their last known state; the run's state is decided only from the workers that answered."""
     script = recipes.status(record.remote_dir, paths_of(record))
-    results = fan_out(
-        target.transports(), lambda _i, t: recipes.parse_status(t.run(script, timeout=timeout).stdout)
-    )
+
+    def probe(_: int, t: Transport) -> recipes.WorkerStatus:
+        result = t.run(script, timeout=timeout)
+        if not result.ok:  # e.g. the probe timed out: that says nothing about the job
+            raise InfraError(f"{t.name}: status probe failed (exit {result.exit_code})")
+        return recipes.parse_status(result.stdout)
+
+    results = fan_out(target.transports(), probe)
     statuses = [r.value for r in results]
     errors = [str(r.error) for r in results if r.error is not None]
     for w, s in zip(record.workers, statuses, strict=True):
@@ -48,7 +53,8 @@ def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
             if s.progress:
                 w.step, w.total = s.progress.step, s.progress.total
     answered = [s for s in statuses if s is not None]
-    if answered and len(answered) == len(statuses) or any(s.state in ("FAILED", "LOST") for s in answered):
+    everyone_answered = bool(answered) and len(answered) == len(statuses)
+    if everyone_answered or any(s.state in ("FAILED", "LOST") for s in answered):
         state = recipes.combine(answered)
     else:
         state = record.state
