@@ -174,7 +174,7 @@ class TpuApi:
             keys = {}
             for item in attrs.query_value.items:
                 if item.namespace == "hostkeys" and item.value:
-                    keys[item.key] = item.value.split()[-1]  # some images publish "type base64"
+                    keys[item.key] = _key_blob(item.key, item.value)
             out.append(keys)
         return out
 
@@ -215,6 +215,12 @@ class TpuApi:
             f"list queued resources in {self.zone}", self.client.list_queued_resources, parent=self.parent
         )
         return list(_pages(pager))
+
+
+def _key_blob(key_type: str, value: str) -> str:
+    """The base64 part of a published host key ("AAAA..." from the guest agent, or "type AAAA...")."""
+    tokens = value.split()
+    return tokens[1] if len(tokens) > 1 and tokens[0] == key_type else tokens[0]
 
 
 def _pages(pager: Any) -> Iterator[Any]:
