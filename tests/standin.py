@@ -11,6 +11,8 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import pytest
+
 STANDIN_TRAINER = textwrap.dedent(
     '''
     """Stand-in trainer: behaves like `python -m trainer` as the orchestrator sees it, in milliseconds."""
@@ -130,8 +132,6 @@ def make_standin_repo(root: Path) -> tuple[str, Path]:
     git(work, "push", "-q", "origin", "main")
     return url, work
 
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import pytest
 from standin import git, standin_repo  # noqa: F401
 
 from orchestrator import recipes
+from orchestrator.errors import UsageError
 
 
 def bash(script: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -34,7 +35,7 @@ def test_qpath_keeps_home_meaning_and_quotes_the_rest():
 
 def test_launch_rejects_bad_env_names():
     paths = recipes.RunPaths.for_run("c", "20260101_000000", "c-1")
-    with pytest.raises(recipes.UsageError):
+    with pytest.raises(UsageError, match="not a valid environment variable name"):
         recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={"A;rm -rf /": "1"})
 
 
