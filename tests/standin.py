@@ -133,7 +133,6 @@ def make_standin_repo(root: Path) -> tuple[str, Path]:
     return url, work
 
 
-
 @pytest.fixture(scope="session")
 def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """One stand-in repo for the whole session: (file:// URL of the bare origin, work clone)."""
