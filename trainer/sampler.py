@@ -148,8 +148,9 @@ def _generate(
         done = state.done | (live & jnp.isin(token, stop_ids))
         return state._replace(step=col + 1, last_token=token, position=state.position + 1, done=done, out=out)
 
-    # Prefill: the whole (bucketed) prompt at once; the cache holds prompt + all but the last new token.
-    cache = init_cache(cfg, batch, prompt_len + steps, s.cache_dtype)
+    # Prefill: the whole (bucketed) prompt at once. The cache holds the prompt and every new token but the
+    # last, which is sampled and never fed back.
+    cache = init_cache(cfg, batch, prompt_len + steps - 1, s.cache_dtype)
     positions = positions_from_mask(prompt_mask)
     hidden, cache = forward(params, cfg, prompt_tokens, positions, prompt_mask, cache, s.dtype)
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
