@@ -113,7 +113,7 @@ def test_fsdp8_mesh_matches_one_device(tiny):
     # Greedy decode on the mesh == argmax of the single-device full forward, step by step.
     eight = generate(
         sharded, cfg, batch["tokens"], batch["mask"], jax.random.key(0), max_new_tokens=steps,
-        temperature=0.0, dtype=jnp.float32, cache_dtype=jnp.float32,
+        temperature=0.0, dtype=jnp.float32, cache_dtype=jnp.float32, mesh=mesh,
     )  # fmt: skip
     seqs = [list(p) for p in prompts]
     for _ in range(steps):

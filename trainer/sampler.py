@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer.model import Params, Qwen2Config, forward, hidden_to_logits, init_cache, positions_from_mask
+from trainer.sharding import BATCH_AXES
 
 
 class SampleOutput(NamedTuple):
@@ -116,7 +118,7 @@ class _LoopState(NamedTuple):
     out: SampleOutput
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "mesh"))
 def _generate(
     params: Params,
     cfg: Qwen2Config,
@@ -126,6 +128,7 @@ def _generate(
     stop_ids: jax.Array,
     pad_id: jax.Array,
     settings: SamplingSettings,
+    mesh: Mesh | None,
 ) -> SampleOutput:
     s = settings
     batch, prompt_len = prompt_tokens.shape
@@ -151,6 +154,11 @@ def _generate(
     # Prefill: the whole (bucketed) prompt at once. The cache holds the prompt and every new token but the
     # last, which is sampled and never fed back.
     cache = init_cache(cfg, batch, prompt_len + steps - 1, s.cache_dtype)
+    if mesh is not None:  # pin the cache to the batch split so GSPMD never gathers or replicates it
+        kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+        cache = cache._replace(
+            k=jax.lax.with_sharding_constraint(cache.k, kv), v=jax.lax.with_sharding_constraint(cache.v, kv)
+        )
     positions = positions_from_mask(prompt_mask)
     hidden, cache = forward(params, cfg, prompt_tokens, positions, prompt_mask, cache, s.dtype)
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
@@ -205,11 +213,13 @@ def generate(
     dtype: Any = jnp.bfloat16,
     cache_dtype: Any = jnp.bfloat16,
     prompt_bucket_min: int = 16,
+    mesh: Mesh | None = None,
 ) -> SampleOutput:
     """Samples up to `max_new_tokens` per left-padded prompt [B, P]; temperature 0 is greedy.
 
     The prompt is left-padded further to `bucket_length(P, prompt_bucket_min)` so that prompts of nearby
-    lengths share one compiled program."""
+    lengths share one compiled program. With `mesh`, the KV cache is split over the batch like the prompts
+    (the batch must then be a multiple of dp * fsdp)."""
     settings = SamplingSettings(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -235,4 +245,5 @@ def generate(
         jnp.asarray(stop, jnp.int32),
         jnp.asarray(pad_id, jnp.int32),
         settings,
+        mesh,
     )
