@@ -31,6 +31,7 @@ class RecoveryPolicy:
     on_exit_codes: frozenset[int] = field(default_factory=frozenset)
     env_file: str = ".env"  # pushed again to a recreated node when it exists locally
     clear_stale_tpu: bool = True  # before relaunching on the same node after a failure
+    retry_wait_s: float = 60.0  # between attempts to recreate a preempted node (capacity comes back)
 
 
 class _MachineGone(Exception):
@@ -103,7 +104,11 @@ def wait_recovering(
         if on_poll is not None:
             on_poll(rec, poll)
         if poll.errors:  # SSH down: a network blip, or the VM is gone? The API knows.
-            reason = _preemption(session)
+            try:
+                reason = _preemption(session)
+            except InfraError as err:  # the API is unreachable too: keep riding it out
+                session.say(f"{rec.run_id}: workers and Cloud TPU API unreachable ({err}); still watching")
+                return
             if reason is not None:
                 raise _MachineGone(reason)
 
@@ -127,9 +132,17 @@ def wait_recovering(
                     _relaunch(session, record, "failure", f"exit code {sorted(codes)[0]}", policy)
                     continue
                 raise
-        if preemptions >= policy.max_preemptions:
-            raise PreemptedError(
-                f"run {record.run_id}: {reason}; the preemption budget ({policy.max_preemptions}) is spent"
-            )
-        preemptions += 1
-        _relaunch(session, record, "preemption", reason, policy)
+        while True:  # recreating can fail too (no spot capacity right now): try again later
+            if preemptions >= policy.max_preemptions:
+                raise PreemptedError(
+                    f"run {record.run_id}: {reason}; preemption budget ({policy.max_preemptions}) spent"
+                )
+            preemptions += 1
+            try:
+                _relaunch(session, record, "preemption", reason, policy)
+                break
+            except InfraError as err:
+                session.say(
+                    f"{record.run_id}: recovery failed ({err}); next try in {policy.retry_wait_s:g} s"
+                )
+                time.sleep(policy.retry_wait_s)

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import stat
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from tpu_support import SECRET, Project, fake_api_with_vms, laptop_project, one_line_error
+from tpu_support import (
+    SECRET,
+    Project,
+    fake_api_with_vms,
+    laptop_project,
+    long_run,
+    one_line_error,
+    preempt_at_step,
+)
 
 from orchestrator.cloud.api import LABEL_KEY, LABEL_VALUE
-from orchestrator.testing.resumable_standin import make_standin_repo
 
 
 @pytest.fixture(scope="module")
@@ -64,43 +68,15 @@ def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Projec
     assert project.node() is None and not project.fake.nodes
 
 
-def _long_run(project: Project) -> None:
-    """A 40-step stand-in (2 s) whose checkpoints go to a "bucket" that outlives the VMs."""
-    repo = make_standin_repo(
-        project.root / "long", steps=40, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
-    )
-    os.chdir(repo.work)
-    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
-    project.repo = repo
-
-
-def _preempt_at_step(project: Project, bucket: Path, node: str, step: int) -> list[int]:
-    """In the background: once the run has checkpointed `step`, the spot VM is taken back."""
-    preempted_at: list[int] = []
-
-    def watch() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            done = list(bucket.glob("*/step"))
-            if done and int(done[0].read_text() or 0) >= step:
-                preempted_at.append(int(done[0].read_text()))
-                project.fake.preempt(node)
-                return
-            time.sleep(0.02)
-
-    threading.Thread(target=watch, daemon=True).start()
-    return preempted_at
-
-
 def test_preemption_mid_run_recovers_with_the_same_run_id(project: Project) -> None:
-    _long_run(project)
+    long_run(project)
     cfg = project.config(name="grpo-spot")
     project.cli(cfg, "up")
     project.cli(cfg, "sync")
     project.cli(cfg, "env", "push")
 
     bucket = project.root / "bucket"
-    preempted_at = _preempt_at_step(project, bucket, "grpo-spot", 10)
+    preempted_at = preempt_at_step(project, bucket, "grpo-spot", 10)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.2")
     run_id, state = ran.stdout.split()[-2:]
     assert state == "SUCCEEDED" and preempted_at
@@ -135,10 +111,10 @@ steps:
 
 
 def test_sop_replay_recover_survives_a_preemption(project: Project) -> None:
-    _long_run(project)
+    long_run(project)
     cfg = project.config(name="grpo-sop")
     Path("spot.yaml").write_text(SOP)
-    preempted_at = _preempt_at_step(project, project.root / "bucket", "grpo-sop", 8)
+    preempted_at = preempt_at_step(project, project.root / "bucket", "grpo-sop", 8)
     result = project.cli(cfg, "sop", "replay", "spot.yaml", "--recover", "--report", "report.md")
     assert preempted_at and "relaunched (preemption #1)" in result.stderr
     report = Path("report.md").read_text()

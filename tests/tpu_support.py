@@ -5,6 +5,8 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +87,31 @@ def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
     lines = [x for x in result.stderr.splitlines() if x.startswith("grpoctl: error:")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def long_run(project: Project) -> None:
+    """A 40-step stand-in (2 s) whose checkpoints go to a "bucket" that outlives the VMs."""
+    repo = make_standin_repo(
+        project.root / "long", steps=40, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
+    )
+    os.chdir(repo.work)
+    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
+    project.repo = repo
+
+
+def preempt_at_step(project: Project, bucket: Path, node: str, step: int) -> list[int]:
+    """In the background: once the run has checkpointed `step`, the spot VM is taken back."""
+    preempted_at: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = list(bucket.glob("*/step"))
+            if done and int(done[0].read_text() or 0) >= step:
+                preempted_at.append(int(done[0].read_text()))
+                project.fake.preempt(node)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return preempted_at
