@@ -110,6 +110,7 @@ def make_standin_repo(
     (work / "configs").mkdir()
     cfg = {"steps": steps, "step_s": step_s, "checkpoint_dir": checkpoint_dir}
     (work / "configs" / "standin.yaml").write_text(json.dumps(cfg) + "\n")  # JSON is YAML
+    (work / ".gitignore").write_text(".env\nruns/\n")  # secrets and fetched results stay local
     _git(root, "init", "-q", "--bare", "-b", branch, str(bare))
     _git(work, "init", "-q", "-b", branch)
     _git(work, "-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
