@@ -143,3 +143,27 @@ def test_merge_ssh_keys_is_idempotent() -> None:
     assert cloud.merge_ssh_keys(f"bob:ssh-rsa XYZ bob\n{line}", line) is None
     assert cloud.merge_ssh_keys("bob:ssh-rsa XYZ bob", line) == f"bob:ssh-rsa XYZ bob\n{line}"
     assert cloud.os_login_enabled({"enable-oslogin": "TRUE"}) and not cloud.os_login_enabled({})
+
+
+@pytest.mark.parametrize(("internal_ip", "host"), [(False, "203.0.113.7"), (True, "10.130.0.2")])
+def test_workers_in_endpoint_order_external_or_internal(
+    fake: FakeTpuApi, internal_ip: bool, host: str
+) -> None:
+    from orchestrator.config import RepoConfig, TpuTargetConfig
+    from orchestrator.targets.tpu import TpuTarget
+
+    fake.script = Script(create_s=0.0, internal_ip="10.130.0.2", external_ip="203.0.113.7")
+    api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=fake.endpoint)
+    name = f"w-{int(internal_ip)}"
+    cloud.wait_operation(api.create_node(name, cloud.NodeRequest("v4-16", "rt", True)), "c", timeout_s=5)
+    cfg = TpuTargetConfig(
+        kind="tpu",
+        project="proj",
+        zone="us-east1-d",
+        name=name,
+        api_endpoint=fake.endpoint,
+        internal_ip=internal_ip,
+    )
+    workers = TpuTarget("tpu", cfg, RepoConfig()).workers()  # asks the API only: nothing connects
+    assert [(w.index, w.host, w.port) for w in workers] == [(0, host, 22), (1, host, 22)]
+    cloud.wait_operation(api.delete_node(name), "d", timeout_s=5)

@@ -73,6 +73,8 @@ class Script:
     quota_exhausted: bool = False  # the next creates fail in their operation with RESOURCE_EXHAUSTED
     os_login: bool = False  # nodes report enable-oslogin=TRUE (as if inherited from the project)
     hosts: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HOSTS))
+    internal_ip: str = "127.0.0.1"  # what networkEndpoints report (the sshd workers listen on loopback)
+    external_ip: str = "127.0.0.1"
 
 
 @dataclass
@@ -275,7 +277,10 @@ class FakeTpuApi:
         count = len(node.workers) or self.script.hosts.get(body.get("acceleratorType", ""), 1)
         endpoints = []
         for i in range(count):
-            ep: dict[str, Any] = {"ipAddress": "127.0.0.1", "accessConfig": {"externalIp": "127.0.0.1"}}
+            ep: dict[str, Any] = {
+                "ipAddress": self.script.internal_ip,
+                "accessConfig": {"externalIp": self.script.external_ip},
+            }
             if i < len(node.workers):
                 ep["port"] = node.workers[i].port
             endpoints.append(ep)
