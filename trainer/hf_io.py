@@ -9,7 +9,6 @@ mesh, so the host never holds more than one stacked tensor beyond what the devic
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,16 +50,18 @@ def resolve_checkpoint(model_path: str) -> Path:
         return local
     if local.is_absolute() or model_path.startswith((".", "~")) or model_path.count("/") != 1:
         raise CheckpointError(f"model_path {model_path!r}: no such folder (and not a hub id 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    try:
         return Path(snapshot_download(model_path, allow_patterns=_CHECKPOINT_FILES))
     except Exception as err:  # the hub raises many types; all mean the same thing to the user
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        if constants.HF_HUB_OFFLINE:
+            reason = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
+        else:
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
         raise CheckpointError(
-            f"cannot fetch {model_path!r} from the Hugging Face hub{offline}: "
-            f"{type(err).__name__}: {first_line} -- pass a local folder as model_path when offline"
+            f"model_path {model_path!r}: cannot fetch it from the Hugging Face hub ({reason});"
+            " pass a local folder when offline"
         ) from None
 
 
