@@ -133,6 +133,9 @@ def _generate(
     s = settings
     batch, prompt_len = prompt_tokens.shape
     steps = s.max_new_tokens
+    # Cast the weights once, outside the loop: decode is bound by reading them, and a cast inside the loop
+    # body would re-read the f32 copy at every step (a no-op when they already have the compute dtype).
+    params = jax.tree.map(lambda x: x.astype(s.dtype), params)
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
         """Samples column `state.step` from `logits` and records it; finished rows get padding."""
