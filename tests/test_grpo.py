@@ -183,3 +183,33 @@ def test_old_logprobs_equal_to_current_give_the_on_policy_gradient(batch_and_par
     g_old, m_old = gradients(params, None, with_old, LOSS, 2)
     assert _max_rel(g_old, g_on) < 1e-5
     assert float(m_old["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer: unit-rate transformation x the step's learning rate == optax's scheduled optimizer.
+
+
+@pytest.mark.parametrize("name", ["lion", "adamw"])
+def test_unit_rate_optimizer_times_lr_equals_the_scheduled_optax_optimizer(name):
+    import optax
+
+    from trainer.config import OptimizerConfig
+    from trainer.optim import lr_schedule, optimizer_for, scale_updates
+
+    cfg = OptimizerConfig(name=name, lr=1e-2, warmup_frac=0.25, end_lr=1e-3, weight_decay=0.1, clip_norm=0.5)
+    schedule = lr_schedule(cfg, total_steps=8)
+    assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(1e-2)
+    assert float(schedule(8)) == pytest.approx(1e-3)
+    make = optax.lion if name == "lion" else optax.adamw
+    reference = optax.chain(optax.clip_by_global_norm(0.5), make(schedule, b1=0.9, b2=0.99, weight_decay=0.1))
+    ours = optimizer_for(cfg)
+    p_ref = p_ours = {"w": jnp.arange(6.0).reshape(2, 3) / 7}
+    s_ref, s_ours = reference.init(p_ref), ours.init(p_ours)
+    for step in range(5):
+        g = {"w": jnp.sin(p_ref["w"] * (step + 1))}
+        u, s_ref = reference.update(g, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+        u, s_ours = ours.update(g, s_ours, p_ours)
+        p_ours = optax.apply_updates(p_ours, scale_updates(u, schedule(step)))
+    np.testing.assert_allclose(np.asarray(p_ours["w"]), np.asarray(p_ref["w"]), rtol=1e-6, atol=1e-7)
+    assert float(jnp.max(jnp.abs(p_ours["w"] - jnp.arange(6.0).reshape(2, 3) / 7))) > 1e-3

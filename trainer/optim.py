@@ -1,6 +1,14 @@
-"""Optimizers: Lion (the reference) or AdamW, behind clip-by-global-norm and a warmup-cosine schedule."""
+"""Optimizers: Lion (the reference) or AdamW behind clip-by-global-norm, and the warmup-cosine schedule.
+
+The transformation is built with a unit learning rate and the jitted update multiplies its output by the
+step's learning rate, passed in as an array. optax applies decoupled weight decay before the learning
+rate, so this is exactly `optax.lion(schedule, ...)`; but the compiled update no longer depends on the
+schedule (run length, warmup), and runs of different lengths share one compilation.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import optax
 
@@ -10,9 +18,7 @@ from trainer.config import OptimizerConfig
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_frac` of the steps, then cosine down to `end_lr`."""
     total_steps = max(total_steps, 1)
-    warmup = int(round(cfg.warmup_frac * total_steps))
-    if warmup >= total_steps:
-        warmup = total_steps - 1
+    warmup = min(int(round(cfg.warmup_frac * total_steps)), total_steps - 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.lr,
@@ -22,15 +28,24 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """`total_steps` counts optimizer updates (steps x ppo_epochs)."""
-    schedule = lr_schedule(cfg, total_steps)
-    if cfg.name == "lion":
-        opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-    elif cfg.name == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+@functools.lru_cache(maxsize=16)
+def make_optimizer(
+    name: str, b1: float, b2: float, weight_decay: float, clip_norm: float
+) -> optax.GradientTransformation:
+    """Unit-learning-rate transformation (cached: one object, hence one compilation, per setting)."""
+    if name == "lion":
+        opt = optax.lion(1.0, b1=b1, b2=b2, weight_decay=weight_decay)
+    elif name == "adamw":
+        opt = optax.adamw(1.0, b1=b1, b2=b2, weight_decay=weight_decay)
     else:  # unreachable after config validation
-        raise ValueError(f"unknown optimizer {cfg.name!r}")
-    if cfg.clip_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt
+        raise ValueError(f"unknown optimizer {name!r}")
+    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+
+
+def optimizer_for(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    return make_optimizer(cfg.name, cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm)
+
+
+def scale_updates(updates: optax.Updates, lr) -> optax.Updates:  # noqa: ANN001 (array or float)
+    """The unit-rate updates times the step's learning rate."""
+    return optax.tree.scale(lr, updates)

@@ -32,7 +32,7 @@ from trainer.data import ProblemStream, load_problems
 from trainer.evaluation import full_sweep, periodic_eval
 from trainer.metrics import RunLogger
 from trainer.model import Qwen2Config, init_params
-from trainer.optim import lr_schedule, make_optimizer
+from trainer.optim import lr_schedule, optimizer_for, scale_updates
 from trainer.rewards import RewardWeights, score_completions
 from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
 from trainer.tokenizer import TINY, load_tokenizer
@@ -157,12 +157,6 @@ def num_micro_batches(cfg: Config, mesh: jax.sharding.Mesh) -> int:
     return rows // micro
 
 
-@functools.lru_cache(maxsize=8)
-def cached_optimizer(opt_cfg: Any, total_steps: int) -> optax.GradientTransformation:
-    """One optimizer object per (config, length): jitted updates that take it as static arg get reused."""
-    return make_optimizer(opt_cfg, total_steps)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Jitted steps (module level, static configs by value: runs in one process share compilations).
 
@@ -170,10 +164,10 @@ def cached_optimizer(opt_cfg: Any, total_steps: int) -> optax.GradientTransforma
 @functools.partial(
     jax.jit, static_argnames=("model_cfg", "loss_cfg", "num_micro", "optimizer"), donate_argnums=(0, 1)
 )
-def update_step(params, opt_state, ref_params, batch, *, model_cfg, loss_cfg, num_micro, optimizer):
+def update_step(params, opt_state, ref_params, batch, lr, *, model_cfg, loss_cfg, num_micro, optimizer):
     grads, metrics = grpo.step_gradients(params, ref_params, model_cfg, batch, loss_cfg, num_micro)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params = optax.apply_updates(params, scale_updates(updates, lr))
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
@@ -245,6 +239,117 @@ class StepTimer:
 # The loop.
 
 
+@dataclasses.dataclass
+class Trainer:
+    """Everything a step needs, built once by `setup`."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    model_cfg: Qwen2Config
+    sampler: Sampler
+    sampling: SamplingConfig
+    weights: RewardWeights
+    loss_cfg: grpo.LossConfig
+    num_micro: int
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    ref_params: Any  # the frozen initial policy when beta > 0, else None
+    stream: ProblemStream
+    eval_problems: list[Any]
+    checkpointer: Checkpointer
+    logger: RunLogger
+
+    def update_kwargs(self) -> dict[str, Any]:
+        return dict(model_cfg=self.model_cfg, loss_cfg=self.loss_cfg, num_micro=self.num_micro,
+                    optimizer=self.optimizer)
+
+
+def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
+    """Builds the trainer and the train state, restored from the latest checkpoint when there is one.
+
+    Returns (trainer, state {"params", "opt_state"}, last completed step)."""
+    mesh = make_mesh(cfg.mesh_shape)
+    num_micro = num_micro_batches(cfg, mesh)
+    tokenizer = load_tokenizer(cfg.tokenizer_path or (TINY if cfg.model_init == "random" else cfg.model_path))
+    model_cfg, params = build_model(cfg, len(tokenizer), mesh)
+    ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # never loaded at beta 0
+    optimizer = optimizer_for(cfg.optimizer)
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+
+    d = cfg.data
+    train_problems = load_problems(d.source, d.train_split, size=d.train_size, difficulty=d.difficulty,
+                                   seed=cfg.seed)
+    eval_problems = load_problems(d.source, cfg.eval_split, size=cfg.eval_full_limit or None,
+                                  difficulty=d.difficulty, seed=cfg.seed)
+    stream = ProblemStream(train_problems, seed=cfg.seed)
+
+    checkpointer = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep)
+    start, run_id = 0, None
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        start, state, meta = restored
+        stream.restore(meta["data"])
+        run_id = meta.get("wandb_run_id")
+    logger = RunLogger(
+        run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,
+        wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
+        enabled=jax.process_index() == 0,
+    )
+    r = cfg.rollout
+    sampling = SamplingConfig(
+        max_new_tokens=r.max_length_sample, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+        prompt_bucket=r.global_length, dtype=DTYPES[cfg.compute_dtype],
+    )
+    trainer = Trainer(
+        cfg=cfg, mesh=mesh, model_cfg=model_cfg, sampler=Sampler(model_cfg, tokenizer, mesh),
+        sampling=sampling, weights=RewardWeights.from_config(cfg.reward_weights), loss_cfg=loss_config(cfg),
+        num_micro=num_micro,
+        optimizer=optimizer, schedule=lr_schedule(cfg.optimizer, cfg.steps * cfg.train.ppo_epochs),
+        ref_params=ref_params, stream=stream, eval_problems=eval_problems, checkpointer=checkpointer,
+        logger=logger,
+    )
+    return trainer, state, start
+
+
+def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -> tuple[dict, dict]:
+    """One GRPO step: rollout -> rewards -> update (ppo_epochs optimizer steps). Returns (state, metrics)."""
+    cfg = t.cfg
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+    stop = timer.phase("rollout")
+    problems = t.stream.next_batch(cfg.rollout.batch_size)[t.sampler.local_slice(cfg.rollout.batch_size)]
+    rollout = t.sampler.sample(state["params"], problems, cfg.rollout.n, rng, t.sampling)
+    stop()
+
+    stop = timer.phase("reward")
+    scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], t.weights)
+    metrics = rollout_metrics(rollout, global_reward_metrics(scores), timer.times["rollout"])
+    stop()
+
+    stop = timer.phase("update")
+    host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, t.sampler.pad_id)
+    batch = sharding.shard_batch(host_batch, t.mesh)
+    if cfg.train.ppo_epochs > 1:  # the sampling policy, kept fixed across the epochs
+        batch["old_logp"] = behaviour_logprobs(
+            state["params"], batch, model_cfg=t.model_cfg, loss_cfg=t.loss_cfg, num_micro=t.num_micro
+        )
+    params, opt_state = state["params"], state["opt_state"]
+    for epoch in range(cfg.train.ppo_epochs):
+        lr = np.float32(t.schedule((step - 1) * cfg.train.ppo_epochs + epoch))
+        params, opt_state, update = update_step(
+            params, opt_state, t.ref_params, batch, lr, **t.update_kwargs()
+        )
+    update = jax.device_get(update)
+    stop()
+
+    metrics.update({k if k == "loss" else f"train/{k}": float(v) for k, v in update.items()})
+    metrics["train/lr"] = float(lr)
+    row_lengths = global_concat(host_batch["attn_mask"].sum(axis=1))
+    metrics["train/seq_len"] = float(host_batch["tokens"].shape[1])
+    metrics["train/padding_frac"] = 1.0 - float(row_lengths.mean()) / metrics["train/seq_len"]
+    return {"params": params, "opt_state": opt_state}, metrics
+
+
 def run(
     cfg: Config,
     run_dir: str | os.PathLike[str],
@@ -258,129 +363,51 @@ def run(
     run_dir = Path(run_dir)
     load_dotenv()
     init_distributed()
-    is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh_shape)
-    num_micro = num_micro_batches(cfg, mesh)
-
-    tokenizer = load_tokenizer(cfg.tokenizer_path or (TINY if cfg.model_init == "random" else cfg.model_path))
-    model_cfg, params = build_model(cfg, len(tokenizer), mesh)
-    ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # frozen initial policy
-    total_updates = cfg.steps * cfg.train.ppo_epochs
-    optimizer = cached_optimizer(cfg.optimizer, total_updates)
-    opt_state = jax.jit(optimizer.init)(params)
-    schedule = lr_schedule(cfg.optimizer, total_updates)
-    loss_cfg = loss_config(cfg)
-
-    d = cfg.data
-    stream = ProblemStream(
-        load_problems(d.source, d.train_split, size=d.train_size, difficulty=d.difficulty, seed=cfg.seed),
-        seed=cfg.seed,
-    )
-    eval_size = cfg.eval_full_limit or None
-    eval_problems = load_problems(
-        d.source, cfg.eval_split, size=eval_size, difficulty=d.difficulty, seed=cfg.seed
-    )
-
-    checkpointer = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep)
-    start, run_id = 0, None
-    restored = checkpointer.restore_latest({"params": params, "opt_state": opt_state})
-    if restored is not None:
-        start, state, meta = restored
-        params, opt_state = state["params"], state["opt_state"]
-        stream.restore(meta["data"])
-        run_id = meta.get("wandb_run_id")
-    logger = RunLogger(
-        run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,
-        wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id, enabled=is_main,
-    )
-    step_times = logger.resume_history(start, "time/train/step_s")
-
-    sampler = Sampler(model_cfg, tokenizer, mesh)
-    dtype = DTYPES[cfg.compute_dtype]
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.rollout.max_length_sample, temperature=cfg.rollout.temperature,
-        top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, prompt_bucket=cfg.rollout.global_length,
-        dtype=dtype,
-    )
-    weights = RewardWeights.from_config(cfg.reward_weights)
-    base_rng = jax.random.key(cfg.seed)
-    local_prompts = sampler.local_slice(cfg.rollout.batch_size)
-    update_kw = dict(model_cfg=model_cfg, loss_cfg=loss_cfg, num_micro=num_micro, optimizer=optimizer)
+    t, state, start = setup(cfg, run_dir)
+    step_times = t.logger.resume_history(start, "time/train/step_s")
     t_run = time.perf_counter()
-
     try:
         for step in range(start + 1, cfg.steps + 1):
             timer, t_step = StepTimer(), time.perf_counter()
-            step_rng = jax.random.fold_in(base_rng, step)
-
-            stop = timer.phase("rollout")
-            problems = stream.next_batch(cfg.rollout.batch_size)[local_prompts]
-            rollout = sampler.sample(params, problems, cfg.rollout.n, step_rng, sampling)
-            stop()
-
-            stop = timer.phase("reward")
-            scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], weights)
-            metrics = rollout_metrics(rollout, global_reward_metrics(scores), timer.times["rollout"])
-            stop()
-
-            stop = timer.phase("update")
-            host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, sampler.pad_id)
-            batch = sharding.shard_batch(host_batch, mesh)
-            if cfg.train.ppo_epochs > 1:
-                batch["old_logp"] = behaviour_logprobs(
-                    params, batch, model_cfg=model_cfg, loss_cfg=loss_cfg, num_micro=num_micro
-                )
-            for _ in range(cfg.train.ppo_epochs):
-                params, opt_state, update_metrics = update_step(
-                    params, opt_state, ref_params, batch, **update_kw
-                )
-            update_metrics = jax.device_get(update_metrics)
-            stop()
-
-            metrics.update({k if k == "loss" else f"train/{k}": float(v) for k, v in update_metrics.items()})
-            metrics["train/lr"] = float(schedule(step * cfg.train.ppo_epochs - 1))
-            row_lengths = global_concat(host_batch["attn_mask"].sum(axis=1))
-            metrics["train/seq_len"] = float(host_batch["tokens"].shape[1])
-            metrics["train/padding_frac"] = 1.0 - float(row_lengths.mean()) / metrics["train/seq_len"]
+            state, metrics = train_step(t, state, step, timer)
 
             if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or step == cfg.steps):
                 stop = timer.phase("eval")
                 metrics.update(periodic_eval(
-                    sampler, params, eval_problems, batch_size=cfg.rollout.batch_size,
-                    batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=sampling, weights=weights,
-                    rng=jax.random.fold_in(step_rng, 1),
+                    t.sampler, state["params"], t.eval_problems, batch_size=cfg.rollout.batch_size,
+                    batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=t.sampling,
+                    weights=t.weights, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
                 ))
                 stop()
 
-            step_s = time.perf_counter() - t_step
-            step_times.append(step_s)
-            metrics["time/train/step_s"] = step_s
+            step_times.append(time.perf_counter() - t_step)
+            metrics["time/train/step_s"] = step_times[-1]
             metrics["time/train/step_avg_last10_s"] = float(np.mean(step_times[-10:]))
             metrics.update({f"time/train/{k}_s": v for k, v in timer.times.items()})
-            logger.log(step, metrics)
-            logger.progress(step, cfg.steps, time.perf_counter() - t_run, metrics)
+            t.logger.log(step, metrics)
+            t.logger.progress(step, cfg.steps, time.perf_counter() - t_run, metrics)
             if cfg.print_time_breakdown:
-                logger.time_breakdown(step, cfg.steps, {**timer.times, "total": step_s})
+                t.logger.time_breakdown(step, cfg.steps, {**timer.times, "total": step_times[-1]})
 
             every = cfg.checkpoint.every_steps
             if step == cfg.steps or (every and step % every == 0):
-                meta = {"data": stream.state(), "wandb_run_id": logger.run_id, "step": step}
-                checkpointer.save(step, {"params": params, "opt_state": opt_state}, meta)
+                meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step}
+                t.checkpointer.save(step, state, meta)
             if on_step is not None:
                 on_step(step, metrics)
 
-        checkpointer.wait()
+        t.checkpointer.wait()
         if cfg.eval_full_sweep:
             sweep = full_sweep(
-                sampler, params, eval_problems, batch_size=cfg.eval_full_batch_size,
+                t.sampler, state["params"], t.eval_problems, batch_size=cfg.eval_full_batch_size,
                 max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
-                dtype=dtype, out_path=run_dir / "eval_full.jsonl" if is_main else None,
+                dtype=t.sampling.dtype, out_path=run_dir / "eval_full.jsonl" if t.logger.enabled else None,
             )
-            logger.log(cfg.steps, sweep)
-        logger.finish(cfg.steps, cfg.steps)
-        return dict(logger.latest, run_id=logger.run_id, config_hash=logger.config_hash)
+            t.logger.log(cfg.steps, sweep)
+        t.logger.finish(cfg.steps, cfg.steps)
+        return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
     except BaseException:
-        logger.close()
+        t.logger.close()
         raise
     finally:
-        checkpointer.close()
+        t.checkpointer.close()
