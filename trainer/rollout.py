@@ -7,7 +7,6 @@ one passes its own rows (`sharding.shard_batch`) and reads back only its own row
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,13 +45,6 @@ class Rollout:
     @property
     def lengths(self) -> np.ndarray:
         return self.completion_mask.sum(axis=1)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def cast_params(params: Any, dtype: Any) -> Any:
-    """A copy of the params in the sampler's dtype (same shardings): decode is bound by reading the weights,
-    so a bf16 copy made once per rollout halves the bytes of every decode step against f32 params."""
-    return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 def global_max(value: int) -> int:
@@ -119,8 +111,6 @@ class Sampler:
         width = global_max(bucket_length(max(len(x) for x in ids), settings.prompt_bucket))
         tokens, mask = left_pad(ids, self.pad_id, width)
         dtype = {} if settings.dtype is None else {"dtype": settings.dtype}
-        if settings.dtype is not None and any(x.dtype != settings.dtype for x in jax.tree.leaves(params)):
-            params = cast_params(params, settings.dtype)
         prompt_tokens, prompt_mask = sharding.shard_batch((tokens, mask), self.mesh)
         out = generate(
             params,
