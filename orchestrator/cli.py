@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -99,8 +100,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             message = " ".join(str(err).split()) or type(err).__name__
             print(f"grpoctl: error: {message}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            print("grpoctl: interrupted", file=sys.stderr)
+        except KeyboardInterrupt:  # jobs run detached on the workers: stopping grpoctl never stops them
+            print("grpoctl: interrupted (remote jobs keep running: grpoctl status)", file=sys.stderr)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -181,7 +182,11 @@ def _progress_text(record: RunRecord) -> str:
 
 def _runs_table(records: list[RunRecord]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in ("run id", "target", "state", "progress", "workers", "log"):
+    # Narrow terminals squeeze the log path, never the run id (what every other command takes).
+    table.add_column("run id", no_wrap=True, min_width=max((len(r.run_id) for r in records), default=6))
+    table.add_column("target")
+    table.add_column("state", no_wrap=True, min_width=9)
+    for col in ("progress", "workers", "log"):
         table.add_column(col)
     for r in records:
         workers = " ".join(
@@ -445,7 +450,10 @@ def status(
     records = [base.store.get(run_id)] if run_id else base.store.list(limit=limit)
     sessions: dict[str, Session] = {base.target_name: base}
     unpollable: set[str] = set()
+    live = Live(console=g.out, auto_refresh=False) if watch and g.out.is_terminal and not g.json else None
     try:
+        if live is not None:
+            live.start()
         while True:
             unreachable = []
             for record in records:
@@ -465,15 +473,20 @@ def status(
             if g.json:
                 g.emit_json([r.to_json() for r in records] if not run_id else records[0].to_json())
             else:
-                if base.kind == "tpu" and not base.dry_run:
-                    g.out.print(_machine_line(base))
-                g.out.print(_runs_table(records))
+                parts = [_machine_line(base)] if base.kind == "tpu" and not base.dry_run else []
+                view = Group(*parts, _runs_table(records))
+                if live is not None:  # a terminal: redraw in place
+                    live.update(view, refresh=True)
+                else:
+                    g.out.print(view)
             for line in unreachable:
                 g.say(f"unreachable (will retry): {line}")
             if not watch or all(r.is_terminal or r.run_id in unpollable for r in records):
                 break
             time.sleep(interval)
     finally:
+        if live is not None:
+            live.stop()
         for s in sessions.values():
             s.close()
     if run_id and records[0].state in ("FAILED", "LOST") and watch:
