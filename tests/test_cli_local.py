@@ -68,7 +68,9 @@ def test_sync_and_env_push(cli, env):
 
 
 def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
-    a = cli("run", "configs/ok.yaml", "--env", "EVAL_FULL_SWEEP=1", "--wait").stdout.split()[0]
+    waited = cli("run", "configs/ok.yaml", "--env", "EVAL_FULL_SWEEP=1", "--wait")
+    assert "step 3/3" in waited.stderr  # the progress bar's last state
+    a = waited.stdout.split()[0]
     b = cli("run", "configs/ok_b.yaml", "-e", "EVAL_FULL_SWEEP=1", "--wait", "--interval", "0.2")
     b = b.stdout.split()[0]
     assert a.startswith("ok-") and b.startswith("ok_b-")
