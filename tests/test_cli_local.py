@@ -28,6 +28,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
     config.write_text(f"targets:\n  local: {{kind: local, workdir: {root / 'wd'}}}\n")
     (work / ".env").write_text(f"STANDIN_SECRET={SECRET}\nWANDB_MODE=offline\n")
     state = root / "state"
+    with pytest.MonkeyPatch.context() as mp:  # every test starts from a synced checkout with the .env
+        mp.chdir(work)
+        mp.setenv("GRPOCTL_STATE_DIR", str(state))
+        for args in (["sync"], ["env", "push"]):
+            result = CliRunner().invoke(app, ["--config-file", str(config), *args])
+            assert result.exit_code == 0, result.output
     return {
         "root": root,
         "work": work,
