@@ -150,3 +150,21 @@ def test_sync_warns_on_dirty_tree_and_unpushed_commit(cli, env):
     finally:
         (work / "scratch.txt").unlink()
         git(work, "reset", "-q", "--hard", "origin/main")
+
+
+def test_local_target_syncs_a_repo_without_remote_from_its_own_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    standin_repo,  # noqa: F811
+):
+    _, work = standin_repo
+    lonely = tmp_path / "lonely"
+    subprocess.run(["git", "clone", "-q", str(work), str(lonely)], check=True)
+    git(lonely, "remote", "remove", "origin")
+    monkeypatch.chdir(lonely)
+    (tmp_path / "g.yaml").write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
+    result = CliRunner().invoke(app, ["--config-file", str(tmp_path / "g.yaml"), "--json", "sync"])
+    assert result.exit_code == 0, result.output
+    synced = json.loads(result.stdout)
+    assert synced["url"] == str(lonely) and synced["branch"] == "main"
+    assert list(synced["heads"].values()) == [git(lonely, "rev-parse", "HEAD")]
