@@ -100,6 +100,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             message = " ".join(str(err).split()) or type(err).__name__
             print(f"grpoctl: error: {message}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
+        except OSError as err:  # a local file we could not read or write: say which, no traceback
+            print(f"grpoctl: error: {err}", file=sys.stderr)
+            raise typer.Exit(3) from None
         except KeyboardInterrupt:  # jobs run detached on the workers: stopping grpoctl never stops them
             print("grpoctl: interrupted (remote jobs keep running: grpoctl status)", file=sys.stderr)
             raise typer.Exit(130) from None
