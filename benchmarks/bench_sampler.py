@@ -104,7 +104,9 @@ def main() -> None:
 
     runners = {
         "recompute": lambda: recompute(params, tokens, mask),
-        "cache+python": lambda: python_loop_decode(params, cfg, tokens, mask, steps, dtype, prefill_fn, step_fn),
+        "cache+python": lambda: python_loop_decode(
+            params, cfg, tokens, mask, steps, dtype, prefill_fn, step_fn
+        ),
         "cache+while": lambda: generate(
             params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=steps, temperature=0.0,
             dtype=dtype, cache_dtype=dtype, prompt_bucket_min=args.prompt_len,
@@ -125,8 +127,9 @@ def main() -> None:
         seconds[name] = statistics.median(times)
 
     print(
-        f"device={jax.devices()[0].platform} x{jax.device_count()}  batch={args.batch} prompt={args.prompt_len} "
-        f"new_tokens={steps} layers={args.layers} hidden={args.hidden} vocab={args.vocab} dtype={args.dtype}"
+        f"device={jax.devices()[0].platform} x{jax.device_count()}  batch={args.batch} "
+        f"prompt={args.prompt_len} new_tokens={steps} layers={args.layers} hidden={args.hidden} "
+        f"vocab={args.vocab} dtype={args.dtype}"
     )
     print(f"{'method':<14} {'seconds':>9} {'tokens/s':>10} {'speedup vs recompute':>22}")
     for name, s in seconds.items():
