@@ -23,7 +23,7 @@ from trainer import config as C
 from trainer import grpo, sharding
 from trainer.metrics import SOP_KEYS
 from trainer.model import Qwen2Config, init_params
-from trainer.train import run
+from trainer.train import Stopped, run, setup
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -70,6 +70,26 @@ def test_a_sign_error_fails_the_learning_criterion(tmp_path):
     assert total[-10:].mean() - total[:10].mean() < MIN_GAIN / 2
 
 
+def test_beta_zero_loads_no_reference_model_and_beta_positive_freezes_a_copy(tmp_path):
+    trainer, state, start = setup(tiny(), tmp_path / "a")
+    trainer.checkpointer.close()
+    assert trainer.ref_params is None and start == 0
+    trainer, state, _ = setup(tiny("train.beta=0.05"), tmp_path / "b")
+    trainer.checkpointer.close()
+    ref, params = jax.tree.leaves(trainer.ref_params), jax.tree.leaves(state["params"])
+    assert all(np.array_equal(r, p) for r, p in zip(ref, params, strict=True))
+    assert all(r is not p for r, p in zip(ref, params, strict=True))  # a copy: updates never reach it
+
+
+@pytest.mark.slow
+def test_ppo_epochs_reuse_the_sampling_policy_log_probs(tmp_path):
+    """With 2 epochs the second update sees ratio != 1 against the kept old log-probs (and a KL > 0)."""
+    run(tiny("steps=2", "train.ppo_epochs=2", "train.beta=0.05"), tmp_path)
+    ratio, kl = rewards(tmp_path, "train/ratio_mean"), rewards(tmp_path, "train/kl")
+    assert np.all(np.isfinite(ratio)) and np.all(np.abs(ratio - 1.0) > 1e-6)
+    assert np.all(kl > 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resume.
 
@@ -78,11 +98,26 @@ class Crash(Exception):
     pass
 
 
+RESUME = ("steps=6", "checkpoint.every_steps=3")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The 6-step run that is never interrupted: what resumed runs must reproduce exactly."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run(tiny(*RESUME), run_dir)
+    return run_dir
+
+
+def assert_same_steps(run_dir: Path, reference: Path) -> None:
+    """Same params, optimizer state, data order and rng: every float of every step equals the reference."""
+    for key in ("loss", "train/grad_norm", "train/entropy", "train/reward/total/mean"):
+        np.testing.assert_array_equal(rewards(run_dir, key), rewards(reference, key), err_msg=key)
+
+
 @pytest.mark.slow
-def test_resume_after_a_crash_continues_at_the_saved_step_with_the_same_state(tmp_path):
-    cfg = tiny("steps=6", "checkpoint.every_steps=3")
-    straight = tmp_path / "straight"
-    run(cfg, straight)
+def test_resume_after_a_crash_continues_at_the_saved_step_with_the_same_state(tmp_path, straight_run):
+    cfg = tiny(*RESUME)
 
     def crash_after_4(step: int, metrics: dict) -> None:
         if step == 4:  # step 3 is checkpointed, step 4 is lost with the process
@@ -96,10 +131,22 @@ def test_resume_after_a_crash_continues_at_the_saved_step_with_the_same_state(tm
     assert seen == [4, 5, 6]  # continued at the saved step, not from scratch and not from the crash
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the lost step 4 was logged once, not twice
-    # Same params, optimizer state, data order and rng: every float of steps 4-6 equals the straight run.
-    for key in ("loss", "train/grad_norm", "train/entropy", "train/reward/total/mean"):
-        np.testing.assert_array_equal(rewards(resumed, key), rewards(straight, key), err_msg=key)
+    assert_same_steps(resumed, straight_run)
     assert summary["run_id"] == json.loads((resumed / "summary.json").read_text())["run_id"]
+
+
+@pytest.mark.slow
+def test_a_stop_request_checkpoints_the_current_step_and_the_restart_resumes_there(tmp_path, straight_run):
+    """SIGTERM (spot preemption) in python -m trainer sets should_stop: the step just finished is saved."""
+    cfg = tiny(*RESUME)
+    finished: list[int] = []
+    with pytest.raises(Stopped, match="after step 2 of 6"):
+        run(cfg, tmp_path, on_step=lambda s, m: finished.append(s), should_stop=lambda: len(finished) >= 1)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    seen = []
+    run(cfg, tmp_path, on_step=lambda step, m: seen.append(step))
+    assert seen == [3, 4, 5, 6]
+    assert_same_steps(tmp_path, straight_run)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,6 +172,7 @@ def test_cli_runs_offline_and_writes_the_run_files(tmp_path):
     for key in (*SOP_KEYS, "run_id", "config_hash", "git_commit", "steps"):
         assert key in summary, key
     assert 0.0 <= summary["eval_full/accuracy"] <= 1.0 and summary["steps"] == 3
+    assert len(summary["git_commit"]) == 40  # the checkout's commit, though the cwd is elsewhere
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["print_time_breakdown"] is True and cfg["steps"] == 3  # env flag and overrides recorded
     assert summary["config_hash"] == C.config_hash(C.from_dict(cfg))

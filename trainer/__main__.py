@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad config or inputs (one line on stderr naming the key), 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -37,16 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError
     from trainer.hf_io import CheckpointError
     from trainer.tokenizer import TokenizerError
-    from trainer.train import run
+    from trainer.train import Stopped, run
 
+    # SIGTERM (spot preemption, `grpoctl stop`) ends the run at the next step boundary, checkpointed.
+    term = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: term.update(requested=True))
     try:
-        run(cfg, args.run_dir)
+        run(cfg, args.run_dir, should_stop=lambda: term["requested"])
     except ConfigError as err:
         print(str(err), file=sys.stderr, flush=True)
         return 2
     except (DataError, TokenizerError, CheckpointError) as err:  # inputs named by the config
         print(f"input error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Stopped as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

@@ -35,6 +35,8 @@ SOP_KEYS = (
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
+    """The commit of the checkout the trainer runs from (not of the cwd); "unknown" outside git."""
+    cwd = cwd or Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True

@@ -350,16 +350,22 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     return {"params": params, "opt_state": opt_state}, metrics
 
 
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM: spot preemption, `grpoctl stop`) and checkpointed first."""
+
+
 def run(
     cfg: Config,
     run_dir: str | os.PathLike[str],
     *,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, writing into `run_dir`; returns the summary (also in run_dir/summary.json).
 
     `on_step(step, metrics)` is called after each step is logged and checkpointed (tests use it to
-    interrupt a run)."""
+    interrupt a run). When `should_stop()` turns true (python -m trainer wires it to SIGTERM), the run
+    checkpoints the step it just finished and raises `Stopped`; a restart resumes from there."""
     run_dir = Path(run_dir)
     load_dotenv()
     init_distributed()
@@ -390,11 +396,15 @@ def run(
                 t.logger.time_breakdown(step, cfg.steps, {**timer.times, "total": step_times[-1]})
 
             every = cfg.checkpoint.every_steps
-            if step == cfg.steps or (every and step % every == 0):
+            stopping = should_stop is not None and should_stop()
+            if step == cfg.steps or (every and step % every == 0) or stopping:
                 meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step}
                 t.checkpointer.save(step, state, meta)
             if on_step is not None:
                 on_step(step, metrics)
+            if stopping and step < cfg.steps:
+                t.checkpointer.wait()
+                raise Stopped(f"stopped after step {step} of {cfg.steps}; checkpointed, restart to resume")
 
         t.checkpointer.wait()
         if cfg.eval_full_sweep:
