@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -154,19 +156,53 @@ def test_a_stop_request_checkpoints_the_current_step_and_the_restart_resumes_the
 
 
 @pytest.mark.slow
-def test_cli_runs_offline_and_writes_the_run_files(tmp_path):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_together(commands, cwd: Path, timeout: float) -> list[tuple[str, str]]:
+    """Starts the commands at once; if one fails (or time runs out) the others are killed, since a peer
+    would wait forever in a collective. Returns [(stdout, stderr)], asserting every exit code is 0."""
+    logs = [(cwd / f"proc{i}.out", cwd / f"proc{i}.err") for i in range(len(commands))]
+    procs = []
+    for (args, env), (out, err) in zip(commands, logs, strict=True):
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(subprocess.Popen(args, cwd=cwd, env=env, stdout=o, stderr=e))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+        time.sleep(0.2)
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
+    """`python -m trainer --config configs/tiny_cpu.yaml --run-dir DIR` as two JAX processes (what two TPU
+    hosts do): jax.distributed, one global batch over both, process 0 alone logs and writes the files."""
     run_dir = tmp_path / "runs" / "r1"
     secret = "sk-test-DO-NOT-PRINT-0123456789"
     (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRINT_TRAIN_TIME_BREAKDOWN": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRINT_TRAIN_TIME_BREAKDOWN": "1", "WANDB_MODE": "offline",
+           "XLA_FLAGS": "", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "GRPOCTL_NUM_PROCESSES": "2",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}"}
     env.pop("WANDB_API_KEY", None)
     args = [
         sys.executable, "-m", "trainer", "--config", str(TINY), "--run-dir", str(run_dir),
         "--set", "steps=3", "--set", "eval_every_steps=2", "--set", "eval_full_limit=16",
-        "--set", "eval_full_batch_size=16", "--set", "checkpoint.every_steps=0",
+        "--set", "eval_full_batch_size=16", "--set", "checkpoint.every_steps=0", "--set", "mesh_shape=auto",
     ]
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = _run_together(
+        [(args, {**env, "GRPOCTL_PROCESS_ID": str(i)}) for i in range(2)], cwd=tmp_path, timeout=400
+    )
+    stdout = outputs[0][0]
+    assert '{"event": ' not in outputs[1][0]  # only process 0 reports
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in (*SOP_KEYS, "run_id", "config_hash", "git_commit", "steps"):
@@ -181,17 +217,17 @@ def test_cli_runs_offline_and_writes_the_run_files(tmp_path):
     assert len(sweep) == 16 and set(sweep[0]) == {"id", "answer", "prediction", "correct"}
     assert summary["eval_full/accuracy"] == pytest.approx(np.mean([r["correct"] for r in sweep]))
 
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event": ')]
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": ')]
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3] and all(e["total"] == 3 for e in progress)
     assert "train/reward/total/mean" in progress[0]["metrics"]
     assert events[-1] == {"event": "done", "step": 3, "total": 3, "summary": str(run_dir / "summary.json")}
-    assert sum(line.startswith("time step ") for line in proc.stdout.splitlines()) == 3
+    assert sum(line.startswith("time step ") for line in stdout.splitlines()) == 3
 
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(summary["run_id"])  # W&B offline, same id as summary
     # The .env secret reached the environment but none of the output or files.
-    assert secret not in proc.stdout + proc.stderr
+    assert secret not in "".join(out + err for out, err in outputs)
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".txt", ".yaml"):
             assert secret not in path.read_text(errors="ignore"), path

@@ -65,17 +65,23 @@ def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
 
 
 def init_distributed() -> None:
-    """jax.distributed.initialize() when this is one of several processes (multi-host TPU slice).
+    """jax.distributed.initialize() when this is one of several processes.
 
-    Detected from JAX's own coordinator variables, GRPOCTL_DISTRIBUTED=1 (set by the launcher for
-    multi-worker targets) or a TPU_WORKER_HOSTNAMES list with more than one host."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if (
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or os.environ.get("GRPOCTL_DISTRIBUTED") == "1"
-        or len([h for h in hosts.split(",") if h.strip()]) > 1
+    Detected from GRPOCTL_DISTRIBUTED=1 (the launcher sets it for multi-worker targets), a
+    TPU_WORKER_HOSTNAMES list of several hosts, or JAX_COORDINATOR_ADDRESS. On a TPU slice JAX finds the
+    rest itself; elsewhere GRPOCTL_NUM_PROCESSES and GRPOCTL_PROCESS_ID (with JAX_COORDINATOR_ADDRESS)
+    give it explicitly."""
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if not (
+        os.environ.get("GRPOCTL_DISTRIBUTED") == "1"
+        or len(hosts) > 1
+        or os.environ.get("JAX_COORDINATOR_ADDRESS")
     ):
-        jax.distributed.initialize()
+        return
+    num, pid = os.environ.get("GRPOCTL_NUM_PROCESSES"), os.environ.get("GRPOCTL_PROCESS_ID")
+    jax.distributed.initialize(
+        num_processes=int(num) if num else None, process_id=int(pid) if pid else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,10 +89,13 @@ def init_distributed() -> None:
 
 
 def make_mesh(mesh_shape: str) -> jax.sharding.Mesh:
-    """'auto' spans every device; an explicit 'dp,fsdp,tp' takes the first dp*fsdp*tp local devices
+    """'auto' spans every device; on one host an explicit 'dp,fsdp,tp' takes the first dp*fsdp*tp devices
     (e.g. '1,1,1' keeps a tiny CPU run on one device even when XLA exposes eight)."""
-    if mesh_shape == "auto":
-        return sharding.make_mesh("auto")
+    if mesh_shape == "auto" or jax.process_count() > 1:
+        try:
+            return sharding.make_mesh(mesh_shape)
+        except ValueError as err:
+            raise ConfigError("mesh_shape", str(err).removeprefix("mesh_shape: ")) from None
     dp, fsdp, tp = (int(x) for x in mesh_shape.split(","))
     devices = jax.devices()
     if dp * fsdp * tp > len(devices):
