@@ -85,8 +85,10 @@ def _dhidden_kernel(tgt_ref, coef_ref, h_ref, w_ref, dh_ref, acc_sc, *, inv_temp
 
     cols = j * block_vocab + _vocab_ids(block_vocab)
     valid = cols < vocab
-    rows = j * block_vocab + lax.broadcasted_iota(jnp.int32, (block_vocab, 1), 0)
-    w = jnp.where(rows < vocab, w_ref[...], 0)  # garbage rows would turn dlogits @ w into NaN
+    w = w_ref[...]
+    if vocab % block_vocab:  # static: only a ragged last block reads garbage rows (NaN x 0 = NaN below)
+        rows = j * block_vocab + lax.broadcasted_iota(jnp.int32, (block_vocab, 1), 0)
+        w = jnp.where(rows < vocab, w, 0)
     z = jnp.where(valid, _logits_tile(h_ref[...], w, inv_temp), sm.MASKED)
     dl = sm.dlogits(z, cols == tgt_ref[...], valid, coef_ref[...], inv_temp)
     acc_sc[...] += jnp.dot(
@@ -109,7 +111,9 @@ def _dlm_head_kernel(tgt_ref, coef_ref, h_ref, w_ref, dw_ref, acc_sc, *, inv_tem
     cols = v * block_vocab + _vocab_ids(block_vocab)
     rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0)
     valid = (cols < vocab) & (rows < tokens)
-    h = jnp.where(rows < tokens, h_ref[...], 0)  # garbage rows would turn dlogits.T @ h into NaN
+    h = h_ref[...]
+    if tokens % block_tokens:  # static: only a ragged last block reads garbage rows (NaN x 0 = NaN below)
+        h = jnp.where(rows < tokens, h, 0)
     z = jnp.where(valid, _logits_tile(h, w_ref[...], inv_temp), sm.MASKED)
     dl = sm.dlogits(z, cols == tgt_ref[...], valid, coef_ref[...], inv_temp)
     # Transpose in float32, then cast: the dlogits.T @ hidden form Mosaic handles best.
@@ -128,10 +132,11 @@ def _tile_sizes(tokens: int, vocab: int, blocks: KernelBlocks) -> tuple[int, int
 
 
 def _compiler_params(blocks: KernelBlocks) -> pltpu.CompilerParams:
+    vmem_limit = blocks.vmem_limit_bytes
+    if pltpu.is_tpu_device():  # never ask for more than the chip has (v5p: 64 MiB, v4: 16 MiB per core)
+        vmem_limit = min(vmem_limit, pltpu.get_tpu_info().vmem_capacity_bytes)
     # The first grid axis is independent (megacore may split it); the second carries the accumulators.
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=blocks.vmem_limit_bytes
-    )
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=vmem_limit)
 
 
 def _resolve_interpret(interpret: Any) -> Any:
