@@ -50,7 +50,7 @@ def _logits_tile(h: jax.Array, w: jax.Array, inv_temp: float) -> jax.Array:
 
 
 def _vocab_ids(block_vocab: int) -> jax.Array:
-    """Global vocabulary ids [1, block_vocab] of the current vocabulary block (grid axis `vocab_axis`)."""
+    """Offsets 0 .. block_vocab - 1 as a [1, block_vocab] row (2-D: TPU has no 1-D iota)."""
     return lax.broadcasted_iota(jnp.int32, (1, block_vocab), 1)
 
 
@@ -252,13 +252,21 @@ def _pallas_bwd(temperature, blocks, interpret, residuals, g: TokenStats):
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def token_axes(tokens: int) -> tuple[str, ...]:
-    """Axes of the ambient mesh (`jax.set_mesh`) to split the token axis over: every axis of size > 1, in
-    mesh order, while their product divides N. Empty outside a mesh."""
+def token_mesh(hidden: jax.Array) -> jax.sharding.AbstractMesh | None:
+    """The device mesh the tokens live on: the ambient one (`jax.set_mesh`), else the one in hidden's type
+    (under jit, arrays placed with a NamedSharding carry their mesh), else None."""
     mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(jax.typeof(hidden).sharding, "mesh", None)
+    return None if mesh is None or mesh.empty else mesh
+
+
+def token_axes(mesh: jax.sharding.AbstractMesh | None, tokens: int) -> tuple[str, ...]:
+    """Mesh axes to split the token axis over: every axis of size > 1, in mesh order, while their product
+    divides N. Batch axes (dp, fsdp) come first in our meshes, so the split matches the batch's own."""
     axes: list[str] = []
     ways = 1
-    for name in () if mesh.empty else mesh.axis_names:
+    for name in () if mesh is None else mesh.axis_names:
         size = mesh.shape[name]
         if size > 1 and tokens % (ways * size) == 0:
             axes.append(name)
@@ -279,18 +287,19 @@ def token_logprobs_pallas(
     interpret: None picks Mosaic on a TPU backend and interpret mode elsewhere; True, False or a
     `pltpu.InterpretParams()` force one (the lowering test uses False to build the TPU kernel on a CPU host).
 
-    Under a device mesh set with `jax.set_mesh`, the kernels run per device on that device's tokens
-    (shard_map over `token_axes`), with lm_head gathered whole and dlm_head summed over the devices. Without
-    it, GSPMD sees an opaque custom call and would run the whole loss on every device.
+    On a device mesh (see token_mesh) the kernels run per device on that device's tokens (shard_map over
+    token_axes), with lm_head gathered whole, as FSDP does for every layer, and dlm_head summed over the
+    devices. Left to GSPMD, an opaque custom call would instead run the whole loss on every device.
     """
     temperature = float(temperature)
     kernel = lambda h, w, t: _pallas(h, w, t, temperature, blocks, interpret)
-    axes = token_axes(hidden.shape[0])
+    mesh = token_mesh(hidden)
+    axes = token_axes(mesh, hidden.shape[0])
     if not axes:
         return kernel(hidden, lm_head, targets)
     tokens = PartitionSpec(axes)
     # check_vma=False: pallas_call outputs carry no varying-axes type; the replicated lm_head's cotangent
     # is still summed over the token shards by shard_map's transpose.
     return jax.shard_map(
-        kernel, in_specs=(tokens, PartitionSpec(), tokens), out_specs=tokens, check_vma=False
+        kernel, mesh=mesh, in_specs=(tokens, PartitionSpec(), tokens), out_specs=tokens, check_vma=False
     )(hidden, lm_head, targets)
