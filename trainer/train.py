@@ -12,11 +12,12 @@ from a checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,13 +236,13 @@ class StepTimer:
 
     times: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def phase(self, name: str) -> Callable[[], None]:
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-
-        def stop() -> None:
+        try:
+            yield
+        finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
-
-        return stop
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,31 +326,28 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     cfg = t.cfg
     rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
 
-    stop = timer.phase("rollout")
-    problems = t.stream.next_batch(cfg.rollout.batch_size)[t.sampler.local_slice(cfg.rollout.batch_size)]
-    rollout = t.sampler.sample(state["params"], problems, cfg.rollout.n, rng, t.sampling)
-    stop()
+    with timer.phase("rollout"):
+        problems = t.stream.next_batch(cfg.rollout.batch_size)[t.sampler.local_slice(cfg.rollout.batch_size)]
+        rollout = t.sampler.sample(state["params"], problems, cfg.rollout.n, rng, t.sampling)
 
-    stop = timer.phase("reward")
-    scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], t.weights)
-    metrics = rollout_metrics(rollout, global_reward_metrics(scores), timer.times["rollout"])
-    stop()
+    with timer.phase("reward"):
+        scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], t.weights)
+        metrics = rollout_metrics(rollout, global_reward_metrics(scores), timer.times["rollout"])
 
-    stop = timer.phase("update")
-    host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, t.sampler.pad_id)
-    batch = sharding.shard_batch(host_batch, t.mesh)
-    if cfg.train.ppo_epochs > 1:  # the sampling policy, kept fixed across the epochs
-        batch["old_logp"] = behaviour_logprobs(
-            state["params"], batch, model_cfg=t.model_cfg, loss_cfg=t.loss_cfg, num_micro=t.num_micro
-        )
-    params, opt_state = state["params"], state["opt_state"]
-    for epoch in range(cfg.train.ppo_epochs):
-        lr = np.float32(t.schedule((step - 1) * cfg.train.ppo_epochs + epoch))
-        params, opt_state, update = update_step(
-            params, opt_state, t.ref_params, batch, lr, **t.update_kwargs()
-        )
-    update = jax.device_get(update)
-    stop()
+    with timer.phase("update"):
+        host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, t.sampler.pad_id)
+        batch = sharding.shard_batch(host_batch, t.mesh)
+        if cfg.train.ppo_epochs > 1:  # the sampling policy, kept fixed across the epochs
+            batch["old_logp"] = behaviour_logprobs(
+                state["params"], batch, model_cfg=t.model_cfg, loss_cfg=t.loss_cfg, num_micro=t.num_micro
+            )
+        params, opt_state = state["params"], state["opt_state"]
+        for epoch in range(cfg.train.ppo_epochs):
+            lr = np.float32(t.schedule((step - 1) * cfg.train.ppo_epochs + epoch))
+            params, opt_state, update = update_step(
+                params, opt_state, t.ref_params, batch, lr, **t.update_kwargs()
+            )
+        update = jax.device_get(update)
 
     metrics.update({k if k == "loss" else f"train/{k}": float(v) for k, v in update.items()})
     metrics["train/lr"] = float(lr)
@@ -387,13 +385,12 @@ def run(
             state, metrics = train_step(t, state, step, timer)
 
             if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or step == cfg.steps):
-                stop = timer.phase("eval")
-                metrics.update(periodic_eval(
-                    t.sampler, state["params"], t.eval_problems, batch_size=cfg.rollout.batch_size,
-                    batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=t.sampling,
-                    weights=t.weights, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
-                ))
-                stop()
+                with timer.phase("eval"):
+                    metrics.update(periodic_eval(
+                        t.sampler, state["params"], t.eval_problems, batch_size=cfg.rollout.batch_size,
+                        batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=t.sampling,
+                        weights=t.weights, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
+                    ))
 
             step_times.append(time.perf_counter() - t_step)
             metrics["time/train/step_s"] = step_times[-1]
