@@ -10,7 +10,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -161,7 +160,3 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish(exit_code=1)
             self._wandb = None
-
-
-def print_error(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
