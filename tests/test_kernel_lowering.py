@@ -23,6 +23,7 @@ from jax._src.lib.mlir import ir, passmanager
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from trainer.kernels import KernelBlocks, token_logprobs
+from trainer.kernels.mesh import per_device
 from trainer.kernels.pallas import token_logprobs_pallas
 
 N, H, V = 4096, 2048, 151_936  # Qwen2.5-3B: 8 x 512 tokens, hidden 2048, vocabulary 2^7 x 1187
@@ -131,7 +132,8 @@ def test_under_a_mesh_each_device_runs_the_kernels_on_its_own_tokens():
         jax.ShapeDtypeStruct((N,), jnp.int32, sharding=split),
     )
     blocks = KernelBlocks()
-    fn = _loss_and_grad(lambda h, w, t: token_logprobs_pallas(h, w, t, 1.0, blocks, interpret=False))
+    kernel = lambda h, w, t: token_logprobs_pallas(h, w, t, 1.0, blocks, interpret=False)
+    fn = _loss_and_grad(lambda h, w, t: per_device(kernel, h, w, t))  # as token_logprobs does
     exported = export.export(fn, platforms=["tpu"])(*args)  # the mesh comes from the inputs' shardings
     assert exported.nr_devices == 8
     kernels = _tpu_kernels(exported.mlir_module())

@@ -19,7 +19,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from trainer.kernels import KernelBlocks, TokenStats, token_logprobs
-from trainer.kernels.pallas import token_axes, token_logprobs_pallas, token_mesh
+from trainer.kernels.mesh import token_axes, token_mesh
+from trainer.kernels.pallas import token_logprobs_pallas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,28 +140,29 @@ def test_pallas_under_tpu_interpret_params():
     _assert_parity(stats, grads, numpy_reference(h, w, t, case.temperature, coeffs), case.dtype)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
 @pytest.mark.parametrize("ambient", [False, True], ids=["mesh-from-input-sharding", "jax.set_mesh"])
-def test_pallas_on_a_device_mesh_splits_tokens_and_sums_dlm_head(ambient):
-    """8 CPU devices, (dp, fsdp) = (2, 4): the kernels run per device on 1/8 of the tokens (found from the
-    inputs' shardings, as the trainer places them, or from jax.set_mesh); same values and gradients."""
-    case = Case(64, 300, 128, 1.0, "float32", {}, 6)
+def test_on_a_device_mesh_each_device_takes_its_tokens(ambient, impl):
+    """8 CPU devices, (dp, fsdp) = (2, 4): the provider runs per device on 1/8 of the tokens (mesh found from
+    the inputs' shardings, as the trainer places them, or from jax.set_mesh); same values and gradients,
+    so the lm_head gradient is summed over the devices."""
+    case = Case(64, 300, 128, 1.0, "float32", SMALL, 6)
     h, w, t, coeffs = _inputs(case)
     mesh = jax.make_mesh((2, 4, 1), ("dp", "fsdp", "tp"), axis_types=(AxisType.Auto,) * 3,
                          devices=jax.devices()[:8])
     h = jax.device_put(h, NamedSharding(mesh, PartitionSpec(("dp", "fsdp"))))
     w = jax.device_put(w, NamedSharding(mesh, PartitionSpec("fsdp")))  # vocab-sharded, as FSDP keeps it
-    blocks = KernelBlocks(block_tokens=8, block_vocab=128)
-    per_device_tokens = []
+    seen_axes = []
 
     def fn(h, w, t, temperature):
-        per_device_tokens.append(token_axes(token_mesh(h), h.shape[0]))
-        return token_logprobs_pallas(h, w, t, temperature, blocks)
+        seen_axes.append(token_axes(token_mesh(h), h.shape[0]))
+        return token_logprobs(h, w, t, temperature, impl=impl, **case.blocks)
 
     with contextlib.ExitStack() as stack:
         if ambient:
             stack.enter_context(jax.set_mesh(mesh))
         stats, grads = _loss_and_grads(fn, h, w, t, case.temperature, coeffs)
-    assert per_device_tokens == [("dp", "fsdp")]
+    assert seen_axes == [("dp", "fsdp")]
     _assert_parity(stats, grads, numpy_reference(h, w, t, case.temperature, coeffs), case.dtype)
 
 

@@ -11,6 +11,8 @@ float32 and differentiable w.r.t. hidden and lm_head. Three interchangeable prov
   pallas   Pallas TPU kernels over [token block x vocab block] tiles; no [N, V] buffer ever reaches HBM
            (pallas.py). Runs in interpret mode on a CPU backend.
 
+On a device mesh (FSDP under jit), chunked and pallas run per device on that device's tokens (mesh.py).
+
 Leading batch dimensions are allowed: hidden [..., H] with targets [...] give outputs of shape [...].
 """
 
@@ -21,6 +23,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from trainer.kernels.mesh import per_device
 from trainer.kernels.reference import token_logprobs_reference
 from trainer.kernels.types import KernelBlocks, TokenStats
 
@@ -66,9 +69,10 @@ def token_logprobs(
     elif impl == "chunked":
         from trainer.kernels.chunked import token_logprobs_chunked
 
-        stats = token_logprobs_chunked(h, w, t, temperature, tiles.chunk_vocab)
+        provider = lambda h, w, t: token_logprobs_chunked(h, w, t, temperature, tiles.chunk_vocab)
+        stats = per_device(provider, h, w, t)
     else:
         from trainer.kernels.pallas import token_logprobs_pallas
 
-        stats = token_logprobs_pallas(h, w, t, temperature, tiles)
+        stats = per_device(lambda h, w, t: token_logprobs_pallas(h, w, t, temperature, tiles), h, w, t)
     return TokenStats(*(x.reshape(batch_shape) for x in stats))

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from trainer.kernels import softmax_math as sm
 from trainer.kernels.chunked import matmul_precision
@@ -252,28 +251,6 @@ def _pallas_bwd(temperature, blocks, interpret, residuals, g: TokenStats):
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def token_mesh(hidden: jax.Array) -> jax.sharding.AbstractMesh | None:
-    """The device mesh the tokens live on: the ambient one (`jax.set_mesh`), else the one in hidden's type
-    (under jit, arrays placed with a NamedSharding carry their mesh), else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        mesh = getattr(jax.typeof(hidden).sharding, "mesh", None)
-    return None if mesh is None or mesh.empty else mesh
-
-
-def token_axes(mesh: jax.sharding.AbstractMesh | None, tokens: int) -> tuple[str, ...]:
-    """Mesh axes to split the token axis over: every axis of size > 1, in mesh order, while their product
-    divides N. Batch axes (dp, fsdp) come first in our meshes, so the split matches the batch's own."""
-    axes: list[str] = []
-    ways = 1
-    for name in () if mesh is None else mesh.axis_names:
-        size = mesh.shape[name]
-        if size > 1 and tokens % (ways * size) == 0:
-            axes.append(name)
-            ways *= size
-    return tuple(axes)
-
-
 def token_logprobs_pallas(
     hidden: jax.Array,
     lm_head: jax.Array,
@@ -286,20 +263,6 @@ def token_logprobs_pallas(
 
     interpret: None picks Mosaic on a TPU backend and interpret mode elsewhere; True, False or a
     `pltpu.InterpretParams()` force one (the lowering test uses False to build the TPU kernel on a CPU host).
-
-    On a device mesh (see token_mesh) the kernels run per device on that device's tokens (shard_map over
-    token_axes), with lm_head gathered whole, as FSDP does for every layer, and dlm_head summed over the
-    devices. Left to GSPMD, an opaque custom call would instead run the whole loss on every device.
+    On a device mesh, call it through mesh.per_device (token_logprobs does).
     """
-    temperature = float(temperature)
-    kernel = lambda h, w, t: _pallas(h, w, t, temperature, blocks, interpret)
-    mesh = token_mesh(hidden)
-    axes = token_axes(mesh, hidden.shape[0])
-    if not axes:
-        return kernel(hidden, lm_head, targets)
-    tokens = PartitionSpec(axes)
-    # check_vma=False: pallas_call outputs carry no varying-axes type; the replicated lm_head's cotangent
-    # is still summed over the token shards by shard_map's transpose.
-    return jax.shard_map(
-        kernel, mesh=mesh, in_specs=(tokens, PartitionSpec(), tokens), out_specs=tokens, check_vma=False
-    )(hidden, lm_head, targets)
+    return _pallas(hidden, lm_head, targets, float(temperature), blocks, interpret)

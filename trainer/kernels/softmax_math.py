@@ -17,8 +17,8 @@ Backward. With cotangents (g_logp, g_lse, g_ent) of the three outputs and mu = E
 so  dz_j = g_logp [j = t] + p_j (g_lse - g_logp - g_ent (z_j - mu)),
 and the cotangent of the raw logits hidden @ lm_head.T is dz / T.
 
-Masked columns (past the end of the vocabulary, or already counted) carry the finite MASKED logit, so that
-exp() gives exactly 0 and 0 * (MASKED - m) stays finite; gradients of masked entries are zeroed with where.
+Masked columns (past the end of the vocabulary, in a ragged last block) carry the finite MASKED logit, so
+that exp() gives exactly 0 and 0 * (MASKED - m) stays finite; their gradients are zeroed with where.
 """
 
 from __future__ import annotations
