@@ -216,3 +216,15 @@ def test_bad_arguments_say_what_is_wrong():
         token_logprobs(h, w, t, temperature=0.0)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(h, w, t[:3])
+
+
+def test_trainer_config_passes_kernel_blocks_and_rejects_bad_ones():
+    """train.kernel_blocks reaches KernelBlocks; a misspelt key or illegal size is a config error (exit 2)."""
+    from trainer import config as C
+
+    cfg = C.load(None, ["train.policy_loss_impl=pallas", "train.kernel_blocks.block_vocab=2048"], {})
+    assert KernelBlocks(**cfg.train.kernel_blocks).block_vocab == 2048
+    for bad, message in (("block_token=256", "unexpected keyword"), ("block_vocab=100", "multiple of 128")):
+        with pytest.raises(C.ConfigError, match=f"train.kernel_blocks: .*{message}") as err:
+            C.load(None, [f"train.kernel_blocks.{bad}"], {})
+        assert err.value.exit_code == 2

@@ -277,6 +277,12 @@ def validate(cfg: Config) -> Config:
     if len(cfg.reward_weights) != 3:
         problem = f"expected 3 weights (correct, format, tag count), got {cfg.reward_weights}"
         raise ConfigError("reward_weights", problem)
+    try:  # the tile sizes the loss kernels accept (trainer/kernels/types.py; imports jax, hence here)
+        from trainer.kernels.types import KernelBlocks
+
+        KernelBlocks(**cfg.train.kernel_blocks)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("train.kernel_blocks", str(err)) from None
     return cfg
 
 
