@@ -104,7 +104,7 @@ def _assert_parity(stats: TokenStats, grads, ref, dtype: str) -> None:
 # Small blocks make every shape multi-tile: 8-row token blocks, 128-column vocabulary blocks/chunks.
 SMALL = dict(block_tokens=8, block_vocab=128, chunk_vocab=128)
 CASES = {
-    # N = 20: ragged last token block; V = 300: ragged last vocab block (and a slid-back last chunk).
+    # N = 20: ragged last token block; V = 300: ragged last vocab block (and a 44-column tail chunk).
     "ragged-f32-T0.7": Case(20, 300, 64, 0.7, "float32", SMALL, 0),
     # V smaller than the vocabulary block: one whole-axis vocabulary block / one chunk.
     "single-vocab-block-f32": Case(16, 200, 32, 1.0, "float32", dict(block_tokens=8, block_vocab=256,
