@@ -166,6 +166,21 @@ def test_on_a_device_mesh_each_device_takes_its_tokens(ambient, impl):
     _assert_parity(stats, grads, numpy_reference(h, w, t, case.temperature, coeffs), case.dtype)
 
 
+def test_inside_a_callers_shard_map_it_runs_on_the_local_tokens():
+    """Mesh axes that are already manual (the caller's own shard_map) are not split again."""
+    mesh = jax.make_mesh((2, 4, 1), ("dp", "fsdp", "tp"), axis_types=(AxisType.Auto,) * 3,
+                         devices=jax.devices()[:8])
+    case = Case(64, 50, 16, 1.0, "float32", SMALL, 7)
+    h, w, t, coeffs = _inputs(case)
+    (logp, _, _), _ = numpy_reference(h, w, t, 1.0, coeffs)
+    rows = PartitionSpec(("dp", "fsdp"))
+    for impl in ("chunked", "pallas"):
+        local = lambda h, w, t, impl=impl: token_logprobs(h, w, t, impl=impl, **SMALL).logp
+        got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, PartitionSpec(), rows),
+                                    out_specs=rows, check_vma=False))(h, w, t)
+        assert rel_err(got, logp) <= 1e-5, impl
+
+
 def test_numpy_reference_gradient_matches_finite_differences():
     """The float64 reference's hand-derived gradient (incl. the entropy term) against central differences."""
     case = Case(5, 11, 4, 0.9, "float32", {}, 4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from trainer.kernels.types import TokenStats
 
@@ -34,9 +34,11 @@ def token_axes(mesh: AbstractMesh | None, tokens: int) -> tuple[str, ...]:
     divides N. Batch axes (dp, fsdp) come first in our meshes, so the split matches the batch's own."""
     axes: list[str] = []
     ways = 1
-    for name in () if mesh is None else mesh.axis_names:
+    named = () if mesh is None else zip(mesh.axis_names, mesh.axis_types, strict=True)
+    for name, kind in named:
         size = mesh.shape[name]
-        if size > 1 and tokens % (ways * size) == 0:
+        # Manual axes: we are already inside the caller's shard_map, per device along them.
+        if kind != AxisType.Manual and size > 1 and tokens % (ways * size) == 0:
             axes.append(name)
             ways *= size
     return tuple(axes)

@@ -139,10 +139,14 @@ def _compiler_params(blocks: KernelBlocks) -> pltpu.CompilerParams:
 
 
 def _resolve_interpret(interpret: Any) -> Any:
-    """None: compile with Mosaic on TPU, interpret anywhere else (CPU tests, GPU)."""
-    if interpret is None:
-        return jax.default_backend() != "tpu"
-    return interpret
+    """None: compile with Mosaic on TPU, interpret on CPU (tests). On a GPU, interpret mode would be a
+    silent 100x slowdown, so it is an error: impl="chunked" is the GPU path."""
+    if interpret is not None:
+        return interpret
+    backend = jax.default_backend()
+    if backend == "gpu":
+        raise ValueError('impl="pallas" is a TPU kernel (interpret mode on CPU); on GPU use impl="chunked"')
+    return backend != "tpu"
 
 
 def _forward(hidden, lm_head, targets, temperature, blocks, interpret):
