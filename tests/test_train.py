@@ -46,7 +46,9 @@ def rewards(run_dir: Path, key: str = "train/reward/total/mean") -> np.ndarray:
 # Learning.
 
 LEARN_STEPS = 30
-MIN_GAIN = 0.08  # last-10 minus first-10 mean total reward (max 2.0); observed gains are ~0.15
+# Last-10 minus first-10 mean total reward (max 2.0). Observed here: seeds 0-3 gain 0.145, 0.116, 0.150,
+# 0.101; the same run with lr 0 (dead gradient) +0.009; with the update's sign flipped -0.032.
+MIN_GAIN = 0.06
 
 
 @pytest.mark.slow
