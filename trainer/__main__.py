@@ -1,6 +1,7 @@
 """python -m trainer --config CONFIG --run-dir DIR [--set key=value ...]
 
-Exit codes: 0 done, 2 bad config or inputs (one line on stderr naming the key), 1 anything else.
+Exit codes: 0 done, 2 bad config or inputs (one line on stderr naming the key), 143 stopped by SIGTERM
+after checkpointing the step it finished, 1 anything else.
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.tokenizer import TokenizerError
     from trainer.train import Stopped, run
 
-    # SIGTERM (spot preemption, `grpoctl stop`) ends the run at the next step boundary, checkpointed.
+    # SIGTERM (spot preemption, `grpoctl stop`) ends the run at the next step boundary, checkpointed;
+    # a second SIGTERM kills at once (the default action comes back after the first).
     term = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: term.update(requested=True))
+
+    def on_term(*_: object) -> None:
+        term["requested"] = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         run(cfg, args.run_dir, should_stop=lambda: term["requested"])
     except ConfigError as err:
