@@ -105,6 +105,30 @@ def test_pallas_forward_and_backward_lower_for_tpu_at_qwen_3b_shapes(pallas_modu
         assert config["custom_call_config"]["cost_estimate"]["flops"] >= 2 * N * V * H
 
 
+def _vmem_bytes(signature: str) -> int:
+    """VMEM of a kernel's blocks: inputs and outputs double-buffered, scratch once, each padded to the
+    (8 x 128) 32-bit tiling (16 rows for bf16)."""
+    memrefs = re.findall(r"memref<(\d+)x(\d+)x(\w+), #tpu.memory_space<vmem>>", signature)
+    scratch = int(re.search(r"scratch_operands = (\d+)", signature).group(1))
+    total = 0
+    for k, (rows, cols, dtype) in enumerate(memrefs):
+        itemsize = {"bf16": 2, "f32": 4, "i32": 4}[dtype]
+        sublanes = 8 * 4 // itemsize
+        padded = -(-int(rows) // sublanes) * sublanes * -(-int(cols) // 128) * 128
+        total += padded * itemsize * (1 if k >= len(memrefs) - scratch else 2)
+    return total
+
+
+def test_default_blocks_fit_in_vmem(pallas_module):
+    """Blocks + scratch + six [block_tokens, block_vocab] f32 temporaries (logits, exp, dlogits, ...) of
+    each kernel fit under the VMEM limit we ask for, and under v5p's 64 MiB per core (v5e/v6e: 128 MiB)."""
+    blocks = KernelBlocks()
+    temporaries = 6 * blocks.block_tokens * blocks.block_vocab * 4
+    for _, signature, _ in _tpu_kernels(pallas_module):
+        need = _vmem_bytes(signature) + temporaries
+        assert need <= min(blocks.vmem_limit_bytes, 64 * 1024**2), (signature[:60], need / 1024**2)
+
+
 def test_no_tokens_by_vocab_buffer_outside_the_kernels(pallas_module):
     """The plain path holds [N, V] logits in HBM; the Pallas path has no such array anywhere in its HLO."""
     assert NV_SHAPE not in pallas_module
