@@ -10,6 +10,7 @@ from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.fanout import fan_out
 from orchestrator.ops.session import Session
 from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
+from orchestrator.targets.base import Worker
 from orchestrator.transport.base import Transport
 
 
@@ -64,6 +65,27 @@ def renew_attempt(record: RunRecord) -> None:
         w.pid, w.state, w.exit_code = None, "LAUNCHING", None
 
 
+COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
+
+
+def worker_env(run_id: str, index: int, workers: Sequence[Worker], target_kind: str) -> dict[str, str]:
+    """What every worker's trainer is told about the run and its peers.
+
+    With several workers the trainer calls jax.distributed.initialize(): on a TPU slice JAX discovers the
+    coordinator itself; on plain SSH hosts worker 0's address is the coordinator.
+    """
+    env = {"GRPOCTL_RUN_ID": run_id, "GRPOCTL_WORKER": str(index)}
+    if len(workers) > 1:
+        env |= {
+            "GRPOCTL_DISTRIBUTED": "1",
+            "GRPOCTL_NUM_PROCESSES": str(len(workers)),
+            "GRPOCTL_PROCESS_ID": str(index),
+        }
+        if target_kind != "tpu":
+            env["JAX_COORDINATOR_ADDRESS"] = f"{workers[0].host}:{COORDINATOR_PORT}"
+    return env
+
+
 def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 120) -> RunRecord:
     """Start `record` on every worker of `target` in parallel; fill in pids. Does not save the record.
 
@@ -76,8 +98,10 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     if before_launch is not None:  # a TPU VM: clear stale processes holding the chips (tpu.py)
         before_launch(record.remote_dir, force=force)
 
+    workers = target.workers()
+
     def one(i: int, t: Transport) -> int:
-        env = {**record.env, "GRPOCTL_RUN_ID": record.run_id, "GRPOCTL_WORKER": str(i)}
+        env = {**record.env, **worker_env(record.run_id, i, workers, record.target_kind)}
         script = recipes.launch(
             record.remote_dir,
             python,

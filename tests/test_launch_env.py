@@ -1,0 +1,25 @@
+"""What the launcher tells each worker's trainer about its peers (multi-host jax.distributed)."""
+
+from orchestrator.ops.launch import COORDINATOR_PORT, worker_env
+from orchestrator.targets.base import Worker
+
+
+def test_single_worker_gets_no_distributed_setup() -> None:
+    env = worker_env("r1", 0, [Worker(0, "10.0.0.5")], "ssh")
+    assert env == {"GRPOCTL_RUN_ID": "r1", "GRPOCTL_WORKER": "0"}
+
+
+def test_ssh_hosts_use_worker_zero_as_coordinator() -> None:
+    workers = [Worker(0, "10.0.0.5"), Worker(1, "10.0.0.6", 2222)]
+    env = worker_env("r1", 1, workers, "ssh")
+    assert env["GRPOCTL_DISTRIBUTED"] == "1"
+    assert env["GRPOCTL_NUM_PROCESSES"] == "2"
+    assert env["GRPOCTL_PROCESS_ID"] == "1"
+    assert env["JAX_COORDINATOR_ADDRESS"] == f"10.0.0.5:{COORDINATOR_PORT}"
+
+
+def test_tpu_slices_let_jax_discover_the_coordinator() -> None:
+    workers = [Worker(i, f"34.1.0.{i}") for i in range(4)]
+    env = worker_env("r1", 3, workers, "tpu")
+    assert env["GRPOCTL_PROCESS_ID"] == "3" and env["GRPOCTL_NUM_PROCESSES"] == "4"
+    assert "JAX_COORDINATOR_ADDRESS" not in env
