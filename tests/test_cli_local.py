@@ -168,3 +168,16 @@ def test_local_target_syncs_a_repo_without_remote_from_its_own_path(
     synced = json.loads(result.stdout)
     assert synced["url"] == str(lonely) and synced["branch"] == "main"
     assert list(synced["heads"].values()) == [git(lonely, "rev-parse", "HEAD")]
+
+
+def test_two_launches_of_one_config_in_the_same_second_get_distinct_logs(cli, env, monkeypatch):
+    from orchestrator import runs
+
+    monkeypatch.setattr(runs, "utc_stamp", lambda now=None: "20260101_000000")
+    monkeypatch.setattr("orchestrator.ops.launch.utc_stamp", lambda now=None: "20260101_000000")
+    first = cli("run", "configs/ok.yaml", "--wait", "--interval", "0.2").stdout.split()[0]
+    stamps = iter(["20260101_000000", "20260101_000001"])  # the retry waits for the clock to move
+    monkeypatch.setattr("orchestrator.ops.launch.utc_stamp", lambda now=None: next(stamps, "20260101_000001"))
+    second = cli("run", "configs/ok.yaml", "--wait", "--interval", "0.2").stdout.split()[0]
+    logs = sorted(p.name for p in (env["checkout"] / "logs").glob("nohup_ok_20260101_*.log"))
+    assert first != second and logs == ["nohup_ok_20260101_000000.log", "nohup_ok_20260101_000001.log"]

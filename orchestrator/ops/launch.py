@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def renew_attempt(record: RunRecord) -> None:
         w.pid, w.state, w.exit_code = None, "LAUNCHING", None
 
 
+class LogNameTaken(UsageError):
+    """This run's log file name is already in use on a worker (another launch in the same second)."""
+
+
 COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
 
 
@@ -116,7 +121,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         if result.exit_code == recipes.EXIT_BUSY:
             raise UsageError(f"{t.name}: busy ({recipes.parse_busy(result.stdout)}); stop it or pass --force")
         if result.exit_code == recipes.EXIT_EXISTS:
-            raise UsageError(f"{t.name}: {record.log_path} already exists")
+            raise LogNameTaken(f"{t.name}: {record.log_path} already exists")
         pid = recipes.parse_pid(result.stdout)
         if not result.ok or pid is None:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -124,6 +129,15 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         return pid
 
     results = fan_out(target.transports(), one)
+    for _ in range(3):  # log names have 1 s resolution: a launch of the same config in the same second
+        if not results or not all(isinstance(r.error, LogNameTaken) for r in results):
+            break
+        taken = record.log_path
+        while record.log_path == taken:
+            time.sleep(0.2)
+            renew_attempt(record)
+        paths = paths_of(record)
+        results = fan_out(target.transports(), one)
     for r, w in zip(results, record.workers, strict=True):
         w.pid, w.state = r.value, ("RUNNING" if r.ok else "UNREACHABLE")
     failed = [r for r in results if r.error is not None]
