@@ -105,6 +105,15 @@ class TinyModelConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    """Supervised steps on ideal completions before GRPO (random init only; trainer/warm_start.py)."""
+
+    steps: int = 0  # 0 = off
+    lr: float = 3e-3  # peak AdamW learning rate, cosine decay to 0
+    batch_size: int = 32  # examples per step, global
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = None  # local folder or gs://...; default <run_dir>/checkpoints
     every_steps: int = 0  # also save every N steps (0 = only at the end)
@@ -126,6 +135,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     mesh_shape: str = "auto"  # "auto" (dp over hosts, fsdp over local chips) or "dp,fsdp,tp"
     wandb_project: str = "grpoctl"
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
@@ -233,6 +243,8 @@ def _positive(cfg: Config) -> dict[str, float | int | None]:
         "eval_full_batch_size": cfg.eval_full_batch_size,
         "checkpoint.keep": cfg.checkpoint.keep,
         "data.train_size": cfg.data.train_size,
+        "warm_start.lr": cfg.warm_start.lr,
+        "warm_start.batch_size": cfg.warm_start.batch_size,
     }
 
 
@@ -253,6 +265,7 @@ def validate(cfg: Config) -> Config:
         "eval_every_steps": cfg.eval_every_steps,
         "eval_full_limit": cfg.eval_full_limit,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "warm_start.steps": cfg.warm_start.steps,
     }
     for key, v in non_negative.items():
         if v < 0:
@@ -270,6 +283,10 @@ def validate(cfg: Config) -> Config:
         if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
             problem = f"expected 'auto' or 'dp,fsdp,tp' (e.g. 1,8,1), got {cfg.mesh_shape!r}"
             raise ConfigError("mesh_shape", problem)
+    if cfg.warm_start.steps and cfg.model_init != "random":
+        raise ConfigError("warm_start.steps", "only for model_init: random (a pretrained model starts warm)")
+    if cfg.warm_start.steps and cfg.train.beta > 0:  # the KL reference would be the random init on resume
+        raise ConfigError("warm_start.steps", "not supported with train.beta > 0 (set one of them to 0)")
     if not cfg.data.source.strip():
         raise ConfigError("data.source", "must not be empty")
     if cfg.data.difficulty not in (1, 2, 3, 4):

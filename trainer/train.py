@@ -1,6 +1,7 @@
 """The GRPO training loop, top to bottom.
 
-    config -> .env -> mesh -> tokenizer, data, model, optimizer -> resume from the latest checkpoint ->
+    config -> .env -> mesh -> tokenizer, data, model, optimizer -> resume from the latest checkpoint
+    (or, in a fresh run with warm_start.steps > 0, the supervised warm start, logged as step 0) ->
     for each step: rollout -> rewards -> update (advantages, micro-batches) -> periodic eval -> log ->
     checkpoint -> optional full eval sweep -> summary.json
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,7 @@ from trainer.optim import lr_schedule, optimizer_for, scale_updates
 from trainer.rewards import RewardWeights, score_completions
 from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
 from trainer.tokenizer import TINY, load_tokenizer
+from trainer.warm_start import warm_start
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -321,6 +324,19 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
     return trainer, state, start
 
 
+def warm_start_policy(t: Trainer, params: Any) -> tuple[Any, dict[str, float]]:
+    """The supervised warm start (warm_start.steps > 0) of a fresh run, on the train problems."""
+    cfg = t.cfg
+    if cfg.warm_start.batch_size % math.lcm(sharding.batch_divisor(t.mesh), jax.process_count()):
+        problem = "must split over the data shards (dp x fsdp) and the processes"
+        raise ConfigError("warm_start.batch_size", problem)
+    return warm_start(
+        params, cfg.warm_start, t.model_cfg, t.sampler.tokenizer, t.stream.problems, t.mesh, seed=cfg.seed,
+        pad_id=t.sampler.pad_id, compute_dtype=DTYPES[cfg.compute_dtype],
+        local_rows=t.sampler.local_slice(cfg.warm_start.batch_size),
+    )
+
+
 def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -> tuple[dict, dict]:
     """One GRPO step: rollout -> rewards -> update (ppo_epochs optimizer steps). Returns (state, metrics)."""
     cfg = t.cfg
@@ -380,6 +396,9 @@ def run(
     step_times = t.logger.resume_history(start, "time/train/step_s")
     t_run = time.perf_counter()
     try:
+        if start == 0 and cfg.warm_start.steps:  # a resumed run has it in its checkpointed params
+            state["params"], warm = warm_start_policy(t, state["params"])
+            t.logger.log(0, warm)  # step 0 of metrics.jsonl; kept by resume_history, so in the summary
         for step in range(start + 1, cfg.steps + 1):
             timer, t_step = StepTimer(), time.perf_counter()
             state, metrics = train_step(t, state, step, timer)
