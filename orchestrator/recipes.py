@@ -283,6 +283,9 @@ def status(repo_dir: str, paths: RunPaths) -> str:
     )
 
 
+STEP_TIME_KEY = "time/train/step_s"  # in the trainer's progress lines (docs/ARCHITECTURE.md)
+
+
 @dataclass(frozen=True)
 class Progress:
     step: int
@@ -293,8 +296,17 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        if self.elapsed_s is None or self.step <= 0 or self.total <= self.step:
-            return 0.0 if self.total and self.step >= self.total else None
+        if self.total and self.step >= self.total:
+            return 0.0
+        if self.step <= 0:
+            return None
+        # elapsed/step counts start-up (compilation, a warm start) as if every step paid it again: once the
+        # trainer reports its own step time (past step 1, which compiles), that is the better rate.
+        step_s = (self.metrics or {}).get(STEP_TIME_KEY)
+        if self.step > 1 and isinstance(step_s, int | float) and step_s > 0:
+            return step_s * (self.total - self.step)
+        if self.elapsed_s is None:
+            return None
         return self.elapsed_s / self.step * (self.total - self.step)
 
 

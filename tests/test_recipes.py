@@ -54,6 +54,11 @@ def test_parse_status_precedence():
     )
     assert running.state == "RUNNING"
     assert running.progress.eta_s == pytest.approx(12.0)  # 2 s/step x 6 steps left
+    slow_start = json.dumps(
+        {"event": "progress", "step": 4, "total": 8, "elapsed_s": 40.0, "metrics": {"time/train/step_s": 0.5}}
+    )
+    timed = recipes.parse_status(f"PIDV=12\nALIVE=1\nPROGRESS={slow_start}\n")
+    assert timed.progress.eta_s == pytest.approx(2.0)  # the trainer's step time, not start-up included
     assert recipes.parse_status("PIDV=12\nALIVE=0\nPROGRESS=\n").state == "LOST"
     assert recipes.parse_status("CHECKOUT=missing\n").state == "LOST"
 
