@@ -7,12 +7,15 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from standin import git, standin_repo  # noqa: F401
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.config import RepoConfig
+from orchestrator.ops.sync import resolve_repo
 
 SECRET = "sk-local-0123456789abcdef"
 
@@ -137,16 +140,21 @@ def test_logs_redact_local_env_values_and_follow(cli):
     assert "leaked: ***" in cli("logs", run_id).stdout
 
 
-def test_sync_warns_on_dirty_tree_and_unpushed_commit(cli, env):
+def test_sync_warns_on_dirty_tree_and_local_target_takes_local_commits(cli, env):
     work = env["work"]
     (work / "scratch.txt").write_text("x")
     git(
         work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "local only"
     )
     try:
-        warned = cli("sync").stderr
-        assert "uncommitted changes" in warned
-        assert "1 local commit(s)" in warned
+        synced = cli("sync")
+        assert "uncommitted changes" in synced.stderr
+        # The local target clones this repo itself: it gets the local commit, nothing to push first.
+        assert f"HEAD {git(work, 'rev-parse', 'HEAD')[:12]}" in synced.stdout
+        assert "not pushed" not in synced.stderr
+        # A remote target gets origin's tip: the same commit is reported as not pushed.
+        remote = SimpleNamespace(kind="ssh", dry_run=False, repo=RepoConfig())
+        assert any("1 local commit(s)" in w for w in resolve_repo(remote, work).warnings)
     finally:
         (work / "scratch.txt").unlink()
         git(work, "reset", "-q", "--hard", "origin/main")

@@ -41,7 +41,7 @@ def _git(cwd: Path, *args: str) -> str | None:
 def resolve_repo(session: Session, cwd: Path | None = None) -> RepoSpec:
     """repo.url / repo.branch from the config, else the current repo's origin and branch.
 
-    For the local target a repo without a remote is used by its own path. Warns (never refuses) when the
+    The local target uses the current repo by its own path. Warns (never refuses) when the
     working tree is dirty or the local branch has commits origin does not: workers get origin's tip.
     """
     cwd = (cwd or Path.cwd()).resolve()
@@ -59,9 +59,8 @@ def _resolve_repo(session: Session, cwd: Path) -> RepoSpec:
     top = _git(cwd, "rev-parse", "--show-toplevel")
     url, branch = session.repo.url, session.repo.branch
     if url is None and top is not None:
-        url = _git(cwd, "remote", "get-url", "origin")
-        if url is None and session.kind == "local":
-            url = top
+        # The local target is this machine: its checkout clones this repo itself (offline, local commits).
+        url = top if session.kind == "local" else _git(cwd, "remote", "get-url", "origin")
     if url is None:
         raise UsageError(
             "repo.url is not set in the config and the current folder has no git remote 'origin'"
