@@ -275,8 +275,10 @@ def status(repo_dir: str, paths: RunPaths) -> str:
         _ALIVE_FN,
         f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
         'echo "PIDV=$p"',
-        f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
+        # Liveness before the exit file: the wrapper writes the file, then exits. Read the other way round,
+        # a job ending between the two reads would look LOST (no exit file, no process).
         'if [ -n "$p" ] && alive "$p"; then echo ALIVE=1; else echo ALIVE=0; fi',
+        f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
         f"line=$(grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null | tail -n 1 || true)",
         'printf "PROGRESS=%s\\n" "$line"',

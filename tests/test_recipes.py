@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -214,8 +215,9 @@ def test_busy_worker_refused_unless_forced_then_term_writes_exit_and_kill_loses(
         assert "KILL=terminated" in killed.stdout, killed.stdout + killed.stderr
         assert _wait_state(checkout, paths).label == "FAILED(143)"
     finally:
-        if pid:
-            subprocess.run(["kill", "-KILL", f"-{pid}"], capture_output=True)
+        if pid:  # never /usr/bin/kill -KILL -PID: procps-ng 4.0.2 reads that as "kill every process"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
     # SIGKILL leaves no exit file: LOST, never RUNNING forever.
     lost_paths, out = _launch(checkout, "configs/slow.yaml")
     lost_pid = recipes.parse_pid(out.stdout)
@@ -242,3 +244,10 @@ def test_wandb_summary_is_the_run_specific_file(checkout: Path):
     found = recipes.parse_wandb_paths(bash(recipes.find_wandb_summary(str(checkout), paths.run_dir)).stdout)
     assert found == [f"{paths.run_dir}/wandb/run-20260101_000000-abcd1234/files/wandb-summary.json"]
     assert shlex.quote(paths.run_dir) in recipes.find_wandb_summary(str(checkout), paths.run_dir)
+
+
+def test_status_reads_liveness_before_the_exit_file():
+    # The wrapper writes the exit file and then exits: reading the file first could see neither the file
+    # nor the process for a job that ends between the two reads, and call a finished run LOST.
+    script = recipes.status("/repo", recipes.RunPaths.for_run("c", "20260101_000000", "c-1"))
+    assert script.index("ALIVE=1") < script.index("EXIT=")
