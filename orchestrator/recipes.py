@@ -377,7 +377,9 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
         f"cd {qpath(repo_dir)}",
         _ALIVE_FN,
         f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
-        'if [ -z "$p" ] || ! alive "$p"; then echo KILL=not-running; exit 0; fi',
+        # Only a real job pid: `kill -- -1` would signal every process of the user.
+        'case "$p" in ""|*[!0-9]*|0|1) echo KILL=not-running; exit 0 ;; esac',
+        'if ! alive "$p"; then echo KILL=not-running; exit 0; fi',
         'kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true',
         f'for _ in $(seq {ticks}); do alive "$p" || break; sleep 0.1; done',
         'if alive "$p"; then',

@@ -251,3 +251,11 @@ def test_status_reads_liveness_before_the_exit_file():
     # nor the process for a job that ends between the two reads, and call a finished run LOST.
     script = recipes.status("/repo", recipes.RunPaths.for_run("c", "20260101_000000", "c-1"))
     assert script.index("ALIVE=1") < script.index("EXIT=")
+
+
+def test_kill_ignores_a_pid_file_that_would_mean_every_process(tmp_path: Path):
+    paths = recipes.RunPaths.for_run("c", "20260101_000000", "c-1")
+    (tmp_path / "logs").mkdir()
+    for bogus in ("1", "0", "-1", "12 13"):
+        (tmp_path / paths.pid).write_text(bogus + "\n")
+        assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
