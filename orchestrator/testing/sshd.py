@@ -142,11 +142,11 @@ class LoopbackSshd:
         if os.geteuid() == 0:  # sshd run as root insists on its privilege-separation folder
             os.makedirs("/run/sshd", exist_ok=True)
         keep_port = self.port != 0
+        config = self.root / "sshd_config"
+        env = "".join(f' "{k}={v}"' for k, v in self.session_env.items())  # quoted: spaces survive
+        host_keys = "\n".join(f"HostKey {key}" for key in self.host_keys)
         for _ in range(5):  # a picked port can be taken before sshd binds it: pick again
             port = self.port if keep_port else free_port()
-            config = self.root / "sshd_config"
-            env = "".join(f' "{k}={v}"' for k, v in self.session_env.items())  # quoted: spaces survive
-            host_keys = "\n".join(f"HostKey {key}" for key in self.host_keys)
             config.write_text(_CONFIG.format(port=port, root=self.root, session_env=env, host_keys=host_keys))
             log = (self.root / "sshd.log").open("ab")
             self._proc = subprocess.Popen(
@@ -206,14 +206,6 @@ class LoopbackSshd:
         """Same port, same host key: what a rebooted worker looks like to a client."""
         self.stop()
         self.start()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
 
     @property
     def address(self) -> str:

@@ -264,8 +264,8 @@ class SshTransport:
         _tune_socket(sock, self._keepalive_s)
         conn = paramiko.Transport(sock)
         conn.banner_timeout = conn.handshake_timeout = conn.auth_timeout = self._connect_timeout
-        known = self._known_keys()
-        if known and not self._pins:
+        known = {} if self._pins else self._known_keys()  # pins decide alone: known_hosts is not read
+        if known:
             options = conn.get_security_options()
             # Negotiate a key type known_hosts has, so a known host is checked, not reported unknown.
             supported = options.key_types
