@@ -60,7 +60,7 @@ def _require_sshd() -> None:
 
 @pytest.fixture(scope="session")
 def sshd_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """`sshd_factory(client_key=None)` -> a started LoopbackSshd; all stopped at the end of the session.
+    """`sshd_factory(**LoopbackSshd options)` -> a started LoopbackSshd; all stopped when the session ends.
 
     For tests that stop or restart a server: take a fresh one instead of the shared `sshd`.
     """
@@ -69,8 +69,8 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     _require_sshd()
     started: list[LoopbackSshd] = []
 
-    def make(client_key: str | os.PathLike[str] | None = None) -> LoopbackSshd:
-        server = LoopbackSshd(tmp_path_factory.mktemp("sshd"), client_key=client_key).start()
+    def make(**options) -> LoopbackSshd:  # type: ignore[no-untyped-def]
+        server = LoopbackSshd(tmp_path_factory.mktemp("sshd"), **options).start()
         started.append(server)
         return server
 
@@ -92,22 +92,27 @@ def sshd_pair(sshd_factory):  # type: ignore[no-untyped-def]
     return first, sshd_factory(client_key=first.client_key)
 
 
+def ssh_target_fields(*servers, **overrides) -> dict:  # type: ignore[no-untyped-def]
+    """The `ssh` target entry (as YAML would give it) with one worker per server, host keys pinned per
+    host and a known_hosts file private to the first server; `overrides` replace or add keys."""
+    fields = {
+        "kind": "ssh",
+        "hosts": [s.address for s in servers],
+        "user": servers[0].user,
+        "ssh_key": str(servers[0].client_key),
+        "host_key_sha256": [s.host_key_sha256 for s in servers],
+        "known_hosts": str(servers[0].root / "client_known_hosts"),
+        "connect_timeout_s": 5.0,
+    }
+    return {**fields, **overrides}
+
+
 @pytest.fixture
 def ssh_target_config():  # type: ignore[no-untyped-def]
-    """`ssh_target_config(*servers, **overrides)` -> SshTargetConfig with one worker per server,
-    host keys pinned per host and a known_hosts file private to the first server."""
+    """`ssh_target_config(*servers, **overrides)` -> SshTargetConfig built from `ssh_target_fields`."""
     from orchestrator.config import SshTargetConfig
 
     def make(*servers, **overrides) -> SshTargetConfig:  # type: ignore[no-untyped-def]
-        fields = {
-            "kind": "ssh",
-            "hosts": [s.address for s in servers],
-            "user": servers[0].user,
-            "ssh_key": str(servers[0].client_key),
-            "host_key_sha256": [s.host_key_sha256 for s in servers],
-            "known_hosts": str(servers[0].root / "client_known_hosts"),
-            "connect_timeout_s": 5.0,
-        }
-        return SshTargetConfig(**{**fields, **overrides})
+        return SshTargetConfig(**ssh_target_fields(*servers, **overrides))
 
     return make

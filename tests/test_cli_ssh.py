@@ -36,17 +36,9 @@ def _server(root: Path, name: str, client_key: Path | None = None):
 
 
 def _target(*servers, **extra) -> dict:
-    return {
-        "kind": "ssh",
-        "hosts": [s.address for s in servers],
-        "user": servers[0].user,
-        "ssh_key": str(servers[0].client_key),
-        "host_key_sha256": [s.host_key_sha256 for s in servers],
-        "known_hosts": str(servers[0].root / "client_known_hosts"),
-        "python": sys.executable,
-        "connect_timeout_s": 3.0,
-        **extra,
-    }
+    from conftest import ssh_target_fields
+
+    return ssh_target_fields(*servers, python=sys.executable, connect_timeout_s=3.0, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -209,16 +209,14 @@ def test_known_hosts_mismatch_is_refused(sshd: LoopbackSshd, tmp_path: Path) -> 
 def test_known_hosts_key_of_another_type_is_the_one_checked(sshd_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The server offers ed25519 and ecdsa; known_hosts has only its ecdsa key (common for older entries).
     # The client must negotiate ecdsa and match it, not call the host unknown.
-    server = LoopbackSshd(tmp_path / "s", extra_host_key_types=("ecdsa",)).start()
-    try:
-        kind, blob = (tmp_path / "s" / "host_ecdsa.pub").read_text().split()[:2]
-        known = tmp_path / "known_hosts"
-        known.write_text(f"[127.0.0.1]:{server.port} {kind} {blob}\n")
-        t = transport_for(server, host_key_sha256=[], known_hosts=known)
-        assert t.run("echo matched").stdout == "matched\n"
-        t.close()
-    finally:
-        server.stop()
+    server = sshd_factory(extra_host_key_types=("ecdsa",))
+    kind, blob = (server.root / "host_ecdsa.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{server.port} {kind} {blob}\n")
+    t = transport_for(server, host_key_sha256=[], known_hosts=known)
+    assert t.run("echo matched").stdout == "matched\n"
+    t.close()
+    server.stop()
 
 
 # -- failures and reconnects ---------------------------------------------------------------------
