@@ -30,7 +30,6 @@ class RecoveryPolicy:
     max_failures: int = 2  # the job's fault: only for `on_exit_codes`, and only a few times
     on_exit_codes: frozenset[int] = field(default_factory=frozenset)
     env_file: str = ".env"  # pushed again to a recreated node when it exists locally
-    clear_stale_tpu: bool = True  # before relaunching on the same node after a failure
     retry_wait_s: float = 60.0  # between attempts to recreate a preempted node (capacity comes back)
 
 
@@ -70,10 +69,7 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
         )
         target.up()
         prepare_workers(session, policy.env_file)
-    elif policy.clear_stale_tpu and session.kind == "tpu":
-        from orchestrator.cloud.stale import clear_stale_tpu_users
-
-        clear_stale_tpu_users(target.transports(), remote_dir=record.remote_dir)
+    # launch() clears stale TPU users itself (TpuTarget.before_launch), with the target's device paths
     launch_ops.renew_attempt(record)
     while record.log_path == entry["previous_log"]:  # log names have 1 s resolution: a fast failure
         time.sleep(0.2)
