@@ -8,28 +8,11 @@ import json
 import stat
 from pathlib import Path
 
-import pytest
-from tpu_support import (
-    SECRET,
-    Project,
-    fake_api_with_vms,
-    laptop_project,
-    long_run,
-    one_line_error,
-    preempt_at_step,
-)
+from tpu_support import SECRET, Project, long_run, one_line_error, preempt_at_step
 
 from orchestrator.cloud.api import LABEL_KEY, LABEL_VALUE
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):  # type: ignore[no-untyped-def]
-    yield from fake_api_with_vms(tmp_path_factory)
-
-
-@pytest.fixture()
-def project(tmp_path, fake, monkeypatch) -> Project:  # type: ignore[no-untyped-def]
-    return laptop_project(tmp_path, fake, monkeypatch)
+pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
 
 def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Project) -> None:

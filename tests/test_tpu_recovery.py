@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-from tpu_support import Project, fake_api_with_vms, laptop_project, long_run, preempt_at_step
+from tpu_support import Project, long_run, preempt_at_step
 
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import launch as launch_ops
@@ -13,15 +12,7 @@ from orchestrator.ops import sync as sync_ops
 from orchestrator.ops.session import open_session
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):  # type: ignore[no-untyped-def]
-    yield from fake_api_with_vms(tmp_path_factory)
-
-
-@pytest.fixture()
-def project(tmp_path, fake, monkeypatch) -> Project:  # type: ignore[no-untyped-def]
-    return laptop_project(tmp_path, fake, monkeypatch)
+pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
 
 def test_recreation_retries_until_spot_capacity_returns(project: Project) -> None:

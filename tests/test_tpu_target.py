@@ -9,21 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tpu_support import Project, fake_api_with_vms, laptop_project, one_line_error
+from tpu_support import Project, one_line_error
 
 from orchestrator.cloud import api as cloud
 from orchestrator.config import RepoConfig, TpuTargetConfig
 from orchestrator.targets.tpu import TpuTarget
 
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):  # type: ignore[no-untyped-def]
-    yield from fake_api_with_vms(tmp_path_factory)
-
-
-@pytest.fixture()
-def project(tmp_path, fake, monkeypatch) -> Project:  # type: ignore[no-untyped-def]
-    return laptop_project(tmp_path, fake, monkeypatch)
+pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
 
 def _alive(pid: int) -> bool:

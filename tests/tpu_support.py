@@ -1,4 +1,8 @@
-"""Shared pieces of the tpu-target tests: the fake API with sshd workers, a laptop project, the CLI."""
+"""Shared pieces of the tpu-target tests: the fake API with sshd workers, a laptop project, the CLI.
+
+The test modules load this as a plugin (`pytest_plugins`) for the `fake` and `project` fixtures after
+they have imported it, too late for assertion rewriting: PYTEST_DONT_REWRITE (its asserts carry messages).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from orchestrator.testing.resumable_standin import StandinRepo, make_standin_rep
 SECRET = "s3cr3t-wandb-value-0123456789"
 
 
-def fake_api_with_vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
-    """The fake TPU API whose nodes' workers are loopback sshd servers (a module fixture's body)."""
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
+    """The fake TPU API whose nodes' workers are loopback sshd servers, one per test module."""
     from orchestrator.testing.sshd import SSHD, sshd_available
 
     if not sshd_available():
@@ -33,7 +38,8 @@ def fake_api_with_vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fake
         yield f
 
 
-def laptop_project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
+@pytest.fixture()
+def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A laptop checkout of the stand-in repo (made the cwd) with a .env, over a reset fake API."""
     fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
