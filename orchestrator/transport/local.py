@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import IO
 
 from orchestrator.transport.base import CommandResult, OutputCallback
-from orchestrator.transport.shell import TIMEOUT_EXIT_CODE, LineSplitter, script
+from orchestrator.transport.shell import (
+    EXIT_GRACE_S,
+    TIMEOUT_EXIT_CODE,
+    LineSplitter,
+    script,
+    timed_out_note,
+)
 
-# After the shell exits, how long to keep reading pipes that a backgrounded child may still hold open.
-_EXIT_GRACE_S = 1.0
+# A timed-out command gets SIGTERM, then SIGKILL if it is still there after this long.
 _KILL_GRACE_S = 2.0
 
 
@@ -59,7 +64,7 @@ def _collect(
             timed_out = True
         if exited_at is None and proc.poll() is not None:
             exited_at = now
-        if exited_at is not None and now - exited_at > _EXIT_GRACE_S:
+        if exited_at is not None and now - exited_at > EXIT_GRACE_S:
             break  # a detached child still holds our pipes: its output is not ours
         wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - now))
         try:
@@ -113,7 +118,7 @@ class LocalTransport:
         stdout, stderr = splitters[1].close(), splitters[2].close()
         if timed_out:
             code = TIMEOUT_EXIT_CODE
-            stderr += f"grpoctl: {self.name}: timed out after {timeout:g} s\n"
+            stderr += timed_out_note(self.name, timeout)
         elif code < 0:  # killed by a signal: report it the way a shell would
             code = 128 - code
         return CommandResult(self.name, code, stdout, stderr, time.monotonic() - start)

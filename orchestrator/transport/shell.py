@@ -10,6 +10,8 @@ from orchestrator.transport.base import OutputCallback
 
 # What `run` reports when it killed a command for running past its timeout (coreutils' convention).
 TIMEOUT_EXIT_CODE = 124
+# After the shell exited, how long to keep reading output that a detached child may still hold open.
+EXIT_GRACE_S = 1.0
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -35,6 +37,11 @@ def script(command: str, *, env: Mapping[str, str] | None = None, cwd: str | Non
         lines.append("export " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items()))
     lines.append(command)
     return "\n".join(lines)
+
+
+def timed_out_note(worker: str, timeout: float) -> str:
+    """The stderr line `run` appends when it stopped a command at its timeout."""
+    return f"grpoctl: {worker}: timed out after {timeout:g} s\n"
 
 
 class LineSplitter:

@@ -25,11 +25,16 @@ import paramiko
 
 from orchestrator.errors import HostKeyError, InfraError, UsageError
 from orchestrator.transport.base import CommandResult, OutputCallback
-from orchestrator.transport.shell import TIMEOUT_EXIT_CODE, LineSplitter, quote_path, script
+from orchestrator.transport.shell import (
+    EXIT_GRACE_S,
+    TIMEOUT_EXIT_CODE,
+    LineSplitter,
+    quote_path,
+    script,
+    timed_out_note,
+)
 
 _READ_CHUNK = 65536
-# After the remote shell exited, how long to wait for an EOF that a detached child may be holding back.
-_EXIT_GRACE_S = 1.0
 # The remote `timeout` kills the command; the client gives it this much longer before dropping the channel.
 _CLIENT_TIMEOUT_SLACK_S = 10.0
 # What OpenSSH's client reports when the server gave no exit status (the process died by a signal).
@@ -117,7 +122,7 @@ class SshTransport:
         stdout, stderr = out.close(), err.close()
         elapsed = time.monotonic() - start
         if code == TIMEOUT_EXIT_CODE and timeout is not None and elapsed >= timeout:
-            stderr += f"grpoctl: {self.name}: timed out after {timeout:g} s\n"
+            stderr += timed_out_note(self.name, timeout)
         return CommandResult(self.name, code, stdout, stderr, elapsed)
 
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
@@ -209,7 +214,7 @@ class SshTransport:
                 continue
             if chan.exit_status_ready():
                 exited_at = exited_at or now
-                if now - exited_at > _EXIT_GRACE_S:  # a detached child holds the output open
+                if now - exited_at > EXIT_GRACE_S:  # a detached child holds the output open
                     return False
             # Data and EOF wake the channel's pipe; the exit status does not, hence the short wait.
             select.select([chan], [], [], min(left, 0.25))
