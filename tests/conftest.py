@@ -5,6 +5,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import subprocess
+import threading
+from collections.abc import Callable
 
 # Set before anything imports jax / transformers / wandb.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -41,6 +44,34 @@ socket.socket.connect = _loopback_only_connect  # type: ignore[method-assign]
 def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own grpoctl state folder (run records) so tests never see each other's runs."""
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+# --- what other users of this machine can see ------------------------------------------------------------
+
+
+def ps_args() -> str:
+    """Every process's full command line, as any user of this machine can list them."""
+    return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+
+
+def ps_during(action: Callable[[], object]) -> str:
+    """Everything `ps` showed while `action` ran (sampled in a loop, at least once)."""
+    samples: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(ps_args())
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        action()
+    finally:
+        done.set()
+        thread.join()
+    assert samples
+    return "\n".join(samples)
 
 
 # --- SSH: private sshd servers on 127.0.0.1 (orchestrator/testing/sshd.py) -----------------------------

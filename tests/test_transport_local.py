@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ps_args, ps_during
 
 from orchestrator.config import LocalTargetConfig, RepoConfig
 from orchestrator.targets import build_target
@@ -75,8 +74,7 @@ def test_timeout_kills_the_whole_process_group(local: LocalTransport, tmp_path: 
     assert "timed out after 0.5 s" in result.stderr
     assert result.stdout == "started\n"
     assert time.monotonic() - start < 4
-    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
-    assert marker not in ps
+    assert marker not in ps_args()
 
 
 def test_detached_child_does_not_hold_run_open(local: LocalTransport, tmp_path: Path) -> None:
@@ -126,30 +124,9 @@ def test_get_roundtrip_and_missing_file(local: LocalTransport, tmp_path: Path) -
 def test_secret_put_never_reaches_ps_or_output(local: LocalTransport, tmp_path: Path) -> None:
     secret = "sk-local-PLANTED-" + os.urandom(8).hex()
     payload = f"WANDB_API_KEY={secret}\n".encode() * 20000
-    seen = _ps_during(lambda: local.put(payload, str(tmp_path / ".env"), mode=0o600))
+    seen = ps_during(lambda: local.put(payload, str(tmp_path / ".env"), mode=0o600))
     result = local.run(f"wc -c < {tmp_path}/.env")
     assert secret not in seen and secret not in result.stdout + result.stderr
-
-
-def _ps_during(action) -> str:  # type: ignore[no-untyped-def]
-    """Everything `ps` showed while `action` ran (sampled in a loop)."""
-    samples: list[str] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True)
-            samples.append(ps.stdout)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        action()
-    finally:
-        done.set()
-        thread.join()
-    assert samples
-    return "\n".join(samples)
 
 
 def test_local_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,5 +151,4 @@ def test_a_raising_callback_does_not_leave_the_command_running(local: LocalTrans
 
     with pytest.raises(KeyboardInterrupt):
         local.run(f"echo go; exec -a {marker} sleep 30", on_output=stop_following)
-    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
-    assert marker not in ps
+    assert marker not in ps_args()

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import ps_args, ps_during
 
 from orchestrator.config import RepoConfig
 from orchestrator.errors import HostKeyError, InfraError, UsageError
@@ -38,10 +39,6 @@ def ssh(sshd: LoopbackSshd):  # type: ignore[no-untyped-def]
     t = transport_for(sshd)
     yield t
     t.close()
-
-
-def ps_args() -> str:
-    return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -139,22 +136,9 @@ def test_get_missing_file(ssh: SshTransport, tmp_path: Path) -> None:
 def test_planted_secret_never_in_ps_nor_output(ssh: SshTransport, tmp_path: Path) -> None:
     secret = f"sk-PLANTED-{time.monotonic_ns()}-do-not-leak"
     payload = f"WANDB_API_KEY={secret}\n".encode() * 200_000  # ~10 MB: the put lasts a while
-    samples: list[str] = []
-    done = threading.Event()
-
-    def watch_ps() -> None:
-        while not done.is_set():
-            samples.append(ps_args())
-
-    watcher = threading.Thread(target=watch_ps)
-    watcher.start()
-    try:
-        ssh.put(payload, str(tmp_path / ".env"), mode=0o600)
-    finally:
-        done.set()
-        watcher.join()
-    assert any(".env.grpoctl-tmp" in s for s in samples)  # ps did see the put in flight
-    assert all(secret not in s for s in samples)
+    seen = ps_during(lambda: ssh.put(payload, str(tmp_path / ".env"), mode=0o600))
+    assert ".env.grpoctl-tmp" in seen  # ps did see the put in flight
+    assert secret not in seen
     lines: list[str] = []
     result = ssh.run(f"wc -c < {tmp_path / '.env'}; stat -c %a {tmp_path / '.env'}", on_output=lines.append)
     assert result.stdout.split() == [str(len(payload)), "600"]
