@@ -92,10 +92,9 @@ class TpuTarget(Target):
         self._create_op = None
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        if self._is_dead(node, queued):
-            self.say(
-                f"{self.node_label}: {self._dead_reason(node, queued)}; deleting it to create a fresh one"
-            )
+        dead = _dead_reason(node, queued)
+        if dead is not None:
+            self.say(f"{self.node_label}: {dead}; deleting it to create a fresh one")
             self._delete(node, queued)
             node, queued = None, None
         created: list[str] = []
@@ -340,21 +339,17 @@ class TpuTarget(Target):
         """Why the node will not come back by itself (preempted, terminated, gone), or None if it lives."""
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        if node is None or self._is_dead(node, queued):
-            return self._dead_reason(node, queued)
-        return None
+        dead = _dead_reason(node, queued)
+        return "node NOT_FOUND" if dead is None and node is None else dead
 
-    def _is_dead(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> bool:
-        if queued is not None and cloud.queued_state_name(queued) in DEAD_QUEUED_STATES:
-            return True
-        return node is not None and cloud.state_name(node) in DEAD_NODE_STATES
 
-    def _dead_reason(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> str:
-        if queued is not None and cloud.queued_state_name(queued) in DEAD_QUEUED_STATES:
-            return f"queued resource {cloud.queued_state_name(queued)}"
-        if node is None:
-            return "node NOT_FOUND"
+def _dead_reason(node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> str | None:
+    """Why this node or queued resource will never run a job again; None while it may."""
+    if queued is not None and cloud.queued_state_name(queued) in DEAD_QUEUED_STATES:
+        return f"queued resource {cloud.queued_state_name(queued)}"
+    if node is not None and cloud.state_name(node) in DEAD_NODE_STATES:
         return f"node {cloud.state_name(node)}"
+    return None
 
 
 def _live_status() -> AbstractContextManager[Status | None]:
