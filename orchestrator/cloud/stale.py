@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from orchestrator.errors import InfraError, UsageError
+from orchestrator.ops.fanout import fan_out, values
 from orchestrator.transport.base import Transport
 from orchestrator.transport.shell import quote_path
 
@@ -107,8 +107,7 @@ def clear_stale_tpu_users(
         grace_s=grace_s,
         force=force,
     )
-    with ThreadPoolExecutor(max_workers=max(1, len(transports))) as pool:
-        results = list(pool.map(lambda t: t.run(text, timeout=grace_s + 60), transports))
+    results = values(fan_out(transports, lambda _i, t: t.run(text, timeout=grace_s + 60)))
     reports = []
     for t, res in zip(transports, results, strict=True):
         if res.exit_code == BUSY_EXIT:
