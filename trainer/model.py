@@ -278,7 +278,7 @@ def logits(
     attn_mask: jax.Array,
     dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """Full [B, T, V] f32 logits of an uncached forward; for sampling and tests, not for the training loss."""
+    """Full [B, T, V] f32 logits of an uncached forward; a reference for tests, not for the training loss."""
     hidden, _ = forward(params, cfg, tokens, positions_from_mask(attn_mask), attn_mask, dtype=dtype)
     return hidden_to_logits(params, cfg, hidden)
 

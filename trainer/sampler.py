@@ -83,12 +83,11 @@ def sample_token(
     logits: jax.Array, rng: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [B, V] f32 -> (token [B] int32, sampling log-prob [B], full-softmax log-prob [B])."""
+    scaled = logits / temperature if temperature else logits  # greedy records the temperature-1 softmax
+    full = jax.nn.log_softmax(scaled, axis=-1)
     if temperature == 0.0:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        full = jax.nn.log_softmax(logits, axis=-1)
         return token, jnp.zeros(token.shape, jnp.float32), _take(full, token)
-    scaled = logits / temperature
-    full = jax.nn.log_softmax(scaled, axis=-1)
     if top_k == 0 and top_p >= 1.0:
         token = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
         lp = _take(full, token)

@@ -61,18 +61,13 @@ def make_mesh(mesh_shape: str = "auto", devices: Sequence[jax.Device] | None = N
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _leaf_key(path: tuple[Any, ...]) -> tuple[str, str]:
-    names = [str(getattr(k, "key", k)) for k in path]
-    return names[-2], names[-1]
-
-
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec of one param leaf (see the module docstring for the rules)."""
     spec: list[str | None] = [None] * len(shape)
     names = [str(getattr(k, "key", k)) for k in path]
     stacked = names[0] == "layers"
     tp, fsdp = mesh.shape["tp"], mesh.shape["fsdp"]
-    tp_axis = _TP_AXIS.get(_leaf_key(path))
+    tp_axis = _TP_AXIS.get((names[-2], names[-1]))
     if tp > 1 and tp_axis is not None and shape[tp_axis] % tp == 0:
         spec[tp_axis] = "tp"
     if fsdp > 1:

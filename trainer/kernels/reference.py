@@ -13,8 +13,8 @@ def token_logprobs_reference(
 ) -> TokenStats:
     """hidden [N, H], lm_head [V, H], targets [N] int32 -> TokenStats of [N] float32 arrays."""
     logits = jnp.dot(hidden, lm_head.T, preferred_element_type=jnp.float32) / temperature
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
     lse = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - lse[:, None]
     logp = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     return TokenStats(logp=logp, lse=lse, entropy=entropy)
