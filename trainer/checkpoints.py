@@ -27,9 +27,6 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Asynchronous: returns once the arrays are copied to host; call `wait()` before exiting."""
         self._manager.save(

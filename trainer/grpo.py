@@ -227,10 +227,6 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def packed_length(longest_row: int, seq_bucket: int) -> int:
-    return round_up(longest_row, seq_bucket)
-
-
 def pack_sequences(
     prompt_tokens: np.ndarray,
     prompt_mask: np.ndarray,
@@ -248,7 +244,7 @@ def pack_sequences(
     b = prompt_tokens.shape[0]
     p_len = prompt_mask.sum(axis=1).astype(np.int64)
     c_len = completion_mask.sum(axis=1).astype(np.int64)
-    t = length or packed_length(int((p_len + c_len).max()), seq_bucket)
+    t = length or round_up(int((p_len + c_len).max()), seq_bucket)
     tokens = np.full((b, t), pad_id, np.int32)
     attn = np.zeros((b, t), bool)
     loss_mask = np.zeros((b, t), np.float32)

@@ -203,7 +203,7 @@ def training_batch(
 ) -> dict[str, np.ndarray]:
     """This process's rows, packed and trimmed to the (global) longest sequence's bucket."""
     longest = int((rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)).max())
-    length = grpo.packed_length(global_max(longest), seq_bucket)
+    length = grpo.round_up(global_max(longest), seq_bucket)
     batch = grpo.pack_sequences(
         rollout.prompt_tokens, rollout.prompt_mask, rollout.completion, rollout.completion_mask,
         seq_bucket, pad_id, length=length,

@@ -30,6 +30,7 @@ from trainer.kernels import token_logprobs
 from trainer.model import Qwen2Config, forward, lm_head_weight
 from trainer.optim import make_optimizer, scale_updates
 from trainer.prompts import ideal_completion
+from trainer.sampler import left_pad
 from trainer.tokenizer import IM_END, encode_prompts
 
 
@@ -49,22 +50,13 @@ def encode_examples(
     return prompts, [list(c) for c in completions]
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)], mask[i, : len(r)] = r, True
-    return tokens, mask
-
-
 def pack_examples(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], length: int, pad_id: int
 ) -> dict[str, np.ndarray]:
     """Rows `prompt + completion + padding` of `length` tokens (grpo.pack_sequences' layout): loss_mask
     is 1 where the target is a completion token."""
-    p_tokens, p_mask = _right_pad(prompts, pad_id)  # pack_sequences takes the real tokens of each row
-    c_tokens, c_mask = _right_pad(completions, pad_id)
+    p_tokens, p_mask = left_pad(prompts, pad_id)  # pack_sequences takes the real tokens of each row,
+    c_tokens, c_mask = left_pad(completions, pad_id)  # whichever side the padding is on
     return grpo.pack_sequences(p_tokens, p_mask, c_tokens, c_mask, seq_bucket=length, pad_id=pad_id,
                                length=length)
 
