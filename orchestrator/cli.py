@@ -144,7 +144,7 @@ def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def _record(g: Globals, session: Session, run_id: str | None) -> RunRecord:
+def _record(session: Session, run_id: str | None) -> RunRecord:
     if run_id:
         return session.store.get(run_id)
     records = session.store.list(limit=1)
@@ -156,7 +156,7 @@ def _record(g: Globals, session: Session, run_id: str | None) -> RunRecord:
 def _session_for(g: Globals, run_id: str | None) -> tuple[Session, RunRecord]:
     """A session on the target the run was launched on (not --target)."""
     probe = g.session()
-    record = _record(g, probe, run_id)
+    record = _record(probe, run_id)
     if record.target == probe.target_name:
         return probe, record
     probe.close()
@@ -368,9 +368,12 @@ def run(
     wait = wait or policy is not None
     session = g.session()
     try:
-        trainer_args = [a for pair in _parse_pairs(set_, "--set").items() for a in ("--set", "=".join(pair))]
         record = launch_ops.start_run(
-            session, config, env=_parse_pairs(env, "--env"), trainer_args=trainer_args, force=force
+            session,
+            config,
+            env=_parse_pairs(env, "--env"),
+            trainer_args=launch_ops.set_args(_parse_pairs(set_, "--set")),
+            force=force,
         )
         g.debug(f"target {session.target_name} ({session.kind}): {record.remote_dir}, python {record.python}")
         for w in record.workers:

@@ -298,13 +298,15 @@ class _Replayer:
         say: Callable[[str], None],
         report_dir: Path,
         state_path: Path,
+        recover: RecoveryPolicy | None,
+        overrides: dict[str, str],
     ) -> None:
         self.sop, self.sop_path, self.state = sop, sop_path, state
         self.config_file, self.target_override = config_file, target
         self.dry_run, self.accept_new_host_key, self.say = dry_run, accept_new_host_key, say
         self.report_dir, self.state_path = report_dir, state_path
-        self.recover: RecoveryPolicy | None = None  # `--recover`: preempted runs are relaunched
-        self.overrides: dict[str, str] = {}  # trainer `--set` overrides for every run step
+        self.recover = recover  # `--recover`: preempted runs are relaunched
+        self.overrides = overrides  # trainer `--set` overrides for every run step
         self.store = RunStore.in_memory() if dry_run else RunStore()
         self.sessions: dict[str | None, Session] = {}
 
@@ -380,9 +382,8 @@ class _Replayer:
         st.command = self._cli(s, "run", step.config, *flags, *(["--wait"] if step.wait else []))
         record = self._attached(st)
         if record is None:
-            trainer_args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
             record = launch_ops.start_run(
-                s, step.config, env=step.env, trainer_args=trainer_args, force=step.force
+                s, step.config, env=step.env, trainer_args=launch_ops.set_args(overrides), force=step.force
             )
             self._remember(st, record)
             self.say(f"{step_id(step)}: launched {record.run_id}")
@@ -545,9 +546,9 @@ def replay(
         say=say,
         report_dir=report.parent,
         state_path=state_path,
+        recover=recover,
+        overrides=dict(overrides or {}),
     )
-    replayer.recover = recover
-    replayer.overrides = dict(overrides or {})
     try:
         for i, step in enumerate(sop.steps):
             sid = step_id(step)

@@ -50,6 +50,11 @@ def new_record(
     )
 
 
+def set_args(overrides: Mapping[str, str]) -> list[str]:
+    """Trainer `--set key=value` arguments for these overrides."""
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+
+
 def paths_of(record: RunRecord) -> recipes.RunPaths:
     return recipes.RunPaths(record.log_path, record.pid_path, record.exit_path, record.run_dir)
 
