@@ -227,8 +227,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     return cls(**{k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()})
 
 
-def _positive(cfg: Config) -> dict[str, float | int | None]:
-    return {
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks that types alone cannot express."""
+    positive = {
         "steps": cfg.steps,
         "rollout.batch_size": cfg.rollout.batch_size,
         "rollout.n": cfg.rollout.n,
@@ -246,11 +247,7 @@ def _positive(cfg: Config) -> dict[str, float | int | None]:
         "warm_start.lr": cfg.warm_start.lr,
         "warm_start.batch_size": cfg.warm_start.batch_size,
     }
-
-
-def validate(cfg: Config) -> Config:
-    """Range and consistency checks that types alone cannot express."""
-    for key, v in _positive(cfg).items():
+    for key, v in positive.items():
         if v is not None and v <= 0:
             raise ConfigError(key, f"must be > 0, got {v}")
     non_negative = {
