@@ -17,9 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from safetensors import safe_open
 
 from trainer.model import Params, Qwen2Config, init_params
+from trainer.sharding import partition_spec
 
 # Our stacked layer leaf -> (HF name inside `model.layers.{i}.`, transpose). HF linears are [out, in].
 _LAYER_TENSORS: dict[tuple[str, str], tuple[str, bool]] = {
@@ -165,9 +167,6 @@ def load_model(
     cfg = load_config(folder)
     shardings = None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-
-        from trainer.sharding import partition_spec
 
         def shardings(path: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.Sharding:
             return NamedSharding(mesh, partition_spec(path, shape, mesh))
