@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,6 @@ class Problem:
         if value is None:
             raise DataError(f"problem {self.id}: answer {self.answer[:40]!r} is not a number")
         return value
-
-    def as_row(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def load_problems(
