@@ -36,7 +36,7 @@ from trainer.evaluation import full_sweep, periodic_eval
 from trainer.metrics import RunLogger
 from trainer.model import Qwen2Config, init_params
 from trainer.optim import lr_schedule, optimizer_for, scale_updates
-from trainer.rewards import RewardWeights, score_completions
+from trainer.rewards import RewardBatch, RewardWeights, score_completions
 from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
 from trainer.tokenizer import TINY, load_tokenizer
 from trainer.warm_start import warm_start
@@ -224,13 +224,10 @@ def rollout_metrics(rollout: Rollout, reward_metrics: dict[str, float], seconds:
     return out
 
 
-def global_reward_metrics(scores: Any) -> dict[str, float]:
+def global_reward_metrics(scores: RewardBatch) -> dict[str, float]:
+    """RewardBatch.metrics over the rows of every process."""
     per_func = {k: global_concat(v) for k, v in scores.per_func.items()}
-    total = global_concat(scores.total)
-    out = {f"reward/func/{k}/mean": float(v.mean()) for k, v in per_func.items()}
-    out["reward/total/mean"] = float(total.mean())
-    out["reward/total/std"] = float(total.std())
-    return out
+    return RewardBatch(per_func=per_func, total=global_concat(scores.total)).metrics()
 
 
 @dataclasses.dataclass
