@@ -142,11 +142,7 @@ class RunFiles:
 def load_run(folder: str | Path) -> RunFiles:
     """A fetched run folder; its summary.json (or W&B's wandb-summary.json) must exist."""
     folder = Path(folder)
-    summary: dict[str, Any] = {}
-    for name in ("wandb-summary.json", "summary.json"):  # our own summary wins on shared keys
-        path = folder / name
-        if path.is_file():
-            summary.update(_read_json(path))
+    summary = read_summary(folder)
     if not summary:
         raise UsageError(f"{folder}: no summary.json (fetch the run first: grpoctl fetch {folder.name})")
     eval_path = folder / "eval_full.jsonl"
@@ -154,6 +150,16 @@ def load_run(folder: str | Path) -> RunFiles:
     metrics_path = folder / "metrics.jsonl"
     metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
     return RunFiles(folder.name, folder, summary, eval_full, metrics)
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """W&B's wandb-summary.json overlaid by our own summary.json (ours wins); {} when neither exists."""
+    summary: dict[str, Any] = {}
+    for name in ("wandb-summary.json", "summary.json"):
+        path = folder / name
+        if path.is_file():
+            summary.update(_read_json(path))
+    return summary
 
 
 def _read_json(path: Path) -> dict[str, Any]:

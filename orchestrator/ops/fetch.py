@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator import recipes
+from orchestrator.compare import read_summary
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.env import absolute_remote_dir
 from orchestrator.runs import RunRecord
@@ -48,11 +48,4 @@ def fetch(target, record: RunRecord, dest_root: str | Path = "runs") -> FetchRes
             raise InfraError(f"{t.name}: {rel} vanished while fetching") from err
         (folder / name).write_bytes(data)
         written.append(name)
-    summary: dict[str, Any] = {}
-    for name in ("wandb-summary.json", "summary.json"):
-        if name in written:
-            try:
-                summary.update(json.loads((folder / name).read_text()))
-            except ValueError:
-                raise UsageError(f"{folder / name}: not valid JSON") from None
-    return FetchResult(record.run_id, folder, written, summary)
+    return FetchResult(record.run_id, folder, written, read_summary(folder))
