@@ -592,13 +592,10 @@ def _run_folder(g: Globals, ref: str, dest: str) -> Path:
     path = Path(ref)
     if path.is_dir():
         return path
-    session = g.session()
+    session, record = _session_for(g, ref)
     try:
-        record = session.store.get(ref)
         folder = Path(dest) / record.run_id
         if not (folder / "summary.json").is_file():
-            session.close()
-            session = g.session(target=record.target, store=session.store)
             folder = fetch_ops.fetch(session.target, record, dest).folder
         return folder
     finally:

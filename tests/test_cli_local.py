@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
 import time
@@ -104,6 +105,9 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
     assert png.stat().st_size > 5000
     as_json = json.loads(cli("--json", "compare", a, b).stdout)
     assert as_json["mcnemar"]["n"] == 200 and as_json["keys"][0]["key"] == "eval_full/accuracy"
+    shutil.rmtree(folder_b)  # a run id not fetched yet: compare fetches it first
+    assert "McNemar exact test on 200" in cli("compare", a, b).stdout
+    assert (folder_b / "summary.json").is_file()
 
 
 def test_failed_run_exit_code_and_one_line_error(cli):
