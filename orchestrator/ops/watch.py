@@ -61,7 +61,8 @@ def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
     if state != record.state and state in recipes.TERMINAL:
         record.finished_at = utc_now_iso()
     record.state = state
-    progress = statuses[0].progress if statuses and statuses[0] else None
+    result = Poll(statuses, errors)
+    progress = result.progress
     if progress:
         record.last_progress = {
             "step": progress.step,
@@ -70,7 +71,7 @@ def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
             "eta_s": progress.eta_s,
             "metrics": dict(progress.metrics or {}),
         }
-    return Poll(statuses, errors)
+    return result
 
 
 def kill(target, record: RunRecord, *, workers: list[int] | None = None, grace_s: float = 10.0) -> list[str]:
@@ -92,7 +93,7 @@ def failure_message(record: RunRecord) -> str:
     return f"run {record.run_id} failed on " + ", ".join(parts)
 
 
-def log_hint(target, record: RunRecord, index: int, redact: Callable[[str], str] | None = None) -> str:
+def log_hint(target, record: RunRecord, index: int) -> str:
     """`; w1 log: <its last line>`: why a job died is usually the last thing it printed (best effort)."""
     t = target.transports()[index]
     try:
@@ -102,7 +103,7 @@ def log_hint(target, record: RunRecord, index: int, redact: Callable[[str], str]
     line = result.stdout.strip().splitlines()[-1:] if result.ok else []
     if not line:
         return ""
-    text = (redact or _redact_local_env)(line[0])
+    text = _redact_local_env(line[0])
     return f"; {record.workers[index].worker} log: {text[:200]}"
 
 
