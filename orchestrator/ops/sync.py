@@ -27,10 +27,6 @@ class SyncResult:
     heads: dict[str, str]  # worker name -> full commit
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def head(self) -> str:
-        return next(iter(self.heads.values()), "")
-
 
 def _git(cwd: Path, *args: str) -> str | None:
     """Read-only look at the local repo; None when git says no."""
