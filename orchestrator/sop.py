@@ -26,8 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,7 +43,7 @@ from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
-from orchestrator.runs import RunRecord, RunStore
+from orchestrator.runs import RunRecord, RunStore, utc_now_iso
 
 # ---------------------------------------------------------------------------------------- schema
 
@@ -224,7 +223,7 @@ class ReplayState:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_as_json(self), indent=1))
+        tmp.write_text(json.dumps(asdict(self), indent=1))
         tmp.replace(path)
 
     @staticmethod
@@ -237,12 +236,6 @@ class ReplayState:
         except (ValueError, TypeError):
             raise UsageError(f"{path}: unreadable SOP state (use --fresh)") from None
         return ReplayState(sop, steps, data.get("summaries", {}), data.get("comparison"), data.get("verdict"))
-
-
-def _as_json(state: ReplayState) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(state)
 
 
 @dataclass
@@ -263,10 +256,6 @@ class ReplayResult:
 
 
 # ---------------------------------------------------------------------------------------- replay
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def default_report_path(sop_path: Path, dry_run: bool) -> Path:
@@ -563,7 +552,7 @@ def replay(
                 say(f"[{i + 1}/{len(sop.steps)}] {sid}: done earlier, skipped")
                 continue
             say(f"[{i + 1}/{len(sop.steps)}] {sid}")
-            st.status, st.started_at, st.error = "running", _now(), None
+            st.status, st.started_at, st.error = "running", utc_now_iso(), None
             st.details = [d for d in st.details if d.startswith("re-attached")] if st.run_id else []
             began = time.monotonic()
             session = replayer.session(step)
@@ -575,7 +564,7 @@ def replay(
                 st.status, st.error = "failed", str(err)
                 raise
             finally:
-                st.finished_at = _now()
+                st.finished_at = utc_now_iso()
                 st.duration_s = round(time.monotonic() - began, 2)
                 st.remote_commands = replayer._journal_len(session) - journal_before
                 state.save(state_path)
@@ -592,7 +581,7 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
     lines = [f"# SOP `{sop.name}`{' (dry run)' if dry_run else ''}", ""]
     if sop.description:
         lines += [sop.description.strip(), ""]
-    lines += [f"- file: `{sop_path}`", f"- default target: `{sop.target}`", f"- written: {_now()}", ""]
+    lines += [f"- file: `{sop_path}`", f"- default target: `{sop.target}`", f"- written: {utc_now_iso()}", ""]
     lines += ["## Steps", "", "| # | step | status | duration | command |", "|---|---|---|---|---|"]
     for i, step in enumerate(sop.steps, 1):
         st = state.steps.get(step_id(step), StepState())
