@@ -416,23 +416,25 @@ def existing_files(repo_dir: str, paths: Sequence[str]) -> str:
 
 
 def parse_files(stdout: str) -> list[str]:
-    return [line[len("FILE=") :] for line in stdout.splitlines() if line.startswith("FILE=")]
+    return _all_values(stdout, "FILE")
 
 
 def parse_wandb_paths(stdout: str) -> list[str]:
-    return [line[len("WANDB=") :] for line in stdout.splitlines() if line.startswith("WANDB=")]
+    return _all_values(stdout, "WANDB")
 
 
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _last_value(stdout: str, key: str) -> str | None:
+def _all_values(stdout: str, key: str) -> list[str]:
+    """The values of every `KEY=value` line, in order."""
     prefix = f"{key}="
-    found = None
-    for line in stdout.splitlines():
-        if line.startswith(prefix):
-            found = line[len(prefix) :]
-    return found
+    return [line[len(prefix) :] for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def _last_value(stdout: str, key: str) -> str | None:
+    found = _all_values(stdout, key)
+    return found[-1] if found else None
 
 
 def _basename(path: str) -> str:
