@@ -165,7 +165,8 @@ def tpu_devices(acc: Accelerator) -> list[Any]:
         )
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise PreflightError(f"preflight: cannot build the {acc.name} topology here: {first}", EXIT_HOST) from None
+        message = f"preflight: cannot build the {acc.name} topology here: {first}"
+        raise PreflightError(message, EXIT_HOST) from None
     return list(topo.devices)
 
 
@@ -210,7 +211,9 @@ def programs_for(cfg: Any, devices: Sequence[Any]) -> tuple[list[Program], dict[
         Program(
             "update_step", train.update_step,
             (params, opt_state, ref_params, P.abstract_batch(cfg, mesh, seq_len), P.abstract_lr(mesh)),
-            dict(model_cfg=model_cfg, loss_cfg=train.loss_config(cfg), num_micro=num_micro, optimizer=optimizer),
+            dict(
+                model_cfg=model_cfg, loss_cfg=train.loss_config(cfg), num_micro=num_micro, optimizer=optimizer
+            ),
             seq_len,
         ),
     ]
@@ -407,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         parse_accelerator(accelerator)
-        printer = None if args.json else (lambda r: print(f"compiled {r.name} in {r.compile_s:.1f} s",
-                                                         file=sys.stderr, flush=True))
+        def printer(r: FunctionReport) -> None:  # progress on stderr (a 3B compile takes minutes)
+            print(f"preflight: compiled {r.name} in {r.compile_s:.1f} s: peak {r.peak_bytes / GIB:.2f} GiB"
+                  f" of {r.capacity_bytes / GIB:.2f}", file=sys.stderr, flush=True)
+
         result = run(cfg, accelerator, args.headroom, on_report=printer, only=args.only)
         if args.suggest:
             result["suggest"] = suggest(cfg, accelerator, args.headroom)
