@@ -12,12 +12,20 @@ the shardings the run uses):
                   train.seq_bucket), every micro-batch, optimizer included
   eval            the periodic eval (the sampler's program at the eval batch; skipped when eval is off)
   eval_full       the full greedy sweep (eval_full_batch_size rows; a run may switch it on by env flag)
+  prefill         the rollout sampler's prefill alone (the prompt bucket, the first sampled token)
+  decode_step     ONE step of the rollout sampler's decode loop (the loop body itself, compiled alone:
+                  no loop around it, so XLA's cost analysis counts its HBM bytes once, as they happen)
 
 Per chip: peak = arguments + temp + outputs - aliased (XLA's own check compares temp alone with HBM, so a
 program whose arguments and temp exceed HBM can still compile). A program fits when peak <= usable HBM x
 (1 - headroom). The time column is a roofline ESTIMATE from XLA's cost analysis and the chip's published
 peak flops and HBM bandwidth: loop bodies (layers, micro-batches, decode steps) are counted once by XLA,
 so it is a lower bound of one pass, not a step time.
+
+Every program also reports the bytes its collectives move per chip, by kind, read from the compiled HLO
+(trainer/hlo_stats.py, loop trip counts included), and the estimate adds them at the chip's published
+inter-chip (ICI) bandwidth. For the sampler that makes decode_step's estimate the time of one generated
+token: x max new tokens (plus prefill) is the estimated rollout, the "decode" line of the report.
 
 Exit codes: 0 everything fits; 2 something does not fit (one line naming the program, T and GiB) or the
 config is bad; 4 the preflight cannot run on this host (no libtpu: Linux x86_64 only).
@@ -36,6 +44,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from trainer.hlo_stats import collective_bytes
+
 GIB = 1024**3
 EXIT_DOES_NOT_FIT = 2
 EXIT_HOST = 4
@@ -49,15 +59,17 @@ class Chip:
     usable_bytes: int
     peak_flops: float
     hbm_bytes_per_s: float
+    ici_bytes_per_s: float  # one chip's published inter-chip bandwidth (all links)
 
 
 # Usable HBM: v6e's 31.25 GiB is what XLA reports on the chip (32 GiB less its reservation); the others
 # assume the same 1/128 reservation of their published HBM.
 CHIPS = {
-    "v6e": Chip("v6e", int(31.25 * GIB), 918e12, 1.64e12),
-    "v5e": Chip("v5e", int(15.875 * GIB), 197e12, 0.819e12),
-    "v5p": Chip("v5p", int(94.25 * GIB), 459e12, 2.765e12),
-    "v4": Chip("v4", int(31.75 * GIB), 275e12, 1.2e12),
+    # ICI: Google's per-chip figures, 3584 / 1600 / 4800 / 2400 Gbit/s.
+    "v6e": Chip("v6e", int(31.25 * GIB), 918e12, 1.64e12, 448e9),
+    "v5e": Chip("v5e", int(15.875 * GIB), 197e12, 0.819e12, 200e9),
+    "v5p": Chip("v5p", int(94.25 * GIB), 459e12, 2.765e12, 600e9),
+    "v4": Chip("v4", int(31.75 * GIB), 275e12, 1.2e12, 300e9),
 }
 _ALIASES = {"v5litepod": "v5e", "v6e": "v6e", "v5e": "v5e", "v5p": "v5p", "v4": "v4"}
 # v6e/v5e slices name chips; v5p/v4 name TensorCores (2 per chip).
@@ -130,6 +142,9 @@ class FunctionReport:
     flops: float
     bytes_accessed: float
     estimated_s: float
+    hbm_bytes: float = 0.0  # = bytes_accessed (XLA's cost analysis): HBM traffic per chip, loop bodies once
+    collective_bytes: int = 0  # sum of `collectives`
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # {kind: bytes per chip}
 
 
 @dataclasses.dataclass
@@ -229,7 +244,15 @@ def programs_for(cfg: Any, devices: Sequence[Any]) -> tuple[list[Program], dict[
         "eval_full", _generate, P.abstract_sampler_args(model_cfg, mesh, params, rows, sweep), {},
         width + sweep.max_new_tokens,
     ))
-    facts = {"model": source, "mesh": dict(mesh.shape), "num_micro": num_micro}
+    prefill_args, decode_args = P.abstract_decode_args(
+        model_cfg, mesh, params, P.sampler_rows(cfg.rollout.batch_size, cfg.rollout.n, mesh), rollout
+    )
+    out.append(Program("prefill", P.prefill_program, prefill_args, {}, width))
+    out.append(Program("decode_step", P.decode_step_program, decode_args, {}, width + rollout.max_new_tokens))
+    facts = {
+        "model": source, "mesh": dict(mesh.shape), "num_micro": num_micro,
+        "max_new_tokens": rollout.max_new_tokens,
+    }
     return out, facts
 
 
@@ -295,13 +318,38 @@ def compile_program(p: Program, chip: Chip, headroom: float) -> FunctionReport:
     alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
     peak = args + temp + out - alias
     flops, nbytes = _cost(compiled)
+    text = compiled.as_text()
+    collectives = collective_bytes(text)
+    moved = sum(collectives.values())
     return FunctionReport(
         name=p.name, seq_len=p.seq_len, peak_bytes=peak, capacity_bytes=capacity, fits=peak <= capacity,
-        mosaic_kernels=mosaic_kernels(compiled.as_text()), argument_bytes=args, output_bytes=out,
+        mosaic_kernels=mosaic_kernels(text), argument_bytes=args, output_bytes=out,
         alias_bytes=alias, temp_bytes=temp, generated_code_bytes=int(m.generated_code_size_in_bytes),
         compile_s=round(seconds, 2), flops=flops, bytes_accessed=nbytes,
-        estimated_s=max(flops / chip.peak_flops, nbytes / chip.hbm_bytes_per_s),
+        estimated_s=estimate_s(chip, flops, nbytes, moved), hbm_bytes=nbytes, collective_bytes=moved,
+        collectives=collectives,
     )
+
+
+def estimate_s(chip: Chip, flops: float, hbm_bytes: float, collective_bytes: float) -> float:
+    """Roofline ESTIMATE: the slower of compute and HBM traffic, plus the collectives at the chip's ICI
+    bandwidth (added, not overlapped: decode's collectives sit between the matmuls that need them)."""
+    compute = max(flops / chip.peak_flops, hbm_bytes / chip.hbm_bytes_per_s)
+    return compute + collective_bytes / chip.ici_bytes_per_s
+
+
+def decode_estimate(functions: Sequence[dict[str, Any]], max_new_tokens: int) -> dict[str, float] | None:
+    """The estimated rollout: prefill + decode_step x max new tokens (each token is one loop step; the
+    first comes from the prefill, so this counts one step more than runs)."""
+    by_name = {f["name"]: f for f in functions}
+    if "decode_step" not in by_name:
+        return None
+    step = by_name["decode_step"]["estimated_s"]
+    prefill = by_name.get("prefill", {}).get("estimated_s", 0.0)
+    return {
+        "decode_step_s": step, "tokens": max_new_tokens, "decode_s": step * max_new_tokens,
+        "prefill_s": prefill, "rollout_s": prefill + step * max_new_tokens,
+    }
 
 
 def run(
@@ -333,6 +381,7 @@ def run(
                 f" with {headroom:.0%} headroom"
             )
             break
+    functions = [dataclasses.asdict(r) for r in reports]
     return {
         "fits": reason is None,
         "accelerator": acc.name,
@@ -344,7 +393,8 @@ def run(
         "config_hash": config_hash(cfg),
         "reason": reason,
         **facts,
-        "functions": [dataclasses.asdict(r) for r in reports],
+        "decode_estimate": decode_estimate(functions, facts["max_new_tokens"]),
+        "functions": functions,
     }
 
 
@@ -367,7 +417,7 @@ def render(result: dict[str, Any]) -> None:
     )
     table = Table(title=title)
     cols = ["function", "T", "args", "out", "alias", "temp", "code", "peak", "capacity", "fits",
-            "compile s", "Mosaic", "GFLOP", "GB accessed", "est. s (roofline)"]
+            "compile s", "Mosaic", "GFLOP", "GB accessed", "collectives MiB", "est. s (roofline)"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("function", "fits") else "right")
     for f in result["functions"]:
@@ -376,14 +426,22 @@ def render(result: dict[str, Any]) -> None:
             _gib(f["alias_bytes"]), _gib(f["temp_bytes"]), _gib(f["generated_code_bytes"]),
             _gib(f["peak_bytes"]), _gib(f["capacity_bytes"]), "yes" if f["fits"] else "NO",
             f"{f['compile_s']:.1f}", str(f["mosaic_kernels"]), f"{f['flops'] / 1e9:.1f}",
-            f"{f['bytes_accessed'] / 1e9:.2f}", f"{f['estimated_s']:.4f}",
+            f"{f['bytes_accessed'] / 1e9:.2f}", f"{f['collective_bytes'] / 1024**2:.1f}",
+            f"{f['estimated_s']:.4f}",
         )
     console = Console(width=max(Console().width, 180))  # a wide table: never truncate the figures
     console.print(table)
     console.print(
         "est. s is a roofline ESTIMATE (max of flops / peak flops, bytes / HBM bandwidth) with every loop"
-        " body counted once: a lower bound of one pass, not a step time."
+        " body counted once, plus collectives at the chip's ICI bandwidth: a lower bound of one pass, not a"
+        " step time."
     )
+    d = result.get("decode_estimate")
+    if d:
+        console.print(
+            f"decode (ESTIMATE): {d['decode_step_s'] * 1e3:.2f} ms per decode step x {d['tokens']} tokens"
+            f" = {d['decode_s']:.2f} s, + prefill {d['prefill_s']:.3f} s = {d['rollout_s']:.2f} s per rollout"
+        )
 
 
 def suggest(cfg: Any, accelerator: str, headroom: float) -> dict[str, Any]:

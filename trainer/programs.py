@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from trainer import grpo, sharding
+from trainer import grpo, sampler, sharding
 from trainer.config import Config, ConfigError
 from trainer.model import Qwen2Config, init_params
 from trainer.rollout import SamplingConfig
@@ -258,3 +258,30 @@ def abstract_sampler_args(
 
 def abstract_lr(mesh: Mesh) -> jax.ShapeDtypeStruct:
     return _replicated(mesh, (), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampler's two halves, compiled alone: the preflight's decode-step and prefill figures.
+
+# The very functions the sampler's jitted program runs (its prefill, then its while-loop body), jitted
+# alone. The decode step donates its state, as the loop updates its carry in place.
+SAMPLER_STATIC = ("cfg", "settings", "mesh")
+prefill_program = jax.jit(sampler.prefill, static_argnames=SAMPLER_STATIC)
+decode_step_program = jax.jit(sampler.decode_step, static_argnames=SAMPLER_STATIC, donate_argnames=("state",))
+
+
+def abstract_decode_args(
+    model_cfg: Qwen2Config, mesh: Mesh, params: Any, rows: int, settings: SamplingConfig
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(prefill args, decode-step args) as the sampler's program passes them: the weights already cast
+    by `sampler.decode_params` (same layout as the run's params), the loop state with the shardings the
+    sampler pins it to."""
+    s = settings.settings()
+    (p, cfg, tokens, mask, rng, stop, pad, _, _) = abstract_sampler_args(model_cfg, mesh, params, rows, settings)
+    cast = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, s.dtype, sharding=x.sharding), p)
+    state = jax.eval_shape(
+        lambda w, *a: sampler.prefill(w, cfg, *a, s, None), cast, tokens, mask, rng, stop, pad
+    )
+    shardings = sampler.state_shardings(state, mesh)
+    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings)
+    return (cast, cfg, tokens, mask, rng, stop, pad, s, mesh), (cast, cfg, state, rng, stop, pad, s, mesh)

@@ -117,8 +117,59 @@ class _LoopState(NamedTuple):
     out: SampleOutput
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings", "mesh"))
-def _generate(
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """Where the loop state lives: every per-row array (KV cache included, its batch axis is 1) split over
+    the batch like the prompts, scalars replicated. Pinned at every step, so GSPMD can neither gather the
+    cache nor pick another layout inside the loop, and a decode step compiled alone (the preflight) gets
+    the layout the while-loop runs."""
+
+    def spec(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
+        if leaf.ndim == 0:
+            return NamedSharding(mesh, PartitionSpec())
+        if names[-1] in ("k", "v"):  # [L, B, S, kv_heads, head_dim]
+            return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+        return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def _pin(state: _LoopState, mesh: Mesh | None) -> _LoopState:
+    if mesh is None:
+        return state
+    return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))
+
+
+def decode_params(params: Params, dtype: Any) -> Params:
+    """The weights the sampler reads: cast to the compute dtype once, outside the loop (decode is bound by
+    reading them, and a cast inside the loop body would re-read the f32 copy at every step; a no-op when
+    they already have the compute dtype). They keep the training layout: on an fsdp mesh that splits every
+    matrix on its widest side (the MLP hidden, the heads, the vocabulary), which is the tensor-parallel
+    layout a decode step wants, so each chip reads 1/n of them and only activations cross the links
+    (BENCHMARKS.md, "Decode step")."""
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def _emit(
+    state: _LoopState, logits: jax.Array, rng: jax.Array, stop_ids: jax.Array, pad_id: jax.Array,
+    s: SamplingSettings,
+) -> _LoopState:
+    """Samples column `state.step` from `logits` and records it; finished rows get padding."""
+    token, lp, full_lp = sample_token(logits, jax.random.fold_in(rng, state.step), s.temperature, s.top_k, s.top_p)
+    live = ~state.done
+    token = jnp.where(live, token, pad_id)
+    col = state.step
+    out = state.out._replace(
+        completion=state.out.completion.at[:, col].set(token),
+        completion_mask=state.out.completion_mask.at[:, col].set(live.astype(jnp.int32)),
+        logprobs=state.out.logprobs.at[:, col].set(jnp.where(live, lp, 0.0)),
+        full_logprobs=state.out.full_logprobs.at[:, col].set(jnp.where(live, full_lp, 0.0)),
+    )
+    done = state.done | (live & jnp.isin(token, stop_ids))
+    return state._replace(step=col + 1, last_token=token, position=state.position + 1, done=done, out=out)
+
+
+def prefill(
     params: Params,
     cfg: Qwen2Config,
     prompt_tokens: jax.Array,
@@ -128,33 +179,14 @@ def _generate(
     pad_id: jax.Array,
     settings: SamplingSettings,
     mesh: Mesh | None,
-) -> SampleOutput:
+) -> _LoopState:
+    """The whole (bucketed) prompt at once, then the first sampled column: the decode loop's first state.
+
+    The cache holds the prompt and every new token but the last, which is sampled and never fed back.
+    `params` are already `decode_params`. The preflight compiles this very function."""
     s = settings
     batch, prompt_len = prompt_tokens.shape
     steps = s.max_new_tokens
-    # Cast the weights once, outside the loop: decode is bound by reading them, and a cast inside the loop
-    # body would re-read the f32 copy at every step (a no-op when they already have the compute dtype).
-    params = jax.tree.map(lambda x: x.astype(s.dtype), params)
-
-    def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
-        """Samples column `state.step` from `logits` and records it; finished rows get padding."""
-        token, lp, full_lp = sample_token(
-            logits, jax.random.fold_in(rng, state.step), s.temperature, s.top_k, s.top_p
-        )
-        live = ~state.done
-        token = jnp.where(live, token, pad_id)
-        col = state.step
-        out = state.out._replace(
-            completion=state.out.completion.at[:, col].set(token),
-            completion_mask=state.out.completion_mask.at[:, col].set(live.astype(jnp.int32)),
-            logprobs=state.out.logprobs.at[:, col].set(jnp.where(live, lp, 0.0)),
-            full_logprobs=state.out.full_logprobs.at[:, col].set(jnp.where(live, full_lp, 0.0)),
-        )
-        done = state.done | (live & jnp.isin(token, stop_ids))
-        return state._replace(step=col + 1, last_token=token, position=state.position + 1, done=done, out=out)
-
-    # Prefill: the whole (bucketed) prompt at once. The cache holds the prompt and every new token but the
-    # last, which is sampled and never fed back.
     cache = init_cache(cfg, batch, prompt_len + steps - 1, s.cache_dtype)
     if mesh is not None:  # pin the cache to the batch split so GSPMD never gathers or replicates it
         kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
@@ -178,22 +210,57 @@ def _generate(
             lengths=jnp.zeros((batch,), jnp.int32),
         ),
     )
-    state = emit(state, hidden_to_logits(params, cfg, hidden[:, -1]))
+    state = _emit(state, hidden_to_logits(params, cfg, hidden[:, -1]), rng, stop_ids, pad_id, s)
+    return _pin(state, mesh)
+
+
+def decode_step(
+    params: Params,
+    cfg: Qwen2Config,
+    state: _LoopState,
+    rng: jax.Array,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
+    settings: SamplingSettings,
+    mesh: Mesh | None,
+) -> _LoopState:
+    """One token for every row: the body of the decode while-loop (and what the preflight compiles alone
+    to measure a step: HBM bytes, collectives, estimated time)."""
+    batch = state.last_token.shape[0]
+    hidden, cache = forward(
+        params,
+        cfg,
+        state.last_token[:, None],
+        state.position[:, None],
+        jnp.ones((batch, 1), bool),
+        state.cache,
+        settings.dtype,
+    )
+    state = state._replace(cache=cache)
+    return _pin(_emit(state, hidden_to_logits(params, cfg, hidden[:, 0]), rng, stop_ids, pad_id, settings), mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "mesh"))
+def _generate(
+    params: Params,
+    cfg: Qwen2Config,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
+    settings: SamplingSettings,
+    mesh: Mesh | None,
+) -> SampleOutput:
+    params = decode_params(params, settings.dtype)
+    state = prefill(params, cfg, prompt_tokens, prompt_mask, rng, stop_ids, pad_id, settings, mesh)
+    steps = settings.max_new_tokens
 
     def cond(state: _LoopState) -> jax.Array:
         return (state.step < steps) & ~jnp.all(state.done)
 
     def body(state: _LoopState) -> _LoopState:
-        hidden, cache = forward(
-            params,
-            cfg,
-            state.last_token[:, None],
-            state.position[:, None],
-            jnp.ones((batch, 1), bool),
-            state.cache,
-            s.dtype,
-        )
-        return emit(state._replace(cache=cache), hidden_to_logits(params, cfg, hidden[:, 0]))
+        return decode_step(params, cfg, state, rng, stop_ids, pad_id, settings, mesh)
 
     state = jax.lax.while_loop(cond, body, state)
     return state.out._replace(lengths=jnp.sum(state.out.completion_mask, axis=-1, dtype=jnp.int32))
