@@ -189,21 +189,32 @@ def _read_correctness(path: Path) -> dict[str, bool]:
 # ------------------------------------------------------------------------------------------ report
 
 
+FABRICATED = "FABRICATED by --dry-run, not a result:"
+
+
 @dataclass(frozen=True)
 class Comparison:
     a: str
     b: str
     rows: list[KeyRow]
     paired: PairedResult | None
+    fabricated: bool = False  # a dry run's made-up files (summary.json says "dry_run": true)
 
     @property
     def verdict(self) -> str | None:
         return self.paired.verdict if self.paired else None
 
+    def test_line(self) -> str:
+        """The McNemar line; a dry run's reads as made up, never as a finding."""
+        if self.paired is None:
+            return "No paired per-question results (eval_full.jsonl) in both runs: no significance test."
+        return f"{FABRICATED} {self.paired.line()}" if self.fabricated else self.paired.line()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "a": self.a,
             "b": self.b,
+            "fabricated": self.fabricated,
             "keys": [{"key": r.key, "a": r.a, "b": r.b, "delta": r.delta} for r in self.rows],
             "mcnemar": None
             if self.paired is None
@@ -219,19 +230,15 @@ class Comparison:
     def markdown(self) -> str:
         lines = [f"| key | A `{self.a}` | B `{self.b}` | delta (B - A) |", "|---|---|---|---|"]
         lines += [f"| `{r.key}` | {fmt(r.a)} | {fmt(r.b)} | {fmt_delta(r)} |" for r in self.rows]
-        if self.paired:
-            lines += ["", self.paired.line()]
-        else:
-            lines += [
-                "",
-                "No paired per-question results (eval_full.jsonl) in both runs: no significance test.",
-            ]
-        return "\n".join(lines)
+        if self.fabricated:
+            lines = [f"**{FABRICATED}** every figure below was made up by the dry run.", "", *lines]
+        return "\n".join([*lines, "", self.test_line()])
 
 
 def compare_runs(a: RunFiles, b: RunFiles, keys: Sequence[str] | None = None) -> Comparison:
     paired = paired_test(a.eval_full, b.eval_full) if a.eval_full and b.eval_full else None
-    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired)
+    fabricated = bool(a.summary.get("dry_run") or b.summary.get("dry_run"))
+    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, fabricated)
 
 
 # -------------------------------------------------------------------------------------------- plot
@@ -248,8 +255,26 @@ def _series(metrics: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> 
     return None
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """A plot goes into a folder that exists (we never create folders for it: a typo such as
+    `/no/such/dir/p.png` must not leave directories at the filesystem root) with a known image suffix."""
+    out = Path(out)
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {str(out)!r}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"--plot {str(out)!r}: folder {str(parent)!r} does not exist (create it first)")
+    if out.is_dir():
+        raise UsageError(f"--plot {str(out)!r} is a folder")
+    return out
+
+
 def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
-    """Reward and loss curves of both runs (from metrics.jsonl) in one PNG."""
+    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
+    out = check_plot_path(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,8 +296,6 @@ def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
