@@ -460,7 +460,8 @@ def run(
             if g.json:
                 g.emit_json(record.to_json())
             else:
-                g.out.print(f"{record.run_id} {record.state}" + (" (made up by --dry-run)" if g.dry_run else ""))
+                made_up = " (made up by --dry-run)" if g.dry_run else ""
+                g.out.print(f"{record.run_id} {record.state}{made_up}")
     finally:
         session.close()
 
@@ -476,7 +477,8 @@ def _wait_with_bar(
             p = poll.progress
             info = rec.state if not p else f"step {p.step}/{p.total} eta {_fmt_eta(p.eta_s)}"
             if rec.state == "STALLED":
-                info = f"STALLED: no output for {_quiet_s(rec)} s" + (f" at step {p.step}/{p.total}" if p else "")
+                at = f" at step {p.step}/{p.total}" if p else ""
+                info = f"STALLED: no output for {_quiet_s(rec)} s{at}"
             if poll.errors:
                 info += f" ({len(poll.errors)} worker(s) unreachable, retrying)"
             bar.update(
@@ -583,6 +585,30 @@ def status(
         raise watch_ops.preempted_error(records[0], reason)
     if run_id and records[0].state in ("FAILED", "LOST") and watch:
         raise typer.Exit(JobFailed.exit_code)
+
+
+@app.command()
+@handle_errors
+def recover(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="A run to re-attach to, e.g. one left PREEMPTED.")],
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 15.0,
+    recover_on_exit_code: Annotated[
+        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
+    ] = [],  # noqa: B006
+    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed.")] = 20,
+    max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+) -> None:
+    """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
+    with the same run id (it resumes from its checkpoints)."""
+    g = _globals(ctx)
+    session, record = _session_for(g, run_id)
+    policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
+    try:
+        _wait_with_bar(g, session, record, interval, policy)
+    finally:
+        session.close()
+        g.emit_json(record.to_json()) if g.json else g.out.print(f"{record.run_id} {record.state}")
 
 
 @app.command()

@@ -69,7 +69,8 @@ class TpuTargetConfig(_Strict):
     runtime_version: str = "v2-alpha-tpuv6e"
     spot: bool = True
     queued: bool = False  # provision through a queued resource (spot) instead of a plain node
-    valid_until_s: int | None = Field(default=None, gt=0)  # queued resource: give up waiting after this many seconds
+    # queued resource: give up waiting after this many seconds
+    valid_until_s: int | None = Field(default=None, gt=0)
     labels: dict[str, str] = {}
     internal_ip: bool = False
     user: str = "root"
@@ -79,8 +80,10 @@ class TpuTargetConfig(_Strict):
     python: str | None = None
     connect_timeout_s: float = Field(default=10.0, gt=0)
     ssh_port: int = Field(default=22, ge=0, lt=65536)  # 0: each network endpoint's `port` (the fake API)
-    up_timeout_s: float = Field(default=1800.0, gt=0)  # give up (and delete what `up` created) after this long
-    auth_retry_s: float = Field(default=60.0, ge=0)  # keep retrying SSH auth this long while a new key propagates
+    # give up (and delete what `up` created) after this long
+    up_timeout_s: float = Field(default=1800.0, gt=0)
+    # keep retrying SSH auth this long while a new key propagates
+    auth_retry_s: float = Field(default=60.0, ge=0)
     poll_s: float = Field(default=5.0, gt=0)  # API polling interval while waiting
 
     @field_validator("zone")

@@ -172,7 +172,7 @@ class RunStore:
         try:
             os.replace(self.path, aside)
         except OSError as move_err:
-            return InfraError(f"state database {self.path} is unreadable ({text}); moving it aside: {move_err}")
+            return InfraError(f"state database {self.path} is unreadable ({text}); moving it: {move_err}")
         return InfraError(
             f"state database {self.path} was unreadable ({text}); moved it to {aside} (earlier run records "
             "are there); the next command starts a new one"

@@ -637,7 +637,9 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         names = list(state.summaries)
         lines += [
             "",
-            "## Made-up summary (dry run: FABRICATED figures, not results)" if dry_run else "## Observed summary",
+            "## Made-up summary (dry run: FABRICATED figures, not results)"
+            if dry_run
+            else "## Observed summary",
             "",
             "| key | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),

@@ -115,8 +115,8 @@ def mark_preempted(record: RunRecord, reason: str) -> None:
 
 def preempted_error(record: RunRecord, reason: str) -> PreemptedError:
     return PreemptedError(
-        f"run {record.run_id}: {reason}, the job is gone (recorded PREEMPTED); relaunch it from its last "
-        "checkpoint with --recover (grpoctl run CONFIG --recover, or sop replay --recover for the same run id)"
+        f"run {record.run_id}: {reason}, the job is gone (recorded PREEMPTED); relaunch it from its "
+        f"last checkpoint, same run id: grpoctl recover {record.run_id} (or sop replay --recover)"
     )
 
 
