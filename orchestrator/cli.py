@@ -10,7 +10,8 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
 from orchestrator import compare as cmp
@@ -74,8 +77,29 @@ def hoist_global_options(root: Any, args: list[str]) -> list[str]:
 
 
 class _RootGroup(TyperGroup):
+    """Global options anywhere; command-line mistakes (unknown option, bad value, missing argument) as
+    one line and exit 2, like every other error, instead of click's boxed usage message."""
+
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(self, args))
+        with _one_line_usage_errors():
+            return super().parse_args(ctx, hoist_global_options(self, args))
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():  # the command's own options are parsed in here
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except ClickUsageError as err:
+        if isinstance(err, NoArgsIsHelpError):  # `grpoctl` or `grpoctl env` alone: the help text
+            raise
+        where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+        message = " ".join(err.format_message().split())
+        print(f"grpoctl: error: {message}{where}", file=sys.stderr)
+        raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -417,14 +441,14 @@ def run(
     set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Launch even if the worker is busy.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 2.0,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls with --wait.")] = 2.0,
     recover: Annotated[
         bool, typer.Option("--recover", help="Wait, and recreate + relaunch (same run id) on preemption.")
     ] = False,
     recover_on_exit_code: Annotated[
         list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
     ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed.")] = 20,
+    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
@@ -524,8 +548,8 @@ def status(
         str | None, typer.Argument(help="A run id (or unique prefix); default: all runs.")
     ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until the run(s) end.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
-    limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between refreshes with --watch.")] = 2.0,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
@@ -596,7 +620,7 @@ def recover(
     recover_on_exit_code: Annotated[
         list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
     ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed.")] = 20,
+    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
 ) -> None:
     """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
@@ -618,7 +642,7 @@ def logs(
     run_id: Annotated[str | None, typer.Argument(help="Default: the latest run.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the run ends.")] = False,
     worker: Annotated[int, typer.Option("--worker", "-w", help="Worker index.")] = 0,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of tail without --follow.")] = 200,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of tail without --follow.")] = 200,
     env_file: Annotated[str, typer.Option(help="Values from this file are redacted.")] = ".env",
 ) -> None:
     """Print a worker's log of a run (values from the local .env redacted)."""
@@ -769,7 +793,7 @@ def sop_replay(
     recover_on_exit_code: Annotated[
         list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when a job exits with this.")
     ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed per run.")] = 20,
+    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed per run.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")] = 2,
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")

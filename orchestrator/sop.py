@@ -599,6 +599,8 @@ def replay(
 
 def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_run: bool) -> None:
     lines = [f"# SOP `{sop.name}`{' (dry run)' if dry_run else ''}", ""]
+    if dry_run:  # nothing below happened: say so before any figure can be quoted out of context
+        lines += ["**Dry run: every pid, state, figure and verdict below is FABRICATED, not a result.**", ""]
     if sop.description:
         lines += [sop.description.strip(), ""]
     lines += [f"- file: `{sop_path}`", f"- default target: `{sop.target}`", f"- written: {utc_now_iso()}", ""]

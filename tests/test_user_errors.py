@@ -80,6 +80,21 @@ def test_hoisting_keeps_values_of_the_commands_own_options():
     ]
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["up", "--bogus"], "No such option: --bogus"),
+        (["run"], "Missing argument 'config'"),
+        (["status", "--interval", "-1"], "'--interval'"),
+        (["run", "c.yaml", "--wait", "--stall-after", "0"], "'--stall-after'"),
+        (["nosuchcommand"], "No such command"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(folder: Path, args: list[str], words: str):
+    line = one_line(*args, code=2)
+    assert words in line and "--help" in line
+
+
 # ---------------------------------------------------------------------------------- config and files
 
 
