@@ -171,6 +171,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:  # a local file we could not read or write: say which, no traceback
             print(f"grpoctl: error: {err}", file=sys.stderr)
             raise typer.Exit(3) from None
+        except UnicodeDecodeError as err:  # a local text file that is not UTF-8 (the known ones say which)
+            print(f"grpoctl: error: a local file is not UTF-8 text ({err.reason})", file=sys.stderr)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:  # jobs run detached on the workers: stopping grpoctl never stops them
             print("grpoctl: interrupted (remote jobs keep running: grpoctl status)", file=sys.stderr)
             raise typer.Exit(130) from None

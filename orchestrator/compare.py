@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import read_text_utf8
 from orchestrator.errors import UsageError
 
 # The five keys the seed SOP reads from each run's summary.
@@ -163,8 +164,9 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    text = read_text_utf8(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except ValueError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(data, dict):
@@ -173,7 +175,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

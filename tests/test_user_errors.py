@@ -136,6 +136,13 @@ def test_config_and_sop_files_that_are_not_utf8(folder: Path):
     assert "s.yaml: line 2: not UTF-8" in one_line("sop", "replay", "s.yaml", code=2)
 
 
+def test_result_files_that_are_not_utf8(folder: Path):
+    a, b = _run_folder(folder, "A", [True, False]), _run_folder(folder, "B", [True, True])
+    (b / "eval_full.jsonl").write_bytes(b'{"id": "q0", "correct": true, "answer": "\xff"}\n')
+    line = one_line("compare", str(a), str(b), code=2)
+    assert "eval_full.jsonl: line 1: not UTF-8" in line
+
+
 def test_corrupt_state_database_is_moved_aside_and_said_where(folder: Path):
     db = state_dir() / "runs.sqlite"
     db.parent.mkdir(parents=True, exist_ok=True)
