@@ -4,6 +4,9 @@ fetch never mixes or loses copies. All on the local target or none at all: ~10 s
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -152,6 +155,30 @@ def test_corrupt_state_database_is_moved_aside_and_said_where(folder: Path):
     assert len(aside) == 1 and str(aside[0]) in line and "unreadable" in line
     assert aside[0].read_bytes().startswith(b"this is not an sqlite file")  # kept, not deleted
     assert "run id" in ok("status")  # the next command starts a fresh store
+
+
+def test_must_show_errors_through_the_real_entry_point(folder: Path):
+    """The three errors of the issue's list, through `python -m orchestrator` (not CliRunner): ~4 s."""
+    env = {**os.environ, "GRPOCTL_STATE_DIR": str(folder / "state")}
+
+    def real(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+        return done
+
+    (folder / "state").mkdir()
+    (folder / "state" / "runs.sqlite").write_bytes(b"\x00garbage" * 100)
+    assert real("status").returncode == 3
+    (folder / "grpoctl.yaml").write_bytes(b"targets: {lab: {kind: local, workdir: \xff}}\n")
+    assert real("status").returncode == 2
+    (folder / "grpoctl.yaml").write_text("targets: {lab: {kind: ssh, hosts: [h], connect_timeout_s: -5}}\n")
+    assert "connect_timeout_s" in real("up", "--target", "lab").stderr
 
 
 def test_state_database_deleted_between_commands(tmp_path: Path):
