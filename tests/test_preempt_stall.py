@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from standin import standin_repo  # noqa: F401
-from tpu_support import Project, one_line_error
+from tpu_support import Project, one_line_error, preempt_at_step
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -81,6 +82,34 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     project.cli(cfg, "down", "--yes")  # the node is gone altogether: status still lists every record
     gone = project.cli(cfg, "status")
     assert run_id in gone.stdout and "target tpu: NOT_FOUND" in gone.stdout
+
+
+def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Project) -> None:
+    """~10 s: the real entry point (a subprocess) waits; the VM is taken back at step 3."""
+    repo = make_standin_repo(
+        project.root / "wait", steps=60, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
+    )
+    os.chdir(repo.work)
+    (repo.work / ".env").write_text("WANDB_API_KEY=x\n")
+    project.repo = repo
+    cfg = project.config(name="grpo-wait")
+    for args in (["up"], ["sync"], ["env", "push"]):
+        project.cli(cfg, *args)
+    preempt_at_step(project, project.root / "bucket", "grpo-wait", 3)
+    args = ["--config-file", cfg, "run", repo.config, "--wait", "--interval", "0.1"]
+    # The timeout only stops a wait that would ride out SSH errors for 15 minutes (today's main).
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("grpoctl: error:")]
+    assert done.returncode == 3 and len(errors) == 1, done.stderr
+    assert "node PREEMPTED" in errors[0] and "Traceback" not in done.stderr
+    run_id, state = done.stdout.split()[-2:]
+    assert state == "PREEMPTED" and f"grpoctl recover {run_id}" in errors[0]
 
 
 def test_status_marks_a_running_record_preempted_when_its_node_is_gone(project: Project) -> None:
