@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from standin import standin_repo  # noqa: F401
-from tpu_support import Project, one_line_error, preempt_at_step
+from tpu_support import Project, long_run, one_line_error, preempt_at_step
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -26,7 +26,7 @@ pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
 
 def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(project: Project) -> None:
-    """~15 s: up, sync, a 60-step run preempted at step 2, status without a node, `recover`."""
+    """~18 s: up, sync, a 60-step run preempted at step 2, status without a node, `recover`."""
     repo = make_standin_repo(
         project.root / "long", steps=60, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
     )
@@ -85,7 +85,7 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
 
 
 def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Project) -> None:
-    """~10 s: the real entry point (a subprocess) waits; the VM is taken back at step 3."""
+    """~15 s: the real entry point (a subprocess) waits; the VM is taken back at step 3."""
     repo = make_standin_repo(
         project.root / "wait", steps=60, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
     )
@@ -112,8 +112,51 @@ def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Proj
     assert state == "PREEMPTED" and f"grpoctl recover {run_id}" in errors[0]
 
 
+SOP = """
+name: spot_no_recover
+target: tpu
+steps:
+  - up
+  - sync
+  - env_push
+  - run: {name: long, config: configs/standin.yaml, interval_s: 0.1}
+  - fetch
+"""
+
+
+def test_sop_wait_stops_at_a_preemption_and_replay_recover_resumes_the_same_run(project: Project) -> None:
+    """~17 s: an SOP without --recover fails its run step (exit 3, PREEMPTED in the report); a second
+    replay with --recover re-attaches to that run id, relaunches it and finishes the SOP."""
+    long_run(project)  # 40 steps, checkpoints in the "bucket"
+    cfg = project.config(name="grpo-sop-b")
+    Path("spot.yaml").write_text(SOP)
+    preempted_at = preempt_at_step(project, project.root / "bucket", "grpo-sop-b", 3)
+    args = ["--config-file", cfg, "sop", "replay", "spot.yaml", "--report", "report.md"]
+    done = subprocess.run(  # timeout: see test_run_wait_exits_3_with_one_line_when_the_node_is_preempted
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 3 and preempted_at, done.stderr
+    assert "node PREEMPTED" in done.stderr.strip().splitlines()[-1]
+    state = json.loads(Path("report.state.json").read_text())
+    run_id = state["steps"]["run:long"]["run_id"]
+    assert state["steps"]["run:long"]["status"] == "failed"
+    assert state["steps"]["run:long"]["record"]["state"] == "PREEMPTED"
+
+    resumed = project.cli(cfg, "sop", "replay", "spot.yaml", "--report", "report.md", "--recover")
+    assert f"re-attached to {run_id} (PREEMPTED)" in resumed.stderr
+    state = json.loads(Path("report.state.json").read_text())
+    assert state["steps"]["run:long"]["run_id"] == run_id and state["steps"]["fetch"]["status"] == "done"
+    assert "**SUCCEEDED**" in Path("report.md").read_text()
+    assert json.loads((Path("runs") / run_id / "summary.json").read_text())["resumed_from"] >= 3
+    project.cli(cfg, "down", "--yes")
+
+
 def test_status_marks_a_running_record_preempted_when_its_node_is_gone(project: Project) -> None:
-    """~8 s: a RUNNING record whose node was deleted behind our back: `status` exit 0, PREEMPTED."""
+    """~6 s: a RUNNING record whose node was deleted behind our back: `status` exit 0, PREEMPTED."""
     cfg = project.config(name="grpo-deleted")
     for args in (["up"], ["sync"], ["env", "push"]):
         project.cli(cfg, *args)
