@@ -59,8 +59,12 @@ def _operands(line: str, open_at: int) -> str:
     return line[open_at + 1 :]
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
+def collective_bytes(hlo_text: str, unbounded_loops_only: bool = False) -> dict[str, int]:
     """{kind: bytes per chip per execution of the module} for every kind that occurs.
+
+    `unbounded_loops_only`: count only what runs inside a while loop whose trip count XLA does not know,
+    once per iteration: in the whole sampler's program that is one step of its decode loop (which stops
+    when every row is done), so a decode step can be measured inside the program that really runs it.
 
     One collective's bytes: the larger of its operands and its results (an all-gather's result, a
     reduce-scatter's operand, an all-reduce's either). The `-start` of an async pair returns its operands
@@ -84,27 +88,29 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     if entry is None:
         return {}
 
-    # Call graph: caller -> [(callee, times per call)].
-    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    # Call graph: caller -> [(callee, times per call, whether it enters a loop of unknown trip count)].
+    edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
     for name, lines in computations.items():
         for line in lines:
             trip = _TRIP.search(line)
             for role, callee in _CALLS.findall(line):
-                times = int(trip.group(1)) if role in ("body", "condition") and trip else 1
-                edges[name].append((callee, times))
+                loop = role in ("body", "condition")
+                times = int(trip.group(1)) if loop and trip else 1
+                edges[name].append((callee, times, loop and not trip))
             for group in _BRANCHES.findall(line):
                 for callee in filter(None, (c.strip().lstrip("%") for c in group.split(","))):
-                    edges[name].append((callee, 1))
+                    edges[name].append((callee, 1, False))
     counts: dict[str, int] = defaultdict(int)
 
-    def visit(name: str, times: int, depth: int = 0) -> None:
+    def visit(name: str, times: int, unbounded: bool, depth: int = 0) -> None:
         if depth > 64:  # HLO call graphs are acyclic; this only guards against a malformed text
             return
-        counts[name] += times
-        for callee, k in edges.get(name, ()):
-            visit(callee, times * k, depth + 1)
+        if unbounded or not unbounded_loops_only:
+            counts[name] += times
+        for callee, k, enters in edges.get(name, ()):
+            visit(callee, times * k, unbounded or enters, depth + 1)
 
-    visit(entry, 1)
+    visit(entry, 1, False)
     out: dict[str, int] = defaultdict(int)
     for name, lines in computations.items():
         if not counts.get(name):

@@ -273,12 +273,15 @@ decode_step_program = jax.jit(sampler.decode_step, static_argnames=SAMPLER_STATI
 def abstract_decode_args(
     model_cfg: Qwen2Config, mesh: Mesh, params: Any, rows: int, settings: SamplingConfig
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """(prefill args, decode-step args) as the sampler's program passes them: the weights already cast
-    by `sampler.decode_params` (same layout as the run's params), the loop state with the shardings the
-    sampler pins it to."""
+    """(prefill args, decode-step args) as the sampler's program passes them: the weights as
+    `sampler.decode_params` casts and lays them out, the loop state with the shardings the sampler pins
+    it to."""
     s = settings.settings()
-    (p, cfg, tokens, mask, rng, stop, pad, _, _) = abstract_sampler_args(model_cfg, mesh, params, rows, settings)
-    cast = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, s.dtype, sharding=x.sharding), p)
+    p, cfg, tokens, mask, rng, stop, pad, *_ = abstract_sampler_args(model_cfg, mesh, params, rows, settings)
+    cast = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, s.dtype, sharding=sh), p,
+        sampler.decode_param_shardings(p, mesh),
+    )
     state = jax.eval_shape(
         lambda w, *a: sampler.prefill(w, cfg, *a, s, None), cast, tokens, mask, rng, stop, pad
     )

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer.model import Params, Qwen2Config, forward, hidden_to_logits, init_cache, positions_from_mask
-from trainer.sharding import BATCH_AXES
+from trainer.sharding import BATCH_AXES, param_partition_specs
 
 
 class SampleOutput(NamedTuple):
@@ -140,14 +140,41 @@ def _pin(state: _LoopState, mesh: Mesh | None) -> _LoopState:
     return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))
 
 
-def decode_params(params: Params, dtype: Any) -> Params:
-    """The weights the sampler reads: cast to the compute dtype once, outside the loop (decode is bound by
-    reading them, and a cast inside the loop body would re-read the f32 copy at every step; a no-op when
-    they already have the compute dtype). They keep the training layout: on an fsdp mesh that splits every
-    matrix on its widest side (the MLP hidden, the heads, the vocabulary), which is the tensor-parallel
-    layout a decode step wants, so each chip reads 1/n of them and only activations cross the links
-    (BENCHMARKS.md, "Decode step")."""
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+# Matrices a decode step multiplies the (batch-split) activations by, and the axis they contract over.
+_CONTRACTED = {("q", "kernel"): 1, ("k", "kernel"): 1, ("v", "kernel"): 1, ("gate", "kernel"): 1,
+               ("up", "kernel"): 1}  # fmt: skip
+
+
+def decode_param_shardings(params: Any, mesh: Mesh) -> Any:
+    """Where the sampler's weights live: the training layout, except a matrix split along the axis the
+    decode step contracts would be all-gathered at every step, so its decode copy is whole on every chip.
+
+    On an fsdp mesh the training layout splits every matrix on its widest side: the MLP hidden, the query
+    heads, the vocabulary, i.e. the tensor-parallel layout a decode step wants (each chip reads 1/n of
+    them, only activations cross the links). GQA's k/v projections are narrower than the model, so fsdp
+    splits their input side: gathered per step that is 2 x H x kv_heads x head_dim per layer over the
+    links (72 MiB per step for Qwen2.5-3B), where a whole copy costs the same bytes from HBM, which is
+    ~4x faster than a v6e chip's ICI (BENCHMARKS.md, "Decode step")."""
+    specs = param_partition_specs(params, mesh)
+
+    def place(path: tuple[Any, ...], spec: PartitionSpec) -> NamedSharding:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)[-2:]
+        axis = _CONTRACTED.get(names)
+        if axis is not None and len(spec) > axis and spec[axis] is not None:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(place, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def decode_params(params: Params, dtype: Any, mesh: Mesh | None = None) -> Params:
+    """The weights the sampler reads, once per rollout: cast to the compute dtype outside the loop (decode
+    is bound by reading them, and a cast inside the loop body would re-read the f32 copy at every step; a
+    no-op when they already have it), and on a mesh laid out by `decode_param_shardings`."""
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    if mesh is None:
+        return params
+    return jax.lax.with_sharding_constraint(params, decode_param_shardings(params, mesh))
 
 
 def _emit(
@@ -155,7 +182,8 @@ def _emit(
     s: SamplingSettings,
 ) -> _LoopState:
     """Samples column `state.step` from `logits` and records it; finished rows get padding."""
-    token, lp, full_lp = sample_token(logits, jax.random.fold_in(rng, state.step), s.temperature, s.top_k, s.top_p)
+    key = jax.random.fold_in(rng, state.step)
+    token, lp, full_lp = sample_token(logits, key, s.temperature, s.top_k, s.top_p)
     live = ~state.done
     token = jnp.where(live, token, pad_id)
     col = state.step
@@ -237,7 +265,8 @@ def decode_step(
         settings.dtype,
     )
     state = state._replace(cache=cache)
-    return _pin(_emit(state, hidden_to_logits(params, cfg, hidden[:, 0]), rng, stop_ids, pad_id, settings), mesh)
+    logits = hidden_to_logits(params, cfg, hidden[:, 0])
+    return _pin(_emit(state, logits, rng, stop_ids, pad_id, settings), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "mesh"))
@@ -252,7 +281,7 @@ def _generate(
     settings: SamplingSettings,
     mesh: Mesh | None,
 ) -> SampleOutput:
-    params = decode_params(params, settings.dtype)
+    params = decode_params(params, settings.dtype, mesh)
     state = prefill(params, cfg, prompt_tokens, prompt_mask, rng, stop_ids, pad_id, settings, mesh)
     steps = settings.max_new_tokens
 
