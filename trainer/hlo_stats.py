@@ -8,7 +8,8 @@ the text are one chip's shards, so the figures are per chip.
 
 An instruction inside a loop body runs once per iteration: a computation's count is the sum over its call
 sites of the caller's count, times the trip count for a while body (`known_trip_count` in its backend
-config; 1 when XLA does not know it, so the figure is then a lower bound).
+config, or read from a condition of the counted form `i < N`; 1 when the condition depends on data, as
+the sampler's decode loop does: the figure is then per iteration).
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ _INSTRUCTION = re.compile(
 _CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)")
+_ROOT_LT = re.compile(r"^\s*ROOT\s+%?[\w.\-]+\s*=\s*pred\[\]\S*\s+compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),"
+                      r"\s*direction=LT")
+
+
+def _counted_loop(lines: list[str]) -> int | None:
+    """The trip count of a while condition of XLA's counted form, `ROOT compare(i, constant N), LT` (a
+    compiled TPU module keeps no known_trip_count; scans and windowed einsums have this form), else None:
+    a data-dependent condition such as the sampler's "steps left and some row not done"."""
+    constants = {}
+    for line in lines:
+        m = _CONSTANT.match(line)
+        if m:
+            constants[m.group(1)] = int(m.group(2))
+    for line in lines:
+        m = _ROOT_LT.match(line)
+        if m and m.group(2) in constants:
+            return constants[m.group(2)]
+    return None
 
 
 def array_bytes(text: str) -> int:
@@ -92,11 +112,15 @@ def collective_bytes(hlo_text: str, unbounded_loops_only: bool = False) -> dict[
     edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
     for name, lines in computations.items():
         for line in lines:
-            trip = _TRIP.search(line)
+            known = _TRIP.search(line)
+            trip = int(known.group(1)) if known else None
+            if trip is None and " while(" in line:
+                cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+                trip = _counted_loop(computations.get(cond.group(1), [])) if cond else None
             for role, callee in _CALLS.findall(line):
                 loop = role in ("body", "condition")
-                times = int(trip.group(1)) if loop and trip else 1
-                edges[name].append((callee, times, loop and not trip))
+                times = trip if loop and trip is not None else 1
+                edges[name].append((callee, times, loop and trip is None))
             for group in _BRANCHES.findall(line):
                 for callee in filter(None, (c.strip().lstrip("%") for c in group.split(","))):
                     edges[name].append((callee, 1, False))
