@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh clone:
 #   make demo   set up .venv and replay sops/local_pallas_vs_jax.yaml on the local target (tiny model, CPU)
 #   make test   set up .venv and run the whole test suite
+# Beside them (not one of them): make rehearsal  replays the seed TPU SOP on the fake Cloud TPU API with
+#   two loopback-sshd workers, a real bootstrap from the registry, the real trainer as two JAX processes
+#   and a preemption (orchestrator/testing/rehearsal.py; report in runs/rehearsal/report.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean rehearsal
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator trainer tests benchmarks
 	$(BIN)/python -m pytest -q tests
+
+rehearsal: $(STAMP)
+	$(BIN)/python -m orchestrator.testing.rehearsal
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator trainer tests benchmarks

@@ -93,8 +93,13 @@ def parse_head(stdout: str) -> str | None:
 # ---------------------------------------------------------------------------------------- bootstrap
 
 
+BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
+
+
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
-    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=."""
+    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
+
+    pip's output lands in `logs/bootstrap.log` on the worker (kept by `git clean`)."""
     spec = q(".[{}]".format(",".join(extras)) if extras else ".")
     return _script(
         f"cd {qpath(repo_dir)}",
@@ -106,9 +111,25 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         "  fi",
         "done",
         f'[ -n "$PY" ] || {{ echo "no python >= 3.11 on this worker" >&2; exit {EXIT_NO_PYTHON}; }}',
-        '[ -x .venv/bin/python ] || "$PY" -m venv .venv',
-        ".venv/bin/python -m pip install --quiet --upgrade pip",
-        f".venv/bin/python -m pip install --quiet -e {spec}",
+        "mkdir -p logs",
+        # pip's full output goes to a log on the worker (what was installed, from where); a failure shows
+        # its tail, the success path prints only PYTHON=.
+        f"LOG={q(BOOTSTRAP_LOG)}",
+        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): pip install -e "{spec} > "$LOG"',
+        "if [ -x .venv/bin/python ]; then",
+        '  echo "venv .venv exists: reused" >> "$LOG"',
+        "else",
+        '  "$PY" -m venv .venv',
+        '  echo "venv created: $PY -m venv $PWD/.venv ($("$PY" --version 2>&1))" >> "$LOG"',
+        "fi",
+        "step() {",
+        '  echo "+ $*" >> "$LOG"',
+        '  "$@" >> "$LOG" 2>&1 && return 0',
+        '  c=$?; echo "bootstrap failed (exit $c); the end of $PWD/$LOG:" >&2',
+        '  tail -n 15 "$LOG" >&2; exit $c',
+        "}",
+        "step .venv/bin/python -m pip install --upgrade pip",
+        f"step .venv/bin/python -m pip install -e {spec}",
         'echo "PYTHON=$PWD/.venv/bin/python"',
     )
 

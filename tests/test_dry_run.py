@@ -107,7 +107,7 @@ def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
         assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
         assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
         assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
-    assert "pip install --quiet -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
+    assert "pip install -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
 
 
 def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
@@ -147,3 +147,20 @@ def test_dry_run_of_single_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert '"state": "SUCCEEDED"' in launched.stdout
     assert "[w0 localhost] $ set -eu" in launched.stderr
     assert not (tmp_path / ".grpoctl").exists()  # the local target's workdir was never created
+
+
+def test_bootstrap_extras_choose_what_sync_installs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Found by the rehearsal: a tpu target always installed the `tpu` extra (libtpu), useless and slow on
+    workers without TPU chips; `bootstrap_extras` says what `sync` installs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grpoctl.yaml").write_text(
+        "repo: {url: https://example.com/r.git, branch: main}\n"
+        "default_target: cpu\n"
+        "targets:\n"
+        "  cpu: {kind: tpu, project: p, zone: us-east1-d, name: n, bootstrap_extras: [trainer]}\n"
+    )
+    result = CliRunner().invoke(app, ["--dry-run", "--target", "cpu", "sync"])
+    assert result.exit_code == 0, result.output
+    assert "pip install -e '.[trainer]'" in result.stderr
+    assert "tpu]" not in result.stderr
+    assert "logs/bootstrap.log" in result.stderr  # pip's output is kept on the worker

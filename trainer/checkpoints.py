@@ -7,6 +7,7 @@ small JSON `meta` (data position, W&B run id, anything host-side) so a restarted
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,7 +15,22 @@ import orbax.checkpoint as ocp
 
 
 def _abs_dir(path: str) -> str:
+    if path.startswith("file://"):  # a local folder written as a URL (the rehearsal's stand-in bucket)
+        path = path[len("file://") :]
     return path if "://" in path else os.path.abspath(path)
+
+
+def checkpoint_dir(configured: str | None, run_dir: str | os.PathLike[str]) -> str:
+    """Where a run's checkpoints live: `<run_dir>/checkpoints`, or `<checkpoint.dir>/<run name>`.
+
+    `checkpoint.dir` is shared by runs (one bucket for an SOP's runs): each run gets its own folder named
+    after its run dir (the run id, which a relaunch after preemption keeps), so a second run never
+    resumes from the first one's checkpoints, and a recreated VM, whose disk is new, finds its own.
+    """
+    if not configured:
+        return str(Path(run_dir) / "checkpoints")
+    name = Path(os.path.abspath(run_dir)).name
+    return f"{configured.rstrip('/')}/{name}"
 
 
 class Checkpointer:

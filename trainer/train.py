@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from trainer import grpo, hf_io, sharding
-from trainer.checkpoints import Checkpointer
+from trainer.checkpoints import Checkpointer, checkpoint_dir
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
 from trainer.evaluation import full_sweep, periodic_eval
@@ -68,6 +68,9 @@ def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
     return names
 
 
+RESUMED_PREFIX = "resumed: checkpoint of step "  # the log line of a run restarted from its checkpoint
+
+
 def init_distributed() -> None:
     """jax.distributed.initialize() when this is one of several processes.
 
@@ -83,6 +86,9 @@ def init_distributed() -> None:
     ):
         return
     num, pid = os.environ.get("GRPOCTL_NUM_PROCESSES"), os.environ.get("GRPOCTL_PROCESS_ID")
+    # Processes on CPU hosts (the rehearsal's fake TPU workers) need a cross-process collectives backend or
+    # their first all-reduce fails; the setting only concerns the CPU backend, so TPU runs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         num_processes=int(num) if num else None, process_id=int(pid) if pid else None
     )
@@ -293,13 +299,15 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
                                   difficulty=d.difficulty, seed=cfg.seed)
     stream = ProblemStream(train_problems, seed=cfg.seed)
 
-    checkpointer = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep)
+    checkpointer = Checkpointer(checkpoint_dir(cfg.checkpoint.dir, run_dir), keep=cfg.checkpoint.keep)
     start, run_id = 0, None
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         start, state, meta = restored
         stream.restore(meta["data"])
         run_id = meta.get("wandb_run_id")
+        if jax.process_index() == 0:  # the log says a relaunch continued (the rehearsal's report quotes it)
+            print(f"{RESUMED_PREFIX}{start} from {checkpointer.directory}", flush=True)
     logger = RunLogger(
         run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,

@@ -81,18 +81,20 @@ COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
 def worker_env(run_id: str, index: int, workers: Sequence[Worker], target_kind: str) -> dict[str, str]:
     """What every worker's trainer is told about the run and its peers.
 
-    With several workers the trainer calls jax.distributed.initialize(): on a TPU slice JAX discovers the
-    coordinator itself; on plain SSH hosts worker 0's address is the coordinator.
+    With several workers the trainer calls jax.distributed.initialize() with worker 0 (as its peers reach
+    it: a TPU VM's internal IP) as the coordinator. On a TPU slice that is the address JAX would discover
+    from the TPU metadata anyway; saying it makes a slice whose metadata JAX cannot read (the rehearsal's
+    CPU workers, a VM built by hand) work the same way.
     """
+    del target_kind  # every kind gets the same settings (kept for callers' clarity)
     env = {"GRPOCTL_RUN_ID": run_id, "GRPOCTL_WORKER": str(index)}
     if len(workers) > 1:
         env |= {
             "GRPOCTL_DISTRIBUTED": "1",
             "GRPOCTL_NUM_PROCESSES": str(len(workers)),
             "GRPOCTL_PROCESS_ID": str(index),
+            "JAX_COORDINATOR_ADDRESS": f"{workers[0].peer_host or workers[0].host}:{COORDINATOR_PORT}",
         }
-        if target_kind != "tpu":
-            env["JAX_COORDINATOR_ADDRESS"] = f"{workers[0].host}:{COORDINATOR_PORT}"
     return env
 
 

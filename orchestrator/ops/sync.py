@@ -122,7 +122,7 @@ def bootstrap(
     if session.target.python or session.kind == "local":
         return {t.name: session.python for t in session.target.transports()}
     if extras is None:
-        extras = ("trainer", "tpu") if session.kind == "tpu" else ("trainer",)
+        extras = tuple(getattr(session.target_cfg, "bootstrap_extras", ("trainer",)))
     script = recipes.bootstrap(session.remote_dir, extras)
 
     def one(_: int, t) -> str:

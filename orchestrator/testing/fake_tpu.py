@@ -542,14 +542,14 @@ def kill_vm_processes(tag: str) -> int:
 class SshdWorker:
     """A fake TPU VM host: its own sshd (own host key, own HOME), killed with all it started."""
 
-    def __init__(self, root: Path, tag: str) -> None:
+    def __init__(self, root: Path, tag: str, session_env: dict[str, str] | None = None) -> None:
         from orchestrator.testing.sshd import LoopbackSshd
 
         self.tag = tag
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self._authorized = root / "sshd" / "authorized_keys"
-        env = {"HOME": str(self.home), VM_TAG_ENV: tag}
+        env = {**(session_env or {}), "HOME": str(self.home), VM_TAG_ENV: tag}
         self.sshd = LoopbackSshd(root / "sshd", session_env=env)
         self.set_authorized_keys([])  # nobody gets in until the node's ssh-keys metadata says so
         self.sshd.start()
@@ -568,12 +568,15 @@ class SshdWorker:
         kill_vm_processes(self.tag)
 
 
-def sshd_workers(base: Path) -> WorkerFactory:
-    """Workers under `base`, a fresh folder (fresh disk, fresh host key) for every node incarnation."""
+def sshd_workers(base: Path, session_env: dict[str, str] | None = None) -> WorkerFactory:
+    """Workers under `base`, a fresh folder (fresh disk, fresh host key) for every node incarnation.
+
+    `session_env`: more variables for every SSH session on every worker (the rehearsal points pip at one
+    cache shared by the VMs)."""
     incarnation = itertools.count()
 
     def make(node_id: str, index: int) -> FakeWorker:
         tag = f"{node_id}-{next(incarnation)}-w{index}"
-        return SshdWorker(base / tag, tag)
+        return SshdWorker(base / tag, tag, session_env)
 
     return make
