@@ -32,3 +32,25 @@ def test_two_runs_sharing_a_bucket_never_resume_each_other(tmp_path: Path) -> No
     again.close()
     assert restored is not None and restored[0] == 5 and restored[2] == {"data": 1}
     assert (tmp_path / "bucket" / "jax-run" / "5").is_dir()
+
+
+def test_restore_places_uncommitted_leaves_on_the_mesh_not_on_device_zero(tmp_path: Path) -> None:
+    """Found by the rehearsal: a run resumed on a 2-process mesh failed its first update with "incompatible
+    devices": the optimizer state, which `jit(init)` leaves uncommitted, came back committed to device 0."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+    params = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, PartitionSpec("fsdp")))
+    state = {"params": params, "opt": jnp.zeros(8)}  # uncommitted, like optax's jitted init output
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(1, state, {})
+    ckpt.close()
+    restored = Checkpointer(str(tmp_path / "ckpt")).restore_latest(
+        state, free_sharding=NamedSharding(mesh, PartitionSpec())
+    )
+    assert restored is not None
+    _, back, _ = restored
+    total = jax.jit(lambda p, o: p + o)(back["params"], back["opt"])  # fails if "opt" sits on device 0
+    assert float(total.sum()) == 28.0

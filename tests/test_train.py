@@ -199,7 +199,7 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     secret = "sk-test-DO-NOT-PRINT-0123456789"
     (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PRINT_TRAIN_TIME_BREAKDOWN": "1", "WANDB_MODE": "offline",
-           "XLA_FLAGS": "", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "GRPOCTL_NUM_PROCESSES": "2",
+           "XLA_FLAGS": "", "GRPOCTL_NUM_PROCESSES": "2",  # the trainer picks gloo itself
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}"}
     env.pop("WANDB_API_KEY", None)
     args = [

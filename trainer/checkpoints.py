@@ -50,12 +50,26 @@ class Checkpointer:
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         )
 
-    def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the latest checkpoint with arrays placed like `like`; None if none."""
+    def restore_latest(
+        self, like: Any, free_sharding: jax.sharding.Sharding | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the latest checkpoint with arrays placed like `like`; None if none.
+
+        Leaves of `like` that are not committed to a placement (e.g. the optimizer state `jit(init)` left on
+        the default device for the first update to place) are restored with `free_sharding` (e.g. replicated
+        over the mesh): restored onto device 0 they would be committed there, and a jitted step mixing them
+        with mesh-sharded params fails ("incompatible devices") as soon as the mesh spans several devices.
+        """
         step = self._manager.latest_step()
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+
+        def target(x: Any) -> Any:
+            if free_sharding is not None and isinstance(x, jax.Array) and not getattr(x, "_committed", True):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=free_sharding)
+            return ocp.utils.to_shape_dtype_struct(x)
+
+        abstract = jax.tree.map(target, like)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),

@@ -301,7 +301,8 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
 
     checkpointer = Checkpointer(checkpoint_dir(cfg.checkpoint.dir, run_dir), keep=cfg.checkpoint.keep)
     start, run_id = 0, None
-    restored = checkpointer.restore_latest(state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    restored = checkpointer.restore_latest(state, free_sharding=replicated)
     if restored is not None:
         start, state, meta = restored
         stream.restore(meta["data"])
