@@ -259,3 +259,20 @@ def test_kill_ignores_a_pid_file_that_would_mean_every_process(tmp_path: Path):
     for bogus in ("1", "0", "-1", "12 13"):
         (tmp_path / paths.pid).write_text(bogus + "\n")
         assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
+
+
+def test_bootstrap_creates_the_venv_logs_pip_and_shows_the_log_tail_on_failure(tmp_path: Path):
+    """The bootstrap keeps pip's output in logs/bootstrap.log on the worker: the rehearsal shows from it
+    that the venv was created and the trainer installed; a failed install names the log and shows its end.
+    Offline (PIP_NO_INDEX): the folder is no Python project, so `pip install -e .` fails at once."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PIP_NO_INDEX": "1"}
+    script = recipes.bootstrap(str(work), ["trainer"])
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "PYTHON=" not in result.stdout
+    log = (work / recipes.BOOTSTRAP_LOG).read_text()
+    assert "venv created: " in log and (work / ".venv" / "bin" / "python").exists()
+    assert "+ .venv/bin/python -m pip install -e .[trainer]" in log
+    assert f"bootstrap failed (exit {result.returncode}); the end of {work}/logs/bootstrap.log:" in result.stderr
+    assert log.strip().splitlines()[-1] in result.stderr  # the log's tail, where pip says why

@@ -157,19 +157,36 @@ def write_config(work: Path, fake: FakeTpuApi, origin: Path, worker_python: str 
 
 
 def bootstrap_lines(vms: Path) -> list[str]:
-    """What each worker's bootstrap log says about the venv and the install (first incarnation of each)."""
+    """What each VM's bootstrap log says about its venv and install (recreated VMs bootstrap again)."""
     out = []
     for log in sorted(vms.glob("*/home/grpoctl-work/logs/bootstrap.log")):
         tag = log.parts[len(vms.parts)]
-        text = log.read_text(errors="replace").splitlines()
+        text = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
         picked = [ln for ln in text if ln.startswith(("bootstrap ", "venv ", "Successfully installed"))]
-        sources = sorted({ln.split()[1] for ln in text if ln.startswith("Downloading ")})
-        if sources:
-            picked.append(f"downloaded {len(sources)} file(s) from the registry, e.g. {sources[0]}")
-        elif any(ln.startswith("Using cached") for ln in text):
-            picked.append("packages came from the pip cache shared by the fake VMs (same registry files)")
+        downloaded = [ln.split()[1] for ln in text if ln.startswith("Downloading ")]
+        cached = [ln for ln in text if ln.startswith("Using cached")]
+        picked.append(
+            f"{len(downloaded)} file(s) downloaded from the registry"
+            + (f" (e.g. {downloaded[0]})" if downloaded else "")
+            + (f", {len(cached)} taken from the pip cache the fake VMs share" if cached else "")
+        )
         out += [f"`{tag}`: {ln[:300]}" for ln in picked]
     return out
+
+
+def bootstrap_problems(vms: Path) -> list[str]:
+    """Every fake VM must have created its venv and installed the trainer (jax among it) with pip."""
+    logs = sorted(vms.glob("*/home/grpoctl-work/logs/bootstrap.log"))
+    if len(logs) < 4:  # 2 workers, twice (the recovery recreates the VMs)
+        return [f"{len(logs)} bootstrap log(s) on the fake VMs, expected 4"]
+    problems = []
+    for log in logs:
+        text = log.read_text(errors="replace")
+        if "venv created:" not in text or not any(
+            ln.startswith("Successfully installed") and " jax-" in ln for ln in text.splitlines()
+        ):
+            problems.append(f"{log.parts[len(vms.parts)]}: no venv created + trainer installed in {log.name}")
+    return problems
 
 
 def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
@@ -244,6 +261,21 @@ def rehearsal_section(
             "fake VM; the `tpu` extra (libtpu) is dropped via `bootstrap_extras` (CPU workers)"
         )
         lines += [f"  - {ln}" for ln in bootstrap_lines(vms)]
+    # Preflight (before `up`) and the start accuracy come from the SOP machinery and the trainer when they
+    # report them; the rehearsal quotes whatever this version says rather than judging it.
+    preflight = [
+        f"`{sid}`: {d}"
+        for sid, st in state.get("steps", {}).items()
+        for d in [*st.get("details", []), *([st["error"]] if st.get("error") else [])]
+        if "preflight" in sid or "preflight" in d.lower()
+    ]
+    lines += [f"- preflight: {d}" for d in preflight] or ["- preflight: not reported by this SOP version"]
+    for name in ("jax", "pallas"):
+        summary = state.get("summaries", {}).get(name, {})
+        start = [k for k in summary if "accuracy" in k and "start" in k]
+        if start:
+            end = summary.get("eval_full/accuracy")
+            lines.append(f"- `{name}` accuracy start -> end: {summary[start[0]]} -> {end} (`{start[0]}`)")
     for name in ("jax", "pallas"):
         rec = (state.get("steps", {}).get(f"run:{name}") or {}).get("record") or {}
         lines.append(
@@ -369,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = check(state, preempter.injected) if state else ["no SOP state written"]
     if code != 0:
         problems.insert(0, f"sop replay exited {code}")
+    if not args.worker_python:
+        problems += bootstrap_problems(vms)
     for log in sorted(vms.glob("*/home/grpoctl-work/logs/bootstrap.log")):
         shutil.copy(log, out / f"bootstrap-{log.parts[len(vms.parts)]}.log")
     section = rehearsal_section(
