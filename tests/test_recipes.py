@@ -274,5 +274,6 @@ def test_bootstrap_creates_the_venv_logs_pip_and_shows_the_log_tail_on_failure(t
     log = (work / recipes.BOOTSTRAP_LOG).read_text()
     assert "venv created: " in log and (work / ".venv" / "bin" / "python").exists()
     assert "+ .venv/bin/python -m pip install -e .[trainer]" in log
-    assert f"bootstrap failed (exit {result.returncode}); the end of {work}/logs/bootstrap.log:" in result.stderr
+    said = f"bootstrap failed (exit {result.returncode}); the end of {work}/logs/bootstrap.log:"
+    assert said in result.stderr
     assert log.strip().splitlines()[-1] in result.stderr  # the log's tail, where pip says why
