@@ -260,7 +260,10 @@ def launch(
         f"ln -sfn {q(_basename(getattr(paths, ext)))} {q(f'logs/nohup_{config_stem}_latest.{ext}')}"
         for ext in ("log", "pid", "exit")
     ]
-    args = " ".join(q(a) for a in [python, config, paths.run_dir, paths.pid, paths.exit, *trainer_args])
+    # qpath: the interpreter is often `~/<remote_dir>/.venv/bin/python`, whose tilde must reach $HOME
+    args = " ".join(
+        [qpath(python), *(q(a) for a in [config, paths.run_dir, paths.pid, paths.exit, *trainer_args])]
+    )
     return _script(
         f"cd {qpath(repo_dir)}",
         "mkdir -p logs runs",

@@ -189,6 +189,27 @@ def test_launch_runs_detached_writes_exit_file_and_latest_links(checkout: Path):
     assert (checkout / paths.run_dir / "eval_full.jsonl").is_file()
 
 
+def test_launch_expands_a_home_relative_python(checkout: Path, tmp_path: Path):
+    """Found by the rehearsal: the bootstrapped interpreter is `~/grpoctl-work/.venv/bin/python` (from the
+    default remote_dir); quoted whole, the tilde stayed literal and every job exited 127."""
+    home = tmp_path / "home"
+    (home / "venv" / "bin").mkdir(parents=True)
+    (home / "venv" / "bin" / "python").symlink_to(sys.executable)
+    stem, ts = "ok", f"{time.time_ns()}"
+    paths = recipes.RunPaths.for_run(stem, ts, f"{stem}-{ts}")
+    script = recipes.launch(str(checkout), "~/venv/bin/python", "configs/ok.yaml", paths, config_stem=stem)
+    out = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": str(home)},
+    )
+    assert out.returncode == 0, out.stderr
+    status = _wait_state(checkout, paths)
+    assert (status.state, status.exit_code) == ("SUCCEEDED", 0), (checkout / paths.log).read_text()
+
+
 def test_launch_failure_exit_code_is_recorded(checkout: Path):
     paths, out = _launch(checkout, "configs/fail3.yaml")
     assert out.returncode == 0, out.stderr
