@@ -395,7 +395,32 @@ class _Replayer:
             st.details.append(f"re-attached to `{record.run_id}`")
         if step.wait:
             self._wait(s, st, record, step.interval_s)
+            self._fetch_finished(s, step.name, st, record)
         self._describe_run(st, record)
+
+    def _fetch_dest(self, run: str) -> Path:
+        """Where this SOP's fetch step puts `run` (default `runs`)."""
+        for f in self.sop.steps:
+            if isinstance(f, FetchStep) and (f.runs is None or run in f.runs):
+                return self._dest(f.dest)
+        return self._dest("runs")
+
+    def _fetch_finished(self, s: Session, name: str, st: StepState, record: RunRecord) -> None:
+        """Bring a run's results to the laptop as soon as it has SUCCEEDED.
+
+        Found by the rehearsal: the run files live on the VM's disk, so when a later run's VM is preempted
+        and recreated, an earlier finished run's results are gone before the SOP's fetch step. A failure
+        here is only a note: the fetch step tries again.
+        """
+        if self.dry_run or record.state != "SUCCEEDED":
+            return
+        try:
+            result = fetch_ops.fetch(s.target, record, self._fetch_dest(name))
+        except GrpoctlError as err:
+            st.details.append(f"results not fetched yet ({err}); the fetch step tries again")
+            return
+        self.state.summaries[name] = result.summary
+        st.details.append(f"results fetched to `{result.folder}/` as the run ended")
 
     def do_wait(self, step: WaitStep, st: StepState) -> None:
         run_state = self._run_state(step.run)
@@ -419,9 +444,19 @@ class _Replayer:
             record = self._attached(self._run_state(name))
             if record is None:
                 raise UsageError(f"step {step_id(step)!r}: run {name!r} was never launched")
+            ids.append(record.run_id)
+            local = self._dest(step.dest) / record.run_id
+            if (
+                record.state == "SUCCEEDED"
+                and (local / "summary.json").is_file()
+                and name in self.state.summaries
+            ):
+                # fetched when it ended (_fetch_finished): a finished run's files do not change, and the VM
+                # that held them may have been recreated since
+                st.details.append(f"`{name}` -> `{local}/` (fetched when the run ended)")
+                continue
             result = fetch_ops.fetch(s.target, record, self._dest(step.dest))
             self.state.summaries[name] = result.summary
-            ids.append(record.run_id)
             st.details.append(f"`{name}` -> `{result.folder}/` ({', '.join(result.files)})")
         st.command = self._cli(s, "fetch", *ids)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -142,6 +143,32 @@ def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path,
     assert [r.run_id for r in RunStore().list()] == [launched]  # launched once
     assert result.state.steps["fetch"].status == "done"
     assert (work / "runs" / launched / "summary.json").is_file()
+
+
+def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, tmp_path: Path, monkeypatch):
+    """Found by the rehearsal: the first run's files lived only on the VM, and the second run's preemption
+    recreated it (a fresh disk) before the fetch step: "no result files". A run that SUCCEEDED is fetched
+    as it ends; the fetch step then uses that copy."""
+    work, config = lab
+    file = tmp_path / "lost_disk.yaml"
+    file.write_text(
+        "name: lost_disk\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
+    )
+    real_fetch_step = sop._Replayer.do_fetch
+
+    def disk_lost_first(self, step, st):  # the VM was recreated after the run: its run dirs are gone
+        for run_dir in (work / ".grpoctl").rglob("runs/*"):
+            shutil.rmtree(run_dir)
+        return real_fetch_step(self, step, st)
+
+    monkeypatch.setattr(sop._Replayer, "do_fetch", disk_lost_first)
+    result = sop.replay(file, config_file=config)
+    run_id = result.state.steps["run:w"].run_id
+    assert result.state.steps["fetch"].status == "done"
+    assert (work / "runs" / run_id / "summary.json").is_file()
+    assert result.state.summaries["w"]
+    assert any("fetched when the run ended" in d for d in result.state.steps["fetch"].details)
 
 
 def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
