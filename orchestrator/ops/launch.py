@@ -110,6 +110,8 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
 
     workers = target.workers()
 
+    heads: dict[int, str] = {}
+
     def one(i: int, t: Transport) -> int:
         env = {**record.env, **worker_env(record.run_id, i, workers, record.target_kind)}
         script = recipes.launch(
@@ -128,6 +130,9 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         if result.exit_code == recipes.EXIT_EXISTS:
             raise LogNameTaken(f"{t.name}: {record.log_path} already exists")
         pid = recipes.parse_pid(result.stdout)
+        head = recipes.parse_launch_head(result.stdout)
+        if head:
+            heads[i] = head
         if not result.ok or pid is None:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise InfraError(f"{t.name}: launch failed (exit {result.exit_code}): {detail}")
@@ -154,6 +159,8 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         record.state = "FAILED"
         raise failed[0].error
     record.state = "RUNNING"
+    if heads:  # sync left every worker on one commit; worker 0's is the run's
+        record.git_commit = heads.get(0) or next(iter(heads.values()))
     return record
 
 
