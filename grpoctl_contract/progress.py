@@ -198,7 +198,7 @@ def describe(ev: Event) -> str:
     if ev.event == "info":
         return ", ".join(f"{k} {v}" for k, v in ev.info.items())
     if ev.phase == "done":
-        return "done" if ev.step is None else f"done ({ev.step}/{ev.total} steps)"
+        return "done" if ev.step is None else f"done (step {ev.step}/{ev.total})"
     if ev.bytes_total:
         text += f" {fmt_bytes(ev.bytes_done or 0)}/{fmt_bytes(ev.bytes_total)}"
     if ev.n:

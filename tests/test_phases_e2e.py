@@ -119,7 +119,7 @@ def test_logs_hold_a_human_line_for_each_phase(tiny_run):
         "] eval batch 1/1",
         "] checkpoint: saving step 4",
         "] final sweep batch 2/2",
-        "] done (4/4 steps)",
+        "] done (step 4/4)",
     ):
         assert any(phrase in line for line in human), (phrase, human)
     assert not any(line.startswith('{"event": ') for line in human)
