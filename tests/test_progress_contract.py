@@ -145,3 +145,33 @@ def test_run_record_keeps_identity_fields():
         "git_commit": "a" * 40, "config_hash": "abc", "wandb_url": "https://wandb.ai/x/y/runs/z",
     })
     assert RunRecord.from_json(rec.to_json()).wandb_url == "https://wandb.ai/x/y/runs/z"
+
+
+def test_model_download_reports_bytes_done_of_total(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    import threading
+
+    from huggingface_hub import constants
+
+    from trainer import hf_io
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_io, "_download_size", lambda repo_id: 1000)
+    blobs = tmp_path / "models--Org--Model" / "blobs"
+    seen: list[tuple[int, int]] = []
+    heard = threading.Event()
+
+    def on_bytes(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done:
+            heard.set()
+
+    with hf_io._download_progress("Org/Model", on_bytes, every_s=0.05):
+        blobs.mkdir(parents=True)
+        (blobs / "abc.incomplete").write_bytes(b"x" * 400)  # a file still downloading counts
+        assert heard.wait(10)
+        (blobs / "abc.incomplete").rename(blobs / "abc")
+        (blobs / "def").write_bytes(b"y" * 600)
+    assert (400, 1000) in seen and seen[-1] == (1000, 1000)
+    rep = Reporter(enabled=True, watch_compiles=False, out=io.StringIO())
+    rep.bytes(400, 1000, detail="Org/Model")
+    assert "model load 400 B/1.0 kB: Org/Model" in rep._out.getvalue()

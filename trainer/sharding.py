@@ -115,19 +115,3 @@ def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the number of batch shards)."""
     return mesh.shape["dp"] * mesh.shape["fsdp"]
 
-
-def place_on_mesh(tree: Any, mesh: Mesh) -> Any:
-    """Leaves not yet on `mesh` (an optimizer's step counter from `init`) replicated on it.
-
-    A jitted step returns such scalars placed on the mesh; fed back at the next call, a different input
-    sharding than the first call's makes jax trace and compile the whole step a second time (minutes for
-    the 3B update step on a TPU)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x: Any) -> Any:
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated)
-
-    return jax.tree.map(place, tree)

@@ -297,7 +297,10 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
     rep.say(f"model: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {len(tokenizer)}")
     ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # never loaded at beta 0
     optimizer = optimizer_for(cfg.optimizer)
-    state = {"params": params, "opt_state": sharding.place_on_mesh(jax.jit(optimizer.init)(params), mesh)}
+    # Under the mesh, init's scalars (the step count) are typed on it as the update step returns them;
+    # else step 2 sees another input type than step 1 and compiles the whole update step again.
+    with jax.set_mesh(mesh):
+        state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
 
     d = cfg.data
     rep.phase("data_load", detail=f"{d.source} {d.train_split} + {cfg.eval_split}")

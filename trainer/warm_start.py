@@ -105,7 +105,8 @@ def warm_start(
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     length = grpo.round_up(longest, 8)  # one shape for every step: one compilation, little padding
     optimizer = make_optimizer("adamw", 0.9, 0.99, 0.0, 1.0)
-    opt_state = sharding.place_on_mesh(optimizer.init(params), mesh)
+    with jax.set_mesh(mesh):  # the count typed on the mesh, as sft_step returns it: one compilation
+        opt_state = optimizer.init(params)
     schedule = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
     rng = np.random.default_rng([seed, 0x5F7])  # apart from the GRPO data order, which it leaves alone
     losses = []
