@@ -114,4 +114,3 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the number of batch shards)."""
     return mesh.shape["dp"] * mesh.shape["fsdp"]
-
