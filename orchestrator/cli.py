@@ -421,7 +421,7 @@ def run(
             _wait_with_bar(g, session, record, interval, policy)
         finally:
             if g.json:
-                g.emit_json(record.to_json())
+                g.emit_json(_status_json(record))
             else:
                 g.out.print(f"{record.run_id} {record.state}")
     finally:

@@ -258,23 +258,24 @@ class Reporter:
     # ------------------------------------------------------------------ compile announcements
 
     def _announce_compiles(self) -> None:
-        shown: tuple[str, float] | None = None
+        shown: tuple[str, float] | None = None  # the compile announced last, until it is over
         while not self._stop.wait(0.2):
             watch = self.watch
             current = watch.current if watch else None
+            if shown is not None and current is not shown:
+                name, start = shown
+                shown = None
+                took = watch.by_name.get(name) if watch else None
+                took = time.perf_counter() - start if took is None else took
+                self.say(f"compiled {name} in {took:.1f} s")
+                if current is None and self.last is not None:  # back to what the run was doing
+                    self._print(dataclasses.replace(self.last, elapsed_s=round(self.elapsed(), 3),
+                                                    eta_s=self.eta()), human_line=False)
             if current is not None and current is not shown:
                 name, start = current
                 if time.perf_counter() - start >= ANNOUNCE_COMPILE_AFTER_S:
                     shown = current
-                    ev = self._event("phase", "compile", detail=name)
-                    self._print(ev)
-            elif current is None and shown is not None:
-                name, start = shown
-                shown = None
-                self.say(f"compiled {name} in {time.perf_counter() - start:.1f} s")
-                if self.last is not None:  # back to what the run was doing, as far as status can tell
-                    self._print(dataclasses.replace(self.last, elapsed_s=round(self.elapsed(), 3),
-                                                    eta_s=self.eta()), human_line=False)
+                    self._print(self._event("phase", "compile", detail=name))
 
     # ------------------------------------------------------------------ ETA
 
