@@ -30,6 +30,7 @@ _COMPILE_EVENTS = (
 )
 _BACKEND_COMPILE = _COMPILE_EVENTS[-1]
 ANNOUNCE_COMPILE_AFTER_S = 1.0  # shorter compiles (small eager ops) are not worth a line
+COMPILE_HEARTBEAT_S = 60.0  # a line this often while one compile goes on
 EMIT_EVERY_S = 1.0  # JSON events of one phase at most this often (first and last unit always)
 HUMAN_EVERY_S = 10.0  # human lines of a fast phase (warm start) at most this often
 # Readable names for the jitted functions that take long to compile.
@@ -259,6 +260,7 @@ class Reporter:
 
     def _announce_compiles(self) -> None:
         shown: tuple[str, float] | None = None  # the compile announced last, until it is over
+        said = 0.0  # when the last line about it was printed
         while not self._stop.wait(0.2):
             watch = self.watch
             current = watch.current if watch else None
@@ -274,8 +276,13 @@ class Reporter:
             if current is not None and current is not shown:
                 name, start = current
                 if time.perf_counter() - start >= ANNOUNCE_COMPILE_AFTER_S:
-                    shown = current
+                    shown, said = current, time.perf_counter()
                     self._print(self._event("phase", "compile", detail=name))
+            elif shown is not None and time.perf_counter() - said >= COMPILE_HEARTBEAT_S:
+                # A line now and then during a long compile: people see it is alive, and so does the
+                # orchestrator's STALLED check (it watches the log grow).
+                said = time.perf_counter()
+                self.say(f"still compiling {shown[0]} ({fmt_duration(said - shown[1])})")
 
     # ------------------------------------------------------------------ ETA
 
