@@ -500,6 +500,8 @@ def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:
         steps=cfg.steps,
         first_step=start + 1,
         warm_start_steps=cfg.warm_start.steps if start == 0 else 0,
+        # A sweep before step 1 (issue 9's eval_full_at_start) sets start_sweep_batches here and passes
+        # full_sweep(..., on_batch=functools.partial(rep.advance, "start_sweep")): its phase and ETA follow.
         eval_steps=eval_steps(start + 1, cfg.steps, cfg.eval_every_steps),
         eval_batches=cfg.eval_batches_per_process,
         final_sweep_batches=batches(eval_questions, cfg.eval_full_batch_size) if cfg.eval_full_sweep else 0,
