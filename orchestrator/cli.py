@@ -347,7 +347,10 @@ def run(
     ctx: typer.Context,
     config: Annotated[str, typer.Argument(help="Trainer config, relative to the checkout.")],
     env: Annotated[
-        list[str], typer.Option("--env", "-e", help="KEY=VALUE flag for the job (not secrets).")
+        list[str],
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE for the job, a secret: 0600 file on the worker, stored by name."
+        ),
     ] = [],  # noqa: B006
     set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
@@ -512,8 +515,8 @@ def logs(
     """Print a worker's log of a run (values from the local .env redacted)."""
     g = _globals(ctx)
     session, record = _session_for(g, run_id)
-    redact = env_ops.redactor(list(env_ops.read_dotenv(env_file).values()))
     try:
+        redact = env_ops.redactor(logs_ops.secret_values(session.target, record, env_file, worker=worker))
         if follow:
             state = logs_ops.follow(
                 session.target, record, lambda text: g.out.out(redact(text), end=""), worker=worker
