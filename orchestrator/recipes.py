@@ -230,6 +230,12 @@ class RunPaths:
         id, not by log stamp: a retried launch in the same second must not overwrite another run's."""
         return f"logs/{self.run_id}.env"
 
+    @property
+    def env_loader(self) -> str:
+        """A copy of grpoctl_contract/envfile.py (ENVFILE_SOURCE) that loads `env` for the job: the job
+        needs no grpoctl installed on the worker, whatever interpreter the target names."""
+        return f"logs/{self.run_id}.loader.py"
+
     @staticmethod
     def for_run(config_stem: str, ts: str, run_id: str) -> RunPaths:
         base = f"logs/nohup_{config_stem}_{ts}"
@@ -251,9 +257,9 @@ on_signal() {
 trap 'on_signal 143' TERM
 trap 'on_signal 130' INT
 if [ -n "$envf" ]; then
-  # The -e values: the shared parser loads them into the environment and execs the trainer in its place
-  # (same pid), so no value is ever on a command line.
-  "$py" -u -m grpoctl_contract.envfile exec "$envf" -- "$py" -u -m trainer --config "$config" \
+  # The -e values: the shared parser (a copy put beside them) loads them into the environment and execs
+  # the trainer in its place (same pid), so no value is ever on a command line.
+  "$py" "${envf%.env}.loader.py" exec "$envf" -- "$py" -u -m trainer --config "$config" \
     --run-dir "$run_dir" "$@" &
 else
   "$py" -u -m trainer --config "$config" --run-dir "$run_dir" "$@" &
@@ -314,7 +320,8 @@ def launch(
     """Start the trainer under `setsid nohup`, detached; prints PID= once the job has written its pid.
 
     `env` holds non-secret flags (exported here, so they are on the worker's command lines); with
-    `env_file` the job also loads `paths.env` (already put there, 0600): the secrets. One launch at a time
+    `env_file` the job also loads `paths.env` (already put there, 0600: the secrets) with
+    `paths.env_loader` (put there too). One launch at a time
     per worker: the busy check and the start happen under `flock` on LAUNCH_LOCK, so of two simultaneous
     launches the second sees the first's job (and is refused unless `force`).
     """
@@ -327,7 +334,8 @@ def launch(
     args = " ".join(
         q(a) for a in [python, config, paths.run_dir, paths.pid, paths.exit, envf, *trainer_args]
     )
-    refuse = f"rm -f -- {q(paths.env)}; " if env_file else ""  # a refused launch leaves no secrets file
+    # A refused launch leaves no secrets file behind.
+    refuse = f"rm -f -- {q(paths.env)} {q(paths.env_loader)}; " if env_file else ""
     return _script(
         f"cd {qpath(repo_dir)}",
         "mkdir -p logs runs",

@@ -180,14 +180,14 @@ def test_sync_keeps_untracked_files_and_refuses_while_a_job_runs(lab, grpoctl):
 # ---------------------------------------------------------------------------------------- quoting
 
 
-def _hostile_dir(lab: dict, markers: Path) -> Path:
+def _hostile_dir(lab: dict, markers: Path, parent: str = "hostile") -> Path:
     """A folder name with spaces, both quotes, `$()`, backticks, `;`, a newline and `EXIT`; each
     embedded command would create a marker (absolute paths without spaces, so an injection really does)."""
     name = (
         f"a b'c\"d $(touch {markers}/m1) `touch {markers}/m2`;touch {markers}/m3;"
         f"\n' EXIT;touch {markers}/m4;'$IFS"
     )
-    return lab["root"] / "hostile" / name
+    return lab["root"] / parent / name
 
 
 def test_hostile_remote_dir_sync_env_push_run_logs_stop(lab, grpoctl):
@@ -198,7 +198,7 @@ def test_hostile_remote_dir_sync_env_push_run_logs_stop(lab, grpoctl):
     grpoctl(config, "sync", "--no-bootstrap")
     assert (folder / "trainer" / "__main__.py").is_file()
     env = lab["root"] / "hostile.env"
-    env.write_text(f"STANDIN_SECRET= {SECRET}x \n")
+    env.write_text(f"STANDIN_SECRET={SECRET}x\n")
     pushed = grpoctl(config, "env", "push", "--file", str(env)).stdout
     assert f"STANDIN_SECRET_len={len(SECRET) + 1}" in pushed
     assert stat.S_IMODE((folder / ".env").stat().st_mode) == 0o600
@@ -228,9 +228,9 @@ def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_rep
     markers.mkdir()
     for transport in (ssh, LocalTransport()):
         kind = type(transport).__name__
-        folder = _hostile_dir(lab, markers).with_name(f"{kind} {_hostile_dir(lab, markers).name}")
+        folder = _hostile_dir(lab, markers, f"hostile-{kind}")
         ck = str(folder)
-        hostile = folder.name
+        hostile = folder.name  # the last path component: `m4;'$IFS`
         assert transport.run(recipes.sync(ck, url, "main"), timeout=60).ok
         # transport methods: run with a hostile cwd and env value, put/get at a hostile path
         run = transport.run('printf "%s" "$V"', env={"V": hostile}, cwd=ck, timeout=30)
@@ -244,7 +244,7 @@ def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_rep
         (venv / "python").write_text("#!/bin/sh\nexit 0\n")
         (venv / "python").chmod(0o755)
         booted = transport.run(recipes.bootstrap(ck, ["trainer"]), timeout=60)
-        assert booted.ok and recipes.parse_python(booted.stdout) == f"{ck}/.venv/bin/python"
+        assert booted.ok and f"PYTHON={ck}/.venv/bin/python" in booted.stdout
         transport.put(b"K=v\n", f"{ck}/.env.pending", mode=0o600)
         transport.put(recipes.ENVFILE_SOURCE, f"{ck}/{hostile}.py")
         verified = transport.run(recipes.env_verify(f"{ck}/.env.pending", f"{ck}/{hostile}.py")).stdout
@@ -253,6 +253,7 @@ def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_rep
         assert transport.run(recipes.remove_file(f"{ck}/.env")).ok
         paths = recipes.RunPaths.for_run("ok", f"{time.time_ns()}", f"ok-{time.time_ns()}")
         transport.put(b"EVAL_FULL_SWEEP=1\n", f"{ck}/{paths.env}", mode=0o600)
+        transport.put(recipes.ENVFILE_SOURCE, f"{ck}/{paths.env_loader}", mode=0o600)
         started = transport.run(
             recipes.launch(ck, sys.executable, "configs/ok.yaml", paths, config_stem="ok", env_file=True),
             timeout=60,

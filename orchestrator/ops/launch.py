@@ -133,8 +133,10 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     secrets_file = secret_env_file(record.env)
 
     def one(i: int, t: Transport) -> int:
-        if secrets_file is not None:  # before the launch script, which refuses to start without it
-            t.put(secrets_file, f"{record.remote_dir.rstrip('/')}/{paths.env}", mode=0o600)
+        if secrets_file is not None:  # before the launch script, whose job reads them
+            base = record.remote_dir.rstrip("/")
+            t.put(recipes.ENVFILE_SOURCE, f"{base}/{paths.env_loader}", mode=0o600)
+            t.put(secrets_file, f"{base}/{paths.env}", mode=0o600)
         script = recipes.launch(
             record.remote_dir,
             python,
