@@ -51,6 +51,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
         f'exec {real_setsid.strip()} "$@"\n'
     )
     (shims / "setsid").chmod(0o755)
+    # python3 fails while `broken_python` exists: the worker-side .env check cannot run.
+    broken_python = root / "broken-python"
+    real_python3 = subprocess.run(["bash", "-c", "command -v python3"], capture_output=True, text=True).stdout
+    (shims / "python3").write_text(
+        f'#!/bin/sh\nif [ -e "{broken_python}" ]; then echo "python3: broken" >&2; exit 1; fi\n'
+        f'exec {real_python3.strip()} "$@"\n'
+    )
+    (shims / "python3").chmod(0o755)
     server = LoopbackSshd(
         root / "sshd", session_env={"HOME": str(home), "PATH": f"{shims}:{os.environ['PATH']}"}
     ).start()
@@ -64,6 +72,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
         "server": server,
         "slow_flag": slow_flag,
         "entered": entered,
+        "broken_python": broken_python,
     }
     server.stop()
 
@@ -198,9 +207,11 @@ def test_hostile_remote_dir_sync_env_push_run_logs_stop(lab, grpoctl):
     grpoctl(config, "sync", "--no-bootstrap")
     assert (folder / "trainer" / "__main__.py").is_file()
     env = lab["root"] / "hostile.env"
-    env.write_text(f"STANDIN_SECRET={SECRET}x\n")
+    env.write_text(f"STANDIN_SECRET={SECRET}x\nUNI=pässwörd\n")
     pushed = grpoctl(config, "env", "push", "--file", str(env)).stdout
     assert f"STANDIN_SECRET_len={len(SECRET) + 1}" in pushed
+    assert "UNI_len=10" in pushed  # bytes on both ends (a non-ASCII value once read as a mismatch)
+    assert not list(folder.glob(".env.grpoctl-*"))  # nothing left beside the live file
     assert stat.S_IMODE((folder / ".env").stat().st_mode) == 0o600
     assert (folder / ".env").read_bytes() == env.read_bytes()
     args = ("configs/ok.yaml", "-e", "EVAL_FULL_SWEEP=1", "--wait", "--interval", "0.2")
@@ -274,6 +285,23 @@ def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_rep
         assert (folder / paths.run_dir / "eval_full.jsonl").is_file()  # the -e file reached the job
     ssh.close()
     assert sorted(p.name for p in markers.iterdir()) == []
+
+
+def test_env_push_replaces_the_remote_file_only_after_it_checked_out(lab, grpoctl, tmp_path: Path):
+    folder = lab["home"] / "envcheck"
+    config = _config(lab, folder, "envcheck")
+    old, new = tmp_path / "old.env", tmp_path / "new.env"
+    old.write_text("TOKEN=old-value\n")
+    new.write_text("TOKEN=new-value\n")
+    grpoctl(config, "env", "push", "--file", str(old))
+    lab["broken_python"].touch()
+    try:
+        failed = grpoctl(config, "env", "push", "--file", str(new), code=3)
+    finally:
+        lab["broken_python"].unlink()
+    assert "could not verify" in _one_error_line(failed.stderr)
+    assert (folder / ".env").read_text() == "TOKEN=old-value\n"  # the live file never changed
+    assert sorted(p.name for p in folder.iterdir()) == [".env"]  # no upload left behind
 
 
 # ---------------------------------------------------------------------------------------- secrets
