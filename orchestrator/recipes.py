@@ -31,7 +31,6 @@ EXIT_NO_PYTHON = 69  # no python >= 3.11 on the worker
 # What grpoctl itself writes inside the checkout (run outputs, the venv, the secrets file): these may be
 # present when a folder is adopted, and sync never counts them as the user's changes.
 GENERATED = ("logs/", "runs/", "wandb/", ".env", ".venv/")
-SPARED_BY_CLEAN = GENERATED  # (old name)
 # Written into `.git/` at first clone: the only proof that a checkout is grpoctl's to reset.
 CHECKOUT_MARKER = ".git/grpoctl-checkout"
 
@@ -271,9 +270,10 @@ exit "$code"
 """.strip()
 
 
-def _job_running_check() -> list[str]:
+def _job_running_check(before_exit: str = "") -> list[str]:
     """Exit EXIT_BUSY when a job of ours runs in this checkout: a pid file whose pid is alive, is a
-    grpoctl job (not a process that later got the same pid) and has no exit file. Needs _ALIVE_FN."""
+    grpoctl job (not a process that later got the same pid) and has no exit file. Needs _ALIVE_FN.
+    `before_exit`: shell text run first when refusing."""
     return [
         "for f in logs/nohup_*.pid; do",
         '  [ -e "$f" ] || continue',
@@ -281,21 +281,21 @@ def _job_running_check() -> list[str]:
         '  p=$(cat "$f" 2>/dev/null || true)',
         '  case "$p" in ""|*[!0-9]*) continue ;; esac',
         '  if [ ! -e "${f%.pid}.exit" ] && ours "$p" ""; then',
-        f'    echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
+        f'    {before_exit}echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
         "  fi",
         "done",
     ]
 
 
-def _busy_check() -> list[str]:
+def _busy_check(before_exit: str = "") -> list[str]:
     # A job is running when a pid file has a live pid and no exit file; a TPU is busy when a process
     # holds its device files (v5e/v6e: /dev/vfio/N, older: /dev/accelN).
     return [
-        *_job_running_check(),
+        *_job_running_check(before_exit),
         "for d in /dev/accel* /dev/vfio/[0-9]*; do",
         '  [ -e "$d" ] || continue',
         '  if command -v fuser >/dev/null 2>&1 && fuser "$d" >/dev/null 2>&1; then',
-        f'    echo "BUSY=$d is held by another process"; exit {EXIT_BUSY}',
+        f'    {before_exit}echo "BUSY=$d is held by another process"; exit {EXIT_BUSY}',
         "  fi",
         "done",
     ]
@@ -344,7 +344,7 @@ def launch(
         f"if ! flock -w {LOCK_WAIT_S} 9; then",
         f'  {refuse}echo "BUSY=another launch held {LAUNCH_LOCK} for {LOCK_WAIT_S} s"; exit {EXIT_BUSY}',
         "fi",
-        *([] if force else [line.replace("echo \"BUSY=", f'{refuse}echo "BUSY=') for line in _busy_check()]),
+        *([] if force else _busy_check(refuse)),
         f"if [ -e {q(paths.log)} ]; then {refuse}echo EXISTS={q(paths.log)}; exit {EXIT_EXISTS}; fi",
         *latest,
         "export PYTHONUNBUFFERED=1",
