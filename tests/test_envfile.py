@@ -76,7 +76,7 @@ def test_render_round_trips_and_refuses_what_the_format_cannot_hold():
             envfile.render(bad)
 
 
-def test_every_reader_sees_the_same_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_every_reader_sees_the_same_value(tmp_path: Path):
     """`TOKEN= s3cret ` and a non-ASCII value: the pusher, the worker-side check, the redactor, the job
     launcher and the trainer agree (they disagreed before: ' s3cret ' for redaction, 's3cret' elsewhere)."""
     env = tmp_path / ".env"
@@ -99,13 +99,25 @@ def test_every_reader_sees_the_same_value(tmp_path: Path, monkeypatch: pytest.Mo
         capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert shown == f"{SECRET!r} 10"
-    # The trainer.
+
+
+def test_the_trainer_reads_dotenv_with_the_shared_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """(Separate: importing the trainer costs jax's import, shared with the trainer tests in a full run.)"""
     from trainer.train import load_dotenv
 
+    env = tmp_path / ".env"
+    env.write_bytes(f"TOKEN= {SECRET} \nUNI=pässwörd\n".encode())
     monkeypatch.delenv("TOKEN", raising=False)
     monkeypatch.delenv("UNI", raising=False)
     assert sorted(load_dotenv(env)) == ["TOKEN", "UNI"]
     assert os.environ["TOKEN"] == SECRET and os.environ["UNI"] == "pässwörd"
+    # A line the pusher would refuse is not silently skipped here either.
+    from trainer.config import ConfigError
+
+    env.write_text(f"GOOD=1\n{SECRET}\n")
+    with pytest.raises(ConfigError, match="line 2: expected KEY=VALUE") as err:
+        load_dotenv(env)
+    assert SECRET not in str(err.value)
 
 
 def test_contract_package_imports_without_the_heavy_halves():
