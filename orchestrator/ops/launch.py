@@ -125,10 +125,11 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
 
     workers = target.workers()
 
-    if record.env_names and not record.env:
+    missing = sorted(set(record.env_names) - set(record.env))
+    if missing:  # a record read back from the store: the values were never stored
         raise UsageError(
-            f"run {record.run_id}: the values of -e {', '.join(record.env_names)} are not stored (they are "
-            "secrets): launch a new run with grpoctl run"
+            f"run {record.run_id} needs -e {', '.join(missing)} again (values are secrets, never stored): "
+            f"grpoctl recover {record.run_id} -e NAME=VALUE ..."
         )
     secrets_file = secret_env_file(record.env)
 
