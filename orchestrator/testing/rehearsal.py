@@ -27,6 +27,7 @@ import argparse
 import getpass
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,12 +220,12 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
 
 
 def resumed_step(vms: Path) -> int | None:
-    """The step the relaunched trainer resumed from, as its log on worker 0 of the new VM says."""
-    prefix = "resumed: checkpoint of step "  # trainer/train.py RESUMED_PREFIX (not imported: no jax here)
+    """The step the relaunched trainer resumed from, as its log says (the trainer's checkpoint phase)."""
+    said = re.compile(r"resumed from the checkpoint of step (\d+)")
     for log in sorted(vms.glob("*/home/grpoctl-work/logs/nohup_*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(prefix) and line[len(prefix) :].split()[0].isdigit():
-                return int(line[len(prefix) :].split()[0])
+        found = said.search(log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
     return None
 
 
