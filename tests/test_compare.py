@@ -92,3 +92,35 @@ def test_load_run_errors_are_one_line(tmp_path: Path):
     (tmp_path / "summary.json").write_text("{not json")
     with pytest.raises(UsageError, match="not valid JSON"):
         cmp.load_run(tmp_path)
+
+
+def _paired(only_a: int, only_b: int, both: int = 7, neither: int = 5) -> cmp.PairedResult:
+    a, b = {}, {}
+    for kind, (ra, rb), count in (
+        ("ab", (True, True), both), ("a", (True, False), only_a),
+        ("b", (False, True), only_b), ("n", (False, False), neither),
+    ):
+        for i in range(count):
+            a[f"{kind}{i}"], b[f"{kind}{i}"] = ra, rb
+    return cmp.paired_test(a, b)
+
+
+# Discordant counts whose exact p-values sit just either side of the 5% level (checked against scipy), so
+# a level moved either way (0.5, 0.01) or a comparison turned around flips one of the verdicts.
+@pytest.mark.parametrize(
+    ("only_a", "only_b", "p", "verdict"),
+    [
+        (25, 42, 0.049800114, "different at 5%"),
+        (117, 150, 0.049983176, "different at 5%"),
+        (10, 22, 0.050102460, "aligned"),
+        (33, 52, 0.050250895, "aligned"),
+    ],
+)
+def test_verdict_flips_exactly_at_the_5_percent_level(only_a: int, only_b: int, p: float, verdict: str):
+    assert binomtest(only_a, only_a + only_b, 0.5).pvalue == pytest.approx(p, rel=1e-8)
+    for a, b in ((only_a, only_b), (only_b, only_a)):  # the test is two-sided: symmetric in A and B
+        result = _paired(a, b)
+        assert (result.only_a, result.only_b, result.n) == (a, b, a + b + 12)
+        assert result.p_value == pytest.approx(p, rel=1e-8)
+        assert result.verdict == verdict
+        assert result.line().endswith(f"-> {verdict}")

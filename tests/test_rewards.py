@@ -199,3 +199,26 @@ def test_random_garbage_scores_within_bounds_and_never_raises() -> None:
         assert set(np.unique(batch.per_func[name])) <= {0.0, 0.25, 0.5, 0.75, 1.0}
     # Garbage occasionally hits the layout by chance; the format reward must then agree with the tags.
     assert np.all(batch.per_func["reward_format"] <= batch.per_func["reward_tag_count"])
+
+
+# The full layout with exactly one tag missing or misspelt: none of these has the format, whichever tag
+# it is (a grader that forgot to require `</think>` accepted the first ones).
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<think>a\n<answer>7</answer>",  # no </think>
+        "<think>a\n\n<answer>7</answer>",
+        "<think>a</thin>\n<answer>7</answer>",
+        "<think>a<think>\n<answer>7</answer>",  # <think> twice, </think> never
+        "a</think>\n<answer>7</answer>",  # no <think>
+        "<think>a</think>\n7</answer>",  # no <answer>
+        "<think>a</think>\n<answer>7",  # no </answer>
+        "<think>a</think>\n<answer>7</answer></think>",  # </think> twice
+    ],
+)
+def test_format_needs_every_tag_exactly_once(completion: str) -> None:
+    assert reward_format(completion) == 0.0
+    assert reward_tag_count(completion) < 1.0
+    # ...and the batch total gives it no format credit either.
+    batch = score_completions([completion], ["7"])
+    assert batch.per_func["reward_format"][0] == 0.0

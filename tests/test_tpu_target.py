@@ -89,6 +89,7 @@ def _target_json(project: Project, **tpu: object) -> str:
         ("quota exhausted", 3, "quota or capacity exhausted"),
         ("os login on", 2, "OS Login is on"),
         ("wrong pinned host key", 3, "host key"),
+        ("published host key differs from the offered one", 3, "host key"),
         ("no credentials", 2, "no Google credentials found"),
     ],
 )
@@ -104,6 +105,8 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
         project.fake.script.os_login = True
     elif case == "wrong pinned host key":
         tpu["host_key_sha256"] = ["SHA256:" + "A" * 43]
+    elif case == "published host key differs from the offered one":
+        project.fake.script.publish_other_host_keys = True  # nothing pinned: the published key is the pin
     elif case == "no credentials":
         tpu["api_endpoint"] = "https://127.0.0.1:9"  # not plain http: needs ADC, and there is none
         monkeypatch.setenv("HOME", str(project.root))

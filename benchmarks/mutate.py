@@ -1,0 +1,210 @@
+"""Mutation run over the modules where a bug costs most: `make mutate` (not part of the test suite).
+
+Each module is mutated by mutmut 3 in its own scratch copy of the tree (.mutate/<module>/), and every
+mutant runs against that module's own test files only (mutmut narrows further to the tests that reach
+the mutated function). A mutant "survives" when those tests still pass. Survivors judged equivalent (no
+input can tell them apart from the original) are listed with a one-line reason in
+benchmarks/mutate_equivalents.txt and left out of the score.
+
+    python benchmarks/mutate.py                 # every module, table to stdout and .mutate/report.md
+    python benchmarks/mutate.py grpo compare    # some modules
+    python benchmarks/mutate.py --show grpo     # diffs of the surviving, non-equivalent mutants
+
+The score is killed / (mutants - equivalent), where killed includes timeouts (a mutant that makes the
+tests hang is caught) and "no tests" mutants (a function the module's tests never call) count as
+survivors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutate"
+EQUIVALENTS = ROOT / "benchmarks" / "mutate_equivalents.txt"
+COPIED = ("orchestrator", "trainer", "tests", "configs", "docs", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    sources: tuple[str, ...]  # files mutmut mutates
+    tests: tuple[str, ...]  # the module's own test files
+    only: tuple[str, ...] = ()  # mutant-name globs (a part of a module), empty for all of it
+    pytest_args: tuple[str, ...] = ()
+
+
+MODULES = (
+    Module("grpo", ("trainer/grpo.py",), ("tests/test_grpo.py",)),
+    Module("rewards", ("trainer/rewards.py",), ("tests/test_rewards.py",)),
+    Module("softmax_math", ("trainer/kernels/softmax_math.py",), ("tests/test_kernels.py",)),
+    Module("sampler", ("trainer/sampler.py",), ("tests/test_sampler.py",)),
+    Module("compare", ("orchestrator/compare.py",), ("tests/test_compare.py",)),
+    Module("recipes", ("orchestrator/recipes.py",), ("tests/test_recipes.py",)),
+    Module(
+        "transport",
+        ("orchestrator/transport/ssh.py", "orchestrator/transport/local.py",
+         "orchestrator/transport/shell.py"),
+        ("tests/test_transport_ssh.py", "tests/test_transport_local.py"),
+    ),
+    Module(
+        "tpu_host_keys",
+        ("orchestrator/targets/tpu.py", "orchestrator/cloud/sshkeys.py"),
+        ("tests/test_tpu_target.py",),
+        only=(
+            "orchestrator.targets.tpu.xǁTpuTargetǁ_pins__mutmut_*",
+            "orchestrator.targets.tpu.xǁTpuTargetǁtransports__mutmut_*",
+            "orchestrator.cloud.sshkeys.x_fingerprint_of__mutmut_*",
+        ),
+    ),
+    Module("stale", ("orchestrator/cloud/stale.py",), ("tests/test_tpu_stale.py",)),
+)
+BY_NAME = {m.name: m for m in MODULES}
+
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def load_equivalents() -> dict[str, str]:
+    """mutant name -> the one-line reason it cannot be told apart from the original."""
+    out: dict[str, str] = {}
+    if EQUIVALENTS.exists():
+        for line in EQUIVALENTS.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, reason = line.partition(" ")
+                out[name] = reason.strip()
+    return out
+
+
+def prepare(module: Module) -> Path:
+    """A scratch copy of the tree with a setup.cfg that points mutmut at this module and its tests."""
+    work = WORK / module.name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for item in COPIED:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, work / item, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, work / item)
+    lines = [
+        "[mutmut]",
+        "source_paths =\n    orchestrator\n    trainer",
+        "only_mutate =\n" + "".join(f"    {s}\n" for s in module.sources).rstrip("\n"),
+        "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in module.tests).rstrip("\n"),
+        # -p no:randomly etc. are not installed; keep pytest quiet and the jax tests on 8 CPU devices.
+        "pytest_add_cli_args =\n    -q\n    -p\n    no:cacheprovider"
+        + "".join(f"\n    {a}" for a in module.pytest_args),
+        # A fork per mutant from a server that has only imported pytest: jax initialises its backend in
+        # each child, never before a fork.
+        "process_isolation = forkserver",
+        "forkserver_warmup = none",
+        "use_git_change_detection = false",
+        "timeout_multiplier = 5.0",
+        "timeout_constant = 10.0",
+    ]
+    (work / "setup.cfg").write_text("\n".join(lines) + "\n")
+    return work
+
+
+def run_module(module: Module, children: int) -> float:
+    work = prepare(module)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    start = time.monotonic()
+    with open(work / "mutmut.log", "w") as log:
+        subprocess.run(
+            [mutmut, "run", "--max-children", str(children), *module.only],
+            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
+        )
+    return time.monotonic() - start
+
+
+def results(module: Module) -> dict[str, str]:
+    """mutant name -> status, read from mutmut's per-file result files."""
+    import fnmatch
+
+    from mutmut.stats import status_by_exit_code  # installed by `make mutate`
+
+    out: dict[str, str] = {}
+    for meta in (WORK / module.name / "mutants").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        for name, code in data.get("exit_code_by_key", {}).items():
+            if module.only and not any(fnmatch.fnmatch(name, g) for g in module.only):
+                continue
+            out[name] = status_by_exit_code[code]
+    return out
+
+
+def show(module: Module, names: list[str]) -> str:
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    texts = []
+    for name in names:
+        done = subprocess.run([mutmut, "show", name], cwd=WORK / module.name, capture_output=True, text=True)
+        texts.append(done.stdout)
+    return "\n".join(texts)
+
+
+def row(module: Module, wall_s: float | None) -> tuple[str, list[str]]:
+    status = results(module)
+    equivalent = load_equivalents()
+    eq = [n for n in status if n in equivalent and status[n] not in KILLED]
+    killed = sum(s in KILLED for s in status.values())
+    survivors = sorted(n for n, s in status.items() if s not in KILLED and n not in equivalent)
+    counted = len(status) - len(eq)
+    score = 100.0 * killed / counted if counted else 0.0
+    wall = "-" if wall_s is None else f"{wall_s / 60:.1f} min"
+    line = (
+        f"| {module.name} | {len(status)} | {killed} | {len(eq)} | {len(survivors)} | {score:.1f}% | {wall} |"
+    )
+    return line, survivors
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", choices=[[], *BY_NAME], default=[])
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--report-only", action="store_true", help="table from the last run, run nothing")
+    parser.add_argument("--show", action="store_true", help="print the diffs of the surviving mutants")
+    args = parser.parse_args()
+    chosen = [BY_NAME[n] for n in args.modules] or list(MODULES)
+    walls: dict[str, float | None] = {}
+    for module in chosen:
+        if args.report_only or args.show:
+            walls[module.name] = None
+        else:
+            print(f"mutating {module.name} ...", flush=True)
+            walls[module.name] = run_module(module, args.children)
+    table = [
+        "| module | mutants | killed | equivalent | survived | score | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    left: dict[str, list[str]] = {}
+    for module in chosen:
+        line, survivors = row(module, walls[module.name])
+        table.append(line)
+        left[module.name] = survivors
+    text = "\n".join(table)
+    print(text)
+    for name, survivors in left.items():
+        if survivors:
+            print(f"\n{name}: {len(survivors)} surviving: " + " ".join(survivors))
+            if args.show:
+                print(show(BY_NAME[name], survivors))
+    if not args.report_only and not args.show:
+        WORK.mkdir(exist_ok=True)
+        (WORK / "report.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
