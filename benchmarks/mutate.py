@@ -18,6 +18,7 @@ survivors.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -40,13 +41,17 @@ class Module:
     tests: tuple[str, ...]  # the module's own test files
     only: tuple[str, ...] = ()  # mutant-name globs (a part of a module), empty for all of it
     pytest_args: tuple[str, ...] = ()
+    # "collect": the fork server imports and collects the tests once, each mutant is a fork of it (fast).
+    # "none": each mutant's fork imports everything itself: for jax tests, whose backend must never be
+    # initialised before a fork.
+    warmup: str = "collect"
 
 
 MODULES = (
-    Module("grpo", ("trainer/grpo.py",), ("tests/test_grpo.py",)),
+    Module("grpo", ("trainer/grpo.py",), ("tests/test_grpo.py",), warmup="none"),
     Module("rewards", ("trainer/rewards.py",), ("tests/test_rewards.py",)),
-    Module("softmax_math", ("trainer/kernels/softmax_math.py",), ("tests/test_kernels.py",)),
-    Module("sampler", ("trainer/sampler.py",), ("tests/test_sampler.py",)),
+    Module("softmax_math", ("trainer/kernels/softmax_math.py",), ("tests/test_kernels.py",), warmup="none"),
+    Module("sampler", ("trainer/sampler.py",), ("tests/test_sampler.py",), warmup="none"),
     Module("compare", ("orchestrator/compare.py",), ("tests/test_compare.py",)),
     Module("recipes", ("orchestrator/recipes.py",), ("tests/test_recipes.py",)),
     Module(
@@ -102,12 +107,11 @@ def prepare(module: Module) -> Path:
         "only_mutate =\n" + "".join(f"    {s}\n" for s in module.sources).rstrip("\n"),
         "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in module.tests).rstrip("\n"),
         # -p no:randomly etc. are not installed; keep pytest quiet and the jax tests on 8 CPU devices.
-        "pytest_add_cli_args =\n    -q\n    -p\n    no:cacheprovider"
+        # The slow tests (trainer runs, meshes) stay out: a mutant would pay for them every time.
+        "pytest_add_cli_args =\n    -q\n    -p\n    no:cacheprovider\n    -m\n    not slow"
         + "".join(f"\n    {a}" for a in module.pytest_args),
-        # A fork per mutant from a server that has only imported pytest: jax initialises its backend in
-        # each child, never before a fork.
         "process_isolation = forkserver",
-        "forkserver_warmup = none",
+        f"forkserver_warmup = {module.warmup}",
         "use_git_change_detection = false",
         "timeout_multiplier = 5.0",
         "timeout_constant = 10.0",
@@ -116,32 +120,60 @@ def prepare(module: Module) -> Path:
     return work
 
 
-def run_module(module: Module, children: int) -> float:
-    work = prepare(module)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+def _mutmut(work: Path, args: list[str], log_name: str) -> None:
     mutmut = str(Path(sys.executable).with_name("mutmut"))
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    with open(work / log_name, "w") as log:
+        subprocess.run([mutmut, *args], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+
+
+def all_mutants(module: Module) -> list[str]:
+    names = []
+    for meta in (WORK / module.name / "mutants").rglob("*.py.meta"):
+        for name in json.loads(meta.read_text()).get("exit_code_by_key", {}):
+            if not module.only or any(fnmatch.fnmatch(name, g) for g in module.only):
+                names.append(name)
+    return sorted(names)
+
+
+def run_module(module: Module, children: int, sample: int) -> tuple[float, int]:
+    """Mutate, then test every mutant (sample 0) or an evenly spaced sample; (wall seconds, mutants)."""
+    work = prepare(module)
     start = time.monotonic()
-    with open(work / "mutmut.log", "w") as log:
-        subprocess.run(
-            [mutmut, "run", "--max-children", str(children), *module.only],
-            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
-        )
-    return time.monotonic() - start
+    # A filter that matches nothing: mutmut generates the mutants and records which tests reach which
+    # function, then stops (it refuses an empty selection).
+    _mutmut(work, ["run", "--max-children", str(children), "__generate_only__"], "generate.log")
+    names = all_mutants(module)
+    if sample and len(names) > sample:
+        step = len(names) / sample
+        names = [names[int(i * step)] for i in range(sample)]
+    if names:
+        _mutmut(work, ["run", "--max-children", str(children), *names], "mutmut.log")
+    (work / "selected.txt").write_text("".join(f"{n}\n" for n in names))
+    return time.monotonic() - start, len(names)
+
+
+# mutmut's result codes (mutmut/stats.py): the pytest exit status of the mutant's run, or a marker.
+STATUS_BY_CODE = {
+    0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests", 34: "skipped",
+    35: "suspicious", 36: "timeout", 37: "caught by type check", -24: "timeout", 24: "timeout",
+    152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault", None: "not checked",
+}
 
 
 def results(module: Module) -> dict[str, str]:
     """mutant name -> status, read from mutmut's per-file result files."""
-    import fnmatch
-
-    from mutmut.stats import status_by_exit_code  # installed by `make mutate`
-
+    selected_file = WORK / module.name / "selected.txt"
+    selected = set(selected_file.read_text().split()) if selected_file.exists() else None
     out: dict[str, str] = {}
     for meta in (WORK / module.name / "mutants").rglob("*.py.meta"):
         data = json.loads(meta.read_text())
         for name, code in data.get("exit_code_by_key", {}).items():
             if module.only and not any(fnmatch.fnmatch(name, g) for g in module.only):
                 continue
-            out[name] = status_by_exit_code[code]
+            if selected is not None and name not in selected:
+                continue
+            out[name] = STATUS_BY_CODE.get(code, "suspicious")
     return out
 
 
@@ -154,7 +186,7 @@ def show(module: Module, names: list[str]) -> str:
     return "\n".join(texts)
 
 
-def row(module: Module, wall_s: float | None) -> tuple[str, list[str]]:
+def row(module: Module, wall_s: float | None, generated: int) -> tuple[str, list[str]]:
     status = results(module)
     equivalent = load_equivalents()
     eq = [n for n in status if n in equivalent and status[n] not in KILLED]
@@ -164,18 +196,24 @@ def row(module: Module, wall_s: float | None) -> tuple[str, list[str]]:
     score = 100.0 * killed / counted if counted else 0.0
     wall = "-" if wall_s is None else f"{wall_s / 60:.1f} min"
     line = (
-        f"| {module.name} | {len(status)} | {killed} | {len(eq)} | {len(survivors)} | {score:.1f}% | {wall} |"
+        f"| {module.name} | {generated} | {len(status)} | {killed} | {len(eq)} | {len(survivors)} "
+        f"| {score:.1f}% | {wall} |"
     )
     return line, survivors
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", choices=[[], *BY_NAME], default=[])
+    parser.add_argument("modules", nargs="*", default=[], help=f"some of: {' '.join(BY_NAME)}")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--sample", type=int, default=int(os.environ.get("MUTATE_SAMPLE", "40")),
+                        help="test this many evenly spaced mutants per module (0: all of them)")
     parser.add_argument("--report-only", action="store_true", help="table from the last run, run nothing")
     parser.add_argument("--show", action="store_true", help="print the diffs of the surviving mutants")
     args = parser.parse_args()
+    unknown = [n for n in args.modules if n not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; known: {' '.join(BY_NAME)}")
     chosen = [BY_NAME[n] for n in args.modules] or list(MODULES)
     walls: dict[str, float | None] = {}
     for module in chosen:
@@ -183,16 +221,17 @@ def main() -> int:
             walls[module.name] = None
         else:
             print(f"mutating {module.name} ...", flush=True)
-            walls[module.name] = run_module(module, args.children)
+            walls[module.name], _ = run_module(module, args.children, args.sample)
     table = [
-        "| module | mutants | killed | equivalent | survived | score | wall time |",
-        "|---|---|---|---|---|---|---|",
+        "| module | mutants generated | tested | killed | equivalent | survived | score | wall time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     left: dict[str, list[str]] = {}
     for module in chosen:
-        line, survivors = row(module, walls[module.name])
+        line, survivors = row(module, walls[module.name], len(all_mutants(module)))
         table.append(line)
         left[module.name] = survivors
+        print(line, flush=True)
     text = "\n".join(table)
     print(text)
     for name, survivors in left.items():
