@@ -199,3 +199,35 @@ def test_run_files_are_read_strictly(tmp_path: Path):
     (folder / "summary.json").unlink()
     with pytest.raises(UsageError, match=r"no summary.json \(fetch the run first: grpoctl fetch run-7"):
         cmp.load_run(folder)
+
+
+def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_path: Path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    a = cmp.load_run(_write_run(tmp_path / "A", {"k": 1}, None, [0.1, 0.5]))
+    b = cmp.load_run(_write_run(tmp_path / "B", {"k": 1}, None, [0.2]))
+    (tmp_path / "B" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
+    b = cmp.load_run(tmp_path / "B")
+    out = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
+    cmp.plot(a, b, out)  # the folder exists now: drawing again is fine
+    (fig,) = figures[-1:]
+    reward_ax, loss_ax = fig.axes
+    assert (reward_ax.get_title(), loss_ax.get_title()) == ("reward", "loss")
+    assert reward_ax.get_xlabel() == loss_ax.get_xlabel() == "step"
+    assert [t.get_text() for t in reward_ax.get_legend().get_texts()] == [
+        "A (train/reward/total/mean)", "B (reward)"
+    ]
+    assert [line.get_linestyle() for line in reward_ax.get_lines()] == ["-", "--"]
+    assert [list(line.get_xdata()) for line in reward_ax.get_lines()] == [[1, 2], [1]]
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["A (loss)"]
+    # No loss at all in either run: the panel says so, centred in axes coordinates.
+    (tmp_path / "A" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
+    cmp.plot(cmp.load_run(tmp_path / "A"), b, tmp_path / "plots" / "none.png")
+    empty_loss = figures[-1].axes[1]
+    (note,) = empty_loss.texts
+    assert note.get_text() == "no data in metrics.jsonl" and note.get_position() == (0.5, 0.5)
+    assert note.get_transform() is empty_loss.transAxes and note.get_ha() == "center"
+    assert empty_loss.get_legend() is None
