@@ -349,3 +349,79 @@ def test_sync_into_a_folder_named_with_every_metacharacter(tmp_path: Path, stand
     assert recipes.parse_head(out.stdout) == git(work, "rev-parse", "HEAD")
     listed = bash(recipes.existing_files(str(tmp_path / name), ["configs/ok.yaml", "nope"]))
     assert recipes.parse_files(listed.stdout) == ["configs/ok.yaml"]
+
+
+# ------------------------------------------------------------------------------------ more edges
+
+
+def test_env_names_may_start_with_an_underscore():
+    paths = recipes.RunPaths.for_run("c", "1", "c-1")
+    script = recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={"_PRIVATE_1": "v", "A_2": "w"})
+    assert "export _PRIVATE_1=v\n" in script and "export A_2=w\n" in script
+    for bad in ("1A", "", "A-B", "A B"):
+        with pytest.raises(UsageError, match="not a valid environment variable name"):
+            recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={bad: "1"})
+
+
+def test_kill_of_a_pid_that_already_died_touches_nothing(tmp_path: Path):
+    paths = recipes.RunPaths.for_run("c", "1", "c-1")
+    (tmp_path / "logs").mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / paths.pid).write_text(f"{dead.pid}\n")
+    out = bash(recipes.kill(str(tmp_path), paths, grace_s=0.1))
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "KILL=not-running"
+
+
+def _fake_interpreters(folder: Path, log: Path, version_ok: bool = True) -> Path:
+    """A PATH folder whose python3.12 creates a venv whose python logs each argv line to `log`."""
+    folder.mkdir()
+    venv_python = f"#!/bin/sh\necho \"$*\" >> {shlex.quote(str(log))}\n"
+    py = folder / "python3.12"
+    py.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exit {0 if version_ok else 1}; fi\n'
+        'if [ "$1 $2" = "-m venv" ]; then\n'
+        '  /bin/mkdir -p "$3/bin"\n'
+        f"  /bin/cat > \"$3/bin/python\" <<'X'\n{venv_python}X\n"
+        '  /bin/chmod +x "$3/bin/python"; echo created >> ' + shlex.quote(str(log)) + "\n"
+        "fi\n"
+    )
+    py.chmod(0o755)
+    return folder
+
+
+def test_bootstrap_makes_the_venv_once_and_installs_the_extras(tmp_path: Path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    log = tmp_path / "log"
+    fake_bin = _fake_interpreters(tmp_path / "bin", log)
+    env = {"PATH": str(fake_bin), "HOME": str(tmp_path)}  # only the fake: no real python is found
+    for _ in range(2):
+        out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer", "dev"])],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert recipes.parse_python(out.stdout) == f"{ck}/.venv/bin/python"
+    assert log.read_text().splitlines() == [
+        "created",
+        "-m pip install --quiet --upgrade pip",
+        "-m pip install --quiet -e .[trainer,dev]",
+        "-m pip install --quiet --upgrade pip",  # the second run keeps the venv
+        "-m pip install --quiet -e .[trainer,dev]",
+    ]
+    log.unlink()
+    out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), [])], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0 and log.read_text().splitlines()[-1] == "-m pip install --quiet -e ."
+    assert recipes.venv_python("/w/ck/") == "/w/ck/.venv/bin/python"
+
+
+def test_bootstrap_without_python_311_says_so(tmp_path: Path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    fake_bin = _fake_interpreters(tmp_path / "bin", tmp_path / "log", version_ok=False)
+    out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer"])], capture_output=True,
+                         text=True, env={"PATH": str(fake_bin)}, timeout=60)
+    assert out.returncode == recipes.EXIT_NO_PYTHON
+    assert "no python >= 3.11 on this worker" in out.stderr
+    assert not (ck / ".venv").exists()
