@@ -127,6 +127,18 @@ def _mutmut(work: Path, args: list[str], log_name: str) -> None:
         subprocess.run([mutmut, *args], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
 
 
+def recheck(module: Module, children: int) -> float:
+    """Re-test the last run's survivors against the tests as they are now (after adding tests)."""
+    work = WORK / module.name
+    start = time.monotonic()
+    _, survivors = row(module, None, 0)
+    if survivors:
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        _mutmut(work, ["run", "--max-children", str(children), *survivors], "recheck.log")
+    return time.monotonic() - start
+
+
 def all_mutants(module: Module) -> list[str]:
     names = []
     for meta in (WORK / module.name / "mutants").rglob("*.py.meta"):
@@ -136,20 +148,22 @@ def all_mutants(module: Module) -> list[str]:
     return sorted(names)
 
 
-def run_module(module: Module, children: int, sample: int) -> tuple[float, int]:
+def run_module(module: Module, children: int, sample: int, reuse: bool = False) -> tuple[float, int]:
     """Mutate, then test every mutant (sample 0) or an evenly spaced sample; (wall seconds, mutants)."""
-    work = prepare(module)
+    work = WORK / module.name
     start = time.monotonic()
-    # A filter that matches nothing: mutmut generates the mutants and records which tests reach which
-    # function, then stops (it refuses an empty selection).
-    _mutmut(work, ["run", "--max-children", str(children), "__generate_only__"], "generate.log")
+    if not (reuse and (work / "mutants" / "mutmut-stats.json").exists()):
+        work = prepare(module)
+        # A filter that matches nothing: mutmut generates the mutants and records which tests reach which
+        # function, then stops (it refuses an empty selection).
+        _mutmut(work, ["run", "--max-children", str(children), "__generate_only__"], "generate.log")
     names = all_mutants(module)
     if sample and len(names) > sample:
         step = len(names) / sample
         names = [names[int(i * step)] for i in range(sample)]
+    (work / "selected.txt").write_text("".join(f"{n}\n" for n in names))
     if names:
         _mutmut(work, ["run", "--max-children", str(children), *names], "mutmut.log")
-    (work / "selected.txt").write_text("".join(f"{n}\n" for n in names))
     return time.monotonic() - start, len(names)
 
 
@@ -173,7 +187,9 @@ def results(module: Module) -> dict[str, str]:
                 continue
             if selected is not None and name not in selected:
                 continue
-            out[name] = STATUS_BY_CODE.get(code, "suspicious")
+            status = STATUS_BY_CODE.get(code, "suspicious")
+            if status not in ("not checked", "skipped"):  # not (yet) tested: neither killed nor survived
+                out[name] = status
     return out
 
 
@@ -209,6 +225,10 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=int(os.environ.get("MUTATE_SAMPLE", "40")),
                         help="test this many evenly spaced mutants per module (0: all of them)")
     parser.add_argument("--report-only", action="store_true", help="table from the last run, run nothing")
+    parser.add_argument("--recheck", action="store_true",
+                        help="re-test the survivors of the last run against the current tests")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a module's generated mutants and test stats from an earlier run")
     parser.add_argument("--show", action="store_true", help="print the diffs of the surviving mutants")
     args = parser.parse_args()
     unknown = [n for n in args.modules if n not in BY_NAME]
@@ -219,9 +239,13 @@ def main() -> int:
     for module in chosen:
         if args.report_only or args.show:
             walls[module.name] = None
+        elif args.recheck:
+            print(f"re-testing the survivors of {module.name} ...", flush=True)
+            recheck(module, args.children)
+            walls[module.name] = None
         else:
             print(f"mutating {module.name} ...", flush=True)
-            walls[module.name], _ = run_module(module, args.children, args.sample)
+            walls[module.name], _ = run_module(module, args.children, args.sample, args.reuse)
     table = [
         "| module | mutants generated | tested | killed | equivalent | survived | score | wall time |",
         "|---|---|---|---|---|---|---|---|",
@@ -239,7 +263,7 @@ def main() -> int:
             print(f"\n{name}: {len(survivors)} surviving: " + " ".join(survivors))
             if args.show:
                 print(show(BY_NAME[name], survivors))
-    if not args.report_only and not args.show:
+    if not (args.report_only or args.show or args.recheck):
         WORK.mkdir(exist_ok=True)
         (WORK / "report.md").write_text(text + "\n")
     return 0
