@@ -119,6 +119,16 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
         assert len(project.fake.requests) == requests_before  # refused before any API call
 
 
+def test_up_waits_for_host_keys_published_after_ready(project: Project) -> None:
+    # The guest agent publishes the VM's host keys a moment after READY: `up` keeps asking, then pins them.
+    project.fake.script.host_keys_delay_s = 1.0
+    project.cli(project.config(name="grpo-late-keys"), "up")
+    asked = [r for r in project.fake.requests if r.path.endswith(":getGuestAttributes")]
+    assert len(asked) >= 2
+    project.cli(project.config(name="grpo-late-keys"), "down", "--yes")
+    _nothing_left(project)
+
+
 def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(project: Project) -> None:
     api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=project.fake.endpoint)
     theirs = "alice:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlice alice"

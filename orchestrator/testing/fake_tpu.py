@@ -78,6 +78,8 @@ class Script:
     # Guest attributes publish a host key other than the one the worker's sshd offers (a man in the
     # middle, or a VM replaced behind the same address): a client that pins the published key must refuse.
     publish_other_host_keys: bool = False
+    # A fresh VM's guest agent publishes its host keys a little after READY: none until this long after.
+    host_keys_delay_s: float = 0.0
 
 
 @dataclass
@@ -462,6 +464,8 @@ class FakeTpuApi:
     def _guest_attributes(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         node = self._get_node(name)
         out = []
+        if time.monotonic() < node.ready_at + self.script.host_keys_delay_s:
+            return {"guestAttributes": []}
         for w in node.workers:
             key_type, key = w.host_public_key().split()[:2]
             if self.script.publish_other_host_keys:
