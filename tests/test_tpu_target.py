@@ -129,6 +129,19 @@ def test_up_waits_for_host_keys_published_after_ready(project: Project) -> None:
     _nothing_left(project)
 
 
+def test_host_keys_never_published_is_a_one_line_error(project: Project, monkeypatch) -> None:
+    from orchestrator.targets import tpu as tpu_target
+
+    monkeypatch.setattr(tpu_target, "HOST_KEY_WAIT_S", 0.5)  # the real wait is minutes
+    project.fake.script.host_keys_delay_s = 3600
+    result = project.cli(project.config(name="grpo-no-keys"), "up", code=3)
+    assert one_line_error(result).endswith(
+        "the workers have not published their SSH host keys; pin them with host_key_sha256 or pass "
+        "--accept-new-host-key"
+    )
+    _nothing_left(project)
+
+
 def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(project: Project) -> None:
     api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=project.fake.endpoint)
     theirs = "alice:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlice alice"
