@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cloud.stale import clear_stale_tpu_users
+from orchestrator.cloud.stale import StaleReport, clear_stale_tpu_users, parse_report
 from orchestrator.errors import UsageError
 from orchestrator.transport.local import LocalTransport
 from orchestrator.transport.ssh import SshTransport
@@ -115,3 +115,9 @@ def test_a_running_grpoctl_run_is_refused_unless_forced(worker, clear) -> None:
     pid_file.with_suffix(".exit").write_text("0\n")
     (report,) = clear()
     assert report.killed == [leftover.pid]
+
+
+def test_report_names_the_worker_and_both_kinds_of_kill() -> None:
+    out = "killed 12\nkilled 14\nsigkill 14\nkilled x\n busy 9 f\ncleared\n"
+    assert parse_report("w1 10.0.0.2:22", out) == StaleReport("w1 10.0.0.2:22", [12, 14], [14])
+    assert parse_report("w0", "clear\n") == StaleReport("w0", [], [])

@@ -142,6 +142,15 @@ def test_host_keys_never_published_is_a_one_line_error(project: Project, monkeyp
     _nothing_left(project)
 
 
+def test_the_configured_user_is_the_one_that_logs_in(project: Project) -> None:
+    # The fake VMs accept only the metadata key's user: another configured user is refused, not replaced
+    # by the local login name.
+    cfg = project.config(name="grpo-user", user="not-" + getpass.getuser(), auth_retry_s=1)
+    result = project.cli(cfg, "up", code=3)
+    assert "not-" + getpass.getuser() in one_line_error(result)
+    _nothing_left(project)
+
+
 def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(project: Project) -> None:
     api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=project.fake.endpoint)
     theirs = "alice:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlice alice"
