@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(BIN)/grpoctl --target local sop replay sops/local_pallas_vs_jax.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 
 # Mutation run over the core modules (TESTING.md): slow, a benchmark-style command, not part of `make test`.
 # mutmut stays out of the dev extra (it pulls in a terminal UI); it is installed here on first use.
