@@ -137,6 +137,7 @@ def test_report_json_and_markdown_are_exact():
     assert result.to_json() == {
         "a": "runA",
         "b": "runB",
+        "fabricated": False,
         "keys": [
             {"key": "eval_full/accuracy", "a": 0.5, "b": 0.75, "delta": 0.25},
             {"key": "time/train/step_avg_last10_s", "a": 12, "b": None, "delta": None},
@@ -212,8 +213,9 @@ def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_pat
     b = cmp.load_run(_write_run(tmp_path / "B", {"k": 1}, None, [0.2]))
     (tmp_path / "B" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
     b = cmp.load_run(tmp_path / "B")
+    (tmp_path / "plots").mkdir()
     out = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
-    cmp.plot(a, b, out)  # the folder exists now: drawing again is fine
+    cmp.plot(a, b, out)  # drawing over an earlier plot is fine
     (fig,) = figures[-1:]
     reward_ax, loss_ax = fig.axes
     assert (reward_ax.get_title(), loss_ax.get_title()) == ("reward", "loss")
