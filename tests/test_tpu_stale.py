@@ -102,7 +102,8 @@ def test_a_running_grpoctl_run_is_refused_unless_forced(worker, clear) -> None:
     pid_file = worker["remote"] / "logs" / "nohup_tiny_20260101_000000.pid"
     pid_file.write_text(f"{job.pid}\n")
     try:
-        with pytest.raises(UsageError, match=f"held by pid {job.pid} of a grpoctl run still RUNNING"):
+        with pytest.raises(UsageError, match=f"held by pid {job.pid} of a grpoctl run still RUNNING "
+                                             rf"\({pid_file}\); stop it first or pass --force$"):
             clear()
         assert job.poll() is None and worker["lock"].exists()  # nothing touched
         (report,) = clear(force=True)
