@@ -205,3 +205,11 @@ def test_a_raising_callback_does_not_leave_the_command_running(local: LocalTrans
     with pytest.raises(KeyboardInterrupt):
         local.run(f"echo go; exec -a {marker} sleep 30", on_output=stop_following)
     assert marker not in ps_args()
+
+
+def test_streamed_lines_drop_only_the_line_end(local: LocalTransport) -> None:
+    # A CRLF line loses its \r; trailing spaces and tabs are part of the line (aligned columns, diffs).
+    lines: list[str] = []
+    result = local.run("printf 'a  \\r\\nb\\t\\n c \\r'", on_output=lines.append)
+    assert lines == ["a  ", "b\t", " c "]
+    assert result.stdout == "a  \r\nb\t\n c \r"  # the captured text is untouched
