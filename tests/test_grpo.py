@@ -242,3 +242,14 @@ def test_clip_bounds_use_their_own_eps_on_each_side(ratio: float, adv: float, cl
     assert float(m["clip_frac_high"]) == (1.0 if clipped and side == "high" else 0.0)
     assert float(m["clip_frac_low"]) == (1.0 if clipped and side == "low" else 0.0)
     assert float(m["ratio_mean"]) == pytest.approx(ratio, rel=1e-6)
+
+
+def test_pack_sequences_masks_positions_and_padding():
+    prompt = np.array([[0, 0, 5, 6], [7, 8, 9, 10]], np.int32)
+    comp = np.array([[11, 12, 13, 0, 0, 0], [14, 0, 0, 0, 0, 0]], np.int32)
+    packed = grpo.pack_sequences(prompt, prompt != 0, comp, comp != 0, seq_bucket=4)
+    # Real tokens (prompt + completion, left-packed) are attended to; the padding after them is not.
+    np.testing.assert_array_equal(packed["attn_mask"], [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(packed["positions"], np.broadcast_to(np.arange(8), (2, 8)))
+    # The loss is on the positions that predict completion tokens: t predicts tokens[t + 1].
+    np.testing.assert_array_equal(packed["loss_mask"], [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]])
