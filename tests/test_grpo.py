@@ -242,6 +242,7 @@ def test_clip_bounds_use_their_own_eps_on_each_side(ratio: float, adv: float, cl
     assert float(m["clip_frac_high"]) == (1.0 if clipped and side == "high" else 0.0)
     assert float(m["clip_frac_low"]) == (1.0 if clipped and side == "low" else 0.0)
     assert float(m["ratio_mean"]) == pytest.approx(ratio, rel=1e-6)
+    assert float(m["loss"]) == float(loss)
 
 
 def test_pack_sequences_masks_positions_and_padding():
