@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -439,7 +440,11 @@ def test_bootstrap_makes_the_venv_once_and_installs_the_extras(tmp_path: Path):
     ck.mkdir()
     log = tmp_path / "log"
     fake_bin = _fake_interpreters(tmp_path / "bin", log)
-    env = {"PATH": str(fake_bin), "HOME": str(tmp_path)}  # only the fake: no real python is found
+    tools = tmp_path / "tools"  # what the bootstrap's log lines need, without a real python beside them
+    tools.mkdir()
+    for tool in ("mkdir", "date", "hostname", "tail"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": f"{fake_bin}:{tools}", "HOME": str(tmp_path)}  # only the fake: no real python is found
     for _ in range(2):
         out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer", "dev"])],
                              capture_output=True, text=True, env=env, timeout=60)
@@ -447,15 +452,15 @@ def test_bootstrap_makes_the_venv_once_and_installs_the_extras(tmp_path: Path):
         assert recipes.parse_python(out.stdout) == f"{ck}/.venv/bin/python"
     assert log.read_text().splitlines() == [
         "created",
-        "-m pip install --quiet --upgrade pip",
-        "-m pip install --quiet -e .[trainer,dev]",
-        "-m pip install --quiet --upgrade pip",  # the second run keeps the venv
-        "-m pip install --quiet -e .[trainer,dev]",
+        "-m pip install --upgrade pip",
+        "-m pip install -e .[trainer,dev]",
+        "-m pip install --upgrade pip",  # the second run keeps the venv
+        "-m pip install -e .[trainer,dev]",
     ]
     log.unlink()
     out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), [])], capture_output=True, text=True,
                          env=env, timeout=60)
-    assert out.returncode == 0 and log.read_text().splitlines()[-1] == "-m pip install --quiet -e ."
+    assert out.returncode == 0 and log.read_text().splitlines()[-1] == "-m pip install -e ."
     assert recipes.venv_python("/w/ck/") == "/w/ck/.venv/bin/python"
 
 
