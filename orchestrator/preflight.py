@@ -313,7 +313,7 @@ def run(
     ]
     argv += [a for kv in args for a in ("--set", kv)]
     argv += ["--suggest"] if suggest else []
-    say(f"preflight: compiling {config} for {accelerator} (jax {p.jax}, libtpu {p.libtpu})")
+    say(f"preflight: compiling {config} for {accelerator} (jax {p.jax}, libtpu {p.libtpu}; cached afterwards)")
     try:
         proc = subprocess.run(
             argv, cwd=folder, capture_output=True, text=True, timeout=timeout_s, env=_child_env()

@@ -2,8 +2,9 @@
 trainer preflight (`python -m trainer.preflight`: the tiny configs compiled by libtpu for an abstract
 v6e-8, no TPU). Compiles are counted through a wrapper interpreter, so the cache is checked by count.
 
-Cost: two real compiles of the tiny config per module (one that fits, one that cannot), ~10-30 s each on
-2 cores; everything else hits the cache or never reaches the compiler.
+Cost: two real preflights of the tiny config per module (one that fits, one that cannot: ~1 min each on 2
+idle cores, several on a loaded machine, hence `slow`); everything else hits the cache or never reaches
+the compiler.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from orchestrator.testing.fake_tpu import FakeTpuApi
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_cpu.yaml"
-# A micro-batch no v6e chip can hold: the update step's activations alone are hundreds of GiB.
-HUGE = {"rollout.batch_size": "4096", "train.micro_batch_size": "32768"}
+# A micro-batch no v6e chip can hold: the update step's activations alone are hundreds of GiB. (Eval off:
+# fewer functions to compile.)
+HUGE = {"rollout.batch_size": "4096", "train.micro_batch_size": "32768", "eval_every_steps": "0"}
 FUNCTION_KEYS = {
     "name", "seq_len", "peak_bytes", "capacity_bytes", "fits", "mosaic_kernels", "argument_bytes",
     "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes", "compile_s", "flops",
@@ -106,6 +108,7 @@ def _set(overrides: dict[str, str]) -> list[str]:
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_tiny_config_fits_json_schema_then_table_from_the_cache(lab: Lab) -> None:
     before = lab.compiles()
     # Default accelerator: the tpu target's accelerator_type (v6e-8).
@@ -119,7 +122,7 @@ def test_tiny_config_fits_json_schema_then_table_from_the_cache(lab: Lab) -> Non
         assert set(f) >= FUNCTION_KEYS, f
         assert f["fits"] and 0 < f["peak_bytes"] <= f["capacity_bytes"]
     update = next(f for f in data["functions"] if f["name"] == "update_step")
-    assert update["seq_len"] == 128  # the tiny config's seq_bucket: the worst case it allows
+    assert update["seq_len"] >= 128 + 16  # the worst case: prompt bucket + every token it may sample
 
     table = lab.cli("preflight", TINY, "--accelerator", "v6e-8").stdout
     assert lab.compiles() == before + 1  # the same config, overrides, chip and jax: answered from the cache
@@ -130,13 +133,11 @@ def test_tiny_config_fits_json_schema_then_table_from_the_cache(lab: Lab) -> Non
     report = pf.run(TINY, accelerator="v6e-8")
     assert report.cached and report.fits and report.largest is not None
     assert report.largest.peak_bytes == max(f["peak_bytes"] for f in data["functions"])
-    # Another override is another question: a new compile (the SOP test below reuses this one: its run
-    # step's EVAL_FULL_SWEEP=1 becomes the same override).
-    again = pf.run(TINY, accelerator="v6e-8", overrides={"eval_full_sweep": "true"})
-    assert lab.compiles() == before + 2 and not again.cached
+    assert lab.compiles() == before + 1
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_impossible_config_exits_2_and_run_launches_nothing(lab: Lab) -> None:
     result = lab.cli("preflight", TINY, *_set(HUGE), code=2)
     line = _error_line(result)
@@ -152,6 +153,7 @@ def test_impossible_config_exits_2_and_run_launches_nothing(lab: Lab) -> None:
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_sop_replay_never_provisions_a_config_that_cannot_fit(lab: Lab) -> None:
     sop_file = lab.root / "sop.yaml"
     sop_file.write_text(
@@ -162,7 +164,7 @@ def test_sop_replay_never_provisions_a_config_that_cannot_fit(lab: Lab) -> None:
                 "steps": [
                     "up",
                     "sync",
-                    {"run": {"name": "ok", "config": TINY, "env": {"EVAL_FULL_SWEEP": "1"}}},
+                    {"run": {"name": "ok", "config": TINY}},
                     {"run": {"name": "huge", "config": TINY, "set": HUGE}},
                     "down",
                 ],
@@ -175,8 +177,7 @@ def test_sop_replay_never_provisions_a_config_that_cannot_fit(lab: Lab) -> None:
     assert lab.fake.requests == [] and not lab.fake.nodes  # `up` never ran
     text = report.read_text()
     assert "## Preflight" in text
-    cmd = "grpoctl preflight configs/tiny_cpu.yaml --accelerator v6e-8 --set eval_full_sweep=true"
-    assert f"- `ok`: `{cmd}`: fits" in text
+    assert "- `ok`: `grpoctl preflight configs/tiny_cpu.yaml --accelerator v6e-8`: fits on v6e-8" in text
     assert "fits on v6e-8: largest " in text and " GiB per chip" in text
     assert "- `huge`: " in text and "update_step" in text
 
