@@ -12,6 +12,9 @@ from collections.abc import Callable
 # Set before anything imports jax / transformers / wandb.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
+# libtpu (dev extra) takes a lock file per process; the preflight tests and their subprocesses may load it
+# while another test process does.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -75,7 +75,7 @@ def full_sweep(
 ) -> dict[str, float]:
     """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path)."""
     t0 = time.perf_counter()
-    settings = SamplingConfig(max_new_tokens, temperature=0.0, prompt_bucket=prompt_bucket, dtype=dtype)
+    settings = SamplingConfig.greedy(max_new_tokens, prompt_bucket, dtype)
     correct, predictions = [], []
     rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
     for start in range(0, len(problems), batch_size):

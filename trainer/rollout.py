@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from trainer import sharding
 from trainer.data import Problem
 from trainer.model import Qwen2Config
-from trainer.sampler import bucket_length, generate, left_pad
+from trainer.sampler import SamplingSettings, bucket_length, generate, left_pad
 from trainer.tokenizer import decode_batch, encode_prompts, pad_token_id, stop_token_ids
 
 
@@ -28,6 +29,18 @@ class SamplingConfig:
     top_p: float = 1.0
     prompt_bucket: int = 512  # minimum prompt bucket (the sampler rounds prompt lengths up to powers of 2)
     dtype: Any = None  # compute dtype of the sampler; None = bfloat16
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int, prompt_bucket: int, dtype: Any) -> SamplingConfig:
+        """The full sweep's settings (evaluation.full_sweep; the preflight compiles the same)."""
+        return cls(max_new_tokens, temperature=0.0, prompt_bucket=prompt_bucket, dtype=dtype)
+
+    def settings(self) -> SamplingSettings:
+        """The jitted sampler's static settings (Sampler.sample runs them; the preflight compiles them)."""
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens, temperature=float(self.temperature), top_k=int(self.top_k),
+            top_p=float(self.top_p), dtype=jnp.bfloat16 if self.dtype is None else self.dtype,
+        )
 
 
 @dataclasses.dataclass
@@ -110,7 +123,6 @@ class Sampler:
         # widest bucket of all so their rows form one global batch.
         width = global_max(bucket_length(max(len(x) for x in ids), settings.prompt_bucket))
         tokens, mask = left_pad(ids, self.pad_id, width)
-        dtype = {} if settings.dtype is None else {"dtype": settings.dtype}
         prompt_tokens, prompt_mask = sharding.shard_batch((tokens, mask), self.mesh)
         out = generate(
             params,
@@ -118,14 +130,11 @@ class Sampler:
             prompt_tokens,
             prompt_mask,
             rng,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
+            settings=settings.settings(),
             stop_token_ids=self.stop_ids,
             pad_id=self.pad_id,
             prompt_bucket_min=settings.prompt_bucket,
-            **dtype,
+            mesh=self.mesh,  # the KV cache is split over the batch like the prompts
         )
         keep = len(rows)
         completion = local_rows(out.completion)[:keep]

@@ -206,7 +206,7 @@ def generate(
     prompt_mask: jax.Array | np.ndarray,
     rng: jax.Array,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int = 0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -216,13 +216,15 @@ def generate(
     cache_dtype: Any = jnp.bfloat16,
     prompt_bucket_min: int = 16,
     mesh: Mesh | None = None,
+    settings: SamplingSettings | None = None,
 ) -> SampleOutput:
     """Samples up to `max_new_tokens` per left-padded prompt [B, P]; temperature 0 is greedy.
 
     The prompt is left-padded further to `bucket_length(P, prompt_bucket_min)` so that prompts of nearby
     lengths share one compiled program. With `mesh`, the KV cache is split over the batch like the prompts
-    (the batch must then be a multiple of dp * fsdp)."""
-    settings = SamplingSettings(
+    (the batch must then be a multiple of dp * fsdp). `settings` replaces the individual sampling keywords.
+    """
+    settings = settings or SamplingSettings(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
         top_k=int(top_k),

@@ -6,6 +6,10 @@ because `lax.scan` slices it):
     o/down) and the vocabulary of the embedding / LM head, where the dimension divides;
   * fsdp then takes the largest remaining dimension that it divides;
   * dp replicates parameters; batches are split over (dp, fsdp).
+
+The rules also place optimizer state: a leaf's path is matched from its first params root name (`embed`,
+`layers`, ...), so `mu/layers/q/kernel` of a Lion state is split exactly like `layers/q/kernel`, and
+scalars (step counts) are replicated.
 """
 
 from __future__ import annotations
@@ -54,9 +58,19 @@ def parse_mesh_shape(mesh_shape: str, n_devices: int, n_processes: int = 1) -> t
     return dp, fsdp, tp
 
 
+# The top-level names of the params pytree (trainer/model.py).
+_ROOTS = ("embed", "layers", "final_norm", "lm_head")
+
+
+def process_count(devices: Sequence[jax.Device]) -> int:
+    """Hosts that `devices` span: jax.process_count() for a real run's devices, and for the abstract
+    devices of a TPU topology (the preflight) the hosts of that slice."""
+    return len({d.process_index for d in devices})
+
+
 def make_mesh(mesh_shape: str = "auto", devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
-    shape = parse_mesh_shape(mesh_shape, len(devices), jax.process_count())
+    shape = parse_mesh_shape(mesh_shape, len(devices), process_count(devices))
     # Auto axes: GSPMD propagates shardings from params and batch through the model code untouched.
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
@@ -64,10 +78,11 @@ def make_mesh(mesh_shape: str = "auto", devices: Sequence[jax.Device] | None = N
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec of one param leaf (see the module docstring for the rules)."""
     spec: list[str | None] = [None] * len(shape)
-    names = [str(getattr(k, "key", k)) for k in path]
-    stacked = names[0] == "layers"
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = names[next((i for i, n in enumerate(names) if n in _ROOTS), 0) :]  # optimizer state prefixes
+    stacked = bool(names) and names[0] == "layers"
     tp, fsdp = mesh.shape["tp"], mesh.shape["fsdp"]
-    tp_axis = _TP_AXIS.get((names[-2], names[-1]))
+    tp_axis = _TP_AXIS.get(tuple(names[-2:])) if len(names) >= 2 else None
     if tp > 1 and tp_axis is not None and shape[tp_axis] % tp == 0:
         spec[tp_axis] = "tp"
     if fsdp > 1:

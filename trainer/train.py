@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trainer import grpo, hf_io, sharding
+from trainer import grpo, hf_io, programs, sharding
 from trainer.checkpoints import Checkpointer
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
@@ -41,7 +41,11 @@ from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, glo
 from trainer.tokenizer import TINY, load_tokenizer
 from trainer.warm_start import warm_start
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The mesh, micro-batch count, model shapes, optimizer init and sampling settings come from
+# trainer/programs.py, which the preflight uses too (re-exported here for callers of the old names).
+DTYPES = programs.DTYPES
+make_mesh = programs.make_mesh
+num_micro_batches = programs.num_micro_batches
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,43 +96,12 @@ def init_distributed() -> None:
 # Building the pieces.
 
 
-def make_mesh(mesh_shape: str) -> jax.sharding.Mesh:
-    """'auto' spans every device; on one host an explicit 'dp,fsdp,tp' takes the first dp*fsdp*tp devices
-    (e.g. '1,1,1' keeps a tiny CPU run on one device even when XLA exposes eight)."""
-    if mesh_shape == "auto" or jax.process_count() > 1:
-        try:
-            return sharding.make_mesh(mesh_shape)
-        except ValueError as err:
-            raise ConfigError("mesh_shape", str(err).removeprefix("mesh_shape: ")) from None
-    dp, fsdp, tp = (int(x) for x in mesh_shape.split(","))
-    devices = jax.devices()
-    if dp * fsdp * tp > len(devices):
-        problem = f"{mesh_shape!r} needs {dp * fsdp * tp} devices, {len(devices)} are present"
-        raise ConfigError("mesh_shape", problem)
-    return sharding.make_mesh(mesh_shape, devices[: dp * fsdp * tp])
-
-
 def build_model(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> tuple[Qwen2Config, Any]:
     """Pretrained weights (hub id or local folder) or a random-init tiny Qwen2, sharded on `mesh`."""
     dtype = DTYPES[cfg.param_dtype]
     if cfg.model_init == "pretrained":
         return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh)
-    t = cfg.tiny_model
-    if t.hidden_size % t.num_attention_heads:
-        raise ConfigError("tiny_model.hidden_size", "must be a multiple of tiny_model.num_attention_heads")
-    if t.num_attention_heads % t.num_key_value_heads:
-        raise ConfigError("tiny_model.num_key_value_heads", "must divide tiny_model.num_attention_heads")
-    model_cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_layers=t.num_hidden_layers,
-        num_heads=t.num_attention_heads,
-        num_kv_heads=t.num_key_value_heads,
-        head_dim=t.hidden_size // t.num_attention_heads,
-        rope_theta=t.rope_theta,
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
+    model_cfg = programs.tiny_model_config(cfg, vocab_size)
     params = init_params(model_cfg, jax.random.key(cfg.seed), dtype)
     return model_cfg, sharding.shard_params(params, mesh)
 
@@ -149,25 +122,6 @@ def loss_config(cfg: Config) -> grpo.LossConfig:
         compute_dtype=DTYPES[cfg.compute_dtype],
         remat=t.remat,
     )
-
-
-def num_micro_batches(cfg: Config, mesh: jax.sharding.Mesh) -> int:
-    """Micro-batches per step from micro_batch_size_per_device (wins) or micro_batch_size (global)."""
-    rows = cfg.rollout.batch_size * cfg.rollout.n
-    divisor = sharding.batch_divisor(mesh)
-    if rows % divisor:
-        problem = f"batch_size x n = {rows} sequences must split over {divisor} data shards (dp x fsdp)"
-        raise ConfigError("rollout.batch_size", problem)
-    if cfg.rollout.batch_size % jax.process_count():
-        raise ConfigError("rollout.batch_size", f"must be a multiple of the {jax.process_count()} processes")
-    key, micro = "train.micro_batch_size", rows
-    if cfg.train.micro_batch_size_per_device is not None:
-        key, micro = "train.micro_batch_size_per_device", cfg.train.micro_batch_size_per_device * divisor
-    elif cfg.train.micro_batch_size is not None:
-        micro = cfg.train.micro_batch_size
-    if micro > rows or rows % micro:
-        raise ConfigError(key, f"a micro-batch of {micro} sequences does not divide the {rows} of a step")
-    return rows // micro
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +238,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
     model_cfg, params = build_model(cfg, len(tokenizer), mesh)
     ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # never loaded at beta 0
     optimizer = optimizer_for(cfg.optimizer)
-    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+    state = {"params": params, "opt_state": programs.optimizer_init(optimizer, params, mesh)(params)}
 
     d = cfg.data
     train_problems = load_problems(d.source, d.train_split, size=d.train_size, difficulty=d.difficulty,
@@ -305,11 +259,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
         enabled=jax.process_index() == 0,
     )
-    r = cfg.rollout
-    sampling = SamplingConfig(
-        max_new_tokens=r.max_length_sample, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-        prompt_bucket=r.global_length, dtype=DTYPES[cfg.compute_dtype],
-    )
+    sampling = programs.rollout_settings(cfg)
     trainer = Trainer(
         cfg=cfg, mesh=mesh, model_cfg=model_cfg, sampler=Sampler(model_cfg, tokenizer, mesh),
         sampling=sampling, weights=RewardWeights.from_config(cfg.reward_weights), loss_cfg=loss_config(cfg),

@@ -24,6 +24,7 @@ valid outputs. Writes past the end of an output are dropped by Pallas.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -138,15 +139,18 @@ def _compiler_params(blocks: KernelBlocks) -> pltpu.CompilerParams:
     return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=vmem_limit)
 
 
-def _resolve_interpret(interpret: Any) -> Any:
-    """None: compile with Mosaic on TPU, interpret on CPU (tests). On a GPU, interpret mode would be a
-    silent 100x slowdown, so it is an error: impl="chunked" is the GPU path."""
+def _by_platform(call: Callable[[Any], Any], interpret: Any) -> Any:
+    """`call(interpret)` -> the pallas_call's outputs, with the mode picked by the platform the computation
+    is LOWERED for, not the host's default backend: compiled or exported for a TPU from a CPU host (the
+    preflight), the kernels must be Mosaic, and interpret mode would be a silent 100x slowdown there.
+    interpret=None: Mosaic on TPU, interpret mode elsewhere (CPU tests); True/False/InterpretParams force one.
+    On a GPU host interpret mode would be a silent 100x slowdown too, so it is an error: use "chunked"."""
     if interpret is not None:
-        return interpret
-    backend = jax.default_backend()
-    if backend == "gpu":
+        return call(interpret)
+    if jax.default_backend() == "gpu":
         raise ValueError('impl="pallas" is a TPU kernel (interpret mode on CPU); on GPU use impl="chunked"')
-    return backend != "tpu"
+    # Lowered for one platform, only the matching branch is lowered (the other is never compiled).
+    return jax.lax.platform_dependent(tpu=lambda: call(False), default=lambda: call(True))
 
 
 def _forward(hidden, lm_head, targets, temperature, blocks, interpret):
@@ -160,7 +164,7 @@ def _forward(hidden, lm_head, targets, temperature, blocks, interpret):
         bytes_accessed=itemsize * (tokens * width + _cdiv(tokens, bt) * vocab * width),
     )
     kernel = functools.partial(_forward_kernel, inv_temp=1.0 / temperature, vocab=vocab)
-    logp, lse, entropy = pl.pallas_call(
+    call = lambda interpret: pl.pallas_call(
         kernel,
         grid=(_cdiv(tokens, bt), _cdiv(vocab, bv)),
         in_specs=[
@@ -173,9 +177,10 @@ def _forward(hidden, lm_head, targets, temperature, blocks, interpret):
         scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 4,
         compiler_params=_compiler_params(blocks),
         cost_estimate=cost,
-        interpret=_resolve_interpret(interpret),
+        interpret=interpret,
         name="token_logprobs_fwd",
     )(targets[:, None], hidden, lm_head)
+    logp, lse, entropy = _by_platform(call, interpret)
     return TokenStats(logp[:, 0], lse[:, 0], entropy[:, 0])
 
 
@@ -185,12 +190,10 @@ def _backward(hidden, lm_head, targets, coef, temperature, blocks, interpret):
     statics = dict(inv_temp=1.0 / temperature, vocab=vocab)
     itemsize = jnp.dtype(hidden.dtype).itemsize
     flops = 4 * tokens * vocab * width  # recompute the tile + one gradient matmul
-    common = dict(
-        compiler_params=_compiler_params(blocks), interpret=_resolve_interpret(interpret)
-    )
+    common = dict(compiler_params=_compiler_params(blocks))
 
     # dhidden: token blocks outer, vocabulary inner (i: token block, j: vocab block).
-    dhidden = pl.pallas_call(
+    dhidden = lambda interpret: pl.pallas_call(
         functools.partial(_dhidden_kernel, **statics),
         grid=(_cdiv(tokens, bt), _cdiv(vocab, bv)),
         in_specs=[
@@ -208,11 +211,12 @@ def _backward(hidden, lm_head, targets, coef, temperature, blocks, interpret):
             bytes_accessed=itemsize * (2 * tokens * width + _cdiv(tokens, bt) * vocab * width),
         ),
         name="token_logprobs_dhidden",
+        interpret=interpret,
         **common,
     )(targets[:, None], coef, hidden, lm_head)
 
     # dlm_head: vocabulary blocks outer, tokens inner (v: vocab block, i: token block).
-    dlm_head = pl.pallas_call(
+    dlm_head = lambda interpret: pl.pallas_call(
         functools.partial(_dlm_head_kernel, tokens=tokens, **statics),
         grid=(_cdiv(vocab, bv), _cdiv(tokens, bt)),
         in_specs=[
@@ -230,9 +234,10 @@ def _backward(hidden, lm_head, targets, coef, temperature, blocks, interpret):
             bytes_accessed=itemsize * (2 * vocab * width + _cdiv(vocab, bv) * tokens * width),
         ),
         name="token_logprobs_dlm_head",
+        interpret=interpret,
         **common,
     )(targets[:, None], coef, hidden, lm_head)
-    return dhidden, dlm_head
+    return _by_platform(lambda interpret: (dhidden(interpret), dlm_head(interpret)), interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -265,7 +270,7 @@ def token_logprobs_pallas(
 ) -> TokenStats:
     """hidden [N, H], lm_head [V, H] (same dtype), targets [N] int32 -> TokenStats of [N] float32.
 
-    interpret: None picks Mosaic on a TPU backend and interpret mode elsewhere; True, False or a
+    interpret: None picks Mosaic where lowered for TPU and interpret mode elsewhere; True, False or a
     `pltpu.InterpretParams()` force one (the lowering test uses False to build the TPU kernel on a CPU host).
     On a device mesh, call it through mesh.per_device (token_logprobs does).
     """
