@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -150,6 +151,13 @@ class Report:
 
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def _cell(n: float | None) -> str:
+    """GiB in the table; under 0.01 GiB in MiB with an `M` (tiny configs would read 0.00 everywhere)."""
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f}" if n == 0 or n >= GIB / 100 else f"{n / 2**20:.1f}M"
 
 
 @dataclass(frozen=True)
@@ -313,33 +321,74 @@ def run(
     ]
     argv += [a for kv in args for a in ("--set", kv)]
     argv += ["--suggest"] if suggest else []
-    say(f"preflight: compiling {config} for {accelerator} (jax {p.jax}, libtpu {p.libtpu}; cached afterwards)")
+    say(f"preflight: compiling {config} for {accelerator} (jax {p.jax}, libtpu {p.libtpu}; then cached)")
     try:
-        proc = subprocess.run(
-            argv, cwd=folder, capture_output=True, text=True, timeout=timeout_s, env=_child_env()
-        )
+        code, stdout, err_line = _spawn(argv, folder, timeout_s, say)
     except subprocess.TimeoutExpired:
         raise InfraError(f"preflight of {config} took longer than {timeout_s:.0f} s") from None
     except OSError as err:
         raise PreflightUnavailable(f"preflight unavailable: cannot run {p.python}: {err}") from None
-    err_line = _last_line(proc.stderr)
-    if proc.returncode == EXIT_UNAVAILABLE:
+    if code == EXIT_UNAVAILABLE:
         raise PreflightUnavailable(f"preflight unavailable: {err_line or 'this host cannot compile for TPU'}")
-    report = _parse(proc.stdout)
+    report = _parse(stdout)
     if report is None:
-        if proc.returncode == EXIT_NO_FIT:  # no report: the config (or accelerator) was refused
+        if code == EXIT_NO_FIT:  # no report: the config (or accelerator) was refused
             raise UsageError(f"preflight of {config}: {err_line or 'bad config'}")
         raise InfraError(
-            f"preflight of {config} failed (exit {proc.returncode}): {err_line or 'no output'}"
+            f"preflight of {config} failed (exit {code}): {err_line or 'no output'}"
             " (grpoctl run --no-preflight skips it)"
         )
-    if proc.returncode not in (EXIT_FITS, EXIT_NO_FIT) or report.fits != (proc.returncode == EXIT_FITS):
-        raise InfraError(f"preflight of {config}: exit {proc.returncode} disagrees with its report")
+    if code not in (EXIT_FITS, EXIT_NO_FIT) or report.fits != (code == EXIT_FITS):
+        raise InfraError(f"preflight of {config}: exit {code} disagrees with its report")
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report.raw))
     tmp.replace(cached)
     return report
+
+
+PROGRESS_PREFIX = "preflight: compiled "  # the trainer's per-function progress line on stderr
+
+
+def _spawn(
+    argv: list[str], cwd: Path, timeout_s: float | None, say: Callable[[str], None]
+) -> tuple[int, str, str]:
+    """Run the trainer preflight: (exit code, stdout, last stderr line). Its per-function progress goes to
+    `say` as it comes (a 3B compile takes minutes); libtpu's start-up noise on a CPU host does not."""
+    proc = subprocess.Popen(
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env()
+    )
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else ""))
+    reader.start()
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    killer = threading.Timer(timeout_s, kill) if timeout_s else None
+    if killer is not None:
+        killer.start()
+    last = ""
+    try:
+        for raw in proc.stderr or []:
+            line = raw.strip()
+            if line:
+                last = line
+            if line.startswith(PROGRESS_PREFIX):
+                say("  " + line.removeprefix("preflight: "))
+        code = proc.wait()
+        reader.join()
+    finally:
+        if killer is not None:
+            killer.cancel()
+        if proc.poll() is None:  # interrupted: never leave a compiler running behind us
+            proc.kill()
+            proc.wait()
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(argv, timeout_s or 0)
+    return code, "".join(out), last
 
 
 def _parse(stdout: str) -> Report | None:
@@ -417,7 +466,7 @@ def table(report: Report) -> Table:
         box=None,
         pad_edge=False,
         title=f"{report.accelerator} ({report.topology}, "
-        f"{report.num_devices} chips), jax {report.jax_version}, per chip, GiB",
+        f"{report.num_devices} chips), jax {report.jax_version}, per chip, GiB (M: MiB)",
         title_justify="left",
     )
     for col in (
@@ -442,13 +491,13 @@ def table(report: Report) -> Table:
         t.add_row(
             f.name,
             "-" if f.seq_len is None else str(f.seq_len),
-            gib(f.argument_bytes),
-            gib(f.temp_bytes),
-            gib(f.output_bytes),
-            gib(f.alias_bytes),
-            gib(f.generated_code_bytes),
-            gib(f.peak_bytes),
-            gib(f.capacity_bytes),
+            _cell(f.argument_bytes),
+            _cell(f.temp_bytes),
+            _cell(f.output_bytes),
+            _cell(f.alias_bytes),
+            _cell(f.generated_code_bytes),
+            _cell(f.peak_bytes),
+            _cell(f.capacity_bytes),
             "yes" if f.fits else "NO",
             str(f.mosaic_kernels),
             "-" if f.compile_s is None else f"{f.compile_s:.1f}",

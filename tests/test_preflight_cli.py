@@ -26,9 +26,14 @@ from orchestrator.testing.fake_tpu import FakeTpuApi
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_cpu.yaml"
-# A micro-batch no v6e chip can hold: the update step's activations alone are hundreds of GiB. (Eval off:
-# fewer functions to compile.)
-HUGE = {"rollout.batch_size": "4096", "train.micro_batch_size": "32768", "eval_every_steps": "0"}
+# No v6e chip holds one micro-batch of 128 rows x 8192 tokens (attention alone). Eval off: fewer compiles.
+HUGE = {
+    "rollout.batch_size": "16",
+    "train.micro_batch_size": "128",
+    "rollout.global_length": "4096",
+    "rollout.max_length_sample": "4096",
+    "eval_every_steps": "0",
+}
 FUNCTION_KEYS = {
     "name", "seq_len", "peak_bytes", "capacity_bytes", "fits", "mosaic_kernels", "argument_bytes",
     "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes", "compile_s", "flops",
@@ -61,7 +66,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     counting = _wrapper(
         root,
         "python-counting",
-        f'case "$*" in *trainer.preflight*) echo "$*" >> {log};; esac\nexec {sys.executable} "$@"',
+        f'if [ "$1 $2" = "-m trainer.preflight" ]; then echo "$*" >> {log}; fi\nexec {sys.executable} "$@"',
     )
     with pytest.MonkeyPatch.context() as mp, FakeTpuApi() as fake:
         mp.chdir(REPO)
@@ -141,7 +146,7 @@ def test_tiny_config_fits_json_schema_then_table_from_the_cache(lab: Lab) -> Non
 def test_impossible_config_exits_2_and_run_launches_nothing(lab: Lab) -> None:
     result = lab.cli("preflight", TINY, *_set(HUGE), code=2)
     line = _error_line(result)
-    assert "update_step" in line and "T=128" in line and "GiB" in line, line
+    assert "update_step does not fit a v6e-8 chip at T=8192" in line and "GiB" in line, line
     assert "DOES NOT FIT" in result.stdout and "NO" in result.stdout
     compiles = lab.compiles()
 
@@ -190,6 +195,21 @@ def test_sop_replay_never_provisions_a_config_that_cannot_fit(lab: Lab) -> None:
     assert "setsid nohup" in dry.stderr
     assert "## Preflight" in (lab.root / "dry.md").read_text()
     assert lab.fake.requests == []
+
+
+@needs_libtpu
+def test_bad_config_or_accelerator_is_one_line_exit_2_and_never_cached(lab: Lab) -> None:
+    """The trainer refuses these before compiling anything (fast)."""
+    cached = sorted(pf.cache_dir().glob("*.json"))
+    bad = lab.cli("preflight", TINY, "--set", "train.remat=maybe", code=2)
+    assert "train.remat" in _error_line(bad)
+    chip = lab.cli("preflight", TINY, "--accelerator", "v7z-3", code=2)
+    assert "unknown accelerator 'v7z-3'" in _error_line(chip)
+    missing = lab.cli("preflight", "configs/nope.yaml", code=2)
+    assert "not found" in _error_line(missing)
+    ran = lab.cli("run", TINY, "--set", "train.remat=maybe", code=2)  # refused before the API is asked
+    assert "train.remat" in _error_line(ran) and lab.fake.requests == []
+    assert sorted(pf.cache_dir().glob("*.json")) == cached  # a refusal is no answer to remember
 
 
 def test_unavailable_host_says_one_line_and_run_goes_on(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
