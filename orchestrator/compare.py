@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import read_text_utf8
 from orchestrator.errors import UsageError
 
 # The five keys the seed SOP reads from each run's summary.
@@ -163,8 +164,9 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    text = read_text_utf8(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except ValueError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(data, dict):
@@ -173,7 +175,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -189,21 +191,32 @@ def _read_correctness(path: Path) -> dict[str, bool]:
 # ------------------------------------------------------------------------------------------ report
 
 
+FABRICATED = "FABRICATED by --dry-run, not a result:"
+
+
 @dataclass(frozen=True)
 class Comparison:
     a: str
     b: str
     rows: list[KeyRow]
     paired: PairedResult | None
+    fabricated: bool = False  # a dry run's made-up files (summary.json says "dry_run": true)
 
     @property
     def verdict(self) -> str | None:
         return self.paired.verdict if self.paired else None
 
+    def test_line(self) -> str:
+        """The McNemar line; a dry run's reads as made up, never as a finding."""
+        if self.paired is None:
+            return "No paired per-question results (eval_full.jsonl) in both runs: no significance test."
+        return f"{FABRICATED} {self.paired.line()}" if self.fabricated else self.paired.line()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "a": self.a,
             "b": self.b,
+            "fabricated": self.fabricated,
             "keys": [{"key": r.key, "a": r.a, "b": r.b, "delta": r.delta} for r in self.rows],
             "mcnemar": None
             if self.paired is None
@@ -219,19 +232,15 @@ class Comparison:
     def markdown(self) -> str:
         lines = [f"| key | A `{self.a}` | B `{self.b}` | delta (B - A) |", "|---|---|---|---|"]
         lines += [f"| `{r.key}` | {fmt(r.a)} | {fmt(r.b)} | {fmt_delta(r)} |" for r in self.rows]
-        if self.paired:
-            lines += ["", self.paired.line()]
-        else:
-            lines += [
-                "",
-                "No paired per-question results (eval_full.jsonl) in both runs: no significance test.",
-            ]
-        return "\n".join(lines)
+        if self.fabricated:
+            lines = [f"**{FABRICATED}** every figure below was made up by the dry run.", "", *lines]
+        return "\n".join([*lines, "", self.test_line()])
 
 
 def compare_runs(a: RunFiles, b: RunFiles, keys: Sequence[str] | None = None) -> Comparison:
     paired = paired_test(a.eval_full, b.eval_full) if a.eval_full and b.eval_full else None
-    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired)
+    fabricated = bool(a.summary.get("dry_run") or b.summary.get("dry_run"))
+    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, fabricated)
 
 
 # -------------------------------------------------------------------------------------------- plot
@@ -248,8 +257,26 @@ def _series(metrics: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> 
     return None
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """A plot goes into a folder that exists (we never create folders for it: a typo such as
+    `/no/such/dir/p.png` must not leave directories at the filesystem root) with a known image suffix."""
+    out = Path(out)
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {str(out)!r}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"--plot {str(out)!r}: folder {str(parent)!r} does not exist (create it first)")
+    if out.is_dir():
+        raise UsageError(f"--plot {str(out)!r} is a folder")
+    return out
+
+
 def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
-    """Reward and loss curves of both runs (from metrics.jsonl) in one PNG."""
+    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
+    out = check_plot_path(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,8 +298,6 @@ def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -282,6 +282,9 @@ def status(repo_dir: str, paths: RunPaths) -> str:
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
         f"line=$(grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null | tail -n 1 || true)",
         'printf "PROGRESS=%s\\n" "$line"',
+        # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
+        f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
+        'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
     )
 
 
@@ -318,6 +321,7 @@ class WorkerStatus:
     exit_code: int | None = None
     pid: int | None = None
     progress: Progress | None = None
+    quiet_s: int | None = None  # seconds since the log last grew (None: no log)
 
     @property
     def label(self) -> str:
@@ -349,13 +353,15 @@ def parse_status(stdout: str) -> WorkerStatus:
     progress = parse_progress_line(progress_line)
     pid_text = _last_value(stdout, "PIDV") or ""
     pid = int(pid_text) if pid_text.isdigit() else None
+    quiet_text = (_last_value(stdout, "QUIET") or "").strip()
+    quiet = max(0, int(quiet_text)) if quiet_text.lstrip("-").isdigit() else None
     exit_text = (_last_value(stdout, "EXIT") or "").strip()
     if exit_text.lstrip("-").isdigit():
         code = int(exit_text)
-        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress)
+        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress, quiet)
     if _last_value(stdout, "ALIVE") == "1":
-        return WorkerStatus("RUNNING", None, pid, progress)
-    return WorkerStatus("LOST", None, pid, progress)
+        return WorkerStatus("RUNNING", None, pid, progress, quiet)
+    return WorkerStatus("LOST", None, pid, progress, quiet)
 
 
 def combine(states: Sequence[WorkerStatus]) -> str:

@@ -116,7 +116,12 @@ def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["dry-run", "sops"]  # fetched: dry-run/
     report = (folder / result.report_path).read_text()  # relative to the folder it ran in
     assert result.report_path.name == "report.dry-run.md"
-    assert "(dry run)" in report and "## Observed summary" in report and "**Verdict**" in report
+    assert "(dry run)" in report and "**Verdict**" in report
+    # Every made-up figure says so: the summary table's heading and each McNemar line (issue 10).
+    assert "## Made-up summary (dry run: FABRICATED figures, not results)" in report
+    assert "## Observed summary" not in report
+    mcnemar = [line for line in report.splitlines() if "McNemar" in line]
+    assert len(mcnemar) >= 2 and all("FABRICATED by --dry-run" in line for line in mcnemar), mcnemar
     for key in ("eval_full/accuracy", "time/eval_full/step_s"):
         assert f"| `{key}` |" in report
     assert re.search(
@@ -135,6 +140,8 @@ def test_cli_dry_run_replay_exit_zero_from_the_repo_root(tmp_path: Path, monkeyp
     assert result.exit_code == 0, result.output
     assert "report: runs/sops/grpo_gsm8k_pallas_vs_jax/report.dry-run.md" in result.stdout
     assert "McNemar exact test on 1319 paired questions" in result.stdout
+    verdict = next(line for line in result.stdout.splitlines() if "McNemar" in line)
+    assert "FABRICATED by --dry-run, not a result" in verdict, verdict
     assert result.stderr.count("setsid nohup") == 2
     assert ".env not found: the dry run pushes an empty file" in result.stderr  # CI has no secrets
 
