@@ -832,8 +832,8 @@ def preflight(
         g.out.print("* est. ms: a roofline estimate (chip peak FLOP/s, HBM bandwidth), not a measurement")
         suggestion = pf.suggestion_line(report)
         if suggestion:
-            g.out.print(suggestion)
-        g.out.print(report.line())
+            g.out.print(suggestion, markup=False)
+        g.out.print(report.line(), markup=False)
     if not report.fits:
         raise UsageError(pf.not_fitting_message(config, report))
 

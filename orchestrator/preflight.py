@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -302,6 +303,9 @@ def run(
     args = effective_overrides(overrides or {}, env)
     key = cache_key(config_path.read_bytes(), args, accelerator, headroom, suggest, p)
     cached = cache_dir() / f"{key}.json"
+    refused = cached.with_suffix(".refused")  # XLA's own "no": no report, but just as definite
+    if use_cache and refused.is_file():
+        raise UsageError(refused.read_text().strip() + " [cached]")
     if use_cache and cached.is_file():
         try:
             return Report.from_json(json.loads(cached.read_text()), cached=True)
@@ -331,6 +335,11 @@ def run(
     if code == EXIT_UNAVAILABLE:
         raise PreflightUnavailable(f"preflight unavailable: {err_line or 'this host cannot compile for TPU'}")
     report = _parse(stdout)
+    if report is None and "RESOURCE_EXHAUSTED" in err_line:
+        # XLA's own HBM check refused to compile (temp alone above HBM): as definite a "no" as any.
+        message = f"preflight of {config}: does not fit a {accelerator} chip: {_xla_oom(err_line)}"
+        _write(refused, message)
+        raise UsageError(message)
     if report is None:
         if code == EXIT_NO_FIT:  # no report: the config (or accelerator) was refused
             raise UsageError(f"preflight of {config}: {err_line or 'bad config'}")
@@ -340,11 +349,24 @@ def run(
         )
     if code not in (EXIT_FITS, EXIT_NO_FIT) or report.fits != (code == EXIT_FITS):
         raise InfraError(f"preflight of {config}: exit {code} disagrees with its report")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report.raw))
-    tmp.replace(cached)
+    _write(cached, json.dumps(report.raw))
     return report
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically: a preflight running beside this one never reads half an entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _xla_oom(line: str) -> str:
+    """XLA's out-of-memory line, in GiB, without the exception class."""
+    m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", line)
+    if m:
+        return f"XLA refused to compile it: temporaries alone need {m[1]} GiB, HBM holds {m[2]} GiB"
+    return line.split("RESOURCE_EXHAUSTED: ", 1)[-1]
 
 
 PROGRESS_PREFIX = "preflight: compiled "  # the trainer's per-function progress line on stderr

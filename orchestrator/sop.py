@@ -275,6 +275,7 @@ class ReplayResult:
             "verdict": self.verdict,
             "steps": {k: v.status for k, v in self.state.steps.items()},
             "runs": {k: v.run_id for k, v in self.state.steps.items() if v.run_id},
+            "preflight": self.state.preflight,
         }
 
 
