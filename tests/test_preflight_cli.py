@@ -75,6 +75,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield Lab(root, log, fake)
 
 
+@pytest.fixture(autouse=True)
+def _shared_preflight_cache(lab: Lab, _isolated_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest gives each test its own state folder; these tests share one so the compiles are reused."""
+    monkeypatch.setenv("GRPOCTL_STATE_DIR", str(lab.root / "state"))
+
+
 class Lab:
     def __init__(self, root: Path, log: Path, fake: FakeTpuApi) -> None:
         self.root, self.log, self.fake = root, log, fake
