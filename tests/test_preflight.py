@@ -159,3 +159,30 @@ def test_the_preflight_batch_is_the_batch_training_builds():
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()} == {
         k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()
     }
+
+
+def test_the_sampler_pins_its_kv_cache_to_the_mesh(monkeypatch):
+    """Sampler.sample hands its mesh to generate() (the KV-cache sharding constraint applies only then),
+    with the same static settings the preflight compiles."""
+    from trainer import rollout
+    from trainer.data import Problem
+    from trainer.tokenizer import TINY, load_tokenizer
+
+    seen: dict = {}
+
+    class Seen(Exception):
+        pass
+
+    def fake_generate(*args, **kwargs):
+        seen.update(kwargs)
+        raise Seen
+
+    monkeypatch.setattr(rollout, "generate", fake_generate)
+    cfg = C.load(TINY_PALLAS, [], environ={})
+    mesh = programs.make_mesh("1,8,1")
+    sampler = rollout.Sampler(programs.tiny_model_config(cfg, 512), load_tokenizer(TINY), mesh)
+    problem = Problem(id="0", question="1 + 1?", solution="#### 2", answer="2")
+    with pytest.raises(Seen):
+        sampler.sample(None, [problem], 8, jax.random.key(0), programs.rollout_settings(cfg))
+    assert seen["mesh"] is mesh
+    assert seen["settings"] == programs.rollout_settings(cfg).settings()
