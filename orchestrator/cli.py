@@ -440,7 +440,10 @@ def run(
     ctx: typer.Context,
     config: Annotated[str, typer.Argument(help="Trainer config, relative to the checkout.")],
     env: Annotated[
-        list[str], typer.Option("--env", "-e", help="KEY=VALUE flag for the job (not secrets).")
+        list[str],
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE for the job, a secret: 0600 file on the worker, stored by name."
+        ),
     ] = [],  # noqa: B006
     set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
@@ -637,11 +640,23 @@ def recover(
     ] = [],  # noqa: B006
     max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    env: Annotated[
+        list[str], typer.Option("--env", "-e", help="The run's -e KEY=VALUE again (never stored).")
+    ] = [],  # noqa: B006
 ) -> None:
     """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
     with the same run id (it resumes from its checkpoints)."""
     g = _globals(ctx)
+    secrets = _parse_pairs(env, "--env")
     session, record = _session_for(g, run_id)
+    record.env = secrets
+    missing = sorted(set(record.env_names) - set(secrets))
+    if missing:  # refuse before recreating anything: a relaunch could not give the job its -e values
+        session.close()
+        raise UsageError(
+            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
+            "(-e NAME=VALUE; their values are secrets and never stored)"
+        )
     policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
     try:
         _wait_with_bar(g, session, record, interval, policy)
@@ -663,8 +678,8 @@ def logs(
     """Print a worker's log of a run (values from the local .env redacted)."""
     g = _globals(ctx)
     session, record = _session_for(g, run_id)
-    redact = env_ops.redactor(list(env_ops.read_dotenv(env_file).values()))
     try:
+        redact = env_ops.redactor(logs_ops.secret_values(session.target, record, env_file, worker=worker))
         if follow:
             state = logs_ops.follow(
                 session.target, record, lambda text: g.out.out(redact(text), end=""), worker=worker

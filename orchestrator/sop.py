@@ -411,7 +411,7 @@ class _Replayer:
     def do_run(self, step: RunStep, st: StepState) -> None:
         s = self.session(step)
         overrides = {**step.set, **self.overrides}  # `sop replay --set` applies to every run
-        flags = [f"--env {k}={v}" for k, v in step.env.items()] + [
+        flags = [f"--env {k}=***" for k in step.env] + [  # -e values are secrets: never in a report
             f"--set {k}={v}" for k, v in overrides.items()
         ]
         st.command = self._cli(s, "run", step.config, *flags, *(["--wait"] if step.wait else []))
@@ -423,6 +423,7 @@ class _Replayer:
             self._remember(st, record)
             self.say(f"{step_id(step)}: launched {record.run_id}")
         else:
+            record.env = dict(step.env)  # never stored: a relaunch on recovery needs them again
             self.say(f"{step_id(step)}: re-attached to {record.run_id} ({record.state})")
             st.details.append(f"re-attached to `{record.run_id}`")
         if step.wait:

@@ -21,7 +21,9 @@ def classify(line: str) -> str:
     """Which recipe a printed dry-run line is (one label per remote call)."""
     body = line.split("] ", 1)[1]
     if body.startswith("put "):
-        return "put " + body.split()[1].rsplit("/", 1)[-1] + " " + re.search(r"mode (\d+)", body).group(1)
+        name = body.split()[1].rsplit("/", 1)[-1]
+        name = re.sub(r"^.*-\d{8}_\d{6}-[0-9a-f]{4}\.", "RUN.", name)  # a run's -e file and its loader
+        return "put " + name + " " + re.search(r"mode (\d+)", body).group(1)
     if body.startswith("get "):
         return "get " + body.split()[1].rsplit("/", 1)[-1]
     markers = [  # most specific first: several recipes also `mkdir -p`
@@ -29,7 +31,9 @@ def classify(line: str) -> str:
         ("pip install", "bootstrap"),
         ("setsid nohup", "launch"),
         ("ALIVE=", "status"),
-        ("KEYLEN=", "env-verify"),
+        ('verify "$F"', "env-verify"),
+        ("INSTALLED=", "env-install"),
+        ("rm -f --", "rm"),
         ('echo "FILE=', "list-files"),
         ("WANDB=", "find-wandb"),
         ('printf "HOME=', "home"),
@@ -73,10 +77,17 @@ def test_tpu_sop_dry_run_command_sequence(replayed):
         "bootstrap",  # sync
         "home",
         "mkdir",
-        "put .env 0600",
-        "env-verify",  # env_push
+        "put .env.grpoctl-pending 0600",
+        "put .env.grpoctl-check.py 0600",
+        "env-verify",
+        "rm",  # the checker
+        "env-install",  # env_push: the upload replaces .env only once verified
+        "put RUN.loader.py 0600",
+        "put RUN.env 0600",  # the SOP's env values: secrets, in a file, never on a command line
         "launch",
         "status",  # run jax (the scripted job is done at the first poll)
+        "put RUN.loader.py 0600",
+        "put RUN.env 0600",
         "launch",
         "status",  # run pallas
         *per_run_fetch,
@@ -104,7 +115,8 @@ def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
     launches = [line for line in lines if "setsid nohup" in line]
     assert len(launches) == 2
     for config, launch in zip(["steps100.yaml", "steps100_pallas.yaml"], launches, strict=True):
-        assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
+        assert "EVAL_FULL_SWEEP" not in launch  # env values travel in the run's 0600 file
+        assert re.search(r"logs/grpo_gsm8k_qwen25_3b_bs128_steps100\S*-\d{8}_\d{6}-[0-9a-f]{4}\.env", launch)
         assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
         assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
     assert "pip install --quiet -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target

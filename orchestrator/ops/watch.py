@@ -158,13 +158,16 @@ def log_hint(target, record: RunRecord, index: int) -> str:
     line = result.stdout.strip().splitlines()[-1:] if result.ok else []
     if not line:
         return ""
-    text = _redact_local_env(line[0])
+    text = env_ops.redactor([*_local_env_values(), *record.env.values()])(line[0])
     return f"; {record.workers[index].worker} log: {text[:200]}"
 
 
-def _redact_local_env(text: str) -> str:
-    # The trainer never prints .env values; this guards against a job that does.
-    return env_ops.redactor(list(env_ops.read_dotenv(".env").values()))(text)
+def _local_env_values() -> list[str]:
+    # The trainer never prints .env or -e values; this guards against a job that does.
+    try:
+        return list(env_ops.read_dotenv(".env").values())
+    except GrpoctlError:  # a broken local .env must not hide why the job failed
+        return []
 
 
 OnPoll = Callable[[RunRecord, Poll], None]
