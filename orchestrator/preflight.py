@@ -56,9 +56,15 @@ def version(name):
         return md.version(name)
     except md.PackageNotFoundError:
         return None
-spec = iu.find_spec("trainer")
-folder = list(spec.submodule_search_locations or [])[0] if spec and spec.submodule_search_locations else None
-has = bool(folder) and iu.find_spec("trainer.preflight") is not None
+import os
+if os.path.isdir("trainer"):  # the checkout's own trainer decides, never an installed one it shadows
+    folder = os.path.abspath("trainer")
+    has = os.path.isfile(os.path.join(folder, "preflight.py"))
+else:
+    spec = iu.find_spec("trainer")
+    locs = list(spec.submodule_search_locations or []) if spec else []
+    folder = locs[0] if locs else None
+    has = bool(folder) and iu.find_spec("trainer.preflight") is not None
 print(json.dumps({"jax": version("jax"), "libtpu": version("libtpu"), "trainer": folder,
                   "has_preflight": has, "machine": platform.machine(), "system": platform.system()}))
 """
