@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 
 from grpoctl_contract.progress import fmt_duration
 from orchestrator import compare as cmp
+from orchestrator import preflight as pf
 from orchestrator import recipes
 from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
@@ -487,6 +488,9 @@ def run(
     ] = [],  # noqa: B006
     max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    no_preflight: Annotated[
+        bool, typer.Option("--no-preflight", help="TPU targets: launch without compiling it here first.")
+    ] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
     """Launch the trainer on every worker; print the run id at once."""
@@ -497,6 +501,14 @@ def run(
     if stall_after is not None:
         session.config = session.config.model_copy(update={"stall_after_s": stall_after})
     try:
+        if session.kind == "tpu" and not no_preflight:  # a run that cannot fit never reaches the node
+            pf.gate(
+                config,
+                overrides=_parse_pairs(set_, "--set"),
+                env=_parse_pairs(env, "--env"),
+                accelerator=session.target_cfg.accelerator_type,  # type: ignore[union-attr]
+                say=g.say,
+            )
         record = launch_ops.start_run(
             session,
             config,
@@ -819,6 +831,52 @@ def compare(
         g.out.print(f"plot: {plot}")
 
 
+@app.command()
+@handle_errors
+def preflight(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Argument(help="Trainer config, relative to this checkout.")],
+    accelerator: Annotated[
+        str | None,
+        typer.Option(help="e.g. v6e-8; default: the tpu target's accelerator_type, else v6e-8."),
+    ] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
+    env: Annotated[
+        list[str], typer.Option("--env", "-e", help="The run's KEY=VALUE flags (EVAL_FULL_SWEEP=1...).")
+    ] = [],  # noqa: B006
+    headroom: Annotated[float, typer.Option(help="HBM fraction to keep free.")] = pf.DEFAULT_HEADROOM,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Also propose the largest micro-batch.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compile again even if cached.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="The trainer's report object.")] = False,
+) -> None:
+    """Compile the run's functions for the TPU on this machine; exit 2 if one does not fit in HBM."""
+    g = _globals(ctx)
+    if accelerator is None:
+        _, target_cfg = load_config(g.config_file).target(g.target)
+        accelerator = getattr(target_cfg, "accelerator_type", None) or pf.DEFAULT_ACCELERATOR
+    report = pf.run(
+        config,
+        overrides=_parse_pairs(set_, "--set"),
+        env=_parse_pairs(env, "--env"),
+        accelerator=accelerator,
+        headroom=headroom,
+        suggest=suggest,
+        use_cache=not no_cache,
+        say=g.say,
+    )
+    if g.json or json_out:
+        g.emit_json(report.raw)
+    else:
+        g.out.print(pf.table(report))
+        g.out.print("* est. ms: a roofline estimate (chip peak FLOP/s, HBM bandwidth), not a measurement")
+        suggestion = pf.suggestion_line(report)
+        if suggestion:
+            g.out.print(suggestion, markup=False)
+        g.out.print(report.line(), markup=False)
+    if not report.fits:
+        raise UsageError(pf.not_fitting_message(config, report))
+
+
 @sop_app.command("replay")
 @handle_errors
 def sop_replay(
@@ -840,6 +898,9 @@ def sop_replay(
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")
     ] = [],  # noqa: B006
+    no_preflight: Annotated[
+        bool, typer.Option("--no-preflight", help="TPU runs: skip compiling them here before `up`.")
+    ] = False,
 ) -> None:
     """Replay an SOP: resumable (finished steps are skipped), writes a Markdown report."""
     from orchestrator import sop
@@ -857,6 +918,7 @@ def sop_replay(
         say=g.say,
         overrides=_parse_pairs(set_, "--set"),
         recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
+        run_preflight=not no_preflight,
         view=lambda label: PhaseView(g.err, label, enabled=not g.json),
     )
     if g.json:

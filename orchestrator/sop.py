@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from orchestrator import compare as cmp
+from orchestrator import preflight
 from orchestrator.config import TargetConfig, read_text_utf8
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -258,6 +259,7 @@ class ReplayState:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> summary
     comparison: str | None = None
     verdict: str | None = None
+    preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +276,14 @@ class ReplayState:
             steps = {k: StepState(**v) for k, v in data.get("steps", {}).items()}
         except (ValueError, TypeError):
             raise UsageError(f"{path}: unreadable SOP state (use --fresh)") from None
-        return ReplayState(sop, steps, data.get("summaries", {}), data.get("comparison"), data.get("verdict"))
+        return ReplayState(
+            sop,
+            steps,
+            data.get("summaries", {}),
+            data.get("comparison"),
+            data.get("verdict"),
+            data.get("preflight", {}),
+        )
 
 
 @dataclass
@@ -291,6 +300,7 @@ class ReplayResult:
             "verdict": self.verdict,
             "steps": {k: v.status for k, v in self.state.steps.items()},
             "runs": {k: v.run_id for k, v in self.state.steps.items() if v.run_id},
+            "preflight": self.state.preflight,
         }
 
 
@@ -364,6 +374,28 @@ class _Replayer:
 
     def _journal_len(self, session: Session) -> int:
         return len(session.script.journal) if session.script else 0
+
+    def preflight(self, start: int, rerun: bool) -> None:
+        """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
+        that cannot fit stops the replay (exit 2) before any node is paid for."""
+        for step in self.sop.steps[start:]:
+            st = self.state.steps.get(step_id(step))
+            if not isinstance(step, RunStep) or (not rerun and st and (st.status == "done" or st.run_id)):
+                continue
+            s = self.session(step)
+            if s.kind != "tpu":
+                continue
+            overrides = {**step.set, **self.overrides}
+            accelerator = s.target_cfg.accelerator_type  # type: ignore[union-attr]
+            cmd = preflight.command(step.config, accelerator, overrides, step.env)
+            try:
+                gate = preflight.gate(
+                    step.config, overrides=overrides, env=step.env, accelerator=accelerator, say=self.say
+                )
+            except GrpoctlError as err:
+                self.state.preflight[step.name] = f"`{cmd}`: **{err}**"
+                raise
+            self.state.preflight[step.name] = f"`{cmd}`: {gate.report.line() if gate.report else gate.line}"
 
     # One method per step kind; each fills `st.command` and `st.details`.
 
@@ -613,6 +645,7 @@ def replay(
     say: Callable[[str], None] = lambda _: None,
     recover: RecoveryPolicy | None = None,
     overrides: dict[str, str] | None = None,
+    run_preflight: bool = True,
     view: ViewFactory | None = None,
 ) -> ReplayResult:
     sop_path = Path(path)
@@ -637,6 +670,12 @@ def replay(
         view=view,
     )
     try:
+        if run_preflight:
+            try:
+                replayer.preflight(start, rerun=from_step is not None)
+            finally:
+                state.save(state_path)
+                write_report(report, sop, sop_path, state, dry_run)
         for i, step in enumerate(sop.steps):
             sid = step_id(step)
             st = state.steps.setdefault(sid, StepState())
@@ -687,6 +726,9 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         st = state.steps.get(step_id(step), StepState())
         duration = "" if st.duration_s is None else f"{st.duration_s:.1f} s"
         lines.append(f"| {i} | `{step_id(step)}` | {st.status} | {duration} | `{st.command}` |")
+    if state.preflight:
+        lines += ["", "## Preflight (compiled here for the target's TPU before `up`)", ""]
+        lines += [f"- `{name}`: {line}" for name, line in state.preflight.items()]
     for i, step in enumerate(sop.steps, 1):
         st = state.steps.get(step_id(step))
         if st is None or not (st.details or st.error):
