@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh clone:
 #   make demo   set up .venv and replay sops/local_pallas_vs_jax.yaml on the local target (tiny model, CPU)
 #   make test   set up .venv and run the whole test suite
+# Beside them (not one of them): make rehearsal  replays the seed TPU SOP on the fake Cloud TPU API with
+#   two loopback-sshd workers, a real bootstrap from the registry, the real trainer as two JAX processes
+#   and a preemption (orchestrator/testing/rehearsal.py; report in runs/rehearsal/report.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean mutate rehearsal
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +23,21 @@ demo: $(STAMP)
 	$(BIN)/grpoctl --target local sop replay sops/local_pallas_vs_jax.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
+rehearsal: $(STAMP)
+	$(BIN)/python -m orchestrator.testing.rehearsal
+
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
+
+# Mutation run over the core modules (TESTING.md): slow, a benchmark-style command, not part of `make test`.
+# mutmut stays out of the dev extra (it pulls in a terminal UI); it is installed here on first use.
+# MUTATE=grpo compare picks modules (default: all of them).
+mutate: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q "mutmut==3.8.1"
+	$(BIN)/python benchmarks/mutate.py $(MUTATE)
 
 clean:
-	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache
+	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache .mutate

@@ -19,13 +19,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
+from grpoctl_contract.progress import fmt_duration
 from orchestrator import compare as cmp
+from orchestrator import preflight as pf
 from orchestrator import recipes
 from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
@@ -36,6 +39,7 @@ from orchestrator.ops import logs as logs_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
+from orchestrator.phaseview import PhaseView
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord
 
@@ -240,39 +244,39 @@ def _session_for(g: Globals, run_id: str | None) -> tuple[Session, RunRecord]:
     return g.session(target=record.target, store=probe.store), record
 
 
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60}:{seconds % 60:02d}")
-    )
-
-
 def _quiet_s(record: RunRecord) -> int:
     return max((w.quiet_s or 0 for w in record.workers), default=0)
 
 
 def _progress_text(record: RunRecord) -> str:
-    p = record.last_progress or {}
+    """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA."""
+    phase = watch_ops.phase_json(record)
     if record.state == "STALLED":
-        at = f" at step {p['step']}/{p['total']}" if p.get("total") else ""
+        at = f" at {phase['text']}" if phase else ""
         return f"no output for {_quiet_s(record)} s{at}"
-    if not p.get("total"):
+    if phase is None:
         return "-"
     if record.is_terminal:
-        return f"step {p['step']}/{p['total']}"
-    return f"step {p['step']}/{p['total']} eta {_fmt_eta(p.get('eta_s'))}"
+        p = record.last_progress or {}
+        return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
+    return f"{phase['text']} eta {fmt_duration(phase['eta_s'])}"
 
 
-def _runs_table(records: list[RunRecord]) -> Table:
+def _phase_bar(record: RunRecord) -> ProgressBar | str:
+    phase = watch_ops.phase_json(record)
+    if phase is None or not phase["n"] or record.is_terminal:
+        return ""
+    return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
+
+
+def _runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
     table = Table(box=None, pad_edge=False)
     # Narrow terminals squeeze the log path, never the run id (what every other command takes).
     table.add_column("run id", no_wrap=True, min_width=max((len(r.run_id) for r in records), default=6))
     table.add_column("target")
     table.add_column("state", no_wrap=True, min_width=9)
+    if bars:  # a terminal: the current phase's own bar
+        table.add_column("phase", no_wrap=True)
     for col in ("progress", "workers", "log"):
         table.add_column(col)
     for r in records:
@@ -283,8 +287,21 @@ def _runs_table(records: list[RunRecord]) -> Table:
         failed = [w for w in r.workers if w.state == "FAILED"]
         if state == "FAILED" and failed:
             state = f"FAILED({failed[0].exit_code})"
-        table.add_row(r.run_id, r.target, state, _progress_text(r), workers, r.log_path)
+        cells = [r.run_id, r.target, state, *([_phase_bar(r)] if bars else []), _progress_text(r)]
+        table.add_row(*cells, workers, r.log_path)
     return table
+
+
+def _identity_lines(record: RunRecord) -> list[str]:
+    """What produced a run: the worker's commit at launch, the config hash, the W&B run page."""
+    lines = [f"commit: {record.git_commit or 'unknown'}", f"config hash: {record.config_hash or 'unknown'}"]
+    if record.wandb_url:
+        lines.append(f"W&B: {record.wandb_url}")
+    return lines
+
+
+def _status_json(record: RunRecord) -> dict[str, Any]:
+    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -385,7 +402,7 @@ def sync(
     try:
         result = sync_ops.sync(session)
         g.debug(f"{result.url} @ {result.branch} -> {session.remote_dir} on {len(result.heads)} worker(s)")
-        pythons = sync_ops.bootstrap(session) if bootstrap else {}
+        pythons = _bootstrap_with_bar(g, session) if bootstrap else {}
         for worker, python in pythons.items():
             g.debug(f"{worker}: python {python}")
     finally:
@@ -403,6 +420,21 @@ def sync(
         return
     for worker, head in result.heads.items():
         g.out.print(f"{worker}: HEAD {head[:12]} ({result.branch})")
+
+
+def _bootstrap_with_bar(g: Globals, session: Session) -> dict[str, str]:
+    """sync_ops.bootstrap with its stages shown as a phase bar (the slowest worker's stage)."""
+    stages: dict[str, tuple[int, int, str]] = {}
+    with PhaseView(g.err, "bootstrap", enabled=not g.json) as view:
+
+        def on_stage(worker: str, k: int, n: int, label: str) -> None:
+            stages[worker] = (k, n, label)
+            slowest = min(stages.items(), key=lambda item: item[1][0])
+            name, (k, n, label) = slowest
+            # k-1 stages are finished while stage k runs
+            view.update("bootstrap", k - 1, n, text=f"stage {k}/{n}: {label} ({name.split()[0]})")
+
+        return sync_ops.bootstrap(session, on_stage=on_stage)
 
 
 @env_app.command("push")
@@ -439,7 +471,10 @@ def run(
     ctx: typer.Context,
     config: Annotated[str, typer.Argument(help="Trainer config, relative to the checkout.")],
     env: Annotated[
-        list[str], typer.Option("--env", "-e", help="KEY=VALUE flag for the job (not secrets).")
+        list[str],
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE for the job, a secret: 0600 file on the worker, stored by name."
+        ),
     ] = [],  # noqa: B006
     set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
@@ -453,6 +488,9 @@ def run(
     ] = [],  # noqa: B006
     max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    no_preflight: Annotated[
+        bool, typer.Option("--no-preflight", help="TPU targets: launch without compiling it here first.")
+    ] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
     """Launch the trainer on every worker; print the run id at once."""
@@ -463,6 +501,14 @@ def run(
     if stall_after is not None:
         session.config = session.config.model_copy(update={"stall_after_s": stall_after})
     try:
+        if session.kind == "tpu" and not no_preflight:  # a run that cannot fit never reaches the node
+            pf.gate(
+                config,
+                overrides=_parse_pairs(set_, "--set"),
+                env=_parse_pairs(env, "--env"),
+                accelerator=session.target_cfg.accelerator_type,  # type: ignore[union-attr]
+                say=g.say,
+            )
         record = launch_ops.start_run(
             session,
             config,
@@ -485,7 +531,7 @@ def run(
             _wait_with_bar(g, session, record, interval, policy)
         finally:
             if g.json:
-                g.emit_json(record.to_json())
+                g.emit_json(_status_json(record))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 g.out.print(f"{record.run_id} {record.state}{made_up}")
@@ -496,21 +542,13 @@ def run(
 def _wait_with_bar(
     g: Globals, session: Session, record: RunRecord, interval: float, policy: RecoveryPolicy | None = None
 ) -> None:
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, console=g.err, transient=False, disable=g.json) as bar:
-        task = bar.add_task(record.run_id, total=None, info="starting")
+    with PhaseView(g.err, record.run_id, enabled=not g.json) as view:
 
         def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-            p = poll.progress
-            info = rec.state if not p else f"step {p.step}/{p.total} eta {_fmt_eta(p.eta_s)}"
+            note = f"{len(poll.errors)} worker(s) unreachable, retrying" if poll.errors else ""
             if rec.state == "STALLED":
-                at = f" at step {p.step}/{p.total}" if p else ""
-                info = f"STALLED: no output for {_quiet_s(rec)} s{at}"
-            if poll.errors:
-                info += f" ({len(poll.errors)} worker(s) unreachable, retrying)"
-            bar.update(
-                task, total=(p.total if p and p.total else None), completed=(p.step if p else 0), info=info
-            )
+                note = f"STALLED: no output for {_quiet_s(rec)} s" + (f"; {note}" if note else "")
+            view.show(rec.state, poll.progress, note)
 
         if policy is not None:
             wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
@@ -589,10 +627,11 @@ def status(
                 base.store.save(record)
                 unreachable += [] if record.state == "PREEMPTED" else poll.errors
             if g.json:
-                g.emit_json([r.to_json() for r in records] if not run_id else records[0].to_json())
+                g.emit_json([_status_json(r) for r in records] if not run_id else _status_json(records[0]))
             else:
                 parts = [_machine_line_or_why(base)] if base.kind == "tpu" and not base.dry_run else []
-                view = Group(*parts, _runs_table(records))
+                identity = [Text(line) for line in _identity_lines(records[0])] if run_id else []
+                view = Group(*parts, _runs_table(records, bars=g.out.is_terminal), *identity)
                 if live is not None:  # a terminal: redraw in place
                     live.update(view, refresh=True)
                 else:
@@ -625,11 +664,23 @@ def recover(
     ] = [],  # noqa: B006
     max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    env: Annotated[
+        list[str], typer.Option("--env", "-e", help="The run's -e KEY=VALUE again (never stored).")
+    ] = [],  # noqa: B006
 ) -> None:
     """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
     with the same run id (it resumes from its checkpoints)."""
     g = _globals(ctx)
+    secrets = _parse_pairs(env, "--env")
     session, record = _session_for(g, run_id)
+    record.env = secrets
+    missing = sorted(set(record.env_names) - set(secrets))
+    if missing:  # refuse before recreating anything: a relaunch could not give the job its -e values
+        session.close()
+        raise UsageError(
+            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
+            "(-e NAME=VALUE; their values are secrets and never stored)"
+        )
     policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
     try:
         _wait_with_bar(g, session, record, interval, policy)
@@ -651,8 +702,8 @@ def logs(
     """Print a worker's log of a run (values from the local .env redacted)."""
     g = _globals(ctx)
     session, record = _session_for(g, run_id)
-    redact = env_ops.redactor(list(env_ops.read_dotenv(env_file).values()))
     try:
+        redact = env_ops.redactor(logs_ops.secret_values(session.target, record, env_file, worker=worker))
         if follow:
             state = logs_ops.follow(
                 session.target, record, lambda text: g.out.out(redact(text), end=""), worker=worker
@@ -780,6 +831,52 @@ def compare(
         g.out.print(f"plot: {plot}")
 
 
+@app.command()
+@handle_errors
+def preflight(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Argument(help="Trainer config, relative to this checkout.")],
+    accelerator: Annotated[
+        str | None,
+        typer.Option(help="e.g. v6e-8; default: the tpu target's accelerator_type, else v6e-8."),
+    ] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
+    env: Annotated[
+        list[str], typer.Option("--env", "-e", help="The run's KEY=VALUE flags (EVAL_FULL_SWEEP=1...).")
+    ] = [],  # noqa: B006
+    headroom: Annotated[float, typer.Option(help="HBM fraction to keep free.")] = pf.DEFAULT_HEADROOM,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Also propose the largest micro-batch.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compile again even if cached.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="The trainer's report object.")] = False,
+) -> None:
+    """Compile the run's functions for the TPU on this machine; exit 2 if one does not fit in HBM."""
+    g = _globals(ctx)
+    if accelerator is None:
+        _, target_cfg = load_config(g.config_file).target(g.target)
+        accelerator = getattr(target_cfg, "accelerator_type", None) or pf.DEFAULT_ACCELERATOR
+    report = pf.run(
+        config,
+        overrides=_parse_pairs(set_, "--set"),
+        env=_parse_pairs(env, "--env"),
+        accelerator=accelerator,
+        headroom=headroom,
+        suggest=suggest,
+        use_cache=not no_cache,
+        say=g.say,
+    )
+    if g.json or json_out:
+        g.emit_json(report.raw)
+    else:
+        g.out.print(pf.table(report))
+        g.out.print("* est. ms: a roofline estimate (chip peak FLOP/s, HBM bandwidth), not a measurement")
+        suggestion = pf.suggestion_line(report)
+        if suggestion:
+            g.out.print(suggestion, markup=False)
+        g.out.print(report.line(), markup=False)
+    if not report.fits:
+        raise UsageError(pf.not_fitting_message(config, report))
+
+
 @sop_app.command("replay")
 @handle_errors
 def sop_replay(
@@ -801,6 +898,9 @@ def sop_replay(
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")
     ] = [],  # noqa: B006
+    no_preflight: Annotated[
+        bool, typer.Option("--no-preflight", help="TPU runs: skip compiling them here before `up`.")
+    ] = False,
 ) -> None:
     """Replay an SOP: resumable (finished steps are skipped), writes a Markdown report."""
     from orchestrator import sop
@@ -818,6 +918,8 @@ def sop_replay(
         say=g.say,
         overrides=_parse_pairs(set_, "--set"),
         recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
+        run_preflight=not no_preflight,
+        view=lambda label: PhaseView(g.err, label, enabled=not g.json),
     )
     if g.json:
         g.emit_json(result.to_json())

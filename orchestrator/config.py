@@ -78,6 +78,9 @@ class TpuTargetConfig(_Strict):
     host_key_sha256: list[str] = []  # pins; default: read from the node's guest attributes
     api_endpoint: str | None = None  # e.g. a private endpoint, or the fake API in tests
     python: str | None = None
+    # What `sync` installs into the workers' venv; the `tpu` extra (libtpu) only helps on a real TPU VM, so
+    # a rehearsal on the fake API's CPU workers drops it.
+    bootstrap_extras: list[str] = ["trainer", "tpu"]
     connect_timeout_s: float = Field(default=10.0, gt=0)
     ssh_port: int = Field(default=22, ge=0, lt=65536)  # 0: each network endpoint's `port` (the fake API)
     # give up (and delete what `up` created) after this long

@@ -71,19 +71,27 @@ class RunRecord:
     exit_path: str
     run_dir: str
     ts: str
-    env: dict[str, str] = field(default_factory=dict)  # non-secret flags only
+    # `-e` values are secrets: they live in this process only (to launch, and relaunch on recovery), never
+    # in the store, `status --json` or a report; what is kept is their names.
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    env_names: list[str] = field(default_factory=list)
     trainer_args: list[str] = field(default_factory=list)
     workers: list[WorkerRun] = field(default_factory=list)
     state: str = "LAUNCHING"
-    git_commit: str | None = None
+    git_commit: str | None = None  # the worker checkout's HEAD at launch
+    config_hash: str | None = None  # the trainer's hash of its effective config (its info line)
+    wandb_url: str | None = None  # the trainer's W&B run page, when online
     python: str | None = None
     created_at: str = field(default_factory=utc_now_iso)
     updated_at: str = field(default_factory=utc_now_iso)
     finished_at: str | None = None
-    last_progress: dict[str, Any] | None = None
+    last_progress: dict[str, Any] | None = None  # the last event: step/total, phase with k/n, eta_s
     fetched_to: str | None = None
     # Appended by preemption recovery: {"at", "reason", "action", ...} per recovery.
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.env_names = sorted(set(self.env_names) | set(self.env))
 
     @property
     def config_stem(self) -> str:
@@ -95,12 +103,17 @@ class RunRecord:
         return self.state in ("SUCCEEDED", "FAILED", "LOST", "PREEMPTED")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["env"]  # the values never leave the process (see `env`)
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> RunRecord:
-        known = {f.name for f in fields(RunRecord)}
+        known = {f.name for f in fields(RunRecord)} - {"env"}
+        # A record stored by an older grpoctl held the values: keep the names, drop the values.
+        old_env = data.get("env") if isinstance(data.get("env"), dict) else {}
         data = {k: v for k, v in data.items() if k in known}
+        data["env_names"] = sorted(set(data.get("env_names") or []) | set(old_env))
         data["workers"] = [WorkerRun(**w) for w in data.get("workers", [])]
         return RunRecord(**data)
 

@@ -33,8 +33,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich.console import Console
 
 from orchestrator import compare as cmp
+from orchestrator import preflight
 from orchestrator.config import TargetConfig, read_text_utf8
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -43,8 +45,32 @@ from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
+from orchestrator.phaseview import PhaseView
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
+
+ViewFactory = Callable[[str], PhaseView]  # run id -> the view that shows its phases while it is waited for
+
+
+class _SayFile:
+    """A file for a plain (non-terminal) rich Console whose lines go to `say`."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.pending = say, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.say(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
 
 # ---------------------------------------------------------------------------------------- schema
 
@@ -233,6 +259,7 @@ class ReplayState:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> summary
     comparison: str | None = None
     verdict: str | None = None
+    preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +276,14 @@ class ReplayState:
             steps = {k: StepState(**v) for k, v in data.get("steps", {}).items()}
         except (ValueError, TypeError):
             raise UsageError(f"{path}: unreadable SOP state (use --fresh)") from None
-        return ReplayState(sop, steps, data.get("summaries", {}), data.get("comparison"), data.get("verdict"))
+        return ReplayState(
+            sop,
+            steps,
+            data.get("summaries", {}),
+            data.get("comparison"),
+            data.get("verdict"),
+            data.get("preflight", {}),
+        )
 
 
 @dataclass
@@ -266,6 +300,7 @@ class ReplayResult:
             "verdict": self.verdict,
             "steps": {k: v.status for k, v in self.state.steps.items()},
             "runs": {k: v.run_id for k, v in self.state.steps.items() if v.run_id},
+            "preflight": self.state.preflight,
         }
 
 
@@ -303,6 +338,7 @@ class _Replayer:
         state_path: Path,
         recover: RecoveryPolicy | None,
         overrides: dict[str, str],
+        view: ViewFactory | None = None,
     ) -> None:
         self.sop, self.sop_path, self.state = sop, sop_path, state
         self.config_file, self.target_override = config_file, target
@@ -310,6 +346,7 @@ class _Replayer:
         self.report_dir, self.state_path = report_dir, state_path
         self.recover = recover  # `--recover`: preempted runs are relaunched
         self.overrides = overrides  # trainer `--set` overrides for every run step
+        self.view = view  # a phase bar per waited run (the CLI's); else plain lines through `say`
         self.store = RunStore.in_memory() if dry_run else RunStore()
         self.sessions: dict[str | None, Session] = {}
 
@@ -338,6 +375,28 @@ class _Replayer:
     def _journal_len(self, session: Session) -> int:
         return len(session.script.journal) if session.script else 0
 
+    def preflight(self, start: int, rerun: bool) -> None:
+        """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
+        that cannot fit stops the replay (exit 2) before any node is paid for."""
+        for step in self.sop.steps[start:]:
+            st = self.state.steps.get(step_id(step))
+            if not isinstance(step, RunStep) or (not rerun and st and (st.status == "done" or st.run_id)):
+                continue
+            s = self.session(step)
+            if s.kind != "tpu":
+                continue
+            overrides = {**step.set, **self.overrides}
+            accelerator = s.target_cfg.accelerator_type  # type: ignore[union-attr]
+            cmd = preflight.command(step.config, accelerator, overrides, step.env)
+            try:
+                gate = preflight.gate(
+                    step.config, overrides=overrides, env=step.env, accelerator=accelerator, say=self.say
+                )
+            except GrpoctlError as err:
+                self.state.preflight[step.name] = f"`{cmd}`: **{err}**"
+                raise
+            self.state.preflight[step.name] = f"`{cmd}`: {gate.report.line() if gate.report else gate.line}"
+
     # One method per step kind; each fills `st.command` and `st.details`.
 
     def do_up(self, step: UpStep, st: StepState) -> None:
@@ -363,7 +422,10 @@ class _Replayer:
         st.details += [f"{w}: HEAD `{h[:12]}`" for w, h in result.heads.items()]
         st.details += [f"warning: {w}" for w in result.warnings]
         if step.bootstrap:
-            for w, py in sync_ops.bootstrap(s).items():
+            def on_stage(worker: str, k: int, n: int, label: str) -> None:
+                self.say(f"  {worker.split()[0]}: bootstrap stage {k}/{n}: {label}")
+
+            for w, py in sync_ops.bootstrap(s, on_stage=on_stage).items():
                 st.details.append(f"{w}: python `{py}`")
 
     def do_env_push(self, step: EnvPushStep, st: StepState) -> None:
@@ -379,7 +441,7 @@ class _Replayer:
     def do_run(self, step: RunStep, st: StepState) -> None:
         s = self.session(step)
         overrides = {**step.set, **self.overrides}  # `sop replay --set` applies to every run
-        flags = [f"--env {k}={v}" for k, v in step.env.items()] + [
+        flags = [f"--env {k}=***" for k in step.env] + [  # -e values are secrets: never in a report
             f"--set {k}={v}" for k, v in overrides.items()
         ]
         st.command = self._cli(s, "run", step.config, *flags, *(["--wait"] if step.wait else []))
@@ -391,11 +453,37 @@ class _Replayer:
             self._remember(st, record)
             self.say(f"{step_id(step)}: launched {record.run_id}")
         else:
+            record.env = dict(step.env)  # never stored: a relaunch on recovery needs them again
             self.say(f"{step_id(step)}: re-attached to {record.run_id} ({record.state})")
             st.details.append(f"re-attached to `{record.run_id}`")
         if step.wait:
             self._wait(s, st, record, step.interval_s)
+            self._fetch_finished(s, step.name, st, record)
         self._describe_run(st, record)
+
+    def _fetch_dest(self, run: str) -> Path:
+        """Where this SOP's fetch step puts `run` (default `runs`)."""
+        for f in self.sop.steps:
+            if isinstance(f, FetchStep) and (f.runs is None or run in f.runs):
+                return self._dest(f.dest)
+        return self._dest("runs")
+
+    def _fetch_finished(self, s: Session, name: str, st: StepState, record: RunRecord) -> None:
+        """Bring a run's results to the laptop as soon as it has SUCCEEDED.
+
+        Found by the rehearsal: the run files live on the VM's disk, so when a later run's VM is preempted
+        and recreated, an earlier finished run's results are gone before the SOP's fetch step. A failure
+        here is only a note: the fetch step tries again.
+        """
+        if self.dry_run or record.state != "SUCCEEDED":
+            return
+        try:
+            result = fetch_ops.fetch(s.target, record, self._fetch_dest(name))
+        except GrpoctlError as err:
+            st.details.append(f"results not fetched yet ({err}); the fetch step tries again")
+            return
+        self.state.summaries[name] = result.summary
+        st.details.append(f"results fetched to `{result.folder}/` as the run ended")
 
     def do_wait(self, step: WaitStep, st: StepState) -> None:
         run_state = self._run_state(step.run)
@@ -419,9 +507,19 @@ class _Replayer:
             record = self._attached(self._run_state(name))
             if record is None:
                 raise UsageError(f"step {step_id(step)!r}: run {name!r} was never launched")
+            ids.append(record.run_id)
+            local = self._dest(step.dest) / record.run_id
+            if (
+                record.state == "SUCCEEDED"
+                and (local / "summary.json").is_file()
+                and name in self.state.summaries
+            ):
+                # fetched when it ended (_fetch_finished): a finished run's files do not change, and the VM
+                # that held them may have been recreated since
+                st.details.append(f"`{name}` -> `{local}/` (fetched when the run ended)")
+                continue
             result = fetch_ops.fetch(s.target, record, self._dest(step.dest))
             self.state.summaries[name] = result.summary
-            ids.append(record.run_id)
             st.details.append(f"`{name}` -> `{result.folder}/` ({', '.join(result.files)})")
         st.command = self._cli(s, "fetch", *ids)
 
@@ -480,18 +578,17 @@ class _Replayer:
         self.state.save(self.state_path)
 
     def _wait(self, s: Session, st: StepState, record: RunRecord, interval: float) -> None:
-        last = [-1]
+        view = (self.view or self._plain_view)(record.run_id).__enter__()
+        stalled = [False]
 
         def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-            p = poll.progress
-            if rec.state == "STALLED" and last[0] != -2:  # once per stall, until output moves again
-                last[0] = -2
+            if rec.state == "STALLED" and not stalled[0]:  # once per stall, until output moves again
+                stalled[0] = True
                 quiet = max((w.quiet_s or 0 for w in rec.workers), default=0)
                 self.say(f"  {rec.run_id}: STALLED, no output for {quiet} s (still waiting)")
-            elif p and p.step != last[0]:
-                last[0] = p.step
-                eta = "?" if p.eta_s is None else f"{p.eta_s:.0f} s"
-                self.say(f"  {rec.run_id}: step {p.step}/{p.total} eta {eta}")
+            elif rec.state != "STALLED":
+                stalled[0] = False
+            view.show(rec.state, poll.progress)
             st.record = rec.to_json()
 
         try:
@@ -507,7 +604,11 @@ class _Replayer:
                     stall_after_s=s.config.stall_after_s,
                 )
         finally:
+            view.close()
             self._remember(st, record)
+
+    def _plain_view(self, label: str) -> PhaseView:
+        return PhaseView(Console(file=_SayFile(self.say), width=10_000), f"  {label}")
 
     def _describe_run(self, st: StepState, record: RunRecord) -> None:
         st.details.append(f"run id `{record.run_id}`: **{record.state}**")
@@ -517,6 +618,13 @@ class _Replayer:
         for w in record.workers:
             code = "" if w.exit_code is None else f", exit {w.exit_code}"
             st.details.append(f"{w.worker} ({w.host}): pid {w.pid}, {w.state}{code}")
+        phase = watch_ops.phase_json(record)
+        if phase is not None:
+            st.details.append(f"last phase: {phase['text']}")
+        st.details.append(
+            f"commit `{record.git_commit or 'unknown'}`, config hash `{record.config_hash or 'unknown'}`"
+            + (f", W&B {record.wandb_url}" if record.wandb_url else "")
+        )
         for i, r in enumerate(record.recoveries, 1):
             st.details.append(
                 f"recovery {i}: {r['kind']} ({r['reason']}) at step {r.get('step')}, "
@@ -537,6 +645,8 @@ def replay(
     say: Callable[[str], None] = lambda _: None,
     recover: RecoveryPolicy | None = None,
     overrides: dict[str, str] | None = None,
+    run_preflight: bool = True,
+    view: ViewFactory | None = None,
 ) -> ReplayResult:
     sop_path = Path(path)
     sop = load_sop(sop_path)
@@ -557,8 +667,15 @@ def replay(
         state_path=state_path,
         recover=recover,
         overrides=dict(overrides or {}),
+        view=view,
     )
     try:
+        if run_preflight:
+            try:
+                replayer.preflight(start, rerun=from_step is not None)
+            finally:
+                state.save(state_path)
+                write_report(report, sop, sop_path, state, dry_run)
         for i, step in enumerate(sop.steps):
             sid = step_id(step)
             st = state.steps.setdefault(sid, StepState())
@@ -609,6 +726,9 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         st = state.steps.get(step_id(step), StepState())
         duration = "" if st.duration_s is None else f"{st.duration_s:.1f} s"
         lines.append(f"| {i} | `{step_id(step)}` | {st.status} | {duration} | `{st.command}` |")
+    if state.preflight:
+        lines += ["", "## Preflight (compiled here for the target's TPU before `up`)", ""]
+        lines += [f"- `{name}`: {line}" for name, line in state.preflight.items()]
     for i, step in enumerate(sop.steps, 1):
         st = state.steps.get(step_id(step))
         if st is None or not (st.details or st.error):
@@ -626,14 +746,17 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
             "",
             "## Runs",
             "",
-            "| run | run id | state | pid(s) | log | exit file |",
-            "|---|---|---|---|---|---|",
+            "| run | run id | state | pid(s) | log | exit file | commit | config hash | W&B |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, st in runs:
             rec = RunRecord.from_json(st.record or {})
             pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
+            commit = f"`{rec.git_commit[:12]}`" if rec.git_commit else ""
+            config_hash = f"`{rec.config_hash}`" if rec.config_hash else ""
             lines.append(
-                f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` |"
+                f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
+                f"| {commit} | {config_hash} | {rec.wandb_url or ''} |"
             )
     if state.summaries:
         names = list(state.summaries)

@@ -21,7 +21,9 @@ def classify(line: str) -> str:
     """Which recipe a printed dry-run line is (one label per remote call)."""
     body = line.split("] ", 1)[1]
     if body.startswith("put "):
-        return "put " + body.split()[1].rsplit("/", 1)[-1] + " " + re.search(r"mode (\d+)", body).group(1)
+        name = body.split()[1].rsplit("/", 1)[-1]
+        name = re.sub(r"^.*-\d{8}_\d{6}-[0-9a-f]{4}\.", "RUN.", name)  # a run's -e file and its loader
+        return "put " + name + " " + re.search(r"mode (\d+)", body).group(1)
     if body.startswith("get "):
         return "get " + body.split()[1].rsplit("/", 1)[-1]
     markers = [  # most specific first: several recipes also `mkdir -p`
@@ -29,7 +31,9 @@ def classify(line: str) -> str:
         ("pip install", "bootstrap"),
         ("setsid nohup", "launch"),
         ("ALIVE=", "status"),
-        ("KEYLEN=", "env-verify"),
+        ('verify "$F"', "env-verify"),
+        ("INSTALLED=", "env-install"),
+        ("rm -f --", "rm"),
         ('echo "FILE=', "list-files"),
         ("WANDB=", "find-wandb"),
         ('printf "HOME=', "home"),
@@ -73,10 +77,17 @@ def test_tpu_sop_dry_run_command_sequence(replayed):
         "bootstrap",  # sync
         "home",
         "mkdir",
-        "put .env 0600",
-        "env-verify",  # env_push
+        "put .env.grpoctl-pending 0600",
+        "put .env.grpoctl-check.py 0600",
+        "env-verify",
+        "rm",  # the checker
+        "env-install",  # env_push: the upload replaces .env only once verified
+        "put RUN.loader.py 0600",
+        "put RUN.env 0600",  # the SOP's env values: secrets, in a file, never on a command line
         "launch",
         "status",  # run jax (the scripted job is done at the first poll)
+        "put RUN.loader.py 0600",
+        "put RUN.env 0600",
         "launch",
         "status",  # run pallas
         *per_run_fetch,
@@ -104,10 +115,11 @@ def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
     launches = [line for line in lines if "setsid nohup" in line]
     assert len(launches) == 2
     for config, launch in zip(["steps100.yaml", "steps100_pallas.yaml"], launches, strict=True):
-        assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
+        assert "EVAL_FULL_SWEEP" not in launch  # env values travel in the run's 0600 file
+        assert re.search(r"logs/grpo_gsm8k_qwen25_3b_bs128_steps100\S*-\d{8}_\d{6}-[0-9a-f]{4}\.env", launch)
         assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
         assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
-    assert "pip install --quiet -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
+    assert "pip install -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
 
 
 def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
@@ -154,3 +166,20 @@ def test_dry_run_of_single_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert '"state": "SUCCEEDED"' in launched.stdout
     assert "[w0 localhost] $ set -eu" in launched.stderr
     assert not (tmp_path / ".grpoctl").exists()  # the local target's workdir was never created
+
+
+def test_bootstrap_extras_choose_what_sync_installs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Found by the rehearsal: a tpu target always installed the `tpu` extra (libtpu), useless and slow on
+    workers without TPU chips; `bootstrap_extras` says what `sync` installs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grpoctl.yaml").write_text(
+        "repo: {url: https://example.com/r.git, branch: main}\n"
+        "default_target: cpu\n"
+        "targets:\n"
+        "  cpu: {kind: tpu, project: p, zone: us-east1-d, name: n, bootstrap_extras: [trainer]}\n"
+    )
+    result = CliRunner().invoke(app, ["--dry-run", "--target", "cpu", "sync"])
+    assert result.exit_code == 0, result.output
+    assert "pip install -e '.[trainer]'" in result.stderr
+    assert "tpu]" not in result.stderr
+    assert "logs/bootstrap.log" in result.stderr  # pip's output is kept on the worker

@@ -18,8 +18,11 @@ def test_ssh_hosts_use_worker_zero_as_coordinator() -> None:
     assert env["JAX_COORDINATOR_ADDRESS"] == f"10.0.0.5:{COORDINATOR_PORT}"
 
 
-def test_tpu_slices_let_jax_discover_the_coordinator() -> None:
-    workers = [Worker(i, f"34.1.0.{i}") for i in range(4)]
+def test_tpu_slices_name_worker_zero_internal_ip_as_coordinator() -> None:
+    # Found by the rehearsal: without an address, jax.distributed.initialize() on workers that are not
+    # real TPU VMs (no TPU metadata to discover peers from) fails; worker 0's internal IP is what a
+    # slice's peers reach it by (its external IP may be firewalled).
+    workers = [Worker(i, f"34.1.0.{i}", peer_host=f"10.0.0.{i}") for i in range(4)]
     env = worker_env("r1", 3, workers, "tpu")
     assert env["GRPOCTL_PROCESS_ID"] == "3" and env["GRPOCTL_NUM_PROCESSES"] == "4"
-    assert "JAX_COORDINATOR_ADDRESS" not in env
+    assert env["JAX_COORDINATOR_ADDRESS"] == f"10.0.0.0:{COORDINATOR_PORT}"

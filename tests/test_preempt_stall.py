@@ -36,7 +36,8 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     cfg = project.config(name="grpo-gone")
     for args in (["up"], ["sync"], ["env", "push"]):
         project.cli(cfg, *args)
-    run_id = project.cli(cfg, "run", repo.config).stdout.strip()
+    token = "tok-never-stored-4d3c2b1a"  # an -e value: a relaunch needs it, the store never has it
+    run_id = project.cli(cfg, "run", repo.config, "-e", f"TEST_TOKEN={token}").stdout.strip()
 
     session = open_session(config_file=cfg)
     record = session.store.get(run_id)
@@ -73,11 +74,14 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     watched = project.cli(cfg, "status", run_id, "--watch", code=3)
     assert "PREEMPTED" in one_line_error(watched) and "Traceback" not in watched.output
 
-    recovered = project.cli(cfg, "recover", run_id, "--interval", "0.2")  # recreate, resync, relaunch
+    refused = project.cli(cfg, "recover", run_id, "--interval", "0.2", code=2)  # -e values not given again
+    assert "TEST_TOKEN" in one_line_error(refused) and "pass them again" in refused.stderr
+    recovered = project.cli(cfg, "recover", run_id, "--interval", "0.2", "-e", f"TEST_TOKEN={token}")
     assert recovered.stdout.split()[-2:] == [run_id, "SUCCEEDED"]
     final = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
     assert len(final["recoveries"]) == 1 and final["recoveries"][0]["kind"] == "preemption"
     assert final["last_progress"]["step"] == 60
+    assert final["env_names"] == ["TEST_TOKEN"] and token not in json.dumps(final)
 
     project.cli(cfg, "down", "--yes")  # the node is gone altogether: status still lists every record
     gone = project.cli(cfg, "status")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from standin import git, standin_repo  # noqa: F401
 
+from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import UsageError
 
@@ -85,23 +87,26 @@ def test_env_verify_reports_lengths_never_values(tmp_path: Path):
     secret = "s3cr3t-value-xyz"
     env.write_text(f'WANDB_API_KEY={secret}\nexport QUOTED="a b c"\r\n# COMMENT=zzz\nEMPTY=\n')
     env.chmod(0o600)
-    out = bash(recipes.env_verify(str(env)))
+    checker = envfile.__file__  # on a worker: a copy of this very file (recipes.ENVFILE_SOURCE)
+    out = bash(recipes.env_verify(str(env), checker))
     assert out.returncode == 0, out.stderr
     mode, lengths = recipes.parse_env_verify(out.stdout)
     assert mode == "600"
     assert lengths == {"WANDB_API_KEY": len(secret), "QUOTED": 5, "EMPTY": 0}
     assert secret not in out.stdout + out.stderr
-    assert secret not in recipes.env_verify(str(env))
+    assert secret not in recipes.env_verify(str(env), checker)
 
 
-def test_sync_clones_resets_cleans_and_spares_run_outputs(tmp_path: Path, standin_repo):  # noqa: F811
+def test_sync_clones_resets_and_never_deletes_untracked_files(tmp_path: Path, standin_repo):  # noqa: F811
     url, work = standin_repo
     checkout = tmp_path / "ck"
     first = bash(recipes.sync(str(checkout), url, "main"))
     assert first.returncode == 0, first.stderr
     head = recipes.parse_head(first.stdout)
     assert head == git(work, "rev-parse", "HEAD")
-    # Leftovers: a stray file and a local edit go; logs/, runs/, .env stay.
+    assert (checkout / recipes.CHECKOUT_MARKER).is_file()
+    # A local edit to a tracked file goes (workers run origin's code); untracked files and logs/, runs/,
+    # .env stay.
     (checkout / "stray.txt").write_text("x")
     (checkout / "configs" / "ok.yaml").write_text("steps: 999\n")
     for keep in ("logs/a.log", "runs/r/summary.json", ".env", "wandb/w.txt"):
@@ -110,7 +115,7 @@ def test_sync_clones_resets_cleans_and_spares_run_outputs(tmp_path: Path, standi
     again = bash(recipes.sync(str(checkout), url, "main"))
     assert again.returncode == 0, again.stderr
     assert recipes.parse_head(again.stdout) == head
-    assert not (checkout / "stray.txt").exists()
+    assert (checkout / "stray.txt").read_text() == "x"
     assert "999" not in (checkout / "configs" / "ok.yaml").read_text()
     for keep in ("logs/a.log", "runs/r/summary.json", ".env", "wandb/w.txt"):
         assert (checkout / keep).read_text() == "keep"
@@ -189,6 +194,27 @@ def test_launch_runs_detached_writes_exit_file_and_latest_links(checkout: Path):
     assert (checkout / paths.run_dir / "eval_full.jsonl").is_file()
 
 
+def test_launch_expands_a_home_relative_python(checkout: Path, tmp_path: Path):
+    """Found by the rehearsal: the bootstrapped interpreter is `~/grpoctl-work/.venv/bin/python` (from the
+    default remote_dir); quoted whole, the tilde stayed literal and every job exited 127."""
+    home = tmp_path / "home"
+    (home / "venv" / "bin").mkdir(parents=True)
+    (home / "venv" / "bin" / "python").symlink_to(sys.executable)
+    stem, ts = "ok", f"{time.time_ns()}"
+    paths = recipes.RunPaths.for_run(stem, ts, f"{stem}-{ts}")
+    script = recipes.launch(str(checkout), "~/venv/bin/python", "configs/ok.yaml", paths, config_stem=stem)
+    out = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": str(home)},
+    )
+    assert out.returncode == 0, out.stderr
+    status = _wait_state(checkout, paths)
+    assert (status.state, status.exit_code) == ("SUCCEEDED", 0), (checkout / paths.log).read_text()
+
+
 def test_launch_failure_exit_code_is_recorded(checkout: Path):
     paths, out = _launch(checkout, "configs/fail3.yaml")
     assert out.returncode == 0, out.stderr
@@ -259,3 +285,191 @@ def test_kill_ignores_a_pid_file_that_would_mean_every_process(tmp_path: Path):
     for bogus in ("1", "0", "-1", "12 13"):
         (tmp_path / paths.pid).write_text(bogus + "\n")
         assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
+
+
+def test_bootstrap_creates_the_venv_logs_pip_and_shows_the_log_tail_on_failure(tmp_path: Path):
+    """The bootstrap keeps pip's output in logs/bootstrap.log on the worker: the rehearsal shows from it
+    that the venv was created and the trainer installed; a failed install names the log and shows its end.
+    Offline (PIP_NO_INDEX): the folder is no Python project, so `pip install -e .` fails at once."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PIP_NO_INDEX": "1"}
+    script = recipes.bootstrap(str(work), ["trainer"])
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "PYTHON=" not in result.stdout
+    log = (work / recipes.BOOTSTRAP_LOG).read_text()
+    assert "venv created: " in log and (work / ".venv" / "bin" / "python").exists()
+    assert "+ .venv/bin/python -m pip install -e .[trainer]" in log
+    said = f"bootstrap failed (exit {result.returncode}); the end of {work}/logs/bootstrap.log:"
+    assert said in result.stderr
+    assert log.strip().splitlines()[-1] in result.stderr  # the log's tail, where pip says why
+
+
+# ------------------------------------------------------------------------------ hostile values, no spaces
+# Markers live under pytest's tmp_path, which has no space in it: a dropped quote then runs the injected
+# `touch` on exactly the marker path (a path with a space only makes a stray file and the check passes).
+
+
+def _hostile(marker: Path) -> list[str]:
+    """Values that run `touch marker` if they ever reach the shell unquoted, and every metacharacter."""
+    m = str(marker)
+    assert " " not in m
+    return [
+        f"$(touch {m})",
+        f"`touch {m}`",
+        f";touch {m}",
+        f"x|touch {m}",
+        f"x&touch {m}",
+        f"x&&touch {m}",
+        f"x||touch {m}",
+        f"x\ntouch {m}",
+        f"'$(touch {m})'",
+        f'"$(touch {m})"',
+        f"x';touch {m};'",
+        f"x>{m}",
+        f"x${{IFS}}>{m}",
+        "* ? [a] {b,c} ~ # ! \\ \t % ^ = + , . : @",
+        "ALL:" + "".join(sorted(set("$`;|&<>()'\"\\*?[]{}~#!\n\t =%^,.:@"))),
+    ]
+
+
+def _fake_python(folder: Path, dump: Path) -> Path:
+    """An executable that records the argv and HOSTILE_* env it was started with, as the trainer would."""
+    exe = folder / "python"
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"with open({str(dump)!r}, 'w') as f:\n"
+        "    json.dump({'argv': sys.argv[1:],\n"
+        "               'env': {k: v for k, v in os.environ.items() if k.startswith('HOSTILE_')}}, f)\n"
+    )
+    exe.chmod(0o755)
+    return exe
+
+
+def test_launch_passes_hostile_env_values_and_args_through_byte_for_byte(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    values = _hostile(marker)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    dump = tmp_path / "dump.json"
+    python = _fake_python(tmp_path, dump)
+    env = {f"HOSTILE_{i}": v for i, v in enumerate(values)}
+    config = values[0] + ".yaml"
+    paths = recipes.RunPaths.for_run("cfg", "1", "cfg-1")
+    out = bash(recipes.launch(str(ck), str(python), config, paths, config_stem="cfg", env=env,
+                              trainer_args=values))
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 20
+    while not (ck / paths.exit).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (ck / paths.exit).read_text().strip() == "0", (ck / paths.log).read_text()
+    got = json.loads(dump.read_text())
+    assert got["env"] == env
+    assert got["argv"] == ["-u", "-m", "trainer", "--config", config, "--run-dir", paths.run_dir, *values]
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "dump.json", "python"]  # no stray files
+
+
+def test_sync_refuses_hostile_url_and_branch_without_running_them(tmp_path: Path, standin_repo):  # noqa: F811
+    url, _ = standin_repo
+    marker = tmp_path / "pwned"
+    for i, value in enumerate(_hostile(marker)):
+        ck = tmp_path / f"ck{i}"
+        for bad_url, branch in ((f"file:///nonexistent/{value}", "main"), (url, value)):
+            out = bash(recipes.sync(str(ck), bad_url, branch))
+            assert out.returncode != 0, (value, out.stdout)
+            assert not marker.exists(), value
+    # Nothing but the checkout folders: no stray file made by half of an unquoted value.
+    assert all(p.name.startswith("ck") and p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_sync_into_a_folder_named_with_every_metacharacter(tmp_path: Path, standin_repo):  # noqa: F811
+    url, work = standin_repo
+    name = "ck$(id)`id`;x|y&z<a>b'c\"d*?[e]{f,g}~#!%^=+,.:@\\h"
+    out = bash(recipes.sync(str(tmp_path / name), url, "main"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert recipes.parse_head(out.stdout) == git(work, "rev-parse", "HEAD")
+    listed = bash(recipes.existing_files(str(tmp_path / name), ["configs/ok.yaml", "nope"]))
+    assert recipes.parse_files(listed.stdout) == ["configs/ok.yaml"]
+
+
+# ------------------------------------------------------------------------------------ more edges
+
+
+def test_env_names_may_start_with_an_underscore():
+    paths = recipes.RunPaths.for_run("c", "1", "c-1")
+    script = recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={"_PRIVATE_1": "v", "A_2": "w"})
+    assert "export _PRIVATE_1=v\n" in script and "export A_2=w\n" in script
+    for bad in ("1A", "", "A-B", "A B"):
+        with pytest.raises(UsageError, match="not a valid environment variable name"):
+            recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={bad: "1"})
+
+
+def test_kill_of_a_pid_that_already_died_touches_nothing(tmp_path: Path):
+    paths = recipes.RunPaths.for_run("c", "1", "c-1")
+    (tmp_path / "logs").mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / paths.pid).write_text(f"{dead.pid}\n")
+    out = bash(recipes.kill(str(tmp_path), paths, grace_s=0.1))
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "KILL=not-running"
+
+
+def _fake_interpreters(folder: Path, log: Path, version_ok: bool = True) -> Path:
+    """A PATH folder whose python3.12 creates a venv whose python logs each argv line to `log`."""
+    folder.mkdir()
+    venv_python = f"#!/bin/sh\necho \"$*\" >> {shlex.quote(str(log))}\n"
+    py = folder / "python3.12"
+    py.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exit {0 if version_ok else 1}; fi\n'
+        'if [ "$1 $2" = "-m venv" ]; then\n'
+        '  /bin/mkdir -p "$3/bin"\n'
+        f"  /bin/cat > \"$3/bin/python\" <<'X'\n{venv_python}X\n"
+        '  /bin/chmod +x "$3/bin/python"; echo created >> ' + shlex.quote(str(log)) + "\n"
+        "fi\n"
+    )
+    py.chmod(0o755)
+    return folder
+
+
+def test_bootstrap_makes_the_venv_once_and_installs_the_extras(tmp_path: Path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    log = tmp_path / "log"
+    fake_bin = _fake_interpreters(tmp_path / "bin", log)
+    tools = tmp_path / "tools"  # what the bootstrap's log lines need, without a real python beside them
+    tools.mkdir()
+    for tool in ("mkdir", "date", "hostname", "tail"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": f"{fake_bin}:{tools}", "HOME": str(tmp_path)}  # only the fake: no real python is found
+    for _ in range(2):
+        out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer", "dev"])],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert recipes.parse_python(out.stdout) == f"{ck}/.venv/bin/python"
+    assert log.read_text().splitlines() == [
+        "created",
+        "-m pip install --upgrade pip",
+        "-m pip install -e .[trainer,dev]",
+        "-m pip install --upgrade pip",  # the second run keeps the venv
+        "-m pip install -e .[trainer,dev]",
+    ]
+    log.unlink()
+    out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), [])], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0 and log.read_text().splitlines()[-1] == "-m pip install -e ."
+    assert recipes.venv_python("/w/ck/") == "/w/ck/.venv/bin/python"
+
+
+def test_bootstrap_without_python_311_says_so(tmp_path: Path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    fake_bin = _fake_interpreters(tmp_path / "bin", tmp_path / "log", version_ok=False)
+    out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer"])], capture_output=True,
+                         text=True, env={"PATH": str(fake_bin)}, timeout=60)
+    assert out.returncode == recipes.EXIT_NO_PYTHON
+    assert "no python >= 3.11 on this worker" in out.stderr
+    assert not (ck / ".venv").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from standin import standin_repo  # noqa: F401
 
 from orchestrator import sop
-from orchestrator.errors import UsageError
+from orchestrator.errors import JobFailed, UsageError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunStore
 
@@ -93,7 +94,8 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert "logs/nohup_tiny_cpu_2" in report and ".exit`" in report and ".pid`" in report
     assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
     assert "McNemar exact test on 300 paired questions" in report and "**Verdict**" in report
-    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
+    # env values are secrets (-e): a report names them, never shows them
+    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=***" in report
     assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
     assert "env_push" in report and "not present: skipped (optional)" in report
     # Same seed, same data: the stand-in's "pallas" agrees with "jax" on every question.
@@ -144,6 +146,32 @@ def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path,
     assert (work / "runs" / launched / "summary.json").is_file()
 
 
+def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, tmp_path: Path, monkeypatch):
+    """Found by the rehearsal: the first run's files lived only on the VM, and the second run's preemption
+    recreated it (a fresh disk) before the fetch step: "no result files". A run that SUCCEEDED is fetched
+    as it ends; the fetch step then uses that copy."""
+    work, config = lab
+    file = tmp_path / "lost_disk.yaml"
+    file.write_text(
+        "name: lost_disk\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
+    )
+    real_fetch_step = sop._Replayer.do_fetch
+
+    def disk_lost_first(self, step, st):  # the VM was recreated after the run: its run dirs are gone
+        for run_dir in (work / ".grpoctl").rglob("runs/*"):
+            shutil.rmtree(run_dir)
+        return real_fetch_step(self, step, st)
+
+    monkeypatch.setattr(sop._Replayer, "do_fetch", disk_lost_first)
+    result = sop.replay(file, config_file=config)
+    run_id = result.state.steps["run:w"].run_id
+    assert result.state.steps["fetch"].status == "done"
+    assert (work / "runs" / run_id / "summary.json").is_file()
+    assert result.state.summaries["w"]
+    assert any("fetched when the run ended" in d for d in result.state.steps["fetch"].details)
+
+
 def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
     _, config = lab
     file = tmp_path / "failing.yaml"
@@ -151,7 +179,7 @@ def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
         "name: failing\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
         "  - run: {name: bad, config: configs/fail3.yaml, interval_s: 0.3}\n  - fetch\n"
     )
-    with pytest.raises(Exception, match="exit code 3") as err:
+    with pytest.raises(JobFailed, match="exit code 3") as err:
         sop.replay(file, config_file=config, report_path=tmp_path / "r" / "report.md")
     assert getattr(err.value, "exit_code", None) == 1
     report = (tmp_path / "r" / "report.md").read_text()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import numpy as np
 from trainer.data import Problem
 from trainer.rewards import RewardWeights, extract_answer, reward_correct, score_completions
 from trainer.rollout import Sampler, SamplingConfig, global_concat
+
+OnBatch = Callable[[int, int], None]  # (batches done, batches in all): trainer/progress.py's advance
 
 
 def periodic_eval(
@@ -36,10 +38,13 @@ def periodic_eval(
     settings: SamplingConfig,
     weights: RewardWeights,
     rng: jax.Array,
+    on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
     """`batches` global batches of `batch_size` questions (sliced per process), n samples each."""
     per_func: dict[str, list[np.ndarray]] = {}
     totals, lengths = [], []
+    if on_batch is not None:
+        on_batch(0, batches)
     for b in range(batches):
         start = (b * batch_size) % max(len(problems) - batch_size + 1, 1)
         batch = list(problems[start : start + batch_size])
@@ -50,6 +55,8 @@ def periodic_eval(
             per_func.setdefault(name, []).append(global_concat(values))
         totals.append(global_concat(scores.total))
         lengths.append(global_concat(rollout.lengths))
+        if on_batch is not None:
+            on_batch(b + 1, batches)
     metrics = {f"eval/reward/func/{k}/mean": float(np.concatenate(v).mean()) for k, v in per_func.items()}
     metrics["eval/reward/total/mean"] = float(np.concatenate(totals).mean())
     metrics["eval/completion_len/mean"] = float(np.concatenate(lengths).mean())
@@ -72,13 +79,18 @@ def full_sweep(
     prompt_bucket: int,
     dtype: Any,
     out_path: Path | None,
+    on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
-    """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path)."""
+    """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path).
+    `on_batch(k, n)` hears that k of the n batches are done (k=0 before the first)."""
     t0 = time.perf_counter()
     settings = SamplingConfig.greedy(max_new_tokens, prompt_bucket, dtype)
     correct, predictions = [], []
     rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
-    for start in range(0, len(problems), batch_size):
+    starts = range(0, len(problems), batch_size)
+    if on_batch is not None:
+        on_batch(0, len(starts))
+    for k, start in enumerate(starts, 1):
         batch = list(problems[start : start + batch_size])
         real = len(batch)
         batch += [batch[-1]] * (batch_size - real)  # one compiled shape for the ragged last batch
@@ -88,6 +100,8 @@ def full_sweep(
         pred = np.array([np.nan if (v := extract_answer(t)) is None else v for t in rollout.texts])
         correct.append(global_concat(ok.astype(np.float32))[:real])
         predictions.append(global_concat(pred.astype(np.float64))[:real])
+        if on_batch is not None:
+            on_batch(k, len(starts))
     flags, preds = np.concatenate(correct), np.concatenate(predictions)
     if out_path is not None:
         with open(out_path, "w") as f:

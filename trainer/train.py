@@ -28,14 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from grpoctl_contract import envfile
 from trainer import grpo, hf_io, programs, sharding
-from trainer.checkpoints import Checkpointer
+from trainer.checkpoints import Checkpointer, checkpoint_dir
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
 from trainer.evaluation import full_sweep, periodic_eval
-from trainer.metrics import RunLogger
+from trainer.metrics import RunLogger, progress_metrics
 from trainer.model import Qwen2Config, init_params
 from trainer.optim import lr_schedule, optimizer_for, scale_updates
+from trainer.progress import Plan, Reporter, batches, eval_steps
 from trainer.rewards import RewardBatch, RewardWeights, score_completions
 from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
 from trainer.tokenizer import TINY, load_tokenizer
@@ -53,20 +55,17 @@ num_micro_batches = programs.num_micro_batches
 
 
 def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
-    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
+    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values).
+
+    Parsed by grpoctl_contract.envfile, the parser `grpoctl env push` verified the file with, so a value
+    reads the same here as in the push check and in log redaction."""
+    try:
+        values = envfile.read(path)
+    except envfile.EnvFileError as err:
+        raise ConfigError("env", str(err)) from None
     names = []
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        key, value = key.strip(), value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        if key and key not in os.environ:
+    for key, value in values.items():
+        if key not in os.environ:
             os.environ[key] = value
             names.append(key)
     return names
@@ -87,6 +86,9 @@ def init_distributed() -> None:
     ):
         return
     num, pid = os.environ.get("GRPOCTL_NUM_PROCESSES"), os.environ.get("GRPOCTL_PROCESS_ID")
+    # Processes on CPU hosts (the rehearsal's fake TPU workers) need a cross-process collectives backend or
+    # their first all-reduce fails; the setting only concerns the CPU backend, so TPU runs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         num_processes=int(num) if num else None, process_id=int(pid) if pid else None
     )
@@ -96,11 +98,13 @@ def init_distributed() -> None:
 # Building the pieces.
 
 
-def build_model(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> tuple[Qwen2Config, Any]:
+def build_model(
+    cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh, on_bytes: hf_io.OnBytes | None = None
+) -> tuple[Qwen2Config, Any]:
     """Pretrained weights (hub id or local folder) or a random-init tiny Qwen2, sharded on `mesh`."""
     dtype = DTYPES[cfg.param_dtype]
     if cfg.model_init == "pretrained":
-        return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh)
+        return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh, on_bytes=on_bytes)
     model_cfg = programs.tiny_model_config(cfg, vocab_size)
     params = init_params(model_cfg, jax.random.key(cfg.seed), dtype)
     return model_cfg, sharding.shard_params(params, mesh)
@@ -222,38 +226,57 @@ class Trainer:
     eval_problems: list[Any]
     checkpointer: Checkpointer
     logger: RunLogger
+    reporter: Reporter
 
     def update_kwargs(self) -> dict[str, Any]:
         return dict(model_cfg=self.model_cfg, loss_cfg=self.loss_cfg, num_micro=self.num_micro,
                     optimizer=self.optimizer)
 
 
-def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
+def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trainer, dict[str, Any], int]:
     """Builds the trainer and the train state, restored from the latest checkpoint when there is one.
 
     Returns (trainer, state {"params", "opt_state"}, last completed step)."""
+    rep = rep or Reporter(enabled=False, watch_compiles=False)
     mesh = make_mesh(cfg.mesh_shape)
     num_micro = num_micro_batches(cfg, mesh)
+    devices = mesh.devices.size
+    rep.phase("setup", detail=f"mesh {dict(mesh.shape)} on {devices} {jax.default_backend()} device(s), "
+                              f"{jax.process_count()} process(es), config hash {config_hash(cfg)}")
+    source = cfg.model_path if cfg.model_init == "pretrained" else "random-init tiny Qwen2"
+    rep.phase("model_load", detail=source)
     tokenizer = load_tokenizer(cfg.tokenizer_path or (TINY if cfg.model_init == "random" else cfg.model_path))
-    model_cfg, params = build_model(cfg, len(tokenizer), mesh)
+    model_cfg, params = build_model(
+        cfg, len(tokenizer), mesh, on_bytes=lambda done, total: rep.bytes(done, total, detail=source)
+    )
+    rep.say(f"model: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {len(tokenizer)}")
     ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # never loaded at beta 0
     optimizer = optimizer_for(cfg.optimizer)
-    state = {"params": params, "opt_state": programs.optimizer_init(optimizer, params, mesh)(params)}
+    # Under the mesh, init's scalars (the step count) are typed on it as the update step returns them;
+    # else step 2 sees another input type than step 1 and compiles the whole update step again. The
+    # out_shardings of programs.optimizer_init split the state like the params (never on one chip).
+    with jax.set_mesh(mesh):
+        state = {"params": params, "opt_state": programs.optimizer_init(optimizer, params, mesh)(params)}
 
     d = cfg.data
+    rep.phase("data_load", detail=f"{d.source} {d.train_split} + {cfg.eval_split}")
     train_problems = load_problems(d.source, d.train_split, size=d.train_size, difficulty=d.difficulty,
                                    seed=cfg.seed)
     eval_problems = load_problems(d.source, cfg.eval_split, size=cfg.eval_full_limit or None,
                                   difficulty=d.difficulty, seed=cfg.seed)
     stream = ProblemStream(train_problems, seed=cfg.seed)
+    rep.say(f"data: {len(train_problems)} train problems, {len(eval_problems)} eval problems ({d.source})")
 
-    checkpointer = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep)
+    checkpointer = Checkpointer(checkpoint_dir(cfg.checkpoint.dir, run_dir), keep=cfg.checkpoint.keep)
     start, run_id = 0, None
-    restored = checkpointer.restore_latest(state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    restored = checkpointer.restore_latest(state, free_sharding=replicated)
     if restored is not None:
         start, state, meta = restored
         stream.restore(meta["data"])
         run_id = meta.get("wandb_run_id")
+        # the rehearsal's report quotes this line (orchestrator/testing/rehearsal.py resumed_step)
+        rep.phase("checkpoint", detail=f"resumed from the checkpoint of step {start}")
     logger = RunLogger(
         run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
@@ -266,8 +289,13 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
         num_micro=num_micro,
         optimizer=optimizer, schedule=lr_schedule(cfg.optimizer, cfg.steps * cfg.train.ppo_epochs),
         ref_params=ref_params, stream=stream, eval_problems=eval_problems, checkpointer=checkpointer,
-        logger=logger,
+        logger=logger, reporter=rep,
     )
+    info = {"run_id": logger.run_id, "config_hash": logger.config_hash, "git_commit": logger.git_commit}
+    if logger.url:
+        info["wandb_url"] = logger.url
+        rep.say(f"W&B run: {logger.url}")
+    rep.info(info)
     return trainer, state, start
 
 
@@ -277,10 +305,17 @@ def warm_start_policy(t: Trainer, params: Any) -> tuple[Any, dict[str, float]]:
     if cfg.warm_start.batch_size % math.lcm(sharding.batch_divisor(t.mesh), jax.process_count()):
         problem = "must split over the data shards (dp x fsdp) and the processes"
         raise ConfigError("warm_start.batch_size", problem)
+    rep, n = t.reporter, cfg.warm_start.steps
+
+    def on_step(k: int, loss: jax.Array) -> None:
+        if rep.due("warm_start", k, n):  # sync the device only when the line is printed
+            rep.advance("warm_start", k, n, detail=f"loss {float(loss):.4f}")
+
+    rep.advance("warm_start", 0, n)
     return warm_start(
         params, cfg.warm_start, t.model_cfg, t.sampler.tokenizer, t.stream.problems, t.mesh, seed=cfg.seed,
         pad_id=t.sampler.pad_id, compute_dtype=DTYPES[cfg.compute_dtype],
-        local_rows=t.sampler.local_slice(cfg.warm_start.batch_size),
+        local_rows=t.sampler.local_slice(cfg.warm_start.batch_size), on_step=on_step,
     )
 
 
@@ -289,9 +324,11 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     cfg = t.cfg
     rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
 
+    rollout_span = t.reporter.span()
     with timer.phase("rollout"):
         problems = t.stream.next_batch(cfg.rollout.batch_size)[t.sampler.local_slice(cfg.rollout.batch_size)]
         rollout = t.sampler.sample(state["params"], problems, cfg.rollout.n, rng, t.sampling)
+    t.reporter.observe("rollout", rollout_span.seconds())  # the ETA's yardstick for eval batches
 
     with timer.phase("reward"):
         scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], t.weights)
@@ -339,16 +376,24 @@ def run(
     run_dir = Path(run_dir)
     load_dotenv()
     init_distributed()
-    t, state, start = setup(cfg, run_dir)
+    rep = Reporter(enabled=jax.process_index() == 0)
+    try:
+        t, state, start = setup(cfg, run_dir, rep)
+    except BaseException:
+        rep.close()
+        raise
+    rep.plan = plan_of(cfg, start, len(t.eval_problems))
     step_times = t.logger.resume_history(start, "time/train/step_s")
-    t_run = time.perf_counter()
     try:
         if start == 0 and cfg.warm_start.steps:  # a resumed run has it in its checkpointed params
             state["params"], warm = warm_start_policy(t, state["params"])
             t.logger.log(0, warm)  # step 0 of metrics.jsonl; kept by resume_history, so in the summary
+        rep.advance("train", start, cfg.steps)
         for step in range(start + 1, cfg.steps + 1):
-            timer, t_step = StepTimer(), time.perf_counter()
+            timer, t_step, span = StepTimer(), time.perf_counter(), rep.span()
             state, metrics = train_step(t, state, step, timer)
+            rep.observe("train", span.seconds())  # compile-free, periodic eval apart
+            rep.done_units["train"] = step
 
             if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or step == cfg.steps):
                 with timer.phase("eval"):
@@ -356,6 +401,7 @@ def run(
                         t.sampler, state["params"], t.eval_problems, batch_size=cfg.rollout.batch_size,
                         batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=t.sampling,
                         weights=t.weights, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
+                        on_batch=functools.partial(rep.advance, "eval"),
                     ))
 
             step_times.append(time.perf_counter() - t_step)
@@ -363,7 +409,7 @@ def run(
             metrics["time/train/step_avg_last10_s"] = float(np.mean(step_times[-10:]))
             metrics.update({f"time/train/{k}_s": v for k, v in timer.times.items()})
             t.logger.log(step, metrics)
-            t.logger.progress(step, cfg.steps, time.perf_counter() - t_run, metrics)
+            rep.step(step, progress_metrics(metrics))
             if cfg.print_time_breakdown:
                 t.logger.time_breakdown(step, cfg.steps, {**timer.times, "total": step_times[-1]})
 
@@ -371,7 +417,9 @@ def run(
             stopping = should_stop is not None and should_stop()
             if step == cfg.steps or (every and step % every == 0) or stopping:
                 meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step}
+                rep.phase("checkpoint", detail=f"saving step {step}")
                 t.checkpointer.save(step, state, meta)
+                rep.resume("train")
             if on_step is not None:
                 on_step(step, metrics)
             if stopping and step < cfg.steps:
@@ -384,12 +432,33 @@ def run(
                 t.sampler, state["params"], t.eval_problems, batch_size=cfg.eval_full_batch_size,
                 max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
                 dtype=t.sampling.dtype, out_path=run_dir / "eval_full.jsonl" if t.logger.enabled else None,
+                on_batch=functools.partial(rep.advance, "final_sweep"),
             )
             t.logger.log(cfg.steps, sweep)
-        t.logger.finish(cfg.steps, cfg.steps)
+            rep.say(f"final sweep: accuracy {sweep['eval_full/accuracy']:.4f} "
+                    f"on {int(sweep['eval_full/num_questions'])} questions")
+        summary = t.logger.finish(cfg.steps)
+        rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
     except BaseException:
         t.logger.close()
         raise
     finally:
+        rep.close()
         t.checkpointer.close()
+
+
+def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:
+    """What is left to do from `start` (the last finished step), in each phase's units."""
+    return Plan(
+        steps=cfg.steps,
+        first_step=start + 1,
+        warm_start_steps=cfg.warm_start.steps if start == 0 else 0,
+        # A sweep before step 1 (issue 9's eval_full_at_start) sets start_sweep_batches here and passes
+        # full_sweep(..., on_batch=functools.partial(rep.advance, "start_sweep")): its phase and ETA follow.
+        eval_steps=eval_steps(start + 1, cfg.steps, cfg.eval_every_steps),
+        eval_batches=cfg.eval_batches_per_process,
+        final_sweep_batches=batches(eval_questions, cfg.eval_full_batch_size) if cfg.eval_full_sweep else 0,
+        rows_per_step=cfg.rollout.batch_size * cfg.rollout.n,
+        rows_per_sweep_batch=cfg.eval_full_batch_size,
+    )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.fanout import fan_out
@@ -71,6 +75,17 @@ def renew_attempt(record: RunRecord) -> None:
         w.pid, w.state, w.exit_code = None, "LAUNCHING", None
 
 
+def secret_env_file(env: Mapping[str, str]) -> bytes | None:
+    """`-e` values as a `.env` file for the worker (None without any): the same format and parser as
+    `.env`, so they never need a command line. A value the format cannot hold is a one-line UsageError."""
+    if not env:
+        return None
+    try:
+        return envfile.render(dict(env))
+    except ValueError as err:
+        raise UsageError(f"-e {err}") from None
+
+
 class LogNameTaken(UsageError):
     """This run's log file name is already in use on a worker (another launch in the same second)."""
 
@@ -81,18 +96,20 @@ COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
 def worker_env(run_id: str, index: int, workers: Sequence[Worker], target_kind: str) -> dict[str, str]:
     """What every worker's trainer is told about the run and its peers.
 
-    With several workers the trainer calls jax.distributed.initialize(): on a TPU slice JAX discovers the
-    coordinator itself; on plain SSH hosts worker 0's address is the coordinator.
+    With several workers the trainer calls jax.distributed.initialize() with worker 0 (as its peers reach
+    it: a TPU VM's internal IP) as the coordinator. On a TPU slice that is the address JAX would discover
+    from the TPU metadata anyway; saying it makes a slice whose metadata JAX cannot read (the rehearsal's
+    CPU workers, a VM built by hand) work the same way.
     """
+    del target_kind  # every kind gets the same settings (kept for callers' clarity)
     env = {"GRPOCTL_RUN_ID": run_id, "GRPOCTL_WORKER": str(index)}
     if len(workers) > 1:
         env |= {
             "GRPOCTL_DISTRIBUTED": "1",
             "GRPOCTL_NUM_PROCESSES": str(len(workers)),
             "GRPOCTL_PROCESS_ID": str(index),
+            "JAX_COORDINATOR_ADDRESS": f"{workers[0].peer_host or workers[0].host}:{COORDINATOR_PORT}",
         }
-        if target_kind != "tpu":
-            env["JAX_COORDINATOR_ADDRESS"] = f"{workers[0].host}:{COORDINATOR_PORT}"
     return env
 
 
@@ -110,17 +127,30 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
 
     workers = target.workers()
 
+    missing = sorted(set(record.env_names) - set(record.env))
+    if missing:  # a record read back from the store: the values were never stored
+        raise UsageError(
+            f"run {record.run_id} needs -e {', '.join(missing)} again (values are secrets, never stored): "
+            f"grpoctl recover {record.run_id} -e NAME=VALUE ..."
+        )
+    secrets_file = secret_env_file(record.env)
+    heads: dict[int, str] = {}
+
     def one(i: int, t: Transport) -> int:
-        env = {**record.env, **worker_env(record.run_id, i, workers, record.target_kind)}
+        if secrets_file is not None:  # before the launch script, whose job reads them
+            base = record.remote_dir.rstrip("/")
+            t.put(recipes.ENVFILE_SOURCE, f"{base}/{paths.env_loader}", mode=0o600)
+            t.put(secrets_file, f"{base}/{paths.env}", mode=0o600)
         script = recipes.launch(
             record.remote_dir,
             python,
             record.config,
             paths,
             config_stem=record.config_stem,
-            env=env,
+            env=worker_env(record.run_id, i, workers, record.target_kind),
             trainer_args=record.trainer_args,
             force=force,
+            env_file=secrets_file is not None,
         )
         result = t.run(script, timeout=timeout)
         if result.exit_code == recipes.EXIT_BUSY:
@@ -128,6 +158,9 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         if result.exit_code == recipes.EXIT_EXISTS:
             raise LogNameTaken(f"{t.name}: {record.log_path} already exists")
         pid = recipes.parse_pid(result.stdout)
+        head = recipes.parse_launch_head(result.stdout)
+        if head:
+            heads[i] = head
         if not result.ok or pid is None:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise InfraError(f"{t.name}: launch failed (exit {result.exit_code}): {detail}")
@@ -154,6 +187,8 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         record.state = "FAILED"
         raise failed[0].error
     record.state = "RUNNING"
+    if heads:  # sync left every worker on one commit; worker 0's is the run's
+        record.git_commit = heads.get(0) or next(iter(heads.values()))
     return record
 
 
@@ -168,14 +203,41 @@ def start_run(
 ) -> RunRecord:
     """Create, save, launch, save again; returns as soon as every worker has a pid."""
     record = new_record(session, config, env=env, trainer_args=trainer_args, git_commit=git_commit)
+    secret_env_file(record.env)  # refuse an unrepresentable -e value before anything is saved or started
     session.store.save(record)
-    try:
-        launch(session.target, record, force=force)
-    except BaseException:
-        if any(w.pid for w in record.workers):
-            session.store.save(record)
-        else:  # nothing started anywhere: leave no record behind
-            session.store.delete(record.run_id)
-        raise
-    session.store.save(record)
+    # Ctrl-C while the workers start the job would leave a job no record tracks: the launch (bounded by
+    # its timeout) finishes and is recorded first, then the interrupt is raised.
+    with deferred_interrupt(session.say) as interrupted:
+        try:
+            launch(session.target, record, force=force)
+        except BaseException:
+            if any(w.pid for w in record.workers):
+                session.store.save(record)
+            else:  # nothing started anywhere: leave no record behind
+                session.store.delete(record.run_id)
+            raise
+        session.store.save(record)
+    if interrupted():
+        raise KeyboardInterrupt
     return record
+
+
+@contextlib.contextmanager
+def deferred_interrupt(say: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
+    """Hold SIGINT back for the block; yields a function saying whether one arrived. Only the main thread
+    can handle signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    seen: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        if not seen:
+            say("interrupt: finishing the launch so that the job is recorded (it keeps running)")
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -14,6 +14,8 @@ class Worker:
     index: int
     host: str  # "localhost" for the local target
     port: int = 22
+    # How the other workers reach this one (a TPU VM's internal IP); "" = `host`.
+    peer_host: str = ""
 
     @property
     def label(self) -> str:

@@ -219,7 +219,7 @@ class TpuTarget(Target):
             host = ep.ip_address if self.cfg.internal_ip else ep.access_config.external_ip
             if not host:
                 raise UsageError(f"{self.node_label}: worker {i} has no external IP; set internal_ip: true")
-            out.append(Worker(i, host, self.cfg.ssh_port or ep.port or 22))
+            out.append(Worker(i, host, self.cfg.ssh_port or ep.port or 22, peer_host=ep.ip_address or host))
         return out
 
     def _pins(self, n: int) -> list[tuple[str, ...]]:

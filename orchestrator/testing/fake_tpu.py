@@ -75,6 +75,11 @@ class Script:
     hosts: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HOSTS))
     internal_ip: str = "127.0.0.1"  # what networkEndpoints report (the sshd workers listen on loopback)
     external_ip: str = "127.0.0.1"
+    # Guest attributes publish a host key other than the one the worker's sshd offers (a man in the
+    # middle, or a VM replaced behind the same address): a client that pins the published key must refuse.
+    publish_other_host_keys: bool = False
+    # A fresh VM's guest agent publishes its host keys a little after READY: none until this long after.
+    host_keys_delay_s: float = 0.0
 
 
 @dataclass
@@ -459,8 +464,12 @@ class FakeTpuApi:
     def _guest_attributes(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         node = self._get_node(name)
         out = []
+        if time.monotonic() < node.ready_at + self.script.host_keys_delay_s:
+            return {"guestAttributes": []}
         for w in node.workers:
             key_type, key = w.host_public_key().split()[:2]
+            if self.script.publish_other_host_keys:
+                key_type, key = _other_ed25519_key().split()[:2]
             items = [{"namespace": "hostkeys", "key": key_type, "value": key}]
             out.append({"queryPath": body.get("queryPath", ""), "queryValue": {"items": items}})
         return {"guestAttributes": out}
@@ -542,14 +551,14 @@ def kill_vm_processes(tag: str) -> int:
 class SshdWorker:
     """A fake TPU VM host: its own sshd (own host key, own HOME), killed with all it started."""
 
-    def __init__(self, root: Path, tag: str) -> None:
+    def __init__(self, root: Path, tag: str, session_env: dict[str, str] | None = None) -> None:
         from orchestrator.testing.sshd import LoopbackSshd
 
         self.tag = tag
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self._authorized = root / "sshd" / "authorized_keys"
-        env = {"HOME": str(self.home), VM_TAG_ENV: tag}
+        env = {**(session_env or {}), "HOME": str(self.home), VM_TAG_ENV: tag}
         self.sshd = LoopbackSshd(root / "sshd", session_env=env)
         self.set_authorized_keys([])  # nobody gets in until the node's ssh-keys metadata says so
         self.sshd.start()
@@ -568,12 +577,24 @@ class SshdWorker:
         kill_vm_processes(self.tag)
 
 
-def sshd_workers(base: Path) -> WorkerFactory:
-    """Workers under `base`, a fresh folder (fresh disk, fresh host key) for every node incarnation."""
+def _other_ed25519_key() -> str:
+    """A fresh `ssh-ed25519 AAAA...` public key that no worker's sshd holds."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def sshd_workers(base: Path, session_env: dict[str, str] | None = None) -> WorkerFactory:
+    """Workers under `base`, a fresh folder (fresh disk, fresh host key) for every node incarnation.
+
+    `session_env`: more variables for every SSH session on every worker (the rehearsal points pip at one
+    cache shared by the VMs)."""
     incarnation = itertools.count()
 
     def make(node_id: str, index: int) -> FakeWorker:
         tag = f"{node_id}-{next(incarnation)}-w{index}"
-        return SshdWorker(base / tag, tag)
+        return SshdWorker(base / tag, tag, session_env)
 
     return make
