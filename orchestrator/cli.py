@@ -553,7 +553,7 @@ def fetch(
     dest: Annotated[str, typer.Option(help="Local folder for runs/<run-id>/.")] = "runs",
     keys: Annotated[str | None, typer.Option(help="Comma-separated summary keys to print.")] = None,
 ) -> None:
-    """Copy summary.json, eval_full.jsonl, metrics.jsonl, config.json (+ W&B summary) to runs/<id>/."""
+    """Copy summary.json, eval_full*.jsonl, metrics.jsonl, config.json (+ W&B summary) to runs/<id>/."""
     g = _globals(ctx)
     if g.dry_run:  # made-up results never land beside real ones
         dest = str(Path(dest) / "dry-run")
@@ -612,7 +612,7 @@ def compare(
     plot: Annotated[str | None, typer.Option("--plot", help="Write reward/loss curves to this PNG.")] = None,
     dest: Annotated[str, typer.Option(help="Where fetched runs live.")] = "runs",
 ) -> None:
-    """Summaries side by side with deltas; exact McNemar test on paired eval results; verdict."""
+    """Summaries side by side with deltas; exact McNemar tests: A vs B, and each run's start -> end."""
     g = _globals(ctx)
     run_a, run_b = cmp.load_run(_run_folder(g, a, dest)), cmp.load_run(_run_folder(g, b, dest))
     result = cmp.compare_runs(run_a, run_b, [k for k in (keys or "").split(",") if k] or None)
@@ -628,6 +628,8 @@ def compare(
         table.add_row(row.key, cmp.fmt(row.a), cmp.fmt(row.b), cmp.fmt_delta(row))
     g.out.print(table)
     g.out.print(result.paired.line() if result.paired else "no paired eval_full.jsonl in both runs: no test")
+    for line in result.learning_lines():
+        g.out.print(line)
     if plot:
         g.out.print(f"plot: {plot}")
 

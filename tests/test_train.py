@@ -101,6 +101,25 @@ def test_ppo_epochs_reuse_the_sampling_policy_log_probs(tmp_path):
     assert np.all(kl > 0)
 
 
+def test_start_sweep_and_frozen_baseline_see_the_policy_right_before_grpo_step_1(tmp_path):
+    """eval_full_start.jsonl is the sweep of the warm-started policy (not the random init): with a learning
+    rate too small to change a greedy token, start and end sweeps agree row for row. At step 1 the frozen
+    start policy IS the sampling policy, so on the same prompts and keys its rewards equal the policy's."""
+    cfg = tiny("steps=1", "warm_start.steps=20", "eval_full_sweep=true", "eval_full_limit=16",
+               "eval_full_batch_size=16", "optimizer.lr=1e-12", "optimizer.end_lr=0",
+               "baseline_every_steps=1")
+    summary = run(cfg, tmp_path)
+    start, end = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+                  for name in ("eval_full_start.jsonl", "eval_full.jsonl"))
+    assert len(start) == 16 and start == end
+    assert any(row["prediction"] is not None for row in start)  # the warm start taught the answer layout
+    assert summary["eval_full_start/accuracy"] == summary["eval_full/accuracy"]
+    assert summary["eval_full_start/num_questions"] == 16
+    step1 = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    for key in ("reward/total/mean", "reward/func/reward_correct/mean", "reward/func/reward_format/mean"):
+        assert step1[f"train/baseline/{key}"] == step1[f"train/{key}"], key
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resume.
 
@@ -227,6 +246,9 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     sweep = [json.loads(line) for line in (run_dir / "eval_full.jsonl").read_text().splitlines()]
     assert len(sweep) == 16 and set(sweep[0]) == {"id", "answer", "prediction", "correct"}
     assert summary["eval_full/accuracy"] == pytest.approx(np.mean([r["correct"] for r in sweep]))
+    start = [json.loads(line) for line in (run_dir / "eval_full_start.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in start] == [r["id"] for r in sweep]  # eval_full_at_start is on by default
+    assert summary["eval_full_start/accuracy"] == pytest.approx(np.mean([r["correct"] for r in start]))
 
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": ')]
     progress = [e for e in events if e["event"] == "progress"]
