@@ -77,7 +77,7 @@ def main() -> None:
             times.append((time.perf_counter() - t0) * 1e3)
         ms = statistics.median(times)
         base = base or ms
-        print(f"| {name} | {agree}/{len(CORRECT_ROWS)} | {ms:.2f} | {ms / base:.1f}x |", flush=True)
+        print(f"| {name} | {agree}/{len(CORRECT_ROWS)} | {ms:.2f} | {ms / base:.3g}x |", flush=True)
 
 
 if __name__ == "__main__":

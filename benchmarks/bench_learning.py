@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,15 +38,22 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of finished child processes: on a shared machine a steadier measure of
+    the work than wall time (on 2 idle cores, wall is roughly CPU / 2 to CPU / 1)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_once(config: str, overrides: list[str], run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "trainer", "--config", config, "--run-dir", str(run_dir), "--set",
            "eval_full_sweep=true", "--set", "eval_full_at_start=true", "--set", "wandb_mode=disabled"]
     for item in overrides:
         cmd += ["--set", item]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
     if proc.returncode:
         raise SystemExit(f"trainer failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     start = _correctness(run_dir / "eval_full_start.jsonl")
@@ -56,7 +64,7 @@ def run_once(config: str, overrides: list[str], run_dir: Path) -> dict:
     with_base = [m for m in steps if "train/baseline/reward/total/mean" in m]
     return {
         "n": paired.n, "start": paired.accuracy_a, "end": paired.accuracy_b, "lost": paired.only_a,
-        "gained": paired.only_b, "p": paired.p_value, "wall_s": wall,
+        "gained": paired.only_b, "p": paired.p_value, "wall_s": wall, "cpu_s": cpu,
         "step_s": _mean(steps[1:], "time/train/step_s"),  # step 1 includes compilation
         "reward_first": _mean(steps[:5], "train/reward/func/reward_correct/mean"),
         "reward_last": _mean(steps[-5:], "train/reward/func/reward_correct/mean"),
@@ -80,14 +88,15 @@ def main() -> None:
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-learning-"))
     print("| config | label | questions | start acc | end acc | lost / gained | McNemar p | "
           "correct reward: first 5 -> last 5 steps | policy vs frozen start (last 3 baseline steps) | "
-          "step s | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "step s | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, config in enumerate(configs):
         r = run_once(config, args.overrides, out / f"run{i}")
         print(f"| `{config}` | {args.label} | {r['n']} | {_f(r['start'])} | {_f(r['end'])} | "
               f"{r['lost']} / {r['gained']} | {r['p']:.2g} | {_f(r['reward_first'])} -> "
               f"{_f(r['reward_last'])} | {_f(r['policy_at_baseline_steps'])} vs "
-              f"{_f(r['frozen_at_baseline_steps'])} | {_f(r['step_s'], 2)} | {r['wall_s']:.0f} |", flush=True)
+              f"{_f(r['frozen_at_baseline_steps'])} | {_f(r['step_s'], 2)} | {r['wall_s']:.0f} | "
+              f"{r['cpu_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

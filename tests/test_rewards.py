@@ -132,7 +132,10 @@ CORRECT_ROWS = [
     (_c("at least 72"), "#### 72", 0.0, 1.0),
     (_c("maybe 72"), "#### 72", 0.0, 1.0),
     (_c("1, 2, 3"), "#### 3", 0.0, 1.0),
-    (_c("\\boxed{72} or \\boxed{73}"), "#### 73", 1.0, 1.0),  # the last box is the committed one
+    (_c("\\boxed{72} or \\boxed{73}"), "#### 73", 0.0, 1.0),
+    (_c("\\boxed{72}, i.e. \\boxed{72.0}"), "#### 72", 1.0, 1.0),  # boxes that agree
+    (_c("6 x 3 = \\boxed{18}"), "#### 18", 1.0, 1.0),  # the box, not the working
+    (_c("maybe \\boxed{18}"), "#### 18", 0.0, 1.0),  # a hedge outside the box
     # Only the answer block counts: no fallback to numbers elsewhere.
     ("so the answer is 7", "#### 7", 0.0, 1.0),  # no answer block
     ("<think>the answer is 7", "#### 7", 0.0, 1.0),  # truncated mid-thought

@@ -9,7 +9,8 @@ Two graders for correctness (config `reward_grader`):
   No block, an unclosed (truncated) or empty block, no number in it, a hedge ("about 7", "7?", "7 or 8"),
   a range ("10-12") or several different numbers ("72 clips (24 in May)") score 0. Understood: currency,
   units, percent, thousands separators, trailing zeros, an equation ending in its result ("3 + 4 = 7"),
-  `\\boxed{}`, `\\frac{a}{b}` and `\\text{}`. Several answer blocks count only when they all agree.
+  `\\boxed{}` (several boxes must agree), `\\frac{a}{b}` and `\\text{}`. Several answer blocks count only
+  when they all agree.
 - "lenient": the reference trainer's rule, kept to compare with the seed's published numbers: the last
   number inside the last answer block, else the last number anywhere in the completion (so a truncated
   completion or "I am not sure" with a number in the reasoning can score 1).
@@ -100,26 +101,23 @@ def answer_blocks(completion: object) -> list[str]:
     return _ANSWER_BLOCK.findall(completion)
 
 
-def _boxed_content(text: str) -> str | None:
-    """The content of the last \\boxed{...} (braces balanced), or None when there is none or it is open."""
-    matches = list(_BOXED.finditer(text))
-    if not matches:
-        return None
-    depth, start = 1, matches[-1].end()
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-    return None
-
-
-def _plain(text: str) -> str | None:
-    """LaTeX and markup reduced to plain text ("\\frac{3}{4}" -> "3/4"); None for an unclosed \\boxed."""
-    if _BOXED.search(text):
-        boxed = _boxed_content(text)
-        if boxed is None:
+def _boxed_contents(text: str) -> list[str] | None:
+    """The content of every \\boxed{...} (braces balanced); None when one is left open."""
+    contents = []
+    for match in _BOXED.finditer(text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                contents.append(text[start:i])
+                break
+        else:
             return None
-        text = boxed
+    return contents
+
+
+def _plain(text: str) -> str:
+    """LaTeX and markup as plain text: "\\frac{3}{4}" -> "3/4", "\\text{18 dollars}" -> "18 dollars"."""
     text = _LATEX_WRAPPER.sub(r" \1 ", text)
     text = _LATEX_FRAC.sub(r"\1/\2", text)
     text = text.replace("{,}", ",").replace("\\%", "%").replace("\\$", "$")
@@ -127,16 +125,8 @@ def _plain(text: str) -> str | None:
     return text.replace("$", "").replace("*", "")  # currency / math delimiters, markdown bold
 
 
-def committed_value(text: object) -> float | None:
-    """The one value an answer commits to, or None (no number, a hedge, a range, several values).
-
-    An equation counts by its result ("3 + 4 = 7" commits to 7); the same number written twice is still
-    one value ("7 (seven is 7)")."""
-    if not isinstance(text, str):
-        return None
-    plain = _plain(text)
-    if plain is None or _HEDGE.search(plain):
-        return None
+def _single_value(plain: str) -> float | None:
+    """The one number of `plain` (an equation by its result), None for none or several different ones."""
     _, eq, tail = plain.rpartition("=")
     if eq and _NUMBER.search(tail):
         plain = tail
@@ -148,6 +138,27 @@ def committed_value(text: object) -> float | None:
         if not any(numbers_match(value, v) for v in values):
             values.append(value)
     return values[0] if len(values) == 1 else None
+
+
+def _agreed(values: list[float | None]) -> float | None:
+    """The common value of `values` when there is one (None when empty, one is None, or they differ)."""
+    if not values or values[0] is None or not all(numbers_match(values[0], v) for v in values[1:]):
+        return None
+    return values[0]
+
+
+def committed_value(text: object) -> float | None:
+    """The one value an answer commits to, or None (no number, a hedge, a range, several values).
+
+    An equation counts by its result ("3 + 4 = 7" commits to 7); the same number written twice is still
+    one value ("18 (18 dollars)"). With \\boxed{}, the boxes alone count and must agree; a hedge anywhere
+    ("maybe \\boxed{7}") still takes the answer back."""
+    if not isinstance(text, str) or _HEDGE.search(_plain(text)):
+        return None
+    if _BOXED.search(text):
+        boxes = _boxed_contents(text)
+        return None if boxes is None else _agreed([_single_value(_plain(b)) for b in boxes])
+    return _single_value(_plain(text))
 
 
 def extract_answer(completion: object, grader: Grader = "strict") -> float | None:
@@ -163,10 +174,7 @@ def extract_answer(completion: object, grader: Grader = "strict") -> float | Non
         return last_number(completion)
     if grader != "strict":
         raise ValueError(f"unknown grader {grader!r} (known: {', '.join(GRADERS)})")
-    values = [committed_value(block) for block in blocks]
-    if not values or values[0] is None or not all(numbers_match(values[0], v) for v in values[1:]):
-        return None
-    return values[0]
+    return _agreed([committed_value(block) for block in blocks])
 
 
 def gold_answer(answer: object) -> float | None:
