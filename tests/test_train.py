@@ -109,7 +109,7 @@ def test_start_sweep_and_frozen_baseline_see_the_policy_right_before_grpo_step_1
     """eval_full_start.jsonl is the sweep of the warm-started policy (not the random init): with a learning
     rate too small to change a greedy token, start and end sweeps agree row for row. At step 1 the frozen
     start policy IS the sampling policy, so on the same prompts and keys its rewards equal the policy's."""
-    cfg = tiny("steps=1", "warm_start.steps=80", "eval_full_sweep=true", "eval_full_limit=16",
+    cfg = tiny("steps=1", "warm_start.steps=150", "eval_full_sweep=true", "eval_full_limit=16",
                "eval_full_batch_size=16", "optimizer.lr=1e-12", "optimizer.end_lr=0",
                "baseline_every_steps=1")
     summary = run(cfg, tmp_path)
