@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(BIN)/grpoctl --target local sop replay sops/local_pallas_vs_jax.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 
 clean:
 	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache

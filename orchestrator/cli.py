@@ -10,7 +10,8 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperGroup
 
 from orchestrator import compare as cmp
 from orchestrator import recipes
@@ -35,7 +39,71 @@ from orchestrator.ops.session import Session, open_session
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord
 
+# Options of the root callback that may also follow the command (`grpoctl up --target lab`).
+_GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
+_GLOBAL_VALUED = frozenset({"--target", "--config-file"})
+
+
+def hoist_global_options(root: Any, args: list[str]) -> list[str]:
+    """Move global options found after the command in front of it, where click parses them. The
+    command's own options keep their values (`-e --json` stays the value of `-e`); `--` ends the scan."""
+    front: list[str] = []
+    rest: list[str] = []
+    command, i = root, 0
+    while i < len(args):
+        token = args[i]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            rest += args[i:]
+            break
+        if command is not root and (token in _GLOBAL_FLAGS or name in _GLOBAL_VALUED):
+            width = 2 if name in _GLOBAL_VALUED and "=" not in token else 1
+            front += args[i : i + width]
+            i += width
+            continue
+        if token.startswith("-") and token != "-":
+            option = next((p for p in command.params if name in getattr(p, "opts", ())), None)
+            valued = option is not None and not getattr(option, "is_flag", True) and not option.count
+            width = 2 if valued and "=" not in token else 1
+            rest += args[i : i + width]
+            i += width
+            continue
+        subcommands = getattr(command, "commands", None)
+        if subcommands is not None and token in subcommands:  # a group's first word picks the command
+            command = subcommands[token]
+        rest.append(token)
+        i += 1
+    return front + rest
+
+
+class _RootGroup(TyperGroup):
+    """Global options anywhere; command-line mistakes (unknown option, bad value, missing argument) as
+    one line and exit 2, like every other error, instead of click's boxed usage message."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _one_line_usage_errors():
+            return super().parse_args(ctx, hoist_global_options(self, args))
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():  # the command's own options are parsed in here
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except ClickUsageError as err:
+        if isinstance(err, NoArgsIsHelpError):  # `grpoctl` or `grpoctl env` alone: the help text
+            raise
+        where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+        message = " ".join(err.format_message().split())
+        print(f"grpoctl: error: {message}{where}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_RootGroup,
     name="grpoctl",
     help="Run GRPO experiments on Cloud TPU VMs (or SSH hosts, or this machine) from a laptop.",
     no_args_is_help=True,
@@ -103,6 +171,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:  # a local file we could not read or write: say which, no traceback
             print(f"grpoctl: error: {err}", file=sys.stderr)
             raise typer.Exit(3) from None
+        except UnicodeDecodeError as err:  # a local text file that is not UTF-8 (the known ones say which)
+            print(f"grpoctl: error: a local file is not UTF-8 text ({err.reason})", file=sys.stderr)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:  # jobs run detached on the workers: stopping grpoctl never stops them
             print("grpoctl: interrupted (remote jobs keep running: grpoctl status)", file=sys.stderr)
             raise typer.Exit(130) from None
@@ -132,6 +203,12 @@ def main_options(
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+_STALL_OPTION = typer.Option(
+    "--stall-after",
+    min=1,
+    help="Seconds a live job's log may stay silent before it shows STALLED (default: stall_after_s).",
+)
 
 
 def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -174,8 +251,15 @@ def _fmt_eta(seconds: float | None) -> str:
     )
 
 
+def _quiet_s(record: RunRecord) -> int:
+    return max((w.quiet_s or 0 for w in record.workers), default=0)
+
+
 def _progress_text(record: RunRecord) -> str:
     p = record.last_progress or {}
+    if record.state == "STALLED":
+        at = f" at step {p['step']}/{p['total']}" if p.get("total") else ""
+        return f"no output for {_quiet_s(record)} s{at}"
     if not p.get("total"):
         return "-"
     if record.is_terminal:
@@ -271,6 +355,14 @@ def gc(
         g.say(f"deleted {x.kind} {x.name}")
 
 
+def _machine_line_or_why(session: Session) -> str:
+    """`status` lists the stored runs even when the Cloud TPU API cannot be asked."""
+    try:
+        return _machine_line(session)
+    except GrpoctlError as err:
+        return f"target {session.target_name}: state unknown ({err})"
+
+
 def _machine_line(session: Session) -> str:
     """`target v6e: READY (health HEALTHY, workers 1)` for targets that are machines with a state."""
     st = session.target.state()
@@ -347,26 +439,32 @@ def run(
     ctx: typer.Context,
     config: Annotated[str, typer.Argument(help="Trainer config, relative to the checkout.")],
     env: Annotated[
-        list[str], typer.Option("--env", "-e", help="KEY=VALUE flag for the job (not secrets).")
+        list[str],
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE for the job, a secret: 0600 file on the worker, stored by name."
+        ),
     ] = [],  # noqa: B006
     set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Launch even if the worker is busy.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 2.0,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls with --wait.")] = 2.0,
     recover: Annotated[
         bool, typer.Option("--recover", help="Wait, and recreate + relaunch (same run id) on preemption.")
     ] = False,
     recover_on_exit_code: Annotated[
         list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
     ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed.")] = 20,
+    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
     """Launch the trainer on every worker; print the run id at once."""
     g = _globals(ctx)
     policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures)
     wait = wait or policy is not None
     session = g.session()
+    if stall_after is not None:
+        session.config = session.config.model_copy(update={"stall_after_s": stall_after})
     try:
         record = launch_ops.start_run(
             session,
@@ -392,7 +490,8 @@ def run(
             if g.json:
                 g.emit_json(record.to_json())
             else:
-                g.out.print(f"{record.run_id} {record.state}")
+                made_up = " (made up by --dry-run)" if g.dry_run else ""
+                g.out.print(f"{record.run_id} {record.state}{made_up}")
     finally:
         session.close()
 
@@ -407,6 +506,9 @@ def _wait_with_bar(
         def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
             p = poll.progress
             info = rec.state if not p else f"step {p.step}/{p.total} eta {_fmt_eta(p.eta_s)}"
+            if rec.state == "STALLED":
+                at = f" at step {p.step}/{p.total}" if p else ""
+                info = f"STALLED: no output for {_quiet_s(rec)} s{at}"
             if poll.errors:
                 info += f" ({len(poll.errors)} worker(s) unreachable, retrying)"
             bar.update(
@@ -416,7 +518,14 @@ def _wait_with_bar(
         if policy is not None:
             wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
         else:
-            watch_ops.wait(session.target, record, session.store, interval=interval, on_poll=on_poll)
+            watch_ops.wait(
+                session.target,
+                record,
+                session.store,
+                interval=interval,
+                on_poll=on_poll,
+                stall_after_s=session.config.stall_after_s,
+            )
 
 
 def _policy(
@@ -445,14 +554,16 @@ def status(
         str | None, typer.Argument(help="A run id (or unique prefix); default: all runs.")
     ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until the run(s) end.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
-    limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between refreshes with --watch.")] = 2.0,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
+    stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
-    """Show runs: RUNNING / SUCCEEDED / FAILED(code) / LOST, step k/N and ETA."""
+    """Show runs: RUNNING / STALLED / SUCCEEDED / FAILED(code) / LOST / PREEMPTED, step k/N and ETA."""
     g = _globals(ctx)
     g.json = g.json or json_out
     base = g.session()
+    stall = stall_after or base.config.stall_after_s
     records = [base.store.get(run_id)] if run_id else base.store.list(limit=limit)
     sessions: dict[str, Session] = {base.target_name: base}
     unpollable: set[str] = set()
@@ -473,13 +584,17 @@ def status(
                         unreachable.append(f"{record.run_id}: {err}")
                         unpollable.add(record.run_id)
                         continue
-                poll = watch_ops.poll(session.target, record)
+                poll = watch_ops.poll_or_unreachable(session.target, record, stall_after_s=stall)
+                if not poll.reachable:  # the node may be gone: the API says, SSH never would
+                    gone = watch_ops.machine_gone(session.target)
+                    if gone is not None:
+                        watch_ops.mark_preempted(record, gone)
                 base.store.save(record)
-                unreachable += poll.errors
+                unreachable += [] if record.state == "PREEMPTED" else poll.errors
             if g.json:
                 g.emit_json([r.to_json() for r in records] if not run_id else records[0].to_json())
             else:
-                parts = [_machine_line(base)] if base.kind == "tpu" and not base.dry_run else []
+                parts = [_machine_line_or_why(base)] if base.kind == "tpu" and not base.dry_run else []
                 view = Group(*parts, _runs_table(records))
                 if live is not None:  # a terminal: redraw in place
                     live.update(view, refresh=True)
@@ -495,8 +610,47 @@ def status(
             live.stop()
         for s in sessions.values():
             s.close()
+    if run_id and records[0].state == "PREEMPTED" and watch:
+        reason = (records[0].last_progress or {}).get("preempted", "the machine is gone")
+        raise watch_ops.preempted_error(records[0], reason)
     if run_id and records[0].state in ("FAILED", "LOST") and watch:
         raise typer.Exit(JobFailed.exit_code)
+
+
+@app.command()
+@handle_errors
+def recover(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="A run to re-attach to, e.g. one left PREEMPTED.")],
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 15.0,
+    recover_on_exit_code: Annotated[
+        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
+    ] = [],  # noqa: B006
+    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
+    max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    env: Annotated[
+        list[str], typer.Option("--env", "-e", help="The run's -e KEY=VALUE again (never stored).")
+    ] = [],  # noqa: B006
+) -> None:
+    """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
+    with the same run id (it resumes from its checkpoints)."""
+    g = _globals(ctx)
+    secrets = _parse_pairs(env, "--env")
+    session, record = _session_for(g, run_id)
+    record.env = secrets
+    missing = sorted(set(record.env_names) - set(secrets))
+    if missing:  # refuse before recreating anything: a relaunch could not give the job its -e values
+        session.close()
+        raise UsageError(
+            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
+            "(-e NAME=VALUE; their values are secrets and never stored)"
+        )
+    policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
+    try:
+        _wait_with_bar(g, session, record, interval, policy)
+    finally:
+        session.close()
+        g.emit_json(record.to_json()) if g.json else g.out.print(f"{record.run_id} {record.state}")
 
 
 @app.command()
@@ -506,14 +660,14 @@ def logs(
     run_id: Annotated[str | None, typer.Argument(help="Default: the latest run.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the run ends.")] = False,
     worker: Annotated[int, typer.Option("--worker", "-w", help="Worker index.")] = 0,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of tail without --follow.")] = 200,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of tail without --follow.")] = 200,
     env_file: Annotated[str, typer.Option(help="Values from this file are redacted.")] = ".env",
 ) -> None:
     """Print a worker's log of a run (values from the local .env redacted)."""
     g = _globals(ctx)
     session, record = _session_for(g, run_id)
-    redact = env_ops.redactor(list(env_ops.read_dotenv(env_file).values()))
     try:
+        redact = env_ops.redactor(logs_ops.secret_values(session.target, record, env_file, worker=worker))
         if follow:
             state = logs_ops.follow(
                 session.target, record, lambda text: g.out.out(redact(text), end=""), worker=worker
@@ -574,7 +728,9 @@ def fetch(
                 {
                     "run_id": r.run_id,
                     "folder": str(r.folder),
+                    "previous": None if r.previous is None else str(r.previous),
                     "files": r.files,
+                    "fabricated": bool(r.summary.get("dry_run")),
                     "summary": {k: r.summary.get(k) for k in chosen},
                 }
                 for r in results
@@ -583,8 +739,11 @@ def fetch(
         return
     for r in results:
         g.out.print(f"{r.run_id} -> {r.folder}/ ({', '.join(r.files)})")
+        if r.previous is not None:
+            g.say(f"{r.run_id}: the earlier, different copy is kept in {r.previous}/")
+        made_up = " (FABRICATED by --dry-run)" if r.summary.get("dry_run") else ""
         for k in chosen:
-            g.out.print(f"  {k} = {cmp.fmt(r.summary.get(k))}")
+            g.out.print(f"  {k} = {cmp.fmt(r.summary.get(k))}{made_up}")
 
 
 def _run_folder(g: Globals, ref: str, dest: str) -> Path:
@@ -614,6 +773,8 @@ def compare(
 ) -> None:
     """Summaries side by side with deltas; exact McNemar tests: A vs B, and each run's start -> end."""
     g = _globals(ctx)
+    if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
+        cmp.check_plot_path(plot)
     run_a, run_b = cmp.load_run(_run_folder(g, a, dest)), cmp.load_run(_run_folder(g, b, dest))
     result = cmp.compare_runs(run_a, run_b, [k for k in (keys or "").split(",") if k] or None)
     if plot:
@@ -627,7 +788,9 @@ def compare(
     for row in result.rows:
         table.add_row(row.key, cmp.fmt(row.a), cmp.fmt(row.b), cmp.fmt_delta(row))
     g.out.print(table)
-    g.out.print(result.paired.line() if result.paired else "no paired eval_full.jsonl in both runs: no test")
+    if result.fabricated:
+        g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files")
+    g.out.print(result.test_line())
     for line in result.learning_lines():
         g.out.print(line)
     if plot:
@@ -650,7 +813,7 @@ def sop_replay(
     recover_on_exit_code: Annotated[
         list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when a job exits with this.")
     ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(help="Preemption recoveries allowed per run.")] = 20,
+    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed per run.")] = 20,
     max_failures: Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")] = 2,
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")

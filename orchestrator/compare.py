@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import read_text_utf8
 from orchestrator.errors import UsageError
 
 # The five keys the seed SOP reads from each run's summary.
@@ -204,8 +205,9 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    text = read_text_utf8(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except ValueError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(data, dict):
@@ -214,7 +216,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -230,6 +232,9 @@ def _read_correctness(path: Path) -> dict[str, bool]:
 # ------------------------------------------------------------------------------------------ report
 
 
+FABRICATED = "FABRICATED by --dry-run, not a result:"
+
+
 @dataclass(frozen=True)
 class Comparison:
     a: str
@@ -237,6 +242,7 @@ class Comparison:
     rows: list[KeyRow]
     paired: PairedResult | None
     learning: list[StartToEnd] = field(default_factory=list)  # per run that has both sweeps
+    fabricated: bool = False  # a dry run's made-up files (summary.json says "dry_run": true)
 
     @property
     def verdict(self) -> str | None:
@@ -246,12 +252,20 @@ class Comparison:
         """One start -> end line per run (runs without eval_full_start.jsonl say so)."""
         have = {s.run_id: s.line() for s in self.learning}
         missing = "no eval_full_start.jsonl (eval_full_at_start off): no start -> end test"
-        return [have.get(run, f"{run}: {missing}") for run in (self.a, self.b)]
+        lines = [have.get(run, f"{run}: {missing}") for run in (self.a, self.b)]
+        return [f"{FABRICATED} {line}" for line in lines] if self.fabricated else lines
+
+    def test_line(self) -> str:
+        """The McNemar line; a dry run's reads as made up, never as a finding."""
+        if self.paired is None:
+            return "No paired per-question results (eval_full.jsonl) in both runs: no significance test."
+        return f"{FABRICATED} {self.paired.line()}" if self.fabricated else self.paired.line()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "a": self.a,
             "b": self.b,
+            "fabricated": self.fabricated,
             "keys": [{"key": r.key, "a": r.a, "b": r.b, "delta": r.delta} for r in self.rows],
             "mcnemar": None
             if self.paired is None
@@ -268,13 +282,9 @@ class Comparison:
     def markdown(self) -> str:
         lines = [f"| key | A `{self.a}` | B `{self.b}` | delta (B - A) |", "|---|---|---|---|"]
         lines += [f"| `{r.key}` | {fmt(r.a)} | {fmt(r.b)} | {fmt_delta(r)} |" for r in self.rows]
-        if self.paired:
-            lines += ["", self.paired.line()]
-        else:
-            lines += [
-                "",
-                "No paired per-question results (eval_full.jsonl) in both runs: no significance test.",
-            ]
+        if self.fabricated:
+            lines = [f"**{FABRICATED}** every figure below was made up by the dry run.", "", *lines]
+        lines += ["", self.test_line()]
         lines += ["", "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):", ""]
         lines += [f"- {line}" for line in self.learning_lines()]
         return "\n".join(lines)
@@ -283,7 +293,9 @@ class Comparison:
 def compare_runs(a: RunFiles, b: RunFiles, keys: Sequence[str] | None = None) -> Comparison:
     paired = paired_test(a.eval_full, b.eval_full) if a.eval_full and b.eval_full else None
     learning = [s for s in (a.start_to_end(), b.start_to_end()) if s is not None]
-    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, learning)
+    fabricated = bool(a.summary.get("dry_run") or b.summary.get("dry_run"))
+    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, learning,
+                      fabricated)
 
 
 # -------------------------------------------------------------------------------------------- plot
@@ -300,8 +312,26 @@ def _series(metrics: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> 
     return None
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """A plot goes into a folder that exists (we never create folders for it: a typo such as
+    `/no/such/dir/p.png` must not leave directories at the filesystem root) with a known image suffix."""
+    out = Path(out)
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {str(out)!r}: use a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"--plot {str(out)!r}: folder {str(parent)!r} does not exist (create it first)")
+    if out.is_dir():
+        raise UsageError(f"--plot {str(out)!r} is a folder")
+    return out
+
+
 def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
-    """Reward and loss curves of both runs (from metrics.jsonl) in one PNG."""
+    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
+    out = check_plot_path(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,8 +353,6 @@ def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

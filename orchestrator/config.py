@@ -45,7 +45,19 @@ class SshTargetConfig(_Strict):
     known_hosts: str | None = None  # default: ~/.ssh/known_hosts
     accept_new_host_key: bool = False  # trust-on-first-use; off unless asked for
     python: str | None = None
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_shape(cls, v: list[str]) -> list[str]:
+        from orchestrator.targets.topology import parse_host  # the package imports this module
+
+        for spec in v:  # "host:port" with a port in 1..65535, checked here so the error names the key
+            try:
+                parse_host(spec)
+            except UsageError as err:
+                raise ValueError(str(err)) from None
+        return v
 
 
 class TpuTargetConfig(_Strict):
@@ -57,7 +69,8 @@ class TpuTargetConfig(_Strict):
     runtime_version: str = "v2-alpha-tpuv6e"
     spot: bool = True
     queued: bool = False  # provision through a queued resource (spot) instead of a plain node
-    valid_until_s: int | None = None  # queued resource: give up waiting after this many seconds
+    # queued resource: give up waiting after this many seconds
+    valid_until_s: int | None = Field(default=None, gt=0)
     labels: dict[str, str] = {}
     internal_ip: bool = False
     user: str = "root"
@@ -65,11 +78,13 @@ class TpuTargetConfig(_Strict):
     host_key_sha256: list[str] = []  # pins; default: read from the node's guest attributes
     api_endpoint: str | None = None  # e.g. a private endpoint, or the fake API in tests
     python: str | None = None
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float = Field(default=10.0, gt=0)
     ssh_port: int = Field(default=22, ge=0, lt=65536)  # 0: each network endpoint's `port` (the fake API)
-    up_timeout_s: float = 1800.0  # give up (and delete what `up` created) after this long
-    auth_retry_s: float = 60.0  # keep retrying SSH auth this long while a new key propagates
-    poll_s: float = 5.0  # API polling interval while waiting
+    # give up (and delete what `up` created) after this long
+    up_timeout_s: float = Field(default=1800.0, gt=0)
+    # keep retrying SSH auth this long while a new key propagates
+    auth_retry_s: float = Field(default=60.0, ge=0)
+    poll_s: float = Field(default=5.0, gt=0)  # API polling interval while waiting
 
     @field_validator("zone")
     @classmethod
@@ -88,14 +103,30 @@ TargetConfig = Annotated[
 class GrpoctlConfig(_Strict):
     repo: RepoConfig = RepoConfig()
     targets: dict[str, TargetConfig] = {"local": LocalTargetConfig()}
-    default_target: str = "local"
+    # Without it: the only target of the file, else `local` when there is one (see `target`).
+    default_target: str | None = None
+    # A RUNNING job whose log has not grown for this long shows as STALLED (stopped, hung, deadlocked).
+    # The first step of a big model compiles for minutes without a word: keep it well above that.
+    stall_after_s: float = Field(default=1800.0, gt=0)
     source: str = "<embedded default>"  # where this config came from (not a YAML key)
 
     def target(self, name: str | None = None) -> tuple[str, TargetConfig]:
-        """The target `name`, else `$GRPOCTL_TARGET`, else `default_target`."""
-        chosen = name or os.environ.get(TARGET_ENV) or self.default_target
+        """The target `name`, else `$GRPOCTL_TARGET`, else `default_target`. An explicit name never looks
+        at `default_target`, so a stale default does not get in the way of `--target`."""
+        chosen = name or os.environ.get(TARGET_ENV)
+        known = ", ".join(sorted(self.targets)) or "none"
+        if not chosen:
+            chosen = self.default_target or ("local" if "local" in self.targets else None)
+            if chosen is None:
+                raise UsageError(
+                    f"{self.source}: {len(self.targets)} targets and no default_target: pass --target NAME "
+                    f"(known: {known})"
+                )
+            if chosen not in self.targets:
+                raise UsageError(
+                    f"{self.source}: default_target {chosen!r} is not one of the targets (known: {known})"
+                )
         if chosen not in self.targets:
-            known = ", ".join(sorted(self.targets)) or "none"
             raise UsageError(f"unknown target {chosen!r} (known: {known}) in {self.source}")
         return chosen, self.targets[chosen]
 
@@ -107,7 +138,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key {key!r}"
     if first["type"] == "missing":
         return f"{source}: missing required key {key!r}"
-    return f"{source}: {key}: {first['msg']}"
+    return f"{source}: {key}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def parse_config(data: Any, source: str) -> GrpoctlConfig:
@@ -121,9 +152,21 @@ def parse_config(data: Any, source: str) -> GrpoctlConfig:
         cfg = GrpoctlConfig.model_validate({**data, "source": source})
     except ValidationError as err:
         raise UsageError(_format_validation_error(err, source)) from None
-    if cfg.default_target not in cfg.targets:
-        raise UsageError(f"{source}: default_target {cfg.default_target!r} is not one of the targets")
+    if cfg.default_target is None and len(cfg.targets) == 1:  # one target: it is the default
+        cfg = cfg.model_copy(update={"default_target": next(iter(cfg.targets))})
     return cfg
+
+
+def read_text_utf8(path: Path) -> str:
+    """A text file the user wrote (config, SOP); bytes that are not UTF-8 are a one-line usage error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UsageError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it as UTF-8"
+        ) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> GrpoctlConfig:
@@ -138,7 +181,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> GrpoctlConfig:
         if not file.is_file():
             return GrpoctlConfig()
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yaml.safe_load(read_text_utf8(file))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -1,8 +1,9 @@
 """Remote recipes: pure functions that build the shell text run on each worker.
 
 Every value that comes from outside (paths, URLs, branch names, config paths, env flags) is quoted with
-`shlex.quote` (paths starting with `~/` keep the tilde meaning through `"$HOME"`). No recipe ever carries a
-secret: `.env` travels by `Transport.put`, and `env_verify` reports key names and value lengths only.
+the one quoting helper of `orchestrator.transport.shell` (`q` / `qpath` here; paths starting with `~/` keep
+the tilde meaning through `"$HOME"`). No recipe ever carries a secret: `.env` and `-e` values travel by
+`Transport.put` into 0600 files, and `env_verify` reports key names and value byte lengths only.
 
 Each recipe prints `KEY=value` lines that the matching `parse_*` function reads back.
 """
@@ -11,35 +12,29 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpoctl_contract.envfile
 from orchestrator.errors import UsageError
+from orchestrator.transport.shell import quote as q
+from orchestrator.transport.shell import quote_path as qpath
 
 # Exit codes the recipes use to say "refused" (never produced by git, pip or the trainer on purpose).
 EXIT_BUSY = 75  # another job holds the worker
 EXIT_EXISTS = 73  # the run's log file already exists
-EXIT_NOT_CHECKOUT = 65  # remote_dir exists but is not a git checkout
+EXIT_NOT_CHECKOUT = 65  # remote_dir holds something that is not grpoctl's checkout: refused, untouched
+EXIT_REFUSED = EXIT_NOT_CHECKOUT  # sync refuses to overwrite or delete a user's files
 EXIT_NO_PYTHON = 69  # no python >= 3.11 on the worker
 
-# Spared by `git clean`: run outputs, the venv and the secrets file live inside the checkout.
-SPARED_BY_CLEAN = ("logs/", "runs/", "wandb/", ".env", ".venv/")
+# What grpoctl itself writes inside the checkout (run outputs, the venv, the secrets file): these may be
+# present when a folder is adopted, and sync never counts them as the user's changes.
+GENERATED = ("logs/", "runs/", "wandb/", ".env", ".venv/")
+# Written into `.git/` at first clone: the only proof that a checkout is grpoctl's to reset.
+CHECKOUT_MARKER = ".git/grpoctl-checkout"
 
 PROGRESS_PREFIX = '{"event": '
-
-
-def q(value: str) -> str:
-    return shlex.quote(str(value))
-
-
-def qpath(path: str) -> str:
-    """Quote a path for the shell, keeping a leading `~/` (or a bare `~`) relative to `$HOME`."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + q(path[2:])
-    return q(path)
 
 
 def _script(*lines: str) -> str:
@@ -48,9 +43,15 @@ def _script(*lines: str) -> str:
 
 # `kill -0` succeeds on a zombie, and a killed job whose parent never reaps it (PID 1 in many containers)
 # stays one: a pid counts as alive only if it exists and is not in state Z.
+# `ours PID RUN_ID` adds identity: a pid file outlives its job and the pid may now belong to anything
+# else, so a pid is the run's only while its process carries the run's GRPOCTL_RUN_ID (every job is
+# started with it exported; "" accepts any grpoctl job). Without /proc, liveness is all we can know.
 _ALIVE_FN = (
     'alive() { kill -0 "$1" 2>/dev/null || return 1; '
-    's=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -c1); [ "$s" != Z ]; }'
+    's=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -c1); [ "$s" != Z ]; }\n'
+    'ours() { alive "$1" || return 1; [ -d "/proc/$1" ] || return 0; '
+    'if [ -n "$2" ]; then tr "\\0" "\\n" < "/proc/$1/environ" 2>/dev/null | grep -qxF "GRPOCTL_RUN_ID=$2"; '
+    'else tr "\\0" "\\n" < "/proc/$1/environ" 2>/dev/null | grep -q "^GRPOCTL_RUN_ID="; fi; }'
 )
 
 
@@ -58,30 +59,65 @@ _ALIVE_FN = (
 
 
 def sync(repo_dir: str, url: str, branch: str) -> str:
-    """Clone if missing, fetch, check out `branch` at origin's tip, clean (sparing run outputs), print HEAD.
+    """Clone if missing, fetch, check out `branch` at origin's tip, print HEAD; never destroy user files.
 
-    "Clone" is `git init` + `remote add` so that a checkout folder that already holds only spared entries
-    (an `.env` pushed first, old logs) is adopted; any other non-empty folder is refused, never wiped.
+    The folder is grpoctl's only if `git init` ran there under grpoctl (the marker in `.git/`), or it is a
+    clean clone of `url` (adopted, marked). Anything else at `remote_dir` (a user's own repo, a folder
+    with files) is refused with one line and left byte-identical. In grpoctl's checkout, edits to tracked
+    files are discarded (workers run origin's code) but untracked files are never deleted: sync refuses
+    when one would be overwritten, and refuses while a job of ours runs there.
     """
-    excludes = " ".join(f"-e {q(p)}" for p in SPARED_BY_CLEAN)
-    spared = "|".join(re.escape(p.rstrip("/")) for p in SPARED_BY_CLEAN)
-    origin = q(f"origin/{branch}")
+    generated = [f":(exclude){p.rstrip('/')}" for p in GENERATED]
+    spared = "|".join(re.escape(p.rstrip("/")) for p in GENERATED)
     return _script(
         f"REPO={qpath(repo_dir)}",
-        'mkdir -p "$REPO"',
-        'cd "$REPO"',
-        "if [ ! -d .git ]; then",
+        f"URL={q(url)}",
+        'mkdir -p -- "$REPO"',
+        'cd -- "$REPO"',
+        _ALIVE_FN,
+        "if [ -e .git ]; then",
+        f"  if [ ! -e {CHECKOUT_MARKER} ]; then",
+        "    o=$(git config --get remote.origin.url 2>/dev/null || true)",
+        '    if [ "$o" != "$URL" ]; then',
+        '      echo "$REPO is a git checkout grpoctl did not make (origin ${o:-none}): refusing to touch it;'
+        ' point remote_dir at another folder" >&2',
+        f"      exit {EXIT_REFUSED}",
+        "    fi",
+        # --no-optional-locks: even looking must not rewrite the index of a repo that may not be ours.
+        '    if [ -n "$(git --no-optional-locks status --porcelain --untracked-files=all -- . '
+        + " ".join(q(g) for g in generated)
+        + ')" ] || [ -n "$(git rev-list -n 1 --branches --not --remotes 2>/dev/null)" ]; then',
+        '      echo "$REPO is a clone of $URL with changes grpoctl did not make: refusing to touch it;'
+        ' commit, push or move them, or point remote_dir at another folder" >&2',
+        f"      exit {EXIT_REFUSED}",
+        "    fi",
+        f"    : > {CHECKOUT_MARKER}",
+        "  fi",
+        "else",
         f"  if ls -A | grep -v -x -E {q(spared)} >/dev/null; then",
         f'    echo "$REPO is not a git checkout and not empty: refusing it" >&2; exit {EXIT_NOT_CHECKOUT}',
         "  fi",
         "  git init --quiet",
-        f"  git remote add origin {q(url)}",
+        '  git remote add origin "$URL"',
+        f"  : > {CHECKOUT_MARKER}",
         "fi",
-        f"git remote set-url origin {q(url)}",
+        *_job_running_check(),
+        'git remote set-url origin "$URL"',
         "git fetch --all --prune --quiet",
-        f"git checkout --quiet --force -B {q(branch)} {origin}",
-        f"git reset --quiet --hard {origin}",
-        f"git clean -fdq {excludes}",
+        # Tracked edits go (the worker runs origin's code); untracked files stay, and a checkout that
+        # would overwrite one is refused (no --force).
+        "if git rev-parse --verify --quiet HEAD >/dev/null; then git reset --quiet --hard; fi",
+        f"BRANCH={q(branch)}",
+        'ORIGIN="origin/$BRANCH"',
+        'if ! out=$(git checkout --quiet -B "$BRANCH" "$ORIGIN" 2>&1); then',
+        "  first=$(printf '%s\\n' \"$out\" | sed -n 's/^\\t//p' | head -n 1)",
+        '  if [ -n "$first" ]; then',
+        '    echo "$REPO: untracked files would be overwritten by $ORIGIN (first: $first): move them'
+        ' aside; sync deletes no untracked file" >&2',
+        f"    exit {EXIT_REFUSED}",
+        "  fi",
+        "  printf '%s\\n' \"$out\" >&2; exit 1",
+        "fi",
         'echo "HEAD=$(git rev-parse HEAD)"',
     )
 
@@ -133,24 +169,35 @@ def parse_home(stdout: str) -> str | None:
     return _last_value(stdout, "HOME")
 
 
-def env_verify(env_path: str) -> str:
-    """Print the file's mode and, per key, the LENGTH of its value (never the value)."""
-    # awk reads the file itself: no value is ever on a command line or in the output.
-    awk = (
-        r"""/^[ \t]*(export[ \t]+)?[A-Za-z_][A-Za-z0-9_]*=/ {"""
-        r""" sub(/^[ \t]*(export[ \t]+)?/, ""); k = $0; sub(/=.*/, "", k);"""
-        r""" v = substr($0, length(k) + 2); sub(/\r$/, "", v);"""
-        r""" if (v ~ /^".*"$/ || v ~ /^'.*'$/) v = substr(v, 2, length(v) - 2);"""
-        r""" print "KEYLEN=" k ":" length(v) }"""
-    )
+ENVFILE_SOURCE = Path(grpoctl_contract.envfile.__file__).read_bytes()
+
+
+def env_verify(env_path: str, checker: str) -> str:
+    """Print the file's mode and, per key, the BYTE length of its value (never the value).
+
+    `checker` is a copy of grpoctl_contract/envfile.py (ENVFILE_SOURCE, put there first): the worker runs
+    the very parser the laptop used, with any python3 and nothing installed yet, so both count the same.
+    """
     return _script(
         f"F={qpath(env_path)}",
-        'echo "MODE=$(stat -c %a "$F")"',
-        f'awk {q(awk)} "$F"',
+        "PY=$(command -v python3 || command -v python || true)",
+        '[ -n "$PY" ] || { echo "no python3 on this worker to check the .env with" >&2; exit '
+        + f"{EXIT_NO_PYTHON}; }}",
+        f'"$PY" {qpath(checker)} verify "$F"',
     )
+
+
+def env_install(pending: str, dest: str) -> str:
+    """Rename the verified upload over the live file (atomic: a reader sees the old or the new file)."""
+    return _script(f"mv -f -T -- {qpath(pending)} {qpath(dest)}", 'echo "INSTALLED=1"')
+
+
+def remove_file(path: str) -> str:
+    return _script(f"rm -f -- {qpath(path)}")
 
 
 def parse_env_verify(stdout: str) -> tuple[str | None, dict[str, int]]:
+    """(mode, key -> byte length); mode is None when the worker could not parse the file."""
     mode = _last_value(stdout, "MODE")
     lengths: dict[str, int] = {}
     for line in stdout.splitlines():
@@ -172,6 +219,22 @@ class RunPaths:
     exit: str
     run_dir: str
 
+    @property
+    def run_id(self) -> str:
+        return _basename(self.run_dir.rstrip("/"))
+
+    @property
+    def env(self) -> str:
+        """The run's `-e` values (0600, read by the job launcher; `logs` redacts with it). Named by run
+        id, not by log stamp: a retried launch in the same second must not overwrite another run's."""
+        return f"logs/{self.run_id}.env"
+
+    @property
+    def env_loader(self) -> str:
+        """A copy of grpoctl_contract/envfile.py (ENVFILE_SOURCE) that loads `env` for the job: the job
+        needs no grpoctl installed on the worker, whatever interpreter the target names."""
+        return f"logs/{self.run_id}.loader.py"
+
     @staticmethod
     def for_run(config_stem: str, ts: str, run_id: str) -> RunPaths:
         base = f"logs/nohup_{config_stem}_{ts}"
@@ -182,7 +245,7 @@ class RunPaths:
 # It records its own pid (the session leader: `kill -- -PID` stops the whole job), runs the trainer as a
 # child and writes the exit file when the child ends or when it is told to stop (TERM/INT).
 _JOB_WRAPPER = r"""
-py=$1; config=$2; run_dir=$3; pidf=$4; exitf=$5; shift 5
+py=$1; config=$2; run_dir=$3; pidf=$4; exitf=$5; envf=$6; shift 6
 echo $$ > "$pidf"
 child=""
 write_exit() { printf '%s\n' "$1" > "$exitf.tmp" && mv -f "$exitf.tmp" "$exitf"; }
@@ -192,7 +255,14 @@ on_signal() {
 }
 trap 'on_signal 143' TERM
 trap 'on_signal 130' INT
-"$py" -u -m trainer --config "$config" --run-dir "$run_dir" "$@" &
+if [ -n "$envf" ]; then
+  # The -e values: the shared parser (a copy put beside them) loads them into the environment and execs
+  # the trainer in its place (same pid), so no value is ever on a command line.
+  "$py" "${envf%.env}.loader.py" exec "$envf" -- "$py" -u -m trainer --config "$config" \
+    --run-dir "$run_dir" "$@" &
+else
+  "$py" -u -m trainer --config "$config" --run-dir "$run_dir" "$@" &
+fi
 child=$!
 wait "$child"; code=$?
 write_exit "$code"
@@ -200,26 +270,39 @@ exit "$code"
 """.strip()
 
 
-def _busy_check() -> list[str]:
-    # A job is running when a pid file has a live pid and no exit file; a TPU is busy when a process
-    # holds its device files (v5e/v6e: /dev/vfio/N, older: /dev/accelN).
+def _job_running_check(before_exit: str = "") -> list[str]:
+    """Exit EXIT_BUSY when a job of ours runs in this checkout: a pid file whose pid is alive, is a
+    grpoctl job (not a process that later got the same pid) and has no exit file. Needs _ALIVE_FN.
+    `before_exit`: shell text run first when refusing."""
     return [
-        _ALIVE_FN,
         "for f in logs/nohup_*.pid; do",
         '  [ -e "$f" ] || continue',
         '  case "$f" in *_latest.pid) continue ;; esac',
         '  p=$(cat "$f" 2>/dev/null || true)',
-        '  if [ -n "$p" ] && [ ! -e "${f%.pid}.exit" ] && alive "$p"; then',
-        f'    echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
-        "  fi",
-        "done",
-        "for d in /dev/accel* /dev/vfio/[0-9]*; do",
-        '  [ -e "$d" ] || continue',
-        '  if command -v fuser >/dev/null 2>&1 && fuser "$d" >/dev/null 2>&1; then',
-        f'    echo "BUSY=$d is held by another process"; exit {EXIT_BUSY}',
+        '  case "$p" in ""|*[!0-9]*) continue ;; esac',
+        '  if [ ! -e "${f%.pid}.exit" ] && ours "$p" ""; then',
+        f'    {before_exit}echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
         "  fi",
         "done",
     ]
+
+
+def _busy_check(before_exit: str = "") -> list[str]:
+    # A job is running when a pid file has a live pid and no exit file; a TPU is busy when a process
+    # holds its device files (v5e/v6e: /dev/vfio/N, older: /dev/accelN).
+    return [
+        *_job_running_check(before_exit),
+        "for d in /dev/accel* /dev/vfio/[0-9]*; do",
+        '  [ -e "$d" ] || continue',
+        '  if command -v fuser >/dev/null 2>&1 && fuser "$d" >/dev/null 2>&1; then',
+        f'    {before_exit}echo "BUSY=$d is held by another process"; exit {EXIT_BUSY}',
+        "  fi",
+        "done",
+    ]
+
+
+LAUNCH_LOCK = "logs/.launch.lock"
+LOCK_WAIT_S = 60
 
 
 def launch(
@@ -232,23 +315,44 @@ def launch(
     env: Mapping[str, str] | None = None,
     trainer_args: Sequence[str] = (),
     force: bool = False,
+    env_file: bool = False,
 ) -> str:
-    """Start the trainer under `setsid nohup`, detached; prints PID= once the job has written its pid."""
+    """Start the trainer under `setsid nohup`, detached; prints PID= once the job has written its pid.
+
+    `env` holds non-secret flags (exported here, so they are on the worker's command lines); with
+    `env_file` the job also loads `paths.env` (already put there, 0600: the secrets) with
+    `paths.env_loader` (put there too). One launch at a time
+    per worker: the busy check and the start happen under `flock` on LAUNCH_LOCK, so of two simultaneous
+    launches the second sees the first's job (and is refused unless `force`).
+    """
     exports = [f"export {_env_name(k)}={q(v)}" for k, v in sorted((env or {}).items())]
     latest = [
         f"ln -sfn {q(_basename(getattr(paths, ext)))} {q(f'logs/nohup_{config_stem}_latest.{ext}')}"
         for ext in ("log", "pid", "exit")
     ]
-    args = " ".join(q(a) for a in [python, config, paths.run_dir, paths.pid, paths.exit, *trainer_args])
+    envf = paths.env if env_file else ""
+    args = " ".join(
+        q(a) for a in [python, config, paths.run_dir, paths.pid, paths.exit, envf, *trainer_args]
+    )
+    # A refused launch leaves no secrets file behind.
+    refuse = f"rm -f -- {q(paths.env)} {q(paths.env_loader)}; " if env_file else ""
     return _script(
         f"cd {qpath(repo_dir)}",
         "mkdir -p logs runs",
-        *([] if force else _busy_check()),
-        f"if [ -e {q(paths.log)} ]; then echo EXISTS={q(paths.log)}; exit {EXIT_EXISTS}; fi",
+        _ALIVE_FN,
+        f"exec 9>> {q(LAUNCH_LOCK)}",
+        f"if ! flock -w {LOCK_WAIT_S} 9; then",
+        f'  {refuse}echo "BUSY=another launch held {LAUNCH_LOCK} for {LOCK_WAIT_S} s"; exit {EXIT_BUSY}',
+        "fi",
+        *([] if force else _busy_check(refuse)),
+        f"if [ -e {q(paths.log)} ]; then {refuse}echo EXISTS={q(paths.log)}; exit {EXIT_EXISTS}; fi",
         *latest,
         "export PYTHONUNBUFFERED=1",
+        # The job's identity (see `ours`): status, stop and the busy check trust a pid only with it.
+        f"export GRPOCTL_RUN_ID={q(paths.run_id)}",
         *exports,
-        f"setsid nohup bash -c {q(_JOB_WRAPPER)} grpoctl-job {args} > {q(paths.log)} 2>&1 < /dev/null &",
+        # 9>&-: the job must not inherit (and so hold) the launch lock.
+        f"setsid nohup bash -c {q(_JOB_WRAPPER)} grpoctl-job {args} > {q(paths.log)} 2>&1 < /dev/null 9>&- &",
         "for _ in $(seq 100); do",
         f"  [ -s {q(paths.pid)} ] && break; sleep 0.05",
         "done",
@@ -277,11 +381,15 @@ def status(repo_dir: str, paths: RunPaths) -> str:
         'echo "PIDV=$p"',
         # Liveness before the exit file: the wrapper writes the file, then exits. Read the other way round,
         # a job ending between the two reads would look LOST (no exit file, no process).
-        'if [ -n "$p" ] && alive "$p"; then echo ALIVE=1; else echo ALIVE=0; fi',
+        # A pid that now belongs to another process is not the job: the run is LOST, not RUNNING.
+        f'if [ -n "$p" ] && ours "$p" {q(paths.run_id)}; then echo ALIVE=1; else echo ALIVE=0; fi',
         f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
         f"line=$(grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null | tail -n 1 || true)",
         'printf "PROGRESS=%s\\n" "$line"',
+        # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
+        f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
+        'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
     )
 
 
@@ -318,6 +426,7 @@ class WorkerStatus:
     exit_code: int | None = None
     pid: int | None = None
     progress: Progress | None = None
+    quiet_s: int | None = None  # seconds since the log last grew (None: no log)
 
     @property
     def label(self) -> str:
@@ -349,13 +458,15 @@ def parse_status(stdout: str) -> WorkerStatus:
     progress = parse_progress_line(progress_line)
     pid_text = _last_value(stdout, "PIDV") or ""
     pid = int(pid_text) if pid_text.isdigit() else None
+    quiet_text = (_last_value(stdout, "QUIET") or "").strip()
+    quiet = max(0, int(quiet_text)) if quiet_text.lstrip("-").isdigit() else None
     exit_text = (_last_value(stdout, "EXIT") or "").strip()
     if exit_text.lstrip("-").isdigit():
         code = int(exit_text)
-        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress)
+        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress, quiet)
     if _last_value(stdout, "ALIVE") == "1":
-        return WorkerStatus("RUNNING", None, pid, progress)
-    return WorkerStatus("LOST", None, pid, progress)
+        return WorkerStatus("RUNNING", None, pid, progress, quiet)
+    return WorkerStatus("LOST", None, pid, progress, quiet)
 
 
 def combine(states: Sequence[WorkerStatus]) -> str:
@@ -371,19 +482,29 @@ def combine(states: Sequence[WorkerStatus]) -> str:
 
 
 def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
-    """TERM the job's process group (the trap writes the exit file), KILL it after `grace_s`."""
+    """TERM the job's process group (the trap writes the exit file), KILL it after `grace_s`.
+
+    Only the run's own process is signalled: its pid must carry the run's GRPOCTL_RUN_ID (a LOST run's pid
+    may since have been given to anything), and its group is signalled only if it leads one.
+    """
     ticks = max(1, int(grace_s * 10))
     return _script(
         f"cd {qpath(repo_dir)}",
         _ALIVE_FN,
+        f"RUN={q(paths.run_id)}",
         f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
         # Only a real job pid: `kill -- -1` would signal every process of the user.
         'case "$p" in ""|*[!0-9]*|0|1) echo KILL=not-running; exit 0 ;; esac',
         'if ! alive "$p"; then echo KILL=not-running; exit 0; fi',
-        'kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true',
+        'if ! ours "$p" "$RUN"; then echo KILL=not-ours; exit 0; fi',
+        # The wrapper is started by setsid: it leads its own group. Anything else gets only its own signal.
+        'g=$(sed "s/.*) //" "/proc/$p/stat" 2>/dev/null | cut -d" " -f3 || true)',
+        'sig() { if [ -z "$g" ] || [ "$g" = "$p" ]; then kill "$1" -- "-$p" 2>/dev/null || kill "$1" "$p"; '
+        'else kill "$1" "$p"; fi; }',
+        "sig -TERM 2>/dev/null || true",
         f'for _ in $(seq {ticks}); do alive "$p" || break; sleep 0.1; done',
         'if alive "$p"; then',
-        '  kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p"; echo KILL=killed',
+        "  sig -KILL; echo KILL=killed",
         "else echo KILL=terminated; fi",
     )
 

@@ -110,8 +110,15 @@ def wait_recovering(
 
     while True:
         try:
+            if record.state == "PREEMPTED":  # marked by an earlier wait without --recover: relaunch now
+                raise _MachineGone((record.last_progress or {}).get("preempted", "preempted earlier"))
             return watch_ops.wait(
-                session.target, record, session.store, interval=interval, on_poll=watch_machine
+                session.target,
+                record,
+                session.store,
+                interval=interval,
+                on_poll=watch_machine,
+                stall_after_s=session.config.stall_after_s,
             )
         except _MachineGone as gone:
             reason = gone.reason

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UsageError
+from orchestrator.errors import InfraError, UsageError
 
 STATE_DIR_ENV = "GRPOCTL_STATE_DIR"
 
@@ -51,10 +51,12 @@ class WorkerRun:
     worker: str  # "w0"
     host: str
     pid: int | None = None
-    state: str = "LAUNCHING"  # LAUNCHING, RUNNING, SUCCEEDED, FAILED, LOST, UNREACHABLE
+    # LAUNCHING, RUNNING, STALLED (alive, log silent too long), SUCCEEDED, FAILED, LOST, PREEMPTED
+    state: str = "LAUNCHING"
     exit_code: int | None = None
     step: int | None = None
     total: int | None = None
+    quiet_s: int | None = None  # seconds its log had not grown at the last poll (STALLED past a limit)
 
 
 @dataclass
@@ -69,7 +71,10 @@ class RunRecord:
     exit_path: str
     run_dir: str
     ts: str
-    env: dict[str, str] = field(default_factory=dict)  # non-secret flags only
+    # `-e` values are secrets: they live in this process only (to launch, and relaunch on recovery), never
+    # in the store, `status --json` or a report; what is kept is their names.
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    env_names: list[str] = field(default_factory=list)
     trainer_args: list[str] = field(default_factory=list)
     workers: list[WorkerRun] = field(default_factory=list)
     state: str = "LAUNCHING"
@@ -83,21 +88,30 @@ class RunRecord:
     # Appended by preemption recovery: {"at", "reason", "action", ...} per recovery.
     recoveries: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.env_names = sorted(set(self.env_names) | set(self.env))
+
     @property
     def config_stem(self) -> str:
         return Path(self.config).stem
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in ("SUCCEEDED", "FAILED", "LOST")
+        # PREEMPTED: the machine is gone; nothing to poll until `--recover` relaunches it.
+        return self.state in ("SUCCEEDED", "FAILED", "LOST", "PREEMPTED")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["env"]  # the values never leave the process (see `env`)
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> RunRecord:
-        known = {f.name for f in fields(RunRecord)}
+        known = {f.name for f in fields(RunRecord)} - {"env"}
+        # A record stored by an older grpoctl held the values: keep the names, drop the values.
+        old_env = data.get("env") if isinstance(data.get("env"), dict) else {}
         data = {k: v for k, v in data.items() if k in known}
+        data["env_names"] = sorted(set(data.get("env_names") or []) | set(old_env))
         data["workers"] = [WorkerRun(**w) for w in data.get("workers", [])]
         return RunRecord(**data)
 
@@ -123,8 +137,8 @@ class RunStore:
             path = folder / "runs.sqlite"
         self.path = str(path)
         self._lock = threading.Lock()  # fan-out threads update worker rows of the same record
-        with self._connect() as db:
-            db.execute(_SCHEMA)
+        with self._connect():  # creates the table; a corrupt file is reported (and moved aside) here
+            pass
 
     @staticmethod
     def in_memory() -> RunStore:
@@ -145,12 +159,35 @@ class RunStore:
                 memory.commit()
             return
         with self._lock:
-            db = sqlite3.connect(self.path, timeout=10)
+            # The folder or the file may have been deleted since the last command: start afresh.
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = None
             try:
+                db = sqlite3.connect(self.path, timeout=10)
+                db.execute(_SCHEMA)
                 yield db
                 db.commit()
+            except sqlite3.DatabaseError as err:
+                raise self._store_error(err) from None
             finally:
-                db.close()
+                if db is not None:
+                    db.close()
+
+    def _store_error(self, err: sqlite3.DatabaseError) -> InfraError:
+        """One line for a state database we cannot use; a corrupt one is moved aside (kept, not deleted)."""
+        text = str(err)
+        corrupt = "not a database" in text or "malformed" in text
+        if not corrupt:  # locked, unwritable, a folder in the way: the user can fix it
+            return InfraError(f"state database {self.path}: {text}")
+        aside = f"{self.path}.corrupt-{utc_stamp()}"
+        try:
+            os.replace(self.path, aside)
+        except OSError as move_err:
+            return InfraError(f"state database {self.path} is unreadable ({text}); moving it: {move_err}")
+        return InfraError(
+            f"state database {self.path} was unreadable ({text}); moved it to {aside} (earlier run records "
+            "are there); the next command starts a new one"
+        )
 
     def save(self, record: RunRecord) -> None:
         record.updated_at = utc_now_iso()

@@ -24,6 +24,7 @@ re-runs from that step on. Dry runs never read state (every step runs against th
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator import compare as cmp
-from orchestrator.config import TargetConfig
+from orchestrator.config import TargetConfig, read_text_utf8
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import fetch as fetch_ops
@@ -73,6 +74,10 @@ class EnvPushStep(_Step):
     optional: bool = False  # skip (not fail) when the file is missing
 
 
+# Run names become file names in the report folder (`<a>_vs_<b>.png`): one plain path component only.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
 class RunStep(_Step):
     kind: Literal["run"] = "run"
     name: str  # how later steps refer to this run
@@ -81,7 +86,16 @@ class RunStep(_Step):
     set: dict[str, str] = {}
     wait: bool = True
     force: bool = False
-    interval_s: float = 5.0
+    interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not _RUN_NAME.match(v) or ".." in v:
+            raise ValueError(
+                f"run name {v!r}: use letters, digits, '_', '-', '.' (it names files in the report folder)"
+            )
+        return v
 
     @field_validator("env", "set", mode="before")
     @classmethod
@@ -92,7 +106,7 @@ class RunStep(_Step):
 class WaitStep(_Step):
     kind: Literal["wait"] = "wait"
     run: str
-    interval_s: float = 5.0
+    interval_s: float = Field(default=5.0, gt=0)
 
 
 class FetchStep(_Step):
@@ -163,7 +177,7 @@ def parse_sop(data: Any, source: str) -> Sop:
             raise UsageError(f"{source}: missing required key {loc!r}") from None
         if first["type"] == "union_tag_invalid":
             raise UsageError(f"{source}: {loc}: unknown step kind ({first['msg']})") from None
-        raise UsageError(f"{source}: {loc}: {first['msg']}") from None
+        raise UsageError(f"{source}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
     ids = [step_id(s) for s in sop.steps]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -188,7 +202,7 @@ def load_sop(path: str | Path) -> Sop:
     if not path.is_file():
         raise UsageError(f"SOP file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text_utf8(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise UsageError(f"{path}:{f' line {mark.line + 1}' if mark else ''} malformed YAML") from None
@@ -365,7 +379,7 @@ class _Replayer:
     def do_run(self, step: RunStep, st: StepState) -> None:
         s = self.session(step)
         overrides = {**step.set, **self.overrides}  # `sop replay --set` applies to every run
-        flags = [f"--env {k}={v}" for k, v in step.env.items()] + [
+        flags = [f"--env {k}=***" for k in step.env] + [  # -e values are secrets: never in a report
             f"--set {k}={v}" for k, v in overrides.items()
         ]
         st.command = self._cli(s, "run", step.config, *flags, *(["--wait"] if step.wait else []))
@@ -377,6 +391,7 @@ class _Replayer:
             self._remember(st, record)
             self.say(f"{step_id(step)}: launched {record.run_id}")
         else:
+            record.env = dict(step.env)  # never stored: a relaunch on recovery needs them again
             self.say(f"{step_id(step)}: re-attached to {record.run_id} ({record.state})")
             st.details.append(f"re-attached to `{record.run_id}`")
         if step.wait:
@@ -429,7 +444,8 @@ class _Replayer:
         result = cmp.compare_runs(run_a, run_b, step.keys or self.sop.summary_keys)
         plot_args = []
         if step.plot:
-            out = self.report_dir / f"{step.a}_vs_{step.b}.png"
+            out = self.report_dir / f"{step.a}_vs_{step.b}.png"  # run names are plain (RunStep)
+            self.report_dir.mkdir(parents=True, exist_ok=True)
             cmp.plot(run_a, run_b, out)
             st.details.append(f"plot: `{out}`")
             plot_args = ["--plot", str(out)]
@@ -439,7 +455,7 @@ class _Replayer:
         names = (step.a, step.b)
         learning = [f"{name} {line}" for name, line in zip(names, result.learning_lines(), strict=True)]
         versus = f"{step.a} vs {step.b}: " + (
-            result.paired.line() if result.paired else "no paired eval results"
+            result.test_line() if result.paired else "no paired eval results"
         )
         self.state.verdict = "\n".join([*learning, versus])
         st.details.extend([*learning, versus])
@@ -473,7 +489,11 @@ class _Replayer:
 
         def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
             p = poll.progress
-            if p and p.step != last[0]:
+            if rec.state == "STALLED" and last[0] != -2:  # once per stall, until output moves again
+                last[0] = -2
+                quiet = max((w.quiet_s or 0 for w in rec.workers), default=0)
+                self.say(f"  {rec.run_id}: STALLED, no output for {quiet} s (still waiting)")
+            elif p and p.step != last[0]:
                 last[0] = p.step
                 eta = "?" if p.eta_s is None else f"{p.eta_s:.0f} s"
                 self.say(f"  {rec.run_id}: step {p.step}/{p.total} eta {eta}")
@@ -489,6 +509,7 @@ class _Replayer:
                     self.store,
                     interval=interval if not self.dry_run else 0,
                     on_poll=on_poll,
+                    stall_after_s=s.config.stall_after_s,
                 )
         finally:
             self._remember(st, record)
@@ -583,6 +604,8 @@ def replay(
 
 def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_run: bool) -> None:
     lines = [f"# SOP `{sop.name}`{' (dry run)' if dry_run else ''}", ""]
+    if dry_run:  # nothing below happened: say so before any figure can be quoted out of context
+        lines += ["**Dry run: every pid, state, figure and verdict below is FABRICATED, not a result.**", ""]
     if sop.description:
         lines += [sop.description.strip(), ""]
     lines += [f"- file: `{sop_path}`", f"- default target: `{sop.target}`", f"- written: {utc_now_iso()}", ""]
@@ -621,7 +644,9 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         names = list(state.summaries)
         lines += [
             "",
-            "## Observed summary",
+            "## Made-up summary (dry run: FABRICATED figures, not results)"
+            if dry_run
+            else "## Observed summary",
             "",
             "| key | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),

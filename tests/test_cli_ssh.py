@@ -93,7 +93,7 @@ def cli(lab, monkeypatch: pytest.MonkeyPatch):
 
 
 def _ps_args() -> str:
-    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
 
 
 def test_sync_and_env_push_keep_the_secret_off_the_wire_of_words(cli, lab):

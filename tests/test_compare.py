@@ -67,6 +67,7 @@ def test_compare_runs_markdown_and_plot(tmp_path: Path):
     md = result.markdown()
     assert "| `eval_full/accuracy` | 0.5 | 0.55 | +0.05 |" in md
     assert result.to_json()["mcnemar"]["only_b"] == 20
+    (tmp_path / "plots").mkdir()  # plot() never creates folders (see check_plot_path)
     png = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 

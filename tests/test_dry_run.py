@@ -21,7 +21,9 @@ def classify(line: str) -> str:
     """Which recipe a printed dry-run line is (one label per remote call)."""
     body = line.split("] ", 1)[1]
     if body.startswith("put "):
-        return "put " + body.split()[1].rsplit("/", 1)[-1] + " " + re.search(r"mode (\d+)", body).group(1)
+        name = body.split()[1].rsplit("/", 1)[-1]
+        name = re.sub(r"^.*-\d{8}_\d{6}-[0-9a-f]{4}\.", "RUN.", name)  # a run's -e file and its loader
+        return "put " + name + " " + re.search(r"mode (\d+)", body).group(1)
     if body.startswith("get "):
         return "get " + body.split()[1].rsplit("/", 1)[-1]
     markers = [  # most specific first: several recipes also `mkdir -p`
@@ -29,7 +31,9 @@ def classify(line: str) -> str:
         ("pip install", "bootstrap"),
         ("setsid nohup", "launch"),
         ("ALIVE=", "status"),
-        ("KEYLEN=", "env-verify"),
+        ('verify "$F"', "env-verify"),
+        ("INSTALLED=", "env-install"),
+        ("rm -f --", "rm"),
         ('echo "FILE=', "list-files"),
         ("WANDB=", "find-wandb"),
         ('printf "HOME=', "home"),
@@ -73,10 +77,17 @@ def test_tpu_sop_dry_run_command_sequence(replayed):
         "bootstrap",  # sync
         "home",
         "mkdir",
-        "put .env 0600",
-        "env-verify",  # env_push
+        "put .env.grpoctl-pending 0600",
+        "put .env.grpoctl-check.py 0600",
+        "env-verify",
+        "rm",  # the checker
+        "env-install",  # env_push: the upload replaces .env only once verified
+        "put RUN.loader.py 0600",
+        "put RUN.env 0600",  # the SOP's env values: secrets, in a file, never on a command line
         "launch",
         "status",  # run jax (the scripted job is done at the first poll)
+        "put RUN.loader.py 0600",
+        "put RUN.env 0600",
         "launch",
         "status",  # run pallas
         *per_run_fetch,
@@ -104,7 +115,8 @@ def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
     launches = [line for line in lines if "setsid nohup" in line]
     assert len(launches) == 2
     for config, launch in zip(["steps100.yaml", "steps100_pallas.yaml"], launches, strict=True):
-        assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
+        assert "EVAL_FULL_SWEEP" not in launch  # env values travel in the run's 0600 file
+        assert re.search(r"logs/grpo_gsm8k_qwen25_3b_bs128_steps100\S*-\d{8}_\d{6}-[0-9a-f]{4}\.env", launch)
         assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
         assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
     assert "pip install --quiet -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
@@ -116,7 +128,12 @@ def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["dry-run", "sops"]  # fetched: dry-run/
     report = (folder / result.report_path).read_text()  # relative to the folder it ran in
     assert result.report_path.name == "report.dry-run.md"
-    assert "(dry run)" in report and "## Observed summary" in report and "**Verdict**" in report
+    assert "(dry run)" in report and "**Verdict**" in report
+    # Every made-up figure says so: the summary table's heading and each McNemar line (issue 10).
+    assert "## Made-up summary (dry run: FABRICATED figures, not results)" in report
+    assert "## Observed summary" not in report
+    mcnemar = [line for line in report.splitlines() if "McNemar" in line]
+    assert len(mcnemar) >= 2 and all("FABRICATED by --dry-run" in line for line in mcnemar), mcnemar
     for key in ("eval_full/accuracy", "time/eval_full/step_s"):
         assert f"| `{key}` |" in report
     assert re.search(
@@ -135,6 +152,8 @@ def test_cli_dry_run_replay_exit_zero_from_the_repo_root(tmp_path: Path, monkeyp
     assert result.exit_code == 0, result.output
     assert "report: runs/sops/grpo_gsm8k_pallas_vs_jax/report.dry-run.md" in result.stdout
     assert "McNemar exact test on 1319 paired questions" in result.stdout
+    verdict = next(line for line in result.stdout.splitlines() if "McNemar" in line)
+    assert "FABRICATED by --dry-run, not a result" in verdict, verdict
     assert result.stderr.count("setsid nohup") == 2
     assert ".env not found: the dry run pushes an empty file" in result.stderr  # CI has no secrets
 

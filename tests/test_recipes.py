@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from standin import git, standin_repo  # noqa: F401
 
+from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import UsageError
 
@@ -85,23 +86,26 @@ def test_env_verify_reports_lengths_never_values(tmp_path: Path):
     secret = "s3cr3t-value-xyz"
     env.write_text(f'WANDB_API_KEY={secret}\nexport QUOTED="a b c"\r\n# COMMENT=zzz\nEMPTY=\n')
     env.chmod(0o600)
-    out = bash(recipes.env_verify(str(env)))
+    checker = envfile.__file__  # on a worker: a copy of this very file (recipes.ENVFILE_SOURCE)
+    out = bash(recipes.env_verify(str(env), checker))
     assert out.returncode == 0, out.stderr
     mode, lengths = recipes.parse_env_verify(out.stdout)
     assert mode == "600"
     assert lengths == {"WANDB_API_KEY": len(secret), "QUOTED": 5, "EMPTY": 0}
     assert secret not in out.stdout + out.stderr
-    assert secret not in recipes.env_verify(str(env))
+    assert secret not in recipes.env_verify(str(env), checker)
 
 
-def test_sync_clones_resets_cleans_and_spares_run_outputs(tmp_path: Path, standin_repo):  # noqa: F811
+def test_sync_clones_resets_and_never_deletes_untracked_files(tmp_path: Path, standin_repo):  # noqa: F811
     url, work = standin_repo
     checkout = tmp_path / "ck"
     first = bash(recipes.sync(str(checkout), url, "main"))
     assert first.returncode == 0, first.stderr
     head = recipes.parse_head(first.stdout)
     assert head == git(work, "rev-parse", "HEAD")
-    # Leftovers: a stray file and a local edit go; logs/, runs/, .env stay.
+    assert (checkout / recipes.CHECKOUT_MARKER).is_file()
+    # A local edit to a tracked file goes (workers run origin's code); untracked files and logs/, runs/,
+    # .env stay.
     (checkout / "stray.txt").write_text("x")
     (checkout / "configs" / "ok.yaml").write_text("steps: 999\n")
     for keep in ("logs/a.log", "runs/r/summary.json", ".env", "wandb/w.txt"):
@@ -110,7 +114,7 @@ def test_sync_clones_resets_cleans_and_spares_run_outputs(tmp_path: Path, standi
     again = bash(recipes.sync(str(checkout), url, "main"))
     assert again.returncode == 0, again.stderr
     assert recipes.parse_head(again.stdout) == head
-    assert not (checkout / "stray.txt").exists()
+    assert (checkout / "stray.txt").read_text() == "x"
     assert "999" not in (checkout / "configs" / "ok.yaml").read_text()
     for keep in ("logs/a.log", "runs/r/summary.json", ".env", "wandb/w.txt"):
         assert (checkout / keep).read_text() == "keep"

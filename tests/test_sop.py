@@ -93,7 +93,8 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert "logs/nohup_tiny_cpu_2" in report and ".exit`" in report and ".pid`" in report
     assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
     assert "McNemar exact test on 300 paired questions" in report and "**Verdict**" in report
-    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
+    # env values are secrets (-e): a report names them, never shows them
+    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=***" in report
     assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
     assert "env_push" in report and "not present: skipped (optional)" in report
     # Same seed, same data: the stand-in's "pallas" agrees with "jax" on every question.

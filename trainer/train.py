@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from grpoctl_contract import envfile
 from trainer import grpo, hf_io, sharding
 from trainer.checkpoints import Checkpointer
 from trainer.config import Config, ConfigError, config_hash, to_dict
@@ -51,20 +52,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
-    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
+    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values).
+
+    Parsed by grpoctl_contract.envfile, the parser `grpoctl env push` verified the file with, so a value
+    reads the same here as in the push check and in log redaction."""
+    try:
+        values = envfile.read(path)
+    except envfile.EnvFileError as err:
+        raise ConfigError("env", str(err)) from None
     names = []
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        key, value = key.strip(), value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        if key and key not in os.environ:
+    for key, value in values.items():
+        if key not in os.environ:
             os.environ[key] = value
             names.append(key)
     return names

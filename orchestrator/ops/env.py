@@ -1,37 +1,32 @@
-"""Push the local `.env` to every worker: atomically, mode 0600, verified by key and value LENGTH only."""
+"""Push the local `.env` to every worker: mode 0600 from the first byte, verified by key and value BYTE
+length only (the worker runs the same parser), and only then renamed over the live file."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpoctl_contract import envfile
 from orchestrator import recipes
-from orchestrator.errors import InfraError, UsageError
+from orchestrator.errors import GrpoctlError, InfraError, UsageError
 from orchestrator.ops.fanout import fan_out, values
 from orchestrator.ops.session import Session
 from orchestrator.transport.base import Transport
 
-_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
 
-
-def parse_dotenv(text: str) -> dict[str, str]:
-    """KEY=VALUE lines (optional `export `, optional matching quotes); comments and blanks skipped."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if not m or line.lstrip().startswith("#"):
-            continue
-        value = m.group(2).rstrip("\r")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[m.group(1)] = value
-    return out
+def parse_dotenv(data: bytes | str, source: str = ".env") -> dict[str, str]:
+    """The shared parser (grpoctl_contract.envfile); a file that does not parse is a one-line UsageError."""
+    try:
+        return envfile.parse(data, source)
+    except envfile.EnvFileError as err:
+        raise UsageError(str(err)) from None
 
 
 def read_dotenv(path: str | Path = ".env") -> dict[str, str]:
     path = Path(path)
-    return parse_dotenv(path.read_text()) if path.is_file() else {}
+    return parse_dotenv(path.read_bytes(), str(path)) if path.is_file() else {}
 
 
 @dataclass
@@ -62,28 +57,46 @@ def push_env(session: Session, local_path: str | Path = ".env") -> EnvPushResult
         data = b""
     else:
         data = local_path.read_bytes()
-    expected = {k: len(v) for k, v in parse_dotenv(data.decode("utf-8", errors="replace")).items()}
+    expected = envfile.byte_lengths(parse_dotenv(data, str(local_path)))
     if not expected and not session.dry_run:
         raise UsageError(f"{local_path}: no KEY=VALUE lines")
 
     def one(_: int, t: Transport) -> tuple[str, str, dict[str, int]]:
         remote_dir = absolute_remote_dir(t, session.remote_dir)
-        made = t.run(f"mkdir -p {recipes.q(remote_dir)}", timeout=60)
+        made = t.run(f"mkdir -p -- {recipes.qpath(remote_dir)}", timeout=60)
         if not made.ok:
             raise InfraError(f"{t.name}: cannot create {remote_dir}")
         remote = f"{remote_dir}/.env"
-        t.put(data, remote, mode=0o600)
-        check = t.run(recipes.env_verify(remote), timeout=60)
-        if not check.ok:
-            raise InfraError(f"{t.name}: could not verify {remote} (exit {check.exit_code})")
-        mode, lengths = recipes.parse_env_verify(check.stdout)
-        if session.dry_run:  # the recording transport has no file to read back
-            mode, lengths = "600", dict(expected)
-        if mode != "600":
-            raise InfraError(f"{t.name}: {remote} has mode {mode}, expected 600")
-        if lengths != expected:
-            bad = sorted(k for k in expected.keys() | lengths.keys() if expected.get(k) != lengths.get(k))
-            raise InfraError(f"{t.name}: {remote} does not match the local file for keys {', '.join(bad)}")
+        # The upload lands beside the live file and replaces it only once it reads back right: a failed
+        # or garbled push leaves the previous .env in place.
+        pending, checker = f"{remote}.grpoctl-pending", f"{remote}.grpoctl-check.py"
+        t.put(data, pending, mode=0o600)
+        try:
+            t.put(recipes.ENVFILE_SOURCE, checker, mode=0o600)
+            check = t.run(recipes.env_verify(pending, checker), timeout=60)
+            mode, lengths = recipes.parse_env_verify(check.stdout)
+            if session.dry_run:  # the recording transport has no file to read back
+                mode, lengths = "600", dict(expected)
+            if not check.ok or mode is None:
+                raise InfraError(f"{t.name}: could not verify {pending} (exit {check.exit_code})")
+            if mode != "600":
+                raise InfraError(f"{t.name}: {pending} has mode {mode}, expected 600")
+            if lengths != expected:
+                bad = sorted(k for k in expected.keys() | lengths.keys() if expected.get(k) != lengths.get(k))
+                raise InfraError(
+                    f"{t.name}: {pending} does not match the local file for keys {', '.join(bad)}"
+                    f" ({remote} left as it was)"
+                )
+        except BaseException:
+            with contextlib.suppress(GrpoctlError):  # the first error is the one worth reporting
+                t.run(recipes.remove_file(pending), timeout=60)
+            raise
+        finally:
+            with contextlib.suppress(GrpoctlError):
+                t.run(recipes.remove_file(checker), timeout=60)
+        installed = t.run(recipes.env_install(pending, remote), timeout=60)
+        if not installed.ok:
+            raise InfraError(f"{t.name}: could not move {pending} over {remote} (exit {installed.exit_code})")
         return remote, mode, lengths
 
     results = values(fan_out(session.target.transports(), one))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.fanout import fan_out
@@ -71,6 +75,17 @@ def renew_attempt(record: RunRecord) -> None:
         w.pid, w.state, w.exit_code = None, "LAUNCHING", None
 
 
+def secret_env_file(env: Mapping[str, str]) -> bytes | None:
+    """`-e` values as a `.env` file for the worker (None without any): the same format and parser as
+    `.env`, so they never need a command line. A value the format cannot hold is a one-line UsageError."""
+    if not env:
+        return None
+    try:
+        return envfile.render(dict(env))
+    except ValueError as err:
+        raise UsageError(f"-e {err}") from None
+
+
 class LogNameTaken(UsageError):
     """This run's log file name is already in use on a worker (another launch in the same second)."""
 
@@ -110,17 +125,29 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
 
     workers = target.workers()
 
+    missing = sorted(set(record.env_names) - set(record.env))
+    if missing:  # a record read back from the store: the values were never stored
+        raise UsageError(
+            f"run {record.run_id} needs -e {', '.join(missing)} again (values are secrets, never stored): "
+            f"grpoctl recover {record.run_id} -e NAME=VALUE ..."
+        )
+    secrets_file = secret_env_file(record.env)
+
     def one(i: int, t: Transport) -> int:
-        env = {**record.env, **worker_env(record.run_id, i, workers, record.target_kind)}
+        if secrets_file is not None:  # before the launch script, whose job reads them
+            base = record.remote_dir.rstrip("/")
+            t.put(recipes.ENVFILE_SOURCE, f"{base}/{paths.env_loader}", mode=0o600)
+            t.put(secrets_file, f"{base}/{paths.env}", mode=0o600)
         script = recipes.launch(
             record.remote_dir,
             python,
             record.config,
             paths,
             config_stem=record.config_stem,
-            env=env,
+            env=worker_env(record.run_id, i, workers, record.target_kind),
             trainer_args=record.trainer_args,
             force=force,
+            env_file=secrets_file is not None,
         )
         result = t.run(script, timeout=timeout)
         if result.exit_code == recipes.EXIT_BUSY:
@@ -168,14 +195,41 @@ def start_run(
 ) -> RunRecord:
     """Create, save, launch, save again; returns as soon as every worker has a pid."""
     record = new_record(session, config, env=env, trainer_args=trainer_args, git_commit=git_commit)
+    secret_env_file(record.env)  # refuse an unrepresentable -e value before anything is saved or started
     session.store.save(record)
-    try:
-        launch(session.target, record, force=force)
-    except BaseException:
-        if any(w.pid for w in record.workers):
-            session.store.save(record)
-        else:  # nothing started anywhere: leave no record behind
-            session.store.delete(record.run_id)
-        raise
-    session.store.save(record)
+    # Ctrl-C while the workers start the job would leave a job no record tracks: the launch (bounded by
+    # its timeout) finishes and is recorded first, then the interrupt is raised.
+    with deferred_interrupt(session.say) as interrupted:
+        try:
+            launch(session.target, record, force=force)
+        except BaseException:
+            if any(w.pid for w in record.workers):
+                session.store.save(record)
+            else:  # nothing started anywhere: leave no record behind
+                session.store.delete(record.run_id)
+            raise
+        session.store.save(record)
+    if interrupted():
+        raise KeyboardInterrupt
     return record
+
+
+@contextlib.contextmanager
+def deferred_interrupt(say: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
+    """Hold SIGINT back for the block; yields a function saying whether one arrived. Only the main thread
+    can handle signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    seen: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        if not seen:
+            say("interrupt: finishing the launch so that the job is recorded (it keeps running)")
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)

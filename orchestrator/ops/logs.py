@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from orchestrator import recipes
-from orchestrator.errors import InfraError, UsageError
+from orchestrator.errors import GrpoctlError, InfraError, UsageError
+from orchestrator.ops import env as env_ops
 from orchestrator.ops.launch import paths_of
 from orchestrator.runs import RunRecord
 
@@ -16,6 +18,20 @@ def _transport(target, record: RunRecord, worker: int):
     if not 0 <= worker < len(transports):
         raise UsageError(f"--worker {worker}: run {record.run_id} has workers 0..{len(transports) - 1}")
     return transports[worker]
+
+
+def secret_values(target, record: RunRecord, env_file: str | Path = ".env", *, worker: int = 0) -> list[str]:
+    """Every value a log must not show: the local `.env`, the worker's `.env` and the run's `-e` file
+    (read over the transport into memory only; a missing file adds nothing)."""
+    found = list(env_ops.read_dotenv(env_file).values()) + list(record.env.values())
+    t = _transport(target, record, worker)
+    base = record.remote_dir.rstrip("/")
+    for path in (f"{base}/.env", f"{base}/{paths_of(record).env}"):
+        try:
+            found += env_ops.parse_dotenv(t.get(path), path).values()
+        except (FileNotFoundError, GrpoctlError):
+            continue  # nothing there, or unreadable: the local values still apply
+    return found
 
 
 def tail(target, record: RunRecord, *, worker: int = 0, lines: int = 200) -> str:

@@ -79,8 +79,11 @@ def _resolve_repo(session: Session, cwd: Path) -> RepoSpec:
 
 
 def _check(result: CommandResult, what: str) -> CommandResult:
-    if result.exit_code == recipes.EXIT_NOT_CHECKOUT:
+    if result.exit_code == recipes.EXIT_REFUSED:  # not our checkout, or user files in the way: untouched
         raise UsageError(f"{result.worker}: {_last_line(result.stderr)}")
+    if result.exit_code == recipes.EXIT_BUSY and what == "git sync":
+        busy = recipes.parse_busy(result.stdout)
+        raise UsageError(f"{result.worker}: a job runs in the checkout ({busy}): stop it before syncing")
     if not result.ok:
         raise InfraError(
             f"{result.worker}: {what} failed (exit {result.exit_code}): {_last_line(result.stderr)}"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator import recipes
-from orchestrator.errors import GrpoctlError, InfraError, JobFailed
+from orchestrator.errors import GrpoctlError, InfraError, JobFailed, PreemptedError
 from orchestrator.ops import env as env_ops
 from orchestrator.ops.fanout import fan_out
 from orchestrator.ops.launch import paths_of
@@ -32,9 +32,11 @@ class Poll:
         return first.progress if first else None
 
 
-def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
+def poll(target, record: RunRecord, *, timeout: float = 30, stall_after_s: float | None = None) -> Poll:
     """Probe every worker once and update `record` in place (not saved). Unreachable workers keep
-    their last known state; the run's state is decided only from the workers that answered."""
+    their last known state; the run's state is decided only from the workers that answered. A live
+    worker whose log has not grown for `stall_after_s` is STALLED (SIGSTOPped, hung, deadlocked): the run
+    shows STALLED until its log moves again."""
     script = recipes.status(record.remote_dir, paths_of(record))
 
     def probe(_: int, t: Transport) -> recipes.WorkerStatus:
@@ -50,12 +52,17 @@ def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
         if s is not None:
             w.state, w.exit_code = s.state, s.exit_code
             w.pid = s.pid or w.pid
+            w.quiet_s = s.quiet_s
+            if _stalled(s, stall_after_s):
+                w.state = "STALLED"
             if s.progress:
                 w.step, w.total = s.progress.step, s.progress.total
     answered = [s for s in statuses if s is not None]
     everyone_answered = bool(answered) and len(answered) == len(statuses)
     if everyone_answered or any(s.state in ("FAILED", "LOST") for s in answered):
         state = recipes.combine(answered)
+        if state == "RUNNING" and any(_stalled(s, stall_after_s) for s in answered):
+            state = "STALLED"
     else:
         state = record.state
     if state != record.state and state in recipes.TERMINAL:
@@ -72,6 +79,54 @@ def poll(target, record: RunRecord, *, timeout: float = 30) -> Poll:
             "metrics": dict(progress.metrics or {}),
         }
     return result
+
+
+def _stalled(status: recipes.WorkerStatus, stall_after_s: float | None) -> bool:
+    return (
+        stall_after_s is not None
+        and status.state == "RUNNING"
+        and status.quiet_s is not None
+        and status.quiet_s >= stall_after_s
+    )
+
+
+def machine_gone(target) -> str | None:
+    """When workers stop answering, ask the target's control plane (the Cloud TPU API) why: the reason
+    the machine will not come back (preempted, terminated, deleted), or None when it may (a network blip,
+    a target without an API, or the API unreachable too)."""
+    probe = getattr(target, "preemption", None)
+    if probe is None:
+        return None
+    try:
+        return probe()
+    except InfraError:
+        return None
+
+
+def mark_preempted(record: RunRecord, reason: str) -> None:
+    """The record of a run whose machine is gone: PREEMPTED (terminal until `--recover` relaunches it)."""
+    record.state = "PREEMPTED"
+    record.finished_at = record.finished_at or utc_now_iso()
+    for w in record.workers:
+        if w.state not in recipes.TERMINAL:
+            w.state = "PREEMPTED"
+    record.last_progress = {**(record.last_progress or {}), "eta_s": None, "preempted": reason}
+
+
+def preempted_error(record: RunRecord, reason: str) -> PreemptedError:
+    return PreemptedError(
+        f"run {record.run_id}: {reason}, the job is gone (recorded PREEMPTED); relaunch it from its "
+        f"last checkpoint, same run id: grpoctl recover {record.run_id} (or sop replay --recover)"
+    )
+
+
+def poll_or_unreachable(target, record: RunRecord, *, stall_after_s: float | None = None) -> Poll:
+    """`poll`, but a target that cannot even list its workers (the TPU node is gone) counts as every
+    worker unreachable instead of raising."""
+    try:
+        return poll(target, record, stall_after_s=stall_after_s)
+    except InfraError as err:
+        return Poll([None] * len(record.workers), [str(err)])
 
 
 def kill(target, record: RunRecord, *, workers: list[int] | None = None, grace_s: float = 10.0) -> list[str]:
@@ -103,13 +158,16 @@ def log_hint(target, record: RunRecord, index: int) -> str:
     line = result.stdout.strip().splitlines()[-1:] if result.ok else []
     if not line:
         return ""
-    text = _redact_local_env(line[0])
+    text = env_ops.redactor([*_local_env_values(), *record.env.values()])(line[0])
     return f"; {record.workers[index].worker} log: {text[:200]}"
 
 
-def _redact_local_env(text: str) -> str:
-    # The trainer never prints .env values; this guards against a job that does.
-    return env_ops.redactor(list(env_ops.read_dotenv(".env").values()))(text)
+def _local_env_values() -> list[str]:
+    # The trainer never prints .env or -e values; this guards against a job that does.
+    try:
+        return list(env_ops.read_dotenv(".env").values())
+    except GrpoctlError:  # a broken local .env must not hide why the job failed
+        return []
 
 
 OnPoll = Callable[[RunRecord, Poll], None]
@@ -124,19 +182,30 @@ def wait(
     on_poll: OnPoll | None = None,
     unreachable_timeout: float = 900.0,
     fail_fast: bool = True,
+    stall_after_s: float | None = None,
 ) -> RunRecord:
     """Poll until the run ends. Fail-fast: when one worker fails or is lost, stop the others and raise
-    JobFailed naming the worker and its exit code. Raise InfraError when no worker answered for
+    JobFailed naming the worker and its exit code. When workers stop answering, the target's API is asked
+    at once: a preempted (or deleted) TPU node marks the record PREEMPTED and raises PreemptedError (exit 3)
+    on the poll that noticed it. Otherwise raise InfraError when no worker answered for
     `unreachable_timeout` seconds; shorter drops are ridden out (the transport reconnects)."""
     last_contact, polls = time.monotonic(), 0
     while True:
-        result = poll(target, record)
+        result = poll_or_unreachable(target, record, stall_after_s=stall_after_s)
         if result.reachable:
             last_contact = time.monotonic()
         if store is not None:
             store.save(record)
         if on_poll is not None:
             on_poll(record, result)
+        # No answer, or a job gone without an exit file: a preempted VM looks like both.
+        lost = any(w.state == "LOST" for w in record.workers)
+        gone = machine_gone(target) if not result.reachable or lost else None
+        if gone is not None:
+            mark_preempted(record, gone)
+            if store is not None:
+                store.save(record)
+            raise preempted_error(record, gone)
         failed = [i for i, w in enumerate(record.workers) if w.state in ("FAILED", "LOST")]
         if failed and fail_fast:
             others = [

@@ -16,13 +16,21 @@ EXIT_GRACE_S = 1.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+def quote(value: object) -> str:
+    """THE quoting helper: every value that reaches a remote shell goes through here (or `quote_path`).
+
+    Single quotes make everything literal: spaces, `$()`, backticks, `;`, newlines, `EXIT`.
+    """
+    return shlex.quote(str(value))
+
+
 def quote_path(path: str) -> str:
-    """`shlex.quote` that keeps a leading `~` meaning the remote user's home directory."""
+    """`quote` that keeps a leading `~` (`~` or `~/...`) meaning the remote user's home directory."""
     if path == "~":
         return '"$HOME"'
     if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
+        return '"$HOME"/' + quote(path[2:])
+    return quote(path)
 
 
 def script(command: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
@@ -34,7 +42,7 @@ def script(command: str, *, env: Mapping[str, str] | None = None, cwd: str | Non
         for key in env:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"invalid environment variable name {key!r}")
-        lines.append("export " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items()))
+        lines.append("export " + " ".join(f"{k}={quote(v)}" for k, v in env.items()))
     lines.append(command)
     return "\n".join(lines)
 

@@ -14,7 +14,6 @@ import os
 import posixpath
 import secrets
 import select
-import shlex
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from orchestrator.transport.shell import (
     EXIT_GRACE_S,
     TIMEOUT_EXIT_CODE,
     LineSplitter,
+    quote,
     quote_path,
     script,
     timed_out_note,
@@ -112,7 +112,7 @@ class SshTransport:
         start = time.monotonic()
         # The trailing `exit $?` stops bash from exec-ing the last command in its place: if that command
         # dies by a signal, bash reports 128+N (paramiko drops SSH's exit-signal message).
-        text = shlex.quote(script(command, env=env, cwd=cwd) + "\nexit $?")
+        text = quote(script(command, env=env, cwd=cwd) + "\nexit $?")
         # The remote `timeout` kills the command's whole process group; closing a channel would not.
         # (`timeout 0` would mean "no limit": the smallest limit it takes is 1 ms.)
         limit = None if timeout is None else max(timeout, 0.001)
@@ -132,12 +132,14 @@ class SshTransport:
         """
         folder = posixpath.dirname(remote_path) or "."
         tmp = f"{remote_path}.grpoctl-tmp.{secrets.token_hex(6)}"
-        dest_q, tmp_q, dir_q = quote_path(remote_path), quote_path(tmp), quote_path(folder)
+        # Each path is quoted once, into a variable; the trap names the variable, so no quoted text is
+        # ever nested inside other quotes (which is what let a `'` in a path run commands).
         text = (
-            f"set -e; mkdir -p -- {dir_q}; umask 077; trap 'rm -f -- {tmp_q}' EXIT; "
-            f"cat > {tmp_q}; chmod {mode:o} {tmp_q}; mv -f -T -- {tmp_q} {dest_q}"
+            f"set -e; dest={quote_path(remote_path)}; tmp={quote_path(tmp)}; dir={quote_path(folder)}; "
+            'mkdir -p -- "$dir"; umask 077; trap \'rm -f -- "$tmp"\' EXIT; '
+            f'cat > "$tmp"; chmod {mode:o} -- "$tmp"; mv -f -T -- "$tmp" "$dest"'
         )
-        code, _, err = self._exec(f"bash -c {shlex.quote(text)}", data, None, None)
+        code, _, err = self._exec(f"bash -c {quote(text)}", data, None, None)
         if code != 0:
             raise InfraError(f"{self.name}: put {remote_path} failed: {_last_line(err.close())}")
 
