@@ -19,12 +19,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
+from grpoctl_contract.progress import fmt_duration
 from orchestrator import compare as cmp
 from orchestrator import recipes
 from orchestrator.config import load_config
@@ -36,6 +38,7 @@ from orchestrator.ops import logs as logs_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
+from orchestrator.phaseview import PhaseView
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord
 
@@ -240,39 +243,39 @@ def _session_for(g: Globals, run_id: str | None) -> tuple[Session, RunRecord]:
     return g.session(target=record.target, store=probe.store), record
 
 
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60}:{seconds % 60:02d}")
-    )
-
-
 def _quiet_s(record: RunRecord) -> int:
     return max((w.quiet_s or 0 for w in record.workers), default=0)
 
 
 def _progress_text(record: RunRecord) -> str:
-    p = record.last_progress or {}
+    """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA."""
+    phase = watch_ops.phase_json(record)
     if record.state == "STALLED":
-        at = f" at step {p['step']}/{p['total']}" if p.get("total") else ""
+        at = f" at {phase['text']}" if phase else ""
         return f"no output for {_quiet_s(record)} s{at}"
-    if not p.get("total"):
+    if phase is None:
         return "-"
     if record.is_terminal:
-        return f"step {p['step']}/{p['total']}"
-    return f"step {p['step']}/{p['total']} eta {_fmt_eta(p.get('eta_s'))}"
+        p = record.last_progress or {}
+        return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
+    return f"{phase['text']} eta {fmt_duration(phase['eta_s'])}"
 
 
-def _runs_table(records: list[RunRecord]) -> Table:
+def _phase_bar(record: RunRecord) -> ProgressBar | str:
+    phase = watch_ops.phase_json(record)
+    if phase is None or not phase["n"] or record.is_terminal:
+        return ""
+    return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
+
+
+def _runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
     table = Table(box=None, pad_edge=False)
     # Narrow terminals squeeze the log path, never the run id (what every other command takes).
     table.add_column("run id", no_wrap=True, min_width=max((len(r.run_id) for r in records), default=6))
     table.add_column("target")
     table.add_column("state", no_wrap=True, min_width=9)
+    if bars:  # a terminal: the current phase's own bar
+        table.add_column("phase", no_wrap=True)
     for col in ("progress", "workers", "log"):
         table.add_column(col)
     for r in records:
@@ -283,8 +286,21 @@ def _runs_table(records: list[RunRecord]) -> Table:
         failed = [w for w in r.workers if w.state == "FAILED"]
         if state == "FAILED" and failed:
             state = f"FAILED({failed[0].exit_code})"
-        table.add_row(r.run_id, r.target, state, _progress_text(r), workers, r.log_path)
+        cells = [r.run_id, r.target, state, *([_phase_bar(r)] if bars else []), _progress_text(r)]
+        table.add_row(*cells, workers, r.log_path)
     return table
+
+
+def _identity_lines(record: RunRecord) -> list[str]:
+    """What produced a run: the worker's commit at launch, the config hash, the W&B run page."""
+    lines = [f"commit: {record.git_commit or 'unknown'}", f"config hash: {record.config_hash or 'unknown'}"]
+    if record.wandb_url:
+        lines.append(f"W&B: {record.wandb_url}")
+    return lines
+
+
+def _status_json(record: RunRecord) -> dict[str, Any]:
+    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -385,7 +401,7 @@ def sync(
     try:
         result = sync_ops.sync(session)
         g.debug(f"{result.url} @ {result.branch} -> {session.remote_dir} on {len(result.heads)} worker(s)")
-        pythons = sync_ops.bootstrap(session) if bootstrap else {}
+        pythons = _bootstrap_with_bar(g, session) if bootstrap else {}
         for worker, python in pythons.items():
             g.debug(f"{worker}: python {python}")
     finally:
@@ -403,6 +419,21 @@ def sync(
         return
     for worker, head in result.heads.items():
         g.out.print(f"{worker}: HEAD {head[:12]} ({result.branch})")
+
+
+def _bootstrap_with_bar(g: Globals, session: Session) -> dict[str, str]:
+    """sync_ops.bootstrap with its stages shown as a phase bar (the slowest worker's stage)."""
+    stages: dict[str, tuple[int, int, str]] = {}
+    with PhaseView(g.err, "bootstrap", enabled=not g.json) as view:
+
+        def on_stage(worker: str, k: int, n: int, label: str) -> None:
+            stages[worker] = (k, n, label)
+            slowest = min(stages.items(), key=lambda item: item[1][0])
+            name, (k, n, label) = slowest
+            # k-1 stages are finished while stage k runs
+            view.update("bootstrap", k - 1, n, text=f"stage {k}/{n}: {label} ({name.split()[0]})")
+
+        return sync_ops.bootstrap(session, on_stage=on_stage)
 
 
 @env_app.command("push")
@@ -488,7 +519,7 @@ def run(
             _wait_with_bar(g, session, record, interval, policy)
         finally:
             if g.json:
-                g.emit_json(record.to_json())
+                g.emit_json(_status_json(record))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 g.out.print(f"{record.run_id} {record.state}{made_up}")
@@ -499,21 +530,13 @@ def run(
 def _wait_with_bar(
     g: Globals, session: Session, record: RunRecord, interval: float, policy: RecoveryPolicy | None = None
 ) -> None:
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, console=g.err, transient=False, disable=g.json) as bar:
-        task = bar.add_task(record.run_id, total=None, info="starting")
+    with PhaseView(g.err, record.run_id, enabled=not g.json) as view:
 
         def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-            p = poll.progress
-            info = rec.state if not p else f"step {p.step}/{p.total} eta {_fmt_eta(p.eta_s)}"
+            note = f"{len(poll.errors)} worker(s) unreachable, retrying" if poll.errors else ""
             if rec.state == "STALLED":
-                at = f" at step {p.step}/{p.total}" if p else ""
-                info = f"STALLED: no output for {_quiet_s(rec)} s{at}"
-            if poll.errors:
-                info += f" ({len(poll.errors)} worker(s) unreachable, retrying)"
-            bar.update(
-                task, total=(p.total if p and p.total else None), completed=(p.step if p else 0), info=info
-            )
+                note = f"STALLED: no output for {_quiet_s(rec)} s" + (f"; {note}" if note else "")
+            view.show(rec.state, poll.progress, note)
 
         if policy is not None:
             wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
@@ -592,10 +615,11 @@ def status(
                 base.store.save(record)
                 unreachable += [] if record.state == "PREEMPTED" else poll.errors
             if g.json:
-                g.emit_json([r.to_json() for r in records] if not run_id else records[0].to_json())
+                g.emit_json([_status_json(r) for r in records] if not run_id else _status_json(records[0]))
             else:
                 parts = [_machine_line_or_why(base)] if base.kind == "tpu" and not base.dry_run else []
-                view = Group(*parts, _runs_table(records))
+                identity = [Text(line) for line in _identity_lines(records[0])] if run_id else []
+                view = Group(*parts, _runs_table(records, bars=g.out.is_terminal), *identity)
                 if live is not None:  # a terminal: redraw in place
                     live.update(view, refresh=True)
                 else:
@@ -835,6 +859,7 @@ def sop_replay(
         say=g.say,
         overrides=_parse_pairs(set_, "--set"),
         recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
+        view=lambda label: PhaseView(g.err, label, enabled=not g.json),
     )
     if g.json:
         g.emit_json(result.to_json())

@@ -10,13 +10,13 @@ Each recipe prints `KEY=value` lines that the matching `parse_*` function reads 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpoctl_contract.envfile
+from grpoctl_contract import progress as contract
 from orchestrator.errors import UsageError
 from orchestrator.transport.shell import quote as q
 from orchestrator.transport.shell import quote_path as qpath
@@ -34,7 +34,7 @@ GENERATED = ("logs/", "runs/", "wandb/", ".env", ".venv/")
 # Written into `.git/` at first clone: the only proof that a checkout is grpoctl's to reset.
 CHECKOUT_MARKER = ".git/grpoctl-checkout"
 
-PROGRESS_PREFIX = '{"event": '
+PROGRESS_PREFIX = contract.PREFIX
 
 
 def _script(*lines: str) -> str:
@@ -129,11 +129,19 @@ def parse_head(stdout: str) -> str | None:
 # ---------------------------------------------------------------------------------------- bootstrap
 
 
+BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
+
+
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
-    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=."""
+    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
+
+    Prints `STAGE=k/n label` as each stage begins (the caller streams them into a progress bar)."""
     spec = q(".[{}]".format(",".join(extras)) if extras else ".")
+    n = len(BOOTSTRAP_STAGES)
+    stage = [f"echo {q(f'STAGE={k}/{n} {label}')}" for k, label in enumerate(BOOTSTRAP_STAGES, 1)]
     return _script(
         f"cd {qpath(repo_dir)}",
+        stage[0],
         'PY=""',
         "for c in python3.13 python3.12 python3.11 python3; do",
         '  if command -v "$c" >/dev/null 2>&1 \\',
@@ -143,10 +151,18 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         "done",
         f'[ -n "$PY" ] || {{ echo "no python >= 3.11 on this worker" >&2; exit {EXIT_NO_PYTHON}; }}',
         '[ -x .venv/bin/python ] || "$PY" -m venv .venv',
+        stage[1],
         ".venv/bin/python -m pip install --quiet --upgrade pip",
+        stage[2],
         f".venv/bin/python -m pip install --quiet -e {spec}",
         'echo "PYTHON=$PWD/.venv/bin/python"',
     )
+
+
+def parse_stage(line: str) -> tuple[int, int, str] | None:
+    """`STAGE=2/3 upgrade pip` -> (2, 3, "upgrade pip")."""
+    m = re.fullmatch(r"STAGE=(\d+)/(\d+) (.*)", line.strip())
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
 
 
 def parse_python(stdout: str) -> str | None:
@@ -351,6 +367,8 @@ def launch(
         # The job's identity (see `ours`): status, stop and the busy check trust a pid only with it.
         f"export GRPOCTL_RUN_ID={q(paths.run_id)}",
         *exports,
+        # The commit the job runs (what produced the run), recorded before the job can change anything.
+        'echo "HEAD=$(git rev-parse HEAD 2>/dev/null || true)"',
         # 9>&-: the job must not inherit (and so hold) the launch lock.
         f"setsid nohup bash -c {q(_JOB_WRAPPER)} grpoctl-job {args} > {q(paths.log)} 2>&1 < /dev/null 9>&- &",
         "for _ in $(seq 100); do",
@@ -363,6 +381,12 @@ def launch(
 def parse_pid(stdout: str) -> int | None:
     value = _last_value(stdout, "PID")
     return int(value) if value and value.isdigit() else None
+
+
+def parse_launch_head(stdout: str) -> str | None:
+    """The checkout's commit printed by `launch` (None outside git)."""
+    value = (_last_value(stdout, "HEAD") or "").strip()
+    return value if re.fullmatch(r"[0-9a-f]{40,64}", value) else None
 
 
 def parse_busy(stdout: str) -> str | None:
@@ -390,6 +414,9 @@ def status(repo_dir: str, paths: RunPaths) -> str:
         # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
         f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
         'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
+        # The run's identity (config hash, W&B URL), printed once near the top of the log.
+        f"info=$(grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null || true)",
+        'printf "INFO=%s\\n" "$info"',
     )
 
 
@@ -398,14 +425,41 @@ STEP_TIME_KEY = "time/train/step_s"  # in the trainer's progress lines (docs/ARC
 
 @dataclass(frozen=True)
 class Progress:
+    """The last event of a run's log: GRPO step/total, and the phase with its own k/n (contract)."""
+
     step: int
     total: int
     elapsed_s: float | None = None
     metrics: Mapping[str, float] | None = None
     done: bool = False
+    phase: str = "train"
+    k: int | None = None
+    n: int | None = None
+    detail: str | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    reported_eta_s: float | None = None
+    legacy: bool = True  # a trainer from before phases: no eta_s of its own
+
+    @property
+    def text(self) -> str:
+        """`train step 3/40`, `final sweep batch 2/11`, `compile sampler`."""
+        return contract.describe(self.event())
+
+    def event(self) -> contract.Event:
+        return contract.Event(
+            event="done" if self.done else "phase", phase=self.phase, k=self.k, n=self.n, step=self.step,
+            total=self.total, detail=self.detail, bytes_done=self.bytes_done, bytes_total=self.bytes_total,
+        )
 
     @property
     def eta_s(self) -> float | None:
+        """The trainer's own ETA (compile excluded, remaining sweeps included); older trainers' lines get
+        one from their step times."""
+        if self.done:
+            return 0.0
+        if not self.legacy:
+            return self.reported_eta_s
         if self.total and self.step >= self.total:
             return 0.0
         if self.step <= 0:
@@ -427,6 +481,7 @@ class WorkerStatus:
     pid: int | None = None
     progress: Progress | None = None
     quiet_s: int | None = None  # seconds since the log last grew (None: no log)
+    info: Mapping[str, str] | None = None  # the trainer's info event: config_hash, wandb_url, ...
 
     @property
     def label(self) -> str:
@@ -437,25 +492,37 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "LOST"})
 
 
 def parse_progress_line(line: str) -> Progress | None:
-    if not line.startswith(PROGRESS_PREFIX):
+    ev = contract.decode(line)
+    if ev is None or ev.event == "info":
         return None
-    try:
-        event = json.loads(line)
-        return Progress(
-            step=int(event.get("step", 0)),
-            total=int(event.get("total", 0)),
-            elapsed_s=event.get("elapsed_s"),
-            metrics=event.get("metrics"),
-            done=event.get("event") == "done",
-        )
-    except (ValueError, TypeError, AttributeError):
-        return None
+    legacy = '"phase": ' not in line  # lines of trainers from before phases carry no ETA of their own
+    return Progress(
+        step=ev.step or 0,
+        total=ev.total or 0,
+        elapsed_s=ev.elapsed_s,
+        metrics=ev.metrics or None,
+        done=ev.done,
+        phase=ev.phase,
+        k=ev.k,
+        n=ev.n,
+        detail=ev.detail,
+        bytes_done=ev.bytes_done,
+        bytes_total=ev.bytes_total,
+        reported_eta_s=ev.eta_s,
+        legacy=legacy,
+    )
+
+
+def parse_info_line(line: str) -> dict[str, str] | None:
+    ev = contract.decode(line)
+    return dict(ev.info) if ev is not None and ev.event == "info" else None
 
 
 def parse_status(stdout: str) -> WorkerStatus:
     """The exit file decides (the trap writes it); else a live pid is RUNNING; else the run is LOST."""
     progress_line = _last_value(stdout, "PROGRESS") or ""
     progress = parse_progress_line(progress_line)
+    info = parse_info_line(_last_value(stdout, "INFO") or "")
     pid_text = _last_value(stdout, "PIDV") or ""
     pid = int(pid_text) if pid_text.isdigit() else None
     quiet_text = (_last_value(stdout, "QUIET") or "").strip()
@@ -463,10 +530,10 @@ def parse_status(stdout: str) -> WorkerStatus:
     exit_text = (_last_value(stdout, "EXIT") or "").strip()
     if exit_text.lstrip("-").isdigit():
         code = int(exit_text)
-        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress, quiet)
+        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress, quiet, info)
     if _last_value(stdout, "ALIVE") == "1":
-        return WorkerStatus("RUNNING", None, pid, progress, quiet)
-    return WorkerStatus("LOST", None, pid, progress, quiet)
+        return WorkerStatus("RUNNING", None, pid, progress, quiet, info)
+    return WorkerStatus("LOST", None, pid, progress, quiet, info)
 
 
 def combine(states: Sequence[WorkerStatus]) -> str:

@@ -78,12 +78,14 @@ class RunRecord:
     trainer_args: list[str] = field(default_factory=list)
     workers: list[WorkerRun] = field(default_factory=list)
     state: str = "LAUNCHING"
-    git_commit: str | None = None
+    git_commit: str | None = None  # the worker checkout's HEAD at launch
+    config_hash: str | None = None  # the trainer's hash of its effective config (its info line)
+    wandb_url: str | None = None  # the trainer's W&B run page, when online
     python: str | None = None
     created_at: str = field(default_factory=utc_now_iso)
     updated_at: str = field(default_factory=utc_now_iso)
     finished_at: str | None = None
-    last_progress: dict[str, Any] | None = None
+    last_progress: dict[str, Any] | None = None  # the last event: step/total, phase with k/n, eta_s
     fetched_to: str | None = None
     # Appended by preemption recovery: {"at", "reason", "action", ...} per recovery.
     recoveries: list[dict[str, Any]] = field(default_factory=list)

@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich.console import Console
 
 from orchestrator import compare as cmp
 from orchestrator.config import TargetConfig, read_text_utf8
@@ -43,8 +44,32 @@ from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
+from orchestrator.phaseview import PhaseView
 from orchestrator.recovery import RecoveryPolicy, wait_recovering
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
+
+ViewFactory = Callable[[str], PhaseView]  # run id -> the view that shows its phases while it is waited for
+
+
+class _SayFile:
+    """A file for a plain (non-terminal) rich Console whose lines go to `say`."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.pending = say, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.say(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
 
 # ---------------------------------------------------------------------------------------- schema
 
@@ -303,6 +328,7 @@ class _Replayer:
         state_path: Path,
         recover: RecoveryPolicy | None,
         overrides: dict[str, str],
+        view: ViewFactory | None = None,
     ) -> None:
         self.sop, self.sop_path, self.state = sop, sop_path, state
         self.config_file, self.target_override = config_file, target
@@ -310,6 +336,7 @@ class _Replayer:
         self.report_dir, self.state_path = report_dir, state_path
         self.recover = recover  # `--recover`: preempted runs are relaunched
         self.overrides = overrides  # trainer `--set` overrides for every run step
+        self.view = view  # a phase bar per waited run (the CLI's); else plain lines through `say`
         self.store = RunStore.in_memory() if dry_run else RunStore()
         self.sessions: dict[str | None, Session] = {}
 
@@ -363,7 +390,10 @@ class _Replayer:
         st.details += [f"{w}: HEAD `{h[:12]}`" for w, h in result.heads.items()]
         st.details += [f"warning: {w}" for w in result.warnings]
         if step.bootstrap:
-            for w, py in sync_ops.bootstrap(s).items():
+            def on_stage(worker: str, k: int, n: int, label: str) -> None:
+                self.say(f"  {worker.split()[0]}: bootstrap stage {k}/{n}: {label}")
+
+            for w, py in sync_ops.bootstrap(s, on_stage=on_stage).items():
                 st.details.append(f"{w}: python `{py}`")
 
     def do_env_push(self, step: EnvPushStep, st: StepState) -> None:
@@ -485,18 +515,17 @@ class _Replayer:
         self.state.save(self.state_path)
 
     def _wait(self, s: Session, st: StepState, record: RunRecord, interval: float) -> None:
-        last = [-1]
+        view = (self.view or self._plain_view)(record.run_id).__enter__()
+        stalled = [False]
 
         def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-            p = poll.progress
-            if rec.state == "STALLED" and last[0] != -2:  # once per stall, until output moves again
-                last[0] = -2
+            if rec.state == "STALLED" and not stalled[0]:  # once per stall, until output moves again
+                stalled[0] = True
                 quiet = max((w.quiet_s or 0 for w in rec.workers), default=0)
                 self.say(f"  {rec.run_id}: STALLED, no output for {quiet} s (still waiting)")
-            elif p and p.step != last[0]:
-                last[0] = p.step
-                eta = "?" if p.eta_s is None else f"{p.eta_s:.0f} s"
-                self.say(f"  {rec.run_id}: step {p.step}/{p.total} eta {eta}")
+            elif rec.state != "STALLED":
+                stalled[0] = False
+            view.show(rec.state, poll.progress)
             st.record = rec.to_json()
 
         try:
@@ -512,7 +541,11 @@ class _Replayer:
                     stall_after_s=s.config.stall_after_s,
                 )
         finally:
+            view.close()
             self._remember(st, record)
+
+    def _plain_view(self, label: str) -> PhaseView:
+        return PhaseView(Console(file=_SayFile(self.say), width=10_000), f"  {label}")
 
     def _describe_run(self, st: StepState, record: RunRecord) -> None:
         st.details.append(f"run id `{record.run_id}`: **{record.state}**")
@@ -522,6 +555,13 @@ class _Replayer:
         for w in record.workers:
             code = "" if w.exit_code is None else f", exit {w.exit_code}"
             st.details.append(f"{w.worker} ({w.host}): pid {w.pid}, {w.state}{code}")
+        phase = watch_ops.phase_json(record)
+        if phase is not None:
+            st.details.append(f"last phase: {phase['text']}")
+        st.details.append(
+            f"commit `{record.git_commit or 'unknown'}`, config hash `{record.config_hash or 'unknown'}`"
+            + (f", W&B {record.wandb_url}" if record.wandb_url else "")
+        )
         for i, r in enumerate(record.recoveries, 1):
             st.details.append(
                 f"recovery {i}: {r['kind']} ({r['reason']}) at step {r.get('step')}, "
@@ -542,6 +582,7 @@ def replay(
     say: Callable[[str], None] = lambda _: None,
     recover: RecoveryPolicy | None = None,
     overrides: dict[str, str] | None = None,
+    view: ViewFactory | None = None,
 ) -> ReplayResult:
     sop_path = Path(path)
     sop = load_sop(sop_path)
@@ -562,6 +603,7 @@ def replay(
         state_path=state_path,
         recover=recover,
         overrides=dict(overrides or {}),
+        view=view,
     )
     try:
         for i, step in enumerate(sop.steps):
@@ -631,14 +673,17 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
             "",
             "## Runs",
             "",
-            "| run | run id | state | pid(s) | log | exit file |",
-            "|---|---|---|---|---|---|",
+            "| run | run id | state | pid(s) | log | exit file | commit | config hash | W&B |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, st in runs:
             rec = RunRecord.from_json(st.record or {})
             pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
+            commit = f"`{rec.git_commit[:12]}`" if rec.git_commit else ""
+            config_hash = f"`{rec.config_hash}`" if rec.config_hash else ""
             lines.append(
-                f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` |"
+                f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
+                f"| {commit} | {config_hash} | {rec.wandb_url or ''} |"
             )
     if state.summaries:
         names = list(state.summaries)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from trainer.rewards import (
 )
 from trainer.rollout import Sampler, SamplingConfig, global_concat
 
+OnBatch = Callable[[int, int], None]  # (batches done, batches in all): trainer/progress.py's advance
+
 
 def periodic_eval(
     sampler: Sampler,
@@ -46,10 +48,13 @@ def periodic_eval(
     weights: RewardWeights,
     rng: jax.Array,
     grader: Grader = "strict",
+    on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
     """`batches` global batches of `batch_size` questions (sliced per process), n samples each."""
     per_func: dict[str, list[np.ndarray]] = {}
     totals, lengths = [], []
+    if on_batch is not None:
+        on_batch(0, batches)
     for b in range(batches):
         start = (b * batch_size) % max(len(problems) - batch_size + 1, 1)
         batch = list(problems[start : start + batch_size])
@@ -60,6 +65,8 @@ def periodic_eval(
             per_func.setdefault(name, []).append(global_concat(values))
         totals.append(global_concat(scores.total))
         lengths.append(global_concat(rollout.lengths))
+        if on_batch is not None:
+            on_batch(b + 1, batches)
     metrics = {f"eval/reward/func/{k}/mean": float(np.concatenate(v).mean()) for k, v in per_func.items()}
     metrics["eval/reward/total/mean"] = float(np.concatenate(totals).mean())
     metrics["eval/completion_len/mean"] = float(np.concatenate(lengths).mean())
@@ -84,14 +91,19 @@ def full_sweep(
     out_path: Path | None,
     grader: Grader = "strict",
     prefix: str = "eval_full",
+    on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
     """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path).
-    Metric names start with `prefix` (eval_full, or eval_full_start for the sweep before training)."""
+    Metric names start with `prefix` (eval_full, or eval_full_start for the sweep before training).
+    `on_batch(k, n)` hears that k of the n batches are done (k=0 before the first)."""
     t0 = time.perf_counter()
     settings = SamplingConfig(max_new_tokens, temperature=0.0, prompt_bucket=prompt_bucket, dtype=dtype)
     correct, predictions = [], []
     rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
-    for start in range(0, len(problems), batch_size):
+    starts = range(0, len(problems), batch_size)
+    if on_batch is not None:
+        on_batch(0, len(starts))
+    for k, start in enumerate(starts, 1):
         batch = list(problems[start : start + batch_size])
         real = len(batch)
         batch += [batch[-1]] * (batch_size - real)  # one compiled shape for the ragged last batch
@@ -102,6 +114,8 @@ def full_sweep(
         pred = np.array([np.nan if v is None else v for v in values])
         correct.append(global_concat(ok.astype(np.float32))[:real])
         predictions.append(global_concat(pred.astype(np.float64))[:real])
+        if on_batch is not None:
+            on_batch(k, len(starts))
     flags, preds = np.concatenate(correct), np.concatenate(predictions)
     if out_path is not None:
         with open(out_path, "w") as f:

@@ -9,8 +9,10 @@ mesh, so the host never holds more than one stacked tensor beyond what the devic
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,13 @@ class CheckpointError(Exception):
     """A checkpoint cannot be found, fetched or read; `str(err)` is one line."""
 
 
-def resolve_checkpoint(model_path: str) -> Path:
-    """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+OnBytes = Callable[[int, int], None]
+
+
+def resolve_checkpoint(model_path: str, on_bytes: OnBytes | None = None) -> Path:
+    """A local folder as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub.
+
+    `on_bytes(done, total)` hears the download's progress about once a second (trainer/progress.py)."""
     local = Path(model_path).expanduser()
     if local.is_dir():
         return local
@@ -55,7 +62,8 @@ def resolve_checkpoint(model_path: str) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(model_path, allow_patterns=_CHECKPOINT_FILES))
+        with _download_progress(model_path, on_bytes):
+            return Path(snapshot_download(model_path, allow_patterns=_CHECKPOINT_FILES))
     except Exception as err:  # the hub raises many types; all mean the same thing to the user
         if constants.HF_HUB_OFFLINE:
             reason = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
@@ -65,6 +73,50 @@ def resolve_checkpoint(model_path: str) -> Path:
             f"model_path {model_path!r}: cannot fetch it from the Hugging Face hub ({reason});"
             " pass a local folder when offline"
         ) from None
+
+
+@contextmanager
+def _download_progress(repo_id: str, on_bytes: OnBytes | None, every_s: float = 1.0) -> Iterator[None]:
+    """Reports bytes in the hub cache's blob folder of `repo_id` (partial files included) against the
+    size of the files `snapshot_download` fetches, from a side thread while the download runs. Silent
+    when offline or when the hub does not say the sizes: the download itself decides success."""
+    total = _download_size(repo_id) if on_bytes is not None else None
+    if on_bytes is None or not total:
+        yield
+        return
+    from huggingface_hub import constants
+
+    blobs = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    stop = threading.Event()
+
+    def done_bytes() -> int:
+        return sum(f.stat().st_size for f in blobs.glob("*") if f.is_file()) if blobs.is_dir() else 0
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            on_bytes(min(done_bytes(), total), total)
+
+    thread = threading.Thread(target=watch, daemon=True, name="grpoctl-download")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    on_bytes(min(done_bytes(), total), total)
+
+
+def _download_size(repo_id: str) -> int | None:
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except Exception:  # any hub trouble: no byte counts, and snapshot_download reports the real error
+        return None
+    wanted = [s for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in _CHECKPOINT_FILES)]
+    return sum(s.size or 0 for s in wanted) or None
 
 
 def load_config(folder: str | Path) -> Qwen2Config:
@@ -161,9 +213,10 @@ def load_model(
     *,
     param_dtype: Any = jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
+    on_bytes: OnBytes | None = None,
 ) -> tuple[Qwen2Config, Params]:
     """model_path (folder or hub id) -> (config, params), sharded by trainer.sharding's rules on `mesh`."""
-    folder = resolve_checkpoint(model_path)
+    folder = resolve_checkpoint(model_path, on_bytes)
     cfg = load_config(folder)
     shardings = None
     if mesh is not None:

@@ -1,5 +1,6 @@
-"""Where metrics go: W&B (online / offline / disabled), metrics.jsonl, JSON progress lines on stdout for the
-orchestrator, the optional time breakdown, and summary.json (always: W&B offline writes no summary file).
+"""Where metrics go: W&B (online / offline / disabled), metrics.jsonl, the optional time breakdown, and
+summary.json (always: W&B offline writes no summary file). The progress lines on stdout for the orchestrator
+are trainer/progress.py's.
 
 Only process 0 writes; other processes get a `RunLogger(enabled=False)` that does nothing.
 """
@@ -23,6 +24,11 @@ PROGRESS_KEYS = (
     "eval/reward/total/mean",
     "time/train/step_s",
 )
+
+
+def progress_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The PROGRESS_KEYS of `metrics`, as floats (NaN/inf as null)."""
+    return {k: _jsonable(float(metrics[k])) for k in PROGRESS_KEYS if k in metrics}
 # What the SOP reads from a finished run.
 SOP_KEYS = (
     "eval_full/accuracy",
@@ -52,11 +58,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def emit(event: dict[str, Any]) -> None:
-    """One JSON line on stdout, flushed at once (the log is a file under nohup)."""
-    print(json.dumps(event, separators=(", ", ": ")), flush=True)
-
-
 class RunLogger:
     def __init__(
         self,
@@ -75,6 +76,8 @@ class RunLogger:
         self.config_hash = config_hash
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.latest: dict[str, Any] = {}  # the last value of every metric: the summary
+        self.git_commit = git_commit()
+        self.url: str | None = None  # the W&B run page when online
         self._wandb = None
         if not enabled:
             return
@@ -94,6 +97,8 @@ class RunLogger:
                 config={**dict(config), "config_hash": config_hash},
             )
             self.run_id = self._wandb.id
+            if wandb_mode == "online":
+                self.url = getattr(self._wandb, "url", None) or None
 
     def resume_history(self, step: int, key: str) -> list[float]:
         """On a restart from the checkpoint of `step`: drops metrics.jsonl lines of later (lost) steps,
@@ -118,13 +123,6 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
 
-    def progress(self, step: int, total: int, elapsed_s: float, metrics: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        shown = {k: _jsonable(float(metrics[k])) for k in PROGRESS_KEYS if k in metrics}
-        emit({"event": "progress", "step": step, "total": total, "elapsed_s": round(elapsed_s, 3),
-              "metrics": shown})
-
     def time_breakdown(self, step: int, total: int, times: Mapping[str, float]) -> None:
         """The seed's PRINT_TRAIN_TIME_BREAKDOWN line (plain text: not an orchestrator event)."""
         if not self.enabled:
@@ -132,8 +130,8 @@ class RunLogger:
         parts = " ".join(f"{k} {v:.3f}s" for k, v in times.items())
         print(f"time step {step}/{total}: {parts}", flush=True)
 
-    def finish(self, steps: int, total: int, extra: Mapping[str, Any] | None = None) -> Path:
-        """Writes summary.json (latest metrics + run id, config hash, git commit), prints the done line."""
+    def finish(self, steps: int, extra: Mapping[str, Any] | None = None) -> Path:
+        """Writes summary.json (latest metrics + run id, config hash, git commit, W&B URL when online)."""
         path = self.run_dir / "summary.json"
         if not self.enabled:
             return path
@@ -142,8 +140,9 @@ class RunLogger:
             **{k: _jsonable(v) for k, v in (extra or {}).items()},
             "run_id": self.run_id,
             "config_hash": self.config_hash,
-            "git_commit": git_commit(),
+            "git_commit": self.git_commit,
             "steps": steps,
+            **({"wandb_url": self.url} if self.url else {}),
         }
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -152,7 +151,6 @@ class RunLogger:
             self._wandb.summary.update({k: v for k, v in summary.items() if v is not None})
             self._wandb.finish()
             self._wandb = None
-        emit({"event": "done", "step": steps, "total": total, "summary": str(path)})
         return path
 
     def close(self) -> None:

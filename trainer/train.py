@@ -35,10 +35,11 @@ from trainer import grpo, hf_io, sharding
 from trainer.checkpoints import Checkpointer
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
-from trainer.evaluation import full_sweep, periodic_eval
-from trainer.metrics import RunLogger
+from trainer.evaluation import OnBatch, full_sweep, periodic_eval
+from trainer.metrics import RunLogger, progress_metrics
 from trainer.model import Qwen2Config, init_params
 from trainer.optim import lr_schedule, optimizer_for, scale_updates
+from trainer.progress import Plan, Reporter, batches, eval_steps
 from trainer.rewards import RewardBatch, RewardWeights, score_completions
 from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
 from trainer.tokenizer import TINY, load_tokenizer
@@ -108,11 +109,13 @@ def make_mesh(mesh_shape: str) -> jax.sharding.Mesh:
     return sharding.make_mesh(mesh_shape, devices[: dp * fsdp * tp])
 
 
-def build_model(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> tuple[Qwen2Config, Any]:
+def build_model(
+    cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh, on_bytes: hf_io.OnBytes | None = None
+) -> tuple[Qwen2Config, Any]:
     """Pretrained weights (hub id or local folder) or a random-init tiny Qwen2, sharded on `mesh`."""
     dtype = DTYPES[cfg.param_dtype]
     if cfg.model_init == "pretrained":
-        return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh)
+        return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh, on_bytes=on_bytes)
     t = cfg.tiny_model
     if t.hidden_size % t.num_attention_heads:
         raise ConfigError("tiny_model.hidden_size", "must be a multiple of tiny_model.num_attention_heads")
@@ -269,30 +272,45 @@ class Trainer:
     eval_problems: list[Any]
     checkpointer: Checkpointer
     logger: RunLogger
+    reporter: Reporter
 
     def update_kwargs(self) -> dict[str, Any]:
         return dict(model_cfg=self.model_cfg, loss_cfg=self.loss_cfg, num_micro=self.num_micro,
                     optimizer=self.optimizer)
 
 
-def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
+def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trainer, dict[str, Any], int]:
     """Builds the trainer and the train state, restored from the latest checkpoint when there is one.
 
     Returns (trainer, state {"params", "opt_state"}, last completed step)."""
+    rep = rep or Reporter(enabled=False, watch_compiles=False)
     mesh = make_mesh(cfg.mesh_shape)
     num_micro = num_micro_batches(cfg, mesh)
+    devices = mesh.devices.size
+    rep.phase("setup", detail=f"mesh {dict(mesh.shape)} on {devices} {jax.default_backend()} device(s), "
+                              f"{jax.process_count()} process(es), config hash {config_hash(cfg)}")
+    source = cfg.model_path if cfg.model_init == "pretrained" else "random-init tiny Qwen2"
+    rep.phase("model_load", detail=source)
     tokenizer = load_tokenizer(cfg.tokenizer_path or (TINY if cfg.model_init == "random" else cfg.model_path))
-    model_cfg, params = build_model(cfg, len(tokenizer), mesh)
+    model_cfg, params = build_model(
+        cfg, len(tokenizer), mesh, on_bytes=lambda done, total: rep.bytes(done, total, detail=source)
+    )
+    rep.say(f"model: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab {len(tokenizer)}")
     ref_params = jax.tree.map(jnp.copy, params) if cfg.train.beta > 0 else None  # never loaded at beta 0
     optimizer = optimizer_for(cfg.optimizer)
-    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+    # Under the mesh, init's scalars (the step count) are typed on it as the update step returns them;
+    # else step 2 sees another input type than step 1 and compiles the whole update step again.
+    with jax.set_mesh(mesh):
+        state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
 
     d = cfg.data
+    rep.phase("data_load", detail=f"{d.source} {d.train_split} + {cfg.eval_split}")
     train_problems = load_problems(d.source, d.train_split, size=d.train_size, difficulty=d.difficulty,
                                    seed=cfg.seed)
     eval_problems = load_problems(d.source, cfg.eval_split, size=cfg.eval_full_limit or None,
                                   difficulty=d.difficulty, seed=cfg.seed)
     stream = ProblemStream(train_problems, seed=cfg.seed)
+    rep.say(f"data: {len(train_problems)} train problems, {len(eval_problems)} eval problems ({d.source})")
 
     checkpointer = Checkpointer(cfg.checkpoint.dir or str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep)
     start, run_id = 0, None
@@ -303,6 +321,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
         start, state, meta = restored
         stream.restore(meta["data"])
         run_id = meta.get("wandb_run_id")
+        rep.phase("checkpoint", detail=f"resumed from the checkpoint of step {start}")
     logger = RunLogger(
         run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
@@ -319,8 +338,13 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Trainer, dict[str, Any], int]:
         num_micro=num_micro,
         optimizer=optimizer, schedule=lr_schedule(cfg.optimizer, cfg.steps * cfg.train.ppo_epochs),
         ref_params=ref_params, start_params=start_params, stream=stream, eval_problems=eval_problems,
-        checkpointer=checkpointer, logger=logger,
+        checkpointer=checkpointer, logger=logger, reporter=rep,
     )
+    info = {"run_id": logger.run_id, "config_hash": logger.config_hash, "git_commit": logger.git_commit}
+    if logger.url:
+        info["wandb_url"] = logger.url
+        rep.say(f"W&B run: {logger.url}")
+    rep.info(info)
     return trainer, state, start
 
 
@@ -330,10 +354,17 @@ def warm_start_policy(t: Trainer, params: Any) -> tuple[Any, dict[str, float]]:
     if cfg.warm_start.batch_size % math.lcm(sharding.batch_divisor(t.mesh), jax.process_count()):
         problem = "must split over the data shards (dp x fsdp) and the processes"
         raise ConfigError("warm_start.batch_size", problem)
+    rep, n = t.reporter, cfg.warm_start.steps
+
+    def on_step(k: int, loss: jax.Array) -> None:
+        if rep.due("warm_start", k, n):  # sync the device only when the line is printed
+            rep.advance("warm_start", k, n, detail=f"loss {float(loss):.4f}")
+
+    rep.advance("warm_start", 0, n)
     return warm_start(
         params, cfg.warm_start, t.model_cfg, t.sampler.tokenizer, t.stream.problems, t.mesh, seed=cfg.seed,
         pad_id=t.sampler.pad_id, compute_dtype=DTYPES[cfg.compute_dtype],
-        local_rows=t.sampler.local_slice(cfg.warm_start.batch_size),
+        local_rows=t.sampler.local_slice(cfg.warm_start.batch_size), on_step=on_step,
     )
 
 
@@ -342,9 +373,11 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     cfg = t.cfg
     rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
 
+    rollout_span = t.reporter.span()
     with timer.phase("rollout"):
         problems = t.stream.next_batch(cfg.rollout.batch_size)[t.sampler.local_slice(cfg.rollout.batch_size)]
         rollout = t.sampler.sample(state["params"], problems, cfg.rollout.n, rng, t.sampling)
+    t.reporter.observe("rollout", rollout_span.seconds())  # the ETA's yardstick for eval batches
 
     with timer.phase("reward"):
         answers = [p.answer for p in rollout.problems]
@@ -380,14 +413,16 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     return {"params": params, "opt_state": opt_state}, metrics
 
 
-def sweep(t: Trainer, params: Any, run_dir: Path, prefix: str) -> dict[str, float]:
+def sweep(
+    t: Trainer, params: Any, run_dir: Path, prefix: str, on_batch: OnBatch | None = None
+) -> dict[str, float]:
     """The greedy full sweep of `params` -> `<prefix>/...` metrics and `run_dir/<prefix>.jsonl`."""
     cfg = t.cfg
     return full_sweep(
         t.sampler, params, t.eval_problems, batch_size=cfg.eval_full_batch_size,
         max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
         dtype=t.sampling.dtype, out_path=run_dir / f"{prefix}.jsonl" if t.logger.enabled else None,
-        grader=cfg.reward_grader, prefix=prefix,
+        grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch,
     )
 
 
@@ -410,9 +445,14 @@ def run(
     run_dir = Path(run_dir)
     load_dotenv()
     init_distributed()
-    t, state, start = setup(cfg, run_dir)
+    rep = Reporter(enabled=jax.process_index() == 0)
+    try:
+        t, state, start = setup(cfg, run_dir, rep)
+    except BaseException:
+        rep.close()
+        raise
+    rep.plan = plan_of(cfg, start, len(t.eval_problems))
     step_times = t.logger.resume_history(start, "time/train/step_s")
-    t_run = time.perf_counter()
     try:
         if start == 0 and cfg.warm_start.steps:  # a resumed run has it in its checkpointed params
             state["params"], warm = warm_start_policy(t, state["params"])
@@ -424,10 +464,17 @@ def run(
                 t.start_params, _ = warm_start_policy(t, t.start_params)
         if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start:
             # The state right before GRPO step 1: the end-of-run sweep is paired with this one.
-            t.logger.log(0, sweep(t, state["params"], run_dir, "eval_full_start"))
+            start_sweep = sweep(t, state["params"], run_dir, "eval_full_start",
+                                on_batch=functools.partial(rep.advance, "start_sweep"))
+            t.logger.log(0, start_sweep)
+            rep.say(f"start sweep: accuracy {start_sweep['eval_full_start/accuracy']:.4f} "
+                    f"on {int(start_sweep['eval_full_start/num_questions'])} questions")
+        rep.advance("train", start, cfg.steps)
         for step in range(start + 1, cfg.steps + 1):
-            timer, t_step = StepTimer(), time.perf_counter()
+            timer, t_step, span = StepTimer(), time.perf_counter(), rep.span()
             state, metrics = train_step(t, state, step, timer)
+            rep.observe("train", span.seconds())  # compile-free, periodic eval apart
+            rep.done_units["train"] = step
 
             if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or step == cfg.steps):
                 with timer.phase("eval"):
@@ -436,6 +483,7 @@ def run(
                         batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=t.sampling,
                         weights=t.weights, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
                         grader=cfg.reward_grader,
+                        on_batch=functools.partial(rep.advance, "eval"),
                     ))
 
             step_times.append(time.perf_counter() - t_step)
@@ -443,7 +491,7 @@ def run(
             metrics["time/train/step_avg_last10_s"] = float(np.mean(step_times[-10:]))
             metrics.update({f"time/train/{k}_s": v for k, v in timer.times.items()})
             t.logger.log(step, metrics)
-            t.logger.progress(step, cfg.steps, time.perf_counter() - t_run, metrics)
+            rep.step(step, progress_metrics(metrics))
             if cfg.print_time_breakdown:
                 t.logger.time_breakdown(step, cfg.steps, {**timer.times, "total": step_times[-1]})
 
@@ -451,7 +499,9 @@ def run(
             stopping = should_stop is not None and should_stop()
             if step == cfg.steps or (every and step % every == 0) or stopping:
                 meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step}
+                rep.phase("checkpoint", detail=f"saving step {step}")
                 t.checkpointer.save(step, state, meta)
+                rep.resume("train")
             if on_step is not None:
                 on_step(step, metrics)
             if stopping and step < cfg.steps:
@@ -460,11 +510,33 @@ def run(
 
         t.checkpointer.wait()
         if cfg.eval_full_sweep:
-            t.logger.log(cfg.steps, sweep(t, state["params"], run_dir, "eval_full"))
-        t.logger.finish(cfg.steps, cfg.steps)
+            final = sweep(t, state["params"], run_dir, "eval_full",
+                          on_batch=functools.partial(rep.advance, "final_sweep"))
+            t.logger.log(cfg.steps, final)
+            rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
+                    f"on {int(final['eval_full/num_questions'])} questions")
+        summary = t.logger.finish(cfg.steps)
+        rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
     except BaseException:
         t.logger.close()
         raise
     finally:
+        rep.close()
         t.checkpointer.close()
+
+
+def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:
+    """What is left to do from `start` (the last finished step), in each phase's units."""
+    return Plan(
+        steps=cfg.steps,
+        first_step=start + 1,
+        warm_start_steps=cfg.warm_start.steps if start == 0 else 0,
+        start_sweep_batches=(batches(eval_questions, cfg.eval_full_batch_size)
+                             if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start else 0),
+        eval_steps=eval_steps(start + 1, cfg.steps, cfg.eval_every_steps),
+        eval_batches=cfg.eval_batches_per_process,
+        final_sweep_batches=batches(eval_questions, cfg.eval_full_batch_size) if cfg.eval_full_sweep else 0,
+        rows_per_step=cfg.rollout.batch_size * cfg.rollout.n,
+        rows_per_sweep_batch=cfg.eval_full_batch_size,
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -92,9 +92,11 @@ def warm_start(
     pad_id: int,
     compute_dtype: Any,
     local_rows: slice,
+    on_step: Callable[[int, jax.Array], None] | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """`cfg.steps` AdamW steps (cosine lr from `cfg.lr` to 0) of `sft_loss` on batches of `cfg.batch_size`
     problems drawn from `problems` (every process draws the same global batch and packs its `local_rows`).
+    `on_step(k, loss)` follows each step (the loss stays on the device until the callback reads it).
 
     Returns (params, {"warm_start/loss": mean loss of the last 10 steps, "warm_start/loss_first": of the
     first step, "time/warm_start_s": seconds})."""
@@ -103,7 +105,8 @@ def warm_start(
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     length = grpo.round_up(longest, 8)  # one shape for every step: one compilation, little padding
     optimizer = make_optimizer("adamw", 0.9, 0.99, 0.0, 1.0)
-    opt_state = optimizer.init(params)
+    with jax.set_mesh(mesh):  # the count typed on the mesh, as sft_step returns it: one compilation
+        opt_state = optimizer.init(params)
     schedule = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
     rng = np.random.default_rng([seed, 0x5F7])  # apart from the GRPO data order, which it leaves alone
     losses = []
@@ -117,6 +120,8 @@ def warm_start(
             compute_dtype=compute_dtype, optimizer=optimizer,
         )
         losses.append(loss)
+        if on_step is not None:
+            on_step(step + 1, loss)
     losses = [float(x) for x in jax.device_get(losses)]
     return params, {
         "warm_start/loss": float(np.mean(losses[-10:])),

@@ -132,6 +132,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
             f"grpoctl recover {record.run_id} -e NAME=VALUE ..."
         )
     secrets_file = secret_env_file(record.env)
+    heads: dict[int, str] = {}
 
     def one(i: int, t: Transport) -> int:
         if secrets_file is not None:  # before the launch script, whose job reads them
@@ -155,6 +156,9 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         if result.exit_code == recipes.EXIT_EXISTS:
             raise LogNameTaken(f"{t.name}: {record.log_path} already exists")
         pid = recipes.parse_pid(result.stdout)
+        head = recipes.parse_launch_head(result.stdout)
+        if head:
+            heads[i] = head
         if not result.ok or pid is None:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise InfraError(f"{t.name}: launch failed (exit {result.exit_code}): {detail}")
@@ -181,6 +185,8 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         record.state = "FAILED"
         raise failed[0].error
     record.state = "RUNNING"
+    if heads:  # sync left every worker on one commit; worker 0's is the run's
+        record.git_commit = heads.get(0) or next(iter(heads.values()))
     return record
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,10 +119,19 @@ def sync(session: Session, spec: RepoSpec | None = None, *, timeout: float = 600
     return SyncResult(spec.url, spec.branch, heads, list(spec.warnings))
 
 
+OnStage = Callable[[str, int, int, str], None]  # (worker, stage k, of n, what it does)
+
+
 def bootstrap(
-    session: Session, *, extras: tuple[str, ...] | None = None, timeout: float = 1800
+    session: Session,
+    *,
+    extras: tuple[str, ...] | None = None,
+    timeout: float = 1800,
+    on_stage: OnStage | None = None,
 ) -> dict[str, str]:
-    """A venv with the trainer on every worker, unless the target names an interpreter."""
+    """A venv with the trainer on every worker, unless the target names an interpreter.
+
+    `on_stage(worker, k, n, label)` hears each worker's stages as they begin (from its worker's thread)."""
     if session.target.python or session.kind == "local":
         return {t.name: session.python for t in session.target.transports()}
     if extras is None:
@@ -129,7 +139,12 @@ def bootstrap(
     script = recipes.bootstrap(session.remote_dir, extras)
 
     def one(_: int, t) -> str:
-        result = t.run(script, timeout=timeout)
+        def on_output(line: str) -> None:
+            stage = recipes.parse_stage(line)
+            if stage is not None and on_stage is not None:
+                on_stage(t.name, *stage)
+
+        result = t.run(script, timeout=timeout, on_output=on_output)
         if result.exit_code == recipes.EXIT_NO_PYTHON:
             raise InfraError(f"{t.name}: no python >= 3.11 on the worker (set the target's `python`)")
         return recipes.parse_python(_check(result, "bootstrap").stdout) or ""

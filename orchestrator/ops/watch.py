@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator import recipes
 from orchestrator.errors import GrpoctlError, InfraError, JobFailed, PreemptedError
@@ -71,14 +72,43 @@ def poll(target, record: RunRecord, *, timeout: float = 30, stall_after_s: float
     result = Poll(statuses, errors)
     progress = result.progress
     if progress:
-        record.last_progress = {
-            "step": progress.step,
-            "total": progress.total,
-            "elapsed_s": progress.elapsed_s,
-            "eta_s": progress.eta_s,
-            "metrics": dict(progress.metrics or {}),
-        }
+        record.last_progress = progress_dict(progress)
+    info = next((s.info for s in statuses if s is not None and s.info), None)
+    if info:
+        record.config_hash = info.get("config_hash") or record.config_hash
+        record.wandb_url = info.get("wandb_url") or record.wandb_url
     return result
+
+
+def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
+    """What a run record keeps of its last event (status --json shows it)."""
+    return {
+        "step": progress.step,
+        "total": progress.total,
+        "elapsed_s": progress.elapsed_s,
+        "eta_s": progress.eta_s,
+        "metrics": dict(progress.metrics or {}),
+        "phase": progress.phase,
+        "k": progress.k,
+        "n": progress.n,
+        "detail": progress.detail,
+        "bytes_done": progress.bytes_done,
+        "bytes_total": progress.bytes_total,
+        "text": progress.text,
+    }
+
+
+def phase_json(record: RunRecord) -> dict[str, Any] | None:
+    """The `phase` field of `status --json`: what the run does now, with its own k/n and the ETA."""
+    p = record.last_progress
+    if not p:
+        return None
+    phase = p.get("phase") or "train"
+    k, n = p.get("k"), p.get("n")
+    if p.get("phase") is None:  # a record from before phases: its step is the train phase's k
+        k, n = p.get("step"), p.get("total")
+    return {"name": phase, "k": k, "n": n, "eta_s": 0.0 if record.state == "SUCCEEDED" else p.get("eta_s"),
+            "detail": p.get("detail"), "text": p.get("text") or f"step {p.get('step')}/{p.get('total')}"}
 
 
 def _stalled(status: recipes.WorkerStatus, stall_after_s: float | None) -> bool:

@@ -1,0 +1,133 @@
+"""One tiny real-trainer run (configs/tiny_cpu.yaml, shortened) launched through the CLI on the local
+target and polled with `grpoctl --json status RUN` about once a second, as a person would watch it.
+
+Shared by every test here (module fixture): the phases it showed with their own k/N, the ETA it gave at
+step 1 against the time the run then took (both from the trainer's own timeline in the log, so the check
+does not depend on this machine's speed), the human lines of `grpoctl logs`, and the commit it reports.
+Takes ~1-4 min (compilation on 2 busy cores); marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from grpoctl_contract.progress import decode
+from orchestrator.cli import app
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 GRPO steps with an eval after steps 2 and 4, a 30-step warm start, a 2-batch final sweep.
+SETTINGS = [
+    "steps=4",
+    "warm_start.steps=30",
+    "eval_every_steps=2",
+    "eval_full_limit=16",
+    "eval_full_batch_size=8",
+    "checkpoint.every_steps=2",
+    "wandb_mode=disabled",
+]
+
+
+def _git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("phases")
+    repo = root / "repo"
+    # A repo holding this working tree's trainer as it is now (committed or not): the code under test.
+    for name in ("trainer", "grpoctl_contract", "configs"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".gitignore").write_text(".env\nruns/\nlogs/\nwandb/\n")
+    _git(root, "init", "-q", "-b", "main", str(repo))
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "-m", "trainer")
+    config = root / "grpoctl.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {root / 'wd'}}}\n")
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, ["--config-file", str(config), *args])
+        assert result.exit_code == 0, (args, result.output)
+        return result.stdout
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo)  # the local target clones the current repo by its path
+        mp.setenv("GRPOCTL_STATE_DIR", str(root / "state"))
+        cli("sync")
+        sets = [a for s in SETTINGS for a in ("--set", s)]
+        run_id = cli("run", "configs/tiny_cpu.yaml", *sets).strip()
+        polls, deadline = [], time.monotonic() + 900
+        while time.monotonic() < deadline:
+            polls.append(json.loads(cli("--json", "status", run_id)))
+            if polls[-1]["state"] in ("SUCCEEDED", "FAILED", "LOST"):
+                break
+            time.sleep(1.0)
+        checkout = root / "wd" / "grpoctl-work"
+        yield {
+            "run_id": run_id,
+            "head": _git(repo, "rev-parse", "HEAD"),
+            "polls": polls,
+            "logs": cli("logs", run_id, "--lines", "100000"),
+            "table": cli("status", run_id),
+            "summary": json.loads((checkout / "runs" / run_id / "summary.json").read_text()),
+        }
+
+
+def test_status_polled_each_second_shows_phases_each_with_its_own_k_of_n(tiny_run):
+    polls = tiny_run["polls"]
+    assert polls[-1]["state"] == "SUCCEEDED", tiny_run["logs"][-2000:]
+    seen = {(p["phase"]["name"], p["phase"]["n"]) for p in polls if p["phase"] and p["phase"]["n"]}
+    names = {name for name, _ in seen}
+    assert ("warm_start", 30) in seen and ("train", 4) in seen, seen
+    assert names & {"eval", "final_sweep", "start_sweep"}, seen  # a sweep, batch k of M
+    for p in polls:
+        phase = p["phase"]
+        if phase and phase["n"]:
+            assert 0 <= phase["k"] <= phase["n"] and phase["text"]
+    assert polls[-1]["phase"]["name"] == "done" and polls[-1]["phase"]["eta_s"] == 0
+
+
+def test_eta_at_step_1_is_within_2x_of_the_time_the_run_then_took(tiny_run):
+    events = [e for e in map(decode, tiny_run["logs"].splitlines()) if e is not None]
+    step1 = next(e for e in events if e.event == "progress" and e.step == 1)
+    done = next(e for e in events if e.done)
+    remaining = done.elapsed_s - step1.elapsed_s
+    print(f"ETA at step 1: {step1.eta_s:.1f} s; the run then took {remaining:.1f} s")
+    assert step1.eta_s is not None and remaining / 2 <= step1.eta_s <= remaining * 2
+
+
+def test_logs_hold_a_human_line_for_each_phase(tiny_run):
+    human = [line for line in tiny_run["logs"].splitlines() if line.startswith("[trainer +")]
+    for phrase in (
+        "] setup: mesh",
+        "] model load: ",
+        "] data load: ",
+        "] compile ",
+        "] warm start step 30/30",
+        "] train step 4/4",
+        "] eval batch 1/1",
+        "] checkpoint: saving step 4",
+        "] final sweep batch 2/2",
+        "] done (step 4/4)",
+    ):
+        assert any(phrase in line for line in human), (phrase, human)
+    assert not any(line.startswith('{"event": ') for line in human)
+
+
+def test_status_reports_the_commit_it_was_launched_from_and_the_config_hash(tiny_run):
+    last = tiny_run["polls"][-1]
+    assert last["git_commit"] == tiny_run["head"]
+    assert last["config_hash"] == tiny_run["summary"]["config_hash"] and last["wandb_url"] is None
+    assert f"commit: {tiny_run['head']}" in tiny_run["table"]
+    assert f"config hash: {last['config_hash']}" in tiny_run["table"]
