@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean mutate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 
+# Mutation run over the core modules (TESTING.md): slow, a benchmark-style command, not part of `make test`.
+# mutmut stays out of the dev extra (it pulls in a terminal UI); it is installed here on first use.
+# MUTATE=grpo compare picks modules (default: all of them).
+mutate: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q "mutmut==3.8.1"
+	$(BIN)/python benchmarks/mutate.py $(MUTATE)
+
 clean:
-	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache
+	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache .mutate

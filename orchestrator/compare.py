@@ -284,10 +284,10 @@ class Comparison:
         lines += [f"| `{r.key}` | {fmt(r.a)} | {fmt(r.b)} | {fmt_delta(r)} |" for r in self.rows]
         if self.fabricated:
             lines = [f"**{FABRICATED}** every figure below was made up by the dry run.", "", *lines]
-        lines += ["", self.test_line()]
+        # Each run against its own start, then the run-vs-run test (last, as in the SOP's verdict lines).
         lines += ["", "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):", ""]
         lines += [f"- {line}" for line in self.learning_lines()]
-        return "\n".join(lines)
+        return "\n".join([*lines, "", self.test_line()])
 
 
 def compare_runs(a: RunFiles, b: RunFiles, keys: Sequence[str] | None = None) -> Comparison:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
+import stat
 import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 # Set before anything imports jax / transformers / wandb.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -72,6 +75,29 @@ def ps_during(action: Callable[[], object]) -> str:
         thread.join()
     assert samples
     return "\n".join(samples)
+
+
+def modes_during(folder: Path, action: Callable[[], object]) -> dict[str, set[int]]:
+    """The permission bits of every file that appeared in `folder` while `action` ran, sampled in a loop
+    from another thread (a temp file that is 0644 for a moment is readable by others for that moment)."""
+    seen: dict[str, set[int]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(folder):
+                    with contextlib.suppress(FileNotFoundError):
+                        seen.setdefault(entry.name, set()).add(stat.S_IMODE(entry.stat().st_mode))
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        action()
+    finally:
+        done.set()
+        thread.join()
+    return seen
 
 
 # --- SSH: private sshd servers on 127.0.0.1 (orchestrator/testing/sshd.py) -----------------------------

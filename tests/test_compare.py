@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,149 @@ def test_each_run_is_paired_with_its_own_start(tmp_path: Path, start, end, verdi
     md = result.markdown()
     assert line_a in md and line_b in md and result.paired.line() in md  # both verdicts in the report
     assert result.to_json()["start_to_end"][0]["verdict"] == verdict
+
+
+def _paired(only_a: int, only_b: int, both: int = 7, neither: int = 5) -> cmp.PairedResult:
+    a, b = {}, {}
+    for kind, (ra, rb), count in (
+        ("ab", (True, True), both), ("a", (True, False), only_a),
+        ("b", (False, True), only_b), ("n", (False, False), neither),
+    ):
+        for i in range(count):
+            a[f"{kind}{i}"], b[f"{kind}{i}"] = ra, rb
+    return cmp.paired_test(a, b)
+
+
+# Discordant counts whose exact p-values sit just either side of the 5% level (checked against scipy), so
+# a level moved either way (0.5, 0.01) or a comparison turned around flips one of the verdicts.
+@pytest.mark.parametrize(
+    ("only_a", "only_b", "p", "verdict"),
+    [
+        (25, 42, 0.049800114, "different at 5%"),
+        (117, 150, 0.049983176, "different at 5%"),
+        (10, 22, 0.050102460, "aligned"),
+        (33, 52, 0.050250895, "aligned"),
+    ],
+)
+def test_verdict_flips_exactly_at_the_5_percent_level(only_a: int, only_b: int, p: float, verdict: str):
+    assert binomtest(only_a, only_a + only_b, 0.5).pvalue == pytest.approx(p, rel=1e-8)
+    for a, b in ((only_a, only_b), (only_b, only_a)):  # the test is two-sided: symmetric in A and B
+        result = _paired(a, b)
+        assert (result.only_a, result.only_b, result.n) == (a, b, a + b + 12)
+        assert result.p_value == pytest.approx(p, rel=1e-8)
+        assert result.verdict == verdict
+        assert result.line().endswith(f"-> {verdict}")
+
+
+def test_report_json_and_markdown_are_exact():
+    rows = cmp.side_by_side({"eval_full/accuracy": 0.5, "time/train/step_avg_last10_s": 12},
+                            {"eval_full/accuracy": 0.75})
+    paired = _paired(1, 9, both=3, neither=2)
+    result = cmp.Comparison("runA", "runB", rows, paired)
+    assert result.verdict == paired.verdict == "different at 5%"
+    assert result.to_json() == {
+        "a": "runA",
+        "b": "runB",
+        "fabricated": False,
+        "keys": [
+            {"key": "eval_full/accuracy", "a": 0.5, "b": 0.75, "delta": 0.25},
+            {"key": "time/train/step_avg_last10_s", "a": 12, "b": None, "delta": None},
+        ],
+        "mcnemar": {"n": 15, "only_a": 1, "only_b": 9, "p_value": pytest.approx(0.021484375),
+                    "verdict": "different at 5%"},
+        "start_to_end": [],  # neither run has eval_full_start.jsonl
+    }
+    assert result.markdown().splitlines() == [
+        "| key | A `runA` | B `runB` | delta (B - A) |",
+        "|---|---|---|---|",
+        "| `eval_full/accuracy` | 0.5 | 0.75 | +0.25 |",
+        "| `time/train/step_avg_last10_s` | 12 | - | - |",
+        "",
+        "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):",
+        "",
+        "- runA: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
+        "- runB: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
+        "",
+        "McNemar exact test on 15 paired questions: A-only 1, B-only 9, p=0.0215 -> different at 5%",
+    ]
+    assert paired.accuracy_a == pytest.approx(4 / 15) and paired.accuracy_b == pytest.approx(12 / 15)
+    alone = cmp.Comparison("runA", "runB", rows[:1], None)
+    assert alone.verdict is None and alone.to_json()["mcnemar"] is None
+    assert alone.markdown().splitlines()[-1] == (
+        "No paired per-question results (eval_full.jsonl) in both runs: no significance test."
+    )
+
+
+def test_formatting_and_fallback_keys():
+    assert [cmp.fmt(x) for x in (None, 3, 0.1234567891, True, "x", 1e-9)] == [
+        "-", "3", "0.123457", "True", "x", "1e-09"
+    ]
+    assert cmp.fmt_delta(cmp.KeyRow("k", 1.0, 0.5)) == "-0.5"
+    assert cmp.KeyRow("k", True, 1.0).delta is None and cmp.KeyRow("k", 1, "2").delta is None
+    assert cmp.KeyRow("k", 2, 5).delta == 3.0
+    # No SOP key in either run: every key that is a number in at least one run, sorted; not bools/strings.
+    a = {"zeta": 1.0, "alpha": "text", "flag": True, "beta": 2}
+    b = {"gamma": 0.5, "alpha": "other"}
+    assert [r.key for r in cmp.side_by_side(a, b)] == ["beta", "gamma", "zeta"]
+    assert cmp.side_by_side({}, {}) == []
+    empty = cmp.paired_test({}, {"q": True})
+    assert (empty.n, empty.p_value, empty.verdict) == (0, 1.0, "aligned")
+    assert math.isnan(empty.accuracy_a) and math.isnan(empty.accuracy_b)
+
+
+def test_run_files_are_read_strictly(tmp_path: Path):
+    folder = tmp_path / "run-7"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"k": 1}))
+    (folder / "eval_full.jsonl").write_text(
+        '{"id": 3, "correct": 1}\n\n{"no_id": true, "correct": true}\n{"id": "q4", "correct": false}\n'
+    )
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"loss": 9}\n{"step": 2, "loss": "x"}\n'
+                                          '{"step": 3, "train/loss": 1.5, "loss": 0.25}\n')
+    run = cmp.load_run(folder)
+    assert run.run_id == "run-7" and run.summary == {"k": 1}
+    assert run.eval_full == {"3": True, "q4": False}
+    assert cmp._series(run.metrics, ("nope", "loss", "train/loss")) == ("loss", [1, 3], [0.5, 0.25])
+    assert cmp._series(run.metrics, ("nope",)) is None
+    (folder / "eval_full.jsonl").write_text('{"id": 1, "correct": true}\n{broken\n')
+    with pytest.raises(UsageError, match=r"eval_full.jsonl:2: not valid JSON"):
+        cmp.load_run(folder)
+    (folder / "summary.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="expected a JSON object"):
+        cmp.load_run(folder)
+    (folder / "summary.json").unlink()
+    with pytest.raises(UsageError, match=r"no summary.json \(fetch the run first: grpoctl fetch run-7"):
+        cmp.load_run(folder)
+
+
+def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_path: Path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    a = cmp.load_run(_write_run(tmp_path / "A", {"k": 1}, None, [0.1, 0.5]))
+    b = cmp.load_run(_write_run(tmp_path / "B", {"k": 1}, None, [0.2]))
+    (tmp_path / "B" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
+    b = cmp.load_run(tmp_path / "B")
+    (tmp_path / "plots").mkdir()
+    out = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
+    cmp.plot(a, b, out)  # drawing over an earlier plot is fine
+    (fig,) = figures[-1:]
+    reward_ax, loss_ax = fig.axes
+    assert (reward_ax.get_title(), loss_ax.get_title()) == ("reward", "loss")
+    assert reward_ax.get_xlabel() == loss_ax.get_xlabel() == "step"
+    assert [t.get_text() for t in reward_ax.get_legend().get_texts()] == [
+        "A (train/reward/total/mean)", "B (reward)"
+    ]
+    assert [line.get_linestyle() for line in reward_ax.get_lines()] == ["-", "--"]
+    assert [list(line.get_xdata()) for line in reward_ax.get_lines()] == [[1, 2], [1]]
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["A (loss)"]
+    # No loss at all in either run: the panel says so, centred in axes coordinates.
+    (tmp_path / "A" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
+    cmp.plot(cmp.load_run(tmp_path / "A"), b, tmp_path / "plots" / "none.png")
+    empty_loss = figures[-1].axes[1]
+    (note,) = empty_loss.texts
+    assert note.get_text() == "no data in metrics.jsonl" and note.get_position() == (0.5, 0.5)
+    assert note.get_transform() is empty_loss.transAxes and note.get_ha() == "center"
+    assert empty_loss.get_legend() is None

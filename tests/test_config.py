@@ -15,9 +15,39 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_every_key_as_written(path):
     cfg = C.load(path, environ={})
-    assert cfg.steps > 0
+    raw = C.read_yaml(path)
+    loaded = C.to_dict(cfg)
+    for dotted, value in _leaves(raw):
+        got = loaded
+        for part in dotted.split("."):
+            assert isinstance(got, dict) and part in got, f"{path.name}: {dotted} is not a config key"
+            got = got[part]
+        if isinstance(value, list | tuple):
+            value, got = list(value), list(got)
+        assert got == value, f"{path.name}: {dotted} is {got!r} after loading, {value!r} in the file"
+    assert C.from_dict(loaded) == cfg  # the effective config round-trips and validates
+    assert C.config_hash(C.from_dict(loaded)) == C.config_hash(cfg)
+
+
+def _leaves(data: dict, prefix: str = ""):  # type: ignore[no-untyped-def]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+PALLAS_PAIRS = [p for p in CONFIGS if p.stem.endswith("_pallas")]
+
+
+@pytest.mark.parametrize("pallas", PALLAS_PAIRS, ids=[p.name for p in PALLAS_PAIRS])
+def test_each_pallas_config_differs_from_its_baseline_only_in_the_loss_impl(pallas):
+    base = C.load(pallas.with_name(pallas.name.replace("_pallas", "")), environ={})
+    other = C.load(pallas, environ={})
+    assert base.train.policy_loss_impl == "jax" and other.train.policy_loss_impl == "pallas"
+    assert C.replace(other, "train.policy_loss_impl=jax") == base
 
 
 def test_reference_configs_hold_the_reference_recipe_and_differ_only_in_the_loss_impl():

@@ -213,3 +213,44 @@ def test_unit_rate_optimizer_times_lr_equals_the_scheduled_optax_optimizer(name)
         p_ours = optax.apply_updates(p_ours, scale_updates(u, schedule(step)))
     np.testing.assert_allclose(np.asarray(p_ours["w"]), np.asarray(p_ref["w"]), rtol=1e-6, atol=1e-7)
     assert float(jnp.max(jnp.abs(p_ours["w"] - jnp.arange(6.0).reshape(2, 3) / 7))) > 1e-3
+
+
+# Ratios between the two bounds tell the bounds apart: with eps_low 0.2 / eps_high 0.3, a ratio of 1.25 is
+# inside the upper bound (1.3) but outside 1 + eps_low, and 0.75 is outside the lower bound (0.8) but inside
+# 1 - eps_high. Ratios far out (1.5, 0.7) are clipped the same whichever eps a bound uses.
+@pytest.mark.parametrize(
+    ("ratio", "adv", "clipped", "side"),
+    [
+        (1.25, 1.0, False, "high"),  # 1.2 < r < 1.3: a swapped upper bound would clip here
+        (1.35, 1.0, True, "high"),  # just past 1.3
+        (0.75, -1.0, True, "low"),  # 0.7 < r < 0.8: a swapped lower bound would not clip here
+        (0.85, -1.0, False, "low"),  # just inside 0.8
+        (1.35, -1.0, False, "none"),  # past the upper bound with A < 0: min picks the unclipped term
+        (0.75, 1.0, False, "none"),  # past the lower bound with A > 0: likewise
+    ],
+)
+def test_clip_bounds_use_their_own_eps_on_each_side(ratio: float, adv: float, clipped: bool, side: str):
+    old = jnp.zeros((1, 1))
+    logp = jnp.log(jnp.asarray([[ratio]], jnp.float32))
+    advantages = jnp.asarray([adv])
+    (loss, m), g = jax.value_and_grad(lambda lp: _loss(lp, old, advantages), has_aux=True)(logp)
+    bound = {"high": 1.3, "low": 0.8}.get(side, ratio)
+    # loss = -min(r * A, clip(r) * A): the clipped value when clipped, the ratio itself otherwise.
+    assert float(loss) == pytest.approx(-(bound if clipped else ratio) * adv, rel=1e-5)
+    # d loss / d logp = -A * r when the ratio term is active, 0 when clipped.
+    assert float(g[0, 0]) == pytest.approx(0.0 if clipped else -adv * ratio, rel=1e-5, abs=1e-7)
+    assert float(m["clip_frac_high"]) == (1.0 if clipped and side == "high" else 0.0)
+    assert float(m["clip_frac_low"]) == (1.0 if clipped and side == "low" else 0.0)
+    assert float(m["ratio_mean"]) == pytest.approx(ratio, rel=1e-6)
+    assert float(m["loss"]) == float(loss)
+
+
+def test_pack_sequences_masks_positions_and_padding():
+    prompt = np.array([[0, 0, 5, 6], [7, 8, 9, 10]], np.int32)
+    comp = np.array([[11, 12, 13, 0, 0, 0], [14, 0, 0, 0, 0, 0]], np.int32)
+    packed = grpo.pack_sequences(prompt, prompt != 0, comp, comp != 0, seq_bucket=4)
+    # Real tokens (prompt + completion, left-packed) are attended to; the padding after them is not.
+    np.testing.assert_array_equal(packed["attn_mask"], [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(packed["positions"], np.broadcast_to(np.arange(8), (2, 8)))
+    # The loss is on the positions that predict completion tokens: t predicts tokens[t + 1].
+    np.testing.assert_array_equal(packed["loss_mask"], [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]])

@@ -225,7 +225,7 @@ def test_bad_arguments_say_what_is_wrong():
         token_logprobs(h, w, t, impl="pallas", block_vocab=100)
     with pytest.raises(ValueError, match="block_tokens must be a positive multiple of 8"):
         KernelBlocks(block_tokens=12)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="chunk_size"):
         token_logprobs(h, w, t, impl="chunked", chunk_size=128)  # a misspelt block key is not ignored
     with pytest.raises(ValueError, match="temperature must be positive"):
         token_logprobs(h, w, t, temperature=0.0)

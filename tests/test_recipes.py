@@ -263,3 +263,169 @@ def test_kill_ignores_a_pid_file_that_would_mean_every_process(tmp_path: Path):
     for bogus in ("1", "0", "-1", "12 13"):
         (tmp_path / paths.pid).write_text(bogus + "\n")
         assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
+
+
+# ------------------------------------------------------------------------------ hostile values, no spaces
+# Markers live under pytest's tmp_path, which has no space in it: a dropped quote then runs the injected
+# `touch` on exactly the marker path (a path with a space only makes a stray file and the check passes).
+
+
+def _hostile(marker: Path) -> list[str]:
+    """Values that run `touch marker` if they ever reach the shell unquoted, and every metacharacter."""
+    m = str(marker)
+    assert " " not in m
+    return [
+        f"$(touch {m})",
+        f"`touch {m}`",
+        f";touch {m}",
+        f"x|touch {m}",
+        f"x&touch {m}",
+        f"x&&touch {m}",
+        f"x||touch {m}",
+        f"x\ntouch {m}",
+        f"'$(touch {m})'",
+        f'"$(touch {m})"',
+        f"x';touch {m};'",
+        f"x>{m}",
+        f"x${{IFS}}>{m}",
+        "* ? [a] {b,c} ~ # ! \\ \t % ^ = + , . : @",
+        "ALL:" + "".join(sorted(set("$`;|&<>()'\"\\*?[]{}~#!\n\t =%^,.:@"))),
+    ]
+
+
+def _fake_python(folder: Path, dump: Path) -> Path:
+    """An executable that records the argv and HOSTILE_* env it was started with, as the trainer would."""
+    exe = folder / "python"
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"with open({str(dump)!r}, 'w') as f:\n"
+        "    json.dump({'argv': sys.argv[1:],\n"
+        "               'env': {k: v for k, v in os.environ.items() if k.startswith('HOSTILE_')}}, f)\n"
+    )
+    exe.chmod(0o755)
+    return exe
+
+
+def test_launch_passes_hostile_env_values_and_args_through_byte_for_byte(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    values = _hostile(marker)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    dump = tmp_path / "dump.json"
+    python = _fake_python(tmp_path, dump)
+    env = {f"HOSTILE_{i}": v for i, v in enumerate(values)}
+    config = values[0] + ".yaml"
+    paths = recipes.RunPaths.for_run("cfg", "1", "cfg-1")
+    out = bash(recipes.launch(str(ck), str(python), config, paths, config_stem="cfg", env=env,
+                              trainer_args=values))
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 20
+    while not (ck / paths.exit).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (ck / paths.exit).read_text().strip() == "0", (ck / paths.log).read_text()
+    got = json.loads(dump.read_text())
+    assert got["env"] == env
+    assert got["argv"] == ["-u", "-m", "trainer", "--config", config, "--run-dir", paths.run_dir, *values]
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "dump.json", "python"]  # no stray files
+
+
+def test_sync_refuses_hostile_url_and_branch_without_running_them(tmp_path: Path, standin_repo):  # noqa: F811
+    url, _ = standin_repo
+    marker = tmp_path / "pwned"
+    for i, value in enumerate(_hostile(marker)):
+        ck = tmp_path / f"ck{i}"
+        for bad_url, branch in ((f"file:///nonexistent/{value}", "main"), (url, value)):
+            out = bash(recipes.sync(str(ck), bad_url, branch))
+            assert out.returncode != 0, (value, out.stdout)
+            assert not marker.exists(), value
+    # Nothing but the checkout folders: no stray file made by half of an unquoted value.
+    assert all(p.name.startswith("ck") and p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_sync_into_a_folder_named_with_every_metacharacter(tmp_path: Path, standin_repo):  # noqa: F811
+    url, work = standin_repo
+    name = "ck$(id)`id`;x|y&z<a>b'c\"d*?[e]{f,g}~#!%^=+,.:@\\h"
+    out = bash(recipes.sync(str(tmp_path / name), url, "main"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert recipes.parse_head(out.stdout) == git(work, "rev-parse", "HEAD")
+    listed = bash(recipes.existing_files(str(tmp_path / name), ["configs/ok.yaml", "nope"]))
+    assert recipes.parse_files(listed.stdout) == ["configs/ok.yaml"]
+
+
+# ------------------------------------------------------------------------------------ more edges
+
+
+def test_env_names_may_start_with_an_underscore():
+    paths = recipes.RunPaths.for_run("c", "1", "c-1")
+    script = recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={"_PRIVATE_1": "v", "A_2": "w"})
+    assert "export _PRIVATE_1=v\n" in script and "export A_2=w\n" in script
+    for bad in ("1A", "", "A-B", "A B"):
+        with pytest.raises(UsageError, match="not a valid environment variable name"):
+            recipes.launch("/w", "py", "c.yaml", paths, config_stem="c", env={bad: "1"})
+
+
+def test_kill_of_a_pid_that_already_died_touches_nothing(tmp_path: Path):
+    paths = recipes.RunPaths.for_run("c", "1", "c-1")
+    (tmp_path / "logs").mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / paths.pid).write_text(f"{dead.pid}\n")
+    out = bash(recipes.kill(str(tmp_path), paths, grace_s=0.1))
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "KILL=not-running"
+
+
+def _fake_interpreters(folder: Path, log: Path, version_ok: bool = True) -> Path:
+    """A PATH folder whose python3.12 creates a venv whose python logs each argv line to `log`."""
+    folder.mkdir()
+    venv_python = f"#!/bin/sh\necho \"$*\" >> {shlex.quote(str(log))}\n"
+    py = folder / "python3.12"
+    py.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exit {0 if version_ok else 1}; fi\n'
+        'if [ "$1 $2" = "-m venv" ]; then\n'
+        '  /bin/mkdir -p "$3/bin"\n'
+        f"  /bin/cat > \"$3/bin/python\" <<'X'\n{venv_python}X\n"
+        '  /bin/chmod +x "$3/bin/python"; echo created >> ' + shlex.quote(str(log)) + "\n"
+        "fi\n"
+    )
+    py.chmod(0o755)
+    return folder
+
+
+def test_bootstrap_makes_the_venv_once_and_installs_the_extras(tmp_path: Path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    log = tmp_path / "log"
+    fake_bin = _fake_interpreters(tmp_path / "bin", log)
+    env = {"PATH": str(fake_bin), "HOME": str(tmp_path)}  # only the fake: no real python is found
+    for _ in range(2):
+        out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer", "dev"])],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert recipes.parse_python(out.stdout) == f"{ck}/.venv/bin/python"
+    assert log.read_text().splitlines() == [
+        "created",
+        "-m pip install --quiet --upgrade pip",
+        "-m pip install --quiet -e .[trainer,dev]",
+        "-m pip install --quiet --upgrade pip",  # the second run keeps the venv
+        "-m pip install --quiet -e .[trainer,dev]",
+    ]
+    log.unlink()
+    out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), [])], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0 and log.read_text().splitlines()[-1] == "-m pip install --quiet -e ."
+    assert recipes.venv_python("/w/ck/") == "/w/ck/.venv/bin/python"
+
+
+def test_bootstrap_without_python_311_says_so(tmp_path: Path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    fake_bin = _fake_interpreters(tmp_path / "bin", tmp_path / "log", version_ok=False)
+    out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), ["trainer"])], capture_output=True,
+                         text=True, env={"PATH": str(fake_bin)}, timeout=60)
+    assert out.returncode == recipes.EXIT_NO_PYTHON
+    assert "no python >= 3.11 on this worker" in out.stderr
+    assert not (ck / ".venv").exists()

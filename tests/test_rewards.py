@@ -267,3 +267,65 @@ def test_random_garbage_scores_within_bounds_and_never_raises() -> None:
         assert set(np.unique(batch.per_func[name])) <= {0.0, 0.25, 0.5, 0.75, 1.0}
     # Garbage occasionally hits the layout by chance; the format reward must then agree with the tags.
     assert np.all(batch.per_func["reward_format"] <= batch.per_func["reward_tag_count"])
+
+
+# The full layout with exactly one tag missing or misspelt: none of these has the format, whichever tag
+# it is (a grader that forgot to require `</think>` accepted the first ones).
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<think>a\n<answer>7</answer>",  # no </think>
+        "<think>a\n\n<answer>7</answer>",
+        "<think>a</thin>\n<answer>7</answer>",
+        "<think>a<think>\n<answer>7</answer>",  # <think> twice, </think> never
+        "a</think>\n<answer>7</answer>",  # no <think>
+        "<think>a</think>\n7</answer>",  # no <answer>
+        "<think>a</think>\n<answer>7",  # no </answer>
+        "<think>a</think>\n<answer>7</answer></think>",  # </think> twice
+    ],
+)
+def test_format_needs_every_tag_exactly_once(completion: str) -> None:
+    assert reward_format(completion) == 0.0
+    assert reward_tag_count(completion) < 1.0
+    # ...and the batch total gives it no format credit either.
+    batch = score_completions([completion], ["7"])
+    assert batch.per_func["reward_format"][0] == 0.0
+
+
+def test_weights_config_forms_and_errors_are_exact() -> None:
+    w = RewardWeights(2.0, 0.0, 1.5)
+    assert RewardWeights.from_config(w) is w
+    assert RewardWeights.from_config((2, 0, 1.5)) == w
+    assert RewardWeights.from_config({"reward_correct": 2, "tag_count": 1.5, "format": 0}) == w
+    assert RewardWeights.from_config({"format": 0.25}) == RewardWeights(1.0, 0.25, 0.5)  # others default
+    assert w.as_dict() == {"reward_correct": 2.0, "reward_format": 0.0, "reward_tag_count": 1.5}
+    assert w.max_total == 3.5
+    with pytest.raises(ValueError, match=r"^reward_weights: unknown reward 'speed' \(known: reward_correct, "
+                                         r"reward_format, reward_tag_count\)$"):
+        RewardWeights.from_config({"speed": 1.0})
+    with pytest.raises(ValueError, match=r"^reward_weights: expected 3 weights \(reward_correct, "
+                                         r"reward_format, reward_tag_count\), got 4$"):
+        RewardWeights.from_config([1, 2, 3, 4])
+
+
+def test_batch_metrics_values_and_empty_batch() -> None:
+    batch = score_completions([GOOD, "7", None], ["7", "8", "7"], RewardWeights(1.0, 0.5, 0.5))
+    metrics = batch.metrics()
+    np.testing.assert_allclose(batch.total, [2.0, 0.0, 0.0])
+    assert metrics["reward/total/mean"] == pytest.approx(2 / 3)
+    assert metrics["reward/total/std"] == pytest.approx(float(np.std([2.0, 0.0, 0.0])))
+    assert metrics["reward/func/reward_format/mean"] == pytest.approx(1 / 3)
+    assert metrics["reward/func/reward_tag_count/mean"] == pytest.approx(1 / 3)
+    for name in REWARD_FUNCS:
+        assert batch.per_func[name].dtype == np.float32 and batch.per_func[name].shape == (3,)
+    empty = score_completions([], [])
+    assert empty.total.shape == (0,)
+    assert empty.metrics() == {**{f"reward/func/{n}/mean": 0.0 for n in REWARD_FUNCS},
+                               "reward/total/mean": 0.0, "reward/total/std": 0.0}
+
+
+def test_format_number_of_large_and_fractional_values() -> None:
+    assert format_number(1e15) == "1000000000000000.0"  # beyond exact integers: repr, not a long digit string
+    assert format_number(999999999999999.0) == "999999999999999"
+    assert format_number(-7.0) == "-7"
+    assert format_number(0.1) == "0.1"

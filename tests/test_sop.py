@@ -10,7 +10,7 @@ import pytest
 from standin import standin_repo  # noqa: F401
 
 from orchestrator import sop
-from orchestrator.errors import UsageError
+from orchestrator.errors import JobFailed, UsageError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunStore
 
@@ -152,7 +152,7 @@ def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
         "name: failing\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
         "  - run: {name: bad, config: configs/fail3.yaml, interval_s: 0.3}\n  - fetch\n"
     )
-    with pytest.raises(Exception, match="exit code 3") as err:
+    with pytest.raises(JobFailed, match="exit code 3") as err:
         sop.replay(file, config_file=config, report_path=tmp_path / "r" / "report.md")
     assert getattr(err.value, "exit_code", None) == 1
     report = (tmp_path / "r" / "report.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cloud.stale import clear_stale_tpu_users
+from orchestrator.cloud.stale import StaleReport, clear_stale_tpu_users, parse_report
 from orchestrator.errors import UsageError
 from orchestrator.transport.local import LocalTransport
 from orchestrator.transport.ssh import SshTransport
@@ -102,7 +102,8 @@ def test_a_running_grpoctl_run_is_refused_unless_forced(worker, clear) -> None:
     pid_file = worker["remote"] / "logs" / "nohup_tiny_20260101_000000.pid"
     pid_file.write_text(f"{job.pid}\n")
     try:
-        with pytest.raises(UsageError, match=f"held by pid {job.pid} of a grpoctl run still RUNNING"):
+        with pytest.raises(UsageError, match=f"held by pid {job.pid} of a grpoctl run still RUNNING "
+                                             rf"\({pid_file}\); stop it first or pass --force$"):
             clear()
         assert job.poll() is None and worker["lock"].exists()  # nothing touched
         (report,) = clear(force=True)
@@ -115,3 +116,9 @@ def test_a_running_grpoctl_run_is_refused_unless_forced(worker, clear) -> None:
     pid_file.with_suffix(".exit").write_text("0\n")
     (report,) = clear()
     assert report.killed == [leftover.pid]
+
+
+def test_report_names_the_worker_and_both_kinds_of_kill() -> None:
+    out = "killed 12\nkilled 14\nsigkill 14\nkilled x\n busy 9 f\ncleared\n"
+    assert parse_report("w1 10.0.0.2:22", out) == StaleReport("w1 10.0.0.2:22", [12, 14], [14])
+    assert parse_report("w0", "clear\n") == StaleReport("w0", [], [])

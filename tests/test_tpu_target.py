@@ -89,6 +89,7 @@ def _target_json(project: Project, **tpu: object) -> str:
         ("quota exhausted", 3, "quota or capacity exhausted"),
         ("os login on", 2, "OS Login is on"),
         ("wrong pinned host key", 3, "host key"),
+        ("published host key differs from the offered one", 3, "host key"),
         ("no credentials", 2, "no Google credentials found"),
     ],
 )
@@ -104,6 +105,8 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
         project.fake.script.os_login = True
     elif case == "wrong pinned host key":
         tpu["host_key_sha256"] = ["SHA256:" + "A" * 43]
+    elif case == "published host key differs from the offered one":
+        project.fake.script.publish_other_host_keys = True  # nothing pinned: the published key is the pin
     elif case == "no credentials":
         tpu["api_endpoint"] = "https://127.0.0.1:9"  # not plain http: needs ADC, and there is none
         monkeypatch.setenv("HOME", str(project.root))
@@ -114,6 +117,38 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
     _nothing_left(project)  # whatever `up` created on the way was deleted again
     if case in ("malformed zone", "no credentials"):
         assert len(project.fake.requests) == requests_before  # refused before any API call
+
+
+def test_up_waits_for_host_keys_published_after_ready(project: Project) -> None:
+    # The guest agent publishes the VM's host keys a moment after READY: `up` keeps asking, then pins them.
+    project.fake.script.host_keys_delay_s = 1.0
+    project.cli(project.config(name="grpo-late-keys"), "up")
+    asked = [r for r in project.fake.requests if r.path.endswith(":getGuestAttributes")]
+    assert len(asked) >= 2
+    project.cli(project.config(name="grpo-late-keys"), "down", "--yes")
+    _nothing_left(project)
+
+
+def test_host_keys_never_published_is_a_one_line_error(project: Project, monkeypatch) -> None:
+    from orchestrator.targets import tpu as tpu_target
+
+    monkeypatch.setattr(tpu_target, "HOST_KEY_WAIT_S", 0.5)  # the real wait is minutes
+    project.fake.script.host_keys_delay_s = 3600
+    result = project.cli(project.config(name="grpo-no-keys"), "up", code=3)
+    assert one_line_error(result).endswith(
+        "the workers have not published their SSH host keys; pin them with host_key_sha256 or pass "
+        "--accept-new-host-key"
+    )
+    _nothing_left(project)
+
+
+def test_the_configured_user_is_the_one_that_logs_in(project: Project) -> None:
+    # The fake VMs accept only the metadata key's user: another configured user is refused, not replaced
+    # by the local login name.
+    cfg = project.config(name="grpo-user", user="not-" + getpass.getuser(), auth_retry_s=1)
+    result = project.cli(cfg, "up", code=3)
+    assert "not-" + getpass.getuser() in one_line_error(result)
+    _nothing_left(project)
 
 
 def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(project: Project) -> None:

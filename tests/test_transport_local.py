@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ps_args, ps_during
+from conftest import modes_during, ps_args
 
 from orchestrator.config import LocalTargetConfig, RepoConfig
 from orchestrator.targets import build_target
@@ -121,12 +122,64 @@ def test_get_roundtrip_and_missing_file(local: LocalTransport, tmp_path: Path) -
         local.get(str(tmp_path / "nope"))
 
 
-def test_secret_put_never_reaches_ps_or_output(local: LocalTransport, tmp_path: Path) -> None:
+def test_put_temp_file_has_its_mode_from_creation_whatever_the_umask(
+    local: LocalTransport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With umask 0 a file created without the final mode is 0666 until a chmod: readable (and writable)
+    # by every user for that moment. Look at each file the moment it is created, and keep sampling the
+    # folder from another thread while a large put is in flight.
+    real_open = os.open
+    at_creation: dict[str, int] = {}
+
+    def spying_open(path, flags, mode=0o777, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if flags & os.O_CREAT:
+            at_creation[os.fspath(path)] = stat.S_IMODE(os.fstat(fd).st_mode)
+        return fd
+
+    monkeypatch.setattr(os, "open", spying_open)
+    old = os.umask(0)
+    try:
+        payload = b"WANDB_API_KEY=x\n" * 4_000_000  # 64 MB: the write takes a while
+        seen = modes_during(tmp_path, lambda: local.put(payload, str(tmp_path / ".env"), mode=0o600))
+    finally:
+        os.umask(old)
+    assert at_creation, "put created no file through os.open"
+    assert set(at_creation.values()) == {0o600}, at_creation
+    assert all(modes == {0o600} for modes in seen.values()), seen
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+
+
+# Every process start this test process makes, as the interpreter reports it (argv, env): whatever a put
+# would hand to a child process is visible to other users in ps.
+_SPAWN_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork")
+_spawned: list[str] | None = None
+
+
+def _record_spawns(event: str, args: tuple) -> None:  # type: ignore[type-arg]
+    if _spawned is not None and event in _SPAWN_EVENTS:
+        _spawned.append(f"{event} {args!r}")
+
+
+sys.addaudithook(_record_spawns)  # audit hooks cannot be removed: it records only while a test asks
+
+
+def test_secret_put_never_reaches_a_child_process_or_output(local: LocalTransport, tmp_path: Path) -> None:
+    global _spawned
     secret = "sk-local-PLANTED-" + os.urandom(8).hex()
     payload = f"WANDB_API_KEY={secret}\n".encode() * 20000
-    seen = ps_during(lambda: local.put(payload, str(tmp_path / ".env"), mode=0o600))
+    _spawned = []
+    try:
+        local.put(payload, str(tmp_path / ".env"), mode=0o600)
+        local.run("true")  # the recorder does see process starts
+        spawned = _spawned
+    finally:
+        _spawned = None
+    assert spawned and "subprocess.Popen" in spawned[-1]
+    assert not any(secret in s for s in spawned), "the secret reached a child's argv or env"
     result = local.run(f"wc -c < {tmp_path}/.env")
-    assert secret not in seen and secret not in result.stdout + result.stderr
+    assert result.stdout.strip() == str(len(payload))
+    assert secret not in result.stdout + result.stderr
 
 
 def test_local_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,3 +205,11 @@ def test_a_raising_callback_does_not_leave_the_command_running(local: LocalTrans
     with pytest.raises(KeyboardInterrupt):
         local.run(f"echo go; exec -a {marker} sleep 30", on_output=stop_following)
     assert marker not in ps_args()
+
+
+def test_streamed_lines_drop_only_the_line_end(local: LocalTransport) -> None:
+    # A CRLF line loses its \r; trailing spaces and tabs are part of the line (aligned columns, diffs).
+    lines: list[str] = []
+    result = local.run("printf 'a  \\r\\nb\\t\\n c \\r'", on_output=lines.append)
+    assert lines == ["a  ", "b\t", " c "]
+    assert result.stdout == "a  \r\nb\t\n c \r"  # the captured text is untouched

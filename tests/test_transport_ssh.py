@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ps_args, ps_during
+from conftest import modes_during, ps_args, ps_during
 
 from orchestrator.config import RepoConfig
 from orchestrator.errors import HostKeyError, InfraError, UsageError
@@ -143,6 +143,20 @@ def test_planted_secret_never_in_ps_nor_output(ssh: SshTransport, tmp_path: Path
     result = ssh.run(f"wc -c < {tmp_path / '.env'}; stat -c %a {tmp_path / '.env'}", on_output=lines.append)
     assert result.stdout.split() == [str(len(payload)), "600"]
     assert secret not in result.stdout + result.stderr + "".join(lines)
+
+
+def test_put_temp_file_is_0600_while_the_data_streams(ssh: SshTransport, tmp_path: Path) -> None:
+    # Sampled from another thread while a multi-MB put is in flight: mode 0600 must hold from the first
+    # byte, not only once the data has arrived (a 0644 temp file is readable by others meanwhile).
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    payload = b"WANDB_API_KEY=x\n" * 1_000_000  # 16 MB
+    seen = modes_during(folder, lambda: ssh.put(payload, str(folder / ".env"), mode=0o600))
+    temps = {name: modes for name, modes in seen.items() if name != ".env"}
+    assert temps, f"the temp file was never seen in flight: {seen}"
+    assert all(modes == {0o600} for modes in temps.values()), temps
+    assert seen.get(".env", {0o600}) == {0o600}
+    assert ssh.run(f"stat -c %a {folder / '.env'}").stdout.strip() == "600"
 
 
 # -- host keys -----------------------------------------------------------------------------------

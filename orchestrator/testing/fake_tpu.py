@@ -75,6 +75,11 @@ class Script:
     hosts: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HOSTS))
     internal_ip: str = "127.0.0.1"  # what networkEndpoints report (the sshd workers listen on loopback)
     external_ip: str = "127.0.0.1"
+    # Guest attributes publish a host key other than the one the worker's sshd offers (a man in the
+    # middle, or a VM replaced behind the same address): a client that pins the published key must refuse.
+    publish_other_host_keys: bool = False
+    # A fresh VM's guest agent publishes its host keys a little after READY: none until this long after.
+    host_keys_delay_s: float = 0.0
 
 
 @dataclass
@@ -459,8 +464,12 @@ class FakeTpuApi:
     def _guest_attributes(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         node = self._get_node(name)
         out = []
+        if time.monotonic() < node.ready_at + self.script.host_keys_delay_s:
+            return {"guestAttributes": []}
         for w in node.workers:
             key_type, key = w.host_public_key().split()[:2]
+            if self.script.publish_other_host_keys:
+                key_type, key = _other_ed25519_key().split()[:2]
             items = [{"namespace": "hostkeys", "key": key_type, "value": key}]
             out.append({"queryPath": body.get("queryPath", ""), "queryValue": {"items": items}})
         return {"guestAttributes": out}
@@ -566,6 +575,15 @@ class SshdWorker:
     def kill(self) -> None:
         self.sshd.stop()
         kill_vm_processes(self.tag)
+
+
+def _other_ed25519_key() -> str:
+    """A fresh `ssh-ed25519 AAAA...` public key that no worker's sshd holds."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 def sshd_workers(base: Path) -> WorkerFactory:
