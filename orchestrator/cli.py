@@ -743,7 +743,7 @@ def fetch(
     dest: Annotated[str, typer.Option(help="Local folder for runs/<run-id>/.")] = "runs",
     keys: Annotated[str | None, typer.Option(help="Comma-separated summary keys to print.")] = None,
 ) -> None:
-    """Copy summary.json, eval_full.jsonl, metrics.jsonl, config.json (+ W&B summary) to runs/<id>/."""
+    """Copy summary.json, eval_full*.jsonl, metrics.jsonl, config.json (+ W&B summary) to runs/<id>/."""
     g = _globals(ctx)
     if g.dry_run:  # made-up results never land beside real ones
         dest = str(Path(dest) / "dry-run")
@@ -807,7 +807,7 @@ def compare(
     plot: Annotated[str | None, typer.Option("--plot", help="Write reward/loss curves to this PNG.")] = None,
     dest: Annotated[str, typer.Option(help="Where fetched runs live.")] = "runs",
 ) -> None:
-    """Summaries side by side with deltas; exact McNemar test on paired eval results; verdict."""
+    """Summaries side by side with deltas; exact McNemar tests: A vs B, and each run's start -> end."""
     g = _globals(ctx)
     if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
         cmp.check_plot_path(plot)
@@ -827,6 +827,8 @@ def compare(
     if result.fabricated:
         g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files")
     g.out.print(result.test_line())
+    for line in result.learning_lines():
+        g.out.print(line)
     if plot:
         g.out.print(f"plot: {plot}")
 

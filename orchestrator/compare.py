@@ -1,6 +1,11 @@
 """Compare two runs: summary keys side by side, an exact McNemar test on paired eval results, plots.
 
-Inputs are the fetched run folders (`runs/<run-id>/` locally): summary.json, eval_full.jsonl, metrics.jsonl.
+Two kinds of paired test: run A vs run B (eval_full.jsonl of both: "aligned" or "different at 5%"), and
+each run against its own start (eval_full_start.jsonl, the sweep right before GRPO step 1, vs its
+eval_full.jsonl: "improved", "no change" or "worse" at 5%) -- did training help at all?
+
+Inputs are the fetched run folders (`runs/<run-id>/` locally): summary.json, eval_full.jsonl,
+eval_full_start.jsonl, metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +93,33 @@ def paired_test(a: Mapping[str, bool], b: Mapping[str, bool]) -> PairedResult:
 
 
 @dataclass(frozen=True)
+class StartToEnd:
+    """One run's end sweep paired with its own start sweep (A = start, B = end)."""
+
+    run_id: str
+    paired: PairedResult
+
+    @property
+    def verdict(self) -> str:
+        p = self.paired
+        if p.p_value >= ALPHA or p.only_a == p.only_b:
+            return "no change at 5%"
+        return "improved at 5%" if p.only_b > p.only_a else "worse at 5%"
+
+    def line(self) -> str:
+        p = self.paired
+        return (
+            f"{self.run_id}: start {p.accuracy_a:.3f} -> end {p.accuracy_b:.3f} on {p.n} paired questions "
+            f"(gained {p.only_b}, lost {p.only_a}, exact McNemar p={p.p_value:.3g}) -> {self.verdict}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.paired
+        return {"run": self.run_id, "n": p.n, "start_accuracy": p.accuracy_a, "end_accuracy": p.accuracy_b,
+                "gained": p.only_b, "lost": p.only_a, "p_value": p.p_value, "verdict": self.verdict}
+
+
+@dataclass(frozen=True)
 class KeyRow:
     key: str
     a: Any
@@ -138,6 +170,13 @@ class RunFiles:
     summary: dict[str, Any]
     eval_full: dict[str, bool] | None
     metrics: list[dict[str, Any]]
+    eval_full_start: dict[str, bool] | None = None  # the sweep before GRPO step 1 (eval_full_at_start)
+
+    def start_to_end(self) -> StartToEnd | None:
+        """End vs start of this run, paired by question; None without both sweeps."""
+        if not self.eval_full or not self.eval_full_start:
+            return None
+        return StartToEnd(self.run_id, paired_test(self.eval_full_start, self.eval_full))
 
 
 def load_run(folder: str | Path) -> RunFiles:
@@ -146,11 +185,13 @@ def load_run(folder: str | Path) -> RunFiles:
     summary = read_summary(folder)
     if not summary:
         raise UsageError(f"{folder}: no summary.json (fetch the run first: grpoctl fetch {folder.name})")
-    eval_path = folder / "eval_full.jsonl"
-    eval_full = _read_correctness(eval_path) if eval_path.is_file() else None
+    eval_full, eval_full_start = (
+        _read_correctness(path) if (path := folder / name).is_file() else None
+        for name in ("eval_full.jsonl", "eval_full_start.jsonl")
+    )
     metrics_path = folder / "metrics.jsonl"
     metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
-    return RunFiles(folder.name, folder, summary, eval_full, metrics)
+    return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start)
 
 
 def read_summary(folder: Path) -> dict[str, Any]:
@@ -200,11 +241,19 @@ class Comparison:
     b: str
     rows: list[KeyRow]
     paired: PairedResult | None
+    learning: list[StartToEnd] = field(default_factory=list)  # per run that has both sweeps
     fabricated: bool = False  # a dry run's made-up files (summary.json says "dry_run": true)
 
     @property
     def verdict(self) -> str | None:
         return self.paired.verdict if self.paired else None
+
+    def learning_lines(self) -> list[str]:
+        """One start -> end line per run (runs without eval_full_start.jsonl say so)."""
+        have = {s.run_id: s.line() for s in self.learning}
+        missing = "no eval_full_start.jsonl (eval_full_at_start off): no start -> end test"
+        lines = [have.get(run, f"{run}: {missing}") for run in (self.a, self.b)]
+        return [f"{FABRICATED} {line}" for line in lines] if self.fabricated else lines
 
     def test_line(self) -> str:
         """The McNemar line; a dry run's reads as made up, never as a finding."""
@@ -227,6 +276,7 @@ class Comparison:
                 "p_value": self.paired.p_value,
                 "verdict": self.paired.verdict,
             },
+            "start_to_end": [s.to_json() for s in self.learning],
         }
 
     def markdown(self) -> str:
@@ -234,13 +284,18 @@ class Comparison:
         lines += [f"| `{r.key}` | {fmt(r.a)} | {fmt(r.b)} | {fmt_delta(r)} |" for r in self.rows]
         if self.fabricated:
             lines = [f"**{FABRICATED}** every figure below was made up by the dry run.", "", *lines]
+        # Each run against its own start, then the run-vs-run test (last, as in the SOP's verdict lines).
+        lines += ["", "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):", ""]
+        lines += [f"- {line}" for line in self.learning_lines()]
         return "\n".join([*lines, "", self.test_line()])
 
 
 def compare_runs(a: RunFiles, b: RunFiles, keys: Sequence[str] | None = None) -> Comparison:
     paired = paired_test(a.eval_full, b.eval_full) if a.eval_full and b.eval_full else None
+    learning = [s for s in (a.start_to_end(), b.start_to_end()) if s is not None]
     fabricated = bool(a.summary.get("dry_run") or b.summary.get("dry_run"))
-    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, fabricated)
+    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, learning,
+                      fabricated)
 
 
 # -------------------------------------------------------------------------------------------- plot

@@ -548,10 +548,14 @@ class _Replayer:
             plot_args = ["--plot", str(out)]
         st.command = self._cli(s, "compare", run_a.run_id, run_b.run_id, *plot_args)
         self.state.comparison = f"A = `{step.a}`, B = `{step.b}`\n\n" + result.markdown()
-        self.state.verdict = f"{step.a} vs {step.b}: " + (
+        # One line per verdict: each run's start -> end (did GRPO help?), then run vs run.
+        names = (step.a, step.b)
+        learning = [f"{name} {line}" for name, line in zip(names, result.learning_lines(), strict=True)]
+        versus = f"{step.a} vs {step.b}: " + (
             result.test_line() if result.paired else "no paired eval results"
         )
-        st.details.append(self.state.verdict)
+        self.state.verdict = "\n".join([*learning, versus])
+        st.details.extend([*learning, versus])
 
     # Helpers for runs.
 
@@ -775,7 +779,8 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
             )
     if state.comparison:
         lines += ["", "## Compare", "", state.comparison]
-    if state.verdict:
-        lines += ["", f"**Verdict**: {state.verdict}"]
+    if state.verdict:  # one line per verdict (start -> end of each run, then run vs run)
+        for verdict in state.verdict.splitlines():
+            lines += ["", f"**Verdict**: {verdict}"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -96,6 +96,41 @@ def test_load_run_errors_are_one_line(tmp_path: Path):
         cmp.load_run(tmp_path)
 
 
+def _write_start(folder: Path, correct: list[bool]) -> None:
+    rows = [{"id": i, "answer": "1", "prediction": "1", "correct": c} for i, c in enumerate(correct)]
+    (folder / "eval_full_start.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "verdict", "gained", "lost"),
+    [
+        ([False] * 30 + [True] * 10, [True] * 40, "improved at 5%", 30, 0),
+        ([True] * 40, [True] * 30 + [False] * 10, "worse at 5%", 0, 10),
+        ([True, False] * 20, [False, True] * 20, "no change at 5%", 20, 20),  # as many gained as lost
+        ([False] * 36 + [True] * 4, [True] * 4 + [False] * 36, "no change at 5%", 4, 4),
+        ([False] * 35 + [True] * 5, [True] * 5 + [True] * 3 + [False] * 32, "no change at 5%", 8, 5),  # p>.05
+    ],
+)
+def test_each_run_is_paired_with_its_own_start(tmp_path: Path, start, end, verdict, gained, lost):
+    """Start -> end per run: eval_full_start.jsonl vs eval_full.jsonl of the SAME run, exact McNemar."""
+    a_dir = _write_run(tmp_path / "A", {"eval_full/accuracy": 0.5}, end, [0.1])
+    _write_start(a_dir, start)
+    b_dir = _write_run(tmp_path / "B", {"eval_full/accuracy": 0.5}, [True] * 40, [0.1])  # no start sweep
+    result = cmp.compare_runs(cmp.load_run(a_dir), cmp.load_run(b_dir))
+    [learned] = result.learning
+    assert (learned.run_id, learned.verdict) == ("A", verdict)
+    assert (learned.paired.only_b, learned.paired.only_a) == (gained, lost)
+    assert learned.paired.accuracy_a == pytest.approx(sum(start) / 40)
+    assert learned.paired.accuracy_b == pytest.approx(sum(end) / 40)
+    assert learned.paired.p_value == cmp.mcnemar_exact_p(lost, gained)
+    line_a, line_b = result.learning_lines()
+    assert line_a.startswith(f"A: start {sum(start) / 40:.3f} -> end {sum(end) / 40:.3f} on 40 paired")
+    assert line_a.endswith(f"-> {verdict}") and "no eval_full_start.jsonl" in line_b
+    md = result.markdown()
+    assert line_a in md and line_b in md and result.paired.line() in md  # both verdicts in the report
+    assert result.to_json()["start_to_end"][0]["verdict"] == verdict
+
+
 def _paired(only_a: int, only_b: int, both: int = 7, neither: int = 5) -> cmp.PairedResult:
     a, b = {}, {}
     for kind, (ra, rb), count in (
@@ -144,12 +179,18 @@ def test_report_json_and_markdown_are_exact():
         ],
         "mcnemar": {"n": 15, "only_a": 1, "only_b": 9, "p_value": pytest.approx(0.021484375),
                     "verdict": "different at 5%"},
+        "start_to_end": [],  # neither run has eval_full_start.jsonl
     }
     assert result.markdown().splitlines() == [
         "| key | A `runA` | B `runB` | delta (B - A) |",
         "|---|---|---|---|",
         "| `eval_full/accuracy` | 0.5 | 0.75 | +0.25 |",
         "| `time/train/step_avg_last10_s` | 12 | - | - |",
+        "",
+        "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):",
+        "",
+        "- runA: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
+        "- runB: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
         "",
         "McNemar exact test on 15 paired questions: A-only 1, B-only 9, p=0.0215 -> different at 5%",
     ]

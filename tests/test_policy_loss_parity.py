@@ -41,6 +41,7 @@ SETTINGS = (
     # The settings the tolerances below were calibrated with: from random init (the warm start uses the
     # jax provider whatever the config) and the from-scratch learning rate.
     "warm_start.steps=0", "optimizer.lr=1e-2", "optimizer.end_lr=1e-3",
+    "rollout.temperature=1.0", "reward_weights=[1.0,0.5,0.5]", "baseline_every_steps=0",
 )
 
 

@@ -66,51 +66,116 @@ def test_last_number(text: object, expected: float | None) -> None:
         assert got == pytest.approx(expected)
 
 
-# (completion, gold answer, correct?)
+def _c(answer: str, think: str = "x") -> str:
+    """A well-formed completion whose answer block holds `answer`."""
+    return f"<think>{think}</think>\n<answer>{answer}</answer>"
+
+
+# (completion, gold answer, strict, lenient). The strict grader is the default: the answer block alone,
+# one committed value. The lenient one is the reference's (last number, answer block first).
 CORRECT_ROWS = [
-    (GOOD, "#### 7", 1.0),
-    (GOOD, "Tom has 3 + 4 = 7 apples.\n#### 7", 1.0),
-    (GOOD, "7", 1.0),
-    (GOOD, 7, 1.0),
-    (GOOD, 7.0, 1.0),
-    (GOOD, "#### 8", 0.0),
-    ("<think>5 - 9</think>\n<answer>-4</answer>", "#### -4", 1.0),
-    ("<think>5 - 9</think>\n<answer>-4</answer>", "#### 4", 0.0),  # reference bug: matched 4
-    ("<think>sum</think>\n<answer>1,234</answer>", "#### 1234", 1.0),  # reference bug: read 234
-    ("<think>sum</think>\n<answer>1234</answer>", "#### 1,234", 1.0),
-    ("<think>x</think>\n<answer>$1,234.00</answer>", "#### 1234", 1.0),
-    ("<think>x</think>\n<answer>18 dollars</answer>", "#### 18", 1.0),
-    ("<think>x</think>\n<answer>The total is 3 + 4 = 7</answer>", "#### 7", 1.0),
-    ("<think>x</think>\n<answer>0.5</answer>", "#### 1/2", 1.0),
-    ("<think>x</think>\n<answer>3/4</answer>", "#### 0.75", 1.0),
-    ("<think>x</think>\n<answer>0.3333333</answer>", "#### 1/3", 1.0),  # within 1e-6
-    ("<think>x</think>\n<answer>0.333</answer>", "#### 1/3", 0.0),  # but not a rough rounding
-    ("<think>x</think>\n<answer>-0</answer>", "#### 0", 1.0),
-    ("<think>x</think>\n<answer>7.0</answer>", "#### 7", 1.0),
-    ("<think>x</think>\n<answer>7.0000001</answer>", "#### 7", 1.0),  # numeric tolerance
-    ("<think>x</think>\n<answer>7.01</answer>", "#### 7", 0.0),
-    # The <answer> block wins over later numbers; without one, the last number of the completion.
-    ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 7", 1.0),
-    ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 9", 0.0),
-    ("so the answer is 7", "#### 7", 1.0),
-    ("<think>7 apples</think>\n<answer>seven</answer>", "#### 7", 1.0),  # no number in the block
-    ("<answer>3</answer><answer>7</answer>", "#### 7", 1.0),  # last block
-    ("<think>the answer is 7", "#### 7", 1.0),  # truncated mid-thought
-    ("<think>x</think>\n<answer>", "#### 7", 0.0),
-    ("", "#### 7", 0.0),
-    (None, "#### 7", 0.0),
-    (b"<answer>7</answer>", "#### 7", 0.0),
-    ("<answer>" + "9" * 5000 + "</answer>", "#### 7", 0.0),
-    (GOOD, None, 0.0),  # no gold answer never matches
-    (GOOD, "#### unknown", 0.0),
-    (GOOD, True, 0.0),
-    (GOOD, float("nan"), 0.0),
+    (GOOD, "#### 7", 1.0, 1.0),
+    (GOOD, "Tom has 3 + 4 = 7 apples.\n#### 7", 1.0, 1.0),
+    (GOOD, "7", 1.0, 1.0),
+    (GOOD, 7, 1.0, 1.0),
+    (GOOD, 7.0, 1.0, 1.0),
+    (GOOD, "#### 8", 0.0, 0.0),
+    (_c("-4", "5 - 9"), "#### -4", 1.0, 1.0),
+    (_c("-4", "5 - 9"), "#### 4", 0.0, 0.0),  # reference bug: matched 4
+    (_c("\u22124"), "#### -4", 1.0, 1.0),  # unicode minus
+    (_c("1,234"), "#### 1234", 1.0, 1.0),  # reference bug: read 234
+    (_c("1234"), "#### 1,234", 1.0, 1.0),
+    (_c("1,234,567 people"), "#### 1234567", 1.0, 1.0),
+    # Currency, units, percent, trailing zeros, an equation's result.
+    (_c("$1,234.00"), "#### 1234", 1.0, 1.0),
+    (_c("-$5"), "#### -5", 1.0, 1.0),
+    (_c("18 dollars"), "#### 18", 1.0, 1.0),
+    (_c("\\$18"), "#### 18", 1.0, 1.0),
+    (_c("72 clips"), "#### 72", 1.0, 1.0),
+    (_c("5 hours."), "#### 5", 1.0, 1.0),
+    (_c("60 km/h"), "#### 60", 1.0, 1.0),
+    (_c("25%"), "#### 25", 1.0, 1.0),
+    (_c("12.50"), "#### 12.5", 1.0, 1.0),
+    (_c("7.0"), "#### 7", 1.0, 1.0),
+    (_c("7.0000001"), "#### 7", 1.0, 1.0),  # numeric tolerance
+    (_c("7.01"), "#### 7", 0.0, 0.0),
+    (_c("-0"), "#### 0", 1.0, 1.0),
+    (_c("The total is 3 + 4 = 7"), "#### 7", 1.0, 1.0),
+    (_c("**18**"), "#### 18", 1.0, 1.0),  # markdown bold
+    (_c("The answer is 18."), "#### 18", 1.0, 1.0),
+    (_c("18 (18 dollars)"), "#### 18", 1.0, 1.0),  # one value, written twice
+    # Fractions and LaTeX.
+    (_c("0.5"), "#### 1/2", 1.0, 1.0),
+    (_c("3/4"), "#### 0.75", 1.0, 1.0),
+    (_c("0.3333333"), "#### 1/3", 1.0, 1.0),  # within 1e-6
+    (_c("0.333"), "#### 1/3", 0.0, 0.0),  # but not a rough rounding
+    (_c("\\boxed{18}"), "#### 18", 1.0, 1.0),
+    (_c("$\\boxed{1{,}234}$"), "#### 1234", 1.0, 0.0),  # the lenient parser reads 234
+    (_c("\\boxed{\\frac{3}{4}}"), "#### 0.75", 1.0, 0.0),  # lenient: last number 4
+    (_c("\\dfrac{9}{2}"), "#### 4.5", 1.0, 0.0),
+    (_c("\\frac{-3}{4}"), "#### -0.75", 1.0, 0.0),
+    (_c("\\text{18 dollars}"), "#### 18", 1.0, 1.0),
+    (_c("1\\,234"), "#### 1234", 1.0, 0.0),  # LaTeX thin space as thousands separator
+    (_c("\\boxed{18"), "#### 18", 0.0, 1.0),  # unclosed box: no committed value
+    # Not committed: hedges, ranges, several values.
+    (_c("72 or 73"), "#### 73", 0.0, 1.0),
+    (_c("either 72 or 73"), "#### 72", 0.0, 0.0),
+    (_c("10-12"), "#### 12", 0.0, 1.0),
+    (_c("10 to 12"), "#### 12", 0.0, 1.0),
+    (_c("between 10 and 12"), "#### 12", 0.0, 1.0),
+    (_c("72 clips (24 in May)"), "#### 72", 0.0, 0.0),  # lenient reads 24
+    (_c("72 clips (24 in May)"), "#### 24", 0.0, 1.0),
+    (_c("about 72"), "#### 72", 0.0, 1.0),
+    (_c("approximately 72"), "#### 72", 0.0, 1.0),
+    (_c("~72"), "#### 72", 0.0, 1.0),
+    (_c("72?"), "#### 72", 0.0, 1.0),
+    (_c("at least 72"), "#### 72", 0.0, 1.0),
+    (_c("maybe 72"), "#### 72", 0.0, 1.0),
+    (_c("1, 2, 3"), "#### 3", 0.0, 1.0),
+    (_c("\\boxed{72} or \\boxed{73}"), "#### 73", 0.0, 1.0),
+    (_c("\\boxed{72}, i.e. \\boxed{72.0}"), "#### 72", 1.0, 1.0),  # boxes that agree
+    (_c("6 x 3 = \\boxed{18}"), "#### 18", 1.0, 1.0),  # the box, not the working
+    (_c("maybe \\boxed{18}"), "#### 18", 0.0, 1.0),  # a hedge outside the box
+    # Only the answer block counts: no fallback to numbers elsewhere.
+    ("so the answer is 7", "#### 7", 0.0, 1.0),  # no answer block
+    ("<think>the answer is 7", "#### 7", 0.0, 1.0),  # truncated mid-thought
+    ("<think>3 + 4 = 7</think>\n<answer>7", "#### 7", 0.0, 1.0),  # truncated inside the answer
+    (_c("", "3 + 4 = 7"), "#### 7", 0.0, 1.0),  # empty answer block
+    (_c("I am not sure", "3 + 4 = 7"), "#### 7", 0.0, 1.0),  # no number in the block
+    (_c("seven", "7 apples"), "#### 7", 0.0, 1.0),  # number words are not read
+    ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 7", 1.0, 1.0),  # text after the block
+    ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 9", 0.0, 0.0),
+    ("<answer>3</answer><answer>7</answer>", "#### 7", 0.0, 1.0),  # two blocks that disagree
+    ("<answer>7</answer><answer>7.0</answer>", "#### 7", 1.0, 1.0),  # two blocks that agree
+    # Garbage in, 0 out, never an exception.
+    (_c("12/0"), "#### 12", 0.0, 0.0),  # 12/0 is no number
+    ("<think>x</think>\n<answer>", "#### 7", 0.0, 0.0),
+    ("", "#### 7", 0.0, 0.0),
+    (None, "#### 7", 0.0, 0.0),
+    (b"<answer>7</answer>", "#### 7", 0.0, 0.0),
+    ("<answer>" + "9" * 5000 + "</answer>", "#### 7", 0.0, 0.0),
+    (GOOD, None, 0.0, 0.0),  # no gold answer never matches
+    (GOOD, "#### unknown", 0.0, 0.0),
+    (GOOD, True, 0.0, 0.0),
+    (GOOD, float("nan"), 0.0, 0.0),
 ]
 
 
-@pytest.mark.parametrize(("completion", "gold", "expected"), CORRECT_ROWS)
-def test_reward_correct(completion: object, gold: object, expected: float) -> None:
-    assert reward_correct(completion, gold) == expected
+@pytest.mark.parametrize(("completion", "gold", "strict", "lenient"), CORRECT_ROWS)
+def test_reward_correct(completion: object, gold: object, strict: float, lenient: float) -> None:
+    assert reward_correct(completion, gold) == strict  # strict is the default
+    assert reward_correct(completion, gold, "strict") == strict
+    assert reward_correct(completion, gold, "lenient") == lenient
+
+
+def test_the_table_is_large_and_the_graders_disagree_where_it_matters() -> None:
+    assert len(CORRECT_ROWS) >= 40
+    assert sum(row[2] != row[3] for row in CORRECT_ROWS) >= 20
+
+
+def test_unknown_grader_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown grader"):
+        reward_correct(GOOD, "7", "generous")  # type: ignore[arg-type]
 
 
 FORMAT_ROWS = [
@@ -144,6 +209,7 @@ def test_format_and_tag_count(completion: object, fmt: float, tags: float) -> No
 def test_extract_answer_and_gold() -> None:
     assert extract_answer("<think>1</think>\n<answer>-3</answer>") == -3.0
     assert extract_answer("no digits") is None
+    assert extract_answer("7", "lenient") == 7.0 and extract_answer("7") is None
     assert gold_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == 72.0  # only the text after ####
     assert gold_answer("#### -1,000") == -1000.0
     assert gold_answer(np.int64(5)) == 5.0
@@ -155,24 +221,26 @@ def test_extract_answer_and_gold() -> None:
 def test_batch_scores_weighted_total_and_metric_names() -> None:
     completions = [GOOD, "<think>a</think>\n<answer>8</answer>", "7", None, "<think>"]
     answers = ["#### 7"] * len(completions)
-    batch = score_completions(completions, answers, RewardWeights())
-    np.testing.assert_allclose(batch.per_func["reward_correct"], [1, 0, 1, 0, 0])
+    lenient = score_completions(completions, answers, RewardWeights(), "lenient")
+    np.testing.assert_allclose(lenient.per_func["reward_correct"], [1, 0, 1, 0, 0])
+    batch = score_completions(completions, answers, RewardWeights())  # strict: "7" has no answer block
+    np.testing.assert_allclose(batch.per_func["reward_correct"], [1, 0, 0, 0, 0])
     np.testing.assert_allclose(batch.per_func["reward_format"], [1, 1, 0, 0, 0])
     np.testing.assert_allclose(batch.per_func["reward_tag_count"], [1, 1, 0, 0, 0.25])
-    np.testing.assert_allclose(batch.total, [2.0, 1.0, 1.0, 0.0, 0.125])
+    np.testing.assert_allclose(batch.total, [2.0, 1.0, 0.0, 0.0, 0.125])
     assert batch.total.dtype == np.float32 and batch.total.shape == (5,)
     metrics = batch.metrics()
     assert set(metrics) == {f"reward/func/{name}/mean" for name in REWARD_FUNCS} | {
         "reward/total/mean", "reward/total/std"}
-    assert metrics["reward/func/reward_correct/mean"] == pytest.approx(0.4)
-    assert metrics["reward/total/mean"] == pytest.approx(4.125 / 5)
+    assert metrics["reward/func/reward_correct/mean"] == pytest.approx(0.2)
+    assert metrics["reward/total/mean"] == pytest.approx(3.125 / 5)
     assert RewardWeights().max_total == 2.0
 
 
 def test_weights_change_the_total() -> None:
     weights = RewardWeights.from_config({"correct": 2.0, "format": 0.0, "reward_tag_count": 1.0})
-    batch = score_completions([GOOD, "7"], ["7", "7"], weights)
-    np.testing.assert_allclose(batch.total, [3.0, 2.0])
+    batch = score_completions([GOOD, "<answer>7</answer>"], ["7", "7"], weights)
+    np.testing.assert_allclose(batch.total, [3.0, 2.5])
     assert RewardWeights.from_config([1.0, 0.5, 0.5]) == RewardWeights()
     assert RewardWeights.from_config(None) == RewardWeights()
 

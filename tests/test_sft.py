@@ -17,7 +17,9 @@ from trainer.prompts import ANSWER_OPEN, THINK_OPEN
 from trainer.train import run, setup
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ("eval_every_steps=0", "eval_full_sweep=false", "wandb_mode=disabled", "checkpoint.every_steps=0")
+# baseline off: with it, a resumed run rebuilds the frozen start policy by redoing the warm start.
+QUIET = ("eval_every_steps=0", "eval_full_sweep=false", "wandb_mode=disabled", "checkpoint.every_steps=0",
+         "baseline_every_steps=0")
 
 
 def tiny(*overrides: str) -> C.Config:

@@ -195,7 +195,8 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     config = tmp_path / "grpoctl.yaml"
     config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
     monkeypatch.chdir(work)
-    small = {"steps": "2", "eval_every_steps": "2", "eval_full_limit": "16", "checkpoint.every_steps": "100"}
+    small = {"steps": "2", "eval_every_steps": "2", "eval_full_limit": "16", "checkpoint.every_steps": "100",
+             "warm_start.steps": "20"}  # the demo's 200 warm-start steps are not what this test is about
     result = sop.replay(LOCAL_SOP, config_file=str(config), overrides=small)
     assert all(s.status == "done" for s in result.state.steps.values())
     for name in ("jax", "pallas"):
@@ -204,3 +205,9 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
         assert summary["steps"] == 2 and 0.0 <= summary["eval_full/accuracy"] <= 1.0
         assert len((work / "runs" / run_id / "eval_full.jsonl").read_text().splitlines()) == 16
     assert "McNemar exact test on 16 paired questions" in result.verdict
+    # Both verdicts: each run against its own start (eval_full_at_start), then jax vs pallas.
+    lines = result.verdict.splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["jax", "pallas", "jax"]
+    assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
+    report = result.report_path.read_text()
+    assert all(f"**Verdict**: {line}" in report for line in lines)

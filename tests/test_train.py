@@ -30,9 +30,12 @@ from trainer.train import Stopped, run, setup
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 # A quiet tiny run: no periodic eval, no full sweep, no W&B, no checkpoints unless a test asks, and no
-# supervised warm start (tests/test_sft.py covers it; these tests are about the GRPO loop).
+# supervised warm start (tests/test_sft.py covers it; these tests are about the GRPO loop). The rollout
+# shape, temperature and reward weights of the from-scratch calibration below are pinned here: the demo
+# config now runs 16 prompts at temperature 0.7 with correctness-heavy weights after its warm start.
 QUIET = ("eval_every_steps=0", "eval_full_sweep=false", "wandb_mode=disabled", "checkpoint.every_steps=0",
-         "warm_start.steps=0")
+         "warm_start.steps=0", "baseline_every_steps=0", "rollout.batch_size=8", "rollout.temperature=1.0",
+         "reward_weights=[1.0,0.5,0.5]")
 
 
 def tiny(*overrides: str) -> C.Config:
@@ -49,7 +52,7 @@ def rewards(run_dir: Path, key: str = "train/reward/total/mean") -> np.ndarray:
 
 LEARN_STEPS = 30
 # GRPO from scratch: QUIET turns the warm start off, and these are the learning rates of the from-scratch
-# calibration (tiny_cpu.yaml now runs 3e-4 after its warm start). From random init the only signal GRPO
+# calibration (tiny_cpu.yaml runs 3e-4 after its warm start). From random init the only signal GRPO
 # can climb in 30 steps is the layout (tag and format rewards), which makes a large, clean gain; after the
 # warm start the correctness gain over 30 steps is small next to its seed-to-seed noise.
 FROM_SCRATCH = ("optimizer.lr=1e-2", "optimizer.end_lr=1e-3")
@@ -99,6 +102,27 @@ def test_ppo_epochs_reuse_the_sampling_policy_log_probs(tmp_path):
     ratio, kl = rewards(tmp_path, "train/ratio_mean"), rewards(tmp_path, "train/kl")
     assert np.all(np.isfinite(ratio)) and np.all(np.abs(ratio - 1.0) > 1e-6)
     assert np.all(kl > 0)
+
+
+@pytest.mark.slow
+def test_start_sweep_and_frozen_baseline_see_the_policy_right_before_grpo_step_1(tmp_path):
+    """eval_full_start.jsonl is the sweep of the warm-started policy (not the random init): with a learning
+    rate too small to change a greedy token, start and end sweeps agree row for row. At step 1 the frozen
+    start policy IS the sampling policy, so on the same prompts and keys its rewards equal the policy's."""
+    cfg = tiny("steps=1", "warm_start.steps=150", "eval_full_sweep=true", "eval_full_limit=16",
+               "eval_full_batch_size=16", "optimizer.lr=1e-12", "optimizer.end_lr=0",
+               "baseline_every_steps=1")
+    summary = run(cfg, tmp_path)
+    start, end = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+                  for name in ("eval_full_start.jsonl", "eval_full.jsonl"))
+    assert len(start) == 16 and start == end
+    assert any(row["prediction"] is not None for row in start)  # the warm start taught the answer layout
+    assert summary["eval_full_start/accuracy"] == summary["eval_full/accuracy"]
+    assert summary["eval_full_start/num_questions"] == 16
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    [step1] = [row for row in rows if "train/reward/total/mean" in row]
+    for key in ("reward/total/mean", "reward/func/reward_correct/mean", "reward/func/reward_format/mean"):
+        assert step1[f"train/baseline/{key}"] == step1[f"train/{key}"], key
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,6 +251,9 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     sweep = [json.loads(line) for line in (run_dir / "eval_full.jsonl").read_text().splitlines()]
     assert len(sweep) == 16 and set(sweep[0]) == {"id", "answer", "prediction", "correct"}
     assert summary["eval_full/accuracy"] == pytest.approx(np.mean([r["correct"] for r in sweep]))
+    start = [json.loads(line) for line in (run_dir / "eval_full_start.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in start] == [r["id"] for r in sweep]  # eval_full_at_start is on by default
+    assert summary["eval_full_start/accuracy"] == pytest.approx(np.mean([r["correct"] for r in start]))
 
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": ')]
     progress = [e for e in events if e["event"] == "progress"]

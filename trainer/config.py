@@ -141,10 +141,13 @@ class Config:
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     wandb_name: str | None = None
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.5])  # correct, format, tags
+    reward_grader: Literal["strict", "lenient"] = "strict"  # correctness grader (trainer/rewards.py)
+    baseline_every_steps: int = 0  # every N steps also score the frozen start policy on the step's prompts
     eval_every_steps: int = 10  # 0 = no periodic eval
     eval_batches_per_process: int = 1  # periodic eval: batches of rollout.batch_size prompts x n
     eval_split: str = "test"
     eval_full_sweep: bool = False  # greedy pass@1 over the whole eval split after training
+    eval_full_at_start: bool = True  # with eval_full_sweep: the same sweep before the first GRPO step
     eval_full_limit: int = 0  # questions in the full sweep (0 = the whole split)
     eval_full_batch_size: int = 64  # prompts per greedy batch in the full sweep
     print_time_breakdown: bool = False
@@ -261,6 +264,7 @@ def validate(cfg: Config) -> Config:
         "optimizer.clip_norm": cfg.optimizer.clip_norm,
         "eval_every_steps": cfg.eval_every_steps,
         "eval_full_limit": cfg.eval_full_limit,
+        "baseline_every_steps": cfg.baseline_every_steps,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "warm_start.steps": cfg.warm_start.steps,
     }

@@ -5,7 +5,9 @@ periodic: `eval_batches_per_process` batches of `rollout.batch_size` questions x
           are the first ones of the eval split every time, so successive evals differ only by the policy.
 full sweep: greedy pass@1 over the eval split -> eval_full/accuracy, time/eval_full/step_s, and one line
           per question in eval_full.jsonl ({"id", "answer", "prediction", "correct"}) so two runs can be
-          compared question by question (McNemar).
+          compared question by question (McNemar). With `eval_full_at_start` the same sweep also runs
+          before the first GRPO step, under the prefix eval_full_start/ into eval_full_start.jsonl: the
+          run's own start, paired question by question with its end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import jax
 import numpy as np
 
 from trainer.data import Problem
-from trainer.rewards import RewardWeights, extract_answer, reward_correct, score_completions
+from trainer.rewards import (
+    Grader,
+    RewardWeights,
+    extract_answer,
+    gold_answer,
+    numbers_match,
+    score_completions,
+)
 from trainer.rollout import Sampler, SamplingConfig, global_concat
 
 OnBatch = Callable[[int, int], None]  # (batches done, batches in all): trainer/progress.py's advance
@@ -38,6 +47,7 @@ def periodic_eval(
     settings: SamplingConfig,
     weights: RewardWeights,
     rng: jax.Array,
+    grader: Grader = "strict",
     on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
     """`batches` global batches of `batch_size` questions (sliced per process), n samples each."""
@@ -50,7 +60,7 @@ def periodic_eval(
         batch = list(problems[start : start + batch_size])
         mine = batch[sampler.local_slice(len(batch))]
         rollout = sampler.sample(params, mine, n, jax.random.fold_in(rng, b), settings)
-        scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], weights)
+        scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], weights, grader)
         for name, values in scores.per_func.items():
             per_func.setdefault(name, []).append(global_concat(values))
         totals.append(global_concat(scores.total))
@@ -79,9 +89,12 @@ def full_sweep(
     prompt_bucket: int,
     dtype: Any,
     out_path: Path | None,
+    grader: Grader = "strict",
+    prefix: str = "eval_full",
     on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
     """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path).
+    Metric names start with `prefix` (eval_full, or eval_full_start for the sweep before training).
     `on_batch(k, n)` hears that k of the n batches are done (k=0 before the first)."""
     t0 = time.perf_counter()
     settings = SamplingConfig.greedy(max_new_tokens, prompt_bucket, dtype)
@@ -96,8 +109,9 @@ def full_sweep(
         batch += [batch[-1]] * (batch_size - real)  # one compiled shape for the ragged last batch
         mine = batch[sampler.local_slice(batch_size)]
         rollout = sampler.sample(params, mine, 1, rng, settings)
-        ok = np.array([reward_correct(t, p.answer) for t, p in zip(rollout.texts, mine, strict=True)])
-        pred = np.array([np.nan if (v := extract_answer(t)) is None else v for t in rollout.texts])
+        values = [extract_answer(t, grader) for t in rollout.texts]
+        ok = np.array([numbers_match(v, gold_answer(p.answer)) for v, p in zip(values, mine, strict=True)])
+        pred = np.array([np.nan if v is None else v for v in values])
         correct.append(global_concat(ok.astype(np.float32))[:real])
         predictions.append(global_concat(pred.astype(np.float64))[:real])
         if on_batch is not None:
@@ -109,7 +123,7 @@ def full_sweep(
                 row = {"id": p.id, "answer": p.answer, "prediction": _number(float(v)), "correct": bool(c)}
                 f.write(json.dumps(row) + "\n")
     return {
-        "eval_full/accuracy": float(flags.mean()) if flags.size else 0.0,
-        "eval_full/num_questions": float(flags.size),
-        "time/eval_full/step_s": time.perf_counter() - t0,
+        f"{prefix}/accuracy": float(flags.mean()) if flags.size else 0.0,
+        f"{prefix}/num_questions": float(flags.size),
+        f"time/{prefix}/step_s": time.perf_counter() - t0,
     }

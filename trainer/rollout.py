@@ -37,9 +37,10 @@ class SamplingConfig:
 
     def settings(self) -> SamplingSettings:
         """The jitted sampler's static settings (Sampler.sample runs them; the preflight compiles them)."""
-        return SamplingSettings(
+        dtype = jnp.bfloat16 if self.dtype is None else self.dtype
+        return SamplingSettings(  # the KV cache follows the compute dtype (see sampler.generate)
             max_new_tokens=self.max_new_tokens, temperature=float(self.temperature), top_k=int(self.top_k),
-            top_p=float(self.top_p), dtype=jnp.bfloat16 if self.dtype is None else self.dtype,
+            top_p=float(self.top_p), dtype=dtype, cache_dtype=dtype,
         )
 
 

@@ -44,7 +44,7 @@ class SamplingSettings:
     top_k: int = 0  # 0 = no top-k
     top_p: float = 1.0  # 1.0 = no nucleus truncation
     dtype: Any = jnp.bfloat16
-    cache_dtype: Any = jnp.bfloat16
+    cache_dtype: Any = jnp.bfloat16  # generate() passes the compute dtype unless told otherwise
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -309,7 +309,7 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     pad_id: int = 0,
     dtype: Any = jnp.bfloat16,
-    cache_dtype: Any = jnp.bfloat16,
+    cache_dtype: Any = None,
     prompt_bucket_min: int = 16,
     mesh: Mesh | None = None,
     settings: SamplingSettings | None = None,
@@ -317,16 +317,18 @@ def generate(
     """Samples up to `max_new_tokens` per left-padded prompt [B, P]; temperature 0 is greedy.
 
     The prompt is left-padded further to `bucket_length(P, prompt_bucket_min)` so that prompts of nearby
-    lengths share one compiled program. With `mesh`, the KV cache is split over the batch like the prompts
-    (the batch must then be a multiple of dp * fsdp). `settings` replaces the individual sampling keywords.
-    """
+    lengths share one compiled program. The KV cache holds keys and values in `cache_dtype`, by default
+    the compute dtype: a bfloat16 cache under float32 compute rounds every cached key and value, and
+    greedy tokens then drift from a float32 reference within a few steps. With `mesh`, the KV cache is
+    split over the batch like the prompts (the batch must then be a multiple of dp * fsdp). `settings`
+    replaces the individual sampling keywords."""
     settings = settings or SamplingSettings(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
         top_k=int(top_k),
         top_p=float(top_p),
         dtype=dtype,
-        cache_dtype=cache_dtype,
+        cache_dtype=dtype if cache_dtype is None else cache_dtype,
     )
     prompt_len = prompt_tokens.shape[1]
     extra = bucket_length(prompt_len, prompt_bucket_min) - prompt_len

@@ -2,7 +2,9 @@
 
     config -> .env -> mesh -> tokenizer, data, model, optimizer -> resume from the latest checkpoint
     (or, in a fresh run with warm_start.steps > 0, the supervised warm start, logged as step 0) ->
-    for each step: rollout -> rewards -> update (advantages, micro-batches) -> periodic eval -> log ->
+    optional full eval sweep of the start policy (eval_full_start/, logged as step 0) ->
+    for each step: rollout -> rewards -> [every baseline_every_steps: the frozen start policy's rewards
+    on the same prompts and keys] -> update (advantages, micro-batches) -> periodic eval -> log ->
     checkpoint -> optional full eval sweep -> summary.json
 
 Programmatic entry point: `run(config, run_dir) -> summary dict` (python -m trainer calls it).
@@ -33,7 +35,7 @@ from trainer import grpo, hf_io, programs, sharding
 from trainer.checkpoints import Checkpointer, checkpoint_dir
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
-from trainer.evaluation import full_sweep, periodic_eval
+from trainer.evaluation import OnBatch, full_sweep, periodic_eval
 from trainer.metrics import RunLogger, progress_metrics
 from trainer.model import Qwen2Config, init_params
 from trainer.optim import lr_schedule, optimizer_for, scale_updates
@@ -222,6 +224,7 @@ class Trainer:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     ref_params: Any  # the frozen initial policy when beta > 0, else None
+    start_params: Any  # baseline_every_steps > 0: the policy before GRPO step 1 (set by `run`), else None
     stream: ProblemStream
     eval_problems: list[Any]
     checkpointer: Checkpointer
@@ -270,6 +273,8 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
     checkpointer = Checkpointer(checkpoint_dir(cfg.checkpoint.dir, run_dir), keep=cfg.checkpoint.keep)
     start, run_id = 0, None
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # A resumed run rebuilds its start policy from these (the init, or the init + the same warm start).
+    start_params = jax.tree.map(jnp.copy, params) if cfg.baseline_every_steps else None
     restored = checkpointer.restore_latest(state, free_sharding=replicated)
     if restored is not None:
         start, state, meta = restored
@@ -288,8 +293,8 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
         sampling=sampling, weights=RewardWeights.from_config(cfg.reward_weights), loss_cfg=loss_config(cfg),
         num_micro=num_micro,
         optimizer=optimizer, schedule=lr_schedule(cfg.optimizer, cfg.steps * cfg.train.ppo_epochs),
-        ref_params=ref_params, stream=stream, eval_problems=eval_problems, checkpointer=checkpointer,
-        logger=logger, reporter=rep,
+        ref_params=ref_params, start_params=start_params, stream=stream, eval_problems=eval_problems,
+        checkpointer=checkpointer, logger=logger, reporter=rep,
     )
     info = {"run_id": logger.run_id, "config_hash": logger.config_hash, "git_commit": logger.git_commit}
     if logger.url:
@@ -331,8 +336,15 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     t.reporter.observe("rollout", rollout_span.seconds())  # the ETA's yardstick for eval batches
 
     with timer.phase("reward"):
-        scores = score_completions(rollout.texts, [p.answer for p in rollout.problems], t.weights)
+        answers = [p.answer for p in rollout.problems]
+        scores = score_completions(rollout.texts, answers, t.weights, cfg.reward_grader)
         metrics = rollout_metrics(rollout, global_reward_metrics(scores), timer.times["rollout"])
+
+    if cfg.baseline_every_steps and step % cfg.baseline_every_steps == 0:
+        with timer.phase("baseline"):  # same prompts, same keys: only the policy differs
+            frozen = t.sampler.sample(t.start_params, problems, cfg.rollout.n, rng, t.sampling)
+            base = score_completions(frozen.texts, answers, t.weights, cfg.reward_grader)
+            metrics.update({f"train/baseline/{k}": v for k, v in global_reward_metrics(base).items()})
 
     with timer.phase("update"):
         host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, t.sampler.pad_id)
@@ -355,6 +367,19 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     metrics["train/seq_len"] = float(host_batch["tokens"].shape[1])
     metrics["train/padding_frac"] = 1.0 - float(row_lengths.mean()) / metrics["train/seq_len"]
     return {"params": params, "opt_state": opt_state}, metrics
+
+
+def sweep(
+    t: Trainer, params: Any, run_dir: Path, prefix: str, on_batch: OnBatch | None = None
+) -> dict[str, float]:
+    """The greedy full sweep of `params` -> `<prefix>/...` metrics and `run_dir/<prefix>.jsonl`."""
+    cfg = t.cfg
+    return full_sweep(
+        t.sampler, params, t.eval_problems, batch_size=cfg.eval_full_batch_size,
+        max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
+        dtype=t.sampling.dtype, out_path=run_dir / f"{prefix}.jsonl" if t.logger.enabled else None,
+        grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch,
+    )
 
 
 class Stopped(Exception):
@@ -388,6 +413,18 @@ def run(
         if start == 0 and cfg.warm_start.steps:  # a resumed run has it in its checkpointed params
             state["params"], warm = warm_start_policy(t, state["params"])
             t.logger.log(0, warm)  # step 0 of metrics.jsonl; kept by resume_history, so in the summary
+        if cfg.baseline_every_steps:  # a copy: update_step donates the params it is given
+            if start == 0:
+                t.start_params = jax.tree.map(jnp.copy, state["params"])
+            elif cfg.warm_start.steps:  # deterministic: the same warm start gives the same start policy
+                t.start_params, _ = warm_start_policy(t, t.start_params)
+        if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start:
+            # The state right before GRPO step 1: the end-of-run sweep is paired with this one.
+            start_sweep = sweep(t, state["params"], run_dir, "eval_full_start",
+                                on_batch=functools.partial(rep.advance, "start_sweep"))
+            t.logger.log(0, start_sweep)
+            rep.say(f"start sweep: accuracy {start_sweep['eval_full_start/accuracy']:.4f} "
+                    f"on {int(start_sweep['eval_full_start/num_questions'])} questions")
         rep.advance("train", start, cfg.steps)
         for step in range(start + 1, cfg.steps + 1):
             timer, t_step, span = StepTimer(), time.perf_counter(), rep.span()
@@ -401,6 +438,7 @@ def run(
                         t.sampler, state["params"], t.eval_problems, batch_size=cfg.rollout.batch_size,
                         batches=cfg.eval_batches_per_process, n=cfg.rollout.n, settings=t.sampling,
                         weights=t.weights, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
+                        grader=cfg.reward_grader,
                         on_batch=functools.partial(rep.advance, "eval"),
                     ))
 
@@ -428,15 +466,11 @@ def run(
 
         t.checkpointer.wait()
         if cfg.eval_full_sweep:
-            sweep = full_sweep(
-                t.sampler, state["params"], t.eval_problems, batch_size=cfg.eval_full_batch_size,
-                max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
-                dtype=t.sampling.dtype, out_path=run_dir / "eval_full.jsonl" if t.logger.enabled else None,
-                on_batch=functools.partial(rep.advance, "final_sweep"),
-            )
-            t.logger.log(cfg.steps, sweep)
-            rep.say(f"final sweep: accuracy {sweep['eval_full/accuracy']:.4f} "
-                    f"on {int(sweep['eval_full/num_questions'])} questions")
+            final = sweep(t, state["params"], run_dir, "eval_full",
+                          on_batch=functools.partial(rep.advance, "final_sweep"))
+            t.logger.log(cfg.steps, final)
+            rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
+                    f"on {int(final['eval_full/num_questions'])} questions")
         summary = t.logger.finish(cfg.steps)
         rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
@@ -454,8 +488,8 @@ def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:
         steps=cfg.steps,
         first_step=start + 1,
         warm_start_steps=cfg.warm_start.steps if start == 0 else 0,
-        # A sweep before step 1 (issue 9's eval_full_at_start) sets start_sweep_batches here and passes
-        # full_sweep(..., on_batch=functools.partial(rep.advance, "start_sweep")): its phase and ETA follow.
+        start_sweep_batches=(batches(eval_questions, cfg.eval_full_batch_size)
+                             if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start else 0),
         eval_steps=eval_steps(start + 1, cfg.steps, cfg.eval_every_steps),
         eval_batches=cfg.eval_batches_per_process,
         final_sweep_batches=batches(eval_questions, cfg.eval_full_batch_size) if cfg.eval_full_sweep else 0,

@@ -54,7 +54,7 @@ def responder(command: str, worker: str) -> tuple[str, int] | None:
     if "KILL=" in command:
         return "KILL=not-running\n", 0
     if 'echo "FILE=' in command:
-        return "".join(f"FILE={p}\n" for p in _for_list(command)), 0
+        return "".join(f"FILE={p}\n" for p in _for_list(command) if fake_file(p) is not None), 0
     if "PYTHON=" in command:
         return "PYTHON=/root/grpoctl-work/.venv/bin/python\n", 0
     if "tail -n" in command:

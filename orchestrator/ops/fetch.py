@@ -21,7 +21,7 @@ from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.env import absolute_remote_dir
 from orchestrator.runs import RunRecord
 
-RUN_FILES = ("summary.json", "eval_full.jsonl", "metrics.jsonl", "config.json")
+RUN_FILES = ("summary.json", "eval_full.jsonl", "eval_full_start.jsonl", "metrics.jsonl", "config.json")
 
 
 @dataclass
