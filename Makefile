@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 rehearsal: $(STAMP)
 	$(BIN)/python -m orchestrator.testing.rehearsal
