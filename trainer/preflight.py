@@ -183,7 +183,10 @@ def tpu_devices(acc: Accelerator) -> list[Any]:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         message = f"preflight: cannot build the {acc.name} topology here: {first}"
         raise PreflightError(message, EXIT_HOST) from None
-    return list(topo.devices)
+    # v4/v5p chips hold two TensorCores and the topology lists one device per core; JAX on such a slice
+    # runs in megacore mode, one device per chip with the chip's whole HBM, so keep one device per chip
+    # (mesh building refuses core-level devices there anyway).
+    return [d for d in topo.devices if getattr(d, "core_on_chip", 0) == 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
