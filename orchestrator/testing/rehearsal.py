@@ -69,6 +69,8 @@ def tiny_overrides(steps: int, bucket: str) -> dict[str, str]:
         "rollout.global_length": "128",
         "rollout.max_length_sample": "16",
         "train.seq_bucket": "128",
+        # 2 per device: 16 sequences a step split over the preflight's 8 chips and the rehearsal's 2 CPUs
+        "train.micro_batch_size_per_device": "2",
         "optimizer.lr": "1.0e-4",
         "data.source": "builtin",
         "data.difficulty": "1",
@@ -207,6 +209,10 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
         missing = [k for k in SUMMARY_KEYS if summary.get(k) is None]
         if missing:
             problems.append(f"run {name}: summary lacks {missing}")
+    for name in ("jax", "pallas"):
+        line = state.get("preflight", {}).get(name, "")
+        if " fits " not in f" {line} ":
+            problems.append(f"run {name}: preflight did not pass before `up`: {line or 'not run'}")
     pallas = (steps.get("run:pallas") or {}).get("record") or {}
     if len(pallas.get("recoveries", [])) != 1:
         problems.append(f"pallas run: {len(pallas.get('recoveries', []))} recoveries, expected 1")
@@ -264,13 +270,10 @@ def rehearsal_section(
         lines += [f"  - {ln}" for ln in bootstrap_lines(vms)]
     # Preflight (before `up`) and the start accuracy come from the SOP machinery and the trainer when they
     # report them; the rehearsal quotes whatever this version says rather than judging it.
-    preflight = [
-        f"`{sid}`: {d}"
-        for sid, st in state.get("steps", {}).items()
-        for d in [*st.get("details", []), *([st["error"]] if st.get("error") else [])]
-        if "preflight" in sid or "preflight" in d.lower()
+    preflight = state.get("preflight", {})  # run name -> the SOP's preflight line (compiled before `up`)
+    lines += [f"- preflight `{name}`: {line}" for name, line in preflight.items()] or [
+        "- preflight: **not run**"
     ]
-    lines += [f"- preflight: {d}" for d in preflight] or ["- preflight: not reported by this SOP version"]
     for name in ("jax", "pallas"):
         summary = state.get("summaries", {}).get(name, {})
         start = [k for k in summary if "accuracy" in k and "start" in k]
