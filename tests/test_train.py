@@ -300,3 +300,26 @@ def test_fsdp8_mesh_gives_the_same_loss_and_gradients_as_one_device():
     assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5, abs=1e-7)
     for a, c in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_a_fresh_disk_keeps_its_start_sweep(tmp_path):
+    """Found by the rehearsal: a run resumed on a recreated VM (fresh disk, checkpoints in a bucket) lost
+    eval_full_start.jsonl and eval_full_start/accuracy, so its start -> end test could not be made."""
+    cfg = tiny("steps=2", "checkpoint.every_steps=1", "eval_full_sweep=true", "eval_full_at_start=true",
+               "eval_full_limit=8", "eval_full_batch_size=8", f"checkpoint.dir=file://{tmp_path / 'bucket'}")
+
+    def crash_after_2(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise Crash
+
+    first_disk = tmp_path / "vm1" / "run"
+    with pytest.raises(Crash):
+        run(cfg, first_disk, on_step=crash_after_2)
+    rows = (first_disk / "eval_full_start.jsonl").read_text()
+    fresh_disk = tmp_path / "vm2" / "run"  # same run name, so the same checkpoint folder in the bucket
+    summary = run(cfg, fresh_disk)
+    assert (fresh_disk / "eval_full_start.jsonl").read_text() == rows
+    start = json.loads((first_disk / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["eval_full_start/accuracy"] == start["eval_full_start/accuracy"]
+    assert "eval_full/accuracy" in summary

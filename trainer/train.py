@@ -230,6 +230,9 @@ class Trainer:
     checkpointer: Checkpointer
     logger: RunLogger
     reporter: Reporter
+    # The start sweep (metrics + eval_full_start.jsonl text) rides in every checkpoint's meta: a run
+    # resumed on a recreated VM (fresh disk, checkpoints off the VM) still pairs its end sweep with it.
+    start_sweep: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def update_kwargs(self) -> dict[str, Any]:
         return dict(model_cfg=self.model_cfg, loss_cfg=self.loss_cfg, num_micro=self.num_micro,
@@ -287,6 +290,9 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
         enabled=jax.process_index() == 0,
     )
+    start_sweep = dict(meta.get("start_sweep") or {}) if restored is not None else {}
+    if start_sweep:
+        restore_start_sweep(logger, run_dir, start_sweep)
     sampling = programs.rollout_settings(cfg)
     trainer = Trainer(
         cfg=cfg, mesh=mesh, model_cfg=model_cfg, sampler=Sampler(model_cfg, tokenizer, mesh),
@@ -294,7 +300,7 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
         num_micro=num_micro,
         optimizer=optimizer, schedule=lr_schedule(cfg.optimizer, cfg.steps * cfg.train.ppo_epochs),
         ref_params=ref_params, start_params=start_params, stream=stream, eval_problems=eval_problems,
-        checkpointer=checkpointer, logger=logger, reporter=rep,
+        checkpointer=checkpointer, logger=logger, reporter=rep, start_sweep=start_sweep,
     )
     info = {"run_id": logger.run_id, "config_hash": logger.config_hash, "git_commit": logger.git_commit}
     if logger.url:
@@ -369,6 +375,17 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     return {"params": params, "opt_state": opt_state}, metrics
 
 
+def restore_start_sweep(logger: RunLogger, run_dir: Path, saved: dict[str, Any]) -> None:
+    """A resumed run's start sweep from its checkpoint: into the summary, and eval_full_start.jsonl back
+    into a run dir that lost it (a recreated VM's fresh disk)."""
+    if not logger.enabled:
+        return
+    logger.latest.update(saved.get("metrics", {}))
+    rows = run_dir / "eval_full_start.jsonl"
+    if saved.get("rows") and not rows.exists():
+        rows.write_text(saved["rows"])
+
+
 def sweep(
     t: Trainer, params: Any, run_dir: Path, prefix: str, on_batch: OnBatch | None = None
 ) -> dict[str, float]:
@@ -423,6 +440,8 @@ def run(
             start_sweep = sweep(t, state["params"], run_dir, "eval_full_start",
                                 on_batch=functools.partial(rep.advance, "start_sweep"))
             t.logger.log(0, start_sweep)
+            rows = run_dir / "eval_full_start.jsonl"
+            t.start_sweep = {"metrics": start_sweep, "rows": rows.read_text() if rows.is_file() else ""}
             rep.say(f"start sweep: accuracy {start_sweep['eval_full_start/accuracy']:.4f} "
                     f"on {int(start_sweep['eval_full_start/num_questions'])} questions")
         rep.advance("train", start, cfg.steps)
@@ -454,7 +473,8 @@ def run(
             every = cfg.checkpoint.every_steps
             stopping = should_stop is not None and should_stop()
             if step == cfg.steps or (every and step % every == 0) or stopping:
-                meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step}
+                meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step,
+                        "start_sweep": t.start_sweep}
                 rep.phase("checkpoint", detail=f"saving step {step}")
                 t.checkpointer.save(step, state, meta)
                 rep.resume("train")
