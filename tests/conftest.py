@@ -60,23 +60,28 @@ def ps_args() -> str:
     return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
 
 
-def ps_during(action: Callable[[], object]) -> str:
-    """Everything `ps` showed while `action` ran (sampled in a loop, at least once)."""
-    samples: list[str] = []
+def sample_during(action: Callable[[], object], probe: Callable[[], None]) -> None:
+    """Runs `probe` in a loop on another thread while `action` runs (at least once)."""
     done = threading.Event()
 
-    def sample() -> None:
+    def loop() -> None:
+        probe()
         while not done.is_set():
-            samples.append(ps_args())
+            probe()
 
-    thread = threading.Thread(target=sample)
+    thread = threading.Thread(target=loop)
     thread.start()
     try:
         action()
     finally:
         done.set()
         thread.join()
-    assert samples
+
+
+def ps_during(action: Callable[[], object]) -> str:
+    """Everything `ps` showed while `action` ran (sampled in a loop, at least once)."""
+    samples: list[str] = []
+    sample_during(action, lambda: samples.append(ps_args()))
     return "\n".join(samples)
 
 
@@ -84,23 +89,39 @@ def modes_during(folder: Path, action: Callable[[], object]) -> dict[str, set[in
     """The permission bits of every file that appeared in `folder` while `action` ran, sampled in a loop
     from another thread (a temp file that is 0644 for a moment is readable by others for that moment)."""
     seen: dict[str, set[int]] = {}
-    done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            with contextlib.suppress(FileNotFoundError):
-                for entry in os.scandir(folder):
-                    with contextlib.suppress(FileNotFoundError):
-                        seen.setdefault(entry.name, set()).add(stat.S_IMODE(entry.stat().st_mode))
+    def probe() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    seen.setdefault(entry.name, set()).add(stat.S_IMODE(entry.stat().st_mode))
 
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        action()
-    finally:
-        done.set()
-        thread.join()
+    sample_during(action, probe)
     return seen
+
+
+# --- the CLI: one-line errors --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working folder (the cwd) for commands that read ./grpoctl.yaml."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cli_error(*args: str, code: int) -> str:
+    """`grpoctl ARGS` in-process: exit `code`, exactly one line on stderr (ours), no traceback anywhere."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == code, (args, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("grpoctl: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
 
 
 # --- SSH: private sshd servers on 127.0.0.1 (orchestrator/testing/sshd.py) -----------------------------

@@ -9,55 +9,38 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
-from orchestrator.cli import app
-
-
-@pytest.fixture
-def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def grpoctl(*args: str, code: int):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == code, (args, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("grpoctl: error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
+from conftest import cli_error
 
 
 def test_missing_config_file(folder: Path):
-    assert "not found" in grpoctl("--config-file", "nope.yaml", "sync", code=2)
+    assert "not found" in cli_error("--config-file", "nope.yaml", "sync", code=2)
 
 
 def test_malformed_yaml_names_the_line(folder: Path):
     (folder / "grpoctl.yaml").write_text("targets:\n  lab: {kind: ssh, hosts: [a\n")
-    line = grpoctl("sync", code=2)
+    line = cli_error("sync", code=2)
     assert "grpoctl.yaml" in line and "malformed YAML" in line and "line" in line
     assert not (folder / ".grpoctl").exists()
 
 
 def test_unknown_key_and_wrong_type_name_key_and_file(folder: Path):
     (folder / "grpoctl.yaml").write_text("repo: {url: x, brnch: main}\n")
-    assert "unknown key 'repo.brnch'" in grpoctl("status", code=2)
+    assert "unknown key 'repo.brnch'" in cli_error("status", code=2)
     (folder / "grpoctl.yaml").write_text("targets:\n  lab: {kind: ssh, hosts: [], user: root}\n")
-    line = grpoctl("sync", code=2)
+    line = cli_error("sync", code=2)
     assert "grpoctl.yaml" in line and "hosts" in line
 
 
 def test_unknown_target(folder: Path):
-    line = grpoctl("--target", "nowhere", "sync", code=2)
+    line = cli_error("--target", "nowhere", "sync", code=2)
     assert "unknown target 'nowhere'" in line and "local" in line
     assert not (folder / ".grpoctl").exists()
 
 
 def test_bad_flags_and_unknown_run(folder: Path):
-    assert "expected KEY=VALUE" in grpoctl("run", "configs/x.yaml", "--env", "NOEQUALS", code=2)
-    assert "no run 'missing'" in grpoctl("status", "missing", code=2)
-    assert "no summary.json" in grpoctl("compare", str(folder), str(folder), code=2)
+    assert "expected KEY=VALUE" in cli_error("run", "configs/x.yaml", "--env", "NOEQUALS", code=2)
+    assert "no run 'missing'" in cli_error("status", "missing", code=2)
+    assert "no summary.json" in cli_error("compare", str(folder), str(folder), code=2)
     assert not (folder / ".grpoctl").exists()
 
 
@@ -76,7 +59,7 @@ def test_connection_refused_is_answered_within_seconds(folder: Path):
         port = s.getsockname()[1]
     _ssh_config(folder, {"hosts": [f"127.0.0.1:{port}"], "host_key_sha256": ["SHA256:" + "A" * 43]})
     started = time.monotonic()
-    line = grpoctl("sync", code=3)
+    line = cli_error("sync", code=3)
     assert time.monotonic() - started < 10
     assert "refused" in line and str(port) in line
     assert not (folder / "remote").exists()
@@ -91,12 +74,12 @@ def test_wrong_host_key_is_refused_and_nothing_changes(folder: Path, sshd, sshd_
         "known_hosts": str(folder / "known_hosts"),
     }
     _ssh_config(folder, {**base, "host_key_sha256": [other.host_key_sha256]})
-    line = grpoctl("sync", code=3)
+    line = cli_error("sync", code=3)
     assert "host key" in line.lower()
     # Unknown key, nothing pinned: refused too, unless the user says to trust it on first use.
     _ssh_config(folder, base)
     (folder / ".env").write_text("K=v\n")
-    assert "host key" in grpoctl("env", "push", code=3).lower()
+    assert "host key" in cli_error("env", "push", code=3).lower()
     assert not (folder / "remote").exists()  # no command ever ran on the server
     assert (
         not (folder / "known_hosts").exists()
@@ -105,16 +88,16 @@ def test_wrong_host_key_is_refused_and_nothing_changes(folder: Path, sshd, sshd_
 
 
 def test_sop_file_errors(folder: Path):
-    assert "not found" in grpoctl("sop", "replay", "nope.yaml", code=2)
+    assert "not found" in cli_error("sop", "replay", "nope.yaml", code=2)
     sop = folder / "s.yaml"
     sop.write_text("name: s\nsteps: [up, {run: {name: a, config: c.yaml, colour: red}}]\n")
-    assert "unknown key 'steps.1.run.colour'" in grpoctl("sop", "replay", str(sop), code=2)
+    assert "unknown key 'steps.1.run.colour'" in cli_error("sop", "replay", str(sop), code=2)
     sop.write_text("name: s\nsteps: [up, launch_rockets]\n")
-    assert "unknown step kind" in grpoctl("sop", "replay", str(sop), code=2)
+    assert "unknown step kind" in cli_error("sop", "replay", str(sop), code=2)
     sop.write_text("name: s\nsteps: [{compare: {a: x, b: y}}]\n")
-    assert "unknown run(s)" in grpoctl("sop", "replay", str(sop), code=2)
+    assert "unknown run(s)" in cli_error("sop", "replay", str(sop), code=2)
     sop.write_text("name: s\nsteps: [up, down]\n")
-    assert "--from 'sync'" in grpoctl("sop", "replay", str(sop), "--from", "sync", code=2)
+    assert "--from 'sync'" in cli_error("sop", "replay", str(sop), "--from", "sync", code=2)
     assert not (folder / ".grpoctl").exists() and not (folder / "runs").exists()
 
 

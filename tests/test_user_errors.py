@@ -12,26 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli_error
 from typer.testing import CliRunner
 
 from orchestrator.cli import app, hoist_global_options
 from orchestrator.runs import RunRecord, RunStore, state_dir
-
-
-@pytest.fixture
-def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def one_line(*args: str, code: int) -> str:
-    """Exit `code`, exactly one line on stderr (ours), no traceback anywhere."""
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == code, (args, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("grpoctl: error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def ok(*args: str) -> str:
@@ -50,17 +35,17 @@ def test_global_options_after_the_command_with_a_single_target(folder: Path):
     assert ok("up").strip() == "lab: READY (1 worker(s))"
     assert json.loads(ok("up", "--json", "--target=lab"))["target"] == "lab"
     assert json.loads(ok("status", "--config-file", "grpoctl.yaml", "-v", "--json")) == []
-    assert "unknown target 'nope'" in one_line("up", "--target", "nope", code=2)
+    assert "unknown target 'nope'" in cli_error("up", "--target", "nope", code=2)
 
 
 def test_target_makes_a_stale_default_target_irrelevant(folder: Path):
     cfg = {"targets": {"a": {"kind": "local"}, "b": {"kind": "local"}}, "default_target": "gone"}
     (folder / "grpoctl.yaml").write_text(yaml.safe_dump(cfg))
     assert ok("up", "--target", "b").startswith("b: READY")
-    assert "default_target 'gone' is not one of the targets" in one_line("up", code=2)
+    assert "default_target 'gone' is not one of the targets" in cli_error("up", code=2)
     del cfg["default_target"]  # two targets, no default, no `local`: say what to do
     (folder / "grpoctl.yaml").write_text(yaml.safe_dump(cfg))
-    assert "pass --target NAME" in one_line("status", code=2)
+    assert "pass --target NAME" in cli_error("status", code=2)
 
 
 def test_hoisting_keeps_values_of_the_commands_own_options():
@@ -94,7 +79,7 @@ def test_hoisting_keeps_values_of_the_commands_own_options():
     ],
 )
 def test_command_line_mistakes_are_one_line(folder: Path, args: list[str], words: str):
-    line = one_line(*args, code=2)
+    line = cli_error(*args, code=2)
     assert words in line and "--help" in line
 
 
@@ -117,9 +102,9 @@ def test_command_line_mistakes_are_one_line(folder: Path, args: list[str], words
 )
 def test_out_of_range_values_are_config_errors(folder: Path, target: dict, key: str):
     (folder / "grpoctl.yaml").write_text(yaml.safe_dump({"targets": {"lab": target}}))
-    line = one_line("status", code=2)
+    line = cli_error("status", code=2)
     assert "grpoctl.yaml" in line and key in line
-    assert "stall_after_s" in one_line(
+    assert "stall_after_s" in cli_error(
         "--config-file", _write(folder, {"stall_after_s": 0}), "status", code=2
     )
 
@@ -132,17 +117,17 @@ def _write(folder: Path, cfg: dict) -> str:
 
 def test_config_and_sop_files_that_are_not_utf8(folder: Path):
     (folder / "grpoctl.yaml").write_bytes(b"targets:\n  lab: {kind: local, workdir: caf\xe9}\n")
-    line = one_line("status", code=2)
+    line = cli_error("status", code=2)
     assert "grpoctl.yaml: line 2: not UTF-8" in line and "0xe9" in line
     (folder / "grpoctl.yaml").unlink()
     (folder / "s.yaml").write_bytes(b"name: s\n# \xff\xfe\nsteps: [up]\n")
-    assert "s.yaml: line 2: not UTF-8" in one_line("sop", "replay", "s.yaml", code=2)
+    assert "s.yaml: line 2: not UTF-8" in cli_error("sop", "replay", "s.yaml", code=2)
 
 
 def test_result_files_that_are_not_utf8(folder: Path):
     a, b = _run_folder(folder, "A", [True, False]), _run_folder(folder, "B", [True, True])
     (b / "eval_full.jsonl").write_bytes(b'{"id": "q0", "correct": true, "answer": "\xff"}\n')
-    line = one_line("compare", str(a), str(b), code=2)
+    line = cli_error("compare", str(a), str(b), code=2)
     assert "eval_full.jsonl: line 1: not UTF-8" in line
 
 
@@ -150,7 +135,7 @@ def test_corrupt_state_database_is_moved_aside_and_said_where(folder: Path):
     db = state_dir() / "runs.sqlite"
     db.parent.mkdir(parents=True, exist_ok=True)
     db.write_bytes(b"this is not an sqlite file at all, just junk " * 50)
-    line = one_line("status", code=3)
+    line = cli_error("status", code=3)
     aside = [p for p in db.parent.iterdir() if p.name.startswith("runs.sqlite.corrupt-")]
     assert len(aside) == 1 and str(aside[0]) in line and "unreadable" in line
     assert aside[0].read_bytes().startswith(b"this is not an sqlite file")  # kept, not deleted
@@ -198,7 +183,7 @@ def test_unwritable_state_folder_is_one_line(folder: Path, monkeypatch: pytest.M
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(folder / "state"))
     (folder / "state").mkdir()
     (folder / "state" / "runs.sqlite").mkdir()  # a folder where the database file should be
-    assert "state database" in one_line("status", code=3)
+    assert "state database" in cli_error("status", code=3)
 
 
 # ------------------------------------------------------------------------------------- confined paths
@@ -219,7 +204,7 @@ def test_compare_plot_never_creates_folders(folder: Path):
     a, b = _run_folder(folder, "A", [True, False] * 5), _run_folder(folder, "B", [True] * 10)
     top = Path("/") / f"grpoctl-test-{uuid.uuid4().hex[:8]}"  # at the filesystem root, like the report
     try:
-        line = one_line("compare", str(a), str(b), "--plot", str(top / "such" / "p.png"), code=2)
+        line = cli_error("compare", str(a), str(b), "--plot", str(top / "such" / "p.png"), code=2)
         assert "does not exist" in line
         assert not top.exists()
     finally:
@@ -227,7 +212,7 @@ def test_compare_plot_never_creates_folders(folder: Path):
             import shutil
 
             shutil.rmtree(top)
-    assert ".png" in one_line("compare", str(a), str(b), "--plot", "p.txt", code=2)
+    assert ".png" in cli_error("compare", str(a), str(b), "--plot", "p.txt", code=2)
     assert "plot: p.png" in ok("compare", str(a), str(b), "--plot", "p.png")
     assert (folder / "p.png").stat().st_size > 1000
 
@@ -237,7 +222,7 @@ def test_sop_run_names_cannot_escape_the_report_folder(folder: Path):
     sop.parent.mkdir()
     steps = [{"run": {"name": "../../x", "config": "c.yaml"}}, {"run": {"name": "b", "config": "c.yaml"}}]
     sop.write_text(yaml.safe_dump({"name": "s", "steps": [*steps, {"compare": {"a": "../../x", "b": "b"}}]}))
-    line = one_line("sop", "replay", str(sop), code=2)
+    line = cli_error("sop", "replay", str(sop), code=2)
     assert "steps.0.run.name" in line and "'../../x'" in line
     assert sorted(p.name for p in folder.iterdir()) == ["sub"]  # nothing written anywhere
 
