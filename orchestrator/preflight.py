@@ -30,6 +30,7 @@ from typing import Any
 
 from rich.table import Table
 
+from grpoctl_contract.envflags import ENV_FLAGS
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.runs import state_dir
 
@@ -37,11 +38,6 @@ DEFAULT_ACCELERATOR = "v6e-8"
 DEFAULT_HEADROOM = 0.10
 PYTHON_ENV = "GRPOCTL_PREFLIGHT_PYTHON"  # an interpreter with the trainer extra + libtpu (README)
 CACHE_VERSION = 1  # bump when the cached layout changes
-
-# The seed's env flags and the trainer config keys they switch on (trainer/config.py ENV_FLAGS). Kept as
-# data here because the laptop may not have the trainer's dependencies; tests/test_preflight_cli.py checks
-# both tables agree.
-ENV_FLAG_KEYS = {"EVAL_FULL_SWEEP": "eval_full_sweep", "PRINT_TRAIN_TIME_BREAKDOWN": "print_time_breakdown"}
 
 EXIT_FITS, EXIT_NO_FIT, EXIT_UNAVAILABLE = 0, 2, 4
 
@@ -225,7 +221,7 @@ def effective_overrides(overrides: Mapping[str, str], env: Mapping[str, str] | N
     """`key=value` for the trainer: the `--set` overrides, then what the run's env flags switch on
     (the trainer applies env flags last and they only switch on, so appending reproduces its order)."""
     out = [f"{k}={v}" for k, v in overrides.items()]
-    for flag, key in ENV_FLAG_KEYS.items():
+    for flag, key in ENV_FLAGS.items():
         if (env or {}).get(flag, "").strip().lower() in ("1", "true", "yes"):
             out.append(f"{key}=true")
     return out
@@ -266,7 +262,7 @@ def cache_dir() -> Path:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    for flag in ENV_FLAG_KEYS:  # the laptop's shell must not switch config keys the run will not have
+    for flag in ENV_FLAGS:  # the laptop's shell must not switch config keys the run will not have
         env.pop(flag, None)
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # parallel preflights must not fight over libtpu's lock file
     return env

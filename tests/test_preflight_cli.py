@@ -240,7 +240,7 @@ def test_unavailable_host_says_one_line_and_run_goes_on(lab: Lab, monkeypatch: p
 def test_env_flags_become_overrides_and_match_the_trainer() -> None:
     from trainer.config import ENV_FLAGS
 
-    assert pf.ENV_FLAG_KEYS == ENV_FLAGS  # the laptop's copy of the trainer's table
+    assert pf.ENV_FLAGS is ENV_FLAGS  # one table (grpoctl_contract.envflags) for both halves
     env = {"EVAL_FULL_SWEEP": "1", "PRINT_TRAIN_TIME_BREAKDOWN": "0"}
     assert pf.effective_overrides({"a.b": "1"}, env) == ["a.b=1", "eval_full_sweep=true"]
 

@@ -22,13 +22,12 @@ from typing import Any, Literal
 
 import yaml
 
+from grpoctl_contract.envflags import ENV_FLAGS  # the seed's env flags -> the config keys they set
+
 PolicyLossImpl = Literal["jax", "chunked", "pallas"]
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
 AdvantageScaling = Literal["group", "batch", "none"]
 DType = Literal["float32", "bfloat16"]
-
-# The seed's env flags and the config fields they switch on.
-ENV_FLAGS = {"EVAL_FULL_SWEEP": "eval_full_sweep", "PRINT_TRAIN_TIME_BREAKDOWN": "print_time_breakdown"}
 
 
 class ConfigError(Exception):
