@@ -40,7 +40,7 @@ from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
 from orchestrator.phaseview import PhaseView
-from orchestrator.recovery import RecoveryPolicy, wait_recovering
+from orchestrator.recovery import RecoveryPolicy, wait_run
 from orchestrator.runs import RunRecord
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
@@ -550,17 +550,7 @@ def _wait_with_bar(
                 note = f"STALLED: no output for {_quiet_s(rec)} s" + (f"; {note}" if note else "")
             view.show(rec.state, poll.progress, note)
 
-        if policy is not None:
-            wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
-        else:
-            watch_ops.wait(
-                session.target,
-                record,
-                session.store,
-                interval=interval,
-                on_poll=on_poll,
-                stall_after_s=session.config.stall_after_s,
-            )
+        wait_run(session, record, policy, interval=interval, on_poll=on_poll)
 
 
 def _policy(

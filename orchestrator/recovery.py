@@ -84,6 +84,28 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
     session.say(f"{record.run_id}: relaunched ({kind} #{len(record.recoveries)}), log {record.log_path}")
 
 
+def wait_run(
+    session: Session,
+    record: RunRecord,
+    policy: RecoveryPolicy | None,
+    *,
+    interval: float = 15.0,
+    on_poll: watch_ops.OnPoll | None = None,
+) -> RunRecord:
+    """Wait for a run on the session's target: with a policy, preemptions (and the chosen failures) are
+    recovered; without one, they raise like `watch.wait` (PREEMPTED, exit 3)."""
+    if policy is not None:
+        return wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
+    return watch_ops.wait(
+        session.target,
+        record,
+        session.store,
+        interval=interval,
+        on_poll=on_poll,
+        stall_after_s=session.config.stall_after_s,
+    )
+
+
 def wait_recovering(
     session: Session,
     record: RunRecord,

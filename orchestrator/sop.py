@@ -46,7 +46,7 @@ from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
 from orchestrator.phaseview import PhaseView
-from orchestrator.recovery import RecoveryPolicy, wait_recovering
+from orchestrator.recovery import RecoveryPolicy, wait_run
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
 
 ViewFactory = Callable[[str], PhaseView]  # run id -> the view that shows its phases while it is waited for
@@ -596,17 +596,8 @@ class _Replayer:
             st.record = rec.to_json()
 
         try:
-            if self.recover is not None and not self.dry_run:
-                wait_recovering(s, record, self.recover, interval=interval, on_poll=on_poll)
-            else:
-                watch_ops.wait(
-                    s.target,
-                    record,
-                    self.store,
-                    interval=interval if not self.dry_run else 0,
-                    on_poll=on_poll,
-                    stall_after_s=s.config.stall_after_s,
-                )
+            policy = None if self.dry_run else self.recover
+            wait_run(s, record, policy, interval=0 if self.dry_run else interval, on_poll=on_poll)
         finally:
             view.close()
             self._remember(st, record)
