@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from transformers import PreTrainedTokenizerBase
 
-from trainer import grpo, sharding
+from trainer import grpo, programs, sharding
 from trainer.config import WarmStartConfig
 from trainer.data import Problem
 from trainer.kernels import token_logprobs
@@ -105,8 +105,10 @@ def warm_start(
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     length = grpo.round_up(longest, 8)  # one shape for every step: one compilation, little padding
     optimizer = make_optimizer("adamw", 0.9, 0.99, 0.0, 1.0)
-    with jax.set_mesh(mesh):  # the count typed on the mesh, as sft_step returns it: one compilation
-        opt_state = optimizer.init(params)
+    # Split like the params (programs.optimizer_init, as the GRPO state), under the mesh so the count is
+    # typed as sft_step returns it: one compilation.
+    with jax.set_mesh(mesh):
+        opt_state = programs.optimizer_init(optimizer, params, mesh)(params)
     schedule = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
     rng = np.random.default_rng([seed, 0x5F7])  # apart from the GRPO data order, which it leaves alone
     losses = []
