@@ -254,3 +254,37 @@ def test_pack_sequences_masks_positions_and_padding():
     np.testing.assert_array_equal(packed["positions"], np.broadcast_to(np.arange(8), (2, 8)))
     # The loss is on the positions that predict completion tokens: t predicts tokens[t + 1].
     np.testing.assert_array_equal(packed["loss_mask"], [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]])
+
+
+# prepare_batch and split_micro_batches are pure array plumbing; the model-gradient tests above reach them
+# too, but only through a compile that costs a minute, so these check them on small arrays directly.
+
+
+def test_prepare_batch_weights_and_advantages_come_from_the_whole_batch():
+    rewards = jnp.asarray([1.0, 0.0, 2.0, 4.0, 1.0, 1.0], jnp.float32)
+    mask = jnp.asarray([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 0], [1, 0, 0]], jnp.float32)
+    cfg = grpo.LossConfig(group_size=3, aggregation="dr_grpo", advantage_scaling="none", max_completion_len=5)
+    out = grpo.prepare_batch({"rewards": rewards, "loss_mask": mask, "tokens": jnp.zeros((6, 3))}, cfg)
+    assert out["tokens"] is not None and out["rewards"] is rewards  # the inputs travel on unchanged
+    # Groups of 3 (not the default 4), centred and not divided by the std ("none").
+    np.testing.assert_allclose(out["advantages"], [0, -1, 1, 2, -1, -1], atol=1e-6)
+    # dr_grpo with this config's constant: 1 / (max_completion_len 5 * 6 sequences) per completion token.
+    np.testing.assert_allclose(out["weights"], np.asarray(mask) / 30, rtol=1e-6)
+    # Metric weights: each completion token of the WHOLE batch counts 1 / 9 (9 tokens), so per-micro-batch
+    # sums add up to whole-batch means.
+    np.testing.assert_allclose(out["token_frac"], np.asarray(mask) / 9, rtol=1e-6)
+    # A batch without completion tokens has zero weights, not NaN.
+    empty = grpo.prepare_batch({"rewards": rewards, "loss_mask": jnp.zeros((6, 3))}, cfg)
+    np.testing.assert_array_equal(empty["token_frac"], 0.0)
+
+
+def test_split_micro_batches_deals_rows_round_robin_and_refuses_a_ragged_split():
+    batch = {"x": jnp.arange(8 * 3).reshape(8, 3), "r": jnp.arange(8.0)}
+    micro = grpo.split_micro_batches(batch, 4)
+    assert micro["x"].shape == (4, 2, 3) and micro["r"].shape == (4, 2)
+    # Row b goes to micro-batch b % 4: each micro-batch takes rows from both halves (both data shards).
+    np.testing.assert_array_equal(micro["r"], [[0, 4], [1, 5], [2, 6], [3, 7]])
+    np.testing.assert_array_equal(micro["x"][1], np.asarray(batch["x"])[[1, 5]])
+    np.testing.assert_array_equal(grpo.split_micro_batches(batch, 1)["r"], [np.arange(8.0)])
+    with pytest.raises(ValueError, match="batch of 8 rows does not split into 3 micro-batches"):
+        grpo.split_micro_batches(batch, 3)
