@@ -37,7 +37,7 @@ lint: $(STAMP)
 # MUTATE=grpo compare picks modules (default: all of them).
 mutate: $(STAMP)
 	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q "mutmut==3.8.1"
-	$(BIN)/python benchmarks/mutate.py $(MUTATE)
+	nice -n 10 $(BIN)/python benchmarks/mutate.py $(MUTATE)
 
 clean:
 	rm -rf $(VENV) .grpoctl .pytest_cache .ruff_cache .mutate
