@@ -101,6 +101,7 @@ CORRECT_ROWS = [
     (_c("7.01"), "#### 7", 0.0, 0.0),
     (_c("-0"), "#### 0", 1.0, 1.0),
     (_c("The total is 3 + 4 = 7"), "#### 7", 1.0, 1.0),
+    (_c("x = 3 + 4 = 7"), "#### 7", 1.0, 1.0),  # a chain of equations commits to its last result
     (_c("**18**"), "#### 18", 1.0, 1.0),  # markdown bold
     (_c("The answer is 18."), "#### 18", 1.0, 1.0),
     (_c("18 (18 dollars)"), "#### 18", 1.0, 1.0),  # one value, written twice
@@ -134,6 +135,7 @@ CORRECT_ROWS = [
     (_c("1, 2, 3"), "#### 3", 0.0, 1.0),
     (_c("\\boxed{72} or \\boxed{73}"), "#### 73", 0.0, 1.0),
     (_c("\\boxed{72}, i.e. \\boxed{72.0}"), "#### 72", 1.0, 1.0),  # boxes that agree
+    (_c("\\boxed{72}, then \\boxed{73}"), "#### 72", 0.0, 0.0),  # boxes that disagree: not the first one
     (_c("6 x 3 = \\boxed{18}"), "#### 18", 1.0, 1.0),  # the box, not the working
     (_c("maybe \\boxed{18}"), "#### 18", 0.0, 1.0),  # a hedge outside the box
     # Only the answer block counts: no fallback to numbers elsewhere.
@@ -146,6 +148,7 @@ CORRECT_ROWS = [
     ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 7", 1.0, 1.0),  # text after the block
     ("<think>2+5</think>\n<answer>7</answer> then 9", "#### 9", 0.0, 0.0),
     ("<answer>3</answer><answer>7</answer>", "#### 7", 0.0, 1.0),  # two blocks that disagree
+    ("<answer>7</answer><answer>3</answer>", "#### 7", 0.0, 0.0),  # ... whichever of them is right
     ("<answer>7</answer><answer>7.0</answer>", "#### 7", 1.0, 1.0),  # two blocks that agree
     # Garbage in, 0 out, never an exception.
     (_c("12/0"), "#### 12", 0.0, 0.0),  # 12/0 is no number
