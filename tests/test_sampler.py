@@ -160,6 +160,14 @@ def test_prompts_in_one_bucket_share_one_program(model, prompt, reference_greedy
     np.testing.assert_array_equal(np.asarray(out.completion), reference_greedy)
 
 
+def test_a_prompt_longer_than_the_minimum_bucket_pads_to_the_next_bucket(model, prompt, reference_greedy):
+    """A 20-column prompt (the minimum bucket is 16) goes to the 32 bucket; left padding changes no token."""
+    cfg, params = model
+    longer = [np.pad(a, ((0, 0), (13, 0))) for a in prompt]  # 7 columns + 13 of left padding
+    out = generate(params, cfg, *longer, jax.random.key(0), max_new_tokens=STEPS, temperature=0.0, **F32)
+    np.testing.assert_array_equal(np.asarray(out.completion), reference_greedy)
+
+
 def test_bucket_length_and_left_pad():
     assert [bucket_length(n, 16) for n in (1, 16, 17, 100, 512, 513)] == [16, 16, 32, 128, 512, 1024]
     assert bucket_length(300, minimum=512) == 512
