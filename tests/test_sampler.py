@@ -144,6 +144,17 @@ def test_sample_token_top_p_distribution():
     np.testing.assert_array_equal(lp, full)
 
 
+def test_greedy_token_records_the_temperature_1_full_logprob():
+    """Greedy (temperature 0) takes the argmax, records sampling log-prob 0 and the full log-prob at
+    temperature 1 (what training recomputes), never a division by the zero temperature."""
+    lg = jnp.asarray([[0.5, 2.0, -1.0, 0.0], [3.0, 1.0, 2.5, -2.0]])
+    token, lp, full = sample_token(lg, jax.random.key(0), 0.0)
+    np.testing.assert_array_equal(token, [1, 0])
+    np.testing.assert_array_equal(lp, 0.0)
+    want = np.take_along_axis(np.asarray(jax.nn.log_softmax(lg, axis=-1)), np.asarray(token)[:, None], -1)
+    np.testing.assert_allclose(full, want[:, 0], rtol=1e-6)
+
+
 def test_prompts_in_one_bucket_share_one_program(model, prompt, reference_greedy):
     """Prompt lengths 7 and 12 both pad to the 16 bucket: same compiled program, same greedy tokens; and
     stop ids are data, so changing them does not recompile either."""
