@@ -46,6 +46,61 @@ def _loopback_only_connect(sock: socket.socket, address):  # type: ignore[no-unt
 socket.socket.connect = _loopback_only_connect  # type: ignore[method-assign]
 
 
+# --- the laptop-only install (`pip install -e '.[test]'`: no jax, torch, transformers) ---------------------
+
+
+def _extras_modules() -> frozenset[str]:
+    """Import names of what grpoctl's extras add to the base install, read from the installed package's
+    metadata (pyproject.toml is the one list): `orbax-checkpoint` -> `orbax_checkpoint`, `jax[tpu]` ->
+    `jax`."""
+    import re
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("grpoctl") or []
+    except metadata.PackageNotFoundError:
+        return frozenset()
+    names = (re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requires if "extra ==" in r)  # type: ignore[union-attr]
+    return frozenset(n.lower().replace("-", "_").replace(".", "_") for n in names)
+
+
+_EXTRAS = _extras_modules()
+
+
+def _missing_extra(err: BaseException | None) -> str | None:
+    """The extra's module whose absence made a test module fail to import, or None for any other error."""
+    while err is not None:
+        if isinstance(err, ModuleNotFoundError) and err.name:
+            top = err.name.split(".")[0].lower()
+            # `orbax` is distributed as orbax-checkpoint: a module name may be a prefix of its distribution's
+            if any(dist == top or dist.startswith(top + "_") for dist in _EXTRAS):
+                return err.name
+            return None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _TestModule(pytest.Module):
+    """A test module that needs the trainer's packages is skipped, with the reason, where they are absent
+    (the laptop-only install) instead of failing collection; any other import error still fails."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        try:
+            return super().collect()
+        except self.CollectError as err:
+            missing = _missing_extra(err.__cause__)
+            if missing is None:
+                raise
+            pytest.skip(
+                f"{self.path.name} is a trainer test: needs {missing}, which the laptop-only install lacks "
+                "(pip install -e '.[trainer,dev]', or `make venv`)"
+            )
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module:
+    return _TestModule.from_parent(parent, path=module_path)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own grpoctl state folder (run records) so tests never see each other's runs."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import standin_repo  # noqa: F401
+from standin import make_standin_repo, standin_repo  # noqa: F401
 from tpu_support import Project, long_run, one_line_error, preempt_at_step
 from typer.testing import CliRunner
 
@@ -20,7 +20,6 @@ from orchestrator.cli import app
 from orchestrator.errors import PreemptedError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import open_session
-from orchestrator.testing.resumable_standin import make_standin_repo
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
