@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl_contract import rundir
-from grpoctl_contract.rundir import SOP_KEYS  # noqa: F401 (what the SOP reads; tests import it from here)
 
 # Metrics shown in the per-step progress line (by their W&B names).
 PROGRESS_KEYS = (
