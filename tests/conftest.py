@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import ipaddress
 import os
 import socket
@@ -80,21 +82,36 @@ def _missing_extra(err: BaseException | None) -> str | None:
     return None
 
 
+# Every trainer module needs jax (some only inside their functions): without it, the trainer half is out.
+_NO_TRAINER = importlib.util.find_spec("jax") is None
+_INSTALL_HINT = "which the laptop-only install lacks (pip install -e '.[trainer,dev]', or `make venv`)"
+
+
+def _uses_trainer(module: object) -> bool:
+    """Whether a test module imported anything from the `trainer` package (a module, class or function)."""
+    for value in vars(module).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and (name == "trainer" or name.startswith("trainer.")):
+            return True
+    return False
+
+
 class _TestModule(pytest.Module):
-    """A test module that needs the trainer's packages is skipped, with the reason, where they are absent
-    (the laptop-only install) instead of failing collection; any other import error still fails."""
+    """A trainer test module is skipped, with the reason, where the trainer's packages are absent (the
+    laptop-only install): whether importing it fails on one of them, or it imports the trainer's jax-free
+    parts and would fail in its tests. Any other import error still fails collection."""
 
     def collect(self):  # type: ignore[no-untyped-def]
         try:
-            return super().collect()
+            items = super().collect()
         except self.CollectError as err:
             missing = _missing_extra(err.__cause__)
             if missing is None:
                 raise
-            pytest.skip(
-                f"{self.path.name} is a trainer test: needs {missing}, which the laptop-only install lacks "
-                "(pip install -e '.[trainer,dev]', or `make venv`)"
-            )
+            pytest.skip(f"{self.path.name} is a trainer test: needs {missing}, {_INSTALL_HINT}")
+        if _NO_TRAINER and _uses_trainer(self.obj):
+            pytest.skip(f"{self.path.name} tests the trainer: needs jax, {_INSTALL_HINT}")
+        return items
 
 
 def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module:

@@ -55,8 +55,12 @@ STANDIN_TRAINER = textwrap.dedent(
         cfg[key] = os.environ.get(flag) == "1" or bool(cfg.get(key, False))
     worker = int(os.environ.get("GRPOCTL_WORKER", "0"))
     secret_len = len(os.environ.get("STANDIN_SECRET", ""))
+    wandb_key_len = len(os.environ.get("WANDB_API_KEY", ""))
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    # What this worker's job saw (every worker, unlike the run files): tests check each VM got the secrets.
+    seen = {"secret_len": secret_len, "wandb_key_len": wandb_key_len}
+    (run / f"worker{worker}.json").write_text(json.dumps(seen))
     ckpt = Path(cfg["checkpoint_dir"]) / run.name if cfg.get("checkpoint_dir") else run / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     step_file = ckpt / "step"
@@ -105,7 +109,7 @@ STANDIN_TRAINER = textwrap.dedent(
             "time/train/step_avg_last10_s": step_s,
             "time/eval_full/step_s": 0.01,
             "run_id": run.name, "steps": steps, "resumed_from": first, "secret_len": secret_len,
-            "wandb_key_len": len(os.environ.get("WANDB_API_KEY", "")),
+            "wandb_key_len": wandb_key_len,
         }
         (run / rundir.SUMMARY).write_text(json.dumps(summary))
         if cfg.get("wandb_summary"):

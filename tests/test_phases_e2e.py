@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 from grpoctl_contract.progress import decode
 from orchestrator.cli import app
 
+pytest.importorskip("jax", reason="runs the real trainer (tiny model on CPU): needs the trainer extra")
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
