@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".mutate"
 EQUIVALENTS = ROOT / "benchmarks" / "mutate_equivalents.txt"
-COPIED = ("orchestrator", "trainer", "tests", "configs", "docs", "pyproject.toml")
+COPIED = ("orchestrator", "trainer", "grpoctl_contract", "tests", "configs", "docs", "pyproject.toml")
 
 
 @dataclass(frozen=True)
