@@ -81,6 +81,19 @@ def test_compare_without_eval_files_has_no_test(tmp_path: Path):
     assert "no significance test" in result.markdown()
 
 
+@pytest.mark.parametrize("dry", ["A", "B"])
+def test_a_dry_run_on_either_side_marks_the_whole_comparison_fabricated(tmp_path: Path, dry: str):
+    runs = {
+        name: cmp.load_run(_write_run(tmp_path / name, {"eval_full/accuracy": 0.5, "dry_run": name == dry},
+                                      [True, False] * 4, [0.1, 0.5]))
+        for name in ("A", "B")
+    }
+    result = cmp.compare_runs(runs["A"], runs["B"])
+    assert result.fabricated and result.to_json()["fabricated"] is True
+    assert result.markdown().startswith(f"**{cmp.FABRICATED}**")
+    assert all(line.startswith(cmp.FABRICATED) for line in [*result.learning_lines(), result.test_line()])
+
+
 def test_wandb_summary_is_read_when_present(tmp_path: Path):
     folder = _write_run(tmp_path / "A", {"eval_full/accuracy": 0.5}, None, [0.1])
     (folder / "wandb-summary.json").write_text(json.dumps({"eval_full/accuracy": 0.4, "wandb_only": 3}))
@@ -203,8 +216,8 @@ def test_report_json_and_markdown_are_exact():
 
 
 def test_formatting_and_fallback_keys():
-    assert [cmp.fmt(x) for x in (None, 3, 0.1234567891, True, "x", 1e-9)] == [
-        "-", "3", "0.123457", "True", "x", "1e-09"
+    assert [cmp.fmt(x) for x in (None, 3, 1234567, 0.1234567891, True, "x", 1e-9)] == [
+        "-", "3", "1234567", "0.123457", "True", "x", "1e-09"  # integers (token counts) exactly
     ]
     assert cmp.fmt_delta(cmp.KeyRow("k", 1.0, 0.5)) == "-0.5"
     assert cmp.KeyRow("k", True, 1.0).delta is None and cmp.KeyRow("k", 1, "2").delta is None
