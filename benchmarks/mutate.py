@@ -82,7 +82,12 @@ MODULES = (
         warmup="none",
     ),
     Module("compare", ("orchestrator/compare.py",), ("tests/test_compare.py",)),
-    Module("recipes", ("orchestrator/recipes.py",), ("tests/test_recipes.py",)),
+    # recipes.py's progress-line and launch-head parsers are tested with the contract and the phase views.
+    Module(
+        "recipes",
+        ("orchestrator/recipes.py",),
+        ("tests/test_recipes.py", "tests/test_progress_contract.py", "tests/test_phase_views.py"),
+    ),
     Module(
         "transport",
         ("orchestrator/transport/ssh.py", "orchestrator/transport/local.py",

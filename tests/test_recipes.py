@@ -45,6 +45,18 @@ def test_launch_rejects_bad_env_names():
 # ------------------------------------------------------------------------------------------- parsers
 
 
+def test_parse_status_reads_quiet_seconds_and_only_an_info_event_as_info():
+    info = json.dumps({"event": "info", "info": {"run_id": "r1", "git_commit": "abc"}})
+    running = recipes.parse_status(f"PIDV=12\nALIVE=1\nQUIET=42\nINFO={info}\nPROGRESS=\n")
+    assert (running.state, running.quiet_s) == ("RUNNING", 42)
+    assert running.info == {"run_id": "r1", "git_commit": "abc"}
+    lost = recipes.parse_status("PIDV=12\nALIVE=0\nQUIET=-3\nPROGRESS=\n")
+    assert (lost.state, lost.quiet_s, lost.info) == ("LOST", 0, None)  # never negative
+    # A progress event where the info line should be is not info.
+    other = json.dumps({"event": "progress", "phase": "train", "step": 1, "total": 2, "elapsed_s": 1.0})
+    assert recipes.parse_status(f"PIDV=12\nALIVE=1\nINFO={other}\n").info is None
+
+
 def test_parse_status_precedence():
     done = json.dumps({"event": "done", "step": 5, "total": 5, "elapsed_s": 1.0})
     ok = recipes.parse_status(f"PIDV=12\nEXIT=0\nALIVE=1\nPROGRESS={done}\n")
