@@ -145,15 +145,12 @@ def test_cli_rejects_bad_config_with_one_line_and_exit_2(args, needle, tmp_path)
     assert not (ROOT / "X").exists()
 
 
-def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
+def _leaf_keys(cls: type[C.Section], prefix: str = "") -> list[str]:
     out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        out += _leaf_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    for name, field in cls.model_fields.items():
+        tp = field.annotation
+        nested = isinstance(tp, type) and issubclass(tp, C.Section)
+        out += _leaf_keys(tp, f"{prefix}{name}.") if nested else [prefix + name]
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from trainer import config as C
 from trainer import grpo, sharding
+from trainer.__main__ import main as trainer_main
 from trainer.metrics import SOP_KEYS
 from trainer.model import Qwen2Config, init_params
 from trainer.train import Stopped, run, setup
@@ -269,6 +271,32 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     assert secret not in "".join(out + err for out, err in outputs)
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".txt", ".yaml"):
+            assert secret not in path.read_text(errors="ignore"), path
+
+
+def test_eval_full_sweep_in_the_workers_env_file_turns_the_sweep_on(tmp_path, monkeypatch):
+    """`grpoctl env push` puts flags and secrets in the worker's `.env`; python -m trainer reads it before
+    it builds the config, so EVAL_FULL_SWEEP=1 there runs the sweep (even over `eval_full_sweep=false`),
+    and the secret beside it reaches no file of the run."""
+    secret = "sk-test-DO-NOT-RECORD-0123456789"
+    for key in ("EVAL_FULL_SWEEP", "WANDB_API_KEY"):  # absent now, and again after the test
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    (tmp_path / ".env").write_text(f"EVAL_FULL_SWEEP=1\nWANDB_API_KEY={secret}\n")
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    sets = [*QUIET, "steps=1", "eval_full_at_start=false", "eval_full_limit=4", "eval_full_batch_size=4"]
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        code = trainer_main(["--config", str(TINY), "--run-dir", str(run_dir), *(f"--set={s}" for s in sets)])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert code == 0
+    assert json.loads((run_dir / "config.json").read_text())["eval_full_sweep"] is True
+    assert len((run_dir / "eval_full.jsonl").read_text().splitlines()) == 4
+    assert os.environ["WANDB_API_KEY"] == secret  # it did reach the environment
+    for path in run_dir.rglob("*"):
+        if path.is_file():
             assert secret not in path.read_text(errors="ignore"), path
 
 
