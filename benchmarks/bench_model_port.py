@@ -88,7 +88,8 @@ def worker(reps: int) -> dict[str, float | str]:
 
 def export(rev: str, dest: Path) -> Path:
     """The `trainer` package as of `rev`, unpacked under `dest`."""
-    data = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "trainer"], capture_output=True, check=True)
+    git = ["git", "-C", str(ROOT), "archive", rev, "trainer"]
+    data = subprocess.run(git, capture_output=True, check=True)
     with tarfile.open(fileobj=BytesIO(data.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return dest

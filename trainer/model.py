@@ -154,7 +154,9 @@ def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
 class Dense(nnx.Module):
     """x @ kernel (+ bias), computed in the input's dtype (bf16 activations over f32 master weights)."""
 
-    def __init__(self, din: int, dout: int, axes: tuple[str | None, str | None], init: _Init, bias: bool = False):
+    def __init__(
+        self, din: int, dout: int, axes: tuple[str | None, str | None], init: _Init, bias: bool = False
+    ):
         self.kernel = init.normal((din, dout), axes)
         if bias:
             self.bias = init.const(0.0, (dout,), axes[1:])
@@ -358,7 +360,7 @@ def _fold(state: Params) -> Params:
     return {**state, "layers": layers}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract(cfg: Qwen2Config) -> tuple[nnx.GraphDef[Qwen2], nnx.State]:
     """The module graph and its abstract state for `cfg` (no arrays allocated)."""
     model = nnx.eval_shape(lambda: Qwen2(cfg, _Init(nnx.Rngs(params=0))))
