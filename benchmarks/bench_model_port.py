@@ -69,7 +69,7 @@ def worker(reps: int) -> dict[str, float | str]:
         return sampler.generate(
             params, cfg, prompts, pmask, jax.random.key(i), max_new_tokens=NEW, temperature=0.7,
             dtype=jnp.float32, prompt_bucket_min=SEQ,
-        ).tokens
+        ).completion
 
     def timed(fn) -> float:  # noqa: ANN001
         jax.block_until_ready(fn(0))  # compile
