@@ -80,7 +80,21 @@ def worker(reps: int) -> dict[str, float | str]:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def cost(compiled) -> tuple[float, float]:  # noqa: ANN001
+        c = compiled.cost_analysis()
+        c = c[0] if isinstance(c, list) else c
+        return float(c["flops"]), float(c["bytes accessed"])
+
+    # Load-independent: XLA's count of the compiled programs' work (same program -> same figures).
+    cache = model.init_cache(cfg, ROWS, SEQ, jnp.float32)
+    one = jnp.ones((ROWS, 1), jnp.int32)
+
+    def decode_step(params, cache):  # noqa: ANN001, ANN202
+        return model.forward(params, cfg, one, one, one.astype(bool), cache, dtype=jnp.float32)
+
     out: dict[str, float | str] = {"model": model.__file__}
+    out["update_flops"], out["update_bytes"] = cost(update.lower(params, opt.init(params), batch).compile())
+    out["decode_flops"], out["decode_bytes"] = cost(jax.jit(decode_step).lower(params, cache).compile())
     out["update_s"] = timed(lambda i: update(params, opt_state, batch)[2])
     out["rollout_s"] = timed(rollout)
     return out
@@ -133,6 +147,15 @@ def main() -> None:
         base = statistics.median(float(x[key]) for x in results["baseline"])
         this = statistics.median(float(x[key]) for x in results["this tree"])
         print(f"{label:>8} | {base * 1e3:>11.1f} | {this * 1e3:>12.1f} | {this / base:>6.3f}")
+        pairs = zip(results["baseline"], results["this tree"], strict=True)
+        rounds = [float(t[key]) / float(b[key]) for b, t in pairs]
+        print(f"{'':>8}   per-round ratios: " + " ".join(f"{r:.3f}" for r in rounds))
+    print("\nXLA cost analysis of the compiled programs (the same in every round)")
+    print(f"{'program':>22} | {'baseline':>14} | {'this tree':>14} | {'ratio':>6}")
+    for key, label in (("update_flops", "update flops"), ("update_bytes", "update bytes accessed"),
+                       ("decode_flops", "decode-step flops"), ("decode_bytes", "decode-step bytes")):
+        base, this = float(results["baseline"][0][key]), float(results["this tree"][0][key])
+        print(f"{label:>22} | {base:>14.4g} | {this:>14.4g} | {this / base:>6.3f}")
 
 
 if __name__ == "__main__":
