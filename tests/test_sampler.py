@@ -172,10 +172,13 @@ def test_prompts_in_one_bucket_share_one_program(model, prompt, reference_greedy
 
 
 def test_a_prompt_longer_than_the_minimum_bucket_pads_to_the_next_bucket(model, prompt, reference_greedy):
-    """A 20-column prompt (the minimum bucket is 16) goes to the 32 bucket; left padding changes no token."""
+    """A 20-column prompt with minimum bucket 16 goes to the 32 bucket; left padding changes no token."""
     cfg, params = model
     longer = [np.pad(a, ((0, 0), (13, 0))) for a in prompt]  # 7 columns + 13 of left padding
-    out = generate(params, cfg, *longer, jax.random.key(0), max_new_tokens=STEPS, temperature=0.0, **F32)
+    out = generate(
+        params, cfg, *longer, jax.random.key(0), max_new_tokens=STEPS, temperature=0.0, prompt_bucket=16,
+        **F32,
+    )  # fmt: skip
     np.testing.assert_array_equal(np.asarray(out.completion), reference_greedy)
 
 
