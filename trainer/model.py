@@ -245,28 +245,64 @@ def forward(
         x, _ = jax.lax.scan(body, x, params["layers"])
         return rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps), None
 
+    return _cached_forward(params, cfg, x, positions, attn_mask, cache, dtype)
+
+
+def cached_attention(
+    q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mask: jax.Array, k: jax.Array, v: jax.Array,
+    new_mask: jax.Array,
+) -> jax.Array:
+    """Grouped-query attention of T new tokens over the cache as it was before them plus themselves, as
+    one softmax over both key sets. q, k, v: [B, T, heads, D]; ck, cv: [B, S, Hkv, D] (one layer's cache,
+    read once, never copied or rewritten here); cache_mask: [B, S]; new_mask: [B, T, T] bool.
+
+    The new tokens' keys/values are attended separately rather than written into the cache first: a
+    decode step then reads each layer's cache exactly once and writes only its new slot afterwards."""
+    b, t, hq, d = q.shape
+    hkv = ck.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    old = jnp.einsum("btkgd,bskd->bkgts", q, ck, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(cache_mask[:, None, None, None, :], old, _MASK_VALUE)
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    new = jnp.where(new_mask[:, None, None], new, _MASK_VALUE)
+    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), jnp.max(new, axis=-1, keepdims=True))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)
+    total = jnp.sum(old, axis=-1, keepdims=True) + jnp.sum(new, axis=-1, keepdims=True)
+    old, new = (old / total).astype(cv.dtype), (new / total).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", old, cv, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", new, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype).reshape(b, t, hq * d)
+
+
+def _cached_forward(
+    params: Params, cfg: Qwen2Config, x: jax.Array, positions: jax.Array, attn_mask: jax.Array,
+    cache: KVCache, dtype: Any,
+) -> tuple[jax.Array, KVCache]:
+    """The cached branch of `forward` (x: the embedded tokens [B, T, H] in `dtype`).
+
+    Each layer's cache slice is a scan input, read once by `cached_attention`; the layers emit only their
+    T new keys/values, written into the cache in one update after the scan (in place when the cache
+    buffer is donated or a loop carry). Carrying the whole cache through the scan instead and updating it
+    per layer made XLA copy and re-read each layer's slice (BENCHMARKS.md, "Decode step")."""
+    t = x.shape[1]
     index = cache.index
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
-    slots = jnp.arange(valid.shape[1])
-    mask = (slots[None, :] <= (index + jnp.arange(t))[:, None])[None] & valid[:, None, :]  # [B, T, S]
+    slots = jnp.arange(cache.valid.shape[1])
+    cache_mask = cache.valid & (slots < index)[None, :]  # [B, S]: the slots written before this call
+    new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]  # [B, T, T]
 
-    # The whole cache rides in the scan carry and each layer writes only its T new slots in place;
-    # emitting per-layer caches as scan outputs would copy the entire cache on every decode step.
-    def cached_body(
-        carry: tuple[jax.Array, ...], xs: tuple[Params, jax.Array]
-    ) -> tuple[tuple[jax.Array, ...], None]:
-        x, ck, cv = carry
-        p, layer = xs
+    def body(x: jax.Array, xs: tuple[Params, jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        p, ck, cv = xs
         q, k, v = _qkv(cfg, x, p, positions)
-        at = (layer, 0, index, 0, 0)
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-        layer_k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
-        layer_v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
-        return (_attn_out_and_mlp(cfg, x, p, attention(q, layer_k, layer_v, mask)), ck, cv), None
+        k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)  # as read back from cache
+        attn = cached_attention(q, ck.astype(dtype), cv.astype(dtype), cache_mask, k, v, new_mask)
+        return _attn_out_and_mlp(cfg, x, p, attn), (k.astype(ck.dtype), v.astype(cv.dtype))
 
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["layers"], layers))
+    x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
+    at = (0, 0, index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache.k, new_k, at)
+    v = jax.lax.dynamic_update_slice(cache.v, new_v, at)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
     hidden = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     return hidden, KVCache(k=k, v=v, valid=valid, index=index + t)
 
