@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import NamedTuple
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -33,8 +34,10 @@ _CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_co
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
 _CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)")
-_ROOT_LT = re.compile(r"^\s*ROOT\s+%?[\w.\-]+\s*=\s*pred\[\]\S*\s+compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),"
-                      r"\s*direction=LT")
+_ROOT_LT = re.compile(
+    r"^\s*ROOT\s+%?[\w.\-]+\s*=\s*pred\[\]\S*\s+compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),"
+    r"\s*direction=LT"
+)
 
 
 def _counted_loop(lines: list[str]) -> int | None:
@@ -162,7 +165,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def spaced_bytes(text: str) -> tuple[int, int]:
-    """(HBM bytes, on-chip bytes) of the array shapes written in `text`."""
+    """(HBM bytes, on-chip bytes) of the array shapes written in `text` (scalars live on chip)."""
     hbm = chip = 0
     for dtype, dims, space in _SPACED.findall(text):
         if dtype not in _BYTES:
@@ -170,7 +173,7 @@ def spaced_bytes(text: str) -> tuple[int, int]:
         n = _BYTES[dtype]
         for d in filter(None, dims.split(",")):
             n *= int(d)
-        if space and space != "0":
+        if (space and space != "0") or not dims:
             chip += n
         else:
             hbm += n
@@ -195,57 +198,74 @@ def _split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None
     return computations, entry
 
 
+class Traffic(NamedTuple):
+    """One top-level instruction of a compiled program and the bytes it moves per execution."""
+
+    computation: str
+    name: str
+    op: str
+    count: int  # executions per execution of the module (loop trip counts multiplied in)
+    hbm_bytes: int
+    chip_bytes: int  # operands/results in on-chip memory (VMEM, SMEM, sync flags)
+    source: str  # the JAX op it came from (metadata op_name), "" when the compiler made it
+
+
+def _instructions(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
+    """(name, result text, op, operand names, whole line) of each instruction of a computation."""
+    out = []
+    for line in lines:
+        m = _NAMED.match(line)
+        if m:
+            operands = re.findall(r"%([\w.\-]+)", _operands(line, m.end() - 1))
+            out.append((m.group("name"), m.group("result"), m.group("op"), operands, line))
+    return out
+
+
 def _fusion_access(
     computations: dict[str, list[str]], name: str, memo: dict[str, tuple[dict[int, int], dict[int, int]]]
 ) -> tuple[dict[int, int], dict[int, int]]:
-    """For a fused computation: {parameter index: HBM bytes read} for parameters only dynamic-sliced (here
-    or in a nested fusion), and {parameter index: bytes of the update} for parameters updated in place by
-    a dynamic-update-slice."""
+    """For a fused computation: {parameter index: bytes read} for parameters only sliced or gathered from
+    (here or in a nested fusion), and {parameter index: bytes of the update} for parameters a
+    dynamic-update-slice updates in place."""
     if name in memo:
         return memo[name]
     memo[name] = ({}, {})  # guards against a malformed, cyclic text
-    params: dict[str, int] = {}
-    shapes: dict[str, str] = {}
+    instructions = _instructions(computations.get(name, []))
+    shapes = {n: result for n, result, *_ in instructions}
+    params = {
+        n: int(re.search(r"parameter\((\d+)\)", line).group(1))
+        for n, _, op, _, line in instructions
+        if op == "parameter" and re.search(r"parameter\((\d+)\)", line)
+    }
     uses: dict[str, list[tuple[str, int, str, list[str], str]]] = defaultdict(list)
-    for line in computations.get(name, []):
-        m = _NAMED.match(line)
-        if not m:
-            continue
-        shapes[m.group("name")] = m.group("result")
-        if m.group("op") == "parameter":
-            idx = re.search(r"parameter\((\d+)\)", line)
-            params[m.group("name")] = int(idx.group(1)) if idx else -1
-            continue
-        names = re.findall(r"%([\w.\-]+)", _operands(line, m.end() - 1))
-        called = re.search(r"\bcalls=%?([\w.\-]+)", line)
-        for pos, operand in enumerate(names):
-            uses[operand].append((m.group("op"), pos, m.group("name"), names, called.group(1) if called else ""))
+    for n, _, op, operands, line in instructions:
+        callee = re.search(r"\bcalls=%?([\w.\-]+)", line)
+        for pos, operand in enumerate(operands):
+            uses[operand].append((op, pos, n, operands, callee.group(1) if callee else ""))
     sliced: dict[int, int] = {}
     in_place: dict[int, int] = {}
     for param, index in params.items():
         read = 0
         for op, pos, user, operands, callee in uses.get(param, []):
-            if op == "dynamic-slice" and pos == 0:  # the slice is read, wherever it is written
+            nested = _fusion_access(computations, callee, memo)[0] if op == "fusion" else {}
+            if op in ("dynamic-slice", "gather") and pos == 0:  # the slice is read, wherever it goes
                 read += sum(spaced_bytes(shapes[user]))
-            elif op == "fusion" and pos in _fusion_access(computations, callee, memo)[0]:
-                read += _fusion_access(computations, callee, memo)[0][pos]
+            elif pos in nested:
+                read += nested[pos]
+            elif op == "dynamic-update-slice" and pos == 0 and len(operands) > 1:
+                in_place[index] = sum(spaced_bytes(shapes.get(operands[1], "")))
             else:
                 read = -1
                 break
-        if uses.get(param) and read >= 0:
+        if uses.get(param) and read >= 0 and index not in in_place:
             sliced[index] = read
-        for op, pos, _, operands, _ in uses.get(param, []):
-            if op == "dynamic-update-slice" and pos == 0 and len(operands) > 1:
-                in_place[index] = sum(spaced_bytes(shapes.get(operands[1], "")))
     memo[name] = (sliced, in_place)
     return memo[name]
 
 
-def hbm_traffic(hlo_text: str, unbounded_loops_only: bool = False) -> list[dict[str, object]]:
-    """One row per top-level instruction that moves HBM bytes: {computation, name, op, count, hbm_bytes
-    (per execution of the instruction), chip_bytes, source (the JAX op it came from)}; `count` is how
-    often it runs per execution of the module (see `collective_bytes` for loops and
-    `unbounded_loops_only`)."""
+def hbm_traffic(hlo_text: str, unbounded_loops_only: bool = False) -> list[Traffic]:
+    """Every top-level instruction that moves HBM bytes, with how often it runs (see `collective_bytes` for
+    loops and `unbounded_loops_only`); sum `hbm_bytes * count` for a program's HBM traffic."""
     computations, entry = _split_computations(hlo_text)
     if entry is None:
         return []
@@ -253,47 +273,37 @@ def hbm_traffic(hlo_text: str, unbounded_loops_only: bool = False) -> list[dict[
     # Fused computations and reducers run inside their caller's kernel: their caller's line is the traffic.
     inner = set(re.findall(r"\bto_apply=%?([\w.\-]+)", hlo_text))
     inner |= set(re.findall(r"\sfusion\(.*?\bcalls=%?([\w.\-]+)", hlo_text))
-    fused_access: dict[str, tuple[dict[int, int], dict[int, int]]] = {}
-    rows: list[dict[str, object]] = []
+    memo: dict[str, tuple[dict[int, int], dict[int, int]]] = {}
+    rows: list[Traffic] = []
     for comp, lines in computations.items():
         if not counts.get(comp) or comp in inner:
             continue
-        shapes = {}
-        for line in lines:
-            m = _NAMED.match(line)
-            if m:
-                shapes[m.group("name")] = m.group("result")
-        for line in lines:
-            m = _NAMED.match(line)
-            if not m or m.group("op") in _NO_TRAFFIC or m.group("op").endswith("-done"):
+        instructions = _instructions(lines)
+        shapes = {n: result for n, result, *_ in instructions}
+        for name, result, op, operands, line in instructions:
+            if op in _NO_TRAFFIC or op.endswith("-done"):
                 continue
-            op = m.group("op")
-            names = re.findall(r"%([\w.\-]+)", _operands(line, m.end() - 1))
-            reads = [spaced_bytes(shapes.get(n, "")) for n in names]
-            out_hbm, out_chip = spaced_bytes(m.group("result"))
-            if op == "fusion":
-                called = re.search(r"\bcalls=%?([\w.\-]+)", line)
-                sliced, in_place = _fusion_access(computations, called.group(1), fused_access) if called else ({}, {})
-                for i, (hbm, chip) in enumerate(reads):
-                    if i in in_place:
-                        out_hbm -= min(hbm, out_hbm) if hbm else 0
-                        reads[i] = (in_place[i] if hbm else 0, 0 if hbm else in_place[i])
-                    elif i in sliced and hbm:
-                        reads[i] = (min(sliced[i], hbm), chip)
-                if in_place:
-                    out_hbm += sum(in_place.values())
-            if op == "dynamic-update-slice":  # in place: reads and writes the update alone
-                reads, out_hbm = reads[1:2], reads[1][0] if len(reads) > 1 else 0
-            if op == "dynamic-slice":  # reads the slice alone
-                reads = [(out_hbm, 0)]
+            reads = [spaced_bytes(shapes.get(n, "")) for n in operands]
+            out_hbm, out_chip = spaced_bytes(result)
+            callee = re.search(r"\bcalls=%?([\w.\-]+)", line)
+            sliced, in_place = (
+                _fusion_access(computations, callee.group(1), memo) if op == "fusion" and callee else ({}, {})
+            )
+            if op in ("dynamic-slice", "gather"):
+                sliced = {0: out_hbm + out_chip}
+            elif op == "dynamic-update-slice" and len(reads) > 1:
+                in_place = {0: sum(reads[1])}
+            for i, (hbm, chip) in enumerate(reads):
+                if i in in_place and hbm:  # updated where it lies: only the update is written, nothing read
+                    reads[i] = (0, chip)
+                    out_hbm = max(out_hbm - hbm, 0) + in_place[i]
+                elif i in sliced and hbm:
+                    reads[i] = (min(sliced[i], hbm), chip)
             if op.endswith("-start"):  # an async pair's -start returns its operands with its results
-                in_hbm = sum(r[0] for r in reads)
-                out_hbm = max(out_hbm - in_hbm, 0)
-            source = _OP_NAME.search(line)
-            rows.append({
-                "computation": comp, "name": m.group("name"), "op": op, "count": counts[comp],
-                "hbm_bytes": sum(r[0] for r in reads) + out_hbm,
-                "chip_bytes": sum(r[1] for r in reads) + out_chip,
-                "source": source.group(1) if source else "",
-            })
+                out_hbm = max(out_hbm - sum(r[0] for r in reads), 0)
+            moved = sum(r[0] for r in reads) + out_hbm
+            if moved:
+                source = _OP_NAME.search(line)
+                chip = sum(r[1] for r in reads) + out_chip
+                rows.append(Traffic(comp, name, op, counts[comp], moved, chip, source.group(1) if source else ""))
     return rows

@@ -249,7 +249,12 @@ def forward(
 
 
 def cached_attention(
-    q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mask: jax.Array, k: jax.Array, v: jax.Array,
+    q: jax.Array,
+    ck: jax.Array,
+    cv: jax.Array,
+    cache_mask: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     new_mask: jax.Array,
 ) -> jax.Array:
     """Grouped-query attention of T new tokens over the cache as it was before them plus themselves, as
@@ -276,8 +281,13 @@ def cached_attention(
 
 
 def _cached_forward(
-    params: Params, cfg: Qwen2Config, x: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-    cache: KVCache, dtype: Any,
+    params: Params,
+    cfg: Qwen2Config,
+    x: jax.Array,
+    positions: jax.Array,
+    attn_mask: jax.Array,
+    cache: KVCache,
+    dtype: Any,
 ) -> tuple[jax.Array, KVCache]:
     """The cached branch of `forward` (x: the embedded tokens [B, T, H] in `dtype`).
 
@@ -291,7 +301,9 @@ def _cached_forward(
     cache_mask = cache.valid & (slots < index)[None, :]  # [B, S]: the slots written before this call
     new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]  # [B, T, T]
 
-    def body(x: jax.Array, xs: tuple[Params, jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def body(
+        x: jax.Array, xs: tuple[Params, jax.Array, jax.Array]
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         p, ck, cv = xs
         q, k, v = _qkv(cfg, x, p, positions)
         k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)  # as read back from cache
