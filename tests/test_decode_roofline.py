@@ -150,7 +150,8 @@ TRAFFIC = """HloModule jit_step, entry_computation_layout={()->()}
   %p0 = bf16[36,16,1024]{2,1,0} parameter(0)
   %p1 = s32[] parameter(1)
   %z = s32[] constant(0)
-  %ds = bf16[1,16,1024]{2,1,0:T(8,128)(2,1)S(1)} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,16,1024}
+  %ds = bf16[1,16,1024]{2,1,0:T(8,128)(2,1)S(1)} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,16,\
+1024}
   ROOT %b = bf16[16,1024]{1,0:T(8,128)(2,1)S(1)} bitcast(%ds)
 }
 

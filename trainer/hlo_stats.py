@@ -305,5 +305,6 @@ def hbm_traffic(hlo_text: str, unbounded_loops_only: bool = False) -> list[Traff
             if moved:
                 source = _OP_NAME.search(line)
                 chip = sum(r[1] for r in reads) + out_chip
-                rows.append(Traffic(comp, name, op, counts[comp], moved, chip, source.group(1) if source else ""))
+                label = source.group(1) if source else ""
+                rows.append(Traffic(comp, name, op, counts[comp], moved, chip, label))
     return rows
