@@ -178,7 +178,11 @@ def decode_params(params: Params, dtype: Any, mesh: Mesh | None = None) -> Param
 
 
 def _emit(
-    state: _LoopState, logits: jax.Array, rng: jax.Array, stop_ids: jax.Array, pad_id: jax.Array,
+    state: _LoopState,
+    logits: jax.Array,
+    rng: jax.Array,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
     s: SamplingSettings,
 ) -> _LoopState:
     """Samples column `state.step` from `logits` and records it; finished rows get padding."""
@@ -224,10 +228,10 @@ def prefill(
     s = settings
     batch, prompt_len = prompt_tokens.shape
     steps = s.max_new_tokens
-    # The prompt runs against a cache of its own length (nothing earlier to attend to: its slots are all
-    # masked), which then grows to hold every new token but the last, sampled and never fed back. Built
-    # at full length, the prompt's attention would also score every empty slot of every row.
-    cache = _pin_cache(init_cache(cfg, batch, prompt_len, s.cache_dtype), mesh)
+    # The prompt runs against a cache of no slots (nothing earlier to attend to) and comes back with a cache
+    # of its own length, grown then to hold every new token but the last, sampled and never fed back.
+    # Built at full length, the prompt's attention would also score every empty slot of every row.
+    cache = init_cache(cfg, batch, 0, s.cache_dtype)
     positions = positions_from_mask(prompt_mask)
     hidden, cache = forward(params, cfg, prompt_tokens, positions, prompt_mask, cache, s.dtype)
     grow = ((0, 0), (0, 0), (0, steps - 1), (0, 0), (0, 0))
