@@ -112,9 +112,19 @@ def test_decode_step_entry_on_an_abstract_v6e_8(decode_report):
         max(step["flops"] / chip.peak_flops, step["hbm_bytes"] / chip.hbm_bytes_per_s)
         + step["collective_bytes"] / chip.ici_bytes_per_s,
     )
+    # The compiled text's own count, every loop trip counted, through the same formula.
+    assert step["hbm_bytes_counted"] > 0
+    assert math.isclose(
+        step["estimated_s_counted"],
+        max(step["flops"] / chip.peak_flops, step["hbm_bytes_counted"] / chip.hbm_bytes_per_s)
+        + step["collective_bytes"] / chip.ici_bytes_per_s,
+    )
     d = result["decode_estimate"]
     assert d["tokens"] == cfg.rollout.max_length_sample == 256
     assert math.isclose(d["rollout_s"], by_name["prefill"]["estimated_s"] + 256 * step["estimated_s"])
+    assert math.isclose(
+        d["rollout_s_counted"], by_name["prefill"]["estimated_s_counted"] + 256 * step["estimated_s_counted"]
+    )
 
 
 @pytest.mark.slow

@@ -227,9 +227,7 @@ def forward(
 
     Without a cache the T tokens attend causally to each other. With a cache they are written at slots
     [cache.index, cache.index + T) and attend to every valid earlier slot (prefill: T = prompt length;
-    decode: T = 1); a cache of no slots comes back holding just the T tokens (a prefill that attends to
-    nothing earlier and reads no empty slots). Returns the final-normed hidden states [B, T, H] in `dtype`
-    and the updated cache.
+    decode: T = 1). Returns the final-normed hidden states [B, T, H] in `dtype` and the updated cache.
     `remat=True` recomputes each layer's activations in the backward pass (training memory)."""
     t = tokens.shape[1]
     x = params["embed"]["embedding"][tokens].astype(dtype)
@@ -247,7 +245,32 @@ def forward(
         x, _ = jax.lax.scan(body, x, params["layers"])
         return rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps), None
 
-    return _cached_forward(params, cfg, x, positions, attn_mask, cache, dtype)
+    if t == 1:  # a decode step: each layer's cache read once (`_decode_forward`)
+        return _decode_forward(params, cfg, x, positions, attn_mask, cache, dtype)
+    index = cache.index
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
+    slots = jnp.arange(valid.shape[1])
+    mask = (slots[None, :] <= (index + jnp.arange(t))[:, None])[None] & valid[:, None, :]  # [B, T, S]
+
+    # The whole cache rides in the scan carry and each layer writes only its T new slots in place;
+    # emitting per-layer caches as scan outputs would copy the entire cache on every decode step.
+    def cached_body(
+        carry: tuple[jax.Array, ...], xs: tuple[Params, jax.Array]
+    ) -> tuple[tuple[jax.Array, ...], None]:
+        x, ck, cv = carry
+        p, layer = xs
+        q, k, v = _qkv(cfg, x, p, positions)
+        at = (layer, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+        layer_k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
+        layer_v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
+        return (_attn_out_and_mlp(cfg, x, p, attention(q, layer_k, layer_v, mask)), ck, cv), None
+
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["layers"], layers))
+    hidden = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
+    return hidden, KVCache(k=k, v=v, valid=valid, index=index + t)
 
 
 def cached_attention(
@@ -266,29 +289,23 @@ def cached_attention(
     The new tokens' keys/values are attended separately rather than written into the cache first: a
     decode step then reads each layer's cache exactly once and writes only its new slot afterwards."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv = ck.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, d)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    key_sets = [(ck, cv, cache_mask[:, None, None, None, :]), (k, v, new_mask[:, None, None])]
-    key_sets = [s for s in key_sets if s[0].shape[1]]  # a cache of no slots (a prefill): nothing to read
-    scores = [
-        jnp.where(mask, jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale,
-                  _MASK_VALUE)
-        for keys, _, mask in key_sets
-    ]  # fmt: skip
-    top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores])
-    probs = [jnp.exp(x - top) for x in scores]
-    total = sum(jnp.sum(p, axis=-1, keepdims=True) for p in probs)
-    out = sum(
-        jnp.einsum(
-            "bkgts,bskd->btkgd", (p / total).astype(values.dtype), values, preferred_element_type=jnp.float32
-        )
-        for p, (_, values, _) in zip(probs, key_sets, strict=True)
-    )
+    old = jnp.einsum("btkgd,bskd->bkgts", q, ck, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(cache_mask[:, None, None, None, :], old, _MASK_VALUE)
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    new = jnp.where(new_mask[:, None, None], new, _MASK_VALUE)
+    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), jnp.max(new, axis=-1, keepdims=True))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)
+    total = jnp.sum(old, axis=-1, keepdims=True) + jnp.sum(new, axis=-1, keepdims=True)
+    old, new = (old / total).astype(cv.dtype), (new / total).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", old, cv, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", new, v, preferred_element_type=jnp.float32)
     return out.astype(v.dtype).reshape(b, t, hq * d)
 
 
-def _cached_forward(
+def _decode_forward(
     params: Params,
     cfg: Qwen2Config,
     x: jax.Array,
@@ -297,7 +314,8 @@ def _cached_forward(
     cache: KVCache,
     dtype: Any,
 ) -> tuple[jax.Array, KVCache]:
-    """The cached branch of `forward` (x: the embedded tokens [B, T, H] in `dtype`).
+    """The cached branch of `forward` for a decode step (x: the embedded tokens [B, T, H] in `dtype`; any T
+    works, but a prefill (T = prompt length) compiles to a better-sharded program on the carried cache).
 
     Each layer's cache slice is a scan input, read once by `cached_attention`; the layers emit only their
     T new keys/values, written into the cache in one update after the scan (in place when the cache
@@ -319,13 +337,10 @@ def _cached_forward(
         return _attn_out_and_mlp(cfg, x, p, attn), (k.astype(ck.dtype), v.astype(cv.dtype))
 
     x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
-    if cache.k.shape[2] == 0:  # a cache of no slots becomes the new tokens' (see `forward`)
-        k, v, valid = new_k, new_v, attn_mask
-    else:
-        at = (0, 0, index, 0, 0)
-        k = jax.lax.dynamic_update_slice(cache.k, new_k, at)
-        v = jax.lax.dynamic_update_slice(cache.v, new_v, at)
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
+    at = (0, 0, index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache.k, new_k, at)
+    v = jax.lax.dynamic_update_slice(cache.v, new_v, at)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
     hidden = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     return hidden, KVCache(k=k, v=v, valid=valid, index=index + t)
 

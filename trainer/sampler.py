@@ -178,11 +178,7 @@ def decode_params(params: Params, dtype: Any, mesh: Mesh | None = None) -> Param
 
 
 def _emit(
-    state: _LoopState,
-    logits: jax.Array,
-    rng: jax.Array,
-    stop_ids: jax.Array,
-    pad_id: jax.Array,
+    state: _LoopState, logits: jax.Array, rng: jax.Array, stop_ids: jax.Array, pad_id: jax.Array,
     s: SamplingSettings,
 ) -> _LoopState:
     """Samples column `state.step` from `logits` and records it; finished rows get padding."""
@@ -201,16 +197,6 @@ def _emit(
     return state._replace(step=col + 1, last_token=token, position=state.position + 1, done=done, out=out)
 
 
-def _pin_cache(cache: Any, mesh: Mesh | None) -> Any:
-    """The KV cache split over the batch (its axis 1), so GSPMD never gathers or replicates it."""
-    if mesh is None:
-        return cache
-    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-    return cache._replace(
-        k=jax.lax.with_sharding_constraint(cache.k, kv), v=jax.lax.with_sharding_constraint(cache.v, kv)
-    )
-
-
 def prefill(
     params: Params,
     cfg: Qwen2Config,
@@ -224,23 +210,19 @@ def prefill(
 ) -> _LoopState:
     """The whole (bucketed) prompt at once, then the first sampled column: the decode loop's first state.
 
+    The cache holds the prompt and every new token but the last, which is sampled and never fed back.
     `params` are already `decode_params`. The preflight compiles this very function."""
     s = settings
     batch, prompt_len = prompt_tokens.shape
     steps = s.max_new_tokens
-    # The prompt runs against a cache of no slots (nothing earlier to attend to) and comes back with a cache
-    # of its own length, grown then to hold every new token but the last, sampled and never fed back.
-    # Built at full length, the prompt's attention would also score every empty slot of every row.
-    cache = init_cache(cfg, batch, 0, s.cache_dtype)
+    cache = init_cache(cfg, batch, prompt_len + steps - 1, s.cache_dtype)
+    if mesh is not None:  # pin the cache to the batch split so GSPMD never gathers or replicates it
+        kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+        cache = cache._replace(
+            k=jax.lax.with_sharding_constraint(cache.k, kv), v=jax.lax.with_sharding_constraint(cache.v, kv)
+        )
     positions = positions_from_mask(prompt_mask)
     hidden, cache = forward(params, cfg, prompt_tokens, positions, prompt_mask, cache, s.dtype)
-    grow = ((0, 0), (0, 0), (0, steps - 1), (0, 0), (0, 0))
-    cache = _pin_cache(
-        cache._replace(
-            k=jnp.pad(cache.k, grow), v=jnp.pad(cache.v, grow), valid=jnp.pad(cache.valid, grow[1:3])
-        ),
-        mesh,
-    )
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
