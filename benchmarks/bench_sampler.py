@@ -109,7 +109,7 @@ def main() -> None:
         ),
         "cache+while": lambda: generate(
             params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=steps, temperature=0.0,
-            dtype=dtype, cache_dtype=dtype, prompt_bucket_min=args.prompt_len,
+            dtype=dtype, cache_dtype=dtype, prompt_bucket=args.prompt_len,
         ).completion,
     }  # fmt: skip
     outputs = {name: np.asarray(jax.block_until_ready(run())) for name, run in runners.items()}  # warm-up

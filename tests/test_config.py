@@ -145,15 +145,12 @@ def test_cli_rejects_bad_config_with_one_line_and_exit_2(args, needle, tmp_path)
     assert not (ROOT / "X").exists()
 
 
-def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
+def _leaf_keys(cls: type[C.Section], prefix: str = "") -> list[str]:
     out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        out += _leaf_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    for name, field in cls.model_fields.items():
+        tp = field.annotation
+        nested = isinstance(tp, type) and issubclass(tp, C.Section)
+        out += _leaf_keys(tp, f"{prefix}{name}.") if nested else [prefix + name]
     return out
 
 
@@ -161,3 +158,22 @@ def test_every_key_is_documented():
     doc = (ROOT / "docs" / "trainer-config.md").read_text()
     missing = [k for k in _leaf_keys(C.Config) if f"`{k}`" not in doc and f"`{k.split('.')[-1]}`" not in doc]
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_the_rollout_keys_reach_the_sampler_as_one_settings_object():
+    """Config -> programs.rollout_settings -> the SamplingSettings the sampler runs, each key with its own
+    value; the sweep differs only by greedy decoding; and the sampler's defaults are the config's."""
+    import jax.numpy as jnp
+
+    from trainer import programs
+    from trainer.sampler import SamplingSettings
+
+    sets = ["rollout.max_length_sample=33", "rollout.global_length=65", "rollout.temperature=0.5",
+            "rollout.top_k=7", "rollout.top_p=0.9", "compute_dtype=float32"]
+    s = programs.rollout_settings(C.load(None, sets, environ={}))
+    assert (s.max_new_tokens, s.prompt_bucket, s.temperature, s.top_k, s.top_p) == (33, 65, 0.5, 7, 0.9)
+    assert s.dtype == s.cache_dtype == jnp.float32
+    greedy = programs.sweep_settings(C.load(None, sets, environ={}))
+    assert (greedy.temperature, greedy.top_k, greedy.top_p) == (0.0, 0, 1.0)
+    assert (greedy.max_new_tokens, greedy.prompt_bucket, greedy.dtype) == (33, 65, jnp.float32)
+    assert programs.rollout_settings(C.load(None, environ={})) == SamplingSettings()

@@ -229,3 +229,29 @@ def test_f32_greedy_decode_equals_transformers_generate(hf_pair):
     assert ref_tokens.shape == (len(PROMPTS), 20)
     np.testing.assert_array_equal(np.asarray(out.completion), ref_tokens.numpy())
     np.testing.assert_allclose(np.asarray(out.full_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_the_params_dict_is_the_nnx_modules_state_and_every_axis_is_named(tie):
+    """The dict the trainer holds round-trips through the NNX modules (nnx.merge -> nnx.state), and the
+    sharding metadata names every axis of every leaf (sharding.py reads nothing else)."""
+    from flax import nnx
+
+    from trainer.model import DecoderLayer, Qwen2, module, param_axes
+
+    cfg = Qwen2Config.tiny(tie_word_embeddings=tie)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))  # structure only: no compile
+    model = module(params, cfg)
+    assert isinstance(model, Qwen2) and isinstance(model.layers, DecoderLayer)
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert state["layers"]["attn"]["q"]["kernel"] is params["layers"]["q"]["kernel"]
+    assert state["layers"]["mlp"]["down"]["kernel"] is params["layers"]["down"]["kernel"]
+    axes = param_axes(cfg)
+    assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple))
+    for (path, leaf), names in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
+        strict=True,
+    ):
+        assert len(names) == leaf.ndim, path
+        assert (names[0] == "layers") == (path[0].key == "layers"), path

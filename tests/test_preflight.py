@@ -185,4 +185,4 @@ def test_the_sampler_pins_its_kv_cache_to_the_mesh(monkeypatch):
     with pytest.raises(Seen):
         sampler.sample(None, [problem], 8, jax.random.key(0), programs.rollout_settings(cfg))
     assert seen["mesh"] is mesh
-    assert seen["settings"] == programs.rollout_settings(cfg).settings()
+    assert seen["settings"] == programs.rollout_settings(cfg)

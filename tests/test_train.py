@@ -7,7 +7,6 @@ extra run costs only its steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -21,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grpoctl_contract import progress as progress_contract
+from grpoctl_contract.rundir import SOP_KEYS
 from trainer import config as C
 from trainer import grpo, sharding
-from trainer.metrics import SOP_KEYS
 from trainer.model import Qwen2Config, init_params
 from trainer.train import Stopped, run, setup
 
@@ -77,8 +77,9 @@ def test_tiny_config_learns_the_answer_layout(tmp_path, seed):
 def test_a_sign_error_fails_the_learning_criterion(tmp_path):
     """The same run with the update's sign flipped (ascending the loss) must not pass the bar above."""
     cfg = tiny(*FROM_SCRATCH, f"steps={LEARN_STEPS}")
-    flipped = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=-cfg.optimizer.lr,
-                                                                     end_lr=-cfg.optimizer.end_lr))
+    # model_copy skips validation on purpose: a negative learning rate is no config a user may write
+    optimizer = cfg.optimizer.model_copy(update={"lr": -cfg.optimizer.lr, "end_lr": -cfg.optimizer.end_lr})
+    flipped = cfg.model_copy(update={"optimizer": optimizer})
     run(flipped, tmp_path)
     total = rewards(tmp_path)
     assert total[-10:].mean() - total[:10].mean() < MIN_GAIN / 2
@@ -218,17 +219,23 @@ def _run_together(commands, cwd: Path, timeout: float) -> list[tuple[str, str]]:
 @pytest.mark.slow
 def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     """`python -m trainer --config configs/tiny_cpu.yaml --run-dir DIR` as two JAX processes (what two TPU
-    hosts do): jax.distributed, one global batch over both, process 0 alone logs and writes the files."""
+    hosts do): jax.distributed, one global batch over both, process 0 alone logs and writes the files.
+    The worker's `.env` (what `grpoctl env push` writes) holds a secret and the seed's env flags: it is
+    read before the config is built, so its EVAL_FULL_SWEEP=1 wins over `eval_full_sweep=false`."""
     run_dir = tmp_path / "runs" / "r1"
     secret = "sk-test-DO-NOT-PRINT-0123456789"
-    (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRINT_TRAIN_TIME_BREAKDOWN": "1", "WANDB_MODE": "offline",
+    (tmp_path / ".env").write_text(
+        f"WANDB_API_KEY={secret}\nEVAL_FULL_SWEEP=1\nPRINT_TRAIN_TIME_BREAKDOWN=1\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
            "XLA_FLAGS": "", "GRPOCTL_NUM_PROCESSES": "2",  # the trainer picks gloo itself
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}"}
-    env.pop("WANDB_API_KEY", None)
+    for key in ("WANDB_API_KEY", "EVAL_FULL_SWEEP", "PRINT_TRAIN_TIME_BREAKDOWN"):  # from .env alone
+        env.pop(key, None)
     args = [
         sys.executable, "-m", "trainer", "--config", str(TINY), "--run-dir", str(run_dir),
-        "--set", "steps=3", "--set", "eval_every_steps=2", "--set", "eval_full_limit=16",
+        "--set", "eval_full_sweep=false", "--set", "steps=3", "--set", "eval_every_steps=2",
+        "--set", "eval_full_limit=16",
         "--set", "eval_full_batch_size=16", "--set", "checkpoint.every_steps=0", "--set", "mesh_shape=auto",
         "--set", "warm_start.steps=2", "--set", "warm_start.batch_size=4",  # each process packs its 2 rows
     ]
@@ -236,7 +243,7 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
         [(args, {**env, "GRPOCTL_PROCESS_ID": str(i)}) for i in range(2)], cwd=tmp_path, timeout=400
     )
     stdout = outputs[0][0]
-    assert '{"event": ' not in outputs[1][0]  # only process 0 reports
+    assert progress_contract.PREFIX not in outputs[1][0]  # only process 0 reports
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in (*SOP_KEYS, "run_id", "config_hash", "git_commit", "steps"):
@@ -245,7 +252,8 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     assert summary["warm_start/loss"] > 0 and summary["time/warm_start_s"] > 0
     assert len(summary["git_commit"]) == 40  # the checkout's commit, though the cwd is elsewhere
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["print_time_breakdown"] is True and cfg["steps"] == 3  # env flag and overrides recorded
+    assert cfg["print_time_breakdown"] is True and cfg["steps"] == 3  # .env flag and overrides recorded
+    assert cfg["eval_full_sweep"] is True  # EVAL_FULL_SWEEP=1 in .env, over --set eval_full_sweep=false
     assert summary["config_hash"] == C.config_hash(C.from_dict(cfg))
 
     sweep = [json.loads(line) for line in (run_dir / "eval_full.jsonl").read_text().splitlines()]
@@ -255,7 +263,7 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     assert [r["id"] for r in start] == [r["id"] for r in sweep]  # eval_full_at_start is on by default
     assert summary["eval_full_start/accuracy"] == pytest.approx(np.mean([r["correct"] for r in start]))
 
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": ')]
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith(progress_contract.PREFIX)]
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3] and all(e["total"] == 3 for e in progress)
     assert "train/reward/total/mean" in progress[0]["metrics"]

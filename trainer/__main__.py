@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imports after argument parsing: `--help` and config errors stay fast and never touch jax.
-    from trainer.config import ConfigError, load
+    from trainer.config import ConfigError, load, load_dotenv
 
     try:
+        load_dotenv()  # first: the env flags in the worker's .env are part of the config
         cfg = load(args.config, args.overrides)
     except ConfigError as err:
         print(str(err), file=sys.stderr, flush=True)

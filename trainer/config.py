@@ -1,14 +1,15 @@
 """The trainer's configuration: every key declared once here, typed, defaulted and validated.
 
 A run's config is: defaults <- YAML file <- `--set key=value` overrides <- the seed's env flags
-(`EVAL_FULL_SWEEP=1`, `PRINT_TRAIN_TIME_BREAKDOWN=1`). Unknown keys and bad values raise `ConfigError`
-naming the dotted key; `python -m trainer` turns that into one line on stderr and exit code 2.
-docs/trainer-config.md documents every key.
+(`EVAL_FULL_SWEEP=1`, `PRINT_TRAIN_TIME_BREAKDOWN=1`), read from the environment AFTER the worker's
+`.env` was loaded into it (`load_dotenv`, which `python -m trainer` calls first). Types are checked by
+pydantic (strict: 1.5 is no integer, "yes" no boolean), bounds by `Field`, the rest by `validate`. Unknown
+keys and bad values raise `ConfigError` naming the dotted key; `python -m trainer` turns that into one
+line on stderr and exit code 2. docs/trainer-config.md documents every key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -16,12 +17,13 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from grpoctl_contract import envfile
 from grpoctl_contract.envflags import ENV_FLAGS  # the seed's env flags -> the config keys they set
 
 PolicyLossImpl = Literal["jax", "chunked", "pallas"]
@@ -40,236 +42,218 @@ class ConfigError(Exception):
         self.key = key
 
 
-@dataclass(frozen=True)
-class RolloutConfig:
+def _number_from_text(value: Any) -> Any:
+    """PyYAML reads 1e-6 (no dot) as text: a finite number written as text is that number; anything else
+    is left for the strict float check to reject with the key's name."""
+    if isinstance(value, str):
+        try:
+            parsed = float(value)
+        except ValueError:
+            return value
+        return parsed if math.isfinite(parsed) else value
+    return value
+
+
+# A float key: strict (no bools, no free text), ints widened, YAML's dotless exponents read as numbers.
+Number = Annotated[float, BeforeValidator(_number_from_text)]
+
+
+class Section(BaseModel):
+    """A block of keys: typed strictly (1.5 is no int, "yes" no bool), unknown keys refused, immutable
+    and hashable (optimizer_for caches on its section)."""
+
+    # protected_namespaces: `model_path` and `model_init` are keys here, not pydantic's model_* API
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, protected_namespaces=())
+
+
+class RolloutConfig(Section):
     backend: Literal["naive"] = "naive"  # the jitted KV-cache sampler (trainer/sampler.py)
-    batch_size: int = 16  # prompts per step, global (all processes)
-    n: int = 8  # completions per prompt (the GRPO group)
-    global_length: int = 512  # prompt bucket: prompts are left-padded to a multiple of this
-    max_length_sample: int = 1024  # decode budget (new tokens per completion)
-    temperature: float = 1.0
-    top_k: int = 50  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
+    batch_size: int = Field(16, gt=0)  # prompts per step, global (all processes)
+    n: int = Field(8, gt=0)  # completions per prompt (the GRPO group)
+    global_length: int = Field(512, gt=0)  # prompt bucket: prompts are left-padded to a power of 2 >= this
+    max_length_sample: int = Field(1024, gt=0)  # decode budget (new tokens per completion)
+    temperature: Number = Field(1.0, ge=0)  # and > 0 (validate): only the full sweep decodes greedily
+    top_k: int = Field(50, ge=0)  # 0 = off
+    top_p: Number = 1.0  # 1.0 = off
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    micro_batch_size: int | None = None  # sequences per micro-batch, global
-    micro_batch_size_per_device: int | None = None  # wins over micro_batch_size when set
-    ppo_epochs: int = 1  # optimizer steps per rollout; old log-probs are kept across them
-    beta: float = 0.0  # KL (k3) weight against the frozen initial policy; 0 loads no reference model
+class TrainConfig(Section):
+    micro_batch_size: int | None = Field(None, gt=0)  # sequences per micro-batch, global
+    micro_batch_size_per_device: int | None = Field(None, gt=0)  # wins over micro_batch_size when set
+    ppo_epochs: int = Field(1, gt=0)  # optimizer steps per rollout; old log-probs are kept across them
+    beta: Number = Field(0.0, ge=0)  # KL (k3) weight against the frozen initial policy; 0 loads no reference
     policy_loss_impl: PolicyLossImpl = "jax"  # per-token log-prob provider (trainer/kernels)
-    kernel_blocks: dict[str, int] = field(default_factory=dict)  # passed to token_logprobs(**blocks)
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.3
+    kernel_blocks: dict[str, int] = {}  # passed to token_logprobs(**blocks)
+    clip_eps_low: Number = Field(0.2, ge=0)
+    clip_eps_high: Number = Field(0.3, ge=0)
     loss_aggregation: LossAggregation = "token_mean"
     advantage_scaling: AdvantageScaling = "group"
-    seq_bucket: int = 128  # training tensors are trimmed to a multiple of this above the longest sequence
+    seq_bucket: int = Field(128, gt=0)  # training tensors are trimmed to a multiple of this above the longest
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(Section):
     name: Literal["lion", "adamw"] = "lion"
-    lr: float = 1e-6  # peak learning rate
-    warmup_frac: float = 0.05  # linear warmup over this fraction of the optimizer steps
-    end_lr: float = 0.0  # cosine decay ends here
-    weight_decay: float = 1e-8
-    clip_norm: float = 1.0  # clip by global norm; 0 = off
-    b1: float = 0.9
-    b2: float = 0.99  # lion's default; AdamW users usually want 0.999
+    lr: Number = Field(1e-6, gt=0)  # peak learning rate
+    warmup_frac: Number = 0.05  # linear warmup over this fraction of the optimizer steps
+    end_lr: Number = Field(0.0, ge=0)  # cosine decay ends here
+    weight_decay: Number = Field(1e-8, ge=0)
+    clip_norm: Number = Field(1.0, ge=0)  # clip by global norm; 0 = off
+    b1: Number = 0.9
+    b2: Number = 0.99  # lion's default; AdamW users usually want 0.999
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     # "openai/gsm8k" (hub, config main), "builtin" (offline generator), or a local .jsonl/.parquet file,
     # a folder holding <split>.jsonl, or a path containing "{split}" (see trainer/data.py).
     source: str = "openai/gsm8k"
     train_split: str = "train"
-    train_size: int | None = None  # truncate the train split (builtin: how many to generate)
+    train_size: int | None = Field(None, gt=0)  # truncate the train split (builtin: how many to generate)
     difficulty: int = 1  # builtin generator level, 1 (one single-digit + or -) to 4
 
 
-@dataclass(frozen=True)
-class TinyModelConfig:
-    """The architecture used when `model_init: random` (vocab size comes from the tokenizer)."""
+class TinyModelConfig(Section):
+    """The architecture used when `model_init: random` (vocab size comes from the tokenizer). The keys are
+    Hugging Face config.json keys: the model config is built from them by the constructor that reads a
+    pretrained model's config.json (Qwen2Config.from_hf)."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
     tie_word_embeddings: bool = True
-    rope_theta: float = 1e6
+    rope_theta: Number = Field(1e6, gt=0)
 
 
-@dataclass(frozen=True)
-class WarmStartConfig:
+class WarmStartConfig(Section):
     """Supervised steps on ideal completions before GRPO (random init only; trainer/warm_start.py)."""
 
-    steps: int = 0  # 0 = off
-    lr: float = 3e-3  # peak AdamW learning rate, cosine decay to 0
-    batch_size: int = 32  # examples per step, global
+    steps: int = Field(0, ge=0)  # 0 = off
+    lr: Number = Field(3e-3, gt=0)  # peak AdamW learning rate, cosine decay to 0
+    batch_size: int = Field(32, gt=0)  # examples per step, global
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     dir: str | None = None  # local folder or gs://...; default <run_dir>/checkpoints
-    every_steps: int = 0  # also save every N steps (0 = only at the end)
-    keep: int = 2  # checkpoints kept
+    every_steps: int = Field(0, ge=0)  # also save every N steps (0 = only at the end)
+    keep: int = Field(2, gt=0)  # checkpoints kept
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Section):
     model_path: str = "Qwen/Qwen2.5-3B-Instruct"  # hub id or local folder (HF safetensors)
     model_init: Literal["pretrained", "random"] = "pretrained"
-    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tiny_model: TinyModelConfig = TinyModelConfig()
     tokenizer_path: str | None = None  # default: model_path; "tiny": the project's offline tokenizer
     param_dtype: DType = "float32"
     compute_dtype: DType = "bfloat16"
-    steps: int = 100
+    steps: int = Field(100, gt=0)
     seed: int = 0
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = RolloutConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
     mesh_shape: str = "auto"  # "auto" (dp over hosts, fsdp over local chips) or "dp,fsdp,tp"
     wandb_project: str = "grpoctl"
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     wandb_name: str | None = None
-    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.5])  # correct, format, tags
+    reward_weights: list[Number] = [1.0, 0.5, 0.5]  # correct, format, tags
     reward_grader: Literal["strict", "lenient"] = "strict"  # correctness grader (trainer/rewards.py)
-    baseline_every_steps: int = 0  # every N steps also score the frozen start policy on the step's prompts
-    eval_every_steps: int = 10  # 0 = no periodic eval
-    eval_batches_per_process: int = 1  # periodic eval: batches of rollout.batch_size prompts x n
+    baseline_every_steps: int = Field(0, ge=0)  # every N steps also score the frozen start policy
+    eval_every_steps: int = Field(10, ge=0)  # 0 = no periodic eval
+    eval_batches_per_process: int = Field(1, gt=0)  # periodic eval: batches of rollout.batch_size x n
     eval_split: str = "test"
     eval_full_sweep: bool = False  # greedy pass@1 over the whole eval split after training
     eval_full_at_start: bool = True  # with eval_full_sweep: the same sweep before the first GRPO step
-    eval_full_limit: int = 0  # questions in the full sweep (0 = the whole split)
-    eval_full_batch_size: int = 64  # prompts per greedy batch in the full sweep
+    eval_full_limit: int = Field(0, ge=0)  # questions in the full sweep (0 = the whole split)
+    eval_full_batch_size: int = Field(64, gt=0)  # prompts per greedy batch in the full sweep
     print_time_breakdown: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Building a Config from plain data, with the key named on every error.
+# Building a Config from plain data: pydantic checks it, and its first error becomes one line naming the
+# dotted key in the words the trainer always used ("expected a number, got 'high'").
+
+
+def _unwrap(tp: Any) -> Any:
+    """`X | None` -> X and Annotated[X, ...] -> X: the type a value's message talks about."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(inner) != 1:
+                return tp
+            tp = inner[0]
+        else:
+            return tp
 
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, type):
-        return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-            tp, tp.__name__
-        )
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        return names.get(tp, tp.__name__)
     return str(tp).replace("typing.", "")
 
 
-def _float_or_none(text: str) -> float | None:
+def _located(loc: tuple[str | int, ...]) -> tuple[str, Any, Any]:
+    """(dotted key, the annotation at `loc` or None for an unknown key, the section that holds it)."""
+    key, tp, parent = "", Config, Config
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(part, int):
+            key, tp = f"{key}[{part}]", typing.get_args(tp)[0]
+            continue
+        key = f"{key}.{part}" if key else part
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            parent, field = tp, tp.model_fields.get(part)
+            tp = field.annotation if field is not None else None
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            tp = None
+    return key, (None if tp is None else _unwrap(tp)), parent
+
+
+def _problem(error: Mapping[str, Any], tp: Any, parent: Any) -> str:
+    kind, got = error["type"], error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"unknown key (known: {', '.join(sorted(parent.model_fields))})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        ops = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+        op = ops[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound:g}, got {got}"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return f"expected a mapping of {tp.__name__} keys, got {got!r}"
+    if typing.get_origin(tp) is Literal:
+        return f"expected one of {_type_name(tp)}, got {got!r}"
+    if typing.get_origin(tp) is list:
+        return f"expected a list, got {got!r}"
+    if typing.get_origin(tp) is dict:
+        return f"expected a mapping, got {got!r}"
+    if tp is None:
+        return str(error.get("msg", "invalid value"))
+    return f"expected {_type_name(tp)}, got {got!r}"
+
+
+def _build(data: Mapping[str, Any]) -> Config:
     try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints widened to float where asked)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _coerce(a, value, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"expected one of {_type_name(tp)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is list:
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as text
-        parsed = _float_or_none(value)
-        if parsed is None:
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        value = parsed
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-    )
-    if not ok:
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"{prefix}{k}", f"unknown key (known: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()})
+        return Config.model_validate(dict(data))
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        key, tp, parent = _located(tuple(first["loc"]))
+        raise ConfigError(key or "config", _problem(first, tp, parent)) from None
 
 
 def validate(cfg: Config) -> Config:
-    """Range and consistency checks that types alone cannot express."""
-    positive = {
-        "steps": cfg.steps,
-        "rollout.batch_size": cfg.rollout.batch_size,
-        "rollout.n": cfg.rollout.n,
-        "rollout.global_length": cfg.rollout.global_length,
-        "rollout.max_length_sample": cfg.rollout.max_length_sample,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.micro_batch_size_per_device": cfg.train.micro_batch_size_per_device,
-        "train.ppo_epochs": cfg.train.ppo_epochs,
-        "train.seq_bucket": cfg.train.seq_bucket,
-        "optimizer.lr": cfg.optimizer.lr,
-        "eval_batches_per_process": cfg.eval_batches_per_process,
-        "eval_full_batch_size": cfg.eval_full_batch_size,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "data.train_size": cfg.data.train_size,
-        "warm_start.lr": cfg.warm_start.lr,
-        "warm_start.batch_size": cfg.warm_start.batch_size,
-    }
-    for key, v in positive.items():
-        if v is not None and v <= 0:
-            raise ConfigError(key, f"must be > 0, got {v}")
-    non_negative = {
-        "train.beta": cfg.train.beta,
-        "train.clip_eps_low": cfg.train.clip_eps_low,
-        "train.clip_eps_high": cfg.train.clip_eps_high,
-        "rollout.temperature": cfg.rollout.temperature,
-        "rollout.top_k": cfg.rollout.top_k,
-        "optimizer.end_lr": cfg.optimizer.end_lr,
-        "optimizer.weight_decay": cfg.optimizer.weight_decay,
-        "optimizer.clip_norm": cfg.optimizer.clip_norm,
-        "eval_every_steps": cfg.eval_every_steps,
-        "eval_full_limit": cfg.eval_full_limit,
-        "baseline_every_steps": cfg.baseline_every_steps,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "warm_start.steps": cfg.warm_start.steps,
-    }
-    for key, v in non_negative.items():
-        if v < 0:
-            raise ConfigError(key, f"must be >= 0, got {v}")
+    """Consistency checks across keys, and ranges whose message says more than a bound."""
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError("rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.rollout.temperature == 0.0:
@@ -304,11 +288,12 @@ def validate(cfg: Config) -> Config:
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:
-    return validate(_build(Config, data))
+    return validate(_build(data))
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain data (config.json, the W&B run config, the hash)."""
+    return cfg.model_dump(mode="python")
 
 
 def config_hash(cfg: Config) -> str:
@@ -354,6 +339,24 @@ def apply_env_flags(data: dict[str, Any], environ: Mapping[str, str]) -> dict[st
         if environ.get(env, "").strip().lower() in ("1", "true", "yes"):
             out[key] = True
     return out
+
+
+def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
+    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values).
+
+    Called before the config is built: the env flags a `.env` holds (EVAL_FULL_SWEEP=1) must count, and
+    its secrets (WANDB_API_KEY, HF_TOKEN) only ever reach the environment, never the config. Parsed by
+    grpoctl_contract.envfile, the parser `grpoctl env push` verified the file with."""
+    try:
+        values = envfile.read(path)
+    except envfile.EnvFileError as err:
+        raise ConfigError("env", str(err)) from None
+    names = []
+    for key, value in values.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            names.append(key)
+    return names
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

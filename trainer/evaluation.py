@@ -31,7 +31,8 @@ from trainer.rewards import (
     numbers_match,
     score_completions,
 )
-from trainer.rollout import Sampler, SamplingConfig, global_concat
+from trainer.rollout import Sampler, global_concat
+from trainer.sampler import SamplingSettings
 
 OnBatch = Callable[[int, int], None]  # (batches done, batches in all): trainer/progress.py's advance
 
@@ -44,7 +45,7 @@ def periodic_eval(
     batch_size: int,
     batches: int,
     n: int,
-    settings: SamplingConfig,
+    settings: SamplingSettings,
     weights: RewardWeights,
     rng: jax.Array,
     grader: Grader = "strict",
@@ -85,19 +86,17 @@ def full_sweep(
     problems: Sequence[Problem],
     *,
     batch_size: int,
-    max_new_tokens: int,
-    prompt_bucket: int,
-    dtype: Any,
+    settings: SamplingSettings,
     out_path: Path | None,
     grader: Grader = "strict",
     prefix: str = "eval_full",
     on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
-    """Greedy pass@1 over `problems`; writes eval_full.jsonl to `out_path` (process 0 passes a path).
+    """Pass@1 over `problems` with `settings` (programs.sweep_settings: greedy); writes eval_full.jsonl to
+    `out_path` (process 0 passes a path).
     Metric names start with `prefix` (eval_full, or eval_full_start for the sweep before training).
     `on_batch(k, n)` hears that k of the n batches are done (k=0 before the first)."""
     t0 = time.perf_counter()
-    settings = SamplingConfig.greedy(max_new_tokens, prompt_bucket, dtype)
     correct, predictions = [], []
     rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
     starts = range(0, len(problems), batch_size)

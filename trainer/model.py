@@ -1,10 +1,16 @@
-"""Qwen2 decoder in plain JAX over a nested-dict params pytree.
+"""Qwen2 decoder as Flax NNX modules, driven through a plain nested-dict params pytree.
 
-Pure functions, no module objects: `forward(params, cfg, ...)` is what training and sampling call, so the
-params pytree is the only state and is easy to shard (trainer/sharding.py) and checkpoint (orbax).
+The modules (`Attention`, `MLP`, `DecoderLayer`, `Qwen2`) hold the weights and the math. The rest of the
+trainer (sampler, loss kernels, optimizer, checkpoints, HF loader, sharding) works on the state pytree as a
+pure dict, so the jit boundaries are `nnx.split` / `nnx.merge`: `forward(params, cfg, ...)` merges the
+module graph with `params` inside the trace and calls it; `init_params` builds the modules and returns
+their state as that dict. Nothing outside this file handles module objects.
 
-Layers are stacked on a leading axis and run under `jax.lax.scan`: one compiled layer body instead of
-`num_layers` copies, which keeps compile time flat for the 36-layer 3B model.
+Layers are created with `nnx.vmap` (stacked on a leading axis) and run under `jax.lax.scan`: one compiled
+layer body instead of `num_layers` copies, which keeps compile time flat for the 36-layer 3B model.
+
+Every weight names the logical role of each of its axes (`out_sharding` metadata: `vocab`, `embed`,
+`heads`, `mlp`, `layers`); trainer/sharding.py maps those names onto the device mesh (`param_axes`).
 
 Params (L = num_layers, H = hidden, I = intermediate, Dq = heads*head_dim, Dkv = kv_heads*head_dim):
 
@@ -16,6 +22,9 @@ Params (L = num_layers, H = hidden, I = intermediate, Dq = heads*head_dim, Dkv =
     layers/gate/kernel [L, H, I] layers/up/kernel [L, H, I] layers/down/kernel [L, I, H]
     final_norm/scale             [H]
     lm_head/kernel               [V, H]   (only when the head is not tied to the embedding)
+
+The dict is the module state with the layer's `attn` / `mlp` sub-module level folded away (`_fold`), so
+checkpoints, HF name maps and sharding tests written against the functional model keep their keys.
 """
 
 from __future__ import annotations
@@ -26,12 +35,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 Params = dict[str, Any]
 
 # Large negative instead of -inf: a fully masked row (a left-pad query) then softmaxes to finite garbage
 # rather than NaN, and NaN can never leak into gradients through a `where`.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Logical axis names carried by every weight (trainer/sharding.py gives them mesh axes).
+VOCAB, EMBED, HEADS, MLP_AXIS, LAYERS = "vocab", "embed", "heads", "mlp", "layers"
+# The layer's sub-modules whose weights sit directly under `layers/` in the params dict.
+_FOLDED = ("attn", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,142 +126,205 @@ def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype: Any = jnp.bflo
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "param_dtype", "std"))
-def init_params(
-    cfg: Qwen2Config, rng: jax.Array, param_dtype: Any = jnp.float32, std: float = 0.02
-) -> Params:
-    """Random init: weights normal(0, std) (HF's `initializer_range`), biases zero, norm scales one."""
-    L, H, I = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size  # noqa: E741
-    dq, dkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    keys = iter(jax.random.split(rng, 9))
-
-    def normal(*shape: int) -> jax.Array:
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(param_dtype)
-
-    def ones(*shape: int) -> jax.Array:
-        return jnp.ones(shape, param_dtype)
-
-    def zeros(*shape: int) -> jax.Array:
-        return jnp.zeros(shape, param_dtype)
-
-    params: Params = {
-        "embed": {"embedding": normal(cfg.vocab_size, H)},
-        "layers": {
-            "attn_norm": {"scale": ones(L, H)},
-            "q": {"kernel": normal(L, H, dq), "bias": zeros(L, dq)},
-            "k": {"kernel": normal(L, H, dkv), "bias": zeros(L, dkv)},
-            "v": {"kernel": normal(L, H, dkv), "bias": zeros(L, dkv)},
-            "o": {"kernel": normal(L, dq, H)},
-            "mlp_norm": {"scale": ones(L, H)},
-            "gate": {"kernel": normal(L, H, I)},
-            "up": {"kernel": normal(L, H, I)},
-            "down": {"kernel": normal(L, I, H)},
-        },
-        "final_norm": {"scale": ones(H)},
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": normal(cfg.vocab_size, H)}
-    return params
+# ---------------------------------------------------------------------------------------------- modules
 
 
-def lm_head_weight(params: Params, cfg: Qwen2Config) -> jax.Array:
-    """[V, H]: the embedding table when tied, the separate head otherwise."""
-    return params["embed"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+@dataclasses.dataclass(frozen=True)
+class _Init:
+    """How fresh weights are drawn (HF's `initializer_range`); not kept on the modules, so the module
+    graph (and with it `forward`'s trace) does not depend on it."""
+
+    rngs: nnx.Rngs
+    param_dtype: Any = jnp.float32
+    std: float = 0.02
+
+    def normal(self, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+        value = self.std * jax.random.normal(self.rngs.params(), shape, jnp.float32)
+        return _param(value.astype(self.param_dtype), axes)
+
+    def const(self, fill: float, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+        return _param(jnp.full(shape, fill, self.param_dtype), axes)
 
 
-def positions_from_mask(attn_mask: jax.Array) -> jax.Array:
-    """Left-padded rows: the first real token gets position 0; padding gets 0 too (it is masked anyway)."""
-    return jnp.maximum(jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
+def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    # eager_sharding=False: the names are logical, not mesh axes; trainer/sharding.py places the arrays.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(x.dtype) * scale.astype(x.dtype)
+class Dense(nnx.Module):
+    """x @ kernel (+ bias), computed in the input's dtype (bf16 activations over f32 master weights)."""
+
+    def __init__(
+        self, din: int, dout: int, axes: tuple[str | None, str | None], init: _Init, bias: bool = False
+    ):
+        self.kernel = init.normal((din, dout), axes)
+        if bias:
+            self.bias = init.const(0.0, (dout,), axes[1:])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y + self.bias[...].astype(x.dtype) if hasattr(self, "bias") else y
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE. x: [B, T, heads, D]; positions: [B, T]. Angles in f32 (positions reach 32k)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+class RMSNorm(nnx.Module):
+    """HF Qwen2's RMSNorm: normalize in f32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, init: _Init):
+        self.eps = eps
+        self.scale = init.const(1.0, (dim,), (EMBED,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
-def _dense(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
-    y = x @ p["kernel"].astype(x.dtype)
-    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+class Attention(nnx.Module):
+    """Grouped-query self-attention with q/k/v biases and RoPE. Split in two halves (`qkv`, `out`) so the
+    KV-cache path can write k/v into the cache between them (`_cached_layers`)."""
+
+    def __init__(self, cfg: Qwen2Config, init: _Init):
+        self.cfg = cfg
+        h, dq, dkv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q = Dense(h, dq, (EMBED, HEADS), init, bias=True)
+        self.k = Dense(h, dkv, (EMBED, HEADS), init, bias=True)
+        self.v = Dense(h, dkv, (EMBED, HEADS), init, bias=True)
+        self.o = Dense(dq, h, (HEADS, EMBED), init)
+
+    def qkv(self, h: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normed input [B, T, H] -> q [B, T, heads, D], k and v [B, T, kv_heads, D], RoPE applied."""
+        cfg, (b, t, _) = self.cfg, h.shape
+        q = self.q(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
+
+    def out(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.o(attention(q, k, v, mask))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool.
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    Query heads are grouped onto their shared kv head with a reshape, so k/v are never repeated."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq * d)
+    def __init__(self, cfg: Qwen2Config, init: _Init):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate = Dense(h, i, (EMBED, MLP_AXIS), init)
+        self.up = Dense(h, i, (EMBED, MLP_AXIS), init)
+        self.down = Dense(i, h, (MLP_AXIS, EMBED), init)
 
-
-def _qkv(cfg: Qwen2Config, x: jax.Array, p: Params, positions: jax.Array) -> tuple[jax.Array, ...]:
-    """Pre-norm q/k/v projections with RoPE applied: [B, T, heads, D]."""
-    b, t, _ = x.shape
-    h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-    q = _dense(h, p["q"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = _dense(h, p["k"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = _dense(h, p["v"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
-def _attn_out_and_mlp(cfg: Qwen2Config, x: jax.Array, p: Params, attn: jax.Array) -> jax.Array:
-    x = x + _dense(attn, p["o"])
-    h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    return x + _dense(jax.nn.silu(_dense(h, p["gate"])) * _dense(h, p["up"]), p["down"])
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Qwen2Config, init: _Init):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, init)
+        self.attn = Attention(cfg, init)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, init)
+        self.mlp = MLP(cfg, init)
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.attn.qkv(self.attn_norm(x), positions)
+
+    def finish(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """The rest of the block once k/v (this step's, or the cache's) are known."""
+        x = x + self.attn.out(q, k, v, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.finish(x, *self.qkv(x, positions), mask)
 
 
-def forward(
-    params: Params,
-    cfg: Qwen2Config,
-    tokens: jax.Array,
+class Embed(nnx.Module):
+    """The [V, H] token table (also the LM head when the head is tied)."""
+
+    def __init__(self, cfg: Qwen2Config, init: _Init):
+        self.embedding = init.normal((cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.embedding[...][tokens]
+
+
+class LMHead(nnx.Module):
+    """An untied [V, H] output head; applied by `hidden_to_logits` (or fused into the loss kernels)."""
+
+    def __init__(self, cfg: Qwen2Config, init: _Init):
+        self.kernel = init.normal((cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED))
+
+
+class Qwen2(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, init: _Init):
+        self.cfg = cfg
+        self.embed = Embed(cfg, init)
+
+        # One DecoderLayer per layer, its weights stacked on a leading `layers` axis: each layer draws its
+        # own keys (split_rngs) and the sharding metadata gains the `layers` name at axis 0.
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+        def stacked(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, dataclasses.replace(init, rngs=rngs))
+
+        self.layers = stacked(init.rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, init)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg, init)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        attn_mask: jax.Array,
+        cache: KVCache | None,
+        dtype: Any,
+        remat: bool,
+    ) -> tuple[jax.Array, KVCache | None]:
+        x = self.embed(tokens).astype(dtype)
+        attn_mask = attn_mask.astype(bool)
+        layer_def, layer_state = nnx.split(self.layers)
+        if cache is None:
+            x = _layers(layer_def, layer_state, x, positions, attn_mask, remat)
+        elif x.shape[1] == 1:  # a decode step: each layer's cache read once
+            x, cache = _decode_layers(layer_def, layer_state, x, positions, attn_mask, cache, dtype)
+        else:
+            x, cache = _cached_layers(layer_def, layer_state, x, positions, attn_mask, cache, dtype)
+        return self.final_norm(x), cache
+
+
+def _layers(
+    layer_def: nnx.GraphDef[DecoderLayer],
+    layer_state: nnx.State,
+    x: jax.Array,
     positions: jax.Array,
     attn_mask: jax.Array,
-    cache: KVCache | None = None,
-    dtype: Any = jnp.bfloat16,
-    *,
-    remat: bool = False,
-) -> tuple[jax.Array, KVCache | None]:
-    """Runs the decoder. tokens/positions: [B, T] int32; attn_mask: [B, T] bool (False = padding).
+    remat: bool,
+) -> jax.Array:
+    """Uncached: the T tokens attend causally to each other, one scanned layer body."""
+    t = x.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]
 
-    Without a cache the T tokens attend causally to each other. With a cache they are written at slots
-    [cache.index, cache.index + T) and attend to every valid earlier slot (prefill: T = prompt length;
-    decode: T = 1). Returns the final-normed hidden states [B, T, H] in `dtype` and the updated cache.
-    `remat=True` recomputes each layer's activations in the backward pass (training memory)."""
-    t = tokens.shape[1]
-    x = params["embed"]["embedding"][tokens].astype(dtype)
-    attn_mask = attn_mask.astype(bool)
+    def body(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+        return nnx.merge(layer_def, state)(x, positions, mask), None
 
-    if cache is None:
-        mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(body, x, layer_state)
+    return x
 
-        def body(x: jax.Array, p: Params) -> tuple[jax.Array, None]:
-            q, k, v = _qkv(cfg, x, p, positions)
-            return _attn_out_and_mlp(cfg, x, p, attention(q, k, v, mask)), None
 
-        if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, _ = jax.lax.scan(body, x, params["layers"])
-        return rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps), None
-
-    if t == 1:  # a decode step: each layer's cache read once (`_decode_forward`)
-        return _decode_forward(params, cfg, x, positions, attn_mask, cache, dtype)
+def _cached_layers(
+    layer_def: nnx.GraphDef[DecoderLayer],
+    layer_state: nnx.State,
+    x: jax.Array,
+    positions: jax.Array,
+    attn_mask: jax.Array,
+    cache: KVCache,
+    dtype: Any,
+) -> tuple[jax.Array, KVCache]:
+    """KV-cache path: the T tokens are written at slots [cache.index, cache.index + T) and attend to every
+    valid earlier slot (prefill: T = prompt length; decode: T = 1)."""
+    t = x.shape[1]
     index = cache.index
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
     slots = jnp.arange(valid.shape[1])
@@ -254,32 +332,28 @@ def forward(
 
     # The whole cache rides in the scan carry and each layer writes only its T new slots in place;
     # emitting per-layer caches as scan outputs would copy the entire cache on every decode step.
-    def cached_body(
-        carry: tuple[jax.Array, ...], xs: tuple[Params, jax.Array]
+    def body(
+        carry: tuple[jax.Array, ...], xs: tuple[nnx.State, jax.Array]
     ) -> tuple[tuple[jax.Array, ...], None]:
         x, ck, cv = carry
-        p, layer = xs
-        q, k, v = _qkv(cfg, x, p, positions)
-        at = (layer, 0, index, 0, 0)
+        state, layer_index = xs
+        layer = nnx.merge(layer_def, state)
+        q, k, v = layer.qkv(x, positions)
+        at = (layer_index, 0, index, 0, 0)
         ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-        layer_k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
-        layer_v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
-        return (_attn_out_and_mlp(cfg, x, p, attention(q, layer_k, layer_v, mask)), ck, cv), None
+        layer_k = jax.lax.dynamic_index_in_dim(ck, layer_index, keepdims=False).astype(dtype)
+        layer_v = jax.lax.dynamic_index_in_dim(cv, layer_index, keepdims=False).astype(dtype)
+        return (layer.finish(x, q, layer_k, layer_v, mask), ck, cv), None
 
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["layers"], layers))
-    hidden = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
-    return hidden, KVCache(k=k, v=v, valid=valid, index=index + t)
+    layers = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, layers))
+    return x, KVCache(k=k, v=v, valid=valid, index=index + t)
+
 
 
 def cached_attention(
-    q: jax.Array,
-    ck: jax.Array,
-    cv: jax.Array,
-    cache_mask: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mask: jax.Array, k: jax.Array, v: jax.Array,
     new_mask: jax.Array,
 ) -> jax.Array:
     """Grouped-query attention of T new tokens over the cache as it was before them plus themselves, as
@@ -305,22 +379,22 @@ def cached_attention(
     return out.astype(v.dtype).reshape(b, t, hq * d)
 
 
-def _decode_forward(
-    params: Params,
-    cfg: Qwen2Config,
+def _decode_layers(
+    layer_def: nnx.GraphDef[DecoderLayer],
+    layer_state: nnx.State,
     x: jax.Array,
     positions: jax.Array,
     attn_mask: jax.Array,
     cache: KVCache,
     dtype: Any,
 ) -> tuple[jax.Array, KVCache]:
-    """The cached branch of `forward` for a decode step (x: the embedded tokens [B, T, H] in `dtype`; any T
-    works, but a prefill (T = prompt length) compiles to a better-sharded program on the carried cache).
+    """KV-cache path of a decode step (any T works; a prefill compiles to a better-sharded program on
+    `_cached_layers`' carried cache, BENCHMARKS.md "Decode step").
 
     Each layer's cache slice is a scan input, read once by `cached_attention`; the layers emit only their
     T new keys/values, written into the cache in one update after the scan (in place when the cache
-    buffer is donated or a loop carry). Carrying the whole cache through the scan instead and updating it
-    per layer made XLA copy and re-read each layer's slice (BENCHMARKS.md, "Decode step")."""
+    buffer is donated or a loop carry). Carrying the whole cache through the scan and updating it per
+    layer made XLA copy the whole cache into another layout and back at every decode step."""
     t = x.shape[1]
     index = cache.index
     slots = jnp.arange(cache.valid.shape[1])
@@ -328,21 +402,133 @@ def _decode_forward(
     new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]  # [B, T, T]
 
     def body(
-        x: jax.Array, xs: tuple[Params, jax.Array, jax.Array]
-    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        p, ck, cv = xs
-        q, k, v = _qkv(cfg, x, p, positions)
+        x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        state, ck, cv = xs
+        layer = nnx.merge(layer_def, state)
+        q, k, v = layer.qkv(x, positions)
         k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)  # as read back from cache
         attn = cached_attention(q, ck.astype(dtype), cv.astype(dtype), cache_mask, k, v, new_mask)
-        return _attn_out_and_mlp(cfg, x, p, attn), (k.astype(ck.dtype), v.astype(cv.dtype))
+        x = x + layer.attn.o(attn)
+        return x + layer.mlp(layer.mlp_norm(x)), (k.astype(ck.dtype), v.astype(cv.dtype))
 
-    x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
+    x, (new_k, new_v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
     at = (0, 0, index, 0, 0)
     k = jax.lax.dynamic_update_slice(cache.k, new_k, at)
     v = jax.lax.dynamic_update_slice(cache.v, new_v, at)
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
-    hidden = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
-    return hidden, KVCache(k=k, v=v, valid=valid, index=index + t)
+    return x, KVCache(k=k, v=v, valid=valid, index=index + t)
+
+# ------------------------------------------------------------------------ the state pytree <-> modules
+
+
+def _fold(state: Params) -> Params:
+    """Module state -> params dict: `layers/attn/q/...` becomes `layers/q/...` (see the module doc)."""
+    layers = {k: v for k, v in state["layers"].items() if k not in _FOLDED}
+    for group in _FOLDED:
+        layers.update(state["layers"][group])
+    return {**state, "layers": layers}
+
+
+@functools.cache
+def _abstract(cfg: Qwen2Config) -> tuple[nnx.GraphDef[Qwen2], nnx.State]:
+    """The module graph and its abstract state for `cfg` (no arrays allocated)."""
+    model = nnx.eval_shape(lambda: Qwen2(cfg, _Init(nnx.Rngs(params=0))))
+    return nnx.split(model)
+
+
+def _unfold(params: Params, cfg: Qwen2Config) -> Params:
+    """Params dict -> module state: the inverse of `_fold`, grouping by the module's own layout."""
+    layer_state = _abstract(cfg)[1]["layers"]
+    layers = {k: v for k, v in params["layers"].items() if k in layer_state}
+    for group in _FOLDED:
+        layers[group] = {k: params["layers"][k] for k in layer_state[group]}
+    return {**params, "layers": layers}
+
+
+def module(params: Params, cfg: Qwen2Config) -> Qwen2:
+    """The Qwen2 module over `params` (arrays or tracers): `nnx.merge` of the graph and the state."""
+    return nnx.merge(_abstract(cfg)[0], _unfold(params, cfg))
+
+
+def param_axes(cfg: Qwen2Config | None = None) -> Params:
+    """The params dict's tree with each leaf's logical axis names, e.g. layers/q/kernel ->
+    ('layers', 'embed', 'heads'): the sharding metadata on the module's weights. The names do not
+    depend on sizes, so without `cfg` a tiny untied config (which has every leaf) answers."""
+    cfg = cfg or Qwen2Config.tiny(tie_word_embeddings=False)
+    state = _abstract(cfg)[1]
+    axes = jax.tree.map(
+        lambda v: v.get_metadata()["out_sharding"], state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return _fold(nnx.to_pure_dict(axes))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "param_dtype", "std"))
+def init_params(
+    cfg: Qwen2Config, rng: jax.Array, param_dtype: Any = jnp.float32, std: float = 0.02
+) -> Params:
+    """Random init: weights normal(0, std) (HF's `initializer_range`), biases zero, norm scales one."""
+    model = Qwen2(cfg, _Init(nnx.Rngs(params=rng), param_dtype, std))
+    return _fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+# ----------------------------------------------------------------------------- what the trainer calls
+
+
+def lm_head_weight(params: Params, cfg: Qwen2Config) -> jax.Array:
+    """[V, H]: the embedding table when tied, the separate head otherwise."""
+    return params["embed"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+
+
+def positions_from_mask(attn_mask: jax.Array) -> jax.Array:
+    """Left-padded rows: the first real token gets position 0; padding gets 0 too (it is masked anyway)."""
+    return jnp.maximum(jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, heads, D]; positions: [B, T]. Angles in f32 (positions reach 32k)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool.
+
+    Query heads are grouped onto their shared kv head with a reshape, so k/v are never repeated."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq * d)
+
+
+def forward(
+    params: Params,
+    cfg: Qwen2Config,
+    tokens: jax.Array,
+    positions: jax.Array,
+    attn_mask: jax.Array,
+    cache: KVCache | None = None,
+    dtype: Any = jnp.bfloat16,
+    *,
+    remat: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder. tokens/positions: [B, T] int32; attn_mask: [B, T] bool (False = padding).
+
+    Without a cache the T tokens attend causally to each other. With a cache they are written at slots
+    [cache.index, cache.index + T) and attend to every valid earlier slot (prefill: T = prompt length;
+    decode: T = 1). Returns the final-normed hidden states [B, T, H] in `dtype` and the updated cache.
+    `remat=True` recomputes each layer's activations in the backward pass (training memory)."""
+    return module(params, cfg)(tokens, positions, attn_mask, cache, dtype, remat)
 
 
 def logits(

@@ -24,10 +24,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer import grpo, sampler, sharding
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, to_dict
 from trainer.model import Qwen2Config, init_params
-from trainer.rollout import SamplingConfig
-from trainer.sampler import bucket_length
+from trainer.sampler import SamplingSettings, bucket_length
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KNOWN_SHAPES = Path(__file__).with_name("model_shapes.json")
@@ -86,23 +85,15 @@ def num_micro_batches(cfg: Config, mesh: Mesh) -> int:
 
 
 def tiny_model_config(cfg: Config, vocab_size: int) -> Qwen2Config:
-    """The random-init architecture of `tiny_model` (vocabulary from the tokenizer)."""
+    """The random-init architecture of `tiny_model` (vocabulary from the tokenizer). Its keys are
+    config.json keys, so it goes through the one constructor a pretrained model's config.json goes
+    through (Qwen2Config.from_hf): no second mapping of names to keep in step."""
     t = cfg.tiny_model
     if t.hidden_size % t.num_attention_heads:
         raise ConfigError("tiny_model.hidden_size", "must be a multiple of tiny_model.num_attention_heads")
     if t.num_attention_heads % t.num_key_value_heads:
         raise ConfigError("tiny_model.num_key_value_heads", "must divide tiny_model.num_attention_heads")
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_layers=t.num_hidden_layers,
-        num_heads=t.num_attention_heads,
-        num_kv_heads=t.num_key_value_heads,
-        head_dim=t.hidden_size // t.num_attention_heads,
-        rope_theta=t.rope_theta,
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
+    return Qwen2Config.from_hf({**to_dict(t), "vocab_size": vocab_size})
 
 
 def known_model_config(model_path: str) -> dict[str, Any] | None:
@@ -169,23 +160,21 @@ def abstract_optimizer_state(optimizer: optax.GradientTransformation, params: An
 # Sampling settings and shapes.
 
 
-def rollout_settings(cfg: Config) -> SamplingConfig:
-    """Training rollouts and the periodic eval."""
-    r = cfg.rollout
-    return SamplingConfig(
+def rollout_settings(cfg: Config) -> SamplingSettings:
+    """Training rollouts and the periodic eval: the one place the config's sampling keys are read."""
+    r, dtype = cfg.rollout, DTYPES[cfg.compute_dtype]
+    return SamplingSettings(
         max_new_tokens=r.max_length_sample, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-        prompt_bucket=r.global_length, dtype=DTYPES[cfg.compute_dtype],
+        prompt_bucket=r.global_length, dtype=dtype,  # the KV cache follows the compute dtype
     )
 
 
-def sweep_settings(cfg: Config) -> SamplingConfig:
-    """The full greedy sweep (train.run passes these numbers to evaluation.full_sweep)."""
-    return SamplingConfig.greedy(
-        cfg.rollout.max_length_sample, cfg.rollout.global_length, DTYPES[cfg.compute_dtype]
-    )
+def sweep_settings(cfg: Config) -> SamplingSettings:
+    """The full greedy sweep (train.sweep runs it; the preflight compiles it)."""
+    return rollout_settings(cfg).greedy()
 
 
-def prompt_width(s: SamplingConfig) -> int:
+def prompt_width(s: SamplingSettings) -> int:
     """The sampler's prompt width for prompts that fit the bucket (rollout.Sampler.sample pads to it)."""
     return bucket_length(s.prompt_bucket, s.prompt_bucket)
 
@@ -237,7 +226,7 @@ def abstract_batch(cfg: Config, mesh: Mesh, seq_len: int) -> dict[str, jax.Shape
 
 
 def abstract_sampler_args(
-    model_cfg: Qwen2Config, mesh: Mesh, params: Any, rows: int, settings: SamplingConfig
+    model_cfg: Qwen2Config, mesh: Mesh, params: Any, rows: int, settings: SamplingSettings
 ) -> tuple[Any, ...]:
     """The positional arguments of sampler._generate for `rows` prompts at the bucket's width."""
     width = prompt_width(settings)
@@ -251,7 +240,7 @@ def abstract_sampler_args(
         _replicated(mesh, (), key_dtype),
         _replicated(mesh, (STOP_SLOTS,), jnp.int32),
         _replicated(mesh, (), jnp.int32),
-        settings.settings(),
+        settings,
         mesh,
     )
 
@@ -271,12 +260,12 @@ decode_step_program = jax.jit(sampler.decode_step, static_argnames=SAMPLER_STATI
 
 
 def abstract_decode_args(
-    model_cfg: Qwen2Config, mesh: Mesh, params: Any, rows: int, settings: SamplingConfig
+    model_cfg: Qwen2Config, mesh: Mesh, params: Any, rows: int, settings: SamplingSettings
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """(prefill args, decode-step args) as the sampler's program passes them: the weights as
     `sampler.decode_params` casts and lays them out, the loop state with the shardings the sampler pins
     it to."""
-    s = settings.settings()
+    s = settings
     p, cfg, tokens, mask, rng, stop, pad, *_ = abstract_sampler_args(model_cfg, mesh, params, rows, settings)
     cast = jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, s.dtype, sharding=sh), p,

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from trainer import sharding
@@ -19,29 +18,6 @@ from trainer.data import Problem
 from trainer.model import Qwen2Config
 from trainer.sampler import SamplingSettings, bucket_length, generate, left_pad
 from trainer.tokenizer import decode_batch, encode_prompts, pad_token_id, stop_token_ids
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    prompt_bucket: int = 512  # minimum prompt bucket (the sampler rounds prompt lengths up to powers of 2)
-    dtype: Any = None  # compute dtype of the sampler; None = bfloat16
-
-    @classmethod
-    def greedy(cls, max_new_tokens: int, prompt_bucket: int, dtype: Any) -> SamplingConfig:
-        """The full sweep's settings (evaluation.full_sweep; the preflight compiles the same)."""
-        return cls(max_new_tokens, temperature=0.0, prompt_bucket=prompt_bucket, dtype=dtype)
-
-    def settings(self) -> SamplingSettings:
-        """The jitted sampler's static settings (Sampler.sample runs them; the preflight compiles them)."""
-        dtype = jnp.bfloat16 if self.dtype is None else self.dtype
-        return SamplingSettings(  # the KV cache follows the compute dtype (see sampler.generate)
-            max_new_tokens=self.max_new_tokens, temperature=float(self.temperature), top_k=int(self.top_k),
-            top_p=float(self.top_p), dtype=dtype, cache_dtype=dtype,
-        )
 
 
 @dataclasses.dataclass
@@ -112,7 +88,7 @@ class Sampler:
         problems: Sequence[Problem],
         n: int,
         rng: jax.Array,
-        settings: SamplingConfig,
+        settings: SamplingSettings,
     ) -> Rollout:
         """`problems` are this process's prompts; each is sampled `n` times. Rows are padded up to the mesh's
         batch divisor with copies of the last prompt and dropped again afterwards."""
@@ -131,10 +107,9 @@ class Sampler:
             prompt_tokens,
             prompt_mask,
             rng,
-            settings=settings.settings(),
+            settings=settings,
             stop_token_ids=self.stop_ids,
             pad_id=self.pad_id,
-            prompt_bucket_min=settings.prompt_bucket,
             mesh=self.mesh,  # the KV cache is split over the batch like the prompts
         )
         keep = len(rows)

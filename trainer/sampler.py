@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from trainer.config import RolloutConfig
 from trainer.model import Params, Qwen2Config, forward, hidden_to_logits, init_cache, positions_from_mask
 from trainer.sharding import BATCH_AXES, param_partition_specs
 
@@ -35,18 +36,27 @@ class SampleOutput(NamedTuple):
     lengths: jax.Array  # [B] int32, number of completion tokens (stop token included)
 
 
+_DEFAULTS = RolloutConfig()  # the config declares each setting's one default; the sampler takes it over
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """Everything that shapes the compiled program (hashable: a static jit argument)."""
+    """The one sampling-settings object, from the config to the compiled program: `programs.rollout_settings`
+    builds it from `rollout.*` and `compute_dtype` (the only place the keys are read), `Sampler.sample` and
+    `generate` run it, the preflight compiles it. Hashable: a static jit argument, so every field shapes
+    the program. Defaults are the config's (trainer/config.py RolloutConfig)."""
 
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = no top-k
-    top_p: float = 1.0  # 1.0 = no nucleus truncation
-    dtype: Any = jnp.bfloat16
-    cache_dtype: Any = jnp.bfloat16  # generate() passes the compute dtype unless told otherwise
+    max_new_tokens: int = _DEFAULTS.max_length_sample  # rollout.max_length_sample: the decode budget
+    temperature: float = _DEFAULTS.temperature  # rollout.temperature; 0 = greedy (the full eval sweep)
+    top_k: int = _DEFAULTS.top_k  # rollout.top_k; 0 = off
+    top_p: float = _DEFAULTS.top_p  # rollout.top_p; 1.0 = off
+    prompt_bucket: int = _DEFAULTS.global_length  # rollout.global_length: prompts pad to a power of 2 >= it
+    dtype: Any = jnp.bfloat16  # compute_dtype
+    cache_dtype: Any = None  # the KV cache's; None = `dtype` (a bf16 cache under f32 compute drifts)
 
     def __post_init__(self) -> None:
+        if self.cache_dtype is None:  # resolved here, so equal settings compare (and hash) equal
+            object.__setattr__(self, "cache_dtype", self.dtype)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -55,6 +65,12 @@ class SamplingSettings:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket must be >= 1, got {self.prompt_bucket}")
+
+    def greedy(self) -> SamplingSettings:
+        """The full sweep's settings: the same budget, bucket and dtypes, argmax decoding."""
+        return dataclasses.replace(self, temperature=0.0, top_k=0, top_p=1.0)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -301,37 +317,26 @@ def generate(
     prompt_tokens: jax.Array | np.ndarray,
     prompt_mask: jax.Array | np.ndarray,
     rng: jax.Array,
+    settings: SamplingSettings | None = None,
     *,
-    max_new_tokens: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     stop_token_ids: Sequence[int] = (),
     pad_id: int = 0,
-    dtype: Any = jnp.bfloat16,
-    cache_dtype: Any = None,
-    prompt_bucket_min: int = 16,
     mesh: Mesh | None = None,
-    settings: SamplingSettings | None = None,
+    **fields: Any,
 ) -> SampleOutput:
-    """Samples up to `max_new_tokens` per left-padded prompt [B, P]; temperature 0 is greedy.
+    """Samples up to `settings.max_new_tokens` per left-padded prompt [B, P]; temperature 0 is greedy.
 
-    The prompt is left-padded further to `bucket_length(P, prompt_bucket_min)` so that prompts of nearby
-    lengths share one compiled program. The KV cache holds keys and values in `cache_dtype`, by default
-    the compute dtype: a bfloat16 cache under float32 compute rounds every cached key and value, and
-    greedy tokens then drift from a float32 reference within a few steps. With `mesh`, the KV cache is
-    split over the batch like the prompts (the batch must then be a multiple of dp * fsdp). `settings`
-    replaces the individual sampling keywords."""
-    settings = settings or SamplingSettings(
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        dtype=dtype,
-        cache_dtype=dtype if cache_dtype is None else cache_dtype,
-    )
+    `fields` (max_new_tokens=..., temperature=..., the names of SamplingSettings) build the settings
+    when none are given: a shorthand for tests and benchmarks, with the same names and defaults. The
+    prompt is left-padded further to `bucket_length(P, settings.prompt_bucket)` so that prompts of nearby
+    lengths share one compiled program. With `mesh`, the KV cache is split over the batch like the
+    prompts (the batch must then be a multiple of dp * fsdp)."""
+    if settings is None:
+        settings = SamplingSettings(**fields)
+    elif fields:
+        raise TypeError(f"generate: pass either settings or its fields, not both ({sorted(fields)})")
     prompt_len = prompt_tokens.shape[1]
-    extra = bucket_length(prompt_len, prompt_bucket_min) - prompt_len
+    extra = bucket_length(prompt_len, settings.prompt_bucket) - prompt_len
     if extra:
         prompt_tokens = jnp.pad(jnp.asarray(prompt_tokens), ((0, 0), (extra, 0)), constant_values=pad_id)
         prompt_mask = jnp.pad(jnp.asarray(prompt_mask), ((0, 0), (extra, 0)), constant_values=False)

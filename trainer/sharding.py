@@ -1,19 +1,22 @@
-"""Device mesh (dp, fsdp, tp) and partition rules for the Qwen2 params pytree.
+"""Device mesh (dp, fsdp, tp) and the PartitionSpecs of the Qwen2 params pytree.
 
-Rules, applied per leaf from its path and shape (stacked layer params keep their leading layer axis whole,
-because `lax.scan` slices it):
-  * tp splits attention heads and the MLP hidden dimension (column-parallel q/k/v/gate/up, row-parallel
-    o/down) and the vocabulary of the embedding / LM head, where the dimension divides;
-  * fsdp then takes the largest remaining dimension that it divides;
+The model declares what each weight axis is (`out_sharding` metadata on its NNX params, read back through
+`trainer.model.param_axes`: `vocab`, `embed`, `heads`, `mlp`, `layers`); this module maps those logical
+names onto the mesh, per leaf and from its shape:
+  * tp splits the `heads`, `mlp` and `vocab` axis (column-parallel q/k/v/gate/up, row-parallel o/down,
+    the vocabulary of the embedding / LM head) where the dimension divides;
+  * fsdp then takes the largest remaining dimension that it divides, never the `layers` axis (the stacked
+    layer params keep it whole, because `lax.scan` slices it);
   * dp replicates parameters; batches are split over (dp, fsdp).
 
-The rules also place optimizer state: a leaf's path is matched from its first params root name (`embed`,
-`layers`, ...), so `mu/layers/q/kernel` of a Lion state is split exactly like `layers/q/kernel`, and
-scalars (step counts) are replicated.
+Optimizer state is placed by the same names: a leaf's path is matched from its first params root name
+(`embed`, `layers`, ...), so `mu/layers/q/kernel` of a Lion state is split exactly like `layers/q/kernel`,
+and scalars (step counts) are replicated.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,24 +24,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from trainer.model import param_axes
+
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")
 
-# Which axis (of the leaf, layer axis included) carries heads / MLP hidden / vocab, by param name.
-_TP_AXIS = {
-    ("q", "kernel"): 2,
-    ("k", "kernel"): 2,
-    ("v", "kernel"): 2,
-    ("q", "bias"): 1,
-    ("k", "bias"): 1,
-    ("v", "bias"): 1,
-    ("o", "kernel"): 1,
-    ("gate", "kernel"): 2,
-    ("up", "kernel"): 2,
-    ("down", "kernel"): 1,
-    ("embed", "embedding"): 0,
-    ("lm_head", "kernel"): 0,
-}
+# Logical axes that tensor parallelism splits (see trainer/model.py for where each name sits).
+_TP_NAMES = ("heads", "mlp", "vocab")
 
 
 def parse_mesh_shape(mesh_shape: str, n_devices: int, n_processes: int = 1) -> tuple[int, int, int]:
@@ -58,8 +50,15 @@ def parse_mesh_shape(mesh_shape: str, n_devices: int, n_processes: int = 1) -> t
     return dp, fsdp, tp
 
 
-# The top-level names of the params pytree (trainer/model.py).
-_ROOTS = ("embed", "layers", "final_norm", "lm_head")
+@functools.cache
+def _axes_by_path() -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Params path (e.g. ('layers', 'q', 'kernel')) -> logical axis names, from the model's metadata."""
+    flat = jax.tree_util.tree_flatten_with_path(param_axes(), is_leaf=lambda x: isinstance(x, tuple))[0]
+    return {tuple(_name(k) for k in path): axes for path, axes in flat}
+
+
+def _name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
 
 
 def process_count(devices: Sequence[jax.Device]) -> int:
@@ -77,19 +76,24 @@ def make_mesh(mesh_shape: str = "auto", devices: Sequence[jax.Device] | None = N
 
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec of one param leaf (see the module docstring for the rules)."""
+    table = _axes_by_path()
+    roots = {p[0] for p in table}
+    names = [_name(k) for k in path]
+    names = names[next((i for i, n in enumerate(names) if n in roots), 0) :]  # optimizer state prefixes
+    axes = table.get(tuple(names))
+    if axes is None or len(axes) != len(shape):  # not a param (rng, counts) or a reshaped statistic
+        stacked = names[:1] == ["layers"]
+        axes = tuple("layers" if stacked and i == 0 else None for i in range(len(shape)))
     spec: list[str | None] = [None] * len(shape)
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    names = names[next((i for i, n in enumerate(names) if n in _ROOTS), 0) :]  # optimizer state prefixes
-    stacked = bool(names) and names[0] == "layers"
     tp, fsdp = mesh.shape["tp"], mesh.shape["fsdp"]
-    tp_axis = _TP_AXIS.get(tuple(names[-2:])) if len(names) >= 2 else None
+    tp_axis = next((i for i, a in enumerate(axes) if a in _TP_NAMES), None)
     if tp > 1 and tp_axis is not None and shape[tp_axis] % tp == 0:
         spec[tp_axis] = "tp"
     if fsdp > 1:
         candidates = [
             (size, axis)
             for axis, size in enumerate(shape)
-            if spec[axis] is None and size % fsdp == 0 and not (stacked and axis == 0)
+            if spec[axis] is None and size % fsdp == 0 and axes[axis] != "layers"
         ]
         if candidates:
             spec[max(candidates)[1]] = "fsdp"

@@ -1,7 +1,8 @@
 """The GRPO training loop, top to bottom.
 
-    config -> .env -> mesh -> tokenizer, data, model, optimizer -> resume from the latest checkpoint
-    (or, in a fresh run with warm_start.steps > 0, the supervised warm start, logged as step 0) ->
+    .env -> config (python -m trainer reads the worker's .env first) -> mesh -> tokenizer, data, model,
+    optimizer -> resume from the latest checkpoint (or, in a fresh run with warm_start.steps > 0, the
+    supervised warm start, logged as step 0) ->
     optional full eval sweep of the start policy (eval_full_start/, logged as step 0) ->
     for each step: rollout -> rewards -> [every baseline_every_steps: the frozen start policy's rewards
     on the same prompts and keys] -> update (advantages, micro-batches) -> periodic eval -> log ->
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpoctl_contract import envfile
+from grpoctl_contract import rundir
 from trainer import grpo, hf_io, programs, sharding
 from trainer.checkpoints import Checkpointer, checkpoint_dir
 from trainer.config import Config, ConfigError, config_hash, to_dict
@@ -41,7 +42,8 @@ from trainer.model import Qwen2Config, init_params
 from trainer.optim import lr_schedule, optimizer_for, scale_updates
 from trainer.progress import Plan, Reporter, batches, eval_steps
 from trainer.rewards import RewardBatch, RewardWeights, score_completions
-from trainer.rollout import Rollout, Sampler, SamplingConfig, global_concat, global_max
+from trainer.rollout import Rollout, Sampler, global_concat, global_max
+from trainer.sampler import SamplingSettings
 from trainer.tokenizer import TINY, load_tokenizer
 from trainer.warm_start import warm_start
 
@@ -54,23 +56,6 @@ num_micro_batches = programs.num_micro_batches
 
 # ---------------------------------------------------------------------------------------------------------
 # Process-level setup.
-
-
-def load_dotenv(path: str | os.PathLike[str] = ".env") -> list[str]:
-    """KEY=VALUE lines into os.environ without overriding what is set; returns the names (never values).
-
-    Parsed by grpoctl_contract.envfile, the parser `grpoctl env push` verified the file with, so a value
-    reads the same here as in the push check and in log redaction."""
-    try:
-        values = envfile.read(path)
-    except envfile.EnvFileError as err:
-        raise ConfigError("env", str(err)) from None
-    names = []
-    for key, value in values.items():
-        if key not in os.environ:
-            os.environ[key] = value
-            names.append(key)
-    return names
 
 
 def init_distributed() -> None:
@@ -217,7 +202,8 @@ class Trainer:
     mesh: jax.sharding.Mesh
     model_cfg: Qwen2Config
     sampler: Sampler
-    sampling: SamplingConfig
+    sampling: SamplingSettings  # training rollouts and the periodic eval
+    sweep_sampling: SamplingSettings  # the full greedy sweep
     weights: RewardWeights
     loss_cfg: grpo.LossConfig
     num_micro: int
@@ -296,7 +282,8 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
     sampling = programs.rollout_settings(cfg)
     trainer = Trainer(
         cfg=cfg, mesh=mesh, model_cfg=model_cfg, sampler=Sampler(model_cfg, tokenizer, mesh),
-        sampling=sampling, weights=RewardWeights.from_config(cfg.reward_weights), loss_cfg=loss_config(cfg),
+        sampling=sampling, sweep_sampling=programs.sweep_settings(cfg),
+        weights=RewardWeights.from_config(cfg.reward_weights), loss_cfg=loss_config(cfg),
         num_micro=num_micro,
         optimizer=optimizer, schedule=lr_schedule(cfg.optimizer, cfg.steps * cfg.train.ppo_epochs),
         ref_params=ref_params, start_params=start_params, stream=stream, eval_problems=eval_problems,
@@ -381,7 +368,7 @@ def restore_start_sweep(logger: RunLogger, run_dir: Path, saved: dict[str, Any])
     if not logger.enabled:
         return
     logger.latest.update(saved.get("metrics", {}))
-    rows = run_dir / "eval_full_start.jsonl"
+    rows = run_dir / rundir.EVAL_FULL_START_ROWS
     if saved.get("rows") and not rows.exists():
         rows.write_text(saved["rows"])
 
@@ -393,8 +380,7 @@ def sweep(
     cfg = t.cfg
     return full_sweep(
         t.sampler, params, t.eval_problems, batch_size=cfg.eval_full_batch_size,
-        max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
-        dtype=t.sampling.dtype, out_path=run_dir / f"{prefix}.jsonl" if t.logger.enabled else None,
+        settings=t.sweep_sampling, out_path=run_dir / rundir.sweep_rows(prefix) if t.logger.enabled else None,
         grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch,
     )
 
@@ -416,8 +402,7 @@ def run(
     interrupt a run). When `should_stop()` turns true (python -m trainer wires it to SIGTERM), the run
     checkpoints the step it just finished and raises `Stopped`; a restart resumes from there."""
     run_dir = Path(run_dir)
-    load_dotenv()
-    init_distributed()
+    init_distributed()  # the worker's .env was read before `cfg` was built (python -m trainer)
     rep = Reporter(enabled=jax.process_index() == 0)
     try:
         t, state, start = setup(cfg, run_dir, rep)
@@ -437,10 +422,10 @@ def run(
                 t.start_params, _ = warm_start_policy(t, t.start_params)
         if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start:
             # The state right before GRPO step 1: the end-of-run sweep is paired with this one.
-            start_sweep = sweep(t, state["params"], run_dir, "eval_full_start",
+            start_sweep = sweep(t, state["params"], run_dir, rundir.EVAL_FULL_START,
                                 on_batch=functools.partial(rep.advance, "start_sweep"))
             t.logger.log(0, start_sweep)
-            rows = run_dir / "eval_full_start.jsonl"
+            rows = run_dir / rundir.EVAL_FULL_START_ROWS
             t.start_sweep = {"metrics": start_sweep, "rows": rows.read_text() if rows.is_file() else ""}
             rep.say(f"start sweep: accuracy {start_sweep['eval_full_start/accuracy']:.4f} "
                     f"on {int(start_sweep['eval_full_start/num_questions'])} questions")
@@ -486,7 +471,7 @@ def run(
 
         t.checkpointer.wait()
         if cfg.eval_full_sweep:
-            final = sweep(t, state["params"], run_dir, "eval_full",
+            final = sweep(t, state["params"], run_dir, rundir.EVAL_FULL,
                           on_batch=functools.partial(rep.advance, "final_sweep"))
             t.logger.log(cfg.steps, final)
             rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
