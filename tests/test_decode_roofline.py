@@ -112,9 +112,19 @@ def test_decode_step_entry_on_an_abstract_v6e_8(decode_report):
         max(step["flops"] / chip.peak_flops, step["hbm_bytes"] / chip.hbm_bytes_per_s)
         + step["collective_bytes"] / chip.ici_bytes_per_s,
     )
+    # The compiled text's own count, every loop trip counted, through the same formula.
+    assert step["hbm_bytes_counted"] > 0
+    assert math.isclose(
+        step["estimated_s_counted"],
+        max(step["flops"] / chip.peak_flops, step["hbm_bytes_counted"] / chip.hbm_bytes_per_s)
+        + step["collective_bytes"] / chip.ici_bytes_per_s,
+    )
     d = result["decode_estimate"]
     assert d["tokens"] == cfg.rollout.max_length_sample == 256
     assert math.isclose(d["rollout_s"], by_name["prefill"]["estimated_s"] + 256 * step["estimated_s"])
+    assert math.isclose(
+        d["rollout_s_counted"], by_name["prefill"]["estimated_s_counted"] + 256 * step["estimated_s_counted"]
+    )
 
 
 @pytest.mark.slow
@@ -138,3 +148,74 @@ def test_the_sampler_keeps_its_kv_cache_on_the_mesh_at_every_decode_step(decode_
     # The loop's body moves what the decode_step entry moves (compiled alone, same function, same layout).
     (step,) = [f for f in result["functions"] if f["name"] == "decode_step"]
     assert math.isclose(step["collective_bytes"], pinned, rel_tol=0.01)
+
+
+# A 36-trip loop over a [36, 16, 1024] bf16 cache (1152 KiB; 32 KiB a layer) as the decode step's layer
+# scan runs it: per trip a fusion slices one layer into VMEM (S(1)), a matmul reads it with a 2 MiB weight
+# from HBM, and a fused dynamic-update-slice writes one layer's new values in place; the entry changes the
+# cache's layout once (a whole copy).
+TRAFFIC = """HloModule jit_step, entry_computation_layout={()->()}
+
+%fused_slice (p0: bf16[36,16,1024], p1: s32[]) -> bf16[16,1024] {
+  %p0 = bf16[36,16,1024]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = bf16[1,16,1024]{2,1,0:T(8,128)(2,1)S(1)} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,16,\
+1024}
+  ROOT %b = bf16[16,1024]{1,0:T(8,128)(2,1)S(1)} bitcast(%ds)
+}
+
+%fused_dot (p0: bf16[16,1024], p1: bf16[1024,1024]) -> bf16[16,1024] {
+  %p0 = bf16[16,1024]{1,0:S(1)} parameter(0)
+  %p1 = bf16[1024,1024]{1,0} parameter(1)
+  ROOT %d = bf16[16,1024]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_update (p0: bf16[36,16,1024], p1: bf16[1,16,1024], p2: s32[]) -> bf16[36,16,1024] {
+  %p0 = bf16[36,16,1024]{2,1,0} parameter(0)
+  %p1 = bf16[1,16,1024]{2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = bf16[36,16,1024]{2,1,0} dynamic-update-slice(%p0, %p1, %p2, %z, %z)
+}
+
+%body (p: (s32[], bf16[36,16,1024], bf16[1024,1024])) -> (s32[], bf16[36,16,1024], bf16[1024,1024]) {
+  %p = (s32[], bf16[36,16,1024]{2,1,0}, bf16[1024,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %cache = bf16[36,16,1024]{2,1,0} get-tuple-element(%p), index=1
+  %w = bf16[1024,1024]{1,0} get-tuple-element(%p), index=2
+  %slice = bf16[16,1024]{1,0:T(8,128)(2,1)S(1)} fusion(%cache, %i), kind=kLoop, calls=%fused_slice
+  %y = bf16[16,1024]{1,0} fusion(%slice, %w), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(f)/dot"}
+  %new = bf16[1,16,1024]{2,1,0} bitcast(%y)
+  %upd = bf16[36,16,1024]{2,1,0} fusion(%cache, %new, %i), kind=kLoop, calls=%fused_update
+  ROOT %t = (s32[], bf16[36,16,1024]{2,1,0}, bf16[1024,1024]{1,0}) tuple(%i, %upd, %w)
+}
+
+%cond (p: (s32[], bf16[36,16,1024], bf16[1024,1024])) -> pred[] {
+  %p = (s32[], bf16[36,16,1024]{2,1,0}, bf16[1024,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(36)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[36,16,1024], b: bf16[1024,1024]) -> bf16[36,16,1024] {
+  %a = bf16[36,16,1024]{2,1,0} parameter(0)
+  %b = bf16[1024,1024]{1,0} parameter(1)
+  %c = bf16[36,16,1024]{1,2,0:T(8,128)(2,1)} copy(%a)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[36,16,1024]{2,1,0}, bf16[1024,1024]{1,0}) tuple(%zero, %c, %b)
+  %loop = (s32[], bf16[36,16,1024]{2,1,0}, bf16[1024,1024]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[36,16,1024]{2,1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_hbm_traffic_per_instruction_with_slices_in_place_updates_and_vmem():
+    rows = {r.name: r for r in hlo_stats.hbm_traffic(TRAFFIC)}
+    layer, cache, weight = 16 * 1024 * 2, 36 * 16 * 1024 * 2, 1024 * 1024 * 2
+    assert set(rows) == {"c", "slice", "y", "upd"}  # parameters, tuples, bitcasts, the loop: no traffic
+    assert rows["c"][3:6] == (1, 2 * cache, 0)  # a whole copy: read + written
+    assert rows["slice"][3:6] == (36, layer, layer + 4)  # one layer read from HBM into VMEM (+ the index)
+    assert rows["y"][3:6] == (36, weight + layer, layer)  # the weight read, the result written; slice in VMEM
+    assert rows["upd"][3:6] == (36, 2 * layer, 4)  # in place: the update read and written, nothing else
+    assert rows["y"].source == "jit(f)/dot" and rows["upd"].source == ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import NamedTuple
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -33,8 +34,10 @@ _CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_co
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
 _CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)")
-_ROOT_LT = re.compile(r"^\s*ROOT\s+%?[\w.\-]+\s*=\s*pred\[\]\S*\s+compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),"
-                      r"\s*direction=LT")
+_ROOT_LT = re.compile(
+    r"^\s*ROOT\s+%?[\w.\-]+\s*=\s*pred\[\]\S*\s+compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),"
+    r"\s*direction=LT"
+)
 
 
 def _counted_loop(lines: list[str]) -> int | None:
@@ -89,25 +92,28 @@ def collective_bytes(hlo_text: str, unbounded_loops_only: bool = False) -> dict[
     One collective's bytes: the larger of its operands and its results (an all-gather's result, a
     reduce-scatter's operand, an all-reduce's either). The `-start` of an async pair returns its operands
     along with its results, so there the results are what exceeds the operands."""
-    computations: dict[str, list[str]] = {}
-    entry = None
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            m = _COMPUTATION.match(line)
-            if m and not line.startswith(" "):
-                current = m.group(1)
-                computations[current] = []
-                if line.startswith("ENTRY"):
-                    entry = current
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        computations[current].append(line)
+    computations, entry = _split_computations(hlo_text)
     if entry is None:
         return {}
+    counts = _counts(computations, entry, unbounded_loops_only)
+    out: dict[str, int] = defaultdict(int)
+    for name, lines in computations.items():
+        if not counts.get(name):
+            continue
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            operands = array_bytes(_operands(line, m.end() - 1))
+            result = array_bytes(m.group("result"))
+            if m.group("start"):
+                result = max(result - operands, 0)
+            out[m.group("op")] += max(operands, result) * counts[name]
+    return dict(out)
 
+
+def _counts(computations: dict[str, list[str]], entry: str, unbounded_loops_only: bool) -> dict[str, int]:
+    """{computation: times it runs per execution of the module} (see `collective_bytes`)."""
     # Call graph: caller -> [(callee, times per call, whether it enters a loop of unknown trip count)].
     edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
     for name, lines in computations.items():
@@ -135,17 +141,170 @@ def collective_bytes(hlo_text: str, unbounded_loops_only: bool = False) -> dict[
             visit(callee, times * k, unbounded or enters, depth + 1)
 
     visit(entry, 1, False)
-    out: dict[str, int] = defaultdict(int)
-    for name, lines in computations.items():
-        if not counts.get(name):
+    return dict(counts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a compiled program's HBM bytes go, instruction by instruction (for BENCHMARKS.md's breakdowns).
+#
+# XLA's cost analysis gives one total; to see which instruction reads what, this reads the compiled text:
+# every top-level instruction of a non-fused computation (a fusion, a copy, a custom call, a collective)
+# moves its operands and results, sized by their shapes, times how often its computation runs. Arrays
+# whose layout names another memory space (`S(1)` VMEM, `S(2)`/`S(6)` flags and scalars) are on-chip and
+# counted apart. Two fusion forms are counted as XLA's cost analysis counts them: an operand that the fused
+# computation only dynamic-slices reads just the slices, and a fused dynamic-update-slice into an operand
+# (in place) reads and writes just the update.
+
+_NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<result>.*?)\s(?P<op>[a-z][\w\-]*)\(")
+_SPACED = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](?:\{[^}]*?(?:S\((\d+)\))?\})?")
+_NO_TRAFFIC = {
+    "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+    "partition-id", "replica-id", "after-all", "opt-barrier", "iota",
+}  # fmt: skip
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def spaced_bytes(text: str) -> tuple[int, int]:
+    """(HBM bytes, on-chip bytes) of the array shapes written in `text` (scalars live on chip)."""
+    hbm = chip = 0
+    for dtype, dims, space in _SPACED.findall(text):
+        if dtype not in _BYTES:
             continue
-        for line in lines:
-            m = _INSTRUCTION.match(line)
-            if not m:
+        n = _BYTES[dtype]
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        if (space and space != "0") or not dims:
+            chip += n
+        else:
+            hbm += n
+    return hbm, chip
+
+
+def _split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    computations: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and not line.startswith(" "):
+                current = m.group(1)
+                computations[current] = []
+                entry = current if line.startswith("ENTRY") else entry
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        computations[current].append(line)
+    return computations, entry
+
+
+class Traffic(NamedTuple):
+    """One top-level instruction of a compiled program and the bytes it moves per execution."""
+
+    computation: str
+    name: str
+    op: str
+    count: int  # executions per execution of the module (loop trip counts multiplied in)
+    hbm_bytes: int
+    chip_bytes: int  # operands/results in on-chip memory (VMEM, SMEM, sync flags)
+    source: str  # the JAX op it came from (metadata op_name), "" when the compiler made it
+
+
+def _instructions(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
+    """(name, result text, op, operand names, whole line) of each instruction of a computation."""
+    out = []
+    for line in lines:
+        m = _NAMED.match(line)
+        if m:
+            operands = re.findall(r"%([\w.\-]+)", _operands(line, m.end() - 1))
+            out.append((m.group("name"), m.group("result"), m.group("op"), operands, line))
+    return out
+
+
+def _fusion_access(
+    computations: dict[str, list[str]], name: str, memo: dict[str, tuple[dict[int, int], dict[int, int]]]
+) -> tuple[dict[int, int], dict[int, int]]:
+    """For a fused computation: {parameter index: bytes read} for parameters only sliced or gathered from
+    (here or in a nested fusion), and {parameter index: bytes of the update} for parameters a
+    dynamic-update-slice updates in place."""
+    if name in memo:
+        return memo[name]
+    memo[name] = ({}, {})  # guards against a malformed, cyclic text
+    instructions = _instructions(computations.get(name, []))
+    shapes = {n: result for n, result, *_ in instructions}
+    params = {
+        n: int(re.search(r"parameter\((\d+)\)", line).group(1))
+        for n, _, op, _, line in instructions
+        if op == "parameter" and re.search(r"parameter\((\d+)\)", line)
+    }
+    uses: dict[str, list[tuple[str, int, str, list[str], str]]] = defaultdict(list)
+    for n, _, op, operands, line in instructions:
+        callee = re.search(r"\bcalls=%?([\w.\-]+)", line)
+        for pos, operand in enumerate(operands):
+            uses[operand].append((op, pos, n, operands, callee.group(1) if callee else ""))
+    sliced: dict[int, int] = {}
+    in_place: dict[int, int] = {}
+    for param, index in params.items():
+        read = 0
+        for op, pos, user, operands, callee in uses.get(param, []):
+            nested = _fusion_access(computations, callee, memo)[0] if op == "fusion" else {}
+            if op in ("dynamic-slice", "gather") and pos == 0:  # the slice is read, wherever it goes
+                read += sum(spaced_bytes(shapes[user]))
+            elif pos in nested:
+                read += nested[pos]
+            elif op == "dynamic-update-slice" and pos == 0 and len(operands) > 1:
+                in_place[index] = sum(spaced_bytes(shapes.get(operands[1], "")))
+            else:
+                read = -1
+                break
+        if uses.get(param) and read >= 0 and index not in in_place:
+            sliced[index] = read
+    memo[name] = (sliced, in_place)
+    return memo[name]
+
+
+def hbm_traffic(hlo_text: str, unbounded_loops_only: bool = False) -> list[Traffic]:
+    """Every top-level instruction that moves HBM bytes, with how often it runs (see `collective_bytes` for
+    loops and `unbounded_loops_only`); sum `hbm_bytes * count` for a program's HBM traffic."""
+    computations, entry = _split_computations(hlo_text)
+    if entry is None:
+        return []
+    counts = _counts(computations, entry, unbounded_loops_only)
+    # Fused computations and reducers run inside their caller's kernel: their caller's line is the traffic.
+    inner = set(re.findall(r"\bto_apply=%?([\w.\-]+)", hlo_text))
+    inner |= set(re.findall(r"\sfusion\(.*?\bcalls=%?([\w.\-]+)", hlo_text))
+    memo: dict[str, tuple[dict[int, int], dict[int, int]]] = {}
+    rows: list[Traffic] = []
+    for comp, lines in computations.items():
+        if not counts.get(comp) or comp in inner:
+            continue
+        instructions = _instructions(lines)
+        shapes = {n: result for n, result, *_ in instructions}
+        for name, result, op, operands, line in instructions:
+            if op in _NO_TRAFFIC or op.endswith("-done"):
                 continue
-            operands = array_bytes(_operands(line, m.end() - 1))
-            result = array_bytes(m.group("result"))
-            if m.group("start"):
-                result = max(result - operands, 0)
-            out[m.group("op")] += max(operands, result) * counts[name]
-    return dict(out)
+            reads = [spaced_bytes(shapes.get(n, "")) for n in operands]
+            out_hbm, out_chip = spaced_bytes(result)
+            callee = re.search(r"\bcalls=%?([\w.\-]+)", line)
+            sliced, in_place = (
+                _fusion_access(computations, callee.group(1), memo) if op == "fusion" and callee else ({}, {})
+            )
+            if op in ("dynamic-slice", "gather"):
+                sliced = {0: out_hbm + out_chip}
+            elif op == "dynamic-update-slice" and len(reads) > 1:
+                in_place = {0: sum(reads[1])}
+            for i, (hbm, chip) in enumerate(reads):
+                if i in in_place and hbm:  # updated where it lies: only the update is written, nothing read
+                    reads[i] = (0, chip)
+                    out_hbm = max(out_hbm - hbm, 0) + in_place[i]
+                elif i in sliced and hbm:
+                    reads[i] = (min(sliced[i], hbm), chip)
+            if op.endswith("-start"):  # an async pair's -start returns its operands with its results
+                out_hbm = max(out_hbm - sum(r[0] for r in reads), 0)
+            moved = sum(r[0] for r in reads) + out_hbm
+            if moved:
+                source = _OP_NAME.search(line)
+                chip = sum(r[1] for r in reads) + out_chip
+                label = source.group(1) if source else ""
+                rows.append(Traffic(comp, name, op, counts[comp], moved, chip, label))
+    return rows

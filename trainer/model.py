@@ -285,6 +285,8 @@ class Qwen2(nnx.Module):
         layer_def, layer_state = nnx.split(self.layers)
         if cache is None:
             x = _layers(layer_def, layer_state, x, positions, attn_mask, remat)
+        elif x.shape[1] == 1:  # a decode step: each layer's cache read once
+            x, cache = _decode_layers(layer_def, layer_state, x, positions, attn_mask, cache, dtype)
         else:
             x, cache = _cached_layers(layer_def, layer_state, x, positions, attn_mask, cache, dtype)
         return self.final_norm(x), cache
@@ -348,6 +350,74 @@ def _cached_layers(
     (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, layers))
     return x, KVCache(k=k, v=v, valid=valid, index=index + t)
 
+
+
+def cached_attention(
+    q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mask: jax.Array, k: jax.Array, v: jax.Array,
+    new_mask: jax.Array,
+) -> jax.Array:
+    """Grouped-query attention of T new tokens over the cache as it was before them plus themselves, as
+    one softmax over both key sets. q, k, v: [B, T, heads, D]; ck, cv: [B, S, Hkv, D] (one layer's cache,
+    read once, never copied or rewritten here); cache_mask: [B, S]; new_mask: [B, T, T] bool.
+
+    The new tokens' keys/values are attended separately rather than written into the cache first: a
+    decode step then reads each layer's cache exactly once and writes only its new slot afterwards."""
+    b, t, hq, d = q.shape
+    hkv = ck.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    old = jnp.einsum("btkgd,bskd->bkgts", q, ck, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(cache_mask[:, None, None, None, :], old, _MASK_VALUE)
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    new = jnp.where(new_mask[:, None, None], new, _MASK_VALUE)
+    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), jnp.max(new, axis=-1, keepdims=True))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)
+    total = jnp.sum(old, axis=-1, keepdims=True) + jnp.sum(new, axis=-1, keepdims=True)
+    old, new = (old / total).astype(cv.dtype), (new / total).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", old, cv, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", new, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype).reshape(b, t, hq * d)
+
+
+def _decode_layers(
+    layer_def: nnx.GraphDef[DecoderLayer],
+    layer_state: nnx.State,
+    x: jax.Array,
+    positions: jax.Array,
+    attn_mask: jax.Array,
+    cache: KVCache,
+    dtype: Any,
+) -> tuple[jax.Array, KVCache]:
+    """KV-cache path of a decode step (any T works; a prefill compiles to a better-sharded program on
+    `_cached_layers`' carried cache, BENCHMARKS.md "Decode step").
+
+    Each layer's cache slice is a scan input, read once by `cached_attention`; the layers emit only their
+    T new keys/values, written into the cache in one update after the scan (in place when the cache
+    buffer is donated or a loop carry). Carrying the whole cache through the scan and updating it per
+    layer made XLA copy the whole cache into another layout and back at every decode step."""
+    t = x.shape[1]
+    index = cache.index
+    slots = jnp.arange(cache.valid.shape[1])
+    cache_mask = cache.valid & (slots < index)[None, :]  # [B, S]: the slots written before this call
+    new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]  # [B, T, T]
+
+    def body(
+        x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        state, ck, cv = xs
+        layer = nnx.merge(layer_def, state)
+        q, k, v = layer.qkv(x, positions)
+        k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)  # as read back from cache
+        attn = cached_attention(q, ck.astype(dtype), cv.astype(dtype), cache_mask, k, v, new_mask)
+        x = x + layer.attn.o(attn)
+        return x + layer.mlp(layer.mlp_norm(x)), (k.astype(ck.dtype), v.astype(cv.dtype))
+
+    x, (new_k, new_v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
+    at = (0, 0, index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache.k, new_k, at)
+    v = jax.lax.dynamic_update_slice(cache.v, new_v, at)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
+    return x, KVCache(k=k, v=v, valid=valid, index=index + t)
 
 # ------------------------------------------------------------------------ the state pytree <-> modules
 
