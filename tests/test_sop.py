@@ -14,6 +14,8 @@ from orchestrator import sop
 from orchestrator.errors import JobFailed, UsageError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunStore
+from orchestrator.sop.replay import HANDLERS
+from orchestrator.sop.schema import FetchStep
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SOP = REPO / "sops" / "local_pallas_vs_jax.yaml"
@@ -156,14 +158,14 @@ def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, 
         "name: lost_disk\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
         "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
     )
-    real_fetch_step = sop._Replayer.do_fetch
+    real_fetch_step = HANDLERS[FetchStep]
 
-    def disk_lost_first(self, step, st):  # the VM was recreated after the run: its run dirs are gone
+    def disk_lost_first(replayer, step, st):  # the VM was recreated after the run: its run dirs are gone
         for run_dir in (work / ".grpoctl").rglob("runs/*"):
             shutil.rmtree(run_dir)
-        return real_fetch_step(self, step, st)
+        return real_fetch_step(replayer, step, st)
 
-    monkeypatch.setattr(sop._Replayer, "do_fetch", disk_lost_first)
+    monkeypatch.setitem(HANDLERS, FetchStep, disk_lost_first)
     result = sop.replay(file, config_file=config)
     run_id = result.state.steps["run:w"].run_id
     assert result.state.steps["fetch"].status == "done"
