@@ -68,11 +68,21 @@ class Sessions:
             )
             if self.stall_after_s is not None:
                 session.config = session.config.model_copy(update={"stall_after_s": self.stall_after_s})
-            self._open[name] = self._open.setdefault(session.target_name, session)
+            same = self._open.get(session.target_name)  # the default target, asked for by its name
+            if same is not None:
+                session.close()
+                session = same
+            self._open[name] = self._open[session.target_name] = session
         return self._open[name]
+
+    def runs(self, run_id: str | None, *, limit: int = 20) -> list[RunRecord]:
+        """The run `run_id` (id or unique prefix), else the latest `limit` runs."""
+        self.get()  # the config is read, and a broken one refused, before the store is
+        return [self.store.get(run_id)] if run_id else self.store.list(limit=limit)
 
     def record(self, run_id: str | None) -> RunRecord:
         """A stored run by id (or unique prefix); the latest run without one."""
+        self.get()  # the config is read, and a broken one refused, before the store is
         if run_id:
             return self.store.get(run_id)
         records = self.store.list(limit=1)

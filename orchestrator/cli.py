@@ -18,23 +18,19 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from grpoctl_contract.progress import fmt_duration
-from orchestrator import api, recipes
+from orchestrator import api, recipes, render
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
-from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView
 from orchestrator.recovery import RecoveryPolicy
-from orchestrator.runs import RunRecord
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
 _GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
@@ -248,95 +244,6 @@ def _confirm(question: str) -> None:
         raise UsageError("cancelled: nothing deleted")
 
 
-# ------------------------------------------------------------------------------------- rendering
-
-
-def _quiet_s(record: RunRecord) -> int:
-    return max((w.quiet_s or 0 for w in record.workers), default=0)
-
-
-def _progress_text(record: RunRecord) -> str:
-    """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA."""
-    phase = watch_ops.phase_json(record)
-    if record.state == "STALLED":
-        at = f" at {phase['text']}" if phase else ""
-        return f"no output for {_quiet_s(record)} s{at}"
-    if phase is None:
-        return "-"
-    if record.is_terminal:
-        p = record.last_progress or {}
-        return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
-    return f"{phase['text']} eta {fmt_duration(phase['eta_s'])}"
-
-
-def _phase_bar(record: RunRecord) -> ProgressBar | str:
-    phase = watch_ops.phase_json(record)
-    if phase is None or not phase["n"] or record.is_terminal:
-        return ""
-    return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
-
-
-def _runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
-    table = Table(box=None, pad_edge=False)
-    # Narrow terminals squeeze the log path, never the run id (what every other command takes).
-    table.add_column("run id", no_wrap=True, min_width=max((len(r.run_id) for r in records), default=6))
-    table.add_column("target")
-    table.add_column("state", no_wrap=True, min_width=9)
-    if bars:  # a terminal: the current phase's own bar
-        table.add_column("phase", no_wrap=True)
-    for col in ("progress", "workers", "log"):
-        table.add_column(col)
-    for r in records:
-        workers = " ".join(
-            f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}" for w in r.workers
-        )
-        state = r.state
-        failed = [w for w in r.workers if w.state == "FAILED"]
-        if state == "FAILED" and failed:
-            state = f"FAILED({failed[0].exit_code})"
-        cells = [r.run_id, r.target, state, *([_phase_bar(r)] if bars else []), _progress_text(r)]
-        table.add_row(*cells, workers, r.log_path)
-    return table
-
-
-def _identity_lines(record: RunRecord) -> list[str]:
-    """What produced a run: the worker's commit at launch, the config hash, the W&B run page."""
-    lines = [f"commit: {record.git_commit or 'unknown'}", f"config hash: {record.config_hash or 'unknown'}"]
-    if record.wandb_url:
-        lines.append(f"W&B: {record.wandb_url}")
-    return lines
-
-
-def _status_json(record: RunRecord) -> dict[str, Any]:
-    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
-
-
-def _run_bar(g: Globals, record: RunRecord) -> tuple[PhaseView, watch_ops.OnPoll]:
-    """A phase bar on stderr for a waited run, and the poll callback that moves it."""
-    view = PhaseView(g.err, record.run_id, enabled=not g.json)
-
-    def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-        note = f"{len(poll.errors)} worker(s) unreachable, retrying" if poll.errors else ""
-        if rec.state == "STALLED":
-            note = f"STALLED: no output for {_quiet_s(rec)} s" + (f"; {note}" if note else "")
-        view.show(rec.state, poll.progress, note)
-
-    return view, on_poll
-
-
-def _bootstrap_bar(view: PhaseView) -> sync_ops.OnStage:
-    """Bootstrap stages as a phase bar (the slowest worker's stage)."""
-    stages: dict[str, tuple[int, int, str]] = {}
-
-    def on_stage(worker: str, k: int, n: int, label: str) -> None:
-        stages[worker] = (k, n, label)
-        name, (k, n, label) = min(stages.items(), key=lambda item: item[1][0])
-        # k-1 stages are finished while stage k runs
-        view.update("bootstrap", k - 1, n, text=f"stage {k}/{n}: {label} ({name.split()[0]})")
-
-    return on_stage
-
-
 # ------------------------------------------------------------------------------------- commands
 
 
@@ -407,9 +314,9 @@ def sync(
 ) -> None:
     """Git-sync the repo on every worker (clone/fetch/reset/clean), then bootstrap the venv."""
     g = _globals(ctx)
-    with g.sessions() as sessions, PhaseView(g.err, "bootstrap", enabled=not g.json and bootstrap) as view:
+    with g.sessions() as sessions, render.BootstrapBar(g.err, enabled=not g.json) as bar:
         session = sessions.get()
-        result = api.sync(session, bootstrap=bootstrap, on_stage=_bootstrap_bar(view))
+        result = api.sync(session, bootstrap=bootstrap, on_stage=bar.on_stage)
     g.debug(f"{result.url} @ {result.branch} -> {session.remote_dir} on {len(result.heads)} worker(s)")
     for worker, python in result.pythons.items():
         g.debug(f"{worker}: python {python}")
@@ -488,13 +395,13 @@ def run(
                 g.say(f"log: {record.log_path}  pid: {record.pid_path}  exit: {record.exit_path}")
             return
         g.say(f"{record.run_id}: log {record.log_path}")
-        view, on_poll = _run_bar(g, record)
+        view, on_poll = render.run_bar(g.err, record, enabled=not g.json)
         try:
             with view:
                 api.wait(session, record, policy, interval=interval, on_poll=on_poll)
         finally:
             if g.json:
-                g.emit_json(_status_json(record))
+                g.emit_json(render.status_json(record))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 g.out.print(f"{record.run_id} {record.state}{made_up}")
@@ -521,11 +428,13 @@ def status(
     def show(round_: api.StatusRound) -> None:
         records = round_.records
         if g.json:
-            g.emit_json([_status_json(r) for r in records] if not run_id else _status_json(records[0]))
+            g.emit_json(
+                [render.status_json(r) for r in records] if not run_id else render.status_json(records[0])
+            )
         else:
             parts = [round_.machine] if round_.machine else []
-            identity = [Text(line) for line in _identity_lines(records[0])] if run_id else []
-            view = Group(*parts, _runs_table(records, bars=g.out.is_terminal), *identity)
+            identity = [Text(line) for line in render.identity_lines(records[0])] if run_id else []
+            view = Group(*parts, render.runs_table(records, bars=g.out.is_terminal), *identity)
             if live is not None:  # a terminal: redraw in place
                 live.update(view, refresh=True)
             else:
@@ -534,7 +443,7 @@ def status(
             g.say(f"unreachable (will retry): {line}")
 
     with g.sessions(stall_after_s=stall_after) as sessions:
-        records = [sessions.record(run_id)] if run_id else sessions.store.list(limit=limit)
+        records = sessions.runs(run_id, limit=limit)
         if live is not None:
             live.start()
         try:
@@ -571,7 +480,7 @@ def recover(
     with g.sessions() as sessions:
         session, record = sessions.for_run(run_id)
         api.reattach(record, secrets)  # refuses before anything is recreated
-        view, on_poll = _run_bar(g, record)
+        view, on_poll = render.run_bar(g.err, record, enabled=not g.json)
         try:
             with view:
                 api.wait(session, record, policy, interval=interval, on_poll=on_poll)

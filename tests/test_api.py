@@ -16,7 +16,8 @@ def test_a_whole_dry_run_through_the_api(folder: Path, capsys: pytest.CaptureFix
     said: list[str] = []
     with api.Sessions(dry_run=True, say=said.append) as sessions:
         s = sessions.get()
-        assert sessions.get(s.target_name) is s  # one session per target, whichever name asked for it
+        # one session per target, whichever name asked for it
+        assert sessions.get(s.target_name) is s and sessions.get() is s
         assert api.up(s) == api.TargetState("local", "local", "DRY_RUN", {"kind": "local"}, 1)
         synced = api.sync(s)
         assert set(synced.pythons) == set(synced.heads) and len(synced.heads) == 1

@@ -9,19 +9,8 @@ from pathlib import Path
 from orchestrator import compare as cmp
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunRecord, utc_now_iso
-from orchestrator.sop.schema import (
-    CompareStep,
-    DownStep,
-    EnvPushStep,
-    FetchStep,
-    RunStep,
-    Sop,
-    Step,
-    SyncStep,
-    UpStep,
-    WaitStep,
-    step_id,
-)
+from orchestrator.sop import schema
+from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, step_id
 from orchestrator.sop.state import ReplayState, StepState
 
 
@@ -51,19 +40,19 @@ def command_line(
     """The grpoctl command that does what `step` does (never a secret: `-e` values show as ***)."""
     ids = run_ids(sop, state)
     args: list[str]
-    if isinstance(step, UpStep | DownStep):
+    if isinstance(step, schema.UpStep | schema.DownStep):
         args = [step.kind]
-    elif isinstance(step, SyncStep):
+    elif isinstance(step, schema.SyncStep):
         args = ["sync", *([] if step.bootstrap else ["--no-bootstrap"])]
-    elif isinstance(step, EnvPushStep):
+    elif isinstance(step, schema.EnvPushStep):
         args = ["env", "push", "--file", step.file]
     elif isinstance(step, RunStep):
         args = ["run", step.config, *[f"--env {k}=***" for k in step.env]]
         args += [f"--set {k}={v}" for k, v in {**step.set, **overrides}.items()]
         args += ["--wait"] if step.wait else []
-    elif isinstance(step, WaitStep):
+    elif isinstance(step, schema.WaitStep):
         args = ["status", ids.get(step.run, "?"), "--watch"]
-    elif isinstance(step, FetchStep):
+    elif isinstance(step, schema.FetchStep):
         names = step.runs or [s.name for s in sop.steps if isinstance(s, RunStep)]
         args = ["fetch", *[ids.get(n, "?") for n in names]]
     else:
