@@ -213,3 +213,44 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
     report = result.report_path.read_text()
     assert all(f"**Verdict**: {line}" in report for line in lines)
+
+
+def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
+    """The report's command column comes from one function; `-e` values never appear in it."""
+    from orchestrator.sop.report import command_line
+
+    parsed = sop.parse_sop(
+        {
+            "name": "x",
+            "steps": [
+                "up",
+                {"sync": {"bootstrap": False}},
+                {"env_push": {"file": "my.env"}},
+                {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue"}, "set": {"s": 1}}},
+                {"run": {"name": "b", "config": "d.yaml", "wait": False}},
+                {"wait": {"run": "b"}},
+                "fetch",
+                {"compare": {"a": "a", "b": "b"}},
+                "down",
+            ],
+        },
+        "x.yaml",
+    )
+    state = sop.ReplayState("x.yaml", {"run:a": sop.StepState(run_id="ra")})
+    lines = [
+        command_line(
+            s, sop=parsed, state=state, target="t", dry_run=True, overrides={"o": "2"}, report_dir=Path("r")
+        )
+        for s in parsed.steps
+    ]
+    assert [line.removeprefix("grpoctl --dry-run --target t ") for line in lines] == [
+        "up",
+        "sync --no-bootstrap",
+        "env push --file my.env",
+        "run c.yaml --env K=*** --set s=1 --set o=2 --wait",
+        "run d.yaml --set o=2",
+        "status ? --watch",  # run b has no id yet
+        "fetch ra ?",
+        "compare ra ? --plot r/a_vs_b.png",
+        "down",
+    ]
