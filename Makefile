@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh clone:
 #   make demo   set up .venv and replay sops/local_pallas_vs_jax.yaml on the local target (tiny model, CPU)
 #   make test   set up .venv and run the whole test suite
+# Beside them: make laptop-test  the laptop-only install (no jax, torch, transformers) in $(LAPTOP_VENV):
+#   the orchestrator tests run, the trainer tests are skipped with their reason (TESTING.md).
 # Beside them (not one of them): make rehearsal  replays the seed TPU SOP on the fake Cloud TPU API with
 #   two loopback-sshd workers, a real bootstrap from the registry, the real trainer as two JAX processes
 #   and a preemption (orchestrator/testing/rehearsal.py; report in runs/rehearsal/report.md).
@@ -9,7 +11,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean mutate rehearsal
+LAPTOP_VENV ?= /tmp/grpoctl-laptop-venv
+
+.PHONY: demo test lint bench venv clean mutate rehearsal laptop-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+laptop-test:
+	test -x $(LAPTOP_VENV)/bin/python || $(PYTHON) -m venv $(LAPTOP_VENV)
+	$(LAPTOP_VENV)/bin/python -m pip install -q -e '.[test]'
+	$(LAPTOP_VENV)/bin/grpoctl --help > /dev/null
+	$(LAPTOP_VENV)/bin/python -m pytest -q tests
 
 rehearsal: $(STAMP)
 	$(BIN)/python -m orchestrator.testing.rehearsal

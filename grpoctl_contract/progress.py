@@ -26,6 +26,9 @@ from typing import Any
 
 PREFIX = '{"event": '
 INFO_PREFIX = '{"event": "info"'
+# The preflight (`python -m trainer.preflight`, a separate program) writes one line per compiled function
+# to stderr, starting with this; the laptop's preflight gate relays those lines while it waits.
+PREFLIGHT_COMPILED = "preflight: compiled "
 
 # The phases of a run, in the order they happen (compile and checkpoint recur; eval is the periodic one).
 PHASES = (

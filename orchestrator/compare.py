@@ -17,17 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl_contract import rundir
+from grpoctl_contract.rundir import SOP_KEYS  # cli and the SOP replayer read it as compare.SOP_KEYS
 from orchestrator.config import read_text_utf8
 from orchestrator.errors import UsageError
 
-# The five keys the seed SOP reads from each run's summary.
-SOP_KEYS = (
-    "eval_full/accuracy",
-    "eval/reward/func/reward_correct/mean",
-    "eval/reward/total/mean",
-    "time/train/step_avg_last10_s",
-    "time/eval_full/step_s",
-)
 ALPHA = 0.05
 
 
@@ -184,12 +178,12 @@ def load_run(folder: str | Path) -> RunFiles:
     folder = Path(folder)
     summary = read_summary(folder)
     if not summary:
-        raise UsageError(f"{folder}: no summary.json (fetch the run first: grpoctl fetch {folder.name})")
+        raise UsageError(f"{folder}: no {rundir.SUMMARY} (fetch the run first: grpoctl fetch {folder.name})")
     eval_full, eval_full_start = (
         _read_correctness(path) if (path := folder / name).is_file() else None
-        for name in ("eval_full.jsonl", "eval_full_start.jsonl")
+        for name in (rundir.EVAL_FULL_ROWS, rundir.EVAL_FULL_START_ROWS)
     )
-    metrics_path = folder / "metrics.jsonl"
+    metrics_path = folder / rundir.METRICS
     metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
     return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start)
 
@@ -197,7 +191,7 @@ def load_run(folder: str | Path) -> RunFiles:
 def read_summary(folder: Path) -> dict[str, Any]:
     """W&B's wandb-summary.json overlaid by our own summary.json (ours wins); {} when neither exists."""
     summary: dict[str, Any] = {}
-    for name in ("wandb-summary.json", "summary.json"):
+    for name in (rundir.WANDB_SUMMARY, rundir.SUMMARY):
         path = folder / name
         if path.is_file():
             summary.update(_read_json(path))

@@ -76,13 +76,12 @@ class TpuTargetConfig(_Strict):
     user: str = "root"
     ssh_key: str = "~/.ssh/grpoctl_ed25519"  # created when missing
     host_key_sha256: list[str] = []  # pins; default: read from the node's guest attributes
-    api_endpoint: str | None = None  # e.g. a private endpoint, or the fake API in tests
+    # A private or regional Cloud TPU API endpoint (default: Google's public one). A plain `http://` one is
+    # a local proxy and gets anonymous credentials.
+    api_endpoint: str | None = None
     python: str | None = None
-    # What `sync` installs into the workers' venv; the `tpu` extra (libtpu) only helps on a real TPU VM, so
-    # a rehearsal on the fake API's CPU workers drops it.
-    bootstrap_extras: list[str] = ["trainer", "tpu"]
     connect_timeout_s: float = Field(default=10.0, gt=0)
-    ssh_port: int = Field(default=22, ge=0, lt=65536)  # 0: each network endpoint's `port` (the fake API)
+    ssh_port: int = Field(default=22, ge=1, lt=65536)  # the workers' sshd port
     # give up (and delete what `up` created) after this long
     up_timeout_s: float = Field(default=1800.0, gt=0)
     # keep retrying SSH auth this long while a new key propagates

@@ -31,6 +31,7 @@ from typing import Any
 from rich.table import Table
 
 from grpoctl_contract.envflags import ENV_FLAGS
+from grpoctl_contract.progress import PREFLIGHT_COMPILED
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.runs import state_dir
 
@@ -371,7 +372,7 @@ def _xla_oom(line: str) -> str:
     return line.split("RESOURCE_EXHAUSTED: ", 1)[-1]
 
 
-PROGRESS_PREFIX = "preflight: compiled "  # the trainer's per-function progress line on stderr
+PROGRESS_PREFIX = PREFLIGHT_COMPILED  # the trainer's per-function progress line on stderr
 
 
 def _spawn(

@@ -5,18 +5,25 @@ the one quoting helper of `orchestrator.transport.shell` (`q` / `qpath` here; pa
 the tilde meaning through `"$HOME"`). No recipe ever carries a secret: `.env` and `-e` values travel by
 `Transport.put` into 0600 files, and `env_verify` reports key names and value byte lengths only.
 
-Each recipe prints `KEY=value` lines that the matching `parse_*` function reads back.
+Each recipe prints `KEY=value` lines that the matching `parse_*` function reads back, and returns a
+`Recipe`: its shell text together with its name (the function's), so that whoever needs to know which
+recipe a command is (the dry run's scripted answers, the journal) asks the name, never the text.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ParamSpec
 
 import grpoctl_contract.envfile
 from grpoctl_contract import progress as contract
+from grpoctl_contract import rundir
 from orchestrator.errors import UsageError
 from orchestrator.transport.shell import quote as q
 from orchestrator.transport.shell import quote_path as qpath
@@ -35,6 +42,48 @@ GENERATED = ("logs/", "runs/", "wandb/", ".env", ".venv/")
 CHECKOUT_MARKER = ".git/grpoctl-checkout"
 
 PROGRESS_PREFIX = contract.PREFIX
+
+_P = ParamSpec("_P")
+
+
+class Recipe(str):
+    """The shell text of one recipe, with the recipe's `name` and the `args` it was built from.
+
+    A `str`, so every transport runs it unchanged; text built around it (`"x" + recipe`) is plain text
+    again, which is right: it is no longer the recipe. `args` are never printed or journaled (`env` holds
+    launch flags); only the dry run's responder reads them (e.g. which paths `existing_files` asked for).
+    """
+
+    name: str
+    args: Mapping[str, Any]
+
+    def __new__(cls, name: str, script: str, args: Mapping[str, Any] | None = None) -> Recipe:
+        obj = super().__new__(cls, script)
+        obj.name = name
+        obj.args = MappingProxyType(dict(args or {}))
+        return obj
+
+    @property
+    def script(self) -> str:
+        return str(self)
+
+
+# Every function decorated with `_recipe`, by name: the set of names a dry-run responder must know.
+RECIPES: dict[str, Callable[..., Recipe]] = {}
+
+
+def _recipe(build: Callable[_P, str]) -> Callable[_P, Recipe]:
+    """Name the text `build` returns after `build` itself, and register it in RECIPES."""
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def named(*args: _P.args, **kwargs: _P.kwargs) -> Recipe:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return Recipe(build.__name__, build(*args, **kwargs), bound.arguments)
+
+    RECIPES[build.__name__] = named
+    return named
 
 
 def _script(*lines: str) -> str:
@@ -58,6 +107,7 @@ _ALIVE_FN = (
 # --------------------------------------------------------------------------------------------- sync
 
 
+@_recipe
 def sync(repo_dir: str, url: str, branch: str) -> str:
     """Clone if missing, fetch, check out `branch` at origin's tip, print HEAD; never destroy user files.
 
@@ -133,6 +183,7 @@ BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worke
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
 
 
+@_recipe
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
     """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
 
@@ -194,6 +245,7 @@ def venv_python(repo_dir: str) -> str:
 # ------------------------------------------------------------------------------------------ env push
 
 
+@_recipe
 def home_dir() -> str:
     """Prints `$HOME`, to turn `~/...` into the absolute path that SFTP needs."""
     return 'printf "HOME=%s\\n" "$HOME"\n'
@@ -206,6 +258,7 @@ def parse_home(stdout: str) -> str | None:
 ENVFILE_SOURCE = Path(grpoctl_contract.envfile.__file__).read_bytes()
 
 
+@_recipe
 def env_verify(env_path: str, checker: str) -> str:
     """Print the file's mode and, per key, the BYTE length of its value (never the value).
 
@@ -221,11 +274,13 @@ def env_verify(env_path: str, checker: str) -> str:
     )
 
 
+@_recipe
 def env_install(pending: str, dest: str) -> str:
     """Rename the verified upload over the live file (atomic: a reader sees the old or the new file)."""
     return _script(f"mv -f -T -- {qpath(pending)} {qpath(dest)}", 'echo "INSTALLED=1"')
 
 
+@_recipe
 def remove_file(path: str) -> str:
     return _script(f"rm -f -- {qpath(path)}")
 
@@ -339,6 +394,7 @@ LAUNCH_LOCK = "logs/.launch.lock"
 LOCK_WAIT_S = 60
 
 
+@_recipe
 def launch(
     repo_dir: str,
     python: str,
@@ -415,6 +471,7 @@ def parse_busy(stdout: str) -> str | None:
 # -------------------------------------------------------------------------------------------- status
 
 
+@_recipe
 def status(repo_dir: str, paths: RunPaths) -> str:
     """Probe one run on one worker: exit file, pid liveness and the last progress line of the log."""
     return _script(
@@ -567,6 +624,7 @@ def combine(states: Sequence[WorkerStatus]) -> str:
 # ------------------------------------------------------------------------------------- kill and logs
 
 
+@_recipe
 def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
     """TERM the job's process group (the trap writes the exit file), KILL it after `grace_s`.
 
@@ -595,24 +653,28 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
     )
 
 
+@_recipe
 def tail_log(repo_dir: str, log_path: str, lines: int = 200) -> str:
     return f"cd {qpath(repo_dir)} && tail -n {int(lines)} {q(log_path)}\n"
 
 
+@_recipe
 def read_log_from(repo_dir: str, log_path: str, offset: int) -> str:
     """The log's bytes from `offset` on: `--follow` polls with this, so a dropped link loses nothing."""
     return f"cd {qpath(repo_dir)} && tail -c +{int(offset) + 1} {q(log_path)}\n"
 
 
+@_recipe
 def find_wandb_summary(repo_dir: str, run_dir: str) -> str:
     """The run-specific W&B summary (never `latest-run`): newest `run-*` folder under the run's wandb/."""
-    pattern = f"{run_dir.rstrip('/')}/wandb/run-*/files/wandb-summary.json"
+    pattern = f"{run_dir.rstrip('/')}/{rundir.WANDB_SUMMARY_GLOB}"
     return _script(
         f"cd {qpath(repo_dir)}",
         f'for f in {_glob_quote(pattern)}; do [ -e "$f" ] && echo "WANDB=$f"; done; true',
     )
 
 
+@_recipe
 def existing_files(repo_dir: str, paths: Sequence[str]) -> str:
     """Which of `paths` (relative to the checkout) exist; prints FILE= lines."""
     checks = " ".join(q(p) for p in paths)

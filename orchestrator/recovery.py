@@ -41,8 +41,7 @@ class _MachineGone(Exception):
 
 def _preemption(session: Session) -> str | None:
     """The API's verdict on the target machine; None for targets that cannot be preempted."""
-    probe = getattr(session.target, "preemption", None)
-    return probe() if probe is not None else None
+    return session.target.preemption()
 
 
 def prepare_workers(session: Session, env_file: str) -> None:

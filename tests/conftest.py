@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import ipaddress
 import os
 import socket
@@ -44,6 +46,76 @@ def _loopback_only_connect(sock: socket.socket, address):  # type: ignore[no-unt
 
 
 socket.socket.connect = _loopback_only_connect  # type: ignore[method-assign]
+
+
+# --- the laptop-only install (`pip install -e '.[test]'`: no jax, torch, transformers) ---------------------
+
+
+def _extras_modules() -> frozenset[str]:
+    """Import names of what grpoctl's extras add to the base install, read from the installed package's
+    metadata (pyproject.toml is the one list): `orbax-checkpoint` -> `orbax_checkpoint`, `jax[tpu]` ->
+    `jax`."""
+    import re
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("grpoctl") or []
+    except metadata.PackageNotFoundError:
+        return frozenset()
+    names = (re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requires if "extra ==" in r)  # type: ignore[union-attr]
+    return frozenset(n.lower().replace("-", "_").replace(".", "_") for n in names)
+
+
+_EXTRAS = _extras_modules()
+
+
+def _missing_extra(err: BaseException | None) -> str | None:
+    """The extra's module whose absence made a test module fail to import, or None for any other error."""
+    while err is not None:
+        if isinstance(err, ModuleNotFoundError) and err.name:
+            top = err.name.split(".")[0].lower()
+            # `orbax` is distributed as orbax-checkpoint: a module name may be a prefix of its distribution's
+            if any(dist == top or dist.startswith(top + "_") for dist in _EXTRAS):
+                return err.name
+            return None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+# Every trainer module needs jax (some only inside their functions): without it, the trainer half is out.
+_NO_TRAINER = importlib.util.find_spec("jax") is None
+_INSTALL_HINT = "which the laptop-only install lacks (pip install -e '.[trainer,dev]', or `make venv`)"
+
+
+def _uses_trainer(module: object) -> bool:
+    """Whether a test module imported anything from the `trainer` package (a module, class or function)."""
+    for value in vars(module).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and (name == "trainer" or name.startswith("trainer.")):
+            return True
+    return False
+
+
+class _TestModule(pytest.Module):
+    """A trainer test module is skipped, with the reason, where the trainer's packages are absent (the
+    laptop-only install): whether importing it fails on one of them, or it imports the trainer's jax-free
+    parts and would fail in its tests. Any other import error still fails collection."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        try:
+            items = super().collect()
+        except self.CollectError as err:
+            missing = _missing_extra(err.__cause__)
+            if missing is None:
+                raise
+            pytest.skip(f"{self.path.name} is a trainer test: needs {missing}, {_INSTALL_HINT}")
+        if _NO_TRAINER and _uses_trainer(self.obj):
+            pytest.skip(f"{self.path.name} tests the trainer: needs jax, {_INSTALL_HINT}")
+        return items
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module:
+    return _TestModule.from_parent(parent, path=module_path)
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import sop
+from orchestrator import recipes, sop
 from orchestrator.cli import app
+from orchestrator.config import parse_config
+from orchestrator.errors import UsageError
+from orchestrator.ops import dryrun
+from orchestrator.transport.recording import RecordingScript
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_SOP = REPO / "sops" / "grpo_gsm8k_pallas_vs_jax.yaml"
@@ -168,18 +172,60 @@ def test_dry_run_of_single_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not (tmp_path / ".grpoctl").exists()  # the local target's workdir was never created
 
 
-def test_bootstrap_extras_choose_what_sync_installs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Found by the rehearsal: a tpu target always installed the `tpu` extra (libtpu), useless and slow on
-    workers without TPU chips; `bootstrap_extras` says what `sync` installs."""
+@pytest.mark.parametrize(
+    ("target", "extras"),
+    [
+        ("tpu: {kind: tpu, project: p, zone: us-east1-d, name: n}", "'.[trainer,tpu]'"),
+        ("lab: {kind: ssh, hosts: [h1]}", "'.[trainer]'"),  # GPU or CPU hosts: libtpu has nothing to drive
+    ],
+)
+def test_each_kind_of_target_says_what_sync_installs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, extras: str
+):
+    """The target declares its bootstrap extras (a TPU VM also needs libtpu); no config key and no test
+    hook in grpoctl.yaml chooses them."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "grpoctl.yaml").write_text(
-        "repo: {url: https://example.com/r.git, branch: main}\n"
-        "default_target: cpu\n"
-        "targets:\n"
-        "  cpu: {kind: tpu, project: p, zone: us-east1-d, name: n, bootstrap_extras: [trainer]}\n"
+        "repo: {url: https://example.com/r.git, branch: main}\n" f"targets:\n  {target}\n"
     )
-    result = CliRunner().invoke(app, ["--dry-run", "--target", "cpu", "sync"])
+    result = CliRunner().invoke(app, ["--dry-run", "sync"])
     assert result.exit_code == 0, result.output
-    assert "pip install -e '.[trainer]'" in result.stderr
-    assert "tpu]" not in result.stderr
+    assert f"pip install -e {extras}" in result.stderr
     assert "logs/bootstrap.log" in result.stderr  # pip's output is kept on the worker
+
+
+def test_test_wiring_is_not_user_configuration():
+    """`bootstrap_extras` (the rehearsal's CPU workers) and `ssh_port: 0` (the fake API's per-worker ports)
+    were grpoctl.yaml keys that only tests used: now they are an unknown key and an out-of-range port."""
+    for extra, needle in (({"bootstrap_extras": ["trainer"]}, "unknown key"), ({"ssh_port": 0}, "ssh_port")):
+        cfg = {"targets": {"t": {"kind": "tpu", "project": "p", "zone": "us-east1-d", "name": "n", **extra}}}
+        with pytest.raises(UsageError, match=needle):
+            parse_config(cfg, "grpoctl.yaml")
+
+
+def test_responder_answers_recipes_by_name_never_by_their_shell_text():
+    """The dry run's scripted answers are keyed by recipe name: the same text without the name (or any
+    text that merely looks like a recipe) gets none, so rewording a recipe cannot change what it answers."""
+    built = recipes.sync("/w", "file:///origin.git", "main")
+    assert (built.name, dryrun.responder(built, "w0")) == ("sync", (f"HEAD={dryrun.FAKE_HEAD}\n", 0))
+    assert dryrun.responder(str(built), "w0") is None  # the very same text, unnamed
+    assert dryrun.responder("echo 'git fetch --all' ALIVE= KILL= PYTHON=", "w0") is None
+    listing = recipes.existing_files("/w", ["runs/r/summary.json", "runs/r/notes.txt"])
+    assert dryrun.responder(listing, "w0") == ("FILE=runs/r/summary.json\n", 0)  # from its args, not its text
+    assert dryrun.responder(recipes.remove_file("/w/x"), "w0") is None  # a recipe with nothing to answer
+
+
+def test_every_scripted_reply_belongs_to_a_recipe():
+    """A renamed or removed recipe would silently lose its dry-run answer: the names must all exist."""
+    assert set(dryrun.REPLIES) <= set(recipes.RECIPES)
+    assert all(callable(recipes.RECIPES[name]) for name in dryrun.REPLIES)
+
+
+def test_the_dry_run_journal_names_each_recipe():
+    """The journal keeps which recipe built each command (None for plain text such as the probe)."""
+    script = RecordingScript(responder=dryrun.responder)
+    t = script.transport("w0 x")
+    t.run(recipes.home_dir())
+    t.run("true")
+    assert script.recipes() == ["home_dir", None]
+    assert [c.recipe for c in t.calls] == ["home_dir", None]

@@ -103,7 +103,7 @@ def test_every_reader_sees_the_same_value(tmp_path: Path):
 
 def test_the_trainer_reads_dotenv_with_the_shared_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """(Separate: importing the trainer costs jax's import, shared with the trainer tests in a full run.)"""
-    from trainer.train import load_dotenv
+    load_dotenv = pytest.importorskip("trainer.train", reason="trainer test: needs jax").load_dotenv
 
     env = tmp_path / ".env"
     env.write_bytes(f"TOKEN= {SECRET} \nUNI=pässwörd\n".encode())

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import standin_repo  # noqa: F401
+from standin import make_standin_repo, standin_repo  # noqa: F401
 from tpu_support import Project, long_run, one_line_error, preempt_at_step
 from typer.testing import CliRunner
 
@@ -20,7 +20,6 @@ from orchestrator.cli import app
 from orchestrator.errors import PreemptedError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import open_session
-from orchestrator.testing.resumable_standin import make_standin_repo
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
@@ -103,7 +102,7 @@ def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Proj
     args = ["--config-file", cfg, "run", repo.config, "--wait", "--interval", "0.1"]
     # The timeout only stops a wait that would ride out SSH errors for 15 minutes (today's main).
     done = subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
+        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", *args],  # grpoctl + the fake's ports
         capture_output=True,
         text=True,
         timeout=240,
@@ -137,7 +136,7 @@ def test_sop_wait_stops_at_a_preemption_and_replay_recover_resumes_the_same_run(
     preempted_at = preempt_at_step(project, project.root / "bucket", "grpo-sop-b", 3)
     args = ["--config-file", cfg, "sop", "replay", "spot.yaml", "--report", "report.md"]
     done = subprocess.run(  # timeout: see test_run_wait_exits_3_with_one_line_when_the_node_is_preempted
-        [sys.executable, "-m", "orchestrator", *args],
+        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", *args],  # grpoctl + the fake's ports
         capture_output=True,
         text=True,
         timeout=240,

@@ -26,6 +26,7 @@ def test_rehearsal_replays_the_tpu_sop_through_a_preemption(tmp_path: Path) -> N
         if os.environ.get("CI"):
             pytest.fail(f"{SSHD} is missing but CI is set", pytrace=False)
         pytest.skip(f"{SSHD} not installed")
+    pytest.importorskip("jax", reason="runs the real trainer on the fake VMs: needs the trainer extra")
     out = tmp_path / "out"
     code = rehearsal.main(
         ["--out", str(out), "--steps", "2", "--preempt-at-step", "1", "--worker-python", sys.executable]

@@ -192,6 +192,7 @@ def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
 @pytest.mark.slow
 def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`make demo` in small: the repo's own SOP, the real trainer (jax vs pallas loss), cut to 2 steps."""
+    pytest.importorskip("jax", reason="runs the real trainer: needs the trainer extra")
     work = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)  # committed code, like a worker
     config = tmp_path / "grpoctl.yaml"

@@ -39,9 +39,9 @@ def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Projec
     assert state == "SUCCEEDED"
     status = project.cli(cfg, "status", run_id)
     assert "target tpu: READY (health HEALTHY, workers 2)" in status.stdout and "SUCCEEDED" in status.stdout
-    for worker in project.node().workers:  # both VMs ran it, each from its own checkout
+    for i, worker in enumerate(project.node().workers):  # both VMs ran it, each from its own checkout
         run_dir = worker.home / "grpoctl-work" / "runs" / run_id
-        assert json.loads((run_dir / "summary.json").read_text())["wandb_key_len"] == len(SECRET)
+        assert json.loads((run_dir / f"worker{i}.json").read_text())["wandb_key_len"] == len(SECRET)
     project.cli(cfg, "fetch", run_id)
     assert json.loads((Path("runs") / run_id / "summary.json").read_text())["steps"] == 4
 

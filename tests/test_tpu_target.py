@@ -67,6 +67,22 @@ def test_ctrl_c_while_waiting_for_resources_deletes_the_queued_resource(project:
     _nothing_left(project)
 
 
+def test_the_target_reports_to_its_caller_and_never_prints(
+    project: Project, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Node states reach the `say` the caller passed (the CLI renders them on stderr); the target itself
+    writes nothing to stdout or stderr, with or without a listener."""
+    said: list[str] = []
+    tpu = TpuTargetConfig.model_validate(json.loads(_target_json(project, name="grpo-quiet")))
+    loud = TpuTarget("tpu", tpu, RepoConfig(), say=said.append)
+    loud.up()
+    loud.down()
+    TpuTarget("tpu", tpu, RepoConfig()).down()  # no listener: "nothing to delete" goes nowhere
+    assert any("READY" in line for line in said) and any("deleted" in line for line in said)
+    assert capfd.readouterr() == ("", "")
+    _nothing_left(project)
+
+
 def test_up_timeout_deletes_what_it_created(project: Project) -> None:
     project.fake.script.create_s = 30
     result = project.cli(project.config(name="grpo-slow", up_timeout_s=0.5), "up", code=3)

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grpoctl_contract import progress as progress_contract
+from grpoctl_contract.rundir import SOP_KEYS
 from trainer import config as C
 from trainer import grpo, sharding
-from trainer.metrics import SOP_KEYS
 from trainer.model import Qwen2Config, init_params
 from trainer.train import Stopped, run, setup
 
@@ -236,7 +237,7 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
         [(args, {**env, "GRPOCTL_PROCESS_ID": str(i)}) for i in range(2)], cwd=tmp_path, timeout=400
     )
     stdout = outputs[0][0]
-    assert '{"event": ' not in outputs[1][0]  # only process 0 reports
+    assert progress_contract.PREFIX not in outputs[1][0]  # only process 0 reports
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in (*SOP_KEYS, "run_id", "config_hash", "git_commit", "steps"):
@@ -255,7 +256,7 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     assert [r["id"] for r in start] == [r["id"] for r in sweep]  # eval_full_at_start is on by default
     assert summary["eval_full_start/accuracy"] == pytest.approx(np.mean([r["correct"] for r in start]))
 
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": ')]
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith(progress_contract.PREFIX)]
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3] and all(e["total"] == 3 for e in progress)
     assert "train/reward/total/mean" in progress[0]["metrics"]

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from standin import StandinRepo, make_standin_repo
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.targets.tpu import TpuTarget
 from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
-from orchestrator.testing.resumable_standin import StandinRepo, make_standin_repo
 
 SECRET = "s3cr3t-wandb-value-0123456789"
 
@@ -42,6 +43,9 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
 def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A laptop checkout of the stand-in repo (made the cwd) with a .env, over a reset fake API."""
     fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
+    # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
+    # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
+    monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
@@ -60,7 +64,6 @@ class Project:
             "zone": "us-east1-d",
             "name": "grpo-test",
             "api_endpoint": self.fake.endpoint,
-            "ssh_port": 0,  # the fake's workers listen on per-worker ports
             "user": getpass.getuser(),
             "ssh_key": str(self.key),
             "python": sys.executable,

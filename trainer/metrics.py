@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from grpoctl_contract import rundir
+
 # Metrics shown in the per-step progress line (by their W&B names).
 PROGRESS_KEYS = (
     "train/reward/total/mean",
@@ -29,14 +31,6 @@ PROGRESS_KEYS = (
 def progress_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The PROGRESS_KEYS of `metrics`, as floats (NaN/inf as null)."""
     return {k: _jsonable(float(metrics[k])) for k in PROGRESS_KEYS if k in metrics}
-# What the SOP reads from a finished run.
-SOP_KEYS = (
-    "eval_full/accuracy",
-    "eval/reward/func/reward_correct/mean",
-    "eval/reward/total/mean",
-    "time/train/step_avg_last10_s",
-    "time/eval_full/step_s",
-)
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
@@ -82,7 +76,7 @@ class RunLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        (run_dir / rundir.CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         if wandb_mode != "disabled":
             import wandb
 
@@ -103,7 +97,7 @@ class RunLogger:
     def resume_history(self, step: int, key: str) -> list[float]:
         """On a restart from the checkpoint of `step`: drops metrics.jsonl lines of later (lost) steps,
         reloads the latest value of every metric, and returns the history of `key` (e.g. step times)."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / rundir.METRICS
         if not self.enabled or not path.is_file():
             return []
         kept = [line for line in path.read_text().splitlines() if line.strip()]
@@ -118,7 +112,7 @@ class RunLogger:
             return
         clean = {k: _jsonable(float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
         self.latest.update(clean)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / rundir.METRICS, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
@@ -132,7 +126,7 @@ class RunLogger:
 
     def finish(self, steps: int, extra: Mapping[str, Any] | None = None) -> Path:
         """Writes summary.json (latest metrics + run id, config hash, git commit, W&B URL when online)."""
-        path = self.run_dir / "summary.json"
+        path = self.run_dir / rundir.SUMMARY
         if not self.enabled:
             return path
         summary = {

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from grpoctl_contract.progress import PREFLIGHT_COMPILED
 from trainer.hlo_stats import collective_bytes
 
 GIB = 1024**3
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_accelerator(accelerator)
         def printer(r: FunctionReport) -> None:  # progress on stderr (a 3B compile takes minutes)
-            print(f"preflight: compiled {r.name} in {r.compile_s:.1f} s: peak {r.peak_bytes / GIB:.2f} GiB"
+            print(f"{PREFLIGHT_COMPILED}{r.name} in {r.compile_s:.1f} s: peak {r.peak_bytes / GIB:.2f} GiB"
                   f" of {r.capacity_bytes / GIB:.2f}", file=sys.stderr, flush=True)
 
         result = run(cfg, accelerator, args.headroom, on_report=printer, only=args.only)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpoctl_contract import envfile
+from grpoctl_contract import envfile, rundir
 from trainer import grpo, hf_io, programs, sharding
 from trainer.checkpoints import Checkpointer, checkpoint_dir
 from trainer.config import Config, ConfigError, config_hash, to_dict
@@ -381,7 +381,7 @@ def restore_start_sweep(logger: RunLogger, run_dir: Path, saved: dict[str, Any])
     if not logger.enabled:
         return
     logger.latest.update(saved.get("metrics", {}))
-    rows = run_dir / "eval_full_start.jsonl"
+    rows = run_dir / rundir.EVAL_FULL_START_ROWS
     if saved.get("rows") and not rows.exists():
         rows.write_text(saved["rows"])
 
@@ -394,7 +394,7 @@ def sweep(
     return full_sweep(
         t.sampler, params, t.eval_problems, batch_size=cfg.eval_full_batch_size,
         max_new_tokens=cfg.rollout.max_length_sample, prompt_bucket=cfg.rollout.global_length,
-        dtype=t.sampling.dtype, out_path=run_dir / f"{prefix}.jsonl" if t.logger.enabled else None,
+        dtype=t.sampling.dtype, out_path=run_dir / rundir.sweep_rows(prefix) if t.logger.enabled else None,
         grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch,
     )
 
@@ -437,10 +437,10 @@ def run(
                 t.start_params, _ = warm_start_policy(t, t.start_params)
         if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start:
             # The state right before GRPO step 1: the end-of-run sweep is paired with this one.
-            start_sweep = sweep(t, state["params"], run_dir, "eval_full_start",
+            start_sweep = sweep(t, state["params"], run_dir, rundir.EVAL_FULL_START,
                                 on_batch=functools.partial(rep.advance, "start_sweep"))
             t.logger.log(0, start_sweep)
-            rows = run_dir / "eval_full_start.jsonl"
+            rows = run_dir / rundir.EVAL_FULL_START_ROWS
             t.start_sweep = {"metrics": start_sweep, "rows": rows.read_text() if rows.is_file() else ""}
             rep.say(f"start sweep: accuracy {start_sweep['eval_full_start/accuracy']:.4f} "
                     f"on {int(start_sweep['eval_full_start/num_questions'])} questions")
@@ -486,7 +486,7 @@ def run(
 
         t.checkpointer.wait()
         if cfg.eval_full_sweep:
-            final = sweep(t, state["params"], run_dir, "eval_full",
+            final = sweep(t, state["params"], run_dir, rundir.EVAL_FULL,
                           on_batch=functools.partial(rep.advance, "final_sweep"))
             t.logger.log(cfg.steps, final)
             rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "

@@ -10,8 +10,10 @@ import hashlib
 import itertools
 import json
 import random
-import re
-import shlex
+from collections.abc import Callable
+
+from grpoctl_contract import progress, rundir
+from orchestrator.recipes import Recipe
 
 FAKE_HEAD = "a306f8f" + "0" * 33
 FAKE_HOME = "/root"
@@ -37,34 +39,31 @@ N_QUESTIONS = 1319
 STEPS = 100
 
 
+def _done_line(elapsed_s: float | None = None) -> str:
+    return progress.encode(progress.Event("done", "done", step=STEPS, total=STEPS, elapsed_s=elapsed_s))
+
+
+# What each recipe (orchestrator/recipes.py, by name) prints when all goes well. A recipe missing here
+# gets an empty stdout and exit 0 (e.g. `env_install`, `remove_file`: nothing to read back).
+REPLIES: dict[str, Callable[[Recipe], str]] = {
+    "sync": lambda _: f"HEAD={FAKE_HEAD}\n",
+    "home_dir": lambda _: f"HOME={FAKE_HOME}\n",
+    "env_verify": lambda _: "MODE=600\n",
+    "launch": lambda _: f"PID={next(_pids)}\n",
+    "status": lambda _: f"EXIT=0\nALIVE=0\nLOG=1\nPROGRESS={_done_line(1200.0)}\n",
+    "kill": lambda _: "KILL=not-running\n",
+    "existing_files": lambda r: "".join(f"FILE={p}\n" for p in r.args["paths"] if fake_file(p) is not None),
+    "bootstrap": lambda _: "PYTHON=/root/grpoctl-work/.venv/bin/python\n",
+    "tail_log": lambda _: _done_line() + "\n",
+}
+
+
 def responder(command: str, worker: str) -> tuple[str, int] | None:
-    """The RecordingScript responder: (stdout, exit code) per recipe, recognised by its markers."""
+    """The RecordingScript responder: (stdout, exit code) for a recipe, looked up by the recipe's name.
+    Text that is not a recipe (or a recipe without a reply) falls through to the script's rules."""
     del worker
-    if "git fetch --all" in command:
-        return f"HEAD={FAKE_HEAD}\n", 0
-    if 'printf "HOME=' in command:
-        return f"HOME={FAKE_HOME}\n", 0
-    if "KEYLEN=" in command:
-        return "MODE=600\n", 0
-    if "setsid nohup" in command:
-        return f"PID={next(_pids)}\n", 0
-    if "ALIVE=" in command:
-        done = json.dumps({"event": "done", "step": STEPS, "total": STEPS, "elapsed_s": 1200.0})
-        return f"EXIT=0\nALIVE=0\nLOG=1\nPROGRESS={done}\n", 0
-    if "KILL=" in command:
-        return "KILL=not-running\n", 0
-    if 'echo "FILE=' in command:
-        return "".join(f"FILE={p}\n" for p in _for_list(command) if fake_file(p) is not None), 0
-    if "PYTHON=" in command:
-        return "PYTHON=/root/grpoctl-work/.venv/bin/python\n", 0
-    if "tail -n" in command:
-        return '{"event": "done", "step": 100, "total": 100}\n', 0
-    return None
-
-
-def _for_list(command: str) -> list[str]:
-    m = re.search(r"for f in (.*?); do", command)
-    return shlex.split(m.group(1)) if m else []
+    reply = REPLIES.get(command.name) if isinstance(command, Recipe) else None
+    return (reply(command), 0) if reply is not None else None
 
 
 def _flavour(path: str) -> str:
@@ -80,9 +79,9 @@ def fake_file(path: str) -> bytes | None:
     name = path.rsplit("/", 1)[-1]
     flavour = _flavour(path)
     seed = _SEED_SUMMARY[flavour]
-    if name == "summary.json":
+    if name == rundir.SUMMARY:
         return json.dumps({**seed, "steps": STEPS, "dry_run": True}, indent=1).encode()
-    if name == "eval_full.jsonl":
+    if name == rundir.EVAL_FULL_ROWS:
         rng = random.Random(7 if flavour == "jax" else 8)
         rows = [
             {
@@ -94,7 +93,7 @@ def fake_file(path: str) -> bytes | None:
             for i in range(N_QUESTIONS)
         ]
         return "".join(json.dumps(r) + "\n" for r in rows).encode()
-    if name == "metrics.jsonl":
+    if name == rundir.METRICS:
         rng = _rng(path)
         rows = [
             {
@@ -105,7 +104,7 @@ def fake_file(path: str) -> bytes | None:
             for s in range(1, STEPS + 1)
         ]
         return "".join(json.dumps(r) + "\n" for r in rows).encode()
-    if name == "config.json":
+    if name == rundir.CONFIG:
         return json.dumps({"policy_loss_impl": flavour, "dry_run": True}).encode()
     return None
 

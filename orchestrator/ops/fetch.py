@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpoctl_contract import rundir
 from orchestrator import recipes
 from orchestrator.compare import read_summary
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.env import absolute_remote_dir
 from orchestrator.runs import RunRecord
 
-RUN_FILES = ("summary.json", "eval_full.jsonl", "eval_full_start.jsonl", "metrics.jsonl", "config.json")
+RUN_FILES = rundir.RESULT_FILES
 
 
 @dataclass
@@ -50,7 +51,7 @@ def fetch(target, record: RunRecord, dest_root: str | Path = "runs") -> FetchRes
     folder = root / record.run_id
     sources = [(rel, rel.rsplit("/", 1)[-1]) for rel in found]
     if wandb_paths:
-        sources.append((sorted(wandb_paths)[-1], "wandb-summary.json"))
+        sources.append((sorted(wandb_paths)[-1], rundir.WANDB_SUMMARY))
     staging = Path(tempfile.mkdtemp(prefix=f".{record.run_id}.fetching-", dir=root))
     try:
         for rel, name in sources:

@@ -121,9 +121,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     """
     python = record.python or recipes.venv_python(record.remote_dir)
     paths = paths_of(record)
-    before_launch = getattr(target, "before_launch", None)
-    if before_launch is not None:  # a TPU VM: clear stale processes holding the chips (tpu.py)
-        before_launch(record.remote_dir, force=force)
+    target.before_launch(record.remote_dir, force=force)  # a TPU VM: clear stale chip users (tpu.py)
 
     workers = target.workers()
 

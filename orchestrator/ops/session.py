@@ -83,7 +83,8 @@ def open_session(
     if dry_run:
         script = RecordingScript(responder=dryrun.responder, files=dryrun.FakeRunFiles(), printer=say)
     built = build_target(
-        name, target_cfg, cfg.repo, dry_run=dry_run, accept_new_host_key=accept_new_host_key, script=script
+        name, target_cfg, cfg.repo, dry_run=dry_run, accept_new_host_key=accept_new_host_key, script=script,
+        say=say,
     )
     if store is None:
         store = RunStore.in_memory() if dry_run else RunStore()

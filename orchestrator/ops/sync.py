@@ -136,7 +136,7 @@ def bootstrap(
     if session.target.python or session.kind == "local":
         return {t.name: session.python for t in session.target.transports()}
     if extras is None:
-        extras = tuple(getattr(session.target_cfg, "bootstrap_extras", ("trainer",)))
+        extras = session.target.bootstrap_extras
     script = recipes.bootstrap(session.remote_dir, extras)
 
     def one(_: int, t) -> str:

@@ -124,11 +124,8 @@ def machine_gone(target) -> str | None:
     """When workers stop answering, ask the target's control plane (the Cloud TPU API) why: the reason
     the machine will not come back (preempted, terminated, deleted), or None when it may (a network blip,
     a target without an API, or the API unreachable too)."""
-    probe = getattr(target, "preemption", None)
-    if probe is None:
-        return None
     try:
-        return probe()
+        return target.preemption()
     except InfraError:
         return None
 

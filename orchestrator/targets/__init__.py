@@ -9,8 +9,8 @@ from orchestrator.config import (
     TargetConfig,
     TpuTargetConfig,
 )
-from orchestrator.targets.base import Target, TargetState, Worker
-from orchestrator.targets.topology import hosts_for_accelerator, parse_host
+from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
+from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, hosts_for_accelerator, parse_host
 from orchestrator.transport.recording import RecordingScript
 
 __all__ = ["Target", "TargetState", "Worker", "build_target"]
@@ -24,8 +24,10 @@ def build_target(
     dry_run: bool = False,
     accept_new_host_key: bool = False,
     script: RecordingScript | None = None,
+    say: Say = say_nothing,
 ) -> Target:
     """Build the target `name`. Nothing connects here: transports connect on their first call.
+    The target reports progress (a TPU node's states while it starts) to `say`, one line at a time.
 
     With `dry_run`, the target has the real one's name, worker count and remote_dir, but its transports
     are RecordingTransports sharing `script` (a fresh empty one by default: every command "succeeds").
@@ -43,7 +45,7 @@ def build_target(
     if isinstance(cfg, TpuTargetConfig):
         from orchestrator.targets.tpu import TpuTarget  # google-cloud-tpu is imported only when needed
 
-        return TpuTarget(name, cfg, repo_cfg, accept_new_host_key=accept_new_host_key)
+        return TpuTarget(name, cfg, repo_cfg, accept_new_host_key=accept_new_host_key, say=say)
     raise TypeError(f"unknown target config {type(cfg).__name__}")
 
 
@@ -51,6 +53,7 @@ def _dry_run_target(name: str, cfg: TargetConfig, repo_cfg: RepoConfig, script: 
     from orchestrator.targets.dry_run import DryRunTarget
     from orchestrator.targets.local import local_remote_dir
 
+    extras = Target.bootstrap_extras
     if isinstance(cfg, LocalTargetConfig):
         workers, remote_dir = [Worker(0, "localhost")], local_remote_dir(cfg)
     elif isinstance(cfg, SshTargetConfig):
@@ -59,4 +62,5 @@ def _dry_run_target(name: str, cfg: TargetConfig, repo_cfg: RepoConfig, script: 
     else:
         n = hosts_for_accelerator(cfg.accelerator_type)
         workers, remote_dir = [Worker(i, f"{cfg.name}-w{i}") for i in range(n)], repo_cfg.remote_dir
-    return DryRunTarget(name, cfg.kind, workers, remote_dir, cfg.python, script)
+        extras = TPU_BOOTSTRAP_EXTRAS
+    return DryRunTarget(name, cfg.kind, workers, remote_dir, cfg.python, script, bootstrap_extras=extras)

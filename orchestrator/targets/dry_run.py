@@ -18,8 +18,11 @@ class DryRunTarget(Target):
         remote_dir: str,
         python: str | None,
         script: RecordingScript,
+        *,
+        bootstrap_extras: tuple[str, ...] = Target.bootstrap_extras,
     ) -> None:
         self.name = name
+        self.bootstrap_extras = bootstrap_extras  # the real target's, so the journal shows what it installs
         self.kind = kind
         self.remote_dir = remote_dir
         self.python = python

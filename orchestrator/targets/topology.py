@@ -11,6 +11,8 @@ from orchestrator.errors import UsageError
 _CHIP_COUNTED = ("v5litepod", "v5e", "v6e")
 _CORE_COUNTED = ("v2", "v3", "v4", "v5p")
 _ACCEL = re.compile(r"(?P<gen>[a-z0-9]+)-(?P<n>\d+)\Z")
+# What `sync` installs into a TPU VM's venv (pyproject.toml extras): the trainer, and libtpu to drive chips.
+TPU_BOOTSTRAP_EXTRAS = ("trainer", "tpu")
 
 
 def parse_host(spec: str, default_port: int = 22) -> tuple[str, int]:

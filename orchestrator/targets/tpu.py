@@ -9,9 +9,8 @@ guest attributes (or the user's `host_key_sha256`).
 
 from __future__ import annotations
 
-import sys
+import sys  # only to ask whether stderr is a terminal (the live spinner); lines go to `say`
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from google.cloud import tpu_v2
@@ -23,8 +22,8 @@ from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import RepoConfig, TpuTargetConfig
 from orchestrator.errors import HostKeyError, InfraError, UsageError
-from orchestrator.targets.base import Target, TargetState, Worker
-from orchestrator.targets.topology import pins_per_host
+from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
+from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
 from orchestrator.transport.base import Transport
 from orchestrator.transport.ssh import SshTransport
 
@@ -34,14 +33,16 @@ DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
 HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
 
 class TpuTarget(Target):
     # What counts as "holding the TPU" on a worker; tests point these at fake device files.
     device_patterns: tuple[str, ...] = TPU_DEVICE_PATTERNS
     libtpu_lockfile: str = LIBTPU_LOCKFILE
+    bootstrap_extras = TPU_BOOTSTRAP_EXTRAS
+    # Test wiring, not configuration: a real node's endpoint `port` is its TPU runtime's, never sshd's, so
+    # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
+    # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
+    ssh_port_from_endpoint: bool = False
 
     def __init__(
         self,
@@ -51,13 +52,13 @@ class TpuTarget(Target):
         *,
         accept_new_host_key: bool = False,
         api: cloud.TpuApi | None = None,
-        say: Callable[[str], None] = _stderr,
+        say: Say = say_nothing,
     ) -> None:
         self.name = name
         self.cfg = cfg
         self.remote_dir = repo_cfg.remote_dir
         self.python = cfg.python
-        self.say = say
+        self.say = say  # node states, deletions, stale chip users: the caller renders them
         self._accept_new = accept_new_host_key
         self._api = api
         self._node: tpu_v2.Node | None = None
@@ -219,7 +220,8 @@ class TpuTarget(Target):
             host = ep.ip_address if self.cfg.internal_ip else ep.access_config.external_ip
             if not host:
                 raise UsageError(f"{self.node_label}: worker {i} has no external IP; set internal_ip: true")
-            out.append(Worker(i, host, self.cfg.ssh_port or ep.port or 22, peer_host=ep.ip_address or host))
+            port = (ep.port or 22) if self.ssh_port_from_endpoint else self.cfg.ssh_port
+            out.append(Worker(i, host, port, peer_host=ep.ip_address or host))
         return out
 
     def _pins(self, n: int) -> list[tuple[str, ...]]:

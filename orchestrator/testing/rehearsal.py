@@ -10,8 +10,8 @@ The path a real run takes, with nothing stubbed between the laptop side and the 
 - a `tpu` target named `v6e` in a grpoctl.yaml written to a temporary folder, so the seed SOP file
   `sops/grpo_gsm8k_pallas_vs_jax.yaml` is replayed as it is, with tiny-model `--set` overrides;
 - `sync` clones a bare copy of this checkout's HEAD and bootstraps the workers for real: `python -m venv`
-  and `pip install -e '.[trainer]'` from the package registry (the `tpu` extra, libtpu, is dropped with the
-  target's `bootstrap_extras`: the workers are CPU hosts);
+  and `pip install -e '.[trainer]'` from the package registry (the `tpu` extra, libtpu, is dropped: the
+  workers are CPU hosts; the replay runs through `orchestrator.testing.fake_tpu_cli`, which says so);
 - both runs are the real trainer as two JAX processes (one per worker, jax.distributed over loopback);
 - in the middle of the second run the spot VM is preempted through the fake API; `--recover` recreates it,
   re-syncs, re-bootstraps and relaunches the same run id, which resumes from its checkpoint in a local
@@ -140,10 +140,8 @@ def write_config(work: Path, fake: FakeTpuApi, origin: Path, worker_python: str 
         "runtime_version": "tpu-ubuntu2204-base",
         "spot": True,
         "api_endpoint": fake.endpoint,  # plain HTTP: the client uses anonymous credentials for it
-        "ssh_port": 0,  # each fake worker's sshd listens on its own port (its network endpoint says which)
         "user": getpass.getuser(),
         "ssh_key": str(work / "keys" / "grpoctl_ed25519"),
-        "bootstrap_extras": ["trainer"],  # CPU workers: libtpu (the `tpu` extra) has nothing to drive
         "poll_s": 0.5,
         "auth_retry_s": 30,
     }
@@ -265,7 +263,8 @@ def rehearsal_section(
     else:
         lines.append(
             "- bootstrap: `python -m venv` + `pip install -e '.[trainer]'` from the registry on each "
-            "fake VM; the `tpu` extra (libtpu) is dropped via `bootstrap_extras` (CPU workers)"
+            "fake VM; the `tpu` extra (libtpu) is dropped by `orchestrator.testing.fake_tpu_cli` "
+            "(CPU workers)"
         )
         lines += [f"  - {ln}" for ln in bootstrap_lines(vms)]
     # Preflight (before `up`) and the start accuracy come from the SOP machinery and the trainer when they
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "orchestrator",
+            "orchestrator.testing.fake_tpu_cli",  # grpoctl, with each worker's sshd port and no libtpu
             "--config-file",
             str(config),
             "sop",

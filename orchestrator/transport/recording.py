@@ -13,11 +13,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The dry run stands in for the workers that run recipes, so it knows what a recipe is (its name).
+from orchestrator.recipes import Recipe
 from orchestrator.transport.base import CommandResult, OutputCallback
 
 # (regex searched in the command, stdout, exit code); the first matching rule answers.
 Rule = tuple[str, str, int]
-# Called first with (command, worker name); None falls through to the rules.
+# Called first with (command, worker name); None falls through to the rules. A command built by a
+# recipe arrives as the `Recipe` itself: a responder matches `command.name`, not the shell text.
 Responder = Callable[[str, str], "tuple[str, int] | None"]
 Printer = Callable[[str], None]
 
@@ -33,6 +36,7 @@ class RecordedCall:
     path: str | None = None  # put / get
     mode: int | None = None  # put
     size: int | None = None  # put: bytes, never the bytes themselves
+    recipe: str | None = None  # run: the recipe that built the command (orchestrator/recipes.py)
 
 
 @dataclass
@@ -60,6 +64,11 @@ class RecordingScript:
             if re.search(pattern, command):
                 return stdout, exit_code
         return "", 0
+
+    def recipes(self, worker: str | None = None) -> list[str | None]:
+        """The recipe names of the commands run so far (None for text no recipe built), in order."""
+        with self._lock:
+            return [c.recipe for c in self.journal if c.kind == "run" and worker in (None, c.worker)]
 
     def commands(self, worker: str | None = None) -> list[str]:
         """The commands run so far (on one worker, or on all), in order."""
@@ -107,7 +116,8 @@ class RecordingTransport:
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> CommandResult:
-        call = RecordedCall(self.name, "run", command, tuple(env or ()), cwd, timeout)
+        recipe = command.name if isinstance(command, Recipe) else None
+        call = RecordedCall(self.name, "run", str(command), tuple(env or ()), cwd, timeout, recipe=recipe)
         self.script.record(call)
         stdout, exit_code = self.script.answer(command, self.name)
         if on_output is not None:

@@ -1,0 +1,36 @@
+"""What a run directory (`runs/<run-id>/` on worker 0) holds: the file names and the summary keys.
+
+The trainer writes these files; the orchestrator fetches, fakes (dry run) and compares them. Both import
+the names from here, so renaming a file is one edit. Stdlib only, like the rest of this package.
+"""
+
+from __future__ import annotations
+
+SUMMARY = "summary.json"  # latest value of every metric + run id, config hash, git commit, steps
+METRICS = "metrics.jsonl"  # one JSON object per logged step: {"step": N, "<metric>": value, ...}
+CONFIG = "config.json"  # the effective trainer config of the run
+EVAL_FULL = "eval_full"  # the full sweep after training: metrics prefix and per-question rows file stem
+EVAL_FULL_START = "eval_full_start"  # the same sweep of the start policy, before the first GRPO step
+# W&B's own summary file (online mode writes it; offline does not), under the run dir's wandb folder.
+WANDB_SUMMARY = "wandb-summary.json"
+WANDB_SUMMARY_GLOB = f"wandb/run-*/files/{WANDB_SUMMARY}"
+
+
+def sweep_rows(prefix: str) -> str:
+    """The per-question rows file of a sweep: {"id", "answer", "prediction", "correct"} per line."""
+    return f"{prefix}.jsonl"
+
+
+EVAL_FULL_ROWS = sweep_rows(EVAL_FULL)
+EVAL_FULL_START_ROWS = sweep_rows(EVAL_FULL_START)
+# What `grpoctl fetch` copies back to the laptop (when present), in this order.
+RESULT_FILES = (SUMMARY, EVAL_FULL_ROWS, EVAL_FULL_START_ROWS, METRICS, CONFIG)
+
+# The five summary keys the seed SOP reads from each run and `compare` puts side by side.
+SOP_KEYS = (
+    "eval_full/accuracy",
+    "eval/reward/func/reward_correct/mean",
+    "eval/reward/total/mean",
+    "time/train/step_avg_last10_s",
+    "time/eval_full/step_s",
+)
