@@ -1,4 +1,5 @@
-"""grpoctl: a thin Typer app over `orchestrator.ops`.
+"""grpoctl: a thin Typer app over `orchestrator.api`: each command parses its options, calls one api action
+and renders the typed result.
 
 Results go to stdout (a table, a run id, or JSON with --json); progress, warnings and dry-run commands go
 to stderr. Expected errors print one line to stderr and exit with their code (errors.py); no traceback.
@@ -9,39 +10,27 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from grpoctl_contract.progress import fmt_duration
+from orchestrator import api, recipes, render
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
-from orchestrator import recipes
-from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
-from orchestrator.ops import env as env_ops
-from orchestrator.ops import fetch as fetch_ops
-from orchestrator.ops import launch as launch_ops
-from orchestrator.ops import logs as logs_ops
-from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
-from orchestrator.ops.session import Session, open_session
 from orchestrator.phaseview import PhaseView
-from orchestrator.recovery import RecoveryPolicy, wait_run
-from orchestrator.runs import RunRecord
+from orchestrator.recovery import RecoveryPolicy
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
 _GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
@@ -142,14 +131,15 @@ class Globals:
     def say(self, line: str) -> None:
         self.err.print(line, markup=False)
 
-    def session(self, target: str | None = None, **kw: Any) -> Session:
-        return open_session(
+    def sessions(self, *, stall_after_s: float | None = None) -> api.Sessions:
+        """The command's sessions (one per target it touches), closed when the command ends."""
+        return api.Sessions(
             config_file=self.config_file,
-            target=target or self.target,
+            target=self.target,
             dry_run=self.dry_run,
             accept_new_host_key=self.accept_new_host_key,
             say=self.say,
-            **kw,
+            stall_after_s=stall_after_s,
         )
 
     def emit_json(self, data: Any) -> None:
@@ -206,13 +196,30 @@ def main_options(
     ctx.obj = Globals(dry_run, json_out, verbose, target, config_file, accept_new_host_key)
 
 
-# ------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------- options
 
 _STALL_OPTION = typer.Option(
     "--stall-after",
     min=1,
     help="Seconds a live job's log may stay silent before it shows STALLED (default: stall_after_s).",
 )
+# The recovery options of `run`, `recover` and `sop replay`, declared once; defaults are RecoveryPolicy's.
+RecoverOnExitCode = Annotated[
+    list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when a job exits with this.")
+]
+MaxPreemptions = Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed per run.")]
+MaxFailures = Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")]
+_MAX_PREEMPTIONS, _MAX_FAILURES = RecoveryPolicy.max_preemptions, RecoveryPolicy.max_failures
+
+
+def _policy(
+    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int
+) -> RecoveryPolicy | None:
+    if not recover and exit_codes:
+        raise UsageError("--recover-on-exit-code needs --recover")
+    if not recover:
+        return None
+    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes))
 
 
 def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -225,83 +232,16 @@ def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def _record(session: Session, run_id: str | None) -> RunRecord:
-    if run_id:
-        return session.store.get(run_id)
-    records = session.store.list(limit=1)
-    if not records:
-        raise UsageError("no runs yet (grpoctl run CONFIG)")
-    return records[0]
+def _keys(keys: str | None) -> list[str]:
+    return [k for k in (keys or "").split(",") if k]
 
 
-def _session_for(g: Globals, run_id: str | None) -> tuple[Session, RunRecord]:
-    """A session on the target the run was launched on (not --target)."""
-    probe = g.session()
-    record = _record(probe, run_id)
-    if record.target == probe.target_name:
-        return probe, record
-    probe.close()
-    return g.session(target=record.target, store=probe.store), record
-
-
-def _quiet_s(record: RunRecord) -> int:
-    return max((w.quiet_s or 0 for w in record.workers), default=0)
-
-
-def _progress_text(record: RunRecord) -> str:
-    """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA."""
-    phase = watch_ops.phase_json(record)
-    if record.state == "STALLED":
-        at = f" at {phase['text']}" if phase else ""
-        return f"no output for {_quiet_s(record)} s{at}"
-    if phase is None:
-        return "-"
-    if record.is_terminal:
-        p = record.last_progress or {}
-        return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
-    return f"{phase['text']} eta {fmt_duration(phase['eta_s'])}"
-
-
-def _phase_bar(record: RunRecord) -> ProgressBar | str:
-    phase = watch_ops.phase_json(record)
-    if phase is None or not phase["n"] or record.is_terminal:
-        return ""
-    return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
-
-
-def _runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
-    table = Table(box=None, pad_edge=False)
-    # Narrow terminals squeeze the log path, never the run id (what every other command takes).
-    table.add_column("run id", no_wrap=True, min_width=max((len(r.run_id) for r in records), default=6))
-    table.add_column("target")
-    table.add_column("state", no_wrap=True, min_width=9)
-    if bars:  # a terminal: the current phase's own bar
-        table.add_column("phase", no_wrap=True)
-    for col in ("progress", "workers", "log"):
-        table.add_column(col)
-    for r in records:
-        workers = " ".join(
-            f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}" for w in r.workers
-        )
-        state = r.state
-        failed = [w for w in r.workers if w.state == "FAILED"]
-        if state == "FAILED" and failed:
-            state = f"FAILED({failed[0].exit_code})"
-        cells = [r.run_id, r.target, state, *([_phase_bar(r)] if bars else []), _progress_text(r)]
-        table.add_row(*cells, workers, r.log_path)
-    return table
-
-
-def _identity_lines(record: RunRecord) -> list[str]:
-    """What produced a run: the worker's commit at launch, the config hash, the W&B run page."""
-    lines = [f"commit: {record.git_commit or 'unknown'}", f"config hash: {record.config_hash or 'unknown'}"]
-    if record.wandb_url:
-        lines.append(f"W&B: {record.wandb_url}")
-    return lines
-
-
-def _status_json(record: RunRecord) -> dict[str, Any]:
-    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
+def _confirm(question: str) -> None:
+    """Ask on a terminal; without one, refuse (scripts pass --yes)."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} Not a terminal: pass --yes to confirm")
+    if not typer.confirm(question, default=False):
+        raise UsageError("cancelled: nothing deleted")
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -312,16 +252,12 @@ def _status_json(record: RunRecord) -> dict[str, Any]:
 def up(ctx: typer.Context) -> None:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     g = _globals(ctx)
-    session = g.session()
-    try:
-        session.target.up()
-        state = session.target.state()
-    finally:
-        session.close()
+    with g.sessions() as sessions:
+        t = api.up(sessions.get())
     if g.json:
-        g.emit_json({"target": session.target_name, "state": state.state, "details": state.details})
+        g.emit_json({"target": t.target, "state": t.state, "details": t.details})
     else:
-        g.out.print(f"{session.target_name}: {state.state} ({len(session.target.workers())} worker(s))")
+        g.out.print(f"{t.target}: {t.state} ({t.workers} worker(s))")
 
 
 @app.command()
@@ -332,13 +268,11 @@ def down(
 ) -> None:
     """Release what `up` provisioned: delete a TPU node or queued resource (nothing for fixed hosts)."""
     g = _globals(ctx)
-    session = g.session()
-    try:
+    with g.sessions() as sessions:
+        session = sessions.get()
         if session.kind == "tpu" and not yes and not g.dry_run:
             _confirm(f"delete TPU {session.target_name} ({session.target_cfg.name}) and all on its disks?")
-        session.target.down()
-    finally:
-        session.close()
+        api.down(session)
     g.emit_json({"target": session.target_name, "down": True}) if g.json else g.out.print(
         f"{session.target_name}: down"
     )
@@ -352,10 +286,8 @@ def gc(
     list_only: Annotated[bool, typer.Option("--list", help="Only list what would be deleted.")] = False,
 ) -> None:
     """Delete grpoctl's leftovers: PREEMPTED/TERMINATED nodes, FAILED/SUSPENDED queued resources."""
-    from orchestrator.cloud import gc as cloud_gc
-
     g = _globals(ctx)
-    found = cloud_gc.find_all(load_config(g.config_file), g.target)
+    found = api.find_leftovers(g.config_file, g.target)
     if g.json:
         g.emit_json([{"kind": x.kind, "name": x.name, "state": x.state, "zone": x.zone} for _, x in found])
     else:
@@ -367,25 +299,9 @@ def gc(
         return
     if not yes:
         _confirm(f"delete these {len(found)} leftover(s)?")
-    for api, x in found:
-        cloud_gc.delete_leftover(api, x)
+    for tpu_api, x in found:
+        api.delete_leftover(tpu_api, x)
         g.say(f"deleted {x.kind} {x.name}")
-
-
-def _machine_line_or_why(session: Session) -> str:
-    """`status` lists the stored runs even when the Cloud TPU API cannot be asked."""
-    try:
-        return _machine_line(session)
-    except GrpoctlError as err:
-        return f"target {session.target_name}: state unknown ({err})"
-
-
-def _machine_line(session: Session) -> str:
-    """`target v6e: READY (health HEALTHY, workers 1)` for targets that are machines with a state."""
-    st = session.target.state()
-    shown = [k for k in ("health", "workers", "queued_resource") if k in st.details]
-    extra = ", ".join(f"{k} {st.details[k]}" for k in shown)
-    return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
 
 
 @app.command()
@@ -398,43 +314,18 @@ def sync(
 ) -> None:
     """Git-sync the repo on every worker (clone/fetch/reset/clean), then bootstrap the venv."""
     g = _globals(ctx)
-    session = g.session()
-    try:
-        result = sync_ops.sync(session)
-        g.debug(f"{result.url} @ {result.branch} -> {session.remote_dir} on {len(result.heads)} worker(s)")
-        pythons = _bootstrap_with_bar(g, session) if bootstrap else {}
-        for worker, python in pythons.items():
-            g.debug(f"{worker}: python {python}")
-    finally:
-        session.close()
+    with g.sessions() as sessions, render.BootstrapBar(g.err, enabled=not g.json) as bar:
+        session = sessions.get()
+        result = api.sync(session, bootstrap=bootstrap, on_stage=bar.on_stage)
+    g.debug(f"{result.url} @ {result.branch} -> {session.remote_dir} on {len(result.heads)} worker(s)")
+    for worker, python in result.pythons.items():
+        g.debug(f"{worker}: python {python}")
     if g.json:
-        g.emit_json(
-            {
-                "url": result.url,
-                "branch": result.branch,
-                "heads": result.heads,
-                "python": pythons,
-                "warnings": result.warnings,
-            }
-        )
+        keys = ("url", "branch", "heads", "warnings")
+        g.emit_json({**{k: getattr(result, k) for k in keys}, "python": result.pythons})
         return
     for worker, head in result.heads.items():
         g.out.print(f"{worker}: HEAD {head[:12]} ({result.branch})")
-
-
-def _bootstrap_with_bar(g: Globals, session: Session) -> dict[str, str]:
-    """sync_ops.bootstrap with its stages shown as a phase bar (the slowest worker's stage)."""
-    stages: dict[str, tuple[int, int, str]] = {}
-    with PhaseView(g.err, "bootstrap", enabled=not g.json) as view:
-
-        def on_stage(worker: str, k: int, n: int, label: str) -> None:
-            stages[worker] = (k, n, label)
-            slowest = min(stages.items(), key=lambda item: item[1][0])
-            name, (k, n, label) = slowest
-            # k-1 stages are finished while stage k runs
-            view.update("bootstrap", k - 1, n, text=f"stage {k}/{n}: {label} ({name.split()[0]})")
-
-        return sync_ops.bootstrap(session, on_stage=on_stage)
 
 
 @env_app.command("push")
@@ -445,20 +336,12 @@ def env_push(
 ) -> None:
     """Upload .env to every worker (mode 0600, atomic); print each key with its value's LENGTH."""
     g = _globals(ctx)
-    session = g.session()
-    try:
-        result = env_ops.push_env(session, file)
-    finally:
-        session.close()
+    with g.sessions() as sessions:
+        result = api.push_env(sessions.get(), file)
+    assert result is not None  # not optional: a missing file is an error
     if g.json:
-        g.emit_json(
-            {
-                "remote_path": result.remote_path,
-                "mode": result.mode,
-                "lengths": result.lengths,
-                "workers": result.workers,
-            }
-        )
+        keys = ("remote_path", "mode", "lengths", "workers")
+        g.emit_json({k: getattr(result, k) for k in keys})
         return
     g.out.print(f"{result.remote_path} (mode {result.mode}) on {len(result.workers)} worker(s)")
     for key, length in result.lengths.items():
@@ -483,11 +366,9 @@ def run(
     recover: Annotated[
         bool, typer.Option("--recover", help="Wait, and recreate + relaunch (same run id) on preemption.")
     ] = False,
-    recover_on_exit_code: Annotated[
-        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
-    ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
-    max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
+    max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
+    max_failures: MaxFailures = _MAX_FAILURES,
     no_preflight: Annotated[
         bool, typer.Option("--no-preflight", help="TPU targets: launch without compiling it here first.")
     ] = False,
@@ -497,24 +378,11 @@ def run(
     g = _globals(ctx)
     policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures)
     wait = wait or policy is not None
-    session = g.session()
-    if stall_after is not None:
-        session.config = session.config.model_copy(update={"stall_after_s": stall_after})
-    try:
-        if session.kind == "tpu" and not no_preflight:  # a run that cannot fit never reaches the node
-            pf.gate(
-                config,
-                overrides=_parse_pairs(set_, "--set"),
-                env=_parse_pairs(env, "--env"),
-                accelerator=session.target_cfg.accelerator_type,  # type: ignore[union-attr]
-                say=g.say,
-            )
-        record = launch_ops.start_run(
-            session,
-            config,
-            env=_parse_pairs(env, "--env"),
-            trainer_args=launch_ops.set_args(_parse_pairs(set_, "--set")),
-            force=force,
+    env_pairs, overrides = _parse_pairs(env, "--env"), _parse_pairs(set_, "--set")
+    with g.sessions(stall_after_s=stall_after) as sessions:
+        session = sessions.get()
+        record = api.launch(
+            session, config, env=env_pairs, overrides=overrides, force=force, gate=not no_preflight
         )
         g.debug(f"target {session.target_name} ({session.kind}): {record.remote_dir}, python {record.python}")
         for w in record.workers:
@@ -527,48 +395,16 @@ def run(
                 g.say(f"log: {record.log_path}  pid: {record.pid_path}  exit: {record.exit_path}")
             return
         g.say(f"{record.run_id}: log {record.log_path}")
+        view, on_poll = render.run_bar(g.err, record, enabled=not g.json)
         try:
-            _wait_with_bar(g, session, record, interval, policy)
+            with view:
+                api.wait(session, record, policy, interval=interval, on_poll=on_poll)
         finally:
             if g.json:
-                g.emit_json(_status_json(record))
+                g.emit_json(render.status_json(record))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 g.out.print(f"{record.run_id} {record.state}{made_up}")
-    finally:
-        session.close()
-
-
-def _wait_with_bar(
-    g: Globals, session: Session, record: RunRecord, interval: float, policy: RecoveryPolicy | None = None
-) -> None:
-    with PhaseView(g.err, record.run_id, enabled=not g.json) as view:
-
-        def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-            note = f"{len(poll.errors)} worker(s) unreachable, retrying" if poll.errors else ""
-            if rec.state == "STALLED":
-                note = f"STALLED: no output for {_quiet_s(rec)} s" + (f"; {note}" if note else "")
-            view.show(rec.state, poll.progress, note)
-
-        wait_run(session, record, policy, interval=interval, on_poll=on_poll)
-
-
-def _policy(
-    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int
-) -> RecoveryPolicy | None:
-    if not recover and exit_codes:
-        raise UsageError("--recover-on-exit-code needs --recover")
-    if not recover:
-        return None
-    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes))
-
-
-def _confirm(question: str) -> None:
-    """Ask on a terminal; without one, refuse (scripts pass --yes)."""
-    if not sys.stdin.isatty():
-        raise UsageError(f"{question} Not a terminal: pass --yes to confirm")
-    if not typer.confirm(question, default=False):
-        raise UsageError("cancelled: nothing deleted")
 
 
 @app.command()
@@ -587,55 +423,34 @@ def status(
     """Show runs: RUNNING / STALLED / SUCCEEDED / FAILED(code) / LOST / PREEMPTED, step k/N and ETA."""
     g = _globals(ctx)
     g.json = g.json or json_out
-    base = g.session()
-    stall = stall_after or base.config.stall_after_s
-    records = [base.store.get(run_id)] if run_id else base.store.list(limit=limit)
-    sessions: dict[str, Session] = {base.target_name: base}
-    unpollable: set[str] = set()
     live = Live(console=g.out, auto_refresh=False) if watch and g.out.is_terminal and not g.json else None
-    try:
+
+    def show(round_: api.StatusRound) -> None:
+        records = round_.records
+        if g.json:
+            g.emit_json(
+                [render.status_json(r) for r in records] if not run_id else render.status_json(records[0])
+            )
+        else:
+            parts = [round_.machine] if round_.machine else []
+            identity = [Text(line) for line in render.identity_lines(records[0])] if run_id else []
+            view = Group(*parts, render.runs_table(records, bars=g.out.is_terminal), *identity)
+            if live is not None:  # a terminal: redraw in place
+                live.update(view, refresh=True)
+            else:
+                g.out.print(view)
+        for line in round_.unreachable:
+            g.say(f"unreachable (will retry): {line}")
+
+    with g.sessions(stall_after_s=stall_after) as sessions:
+        records = sessions.runs(run_id, limit=limit)
         if live is not None:
             live.start()
-        while True:
-            unreachable = []
-            for record in records:
-                if record.is_terminal or record.run_id in unpollable:
-                    continue
-                session = sessions.get(record.target)
-                if session is None:
-                    try:
-                        session = sessions[record.target] = g.session(target=record.target, store=base.store)
-                    except UsageError as err:  # e.g. an SOP's inline target: show what is stored
-                        unreachable.append(f"{record.run_id}: {err}")
-                        unpollable.add(record.run_id)
-                        continue
-                poll = watch_ops.poll_or_unreachable(session.target, record, stall_after_s=stall)
-                if not poll.reachable:  # the node may be gone: the API says, SSH never would
-                    gone = watch_ops.machine_gone(session.target)
-                    if gone is not None:
-                        watch_ops.mark_preempted(record, gone)
-                base.store.save(record)
-                unreachable += [] if record.state == "PREEMPTED" else poll.errors
-            if g.json:
-                g.emit_json([_status_json(r) for r in records] if not run_id else _status_json(records[0]))
-            else:
-                parts = [_machine_line_or_why(base)] if base.kind == "tpu" and not base.dry_run else []
-                identity = [Text(line) for line in _identity_lines(records[0])] if run_id else []
-                view = Group(*parts, _runs_table(records, bars=g.out.is_terminal), *identity)
-                if live is not None:  # a terminal: redraw in place
-                    live.update(view, refresh=True)
-                else:
-                    g.out.print(view)
-            for line in unreachable:
-                g.say(f"unreachable (will retry): {line}")
-            if not watch or all(r.is_terminal or r.run_id in unpollable for r in records):
-                break
-            time.sleep(interval)
-    finally:
-        if live is not None:
-            live.stop()
-        for s in sessions.values():
-            s.close()
+        try:
+            api.watch_status(sessions, records, watch=watch, interval=interval, on_round=show)
+        finally:
+            if live is not None:
+                live.stop()
     if run_id and records[0].state == "PREEMPTED" and watch:
         reason = (records[0].last_progress or {}).get("preempted", "the machine is gone")
         raise watch_ops.preempted_error(records[0], reason)
@@ -649,11 +464,9 @@ def recover(
     ctx: typer.Context,
     run_id: Annotated[str, typer.Argument(help="A run to re-attach to, e.g. one left PREEMPTED.")],
     interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 15.0,
-    recover_on_exit_code: Annotated[
-        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when the job exits with this.")
-    ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed.")] = 20,
-    max_failures: Annotated[int, typer.Option(help="Relaunches allowed for --recover-on-exit-code.")] = 2,
+    recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
+    max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
+    max_failures: MaxFailures = _MAX_FAILURES,
     env: Annotated[
         list[str], typer.Option("--env", "-e", help="The run's -e KEY=VALUE again (never stored).")
     ] = [],  # noqa: B006
@@ -662,21 +475,17 @@ def recover(
     with the same run id (it resumes from its checkpoints)."""
     g = _globals(ctx)
     secrets = _parse_pairs(env, "--env")
-    session, record = _session_for(g, run_id)
-    record.env = secrets
-    missing = sorted(set(record.env_names) - set(secrets))
-    if missing:  # refuse before recreating anything: a relaunch could not give the job its -e values
-        session.close()
-        raise UsageError(
-            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
-            "(-e NAME=VALUE; their values are secrets and never stored)"
-        )
     policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
-    try:
-        _wait_with_bar(g, session, record, interval, policy)
-    finally:
-        session.close()
-        g.emit_json(record.to_json()) if g.json else g.out.print(f"{record.run_id} {record.state}")
+    assert policy is not None
+    with g.sessions() as sessions:
+        session, record = sessions.for_run(run_id)
+        api.reattach(record, secrets)  # refuses before anything is recreated
+        view, on_poll = render.run_bar(g.err, record, enabled=not g.json)
+        try:
+            with view:
+                api.wait(session, record, policy, interval=interval, on_poll=on_poll)
+        finally:
+            g.emit_json(record.to_json()) if g.json else g.out.print(f"{record.run_id} {record.state}")
 
 
 @app.command()
@@ -691,18 +500,14 @@ def logs(
 ) -> None:
     """Print a worker's log of a run (values from the local .env redacted)."""
     g = _globals(ctx)
-    session, record = _session_for(g, run_id)
-    try:
-        redact = env_ops.redactor(logs_ops.secret_values(session.target, record, env_file, worker=worker))
+    with g.sessions() as sessions:
+        session, record = sessions.for_run(run_id)
         if follow:
-            state = logs_ops.follow(
-                session.target, record, lambda text: g.out.out(redact(text), end=""), worker=worker
-            )
+            emit = functools.partial(g.out.out, end="")
+            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file)
             g.say(f"{record.run_id} on w{worker}: {state}")
         else:
-            sys.stdout.write(redact(logs_ops.tail(session.target, record, worker=worker, lines=lines)))
-    finally:
-        session.close()
+            sys.stdout.write(api.log_text(session, record, worker=worker, lines=lines, env_file=env_file))
 
 
 @app.command()
@@ -713,13 +518,9 @@ def stop(
 ) -> None:
     """Stop a run on every worker (TERM, then KILL); its exit file records the signal."""
     g = _globals(ctx)
-    session, record = _session_for(g, run_id)
-    try:
-        said = watch_ops.kill(session.target, record)
-        watch_ops.poll(session.target, record)
-        session.store.save(record)
-    finally:
-        session.close()
+    with g.sessions() as sessions:
+        session, record = sessions.for_run(run_id)
+        said = api.stop(session, record)
     g.emit_json({"run_id": record.run_id, "workers": said, "state": record.state}) if g.json else g.out.print(
         f"{record.run_id}: {record.state}"
     )
@@ -735,19 +536,9 @@ def fetch(
 ) -> None:
     """Copy summary.json, eval_full*.jsonl, metrics.jsonl, config.json (+ W&B summary) to runs/<id>/."""
     g = _globals(ctx)
-    if g.dry_run:  # made-up results never land beside real ones
-        dest = str(Path(dest) / "dry-run")
-    chosen = [k for k in (keys or "").split(",") if k] or list(cmp.SOP_KEYS)
-    results = []
-    for run_id in run_ids or [None]:
-        session, record = _session_for(g, run_id)
-        try:
-            result = fetch_ops.fetch(session.target, record, dest)
-            record.fetched_to = str(result.folder)
-            session.store.save(record)
-        finally:
-            session.close()
-        results.append(result)
+    chosen = _keys(keys) or list(cmp.SOP_KEYS)
+    with g.sessions() as sessions:
+        results = [api.fetch(*sessions.for_run(run_id), dest) for run_id in run_ids or [None]]
     if g.json:
         g.emit_json(
             [
@@ -772,21 +563,6 @@ def fetch(
             g.out.print(f"  {k} = {cmp.fmt(r.summary.get(k))}{made_up}")
 
 
-def _run_folder(g: Globals, ref: str, dest: str) -> Path:
-    """A run id (fetched on demand) or a folder path."""
-    path = Path(ref)
-    if path.is_dir():
-        return path
-    session, record = _session_for(g, ref)
-    try:
-        folder = Path(dest) / record.run_id
-        if not (folder / "summary.json").is_file():
-            folder = fetch_ops.fetch(session.target, record, dest).folder
-        return folder
-    finally:
-        session.close()
-
-
 @app.command()
 @handle_errors
 def compare(
@@ -799,17 +575,14 @@ def compare(
 ) -> None:
     """Summaries side by side with deltas; exact McNemar tests: A vs B, and each run's start -> end."""
     g = _globals(ctx)
-    if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
-        cmp.check_plot_path(plot)
-    run_a, run_b = cmp.load_run(_run_folder(g, a, dest)), cmp.load_run(_run_folder(g, b, dest))
-    result = cmp.compare_runs(run_a, run_b, [k for k in (keys or "").split(",") if k] or None)
-    if plot:
-        cmp.plot(run_a, run_b, plot)
+    with g.sessions() as sessions:
+        done = api.compare(sessions, a, b, keys=_keys(keys), plot=plot, dest=dest)
+    result = done.result
     if g.json:
         g.emit_json({**result.to_json(), "plot": plot})
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("key", f"A {run_a.run_id}", f"B {run_b.run_id}", "delta (B-A)"):
+    for col in ("key", f"A {done.a.run_id}", f"B {done.b.run_id}", "delta (B-A)"):
         table.add_column(col)
     for row in result.rows:
         table.add_row(row.key, cmp.fmt(row.a), cmp.fmt(row.b), cmp.fmt_delta(row))
@@ -843,14 +616,11 @@ def preflight(
 ) -> None:
     """Compile the run's functions for the TPU on this machine; exit 2 if one does not fit in HBM."""
     g = _globals(ctx)
-    if accelerator is None:
-        _, target_cfg = load_config(g.config_file).target(g.target)
-        accelerator = getattr(target_cfg, "accelerator_type", None) or pf.DEFAULT_ACCELERATOR
     report = pf.run(
         config,
         overrides=_parse_pairs(set_, "--set"),
         env=_parse_pairs(env, "--env"),
-        accelerator=accelerator,
+        accelerator=accelerator or api.accelerator_for(g.config_file, g.target),
         headroom=headroom,
         suggest=suggest,
         use_cache=not no_cache,
@@ -882,11 +652,9 @@ def sop_replay(
     recover: Annotated[
         bool, typer.Option("--recover", help="Recreate + relaunch (same run id) runs hit by preemption.")
     ] = False,
-    recover_on_exit_code: Annotated[
-        list[int], typer.Option("--recover-on-exit-code", help="Also relaunch when a job exits with this.")
-    ] = [],  # noqa: B006
-    max_preemptions: Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed per run.")] = 20,
-    max_failures: Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")] = 2,
+    recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
+    max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
+    max_failures: MaxFailures = _MAX_FAILURES,
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")
     ] = [],  # noqa: B006

@@ -46,8 +46,7 @@ def _preemption(session: Session) -> str | None:
 
 def prepare_workers(session: Session, env_file: str) -> None:
     """What a fresh VM needs before a relaunch: the checkout, the interpreter, the secrets."""
-    sync_ops.sync(session)
-    sync_ops.bootstrap(session)
+    sync_ops.sync_and_bootstrap(session)
     if Path(env_file).is_file():
         env_ops.push_env(session, env_file)
 
@@ -95,6 +94,13 @@ def wait_run(
     recovered; without one, they raise like `watch.wait` (PREEMPTED, exit 3)."""
     if policy is not None:
         return wait_recovering(session, record, policy, interval=interval, on_poll=on_poll)
+    return _wait(session, record, interval, on_poll)
+
+
+def _wait(
+    session: Session, record: RunRecord, interval: float, on_poll: watch_ops.OnPoll | None
+) -> RunRecord:
+    """`watch.wait` on the session's target, its store and its stall threshold."""
     return watch_ops.wait(
         session.target,
         record,
@@ -133,14 +139,7 @@ def wait_recovering(
         try:
             if record.state == "PREEMPTED":  # marked by an earlier wait without --recover: relaunch now
                 raise _MachineGone((record.last_progress or {}).get("preempted", "preempted earlier"))
-            return watch_ops.wait(
-                session.target,
-                record,
-                session.store,
-                interval=interval,
-                on_poll=watch_machine,
-                stall_after_s=session.config.stall_after_s,
-            )
+            return _wait(session, record, interval, watch_machine)
         except _MachineGone as gone:
             reason = gone.reason
         except (JobFailed, InfraError) as err:

@@ -14,6 +14,8 @@ from orchestrator import sop
 from orchestrator.errors import JobFailed, UsageError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunStore
+from orchestrator.sop.replay import HANDLERS
+from orchestrator.sop.schema import FetchStep
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SOP = REPO / "sops" / "local_pallas_vs_jax.yaml"
@@ -156,14 +158,14 @@ def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, 
         "name: lost_disk\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
         "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
     )
-    real_fetch_step = sop._Replayer.do_fetch
+    real_fetch_step = HANDLERS[FetchStep]
 
-    def disk_lost_first(self, step, st):  # the VM was recreated after the run: its run dirs are gone
+    def disk_lost_first(replayer, step, st):  # the VM was recreated after the run: its run dirs are gone
         for run_dir in (work / ".grpoctl").rglob("runs/*"):
             shutil.rmtree(run_dir)
-        return real_fetch_step(self, step, st)
+        return real_fetch_step(replayer, step, st)
 
-    monkeypatch.setattr(sop._Replayer, "do_fetch", disk_lost_first)
+    monkeypatch.setitem(HANDLERS, FetchStep, disk_lost_first)
     result = sop.replay(file, config_file=config)
     run_id = result.state.steps["run:w"].run_id
     assert result.state.steps["fetch"].status == "done"
@@ -212,3 +214,44 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
     report = result.report_path.read_text()
     assert all(f"**Verdict**: {line}" in report for line in lines)
+
+
+def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
+    """The report's command column comes from one function; `-e` values never appear in it."""
+    from orchestrator.sop.report import command_line
+
+    parsed = sop.parse_sop(
+        {
+            "name": "x",
+            "steps": [
+                "up",
+                {"sync": {"bootstrap": False}},
+                {"env_push": {"file": "my.env"}},
+                {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue"}, "set": {"s": 1}}},
+                {"run": {"name": "b", "config": "d.yaml", "wait": False}},
+                {"wait": {"run": "b"}},
+                "fetch",
+                {"compare": {"a": "a", "b": "b"}},
+                "down",
+            ],
+        },
+        "x.yaml",
+    )
+    state = sop.ReplayState("x.yaml", {"run:a": sop.StepState(run_id="ra")})
+    lines = [
+        command_line(
+            s, sop=parsed, state=state, target="t", dry_run=True, overrides={"o": "2"}, report_dir=Path("r")
+        )
+        for s in parsed.steps
+    ]
+    assert [line.removeprefix("grpoctl --dry-run --target t ") for line in lines] == [
+        "up",
+        "sync --no-bootstrap",
+        "env push --file my.env",
+        "run c.yaml --env K=*** --set s=1 --set o=2 --wait",
+        "run d.yaml --set o=2",
+        "status ? --watch",  # run b has no id yet
+        "fetch ra ?",
+        "compare ra ? --plot r/a_vs_b.png",
+        "down",
+    ]

@@ -27,6 +27,7 @@ class SyncResult:
     branch: str
     heads: dict[str, str]  # worker name -> full commit
     warnings: list[str] = field(default_factory=list)
+    pythons: dict[str, str] = field(default_factory=dict)  # worker name -> interpreter (after bootstrap)
 
 
 def _git(cwd: Path, *args: str) -> str | None:
@@ -151,3 +152,14 @@ def bootstrap(
 
     results = fan_out(session.target.transports(), one)
     return dict(zip([r.worker for r in results], values(results), strict=True))
+
+
+def sync_and_bootstrap(
+    session: Session, *, bootstrap_venv: bool = True, on_stage: OnStage | None = None
+) -> SyncResult:
+    """What `grpoctl sync`, an SOP's sync step and a recovery on a recreated node all do: the checkout at
+    origin's tip on every worker, then (unless told not to) the venv."""
+    result = sync(session)
+    if bootstrap_venv:
+        result.pythons = bootstrap(session, on_stage=on_stage)
+    return result

@@ -1,0 +1,396 @@
+"""Whole user actions over `ops/`: what a `grpoctl` command or an SOP step does, as one function each that
+returns a typed result. Both front ends call these: the CLI (cli.py) parses options and renders the results,
+the SOP replayer (sop/replay.py) sequences them and records them. Nothing here prints: progress goes to
+callbacks (the session's `say`, `on_stage`, `on_poll`, `on_round`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import compare as cmp
+from orchestrator import preflight as pf
+from orchestrator.config import TargetConfig, load_config
+from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.ops import env as env_ops
+from orchestrator.ops import fetch as fetch_ops
+from orchestrator.ops import launch as launch_ops
+from orchestrator.ops import logs as logs_ops
+from orchestrator.ops import sync as sync_ops
+from orchestrator.ops import watch as watch_ops
+from orchestrator.ops.session import Say, Session, open_session
+from orchestrator.recovery import RecoveryPolicy, wait_run
+from orchestrator.runs import RunRecord, RunStore
+
+# ---------------------------------------------------------------------------------------- sessions
+
+
+class Sessions:
+    """One session per target, opened on first use and closed together: a command that touches runs of
+    several targets (`status`), or an SOP whose steps name different targets, connects to each once.
+    Every session shares one run store."""
+
+    def __init__(
+        self,
+        *,
+        config_file: str | None = None,
+        target: str | None = None,
+        dry_run: bool = False,
+        accept_new_host_key: bool = False,
+        say: Say = lambda _: None,
+        store: RunStore | None = None,
+        extra_targets: Mapping[str, TargetConfig] | None = None,
+        stall_after_s: float | None = None,
+    ) -> None:
+        self.config_file, self.default_target = config_file, target
+        self.dry_run, self.accept_new_host_key, self.say = dry_run, accept_new_host_key, say
+        self.store = store if store is not None else (RunStore.in_memory() if dry_run else RunStore())
+        self.extra_targets = dict(extra_targets or {})
+        self.stall_after_s = stall_after_s  # `--stall-after`: replaces the config's stall_after_s
+        self._open: dict[str | None, Session] = {}
+
+    def get(self, target: str | None = None) -> Session:
+        """The session of `target` (default: the one given at construction, else the config's)."""
+        name = target or self.default_target
+        if name not in self._open:
+            session = open_session(
+                config_file=self.config_file,
+                target=name,
+                dry_run=self.dry_run,
+                accept_new_host_key=self.accept_new_host_key,
+                store=self.store,
+                say=self.say,
+                extra_targets=self.extra_targets,
+            )
+            if self.stall_after_s is not None:
+                session.config = session.config.model_copy(update={"stall_after_s": self.stall_after_s})
+            same = self._open.get(session.target_name)  # the default target, asked for by its name
+            if same is not None:
+                session.close()
+                session = same
+            self._open[name] = self._open[session.target_name] = session
+        return self._open[name]
+
+    def runs(self, run_id: str | None, *, limit: int = 20) -> list[RunRecord]:
+        """The run `run_id` (id or unique prefix), else the latest `limit` runs."""
+        self.get()  # the config is read, and a broken one refused, before the store is
+        return [self.store.get(run_id)] if run_id else self.store.list(limit=limit)
+
+    def record(self, run_id: str | None) -> RunRecord:
+        """A stored run by id (or unique prefix); the latest run without one."""
+        self.get()  # the config is read, and a broken one refused, before the store is
+        if run_id:
+            return self.store.get(run_id)
+        records = self.store.list(limit=1)
+        if not records:
+            raise UsageError("no runs yet (grpoctl run CONFIG)")
+        return records[0]
+
+    def for_run(self, run_id: str | None) -> tuple[Session, RunRecord]:
+        """A run and a session on the target it was launched on (not --target)."""
+        record = self.record(run_id)
+        return self.get(record.target), record
+
+    def close(self) -> None:
+        for session in {id(s): s for s in self._open.values()}.values():
+            session.close()
+        self._open.clear()
+
+    def __enter__(self) -> Sessions:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- machines
+
+
+@dataclass(frozen=True)
+class TargetState:
+    target: str
+    kind: str
+    state: str
+    details: dict[str, Any]
+    workers: int
+
+
+def up(session: Session) -> TargetState:
+    """Make the target exist and be reachable (provision a TPU, or just connect)."""
+    session.target.up()
+    st = session.target.state()
+    return TargetState(
+        session.target_name, session.kind, st.state, dict(st.details), len(session.target.workers())
+    )
+
+
+def down(session: Session) -> None:
+    session.target.down()
+
+
+def machine_line(session: Session) -> str | None:
+    """`target v6e: READY (health HEALTHY, workers 1)` for TPU targets (machines with a state); the stored
+    runs are still worth showing when the API cannot be asked, so an error becomes the line."""
+    if session.kind != "tpu" or session.dry_run:
+        return None
+    try:
+        st = session.target.state()
+    except GrpoctlError as err:
+        return f"target {session.target_name}: state unknown ({err})"
+    shown = [k for k in ("health", "workers", "queued_resource") if k in st.details]
+    extra = ", ".join(f"{k} {st.details[k]}" for k in shown)
+    return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
+
+
+def sync(
+    session: Session, *, bootstrap: bool = True, on_stage: sync_ops.OnStage | None = None
+) -> sync_ops.SyncResult:
+    """Every worker's checkout at origin's tip, then its venv (the one sync + bootstrap; recovery
+    uses it too)."""
+    return sync_ops.sync_and_bootstrap(session, bootstrap_venv=bootstrap, on_stage=on_stage)
+
+
+def push_env(session: Session, file: str = ".env", *, optional: bool = False) -> env_ops.EnvPushResult | None:
+    """The local `.env` on every worker (0600); None when `optional` and the file is absent."""
+    if optional and not Path(file).is_file():
+        return None
+    return env_ops.push_env(session, file)
+
+
+# -------------------------------------------------------------------------------------------- runs
+
+
+def preflight_gate(
+    session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]
+) -> pf.Gate | None:
+    """TPU targets: compile the run here for the target's chip before anything is paid for (UsageError when
+    it cannot fit); None for targets without a TPU."""
+    if session.kind != "tpu":
+        return None
+    accelerator = session.target_cfg.accelerator_type  # type: ignore[union-attr]
+    return pf.gate(config, overrides=overrides, env=env, accelerator=accelerator, say=session.say)
+
+
+def launch(
+    session: Session,
+    config: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+    force: bool = False,
+    gate: bool = True,
+) -> RunRecord:
+    """Preflight (TPU targets, unless `gate` is off), then start the run on every worker; returns its saved
+    record as soon as every worker has a pid."""
+    env, overrides = dict(env or {}), dict(overrides or {})
+    if gate:
+        preflight_gate(session, config, overrides, env)
+    return launch_ops.start_run(
+        session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force
+    )
+
+
+def wait(
+    session: Session,
+    record: RunRecord,
+    policy: RecoveryPolicy | None = None,
+    *,
+    interval: float = 15.0,
+    on_poll: watch_ops.OnPoll | None = None,
+) -> RunRecord:
+    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one."""
+    return wait_run(session, record, policy, interval=interval, on_poll=on_poll)
+
+
+def reattach(record: RunRecord, env: Mapping[str, str]) -> None:
+    """Give a stored run its `-e` values again (never stored) before it is waited for or relaunched;
+    refuses, before anything is recreated, when one is missing (a relaunch could not give it to the job)."""
+    missing = sorted(set(record.env_names) - set(env))
+    if missing:
+        raise UsageError(
+            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
+            "(-e NAME=VALUE; their values are secrets and never stored)"
+        )
+    record.env = dict(env)
+
+
+def stop(session: Session, record: RunRecord) -> list[str]:
+    """TERM then KILL on every worker; the record's final state is polled and saved. Returns what each
+    worker said."""
+    said = watch_ops.kill(session.target, record)
+    watch_ops.poll(session.target, record)
+    session.store.save(record)
+    return said
+
+
+@dataclass
+class StatusRound:
+    """One look at the runs `status` shows."""
+
+    records: list[RunRecord]
+    unreachable: list[str]  # `<run id>: <why>` lines, retried next round
+    machine: str | None  # the default target's machine line (TPU targets), else None
+
+
+def watch_status(
+    sessions: Sessions,
+    records: Sequence[RunRecord],
+    *,
+    watch: bool,
+    interval: float,
+    on_round: Callable[[StatusRound], None],
+) -> list[RunRecord]:
+    """Poll every unfinished run once (each on its own target) and hand the round to `on_round`; with
+    `watch`, again every `interval` s until they all end. Records are saved as they change. A run whose
+    workers stop answering is marked PREEMPTED when the Cloud TPU API says its machine is gone."""
+    records = list(records)
+    base = sessions.get()
+    unpollable: set[str] = set()
+    while True:
+        unreachable: list[str] = []
+        for record in records:
+            if record.is_terminal or record.run_id in unpollable:
+                continue
+            try:
+                session = sessions.get(record.target)
+            except UsageError as err:  # e.g. an SOP's inline target: show what is stored
+                unreachable.append(f"{record.run_id}: {err}")
+                unpollable.add(record.run_id)
+                continue
+            stall = session.config.stall_after_s
+            poll = watch_ops.poll_or_unreachable(session.target, record, stall_after_s=stall)
+            if not poll.reachable:  # the node may be gone: the API says, SSH never would
+                gone = watch_ops.machine_gone(session.target)
+                if gone is not None:
+                    watch_ops.mark_preempted(record, gone)
+            sessions.store.save(record)
+            unreachable += [] if record.state == "PREEMPTED" else poll.errors
+        on_round(StatusRound(records, unreachable, machine_line(base)))
+        if not watch or all(r.is_terminal or r.run_id in unpollable for r in records):
+            return records
+        time.sleep(interval)
+
+
+def log_text(
+    session: Session, record: RunRecord, *, worker: int = 0, lines: int = 200, env_file: str = ".env"
+) -> str:
+    """The tail of a worker's log, every secret value (local `.env`, the worker's, `-e`) redacted."""
+    redact = _redactor(session, record, worker, env_file)
+    return redact(logs_ops.tail(session.target, record, worker=worker, lines=lines))
+
+
+def follow_log(
+    session: Session,
+    record: RunRecord,
+    emit: Callable[[str], None],
+    *,
+    worker: int = 0,
+    env_file: str = ".env",
+) -> str:
+    """Stream a worker's log (redacted) to `emit` until the run ends there; returns its final state."""
+    redact = _redactor(session, record, worker, env_file)
+    return logs_ops.follow(session.target, record, lambda text: emit(redact(text)), worker=worker)
+
+
+def _redactor(session: Session, record: RunRecord, worker: int, env_file: str) -> Callable[[str], str]:
+    return env_ops.redactor(logs_ops.secret_values(session.target, record, env_file, worker=worker))
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def fetch_dest(dest: str | Path, dry_run: bool) -> Path:
+    """Where fetched runs land: a dry run's made-up results never beside real ones."""
+    return Path(dest) / "dry-run" if dry_run else Path(dest)
+
+
+def fetch(session: Session, record: RunRecord, dest: str | Path = "runs") -> fetch_ops.FetchResult:
+    """Copy the run's result files to `<dest>/<run id>/` and remember where in its record."""
+    result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    record.fetched_to = str(result.folder)
+    session.store.save(record)
+    return result
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    folder: Path
+    fetched: fetch_ops.FetchResult | None  # None: the folder was there already
+
+
+def fetch_if_missing(session: Session, record: RunRecord, dest: str | Path = "runs") -> LocalRun:
+    """The run's local folder, fetched only when it has no summary yet (a finished run's files never
+    change, and the machine that held them may be gone since)."""
+    folder = fetch_dest(dest, session.dry_run) / record.run_id
+    if (folder / "summary.json").is_file():
+        return LocalRun(folder, None)
+    result = fetch(session, record, dest)
+    return LocalRun(result.folder, result)
+
+
+def run_folder(sessions: Sessions, ref: str, dest: str | Path = "runs") -> Path:
+    """A fetched folder as given, or a run id's folder (fetched on demand)."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    session, record = sessions.for_run(ref)
+    return fetch_if_missing(session, record, dest).folder
+
+
+@dataclass(frozen=True)
+class Compared:
+    a: cmp.RunFiles
+    b: cmp.RunFiles
+    result: cmp.Comparison
+    plot: Path | None
+
+
+def compare_folders(
+    a: Path, b: Path, keys: Sequence[str] | None = None, plot: str | Path | None = None
+) -> Compared:
+    run_a, run_b = cmp.load_run(a), cmp.load_run(b)
+    result = cmp.compare_runs(run_a, run_b, list(keys) if keys else None)
+    if plot is not None:
+        cmp.plot(run_a, run_b, plot)
+    return Compared(run_a, run_b, result, None if plot is None else Path(plot))
+
+
+def compare(
+    sessions: Sessions,
+    a: str,
+    b: str,
+    *,
+    keys: Sequence[str] | None = None,
+    plot: str | None = None,
+    dest: str = "runs",
+) -> Compared:
+    """Two runs (ids, fetched on demand, or folders) side by side, with the paired tests."""
+    if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
+        cmp.check_plot_path(plot)
+    return compare_folders(run_folder(sessions, a, dest), run_folder(sessions, b, dest), keys, plot)
+
+
+# ----------------------------------------------------------------------------------------- laptop
+
+
+def accelerator_for(config_file: str | None, target: str | None) -> str:
+    """The TPU type to preflight for: the tpu target's accelerator_type, else the default (v6e-8)."""
+    _, target_cfg = load_config(config_file).target(target)
+    return getattr(target_cfg, "accelerator_type", None) or pf.DEFAULT_ACCELERATOR
+
+
+def find_leftovers(config_file: str | None, target: str | None) -> list[tuple[Any, Any]]:
+    """PREEMPTED/TERMINATED nodes and FAILED/SUSPENDED queued resources grpoctl left behind."""
+    from orchestrator.cloud import gc as cloud_gc  # the Cloud TPU client: only for this command
+
+    return cloud_gc.find_all(load_config(config_file), target)
+
+
+def delete_leftover(api: Any, leftover: Any) -> None:
+    from orchestrator.cloud import gc as cloud_gc
+
+    cloud_gc.delete_leftover(api, leftover)

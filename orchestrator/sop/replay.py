@@ -1,0 +1,408 @@
+"""Replay an SOP: each step is one `orchestrator.api` call (or a few), found in a table keyed by the step's
+type; the replay records what happened (state file) and rewrites the report after every step.
+
+State lives in `<report stem>.state.json` beside the report: a second replay skips finished steps, and a
+run step that already has a run id re-attaches to it (waits) instead of launching again. `--from STEP`
+re-runs from that step on. Dry runs never read state (every step runs against the recording transport).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from orchestrator import api
+from orchestrator import preflight as pf
+from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.ops import watch as watch_ops
+from orchestrator.ops.session import Session
+from orchestrator.phaseview import PhaseView
+from orchestrator.recovery import RecoveryPolicy
+from orchestrator.runs import RunRecord, utc_now_iso
+from orchestrator.sop import report as report_
+from orchestrator.sop.schema import (
+    CompareStep,
+    DownStep,
+    EnvPushStep,
+    FetchStep,
+    RunStep,
+    Sop,
+    SyncStep,
+    UpStep,
+    WaitStep,
+    load_sop,
+    step_id,
+)
+from orchestrator.sop.state import ReplayResult, ReplayState, StepState
+
+ViewFactory = Callable[[str], PhaseView]  # run id -> the view that shows its phases while it is waited for
+
+
+class _SayFile:
+    """A file for a plain (non-terminal) rich Console whose lines go to `say`."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.pending = say, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.say(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def default_report_path(sop_path: Path, dry_run: bool) -> Path:
+    return Path("runs") / "sops" / sop_path.stem / ("report.dry-run.md" if dry_run else "report.md")
+
+
+def _start_index(sop: Sop, from_step: str | None) -> int:
+    if from_step is None:
+        return 0
+    ids = [step_id(s) for s in sop.steps]
+    if from_step in ids:
+        return ids.index(from_step)
+    if from_step.isdigit() and 1 <= int(from_step) <= len(ids):
+        return int(from_step) - 1
+    raise UsageError(f"--from {from_step!r}: not a step id or number (steps: {', '.join(ids)})")
+
+
+class Replayer:
+    """The replay's context: the SOP, its state, one session per target, and the options of this replay."""
+
+    def __init__(
+        self,
+        sop: Sop,
+        state: ReplayState,
+        sessions: api.Sessions,
+        *,
+        target: str | None,
+        report_dir: Path,
+        state_path: Path,
+        recover: RecoveryPolicy | None,
+        overrides: dict[str, str],
+        view: ViewFactory | None = None,
+    ) -> None:
+        self.sop, self.state, self.sessions = sop, state, sessions
+        self.target_override, self.report_dir, self.state_path = target, report_dir, state_path
+        self.dry_run, self.say = sessions.dry_run, sessions.say
+        self.recover = recover  # `--recover`: preempted runs are relaunched
+        self.overrides = overrides  # trainer `--set` overrides for every run step
+        self.view = view  # a phase bar per waited run (the CLI's); else plain lines through `say`
+
+    def session(self, step: Any) -> Session:
+        return self.sessions.get(self.target_override or step.target or self.sop.target)
+
+    def command_line(self, step: Any) -> str:
+        return report_.command_line(
+            step,
+            sop=self.sop,
+            state=self.state,
+            target=self.session(step).target_name,
+            dry_run=self.dry_run,
+            overrides=self.overrides,
+            report_dir=self.report_dir,
+        )
+
+    def preflight(self, start: int, rerun: bool) -> None:
+        """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
+        that cannot fit stops the replay (exit 2) before any node is paid for."""
+        for step in self.sop.steps[start:]:
+            st = self.state.steps.get(step_id(step))
+            if not isinstance(step, RunStep) or (not rerun and st and (st.status == "done" or st.run_id)):
+                continue
+            s = self.session(step)
+            if s.kind != "tpu":
+                continue
+            overrides = {**step.set, **self.overrides}
+            accelerator = s.target_cfg.accelerator_type  # type: ignore[union-attr]
+            cmd = pf.command(step.config, accelerator, overrides, step.env)
+            try:
+                gate = api.preflight_gate(s, step.config, overrides, step.env)
+            except GrpoctlError as err:
+                self.state.preflight[step.name] = f"`{cmd}`: **{err}**"
+                raise
+            assert gate is not None  # a TPU target
+            self.state.preflight[step.name] = f"`{cmd}`: {gate.report.line() if gate.report else gate.line}"
+
+    # Helpers for run steps.
+
+    def fetch_dest(self, run: str) -> str:
+        """Where this SOP's fetch step puts `run` (default `runs`)."""
+        for f in self.sop.steps:
+            if isinstance(f, FetchStep) and (f.runs is None or run in f.runs):
+                return f.dest
+        return "runs"
+
+    def run_state(self, name: str) -> StepState:
+        for s in self.sop.steps:
+            if isinstance(s, RunStep) and s.name == name:
+                return self.state.steps.setdefault(step_id(s), StepState())
+        raise UsageError(f"no run step named {name!r}")
+
+    def attached(self, st: StepState) -> RunRecord | None:
+        if not st.run_id:
+            return None
+        try:
+            return self.sessions.store.get(st.run_id)
+        except UsageError:
+            if st.record is None:
+                return None
+            record = RunRecord.from_json(st.record)  # the run store moved: the state file remembers
+            self.sessions.store.save(record)
+            return record
+
+    def launched(self, step: Any, name: str) -> RunRecord:
+        record = self.attached(self.run_state(name))
+        if record is None:
+            raise UsageError(f"step {step_id(step)!r}: run {name!r} was never launched")
+        return record
+
+    def remember(self, st: StepState, record: RunRecord) -> None:
+        st.run_id, st.record = record.run_id, record.to_json()
+        self.state.save(self.state_path)
+
+    def wait(self, s: Session, st: StepState, record: RunRecord, interval: float) -> None:
+        view = (self.view or self._plain_view)(record.run_id).__enter__()
+        stalled = [False]
+
+        def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
+            if rec.state == "STALLED" and not stalled[0]:  # once per stall, until output moves again
+                stalled[0] = True
+                quiet = max((w.quiet_s or 0 for w in rec.workers), default=0)
+                self.say(f"  {rec.run_id}: STALLED, no output for {quiet} s (still waiting)")
+            elif rec.state != "STALLED":
+                stalled[0] = False
+            view.show(rec.state, poll.progress)
+            st.record = rec.to_json()
+
+        try:
+            policy = None if self.dry_run else self.recover
+            api.wait(s, record, policy, interval=0 if self.dry_run else interval, on_poll=on_poll)
+        finally:
+            view.close()
+            self.remember(st, record)
+
+    def _plain_view(self, label: str) -> PhaseView:
+        return PhaseView(Console(file=_SayFile(self.say), width=10_000), f"  {label}")
+
+    def fetch_finished(self, s: Session, name: str, st: StepState, record: RunRecord) -> None:
+        """Bring a run's results to the laptop as soon as it has SUCCEEDED.
+
+        Found by the rehearsal: the run files live on the VM's disk, so when a later run's VM is preempted
+        and recreated, an earlier finished run's results are gone before the SOP's fetch step. A failure
+        here is only a note: the fetch step tries again.
+        """
+        if self.dry_run or record.state != "SUCCEEDED":
+            return
+        try:
+            result = api.fetch(s, record, self.fetch_dest(name))
+        except GrpoctlError as err:
+            st.details.append(f"results not fetched yet ({err}); the fetch step tries again")
+            return
+        self.state.summaries[name] = result.summary
+        st.details.append(f"results fetched to `{result.folder}/` as the run ended")
+
+
+# One handler per step kind: each performs the step through `api` and fills `st.details`.
+
+
+def _up(r: Replayer, step: UpStep, st: StepState) -> None:
+    t = api.up(r.session(step))
+    st.details.append(f"target `{t.target}` ({t.kind}): {t.state}, {t.workers} worker(s)")
+
+
+def _down(r: Replayer, step: DownStep, st: StepState) -> None:
+    s = r.session(step)
+    api.down(s)
+    st.details.append(f"target `{s.target_name}` released")
+
+
+def _sync(r: Replayer, step: SyncStep, st: StepState) -> None:
+    def on_stage(worker: str, k: int, n: int, label: str) -> None:
+        r.say(f"  {worker.split()[0]}: bootstrap stage {k}/{n}: {label}")
+
+    result = api.sync(r.session(step), bootstrap=step.bootstrap, on_stage=on_stage)
+    st.details.append(f"repo `{result.url}` branch `{result.branch}`")
+    st.details += [f"{w}: HEAD `{h[:12]}`" for w, h in result.heads.items()]
+    st.details += [f"warning: {w}" for w in result.warnings]
+    st.details += [f"{w}: python `{py}`" for w, py in result.pythons.items()]
+
+
+def _env_push(r: Replayer, step: EnvPushStep, st: StepState) -> None:
+    result = api.push_env(r.session(step), step.file, optional=step.optional)
+    if result is None:
+        st.details.append(f"`{step.file}` not present: skipped (optional)")
+        return
+    st.details.append(f"`{result.remote_path}` mode {result.mode} on {len(result.workers)} worker(s)")
+    st.details += [f"`{k}_len={n}`" for k, n in result.lengths.items()]
+
+
+def _run(r: Replayer, step: RunStep, st: StepState) -> None:
+    s = r.session(step)
+    record = r.attached(st)
+    if record is None:  # the preflight ran for every run before `up`
+        overrides = {**step.set, **r.overrides}  # `sop replay --set` applies to every run
+        record = api.launch(s, step.config, env=step.env, overrides=overrides, force=step.force, gate=False)
+        r.remember(st, record)
+        r.say(f"{step_id(step)}: launched {record.run_id}")
+    else:
+        record.env = dict(step.env)  # never stored: a relaunch on recovery needs them again
+        r.say(f"{step_id(step)}: re-attached to {record.run_id} ({record.state})")
+        st.details.append(f"re-attached to `{record.run_id}`")
+    if step.wait:
+        r.wait(s, st, record, step.interval_s)
+        r.fetch_finished(s, step.name, st, record)
+    st.details += report_.run_details(record)
+
+
+def _wait(r: Replayer, step: WaitStep, st: StepState) -> None:
+    record = r.launched(step, step.run)
+    r.wait(r.session(step), r.run_state(step.run), record, step.interval_s)
+    st.details += report_.run_details(record)
+
+
+def _fetch(r: Replayer, step: FetchStep, st: StepState) -> None:
+    s = r.session(step)
+    for name in step.runs or [x.name for x in r.sop.steps if isinstance(x, RunStep)]:
+        record = r.launched(step, name)
+        if record.state == "SUCCEEDED" and name in r.state.summaries:
+            # fetched when it ended (fetch_finished): a finished run's files do not change, and the VM that
+            # held them may have been recreated since
+            local = api.fetch_if_missing(s, record, step.dest)
+            if local.fetched is None:
+                st.details.append(f"`{name}` -> `{local.folder}/` (fetched when the run ended)")
+                continue
+            result = local.fetched
+        else:
+            result = api.fetch(s, record, step.dest)
+        r.state.summaries[name] = result.summary
+        st.details.append(f"`{name}` -> `{result.folder}/` ({', '.join(result.files)})")
+
+
+def _compare(r: Replayer, step: CompareStep, st: StepState) -> None:
+    s = r.session(step)
+    folders = [api.fetch_if_missing(s, r.launched(step, name), step.dest).folder for name in (step.a, step.b)]
+    plot = None
+    if step.plot:
+        plot = report_.plot_path(r.report_dir, step)
+        r.report_dir.mkdir(parents=True, exist_ok=True)
+    done = api.compare_folders(folders[0], folders[1], step.keys or r.sop.summary_keys, plot)
+    if plot is not None:
+        st.details.append(f"plot: `{plot}`")
+    r.state.comparison = f"A = `{step.a}`, B = `{step.b}`\n\n" + done.result.markdown()
+    # One line per verdict: each run's start -> end (did GRPO help?), then run vs run.
+    names = (step.a, step.b)
+    learning = [f"{name} {line}" for name, line in zip(names, done.result.learning_lines(), strict=True)]
+    versus = f"{step.a} vs {step.b}: " + (
+        done.result.test_line() if done.result.paired else "no paired eval results"
+    )
+    r.state.verdict = "\n".join([*learning, versus])
+    st.details.extend([*learning, versus])
+
+
+Handler = Callable[[Replayer, Any, StepState], None]
+HANDLERS: dict[type, Handler] = {
+    UpStep: _up,
+    DownStep: _down,
+    SyncStep: _sync,
+    EnvPushStep: _env_push,
+    RunStep: _run,
+    WaitStep: _wait,
+    FetchStep: _fetch,
+    CompareStep: _compare,
+}
+
+
+def replay(
+    path: str | Path,
+    *,
+    config_file: str | None = None,
+    target: str | None = None,
+    dry_run: bool = False,
+    from_step: str | None = None,
+    report_path: str | Path | None = None,
+    fresh: bool = False,
+    accept_new_host_key: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+    recover: RecoveryPolicy | None = None,
+    overrides: dict[str, str] | None = None,
+    run_preflight: bool = True,
+    view: ViewFactory | None = None,
+) -> ReplayResult:
+    sop_path = Path(path)
+    sop = load_sop(sop_path)
+    report = Path(report_path) if report_path else default_report_path(sop_path, dry_run)
+    state_path = report.with_suffix(".state.json")
+    state = ReplayState(str(sop_path)) if (fresh or dry_run) else ReplayState.load(state_path, str(sop_path))
+    start = _start_index(sop, from_step)
+
+    def write() -> None:
+        state.save(state_path)
+        report_.write_report(report, sop, sop_path, state, dry_run)
+
+    sessions = api.Sessions(
+        config_file=config_file,
+        dry_run=dry_run,
+        accept_new_host_key=accept_new_host_key,
+        say=say,
+        extra_targets=sop.targets,
+    )
+    replayer = Replayer(
+        sop,
+        state,
+        sessions,
+        target=target,
+        report_dir=report.parent,
+        state_path=state_path,
+        recover=recover,
+        overrides=dict(overrides or {}),
+        view=view,
+    )
+    with sessions:
+        if run_preflight:
+            try:
+                replayer.preflight(start, rerun=from_step is not None)
+            finally:
+                write()
+        for i, step in enumerate(sop.steps):
+            sid = step_id(step)
+            st = state.steps.setdefault(sid, StepState())
+            if i < start:
+                if st.status != "done":
+                    st.status = "skipped"
+                continue
+            if from_step is not None and st.status == "done":  # --from: run it again
+                state.steps[sid] = st = StepState()
+            if st.status == "done":
+                say(f"[{i + 1}/{len(sop.steps)}] {sid}: done earlier, skipped")
+                continue
+            say(f"[{i + 1}/{len(sop.steps)}] {sid}")
+            st.status, st.started_at, st.error = "running", utc_now_iso(), None
+            st.details = [d for d in st.details if d.startswith("re-attached")] if st.run_id else []
+            st.command = replayer.command_line(step)
+            began = time.monotonic()
+            journal = replayer.session(step).script
+            journal_before = len(journal.journal) if journal else 0
+            try:
+                HANDLERS[type(step)](replayer, step, st)
+                st.status = "done"
+            except GrpoctlError as err:
+                st.status, st.error = "failed", str(err)
+                raise
+            finally:
+                st.finished_at = utc_now_iso()
+                st.duration_s = round(time.monotonic() - began, 2)
+                st.remote_commands = (len(journal.journal) if journal else 0) - journal_before
+                write()
+    return ReplayResult(report, state_path, state, state.verdict)

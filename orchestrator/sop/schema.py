@@ -1,0 +1,193 @@
+"""The SOP file model: a procedure as data (YAML), parsed and checked into typed steps.
+
+```yaml
+name: local_pallas_vs_jax
+target: local                      # default target of every step (a step may name its own)
+targets: {}                        # inline target definitions; grpoctl.yaml's targets of the same name win
+summary_keys: [eval_full/accuracy, ...]
+steps:
+  - up
+  - sync
+  - env_push: {optional: true}
+  - run: {name: jax, config: configs/tiny_cpu.yaml, env: {EVAL_FULL_SWEEP: "1"}}
+  - run: {name: pallas, config: configs/tiny_cpu_pallas.yaml}
+  - fetch
+  - compare: {a: jax, b: pallas, plot: true}
+  - down
+```
+
+A file that does not parse is one UsageError line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator import compare as cmp
+from orchestrator.config import TargetConfig, read_text_utf8
+from orchestrator.errors import UsageError
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str | None = None  # default: the kind, or `run:<name>`
+    target: str | None = None
+
+
+class UpStep(_Step):
+    kind: Literal["up"] = "up"
+
+
+class DownStep(_Step):
+    kind: Literal["down"] = "down"
+
+
+class SyncStep(_Step):
+    kind: Literal["sync"] = "sync"
+    bootstrap: bool = True
+
+
+class EnvPushStep(_Step):
+    kind: Literal["env_push"] = "env_push"
+    file: str = ".env"
+    optional: bool = False  # skip (not fail) when the file is missing
+
+
+# Run names become file names in the report folder (`<a>_vs_<b>.png`): one plain path component only.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+class RunStep(_Step):
+    kind: Literal["run"] = "run"
+    name: str  # how later steps refer to this run
+    config: str
+    env: dict[str, str] = {}
+    set: dict[str, str] = {}
+    wait: bool = True
+    force: bool = False
+    interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not _RUN_NAME.match(v) or ".." in v:
+            raise ValueError(
+                f"run name {v!r}: use letters, digits, '_', '-', '.' (it names files in the report folder)"
+            )
+        return v
+
+    @field_validator("env", "set", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
+class WaitStep(_Step):
+    kind: Literal["wait"] = "wait"
+    run: str
+    interval_s: float = Field(default=5.0, gt=0)
+
+
+class FetchStep(_Step):
+    kind: Literal["fetch"] = "fetch"
+    runs: list[str] | None = None  # default: every run of this SOP
+    dest: str = "runs"
+
+
+class CompareStep(_Step):
+    kind: Literal["compare"] = "compare"
+    a: str
+    b: str
+    keys: list[str] | None = None  # default: the SOP's summary_keys
+    plot: bool = True
+    dest: str = "runs"
+
+
+Step = Annotated[
+    UpStep | DownStep | SyncStep | EnvPushStep | RunStep | WaitStep | FetchStep | CompareStep,
+    Field(discriminator="kind"),
+]
+
+
+class Sop(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    description: str = ""
+    target: str | None = None
+    targets: dict[str, TargetConfig] = {}
+    summary_keys: list[str] = list(cmp.SOP_KEYS)
+    steps: list[Step] = Field(min_length=1)
+
+
+def step_id(step: Any) -> str:
+    if step.id:
+        return step.id
+    return f"run:{step.name}" if isinstance(step, RunStep) else step.kind
+
+
+def _normalize_step(raw: Any, n: int, source: str) -> dict[str, Any]:
+    """`up` or `{run: {...}}` -> `{"kind": "run", ...}`."""
+    if isinstance(raw, str):
+        return {"kind": raw}
+    if isinstance(raw, dict) and len(raw) == 1:
+        ((kind, params),) = raw.items()
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise UsageError(f"{source}: steps.{n}.{kind}: expected a mapping of parameters")
+        return {"kind": kind, **params}
+    raise UsageError(f"{source}: steps.{n}: expected a step name or a one-key mapping like {{run: {{...}}}}")
+
+
+def parse_sop(data: Any, source: str) -> Sop:
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping at the top level")
+    steps = data.get("steps")
+    if isinstance(steps, list):
+        data = {**data, "steps": [_normalize_step(s, i, source) for i, s in enumerate(steps)]}
+    try:
+        sop = Sop.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Step"))
+        if first["type"] == "extra_forbidden":
+            raise UsageError(f"{source}: unknown key {loc!r}") from None
+        if first["type"] == "missing":
+            raise UsageError(f"{source}: missing required key {loc!r}") from None
+        if first["type"] == "union_tag_invalid":
+            raise UsageError(f"{source}: {loc}: unknown step kind ({first['msg']})") from None
+        raise UsageError(f"{source}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
+    ids = [step_id(s) for s in sop.steps]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise UsageError(f"{source}: duplicate step ids {dupes} (give the steps an `id`)")
+    runs = {s.name for s in sop.steps if isinstance(s, RunStep)}
+    for s in sop.steps:
+        refs = (
+            [s.a, s.b]
+            if isinstance(s, CompareStep)
+            else [s.run]
+            if isinstance(s, WaitStep)
+            else (s.runs or [] if isinstance(s, FetchStep) else [])
+        )
+        missing = [r for r in refs if r not in runs]
+        if missing:
+            raise UsageError(f"{source}: step {step_id(s)!r} names unknown run(s) {missing}")
+    return sop
+
+
+def load_sop(path: str | Path) -> Sop:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"SOP file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(read_text_utf8(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UsageError(f"{path}:{f' line {mark.line + 1}' if mark else ''} malformed YAML") from None
+    return parse_sop(data, str(path))

@@ -1,0 +1,78 @@
+"""What a replay remembers between invocations: per step its status, timing, the run it launched and the
+report lines; per run its fetched summary; the comparison and the verdict. Saved as JSON beside the report
+(`<report stem>.state.json`) after every step, so a second replay skips what is done."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UsageError
+
+
+@dataclass
+class StepState:
+    status: str = "pending"  # pending, running, done, failed, skipped
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    command: str = ""  # the grpoctl command that does the same by hand
+    details: list[str] = field(default_factory=list)  # Markdown lines for the report
+    run_id: str | None = None
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    remote_commands: int = 0
+
+
+@dataclass
+class ReplayState:
+    sop: str
+    steps: dict[str, StepState] = field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> summary
+    comparison: str | None = None
+    verdict: str | None = None
+    preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: Path, sop: str) -> ReplayState:
+        if not path.is_file():
+            return ReplayState(sop)
+        try:
+            data = json.loads(path.read_text())
+            steps = {k: StepState(**v) for k, v in data.get("steps", {}).items()}
+        except (ValueError, TypeError):
+            raise UsageError(f"{path}: unreadable SOP state (use --fresh)") from None
+        return ReplayState(
+            sop,
+            steps,
+            data.get("summaries", {}),
+            data.get("comparison"),
+            data.get("verdict"),
+            data.get("preflight", {}),
+        )
+
+
+@dataclass
+class ReplayResult:
+    report_path: Path
+    state_path: Path
+    state: ReplayState
+    verdict: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "report": str(self.report_path),
+            "state": str(self.state_path),
+            "verdict": self.verdict,
+            "steps": {k: v.status for k, v in self.state.steps.items()},
+            "runs": {k: v.run_id for k, v in self.state.steps.items() if v.run_id},
+            "preflight": self.state.preflight,
+        }
