@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
@@ -326,7 +327,7 @@ def fetch_if_missing(session: Session, record: RunRecord, dest: str | Path = "ru
     """The run's local folder, fetched only when it has no summary yet (a finished run's files never
     change, and the machine that held them may be gone since)."""
     folder = fetch_dest(dest, session.dry_run) / record.run_id
-    if (folder / "summary.json").is_file():
+    if (folder / rundir.SUMMARY).is_file():
         return LocalRun(folder, None)
     result = fetch(session, record, dest)
     return LocalRun(result.folder, result)
