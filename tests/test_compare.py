@@ -288,3 +288,9 @@ def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_pat
     assert note.get_text() == "no data in metrics.jsonl" and note.get_position() == (0.5, 0.5)
     assert note.get_transform() is empty_loss.transAxes and note.get_ha() == "center"
     assert empty_loss.get_legend() is None
+
+
+def test_a_plot_path_without_an_image_suffix_is_refused_naming_the_suffixes(tmp_path: Path):
+    with pytest.raises(UsageError, match=r"p\.txt.*\.png"):
+        cmp.check_plot_path(tmp_path / "p.txt")
+    assert not (tmp_path / "p.txt").exists()

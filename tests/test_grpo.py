@@ -227,6 +227,8 @@ def test_unit_rate_optimizer_times_lr_equals_the_scheduled_optax_optimizer(name)
         (0.85, -1.0, False, "low"),  # just inside 0.8
         (1.35, -1.0, False, "none"),  # past the upper bound with A < 0: min picks the unclipped term
         (0.75, 1.0, False, "none"),  # past the lower bound with A > 0: likewise
+        (0.75, 0.0, False, "none"),  # A = 0: nothing to push back, so nothing counted as clipped
+        (1.35, 0.0, False, "none"),
     ],
 )
 def test_clip_bounds_use_their_own_eps_on_each_side(ratio: float, adv: float, clipped: bool, side: str):

@@ -485,3 +485,11 @@ def test_bootstrap_without_python_311_says_so(tmp_path: Path):
     assert out.returncode == recipes.EXIT_NO_PYTHON
     assert "no python >= 3.11 on this worker" in out.stderr
     assert not (ck / ".venv").exists()
+
+
+def test_progress_line_of_a_model_download_keeps_both_byte_counts():
+    from grpoctl_contract.progress import Event, encode
+
+    line = encode(Event("phase", "model_load", bytes_done=1_200, bytes_total=6_170, detail="Qwen"))
+    progress = recipes.parse_progress_line(line)
+    assert progress is not None and (progress.bytes_done, progress.bytes_total) == (1_200, 6_170)

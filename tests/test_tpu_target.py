@@ -255,3 +255,21 @@ def test_run_clears_stale_tpu_users_first(project: Project, monkeypatch) -> None
     assert f"stopped stale TPU users (pids {pid})" in ran.stderr and ran.stdout.split()[-1] == "SUCCEEDED"
     assert not lock.exists() and not _alive(pid)
     project.cli(cfg, "down", "--yes")
+
+
+def test_accept_new_host_key_trusts_the_first_key_when_none_are_published(
+    project: Project, monkeypatch
+) -> None:
+    # The other side of the error above: asked to trust on first use, `up` connects to every worker and
+    # records the key each offered, instead of waiting for keys that never come.
+    from orchestrator.targets import tpu as tpu_target
+
+    monkeypatch.setattr(tpu_target, "HOST_KEY_WAIT_S", 0.5)
+    monkeypatch.setenv("HOME", str(project.root))  # the known_hosts written is the test's, not ours
+    project.fake.script.host_keys_delay_s = 3600
+    cfg = project.config(name="grpo-tofu")
+    project.cli(cfg, "--accept-new-host-key", "up")
+    known = (project.root / ".ssh" / "known_hosts").read_text().splitlines()
+    assert known and all(line.startswith("[127.0.0.1]:") for line in known)
+    project.cli(cfg, "down", "--yes")
+    _nothing_left(project)

@@ -112,7 +112,7 @@ def test_put_is_atomic_with_mode_0600_and_get_roundtrips(ssh: SshTransport, tmp_
     assert ssh.run(f"ls -A {dest.parent}").stdout.split() == [".env"]  # no temp file left
     assert ssh.get(str(dest)) == b"A=2\n"
     blob = bytes(range(256)) * 4096
-    ssh.put(blob, str(tmp_path / "blob.bin"), mode=0o644)
+    ssh.put(blob, str(tmp_path / "blob.bin"))  # the default mode: 0644, like a file cp makes
     assert ssh.get(str(tmp_path / "blob.bin")) == blob
     assert ssh.run(f"stat -c %a {tmp_path / 'blob.bin'}").stdout.strip() == "644"
 
