@@ -192,6 +192,8 @@ def test_sop_replay_never_provisions_a_config_that_cannot_fit(lab: Lab) -> None:
     assert "- `ok`: `grpoctl preflight configs/tiny_cpu.yaml --accelerator v6e-8`: fits on v6e-8" in text
     assert "fits on v6e-8: largest " in text and " GiB per chip" in text
     assert "- `huge`: " in text and "does not fit a v6e-8 chip" in text
+    state = json.loads((lab.root / "report.state.json").read_text())
+    assert state["preflight_fits"] == {"ok": True, "huge": False}  # what the rehearsal's check reads
 
     # --dry-run shows the preflight too (it is local); a run that fits goes on to the recorded commands.
     data = yaml.safe_load(sop_file.read_text())

@@ -131,9 +131,11 @@ class Replayer:
                 gate = api.preflight_gate(s, step.config, overrides, step.env)
             except GrpoctlError as err:
                 self.state.preflight[step.name] = f"`{cmd}`: **{err}**"
+                self.state.preflight_fits[step.name] = False
                 raise
             assert gate is not None  # a TPU target
             self.state.preflight[step.name] = f"`{cmd}`: {gate.report.line() if gate.report else gate.line}"
+            self.state.preflight_fits[step.name] = gate.report.fits if gate.report else None
 
     # Helpers for run steps.
 

@@ -34,6 +34,8 @@ class ReplayState:
     comparison: str | None = None
     verdict: str | None = None
     preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
+    # run name -> whether the preflight's report said it fits (None: no preflight could run here)
+    preflight_fits: dict[str, bool | None] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,7 @@ class ReplayState:
             data.get("comparison"),
             data.get("verdict"),
             data.get("preflight", {}),
+            data.get("preflight_fits", {}),
         )
 
 

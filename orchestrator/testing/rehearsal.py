@@ -209,7 +209,7 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
             problems.append(f"run {name}: summary lacks {missing}")
     for name in ("jax", "pallas"):
         line = state.get("preflight", {}).get(name, "")
-        if " fits " not in f" {line} ":
+        if state.get("preflight_fits", {}).get(name) is not True:
             problems.append(f"run {name}: preflight did not pass before `up`: {line or 'not run'}")
     pallas = (steps.get("run:pallas") or {}).get("record") or {}
     if len(pallas.get("recoveries", [])) != 1:
