@@ -293,7 +293,7 @@ def rehearsal_section(
     for r in pallas.get("recoveries", []):
         lines.append(
             f"- recovery: {r.get('kind')} ({r.get('reason')}), same run id `{pallas.get('run_id')}`, "
-            f"last step seen before it {r.get('step')}, relaunched with log `{r.get('log')}`"
+            f"last GRPO step a poll had seen before it {r.get('step')}, relaunched with log `{r.get('log')}`"
         )
     step = resumed_step(vms)
     if step is not None:
