@@ -77,7 +77,7 @@ STANDIN_TRAINER = textwrap.dedent(
         if worker == 0:
             with open(run / rundir.METRICS, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\\n")
-        tmp = step_file.with_suffix(".tmp")
+        tmp = step_file.with_suffix(f".tmp{worker}")  # workers may share checkpoint_dir: one temp each
         tmp.write_text(str(step))
         tmp.replace(step_file)
         event = Event("progress", "train", step=step, total=steps, elapsed_s=round(time.time() - t0, 3),
