@@ -322,8 +322,8 @@ def _cached_layers(
     cache: KVCache,
     dtype: Any,
 ) -> tuple[jax.Array, KVCache]:
-    """KV-cache path: the T tokens are written at slots [cache.index, cache.index + T) and attend to every
-    valid earlier slot (prefill: T = prompt length; decode: T = 1)."""
+    """KV-cache path of a prefill: the T prompt tokens are written at slots [cache.index, cache.index + T)
+    and attend to every valid earlier slot (a decode step, T = 1, takes `_decode_layers`)."""
     t = x.shape[1]
     index = cache.index
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attn_mask, index, axis=1)
@@ -349,7 +349,6 @@ def _cached_layers(
     layers = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
     (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, layers))
     return x, KVCache(k=k, v=v, valid=valid, index=index + t)
-
 
 
 def cached_attention(
