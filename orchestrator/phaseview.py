@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from grpoctl_contract.progress import fmt_duration
+from orchestrator.lifecycle.states import is_finished
 from orchestrator.recipes import Progress as RunProgress
 
 
@@ -23,7 +24,7 @@ def phase_line(state: str, progress: RunProgress | None) -> str:
     if progress is None:
         return state
     text = progress.text
-    if not progress.done and state not in ("SUCCEEDED", "FAILED", "LOST"):
+    if not progress.done and not is_finished(state):
         text += f", eta {fmt_duration(progress.eta_s)}"
     return text
 

@@ -11,6 +11,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from grpoctl_contract.progress import fmt_duration
+from orchestrator.lifecycle.monitor import OnPoll, Poll
+from orchestrator.lifecycle.states import RunState, is_terminal, label
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView
 from orchestrator.runs import RunRecord
@@ -23,12 +25,14 @@ def quiet_s(record: RunRecord) -> int:
 def progress_text(record: RunRecord) -> str:
     """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA."""
     phase = watch_ops.phase_json(record)
-    if record.state == "STALLED":
+    if record.state is RunState.STALLED:
         at = f" at {phase['text']}" if phase else ""
         return f"no output for {quiet_s(record)} s{at}"
+    if record.state is RunState.RECOVERING:
+        return f"recovering: {record.state_reason or 'relaunching'}"
     if phase is None:
         return "-"
-    if record.is_terminal:
+    if is_terminal(record.state):
         p = record.last_progress or {}
         return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
     return f"{phase['text']} eta {fmt_duration(phase['eta_s'])}"
@@ -36,7 +40,7 @@ def progress_text(record: RunRecord) -> str:
 
 def phase_bar(record: RunRecord) -> ProgressBar | str:
     phase = watch_ops.phase_json(record)
-    if phase is None or not phase["n"] or record.is_terminal:
+    if phase is None or not phase["n"] or is_terminal(record.state):
         return ""
     return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
 
@@ -52,13 +56,9 @@ def runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
     for col in ("progress", "workers", "log"):
         table.add_column(col)
     for r in records:
-        workers = " ".join(
-            f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}" for w in r.workers
-        )
-        state = r.state
-        failed = [w for w in r.workers if w.state == "FAILED"]
-        if state == "FAILED" and failed:
-            state = f"FAILED({failed[0].exit_code})"
+        workers = " ".join(f"{w.worker}:{label(w.state, w.exit_code)}" for w in r.workers)
+        failed = [w for w in r.workers if w.state is RunState.FAILED]
+        state = label(r.state, failed[0].exit_code if failed else None) if failed else str(r.state)
         cells = [r.run_id, r.target, state, *([phase_bar(r)] if bars else []), progress_text(r)]
         table.add_row(*cells, workers, r.log_path)
     return table
@@ -67,6 +67,8 @@ def runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
 def identity_lines(record: RunRecord) -> list[str]:
     """What produced a run: the worker's commit at launch, the config hash, the W&B run page."""
     lines = [f"commit: {record.git_commit or 'unknown'}", f"config hash: {record.config_hash or 'unknown'}"]
+    if record.state_reason:  # what happened: PREEMPTED, STOPPED, a budget spent
+        lines.append(f"{record.state}: {record.state_reason}")
     if record.wandb_url:
         lines.append(f"W&B: {record.wandb_url}")
     return lines
@@ -76,13 +78,13 @@ def status_json(record: RunRecord) -> dict[str, Any]:
     return {**record.to_json(), "phase": watch_ops.phase_json(record)}
 
 
-def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, watch_ops.OnPoll]:
+def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, OnPoll]:
     """A phase bar on stderr for a waited run, and the poll callback that moves it."""
     view = PhaseView(err, record.run_id, enabled=enabled)
 
-    def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
+    def on_poll(rec: RunRecord, poll: Poll) -> None:
         note = f"{len(poll.errors)} worker(s) unreachable, retrying" if poll.errors else ""
-        if rec.state == "STALLED":
+        if rec.state is RunState.STALLED:
             note = f"STALLED: no output for {quiet_s(rec)} s" + (f"; {note}" if note else "")
         view.show(rec.state, poll.progress, note)
 

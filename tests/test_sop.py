@@ -12,7 +12,7 @@ from standin import standin_repo  # noqa: F401
 
 from orchestrator import sop
 from orchestrator.errors import JobFailed, UsageError
-from orchestrator.ops import watch as watch_ops
+from orchestrator.lifecycle import recovery as lifecycle
 from orchestrator.runs import RunStore
 from orchestrator.sop.replay import HANDLERS
 from orchestrator.sop.schema import FetchStep
@@ -126,19 +126,19 @@ def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path,
         "name: one_run\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
         "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
     )
-    real_wait = watch_ops.wait
+    real_wait = lifecycle.wait
 
     def laptop_sleeps(*args, **kwargs):
         raise KeyboardInterrupt  # the replay dies after launching, before the run ends
 
-    monkeypatch.setattr(watch_ops, "wait", laptop_sleeps)
+    monkeypatch.setattr(lifecycle, "wait", laptop_sleeps)
     with pytest.raises(KeyboardInterrupt):
         sop.replay(file, config_file=config)
     state = json.loads((work / "runs" / "sops" / "one_run" / "report.state.json").read_text())
     launched = state["steps"]["run:w"]["run_id"]
     assert state["steps"]["run:w"]["status"] == "running" and launched
 
-    monkeypatch.setattr(watch_ops, "wait", real_wait)
+    monkeypatch.setattr(lifecycle, "wait", real_wait)
     messages: list[str] = []
     result = sop.replay(file, config_file=config, say=messages.append)
     assert result.state.steps["run:w"].run_id == launched

@@ -81,7 +81,7 @@ def follow(
         if chunk.ok and chunk.stdout:
             offset += len(chunk.stdout.encode())
             take(chunk.stdout)
-        if state.state in recipes.TERMINAL:
+        if state.finished:
             final = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
             take(final.stdout if final.ok else "", final=True)
             return state.label

@@ -21,8 +21,8 @@ from orchestrator.cloud import api as cloud
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import RepoConfig, TpuTargetConfig
-from orchestrator.errors import HostKeyError, InfraError, UsageError
-from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
+from orchestrator.errors import HostKeyError, InfraError, RunStopped, UsageError
+from orchestrator.targets.base import Condition, Machine, Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
 from orchestrator.transport.base import Transport
 from orchestrator.transport.ssh import SshTransport
@@ -30,6 +30,10 @@ from orchestrator.transport.ssh import SshTransport
 # Node states after which the node will never run our job again: recreate it.
 DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED")
 DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
+# Node states a node leaves by itself, back to READY (maintenance, repair, a reimage, a start).
+BUSY_NODE_STATES = ("CREATING", "STARTING", "RESTARTING", "REIMAGING", "REPAIRING", "UNHIDING", "UNKNOWN")
+STOPPED_NODE_STATES = ("STOPPED", "STOPPING")
+HEALTHY = ("HEALTHY", "HEALTH_UNSPECIFIED")
 HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
 
 
@@ -43,6 +47,9 @@ class TpuTarget(Target):
     # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
+    # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a warning)
+    # instead of refusing it.
+    attach_any: bool = False
 
     def __init__(
         self,
@@ -91,8 +98,7 @@ class TpuTarget(Target):
     def up(self) -> None:
         self._reset_transports()
         self._create_op = None
-        node = self.api.get_node(self.cfg.name)
-        queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        node, queued = self._wait_deleted()
         dead = _dead_reason(node, queued)
         if dead is not None:
             self.say(f"{self.node_label}: {dead}; deleting it to create a fresh one")
@@ -104,6 +110,10 @@ class TpuTarget(Target):
                 self._create(created)
             # a node that exists without a queued resource is attached as a plain node
             self._node = self._wait_ready(queued_mode=queued is not None or "queued" in created)
+            if not created:
+                self._check_matches(self._node)
+            for warning in node_warnings(self._node):
+                self.say(f"{self.node_label}: warning: {warning}")
             self._check_os_login(self._node)
             self._ensure_ssh_key(self._node)
             self._connect()
@@ -112,6 +122,49 @@ class TpuTarget(Target):
             if created:
                 self._undo(created, err)
             raise
+
+    def _wait_deleted(self) -> tuple[tpu_v2.Node | None, tpu_v2.QueuedResource | None]:
+        """The node and queued resource, once neither is DELETING any more (a delete someone started: a
+        create under the same name is refused until it is done)."""
+        deadline = time.monotonic() + self.cfg.up_timeout_s
+        said = False
+        while True:
+            node = self.api.get_node(self.cfg.name)
+            queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+            deleting = [
+                what
+                for what, st in (
+                    ("node", cloud.state_name(node) if node is not None else ""),
+                    ("queued resource", cloud.queued_state_name(queued) if queued is not None else ""),
+                )
+                if st == "DELETING"
+            ]
+            if not deleting:
+                return node, queued
+            if not said:
+                what = " and ".join(deleting)
+                self.say(f"{self.node_label}: {what} DELETING; waiting for the delete to finish")
+                said = True
+            if time.monotonic() > deadline:
+                raise InfraError(f"{self.node_label}: still DELETING after {self.cfg.up_timeout_s:.0f} s")
+            time.sleep(self.cfg.poll_s)
+
+    def _check_matches(self, node: tpu_v2.Node) -> None:
+        """An existing node is attached only if it is what the config asks for (type and spot-ness)."""
+        accel, spot = node.accelerator_type, bool(node.scheduling_config.spot)
+        wrong = []
+        if accel and accel != self.cfg.accelerator_type:
+            wrong.append(f"accelerator {accel}, the config asks for {self.cfg.accelerator_type}")
+        if not self.cfg.queued and spot != self.cfg.spot:  # a queued resource holds spot-ness itself
+            wrong.append(f"spot={str(spot).lower()}, the config asks for spot={str(self.cfg.spot).lower()}")
+        if not wrong:
+            return
+        what = f"{self.node_label}: the existing node is not what the config asks for ({'; '.join(wrong)})"
+        if not self.attach_any:
+            raise UsageError(
+                f"{what}: refusing to attach; `grpoctl down` it (or name another node), or pass --attach-any"
+            )
+        self.say(f"warning: {what}; attached anyway (--attach-any)")
 
     def _create(self, created: list[str]) -> None:
         req = self._node_request()
@@ -137,6 +190,9 @@ class TpuTarget(Target):
         start, last, state = time.monotonic(), "", ""
         op = self._create_op
         while True:
+            stop = self.stop_check() if self.stop_check is not None else None
+            if stop:  # e.g. `grpoctl down` while a recovery waits for its new node: stop the spend
+                raise RunStopped(f"{self.node_label}: stopped waiting for it: {stop}")
             if queued_mode:
                 qr = self.api.get_queued(self.cfg.name)
                 if qr is None:
@@ -207,6 +263,10 @@ class TpuTarget(Target):
             node = self.api.get_node(self.cfg.name)
             if node is None:
                 raise InfraError(f"{self.node_label} does not exist: run `grpoctl up --target {self.name}`")
+            if cloud.state_name(node) != "READY" or not node.network_endpoints:
+                # not cached: a node that is still STARTING has no endpoints yet; ask again next time
+                raise InfraError(f"{self.node_label} is {cloud.state_name(node)}: no workers to reach")
+            self._check_matches(node)
             self._node = node
         return self._node
 
@@ -331,18 +391,71 @@ class TpuTarget(Target):
         if node is None:
             return TargetState("NOT_FOUND", healthy=False, details=details)
         health = cloud.health_name(node)
-        details.update(health=health, workers=len(node.network_endpoints), spot=node.scheduling_config.spot)
-        state = cloud.state_name(node)
-        return TargetState(
-            state, healthy=state == "READY" and health in ("HEALTHY", "HEALTH_UNSPECIFIED"), details=details
+        details.update(  # what the node really is, not what the config asked for
+            health=health,
+            workers=len(node.network_endpoints),
+            spot=bool(node.scheduling_config.spot) or (queued is not None and "spot" in queued),
+            accelerator_type=node.accelerator_type or self.cfg.accelerator_type,
         )
+        state = cloud.state_name(node)
+        return TargetState(state, healthy=state == "READY" and health in HEALTHY, details=details)
 
-    def preemption(self) -> str | None:
-        """Why the node will not come back by itself (preempted, terminated, gone), or None if it lives."""
+    def machine(self) -> Machine:
+        """The node (and its queued resource) in one look: what it means for a job, and its facts."""
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        dead = _dead_reason(node, queued)
-        return "node NOT_FOUND" if dead is None and node is None else dead
+        qstate = cloud.queued_state_name(queued) if queued is not None else None
+        nstate = cloud.state_name(node) if node is not None else "NOT_FOUND"
+        words = f"node {nstate}" + (f" (queued resource {qstate})" if qstate else "")
+        if qstate in DEAD_QUEUED_STATES:
+            condition, words = Condition.GONE, f"queued resource {qstate}"
+        elif nstate in DEAD_NODE_STATES:
+            condition = Condition.GONE
+        elif "DELETING" in (nstate, qstate):
+            condition = Condition.DELETING
+        elif nstate in STOPPED_NODE_STATES:
+            condition = Condition.STOPPED
+        elif node is None:  # a queued resource still waiting for capacity is on its way; else deleted
+            condition = Condition.BUSY if qstate else Condition.DELETED
+        elif nstate == "READY" and node.network_endpoints:
+            condition = Condition.UP
+        else:
+            condition = Condition.BUSY
+        if node is None:
+            return Machine(condition, words)
+        endpoints = tuple(
+            f"{ep.ip_address}/{ep.access_config.external_ip}:{ep.port}" for ep in node.network_endpoints
+        )
+        return Machine(
+            condition,
+            words,
+            accelerator_type=node.accelerator_type or None,
+            spot=bool(node.scheduling_config.spot) or qstate is not None and "spot" in queued,
+            endpoints=endpoints,
+            warnings=tuple(node_warnings(node)),
+        )
+
+    def refresh(self) -> None:
+        self._reset_transports()
+
+
+def node_warnings(node: tpu_v2.Node) -> list[str]:
+    """What a person should hear before paying for a run on this node: an unhealthy or maintained node.
+    (`upcomingMaintenance` is only served by the v2alpha1 API, which has no REST transport: not seen.)"""
+    out = []
+    health = cloud.health_name(node)
+    if health not in HEALTHY:
+        meaning = {
+            "TIMEOUT": "the TPU runtime stopped answering its health check",
+            "UNHEALTHY_MAINTENANCE": "the node is under maintenance: a job on it may be stopped",
+            "UNHEALTHY_TENSORFLOW": "the TPU runtime is unhealthy",
+        }.get(health, "unhealthy")
+        desc = f"; {node.health_description}" if node.health_description else ""
+        out.append(f"health {health} ({meaning}{desc})")
+    for symptom in node.symptoms:
+        kind = tpu_v2.Symptom.SymptomType(symptom.symptom_type).name
+        out.append(f"symptom {kind} on worker {symptom.worker_id or '?'}: {symptom.details}".rstrip(": "))
+    return out
 
 
 def _dead_reason(node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> str | None:

@@ -80,6 +80,7 @@ class Script:
     publish_other_host_keys: bool = False
     # A fresh VM's guest agent publishes its host keys a little after READY: none until this long after.
     host_keys_delay_s: float = 0.0
+    delete_s: float = 0.0  # a deleted node (or queued resource) shows DELETING this long before it is gone
 
 
 @dataclass
@@ -91,6 +92,10 @@ class FakeNode:
     queued_resource: str = ""
     workers: list[FakeWorker] = field(default_factory=list)
     create_time: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+    health: str = "HEALTHY"  # while READY
+    health_description: str = ""
+    gone_at: float | None = None  # DELETING until then
+    held: bool = False  # set_state: the reported state stays what the test set
 
     @property
     def node_id(self) -> str:
@@ -104,6 +109,7 @@ class FakeQueued:
     state: str
     provision_at: float
     node_name: str = ""
+    gone_at: float | None = None  # DELETING until then
 
 
 @dataclass
@@ -127,6 +133,8 @@ def _node_type(body: dict[str, Any]) -> dict[str, Any]:
 
 
 EMPTY = {"@type": "type.googleapis.com/google.protobuf.Empty"}
+# States a node leaves by itself for READY once its `ready_at` has passed.
+COMING_BACK = ("CREATING", "STARTING", "RESTARTING", "REIMAGING", "REPAIRING")
 
 
 class FakeTpuApi:
@@ -143,6 +151,7 @@ class FakeTpuApi:
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._failures: list[list[Any]] = []  # [method, path part, http status, times left] (fail_next)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> FakeTpuApi:
@@ -203,6 +212,47 @@ class FakeTpuApi:
             if node.queued_resource and node.queued_resource in self.queued:
                 self.queued[node.queued_resource].state = "SUSPENDED"
 
+    def restart(self, node_id: str, state: str = "RESTARTING", down_s: float = 0.5) -> None:
+        """Maintenance, a repair or a reimage: the VMs go down (a fresh disk, as after a reimage) and the
+        node shows `state` for `down_s`, then READY again with new workers."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            self._kill_workers(node)
+            node.state, node.ready_at = state, time.monotonic() + down_s
+
+    def set_state(self, node_id: str, state: str) -> None:
+        """Only what the API reports changes (e.g. STARTING while the VMs keep running)."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            node.state, node.held = state, True  # stays so until set_state again: no new workers
+
+    def stop_node(self, node_id: str) -> None:
+        """A person stops the node (`gcloud ... stop`): its VMs go down, it stays STOPPED."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            self._kill_workers(node)
+            node.state = "STOPPED"
+
+    def kill_worker(self, node_id: str, index: int) -> None:
+        """One worker's VM dies (its sshd and all it ran) while the node stays READY."""
+        with self._lock:
+            self._node_by_id(node_id).workers[index].kill()
+
+    def set_health(self, node_id: str, health: str, description: str = "") -> None:
+        with self._lock:
+            node = self._node_by_id(node_id)
+            node.health, node.health_description = health, description
+
+    def delete_by_someone(self, node_id: str) -> None:
+        """Someone else deletes the node (the console, gcloud): as a DELETE request would."""
+        with self._lock:
+            self._delete_node(self._node_by_id(node_id).name)
+
+    def fail_next(self, method: str, path_part: str, http: int = 500, times: int = 1) -> None:
+        """The next `times` requests `method` whose path contains `path_part` fail with `http`."""
+        with self._lock:
+            self._failures.append([method, path_part, http, times])
+
     def node_state(self, node_id: str) -> str | None:
         with self._lock:
             self._advance()
@@ -234,9 +284,13 @@ class FakeTpuApi:
             elif qr.state == "ACCEPTED":
                 qr.state = "WAITING_FOR_RESOURCES"
         for node in self.nodes.values():
-            if node.state == "CREATING" and now >= node.ready_at:
+            if node.state in COMING_BACK and now >= node.ready_at and not node.held:
                 self._start_workers(node)
                 node.state = "READY"
+        for name in [n for n, node in self.nodes.items() if node.gone_at is not None and now >= node.gone_at]:
+            del self.nodes[name]
+        for name in [n for n, qr in self.queued.items() if qr.gone_at is not None and now >= qr.gone_at]:
+            del self.queued[name]
         for qr in self.queued.values():
             node = self.nodes.get(qr.node_name)
             if qr.state == "PROVISIONING" and node is not None and node.state == "READY":
@@ -298,7 +352,9 @@ class FakeTpuApi:
             id=str(abs(hash(node.name)) % 10**12),
         )
         if node.state == "READY":
-            body.update(health="HEALTHY", networkEndpoints=endpoints)
+            body.update(health=node.health, networkEndpoints=endpoints)
+            if node.health_description:
+                body["healthDescription"] = node.health_description
         if node.queued_resource:
             body["queuedResource"] = node.queued_resource
         return body
@@ -314,6 +370,14 @@ class FakeTpuApi:
         with self._lock:
             self.requests.append(RecordedRequest(method, url.path, query, body))
             self._advance()
+            failure = next((f for f in self._failures if f[0] == method and f[1] in url.path), None)
+            if failure is not None:
+                failure[3] -= 1
+                if failure[3] <= 0:
+                    self._failures.remove(failure)
+                http = HTTPStatus(failure[2])
+                status = {403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}.get(http, "INTERNAL")
+                return int(http), ApiError(http, status, f"injected {http.phrase}").body()
             try:
                 return 200, self._route(method, url.path, query, body or {})
             except ApiError as err:
@@ -433,8 +497,11 @@ class FakeTpuApi:
     def _delete_node(self, name: str) -> dict[str, Any]:
         node = self._get_node(name)
         self._kill_workers(node)
-        del self.nodes[name]
         parent = name.split("/nodes/")[0]
+        if self.script.delete_s > 0:  # DELETING for a while; a create under the name is refused until then
+            node.state, node.gone_at = "DELETING", time.monotonic() + self.script.delete_s
+            return self._new_operation(parent, lambda: name not in self.nodes, lambda: EMPTY)
+        del self.nodes[name]
         return self._new_operation(parent, lambda: True, lambda: EMPTY)
 
     def _update_node(self, name: str, mask: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -509,8 +576,11 @@ class FakeTpuApi:
                 )
             self._kill_workers(node)
             del self.nodes[node.name]
-        del self.queued[name]
         parent = name.split("/queuedResources/")[0]
+        if self.script.delete_s > 0:
+            qr.state, qr.gone_at = "DELETING", time.monotonic() + self.script.delete_s
+            return self._new_operation(parent, lambda: name not in self.queued, lambda: EMPTY)
+        del self.queued[name]
         return self._new_operation(parent, lambda: True, lambda: EMPTY)
 
 
