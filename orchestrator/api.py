@@ -15,7 +15,7 @@ from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
-from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.errors import GrpoctlError, InfraError, UsageError
 from orchestrator.lifecycle import recovery as lifecycle
 from orchestrator.lifecycle.monitor import Monitor, OnDecision, OnPoll, probe
 from orchestrator.lifecycle.recovery import RecoveryPolicy
@@ -28,6 +28,7 @@ from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Say, Session, open_session
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
+from orchestrator.targets.base import Condition
 
 # ---------------------------------------------------------------------------------------- sessions
 
@@ -327,10 +328,28 @@ def fetch_dest(dest: str | Path, dry_run: bool) -> Path:
 
 def fetch(session: Session, record: RunRecord, dest: str | Path = "runs") -> fetch_ops.FetchResult:
     """Copy the run's result files to `<dest>/<run id>/` and remember where in its record."""
-    result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    try:
+        result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    except InfraError as err:
+        raise _gone_hint(session, record, err) from None
     record.fetched_to = str(result.folder)
     session.store.save(record)
     return result
+
+
+def _gone_hint(session: Session, record: RunRecord, err: InfraError) -> InfraError:
+    """A fetch that failed because the VM holding the run's files is gone: say so, and how to get them."""
+    try:
+        machine = session.target.machine()
+    except GrpoctlError:
+        machine = None
+    if machine is None or machine.condition is Condition.UP:
+        return err
+    return InfraError(
+        f"{err}; the node that held run {record.run_id}'s files is {machine.state}. Its history is kept with "
+        f"its checkpoints (checkpoint.dir): grpoctl recover {record.run_id} relaunches it (a finished run "
+        "resumes at its last step and writes its files again), then fetch"
+    )
 
 
 @dataclass(frozen=True)

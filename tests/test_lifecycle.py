@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tpu_support import Project, long_run, one_line_error, soak
@@ -330,3 +331,19 @@ def test_soak_three_random_hits_one_run_every_metrics_row_nothing_after_down(pro
     assert out["steps"] == list(range(1, 61))  # every step's row, once, across 4 VMs' lifetimes
     assert out["waiter_code"] == 3 and "stopped" in out["waiter_err"], out["waiter_err"]
     assert out["created_after_down"] == 0 and out["nodes_left"] == []
+
+
+def test_a_finished_run_whose_vm_is_gone_before_fetch_is_recovered_with_its_history(project: Project):
+    cfg = ready(project, "grpo-fetch")
+    hit = at_step(project, 20, lambda: project.fake.preempt("grpo-fetch"))
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
+    run_id = ran.stdout.split()[-2]
+    assert hit and ran.stdout.split()[-1] == "SUCCEEDED"
+    project.fake.preempt("grpo-fetch")  # after SUCCEEDED, before fetch: the files go with the VM
+    gone = project.cli(cfg, "fetch", run_id, code=3)
+    assert "node PREEMPTED" in one_line_error(gone) and f"grpoctl recover {run_id}" in gone.stderr
+    project.cli(cfg, "recover", run_id, "--interval", "0.1")
+    project.cli(cfg, "fetch", run_id)
+    rows = [json.loads(x) for x in (Path("runs") / run_id / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))  # every row, across three VMs
+    project.cli(cfg, "down", "--yes")
