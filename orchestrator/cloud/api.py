@@ -190,8 +190,8 @@ class TpuApi:
 
     def project_os_login(self) -> bool | None:
         """`enable-oslogin` of the project's metadata (Compute Engine `projects.get`, the API that holds
-        it): True, False, or None when it cannot be read (Compute API off, no permission: the caller then
-        explains the first failed login instead)."""
+        it): True, False (also when unset), or None when it cannot be read (Compute API off, no
+        permission: the caller then explains the first failed login instead)."""
         url = f"{compute_base(self.api_endpoint)}/compute/v1/projects/{self.project}"
 
         def get() -> dict[str, Any]:
@@ -205,7 +205,7 @@ class TpuApi:
         except GrpoctlError:  # permission, API off, unreachable: unknown
             return None
         items = project.get("commonInstanceMetadata", {}).get("items", [])
-        return os_login_setting({i.get("key", ""): i.get("value", "") for i in items})
+        return bool(os_login_setting({i.get("key", ""): i.get("value", "") for i in items}))
 
     # ---- nodes ----------------------------------------------------------------------------------------
     def get_node(self, name: str) -> tpu_v2.Node | None:

@@ -94,10 +94,10 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OSError | gexc.RetryError | auth_exc.TransportError)
 
 
-def classify(err: BaseException, *, project: str = "", accelerator: str = "", zone: str = "") -> Failure:
+def classify(err: BaseException, *, project: str = "", zone: str = "") -> Failure:
     """The kind, exit code and advice of an API failure (an HTTP error or a failed operation's status)."""
     msg = _message(err)
-    where = f"{accelerator} in {zone}" if accelerator and zone else zone or "this zone"
+    where = zone or "the zone"
     quotas = quota_violations(err)
     named = _quota_named(msg)
     if quotas or (isinstance(err, gexc.ResourceExhausted | gexc.TooManyRequests) and named):
@@ -126,14 +126,14 @@ def classify(err: BaseException, *, project: str = "", accelerator: str = "", zo
         return Failure(
             "reserved_capacity",
             3,
-            f"the reservation has no free {where} capacity: wait for it, or set spot: true / another zone",
+            f"the reservation has no free capacity in {where}: wait for it, or set spot: true / another zone",
         )
     if isinstance(err, gexc.ResourceExhausted):
         # gRPC code 8 (a failed operation's status; an HTTP 429 is plain TooManyRequests): a stockout
         return Failure(
             "stockout",
             3,
-            f"no capacity for {where} right now: try later, another zone, or queued: true "
+            f"no capacity in {where} right now: try later, another zone, or queued: true "
             "(waits for capacity)",
         )
     if isinstance(err, gexc.Conflict) and "already exists" not in msg:

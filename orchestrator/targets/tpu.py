@@ -203,6 +203,9 @@ class TpuTarget(Target):
                 last = shown
             if live is not None:
                 live.update(line)
+            if op is not None and cloud.operation_done(op, f"create {self.node_label}", self.api):
+                cloud.wait_operation(op, f"create {self.node_label}", timeout_s=0, api=self.api)  # raises
+                op = None  # succeeded: the node's state says the rest
             if node is not None and node_state == "READY" and (not queued_mode or state == "ACTIVE"):
                 return node
             if node is not None and node_state in DEAD_NODE_STATES:
@@ -211,8 +214,6 @@ class TpuTarget(Target):
                 raise InfraError(f"{self.node_label} is {node_state} (going away): `grpoctl up` again later")
             if node_state in START_NODE_STATES:
                 self._start_stopped()
-            if op is not None and cloud.operation_done(op, f"create {self.node_label}", self.api):
-                cloud.wait_operation(op, f"create {self.node_label}", timeout_s=0, api=self.api)  # raises
             if time.monotonic() > deadline:
                 raise InfraError(
                     f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
@@ -387,9 +388,10 @@ class TpuTarget(Target):
         if self.cfg.user == "root":
             local = getpass.getuser()
             name = local if local != "root" else "grpo"
+            unknown = " (or OS Login is on for the project)" if self._project_os_login is None else ""
             return UsageError(
-                f"{err} {kept}: this image refuses SSH logins as root; set `user: {name}` (any name: the "
-                f"guest agent creates the account, with sudo) in target {self.name} of grpoctl.yaml"
+                f"{err} {kept}: this image refuses SSH logins as root{unknown}; set `user: {name}` (any "
+                f"name: the guest agent creates the account, with sudo) in target {self.name} of grpoctl.yaml"
             )
         if self._project_os_login is None:
             return InfraError(

@@ -186,6 +186,7 @@ class FakeNode:
     ready_at: float
     queued_resource: str = ""
     health: str = "HEALTHY"  # shown while READY
+    booted_at: float = 0.0  # when its VMs last came up (the guest agent publishes host keys after)
     gone_at: float | None = None  # DELETING until then
     workers: list[FakeWorker] = field(default_factory=list)
     create_time: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
@@ -397,6 +398,7 @@ class FakeTpuApi:
         keys = self._authorized(node.body)
         for w in node.workers:
             w.set_authorized_keys(keys)
+        node.booted_at = time.monotonic()
 
     def _kill_workers(self, node: FakeNode) -> None:
         for w in node.workers:
@@ -749,9 +751,8 @@ class FakeTpuApi:
                 "PERMISSION_DENIED",
                 "Guest attributes are disabled by constraints/compute.disableGuestAttributesAccess",
             )
-        published = (
-            node.state == "READY" and time.monotonic() >= node.ready_at + self.script.host_keys_delay_s
-        )
+        booted = max(node.ready_at, node.booted_at)
+        published = node.state == "READY" and time.monotonic() >= booted + self.script.host_keys_delay_s
         if not published:  # the guest agent has not written the namespace yet
             raise ApiError(
                 HTTPStatus.NOT_FOUND, "NOT_FOUND", f"guest attributes {body.get('queryPath', '')} not found"
