@@ -180,16 +180,29 @@ def parse_head(stdout: str) -> str | None:
 
 
 BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
+BOOTSTRAP_REQUIREMENTS = "logs/requirements.txt"  # what the bootstrap installs besides the checkout
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
 
 
 @_recipe
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
-    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
+    """A python >= 3.11 venv at `<checkout>/.venv` with the checkout and its extras; prints PYTHON=.
 
+    The checkout goes in with `--no-deps` and then only the extras' requirements (listed from
+    pyproject.toml by grpoctl_contract.requirements): a worker gets the trainer, not the laptop stack of
+    the base install (typer, paramiko, the Cloud TPU client, matplotlib). No extras: `pip install -e .`.
     Prints `STAGE=k/n label` as each stage begins (the caller streams them into a progress bar); pip's
     output lands in `logs/bootstrap.log` on the worker (kept by `git clean`)."""
     spec = q(".[{}]".format(",".join(extras)) if extras else ".")
+    if extras:
+        install = [
+            "step .venv/bin/python -m pip install --no-deps -e .",
+            f"step .venv/bin/python -m grpoctl_contract.requirements {q(','.join(extras))} "
+            f"--out {q(BOOTSTRAP_REQUIREMENTS)}",
+            f"step .venv/bin/python -m pip install -r {q(BOOTSTRAP_REQUIREMENTS)}",
+        ]
+    else:
+        install = ["step .venv/bin/python -m pip install -e ."]
     n = len(BOOTSTRAP_STAGES)
     stage = [f"echo {q(f'STAGE={k}/{n} {label}')}" for k, label in enumerate(BOOTSTRAP_STAGES, 1)]
     return _script(
@@ -207,7 +220,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         # pip's full output goes to a log on the worker (what was installed, from where); a failure shows
         # its tail, the success path prints only the stages and PYTHON=.
         f"LOG={q(BOOTSTRAP_LOG)}",
-        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): pip install -e "{spec} > "$LOG"',
+        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): install "{spec} > "$LOG"',
         "if [ -x .venv/bin/python ]; then",
         '  echo "venv .venv exists: reused" >> "$LOG"',
         "else",
@@ -223,7 +236,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         stage[1],
         "step .venv/bin/python -m pip install --upgrade pip",
         stage[2],
-        f"step .venv/bin/python -m pip install -e {spec}",
+        *install,
         'echo "PYTHON=$PWD/.venv/bin/python"',
     )
 
