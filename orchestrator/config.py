@@ -97,6 +97,13 @@ class TpuTargetConfig(_Strict):
         return v
 
 
+class PriceConfig(_Strict):
+    """USD per chip-hour (per host for `host`: local and ssh targets), for the ledger's cost estimate."""
+
+    on_demand: float | None = Field(default=None, ge=0)
+    spot: float | None = Field(default=None, ge=0)
+
+
 TargetConfig = Annotated[
     LocalTargetConfig | SshTargetConfig | TpuTargetConfig, Field(discriminator="kind")
 ]
@@ -110,6 +117,9 @@ class GrpoctlConfig(_Strict):
     # A RUNNING job whose log has not grown for this long shows as STALLED (stopped, hung, deadlocked).
     # The first step of a big model compiles for minutes without a word: keep it well above that.
     stall_after_s: float = Field(default=1800.0, gt=0)
+    # Per accelerator family (v6e, v5e, v5p, v4; `host` for local/ssh targets): replaces the ledger's list
+    # prices (orchestrator/ledger.py) in cost estimates.
+    prices: dict[str, PriceConfig] = {}
     source: str = "<embedded default>"  # where this config came from (not a YAML key)
 
     def target(self, name: str | None = None) -> tuple[str, TargetConfig]:
