@@ -401,7 +401,7 @@ def run(
                 api.wait(session, record, policy, interval=interval, on_poll=on_poll)
         finally:
             if g.json:
-                g.emit_json(render.status_json(record))
+                g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 g.out.print(f"{record.run_id} {record.state}{made_up}")
@@ -427,13 +427,19 @@ def status(
 
     def show(round_: api.StatusRound) -> None:
         records = round_.records
+        prices = sessions.get().config.prices
         if g.json:
             g.emit_json(
-                [render.status_json(r) for r in records] if not run_id else render.status_json(records[0])
+                [render.status_json(r, prices) for r in records]
+                if not run_id
+                else render.status_json(records[0], prices)
             )
         else:
             parts = [round_.machine] if round_.machine else []
-            identity = [Text(line) for line in render.identity_lines(records[0])] if run_id else []
+            identity = []
+            if run_id:
+                lines = render.identity_lines(records[0]) + render.run_ledger(records[0], prices).lines()
+                identity = [Text(line) for line in lines]
             view = Group(*parts, render.runs_table(records, bars=g.out.is_terminal), *identity)
             if live is not None:  # a terminal: redraw in place
                 live.update(view, refresh=True)

@@ -528,6 +528,7 @@ class Progress:
     bytes_done: int | None = None
     bytes_total: int | None = None
     reported_eta_s: float | None = None
+    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
     legacy: bool = True  # a trainer from before phases: no eta_s of its own
 
     @property
@@ -598,6 +599,7 @@ def parse_progress_line(line: str) -> Progress | None:
         bytes_done=ev.bytes_done,
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
+        ledger=ev.ledger or None,
         legacy=legacy,
     )
 

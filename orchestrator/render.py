@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from grpoctl_contract.progress import fmt_duration
+from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView
 from orchestrator.runs import RunRecord
@@ -72,8 +75,14 @@ def identity_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def status_json(record: RunRecord) -> dict[str, Any]:
-    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
+def run_ledger(record: RunRecord, prices: Mapping[str, Any] | None = None) -> ledger_mod.Ledger:
+    return ledger_mod.run_ledger(record, now=time.time(), prices=prices)
+
+
+def status_json(record: RunRecord, prices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`status --json` of one run: its record, its phase now, and its time ledger (chip-hours, cost)."""
+    return {**record.to_json(), "phase": watch_ops.phase_json(record),
+            "ledger": run_ledger(record, prices).to_json()}
 
 
 def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, watch_ops.OnPoll]:
