@@ -46,8 +46,8 @@ class Limit:
 
 
 SUMMARY = Limit("summary", 4 * MiB)
-EVAL_ROWS = Limit("eval rows", 128 * MiB)  # GSM8K's 1319 rows with completions: ~2 MB
-METRICS = Limit("metrics", 64 * MiB)
+EVAL_ROWS = Limit("eval rows", 32 * MiB)  # GSM8K's 1319 rows with answers: ~0.2 MB
+METRICS = Limit("metrics", 32 * MiB)
 CONFIG = Limit("config", 4 * MiB)
 ENV = Limit(".env", 256 * KiB, 30.0)
 

@@ -16,7 +16,7 @@ TIMEOUT_EXIT_CODE = 124
 EXIT_GRACE_S = 1.0
 
 # `get` on a worker: the file is missing / is not a regular file (a device, FIFO or socket).
-GET_MISSING, GET_NOT_REGULAR = 66, 67
+GET_MISSING, GET_NOT_REGULAR, GET_TOO_LARGE = 66, 67, 68
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -70,6 +70,9 @@ def get_script(path: str, max_bytes: int) -> str:
         f'if [ ! -e "$f" ]; then exit {GET_MISSING}; fi; '
         f'if [ ! -f "$f" ]; then stat -L -c %F -- "$f" >&2 2>/dev/null || echo special >&2; '
         f"exit {GET_NOT_REGULAR}; fi; "
+        # a file that says it is too large is refused before a byte moves (head still caps the rest)
+        f's=$(stat -L -c %s -- "$f" 2>/dev/null || echo 0); if [ "$s" -gt {int(max_bytes)} ]; then '
+        f"exit {GET_TOO_LARGE}; fi; "
         f'exec head -c {int(max_bytes) + 1} -- "$f"'
     )
 

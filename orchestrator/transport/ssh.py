@@ -29,6 +29,7 @@ from orchestrator.transport.shell import (
     EXIT_GRACE_S,
     GET_MISSING,
     GET_NOT_REGULAR,
+    GET_TOO_LARGE,
     TIMEOUT_EXIT_CODE,
     LineSplitter,
     get_script,
@@ -161,7 +162,7 @@ class SshTransport:
             deadline = time.monotonic() + timeout + _CLIENT_TIMEOUT_SLACK_S
         code, out, err = self._exec(line, None, deadline, None, max_out=cap)
         message = _last_line(err.close())
-        if out.dropped:
+        if out.dropped or code == GET_TOO_LARGE:
             raise too_large(self.name, remote_path, cap)
         if code == GET_MISSING:
             raise FileNotFoundError(f"{self.name}: no such file {remote_path}")
