@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from orchestrator.errors import UsageError
 
@@ -125,6 +125,30 @@ class TpuTargetConfig(_Strict):
         return v
 
 
+class PriceConfig(_Strict):
+    """USD per chip-hour (per host for `host`: local and ssh targets), for the ledger's cost estimate."""
+
+    on_demand: float | None = Field(default=None, ge=0)
+    spot: float | None = Field(default=None, ge=0)
+
+
+class NotifyConfig(_Strict):
+    """Where run events go (orchestrator/notify.py). The webhook URL is a secret: in the file as `webhook`,
+    or named by `webhook_env` (an environment variable holding it) to keep it out of the file."""
+
+    webhook: SecretStr | None = None  # Slack-compatible incoming webhook: POST {"text": ...}
+    webhook_env: str | None = None
+    command: str | None = None  # run by the shell; the message as JSON on stdin and in GRPOCTL_MESSAGE
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_shape(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL (its value is not shown: it is a secret)")
+        return v
+
+
 TargetConfig = Annotated[
     LocalTargetConfig | SshTargetConfig | TpuTargetConfig, Field(discriminator="kind")
 ]
@@ -138,6 +162,10 @@ class GrpoctlConfig(_Strict):
     # A RUNNING job whose log has not grown for this long shows as STALLED (stopped, hung, deadlocked).
     # The first step of a big model compiles for minutes without a word: keep it well above that.
     stall_after_s: float = Field(default=1800.0, gt=0)
+    # Per accelerator family (v6e, v5e, v5p, v4; `host` for local/ssh targets): replaces the ledger's list
+    # prices (orchestrator/ledger.py) in cost estimates.
+    prices: dict[str, PriceConfig] = {}
+    notify: NotifyConfig | None = None
     source: str = "<embedded default>"  # where this config came from (not a YAML key)
 
     def target(self, name: str | None = None) -> tuple[str, TargetConfig]:

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from grpoctl_contract.progress import fmt_duration
+from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView
 from orchestrator.runs import RunRecord
@@ -60,7 +64,8 @@ def runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
         if state == "FAILED" and failed:
             state = f"FAILED({failed[0].exit_code})"
         cells = [r.run_id, r.target, state, *([phase_bar(r)] if bars else []), progress_text(r)]
-        table.add_row(*cells, workers, r.log_path)
+        # Text, not markup: phase and detail are worker text (a `[link=...]` in them stays text)
+        table.add_row(*(Text(c) if isinstance(c, str) else c for c in [*cells, workers, r.log_path]))
     return table
 
 
@@ -72,8 +77,14 @@ def identity_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def status_json(record: RunRecord) -> dict[str, Any]:
-    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
+def run_ledger(record: RunRecord, prices: Mapping[str, Any] | None = None) -> ledger_mod.Ledger:
+    return ledger_mod.run_ledger(record, now=time.time(), prices=prices)
+
+
+def status_json(record: RunRecord, prices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`status --json` of one run: its record, its phase now, and its time ledger (chip-hours, cost)."""
+    return {**record.to_json(), "phase": watch_ops.phase_json(record),
+            "ledger": run_ledger(record, prices).to_json()}
 
 
 def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, watch_ops.OnPoll]:
