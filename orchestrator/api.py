@@ -15,6 +15,7 @@ from typing import Any
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
+from orchestrator import validate
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -169,11 +170,31 @@ def preflight_gate(
     session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]
 ) -> pf.Gate | None:
     """TPU targets: compile the run here for the target's chip before anything is paid for (UsageError when
-    it cannot fit); None for targets without a TPU."""
+    it cannot fit); None for targets without a TPU. A dry run never compiles (cached reports only)."""
     if session.kind != "tpu":
         return None
     accelerator = session.target_cfg.accelerator_type  # type: ignore[union-attr]
-    return pf.gate(config, overrides=overrides, env=env, accelerator=accelerator, say=session.say)
+    return pf.gate(
+        config,
+        overrides=overrides,
+        env=env,
+        accelerator=accelerator,
+        say=session.say,
+        dry_run=session.dry_run,
+    )
+
+
+def check_run(session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]) -> str:
+    """The run's config and `--set` overrides checked here, before anything remote (validate.py); returns
+    the config path as the workers spell it."""
+    return validate.check_run(
+        config,
+        overrides=overrides,
+        env=env,
+        repo_url=session.repo.url,
+        branch=session.repo.branch,
+        target_kind=session.kind,
+    )
 
 
 def launch(
@@ -185,9 +206,10 @@ def launch(
     force: bool = False,
     gate: bool = True,
 ) -> RunRecord:
-    """Preflight (TPU targets, unless `gate` is off), then start the run on every worker; returns its saved
-    record as soon as every worker has a pid."""
+    """Check the config here (validate.py), preflight (TPU targets, unless `gate` is off), then start the
+    run on every worker; returns its saved record as soon as every worker has a pid."""
     env, overrides = dict(env or {}), dict(overrides or {})
+    config = check_run(session, config, overrides, env)
     if gate:
         preflight_gate(session, config, overrides, env)
     return launch_ops.start_run(

@@ -186,7 +186,15 @@ def log_hint(target, record: RunRecord, index: int) -> str:
     if not line:
         return ""
     text = env_ops.redactor([*_local_env_values(), *record.env.values()])(line[0])
-    return f"; {record.workers[index].worker} log: {text[:200]}"
+    return f"; {record.workers[index].worker} log: {clip(text)}"
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    """At most `limit` characters, cut between words (a config error lists every known key: never show
+    half a key name)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " ..."
 
 
 def _local_env_values() -> list[str]:

@@ -151,4 +151,4 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         for verdict in state.verdict.splitlines():
             lines += ["", f"**Verdict**: {verdict}"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
