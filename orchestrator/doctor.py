@@ -168,8 +168,10 @@ def repo_url(cfg: GrpoctlConfig) -> str | None:
     return found.strip() if found else None
 
 
-def check_repo(cfg: GrpoctlConfig, *, reach: bool = True) -> Check:
-    """repo.url (else origin) is something a VM can clone: not a path here, and answering `git ls-remote`."""
+def check_repo(cfg: GrpoctlConfig, *, reach: bool = True, local_path: str = FAIL) -> Check:
+    """repo.url (else origin) is something a VM can clone: not a path here, and answering `git ls-remote`.
+    A path is `local_path` (`sop replay` says it and goes on: VMs sharing this disk, as in the rehearsal,
+    can clone it)."""
     url = repo_url(cfg)
     if url is None:
         return Check(
@@ -181,7 +183,7 @@ def check_repo(cfg: GrpoctlConfig, *, reach: bool = True) -> Check:
     if is_local_url(url):
         return Check(
             "repo",
-            FAIL,
+            local_path,
             f"{url} is a path on this machine: a VM cannot clone it",
             "push the repo to a host the VM reaches and set repo.url",
         )
@@ -247,10 +249,11 @@ def check_local(name: str, cfg: LocalTargetConfig) -> list[Check]:
         ok = Path(cfg.python).expanduser().is_file()
         out.append(Check(f"{name}: python", OK if ok else FAIL, cfg.python, "" if ok else "fix `python`"))
     elif importlib.util.find_spec("jax") is None:
+        ours = Path("trainer/config.py").is_file()  # this checkout's trainer needs jax; another may not
         out.append(
             Check(
                 f"{name}: jax",
-                FAIL,
+                FAIL if ours else WARN,
                 f"{sys.executable} has no jax (a laptop-only install)",
                 "pip install -e '.[trainer]' (the local target runs the trainer here)",
             )
@@ -431,6 +434,34 @@ def doctor(
         checks.append(check_repo(cfg))
     for name in names:
         checks += check_target(name, cfg.targets[name])
+    return checks
+
+
+def before_up(
+    targets: Mapping[str, TargetConfig],
+    cfg: GrpoctlConfig,
+    *,
+    env_files: Sequence[tuple[str, bool]],
+    runs: Sequence[tuple[str, Mapping[str, str], Mapping[str, str]]],
+    syncs_remote: bool,
+    reach: bool = True,
+) -> list[Check]:
+    """The cheap checks an SOP's steps need, run before its `up` (`sop replay`): the `.env` files it pushes
+    (with what its runs need), a repo a VM can clone when it syncs a remote target, a configured SSH key,
+    the local target's tools and jax. No cloud API call: `up` finds missing credentials at no cost."""
+    checks = []
+    for file, optional in env_files:
+        check = check_env_file(file, runs)
+        if optional and check.status == WARN:  # an optional file that is absent: nothing to say
+            continue
+        checks.append(check)
+    if syncs_remote:
+        checks.append(check_repo(cfg, reach=reach, local_path=WARN))
+    for name, target in targets.items():
+        if isinstance(target, LocalTargetConfig) and runs:
+            checks += check_local(name, target)
+        elif isinstance(target, SshTargetConfig) and target.ssh_key:
+            checks += check_ssh(name, target)
     return checks
 
 

@@ -529,6 +529,7 @@ class Progress:
     bytes_total: int | None = None
     reported_eta_s: float | None = None
     legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
     def text(self) -> str:
@@ -599,6 +600,7 @@ def parse_progress_line(line: str) -> Progress | None:
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
         legacy=legacy,
+        phase_eta_s=ev.phase_eta_s,
     )
 
 

@@ -87,6 +87,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "total": progress.total,
         "elapsed_s": progress.elapsed_s,
         "eta_s": progress.eta_s,
+        "phase_eta_s": progress.phase_eta_s,
         "metrics": dict(progress.metrics or {}),
         "phase": progress.phase,
         "k": progress.k,
@@ -108,6 +109,7 @@ def phase_json(record: RunRecord) -> dict[str, Any] | None:
     if p.get("phase") is None:  # a record from before phases: its step is the train phase's k
         k, n = p.get("step"), p.get("total")
     return {"name": phase, "k": k, "n": n, "eta_s": 0.0 if record.state == "SUCCEEDED" else p.get("eta_s"),
+            "phase_eta_s": p.get("phase_eta_s"),
             "detail": p.get("detail"), "text": p.get("text") or f"step {p.get('step')}/{p.get('total')}"}
 
 
