@@ -491,7 +491,10 @@ def run(
                 g.emit_json(render.status_json(record))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
-                g.out.print(f"{record.run_id} {record.state}{made_up}")
+                accuracy = render.accuracy_text(api.final_summary(session, record))
+                g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
+                if record.state == "SUCCEEDED":
+                    g.say(f"next: grpoctl fetch {record.run_id}")
 
 
 @app.command()
@@ -520,8 +523,10 @@ def status(
             )
         else:
             parts = [round_.machine] if round_.machine else []
-            identity = [Text(line) for line in render.identity_lines(records[0])] if run_id else []
-            view = Group(*parts, render.runs_table(records, bars=g.out.is_terminal), *identity)
+            identity = [Text(line) for line in render.details(records[0])] if run_id else []
+            bars = g.out.is_terminal and g.out.width >= 120  # 80 columns: one line a run, no bars
+            table = render.runs_table(records, bars=bars, width=g.out.width)
+            view = Group(*parts, table, *identity)
             if live is not None:  # a terminal: redraw in place
                 live.update(view, refresh=True)
             else:
@@ -584,17 +589,21 @@ def logs(
     worker: Annotated[int, typer.Option("--worker", "-w", help="Worker index.")] = 0,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of tail without --follow.")] = 200,
     env_file: Annotated[str, typer.Option(help="Values from this file are redacted.")] = ".env",
+    events: Annotated[
+        bool, typer.Option("--events", help="The trainer's JSON event lines instead of the human lines.")
+    ] = False,
 ) -> None:
-    """Print a worker's log of a run (values from the local .env redacted)."""
+    """Print a worker's log of a run: the human lines (values from the local .env redacted)."""
     g = _globals(ctx)
     with g.sessions() as sessions:
         session, record = sessions.for_run(run_id)
         if follow:
             emit = functools.partial(g.out.out, end="")
-            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file)
+            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file, events=events)
             g.say(f"{record.run_id} on w{worker}: {state}")
         else:
-            sys.stdout.write(api.log_text(session, record, worker=worker, lines=lines, env_file=env_file))
+            text = api.log_text(session, record, worker=worker, lines=lines, env_file=env_file, events=events)
+            sys.stdout.write(text)
 
 
 @app.command()
@@ -609,7 +618,7 @@ def stop(
         session, record = sessions.for_run(run_id)
         said = api.stop(session, record)
     g.emit_json({"run_id": record.run_id, "workers": said, "state": record.state}) if g.json else g.out.print(
-        f"{record.run_id}: {record.state}"
+        f"{record.run_id}: {render.state_text(record)}"
     )
 
 
@@ -617,7 +626,9 @@ def stop(
 @handle_errors
 def fetch(
     ctx: typer.Context,
-    run_ids: Annotated[list[str], typer.Argument(help="Run ids (default: the latest run).")] = None,  # type: ignore[assignment]
+    run_ids: Annotated[
+        list[str], typer.Argument(help="Run ids (default: the latest run that SUCCEEDED).")
+    ] = None,  # type: ignore[assignment]
     dest: Annotated[str, typer.Option(help="Local folder for runs/<run-id>/.")] = "runs",
     keys: Annotated[str | None, typer.Option(help="Comma-separated summary keys to print.")] = None,
 ) -> None:
@@ -625,7 +636,7 @@ def fetch(
     g = _globals(ctx)
     chosen = _keys(keys) or list(cmp.SOP_KEYS)
     with g.sessions() as sessions:
-        results = [api.fetch(*sessions.for_run(run_id), dest) for run_id in run_ids or [None]]
+        results = [api.fetch(*sessions.for_run(run_id, finished=True), dest) for run_id in run_ids or [None]]
     if g.json:
         g.emit_json(
             [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from standin import standin_repo  # noqa: F401
 from typer.testing import CliRunner
 
 from orchestrator import preflight as pf
@@ -409,3 +410,85 @@ def test_files_we_write_are_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert "données GSM8K (≈ café)" in report.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------ status, run --wait, logs, fetch
+
+
+def _record(run_id: str, state: str, progress: dict | None = None, codes: tuple[int, ...] = ()):
+    from orchestrator.runs import RunRecord, WorkerRun
+
+    workers = [WorkerRun(f"w{i}", f"host{i}", state="FAILED", exit_code=c) for i, c in enumerate(codes)]
+    return RunRecord(run_id, "configs/x.yaml", "v6e", "tpu", "~/w", "logs/x.log", "logs/x.pid", "logs/x.exit",
+                     f"runs/{run_id}", "20261207_140000", state=state, last_progress=progress,
+                     workers=workers or [WorkerRun("w0", "host0")])
+
+
+def test_status_fits_80_columns_one_line_a_run() -> None:
+    from rich.console import Console
+
+    from orchestrator import render
+
+    long_id = "grpo_gsm8k_qwen25_3b_bs128_steps100_pallas-20261207_140000-ab12"
+    warm = {"phase": "warm_start", "k": 12, "n": 200, "eta_s": None, "phase_eta_s": 95.0,
+            "text": "warm start step 12/200"}
+    records = [
+        _record(long_id, "RUNNING", warm),
+        _record("tiny_cpu-20261207_140000-cd34", "FAILED", {"step": 2, "total": 4}, codes=(143, 3)),
+        _record("tiny_cpu-20261207_140001-ef56", "FAILED", {"step": 2, "total": 4}, codes=(143,)),
+    ]
+    console = Console(width=80, record=True, force_terminal=False)
+    console.print(render.runs_table(records, width=console.width))
+    lines = console.export_text().rstrip("\n").splitlines()
+    assert len(lines) == 1 + len(records), lines  # a header, then one line a run: nothing wraps
+    assert all(len(line) <= 80 for line in lines)
+    assert long_id in lines[1]  # the id is never cut: every command takes it
+    assert "FAILED(3)" in lines[2]  # the cause, not the peer that was stopped because of it
+    assert "STOPPED" in lines[3]
+    assert render.progress_text(records[0]) == "warm start step 12/200 phase eta 1:35"
+    detail = "\n".join(render.details(records[1]))
+    assert "w0:FAILED(143)@host0 w1:FAILED(3)@host1" in detail and "log: logs/x.log" in detail
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):  # noqa: F811
+    """A clone of the stand-in trainer's repo as the cwd, a local target, synced."""
+    url, _ = standin_repo
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
+    config = tmp_path / "grpoctl.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
+    monkeypatch.chdir(work)
+
+    def cli(*args: str, code: int | None = 0):
+        return invoke("--config-file", str(config), *args, code=code)
+
+    cli("sync")
+    return cli
+
+
+def test_run_wait_ends_with_accuracy_and_next_step_fetch_takes_the_latest_finished(standin) -> None:
+    waited = standin("run", "configs/ok.yaml", "--wait", "--interval", "0.1")
+    run_id = waited.stdout.split()[0]
+    assert waited.stdout.strip().startswith(f"{run_id} SUCCEEDED  accuracy 0.")
+    assert f"next: grpoctl fetch {run_id}" in waited.stderr
+    failed = standin("run", "configs/fail3.yaml", "--wait", "--interval", "0.1", code=1)
+    assert "next:" not in failed.stderr
+    fetched = standin("fetch").stdout  # the latest run failed: fetch takes the latest that finished
+    assert fetched.startswith(f"{run_id} -> runs/{run_id}/")
+    assert "[trainer" not in standin("logs", run_id, "--events").stdout
+    assert '"event": "done"' in standin("logs", run_id, "--events").stdout
+    assert '"event"' not in standin("logs", run_id).stdout
+
+
+def test_fetch_without_a_finished_run_says_so(standin) -> None:
+    standin("run", "configs/fail3.yaml", "--wait", "--interval", "0.1", code=1)
+    line = standin("fetch", code=2).stderr
+    assert "no finished run to fetch" in line and "FAILED" in line
+
+
+def test_a_stopped_run_shows_stopped(standin) -> None:
+    run_id = standin("run", "configs/slow.yaml").stdout.strip()
+    assert standin("stop", run_id).stdout.strip() == f"{run_id}: STOPPED"
+    listing = standin("status").stdout
+    assert "STOPPED" in listing and "FAILED(143)" not in listing

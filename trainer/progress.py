@@ -295,9 +295,9 @@ class Reporter:
     def phase_eta(self, phase: str, k: int | None, n: int | None) -> float | None:
         """Seconds left in `phase` (k of n units done) at its measured rate; None before one is measured."""
         rate = self.rate(phase)
-        if rate is None or k is None or not n:
+        if rate is None or k is None or not n or k >= n:  # a finished phase has nothing left to say
             return None
-        return max(n - k, 0) * rate
+        return (n - k) * rate
 
     def eta(self) -> float | None:
         """Seconds of work left, compile excluded; None until a GRPO step has been timed."""
