@@ -16,7 +16,7 @@ from typing import Any
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
-from orchestrator import validate
+from orchestrator import untrusted, validate
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -319,12 +319,13 @@ def log_text(
     events: bool = False,
 ) -> str:
     """The last `lines` human lines of a worker's log (with `events`: its JSON event lines instead), every
-    secret value (local `.env`, the worker's, `-e`) redacted."""
+    secret value (local `.env`, the worker's, `-e`) redacted, and made safe for a terminal (worker text is
+    data, never terminal control: untrusted.clean_text)."""
     redact = _redactor(session, record, worker, env_file)
     # Most events have a human twin: read enough raw lines that `lines` remain once one kind is dropped.
     raw = logs_ops.tail(session.target, record, worker=worker, lines=lines * 2 + 20)
     kept = logs_ops.select(raw, events=events).splitlines(keepends=True)
-    return redact("".join(kept[-lines:] if lines else []))
+    return untrusted.clean_text(redact("".join(kept[-lines:] if lines else [])))
 
 
 def follow_log(
@@ -336,14 +337,14 @@ def follow_log(
     env_file: str = ".env",
     events: bool = False,
 ) -> str:
-    """Stream a worker's log (redacted; human lines, or with `events` the JSON event lines) to `emit` until
-    the run ends there; returns its final state."""
+    """Stream a worker's log (redacted, made safe for a terminal; human lines, or with `events` the JSON
+    event lines) to `emit` until the run ends there; returns its final state."""
     redact = _redactor(session, record, worker, env_file)
 
     def shown(text: str) -> None:
         picked = logs_ops.select(text, events=events)
         if picked:
-            emit(redact(picked))
+            emit(untrusted.clean_text(redact(picked)))
 
     return logs_ops.follow(session.target, record, shown, worker=worker)
 

@@ -25,7 +25,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, initfile, recipes, render
+from orchestrator import api, initfile, recipes, render, untrusted
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
@@ -145,7 +145,8 @@ class Globals:
 
     def emit_json(self, data: Any) -> None:
         # Plain print: rich would wrap long lines of JSON.
-        print(json.dumps(data, indent=1, default=str))
+        # Strict JSON: a NaN or Infinity (from a worker's files, or an empty sweep's accuracy) becomes null.
+        print(json.dumps(untrusted.strict_json(data), indent=1, default=str, allow_nan=False))
 
 
 def _globals(ctx: typer.Context) -> Globals:
@@ -160,7 +161,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except GrpoctlError as err:
-            message = " ".join(str(err).split()) or type(err).__name__
+            # Messages may quote a worker (its last log line, its stderr): never terminal control.
+            message = untrusted.clean(" ".join(str(err).split()) or type(err).__name__)
             print(f"grpoctl: error: {message}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
         except OSError as err:  # a local file we could not read or write: say which, no traceback
@@ -488,7 +490,7 @@ def run(
                 api.wait(session, record, policy, interval=interval, on_poll=on_poll)
         finally:
             if g.json:
-                g.emit_json(render.status_json(record))
+                g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 accuracy = render.accuracy_text(api.final_summary(session, record))
@@ -517,13 +519,19 @@ def status(
 
     def show(round_: api.StatusRound) -> None:
         records = round_.records
+        prices = sessions.get().config.prices
         if g.json:
             g.emit_json(
-                [render.status_json(r) for r in records] if not run_id else render.status_json(records[0])
+                [render.status_json(r, prices) for r in records]
+                if not run_id
+                else render.status_json(records[0], prices)
             )
         else:
             parts = [round_.machine] if round_.machine else []
-            identity = [Text(line) for line in render.details(records[0])] if run_id else []
+            identity = []
+            if run_id:
+                lines = render.details(records[0]) + render.run_ledger(records[0], prices).lines()
+                identity = [Text(line) for line in lines]
             bars = g.out.is_terminal and g.out.width >= 120  # 80 columns: one line a run, no bars
             table = render.runs_table(records, bars=bars, width=g.out.width)
             view = Group(*parts, table, *identity)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
+from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView, eta_text
 from orchestrator.runs import RunRecord
@@ -80,7 +84,8 @@ def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | Non
     table.add_column("progress", no_wrap=True, overflow="ellipsis", width=left)
     for r, state in zip(records, states, strict=True):
         cells = [r.run_id, *([r.target] if several else []), state, *([phase_bar(r)] if bars else [])]
-        table.add_row(*cells, progress_text(r))
+        # Text, not markup: phase and detail are worker text (a `[link=...]` in them stays text)
+        table.add_row(*(Text(c) if isinstance(c, str) else c for c in [*cells, progress_text(r)]))
     return table
 
 
@@ -121,8 +126,14 @@ def identity_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def status_json(record: RunRecord) -> dict[str, Any]:
-    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
+def run_ledger(record: RunRecord, prices: Mapping[str, Any] | None = None) -> ledger_mod.Ledger:
+    return ledger_mod.run_ledger(record, now=time.time(), prices=prices)
+
+
+def status_json(record: RunRecord, prices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`status --json` of one run: its record, its phase now, and its time ledger (chip-hours, cost)."""
+    return {**record.to_json(), "phase": watch_ops.phase_json(record),
+            "ledger": run_ledger(record, prices).to_json()}
 
 
 def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, watch_ops.OnPoll]:

@@ -135,3 +135,21 @@ def test_status_reports_the_commit_it_was_launched_from_and_the_config_hash(tiny
     assert last["config_hash"] == tiny_run["summary"]["config_hash"] and last["wandb_url"] is None
     assert f"commit: {tiny_run['head']}" in tiny_run["table"]
     assert f"config hash: {last['config_hash']}" in tiny_run["table"]
+
+
+def test_status_holds_the_runs_time_ledger_adding_up_to_its_wall_time(tiny_run):
+    from datetime import datetime
+
+    last = tiny_run["polls"][-1]
+    ledger = last["ledger"]
+    seconds = ledger["seconds"]
+    wall = datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(last["created_at"])
+    assert sum(seconds.values()) == pytest.approx(wall.total_seconds(), rel=0.10), seconds
+    assert sum(seconds.values()) == pytest.approx(last["ended_at_s"] - last["launched_at_s"], rel=0.01)
+    assert seconds["compile"] > 0 and seconds["train"] > 0 and seconds["warm_start"] > 0, seconds
+    assert seconds["eval"] > 0 and seconds["bootstrap"] > 0, seconds  # sweeps; setup, loads, start-up
+    assert seconds["lost_progress"] == seconds["recovery"] == 0
+    assert 0 < ledger["goodput"] < 1 and ledger["devices"] == 1  # the local target: one host, one device
+    assert ledger["chip_hours"] == pytest.approx(sum(seconds.values()) / 3600, rel=0.01)
+    assert ledger["cost_estimate_usd"] is None and "set prices.host" in ledger["price"]
+    assert "ledger: " in tiny_run["table"] and "goodput" in tiny_run["table"]

@@ -191,3 +191,40 @@ def test_phase_eta_while_the_runs_eta_is_unknown(monkeypatch: pytest.MonkeyPatch
     rep.observe("train", 2.0)
     ev = rep._event("phase", "warm_start", k=40, n=100)
     assert ev.eta_s is not None and ev.phase_eta_s is None
+
+
+def test_ledger_splits_the_trainers_time_by_phase_with_compilation_apart(monkeypatch: pytest.MonkeyPatch):
+    now = [100.0]
+    monkeypatch.setattr("trainer.progress.time.perf_counter", lambda: now[0])
+    rep = _reporter(Plan(steps=2, first_step=2))  # resumed after step 1
+    watch = _Watch()
+    rep.watch, rep._acct = watch, ("setup", 100.0, 0.0)
+    now[0] += 3.0  # setup
+    rep.phase("model_load")
+    now[0] += 5.0
+    rep.advance("train", 1, 2)
+    now[0] += 30.0
+    watch.total_s += 20.0  # 20 of the first step's 30 s compiled its programs
+    rep.step(2, {})
+    rep.advance("eval", 0, 1)
+    now[0] += 4.0
+    rep.phase("checkpoint")
+    now[0] += 1.0
+    rep.finish("runs/x/summary.json")
+    done = decode(rep._out.getvalue().splitlines()[-2])
+    assert done is not None and done.done
+    want = {"setup": 3.0, "model_load": 5.0, "train": 10.0, "compile": 20.0, "eval": 4.0, "checkpoint": 1.0}
+    assert done.ledger["phase_s"] == pytest.approx(want)
+    assert sum(done.ledger["phase_s"].values()) == pytest.approx(43.0)  # = elapsed
+    assert done.ledger["resumed_from"] == 1
+    # a compile under way counts already (a preempted attempt's last line may be one)
+    rep2 = _reporter(Plan(steps=1))
+    rep2.watch, rep2._acct = watch, ("setup", now[0], watch.total_s)
+    watch.current, watch._acc = ("update_step", now[0] + 1.0), 0.0
+    now[0] += 11.0
+    assert rep2.ledger()["phase_s"] == pytest.approx({"setup": 1.0, "compile": 10.0})
+    for junk in ({"phase_s": "x"}, {"phase_s": {"train": -1, "eval": "2"}}, None):
+        line = encode(Event("phase", "train", ledger={"t0": 1.0, "phase_s": {}})).replace(
+            '"ledger": {"t0": 1.0, "phase_s": {}}', f'"ledger": {__import__("json").dumps(junk)}')
+        back = decode(line)
+        assert back is not None and back.ledger.get("phase_s", {}) == {}

@@ -52,6 +52,8 @@ def new_record(
         ],
         git_commit=git_commit,
         python=session.python,
+        accelerator_type=getattr(session.target_cfg, "accelerator_type", None),
+        spot=getattr(session.target_cfg, "spot", None),
     )
 
 
@@ -123,6 +125,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     python = record.python or recipes.venv_python(record.remote_dir)
     paths = paths_of(record)
     target.before_launch(record.remote_dir, force=force)  # a TPU VM: clear stale chip users (tpu.py)
+    record.launched_at_s, record.ended_at_s = time.time(), None
 
     workers = target.workers()
 

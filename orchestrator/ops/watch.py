@@ -68,6 +68,7 @@ def poll(target, record: RunRecord, *, timeout: float = 30, stall_after_s: float
         state = record.state
     if state != record.state and state in recipes.TERMINAL:
         record.finished_at = utc_now_iso()
+        record.ended_at_s = time.time()
     record.state = state
     result = Poll(statuses, errors)
     progress = result.progress
@@ -96,6 +97,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "bytes_done": progress.bytes_done,
         "bytes_total": progress.bytes_total,
         "text": progress.text,
+        "ledger": dict(progress.ledger) if progress.ledger else None,
     }
 
 
@@ -136,6 +138,7 @@ def mark_preempted(record: RunRecord, reason: str) -> None:
     """The record of a run whose machine is gone: PREEMPTED (terminal until `--recover` relaunches it)."""
     record.state = "PREEMPTED"
     record.finished_at = record.finished_at or utc_now_iso()
+    record.ended_at_s = record.ended_at_s or time.time()
     for w in record.workers:
         if w.state not in recipes.TERMINAL:
             w.state = "PREEMPTED"

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from orchestrator import api, doctor
 from orchestrator import preflight as pf
+from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session
@@ -394,9 +395,11 @@ def replay(
     state = ReplayState(str(sop_path)) if (fresh or dry_run) else ReplayState.load(state_path, str(sop_path))
     start = _start_index(sop, from_step)
 
+    prices = load_config(config_file).prices  # the ledger's cost estimate
+
     def write() -> None:
         state.save(state_path)
-        report_.write_report(report, sop, sop_path, state, dry_run)
+        report_.write_report(report, sop, sop_path, state, dry_run, prices)
 
     sessions = api.Sessions(
         config_file=config_file,
