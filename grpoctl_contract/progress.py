@@ -133,12 +133,17 @@ def encode(ev: Event) -> str:
     return text
 
 
+def _number(value: Any) -> bool:
+    """A finite JSON number (a NaN or Infinity a line may hold is no number: the field is dropped)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return int(value) if _number(value) else None
 
 
 def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return float(value) if _number(value) else None
 
 
 def decode(line: str) -> Event | None:
@@ -151,7 +156,7 @@ def decode(line: str) -> Event | None:
         return None
     try:
         data = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than any event is
         return None
     if not isinstance(data, dict) or not isinstance(data.get("event"), str):
         return None
@@ -178,7 +183,10 @@ def decode(line: str) -> Event | None:
         detail=detail if isinstance(detail, str) else None,
         bytes_done=_int(data.get("bytes_done")),
         bytes_total=_int(data.get("bytes_total")),
-        metrics=dict(metrics) if isinstance(metrics, dict) else {},
+        # finite numbers, or null (what encode writes for NaN); anything else is dropped
+        metrics={str(k): v for k, v in metrics.items() if v is None or _number(v)}
+        if isinstance(metrics, dict)
+        else {},
         summary=data.get("summary") if isinstance(data.get("summary"), str) else None,
         info={str(k): str(v) for k, v in data["info"].items()} if isinstance(data.get("info"), dict) else {},
         ledger=_ledger(data.get("ledger")),

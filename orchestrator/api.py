@@ -15,6 +15,7 @@ from typing import Any
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
+from orchestrator import untrusted
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -284,9 +285,10 @@ def watch_status(
 def log_text(
     session: Session, record: RunRecord, *, worker: int = 0, lines: int = 200, env_file: str = ".env"
 ) -> str:
-    """The tail of a worker's log, every secret value (local `.env`, the worker's, `-e`) redacted."""
+    """The tail of a worker's log, every secret value (local `.env`, the worker's, `-e`) redacted, and
+    made safe for a terminal (worker text is data, never terminal control: untrusted.clean_text)."""
     redact = _redactor(session, record, worker, env_file)
-    return redact(logs_ops.tail(session.target, record, worker=worker, lines=lines))
+    return untrusted.clean_text(redact(logs_ops.tail(session.target, record, worker=worker, lines=lines)))
 
 
 def follow_log(
@@ -297,9 +299,12 @@ def follow_log(
     worker: int = 0,
     env_file: str = ".env",
 ) -> str:
-    """Stream a worker's log (redacted) to `emit` until the run ends there; returns its final state."""
+    """Stream a worker's log (redacted, made safe for a terminal) to `emit` until the run ends there;
+    returns its final state."""
     redact = _redactor(session, record, worker, env_file)
-    return logs_ops.follow(session.target, record, lambda text: emit(redact(text)), worker=worker)
+    return logs_ops.follow(
+        session.target, record, lambda text: emit(untrusted.clean_text(redact(text))), worker=worker
+    )
 
 
 def _redactor(session: Session, record: RunRecord, worker: int, env_file: str) -> Callable[[str], str]:

@@ -24,7 +24,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, recipes, render
+from orchestrator import api, recipes, render, untrusted
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
@@ -144,7 +144,8 @@ class Globals:
 
     def emit_json(self, data: Any) -> None:
         # Plain print: rich would wrap long lines of JSON.
-        print(json.dumps(data, indent=1, default=str))
+        # Strict JSON: a NaN or Infinity (from a worker's files, or an empty sweep's accuracy) becomes null.
+        print(json.dumps(untrusted.strict_json(data), indent=1, default=str, allow_nan=False))
 
 
 def _globals(ctx: typer.Context) -> Globals:
@@ -159,7 +160,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except GrpoctlError as err:
-            message = " ".join(str(err).split()) or type(err).__name__
+            # Messages may quote a worker (its last log line, its stderr): never terminal control.
+            message = untrusted.clean(" ".join(str(err).split()) or type(err).__name__)
             print(f"grpoctl: error: {message}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
         except OSError as err:  # a local file we could not read or write: say which, no traceback

@@ -7,6 +7,7 @@ embedded default applies (one `local` target: this machine plays the VM).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,12 @@ from orchestrator.errors import UsageError
 CONFIG_ENV = "GRPOCTL_CONFIG"
 TARGET_ENV = "GRPOCTL_TARGET"
 DEFAULT_CONFIG_NAME = "grpoctl.yaml"
+
+
+# The Cloud TPU API's rules for node / queued-resource ids and for labels: checked here, before any call.
+TPU_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 
 
 class _Strict(BaseModel):
@@ -90,6 +97,27 @@ class TpuTargetConfig(_Strict):
     # A node grpoctl created deletes itself after this long without a grpoctl job (0 = never; nodes
     # grpoctl did not create never do): grpoctl_contract/watchdog.py, started by `up`.
     autodelete_after_idle_s: float = Field(default=1800.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not TPU_NAME_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid TPU name: 1-63 lowercase letters, digits and hyphens, starting with a "
+                "letter and not ending with a hyphen"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_shape(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+                raise ValueError(
+                    f"label {key}={value!r}: keys and values are at most 63 lowercase letters, digits, "
+                    "_ and -, keys start with a letter"
+                )
+        return v
 
     @field_validator("zone")
     @classmethod

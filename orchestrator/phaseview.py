@@ -43,7 +43,11 @@ class PhaseView:
 
     def __enter__(self) -> PhaseView:
         if self.live:
-            columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
+            # markup=False: the info is worker text (a phase's detail), never rich markup or a link
+            columns = [
+                TextColumn("{task.description}", markup=False), BarColumn(),
+                TextColumn("{task.fields[info]}", markup=False),
+            ]
             self._bar = Progress(*columns, console=self.console, transient=False)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=None, info="starting")

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from grpoctl_contract.progress import fmt_duration
 from orchestrator import ledger as ledger_mod
@@ -63,7 +64,8 @@ def runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
         if state == "FAILED" and failed:
             state = f"FAILED({failed[0].exit_code})"
         cells = [r.run_id, r.target, state, *([phase_bar(r)] if bars else []), progress_text(r)]
-        table.add_row(*cells, workers, r.log_path)
+        # Text, not markup: phase and detail are worker text (a `[link=...]` in them stays text)
+        table.add_row(*(Text(c) if isinstance(c, str) else c for c in [*cells, workers, r.log_path]))
     return table
 
 
