@@ -156,7 +156,12 @@ def machine_line(session: Session) -> str | None:
         return f"target {session.target_name}: state unknown ({err})"
     shown = [k for k in ("health", "workers", "queued_resource") if k in st.details]
     extra = ", ".join(f"{k} {st.details[k]}" for k in shown)
-    return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
+    autodelete = getattr(session.target, "autodelete_line", lambda: None)() if st.state == "READY" else None
+    return (
+        f"target {session.target_name}: {st.state}"
+        + (f" ({extra})" if extra else "")
+        + (f"; {autodelete}" if autodelete else "")
+    )
 
 
 def sync(

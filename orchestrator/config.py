@@ -94,6 +94,9 @@ class TpuTargetConfig(_Strict):
     # keep retrying SSH auth this long while a new key propagates
     auth_retry_s: float = Field(default=60.0, ge=0)
     poll_s: float = Field(default=5.0, gt=0)  # API polling interval while waiting
+    # A node grpoctl created deletes itself after this long without a grpoctl job (0 = never; nodes
+    # grpoctl did not create never do): grpoctl_contract/watchdog.py, started by `up`.
+    autodelete_after_idle_s: float = Field(default=1800.0, ge=0)
 
     @field_validator("name")
     @classmethod

@@ -153,3 +153,7 @@ def test_status_holds_the_runs_time_ledger_adding_up_to_its_wall_time(tiny_run):
     assert ledger["chip_hours"] == pytest.approx(sum(seconds.values()) / 3600, rel=0.01)
     assert ledger["cost_estimate_usd"] is None and "set prices.host" in ledger["price"]
     assert "ledger: " in tiny_run["table"] and "goodput" in tiny_run["table"]
+    # the trainer's share of it, in its summary (and W&B)
+    summary = tiny_run["summary"]
+    assert summary["time/phase/train_s"] > 0 and summary["time/phase/compile_s"] > 0
+    assert 0 < summary["time/phase/goodput"] < 1

@@ -52,6 +52,8 @@ def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -
     # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
     # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
     monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
+    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", fake.endpoint)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")

@@ -161,8 +161,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     # JAX's persistent compilation cache (trainer/checkpoints.py, compile_cache_dir): a relaunch, or the next
     # run with the same shapes, loads its programs instead of compiling them. null = beside the checkpoints
-    # (`<checkpoint.dir>/compile_cache`, else `DIR/../.compile_cache`); a folder or gs://...; "off" = none.
-    compile_cache_dir: str | None = None
+    # (`<checkpoint.dir>/compile_cache`, else `DIR/../.compile_cache`); a folder or gs://...; false = none.
+    compile_cache_dir: str | Literal[False] | None = None
     warm_start: WarmStartConfig = WarmStartConfig()
     mesh_shape: str = "auto"  # "auto" (dp over hosts, fsdp over local chips) or "dp,fsdp,tp"
     wandb_project: str = "grpoctl"

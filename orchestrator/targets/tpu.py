@@ -18,7 +18,9 @@ from google.cloud import tpu_v2
 from rich.console import Console
 from rich.status import Status
 
+import grpoctl_contract.watchdog as watchdog
 from orchestrator.cloud import api as cloud
+from orchestrator.cloud import autodelete
 from orchestrator.cloud.errors import TransientApiError, kind_of
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
@@ -56,6 +58,10 @@ class TpuTarget(Target):
     # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
+    # Test wiring too: where the node's watchdog asks for its token (the fake API plays the metadata
+    # server), and how often it looks for jobs.
+    autodelete_metadata_base: str = watchdog.METADATA_BASE
+    autodelete_poll_s: float = 30.0
 
     def __init__(
         self,
@@ -124,6 +130,7 @@ class TpuTarget(Target):
             self._check_os_login(self._node)
             self._ensure_ssh_key(self._node)
             self._connect()
+            self._start_autodelete(self._node)
         except BaseException as err:
             self._reset_transports()
             if created:
@@ -286,6 +293,31 @@ class TpuTarget(Target):
         retry_call(
             add, retry_on=lambda err: kind_of(err) == "conflict", policy=CONFLICT_RETRY, sleep=self.api.sleep
         )
+
+    # ---- a node that deletes itself -----------------------------------------------------------------
+    def _start_autodelete(self, node: tpu_v2.Node) -> None:
+        """Nodes grpoctl created (its label) get the idle watchdog; attached ones are the user's own."""
+        idle = self.cfg.autodelete_after_idle_s
+        if not idle or not cloud.is_grpoctl(node.labels):
+            return
+        try:
+            autodelete.start(self.transports()[0], self.cfg, self.remote_dir,
+                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s)
+        except GrpoctlError as err:  # the node works without it: say so, do not fail `up`
+            self.say(f"{self.node_label}: {err}; it will NOT delete itself when idle (grpoctl down does)")
+            return
+        self.say(f"{self.node_label}: deletes itself after {idle:g} s without a grpoctl job "
+                 "(autodelete_after_idle_s)")
+
+    def autodelete_line(self) -> str | None:
+        """When the node will delete itself (its watchdog's state), for `status`; None without one."""
+        if not self.cfg.autodelete_after_idle_s:
+            return None
+        try:
+            transport = self.transports()[0]
+        except GrpoctlError:
+            return None
+        return autodelete.describe(autodelete.read_state(transport))
 
     # ---- workers and SSH ----------------------------------------------------------------------------
     def _current_node(self) -> tpu_v2.Node:

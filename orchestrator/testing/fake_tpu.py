@@ -222,6 +222,7 @@ class RecordedRequest:
     path: str
     query: dict[str, list[str]]
     body: dict[str, Any] | None
+    authorization: str | None = None  # the Authorization header (the node watchdog's bearer token)
 
 
 def _node_type(body: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +270,7 @@ class FakeTpuApi:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                status, payload = api.handle(self.command, self.path, raw)
+                status, payload = api.handle(self.command, self.path, raw, dict(self.headers))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
@@ -482,12 +483,17 @@ class FakeTpuApi:
         return out
 
     # ---- HTTP ----------------------------------------------------------------------------------------
-    def handle(self, method: str, raw_path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+    def handle(
+        self, method: str, raw_path: str, raw_body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         url = urlsplit(raw_path)
         query = parse_qs(url.query)
         body = json.loads(raw_body) if raw_body else None
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
         with self._lock:
-            self.requests.append(RecordedRequest(method, url.path, query, body))
+            self.requests.append(RecordedRequest(method, url.path, query, body, headers.get("authorization")))
+            if url.path.startswith("/computeMetadata/"):  # the VM's metadata server, for the watchdog
+                return self._metadata(url.path, headers)
             self._advance()
             try:
                 self._maybe_transient(method, url.path)
@@ -496,6 +502,16 @@ class FakeTpuApi:
                 return 200, self._route(method, url.path, query, body or {})
             except ApiError as err:
                 return int(err.http), err.body()
+
+    SA_TOKEN = "fake-sa-token-0123"  # the service-account token the metadata server hands out
+
+    def _metadata(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The metadata server's token endpoint (the real one refuses requests without the header)."""
+        if headers.get("metadata-flavor") != "Google":
+            return 403, {"error": "Missing Metadata-Flavor:Google header."}
+        if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+            return 200, {"access_token": self.SA_TOKEN, "expires_in": 3599, "token_type": "Bearer"}
+        return 404, {"error": f"no metadata at {path}"}
 
     def _maybe_transient(self, method: str, path: str) -> None:
         """A read (GET, getGuestAttributes) answers a transient error: the next of `fail_reads`, else

@@ -142,6 +142,7 @@ def write_config(work: Path, fake: FakeTpuApi, origin: Path, worker_python: str 
         "runtime_version": "tpu-ubuntu2204-base",
         "spot": True,
         "api_endpoint": fake.endpoint,  # plain HTTP: the client uses anonymous credentials for it
+        "autodelete_after_idle_s": 0,  # no idle watchdog: its token would come from Google's metadata server
         "user": getpass.getuser(),
         "ssh_key": str(work / "keys" / "grpoctl_ed25519"),
         "poll_s": 0.5,
