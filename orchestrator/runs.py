@@ -95,6 +95,12 @@ class RunRecord:
     recovery_pending: dict[str, Any] | None = None
     # Set by `grpoctl down` (another process, maybe): whoever watches the run stops and recreates nothing.
     stop_requested: str | None = None
+    # For the time ledger (orchestrator/ledger.py): when this attempt was launched and when its end was
+    # seen (unix seconds), and what it ran on (the price table's key).
+    launched_at_s: float | None = None
+    ended_at_s: float | None = None
+    accelerator_type: str | None = None
+    spot: bool | None = None
 
     def __post_init__(self) -> None:
         self.env_names = sorted(set(self.env_names) | set(self.env))

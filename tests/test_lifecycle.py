@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tpu_support import Project, long_run, one_line_error, soak
+from tpu_support import Project, long_run, one_line_error, outcome, soak
 
 from orchestrator.cloud import api as cloud
 from orchestrator.lifecycle import recovery as lifecycle
@@ -126,7 +126,7 @@ def test_a_delete_during_a_recover_wait_stops_the_run_and_recreates_nothing(proj
     assert record["state"] == "STOPPED" and "deleted" in record["state_reason"]
     # asked for: `recover` resumes it from its checkpoint, same run id
     resumed = project.cli(cfg, "recover", run_id, "--interval", "0.1", "--max-preemptions", "3")
-    assert resumed.stdout.split()[-2:] == [run_id, "SUCCEEDED"] and starts(project, run_id)[-1] >= 3
+    assert outcome(resumed) == [run_id, "SUCCEEDED"] and starts(project, run_id)[-1] >= 3
     project.cli(cfg, "down", "--yes")
 
 
@@ -135,26 +135,27 @@ def test_a_delete_during_a_recover_wait_stops_the_run_and_recreates_nothing(proj
 
 @pytest.mark.parametrize("state", ["RESTARTING", "REIMAGING", "REPAIRING"])
 def test_a_node_that_restarts_is_relaunched_on_from_the_checkpoint(project: Project, state: str) -> None:
-    cfg = ready(project, "grpo-restart")
-    hit = at_step(project, 5, lambda: project.fake.restart("grpo-restart", state, down_s=0.5))
+    name = f"grpo-{state.lower()}"
+    cfg = ready(project, name)
+    hit = at_step(project, 5, lambda: project.fake.restart(name, state, down_s=0.5))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
-    run_id, final = ran.stdout.split()[-2:]
+    run_id, final = outcome(ran)
     assert final == "SUCCEEDED" and hit
     record = stored(run_id)
     assert [r["kind"] for r in record["recoveries"]] == ["restart"]
     assert starts(project, run_id)[1] >= hit[0]  # resumed from its checkpoint, not from 0
-    assert creates(project, "grpo-restart") == 1  # the node came back by itself: nothing recreated
+    assert creates(project, name) == 1  # the node came back by itself: nothing recreated
     project.cli(cfg, "down", "--yes")
 
 
 def test_a_waiter_started_while_the_node_starts_reaches_it_once_ready(project: Project) -> None:
     cfg = ready(project, "grpo-starting")
     run_id = project.cli(cfg, "run", "configs/standin.yaml").stdout.strip()
-    project.fake.set_state("grpo-starting", "STARTING")  # the API says STARTING, no endpoints; VMs live on
+    project.fake.report_state("grpo-starting", "STARTING")  # the API says STARTING, no endpoints; VMs live on
     session = open_session(config_file=cfg)
     try:
         record = session.store.get(run_id)
-        threading.Timer(0.5, lambda: project.fake.set_state("grpo-starting", "READY")).start()
+        threading.Timer(0.5, lambda: project.fake.report_state("grpo-starting", "READY")).start()
         done = lifecycle.wait(session, record, None, interval=0.1, unreachable_timeout=20)
     finally:
         session.close()
@@ -165,7 +166,7 @@ def test_a_waiter_started_while_the_node_starts_reaches_it_once_ready(project: P
 def test_a_stopped_node_is_said_at_once(project: Project) -> None:
     cfg = ready(project, "grpo-stopped", steps=400)
     run_id = project.cli(cfg, "run", "configs/standin.yaml").stdout.strip()
-    project.fake.stop_node("grpo-stopped")
+    project.fake.set_state("grpo-stopped", "STOPPED")
     for args in (["recover", run_id, "--interval", ".1"], ["status", run_id, "--watch", "--interval", ".1"]):
         done = grpoctl(cfg, *args, timeout=60)
         assert done.returncode == 3 and len(errors_of(done.stderr)) == 1, done.stderr
@@ -181,7 +182,7 @@ def test_up_waits_for_a_delete_in_progress_then_creates(project: Project) -> Non
     project.fake.delete_by_someone("grpo-deleting")
     assert project.fake.node_state("grpo-deleting") == "DELETING"
     up = project.cli(cfg, "up")
-    assert "waiting for the delete to finish" in up.stderr and "READY" in up.stdout
+    assert "DELETING; waiting until it is gone" in up.stderr and "READY" in up.stdout
     assert creates(project, "grpo-deleting") == 2
     project.fake.script.delete_s = 0
     project.cli(cfg, "down", "--yes")
@@ -213,7 +214,7 @@ def test_laptop_killed_mid_recovery_then_recover_picks_it_up(project: Project) -
     assert record.state == "RECOVERING" and record.recovery_pending["kind"] == "preemption"
     project.fake.script.create_s = 0.2
     resumed = project.cli(cfg, "recover", record.run_id, "--interval", "0.1")
-    assert resumed.stdout.split()[-2:] == [record.run_id, "SUCCEEDED"]
+    assert outcome(resumed) == [record.run_id, "SUCCEEDED"]
     assert "picking up the recovery" in resumed.stderr
     assert creates(project, "grpo-sigkill") == 2  # the node the dead laptop asked for was used
     assert [r["kind"] for r in stored(record.run_id)["recoveries"]] == ["preemption"]
@@ -227,7 +228,7 @@ def test_one_dead_worker_in_a_ready_slice_is_recovered(project: Project) -> None
     cfg = ready(project, "grpo-slice", accelerator_type="v4-16")  # 2 hosts
     hit = at_step(project, 5, lambda: project.fake.kill_worker("grpo-slice", 1))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
-    run_id, final = ran.stdout.split()[-2:]
+    run_id, final = outcome(ran)
     assert final == "SUCCEEDED" and hit
     (recovery,) = stored(run_id)["recoveries"]
     assert recovery["kind"] == "worker" and "w1 unreachable" in recovery["reason"]
@@ -248,7 +249,7 @@ def test_api_errors_while_recreating_are_not_preemptions(project: Project) -> No
     hit = at_step(project, 5, preempt_then_fail_the_create)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--max-preemptions", "1",
                       "--interval", "0.1", "--retry-wait", "0.2")
-    run_id, final = ran.stdout.split()[-2:]
+    run_id, final = outcome(ran)
     assert final == "SUCCEEDED" and hit
     assert "no preemption counted" in ran.stderr and "injected" in ran.stderr
     assert [r["kind"] for r in stored(run_id)["recoveries"]] == ["preemption"]
@@ -265,11 +266,11 @@ def test_a_403_during_recovery_says_the_run_is_not_watched_and_how_to_resume(pro
     at_step(project, 5, preempt_then_refuse)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1", code=2)
     line = one_line_error(ran)
-    run_id = ran.stdout.split()[-2]
-    assert "permission denied" in line and "not watched any more" in line
+    run_id = outcome(ran)[0]
+    assert "roles/tpu.admin" in line and "not watched any more" in line
     assert f"grpoctl recover {run_id}" in line
     resumed = project.cli(cfg, "recover", run_id, "--interval", "0.1")
-    assert resumed.stdout.split()[-2:] == [run_id, "SUCCEEDED"]
+    assert outcome(resumed) == [run_id, "SUCCEEDED"]
     project.cli(cfg, "down", "--yes")
 
 
@@ -278,7 +279,7 @@ def test_a_spent_budget_is_what_the_record_says(project: Project) -> None:
     at_step(project, 5, lambda: project.fake.preempt("grpo-budget"))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--max-preemptions", "0",
                       "--interval", "0.1", code=3)
-    run_id, final = ran.stdout.split()[-2:]
+    run_id, final = outcome(ran)
     assert final == "PREEMPTED" and "budget (0) spent" in one_line_error(ran)
     record = stored(run_id)
     assert record["state"] == "PREEMPTED" and "preemption budget (0) spent" in record["state_reason"]
@@ -306,13 +307,13 @@ def test_an_existing_node_of_another_kind_is_refused_or_attached_with_a_warning(
 
 def test_an_unhealthy_node_is_warned_about_before_launch_and_while_running(project: Project) -> None:
     cfg = ready(project, "grpo-health")
-    project.fake.set_health("grpo-health", "TIMEOUT")
+    project.fake.set_state("grpo-health", "READY", "TIMEOUT")
     up = project.cli(cfg, "up")
     assert "warning: health TIMEOUT" in up.stderr
-    project.fake.set_health("grpo-health", "HEALTHY")
-    at_step(project, 3, lambda: project.fake.set_health("grpo-health", "UNHEALTHY_MAINTENANCE", "repairs"))
+    project.fake.set_state("grpo-health", "READY", "HEALTHY")
+    at_step(project, 3, lambda: project.fake.set_state("grpo-health", "READY", "UNHEALTHY_MAINTENANCE"))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--set", "steps=80", "--wait", "--interval", ".05")
-    assert ran.stdout.split()[-1] == "SUCCEEDED"
+    assert outcome(ran)[1] == "SUCCEEDED"
     assert ran.stderr.count("health UNHEALTHY_MAINTENANCE") == 1  # said once, not every poll
     run = project.cli(cfg, "run", "configs/standin.yaml")
     assert "warning: tpu: health UNHEALTHY_MAINTENANCE" in run.stderr  # before the launch
@@ -337,8 +338,8 @@ def test_a_finished_run_whose_vm_is_gone_before_fetch_is_recovered_with_its_hist
     cfg = ready(project, "grpo-fetch")
     hit = at_step(project, 20, lambda: project.fake.preempt("grpo-fetch"))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
-    run_id = ran.stdout.split()[-2]
-    assert hit and ran.stdout.split()[-1] == "SUCCEEDED"
+    run_id = outcome(ran)[0]
+    assert hit and outcome(ran)[1] == "SUCCEEDED"
     project.fake.preempt("grpo-fetch")  # after SUCCEEDED, before fetch: the files go with the VM
     gone = project.cli(cfg, "fetch", run_id, code=3)
     assert "node PREEMPTED" in one_line_error(gone) and f"grpoctl recover {run_id}" in gone.stderr

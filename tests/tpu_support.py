@@ -21,6 +21,9 @@ from standin import StandinRepo, make_standin_repo
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.cloud import api as cloud
+from orchestrator.retry import Backoff
+from orchestrator.targets import tpu as tpu_target
 from orchestrator.targets.tpu import TpuTarget
 from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
@@ -44,9 +47,14 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
 def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A laptop checkout of the stand-in repo (made the cwd) with a .env, over a reset fake API."""
     fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
+    # read retries back off for milliseconds, not seconds (the same code path, a shorter policy)
+    monkeypatch.setattr(cloud, "READ_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
+    monkeypatch.setattr(tpu_target, "CONFLICT_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
     # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
     # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
     monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
+    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", fake.endpoint)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
@@ -91,6 +99,12 @@ class Project:
 
     def node(self, name: str = "grpo-test"):  # type: ignore[no-untyped-def]
         return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
+
+
+def outcome(result) -> list[str]:  # type: ignore[no-untyped-def]
+    """[run id, state] of `run --wait` / `recover`: the first words of their last stdout line (an accuracy
+    may follow)."""
+    return result.stdout.strip().splitlines()[-1].split()[:2]
 
 
 def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
@@ -189,7 +203,7 @@ def soak(project: Project, *, node: str, steps: int, hits: int, seed: int) -> di
     started = time.monotonic()
     ran = project.cli(cfg, "run", repo.config, "--recover", "--interval", "0.1", "--retry-wait", "0.2")
     wall_s = time.monotonic() - started
-    run_id, state = ran.stdout.split()[-2:]
+    run_id, state = outcome(ran)
     done.wait(5)
     record = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
     project.cli(cfg, "fetch", run_id)
@@ -227,5 +241,5 @@ def soak(project: Project, *, node: str, steps: int, hits: int, seed: int) -> di
         "waiter_code": waiter.returncode,
         "waiter_err": waiter_err,
         "created_after_down": len(project.fake.creates()) - creates_at_down,
-        "nodes_left": sorted(project.fake.nodes),
+        "nodes_left": sorted(n for n in project.fake.nodes if n.endswith(f"/nodes/{node}")),
     }

@@ -91,6 +91,7 @@ def probe(target, record: RunRecord, *, timeout: float = 30, stall_after_s: floa
             state = RunState.STALLED
     if state != record.state and is_terminal(state):
         record.finished_at = utc_now_iso()
+        record.ended_at_s = time.time()  # the time ledger: when this attempt's end was seen
     record.state = state
     result = Poll(statuses, errors)
     if result.progress:
@@ -109,6 +110,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "total": progress.total,
         "elapsed_s": progress.elapsed_s,
         "eta_s": progress.eta_s,
+        "phase_eta_s": progress.phase_eta_s,
         "metrics": dict(progress.metrics or {}),
         "phase": progress.phase,
         "k": progress.k,
@@ -117,6 +119,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "bytes_done": progress.bytes_done,
         "bytes_total": progress.bytes_total,
         "text": progress.text,
+        "ledger": dict(progress.ledger) if progress.ledger else None,
     }
 
 
@@ -207,6 +210,7 @@ class Monitor:
         rec = self.record
         if decision.state != rec.state and is_terminal(decision.state):
             rec.finished_at = rec.finished_at or utc_now_iso()
+            rec.ended_at_s = rec.ended_at_s or time.time()
         rec.state = decision.state
         if decision.action in (Action.RECOVER, Action.STOP):
             rec.state_reason = decision.reason

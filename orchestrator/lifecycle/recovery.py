@@ -126,6 +126,10 @@ class Recovery:
                 ) from None
             for warning in d.warnings:
                 self.session.say(f"{rec.run_id}: warning: {self.session.target_name}: {warning}")
+            if d.action is Action.WAIT and self.policy is not None and _maintenance(d.warnings):
+                self._ahead_of_maintenance(_maintenance(d.warnings))
+                polls = 0
+                continue
             if d.action is Action.DONE:
                 return rec
             if d.action is Action.STOP:
@@ -169,6 +173,14 @@ class Recovery:
                 rec.stop_requested = None
                 self.session.store.save(rec)
             self._recover("preemption", reason)
+
+    def _ahead_of_maintenance(self, warning: str) -> None:
+        """Maintenance is a preemption notice: the job is told to stop now (TERM: the trainer checkpoints
+        the step it is on) and relaunched like after a restart, on the node once it is READY again."""
+        rec = self.record
+        self.session.say(f"{rec.run_id}: {warning}: stopping the job now so that it checkpoints first")
+        watch_ops.kill(self.session.target, rec)
+        self._recover("restart", f"{warning}: stopped ahead of it, checkpointed")
 
     def _failed(self, d: Decision) -> None:
         rec, policy = self.record, self.policy
@@ -219,6 +231,10 @@ class Recovery:
             "step": (rec.last_progress or {}).get("step"),
             "previous_log": rec.log_path,
             "deleted": False,
+            # The ended attempt, for the time ledger: when it was launched and seen gone, its trainer's split.
+            "attempt_launched_at_s": rec.launched_at_s,
+            "detected_at_s": rec.ended_at_s or time.time(),
+            "attempt_ledger": (rec.last_progress or {}).get("ledger"),
         }
         rec.state, rec.state_reason, rec.recovery_pending = RunState.RECOVERING, reason, pending
         self.session.store.save(rec)  # before any delete or create: a crash from here on is picked up
@@ -298,8 +314,10 @@ class Recovery:
 
     def _relaunched(self, pending: dict[str, Any]) -> None:
         rec = self.record
-        entry = {k: pending.get(k) for k in ("at", "kind", "reason", "step", "previous_log")}
-        entry["log"] = rec.log_path
+        keys = ("at", "kind", "reason", "step", "previous_log", "attempt_launched_at_s", "detected_at_s",
+                "attempt_ledger")
+        entry = {k: pending.get(k) for k in keys}
+        entry["log"], entry["relaunched_at_s"] = rec.log_path, rec.launched_at_s
         rec.recoveries.append(entry)
         rec.state, rec.state_reason, rec.recovery_pending = RunState.RUNNING, None, None
         self.session.store.save(rec)
@@ -322,6 +340,10 @@ class Recovery:
         rec.finished_at = rec.finished_at or utc_now_iso()
         self.session.store.save(rec)
         raise stopped_error(rec, reason)
+
+
+def _maintenance(warnings: Sequence[str]) -> str:
+    return next((w.split(" (")[0] for w in warnings if w.startswith("health UNHEALTHY_MAINTENANCE")), "")
 
 
 # ---------------------------------------------------------------------------------------------- status
