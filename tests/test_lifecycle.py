@@ -348,3 +348,23 @@ def test_a_finished_run_whose_vm_is_gone_before_fetch_is_recovered_with_its_hist
     rows = [json.loads(x) for x in (Path("runs") / run_id / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))  # every row, across three VMs
     project.cli(cfg, "down", "--yes")
+
+
+def test_maintenance_under_recover_checkpoints_first_then_relaunches(project: Project) -> None:
+    """UNHEALTHY_MAINTENANCE is a preemption notice: the job is stopped at once (TERM: it checkpoints) and
+    relaunched on the node once the maintenance is over, same run id."""
+    cfg = ready(project, "grpo-maint", steps=60)
+
+    def maintenance() -> None:
+        project.fake.set_state("grpo-maint", "READY", "UNHEALTHY_MAINTENANCE")
+        threading.Timer(1.0, lambda: project.fake.set_state("grpo-maint", "READY", "HEALTHY")).start()
+
+    hit = at_step(project, 3, maintenance)
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.05")
+    run_id, final = outcome(ran)
+    assert final == "SUCCEEDED" and hit
+    (recovery,) = stored(run_id)["recoveries"]
+    assert recovery["kind"] == "restart" and "UNHEALTHY_MAINTENANCE" in recovery["reason"]
+    assert "stopping the job now so that it checkpoints first" in ran.stderr
+    assert starts(project, run_id)[1] >= hit[0] and creates(project, "grpo-maint") == 1
+    project.cli(cfg, "down", "--yes")

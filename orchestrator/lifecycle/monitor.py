@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -132,15 +133,13 @@ def _stalled(status: recipes.WorkerStatus, stall_after_s: float | None) -> bool:
     )
 
 
-def launch_in_flight(record: RunRecord, now: float | None = None) -> bool:
+def launch_in_flight(record: RunRecord) -> bool:
     """A launch (or a recovery) is under way: its workers have no pid of this attempt yet. Such a run is
     STARTING (or RECOVERING), never LOST: there is nothing to poll yet."""
     if record.state is RunState.RECOVERING:
         return True
     if record.state not in IN_FLIGHT_LAUNCH or all(w.pid for w in record.workers):
         return False
-    from datetime import UTC, datetime
-
     try:
         age = (datetime.now(UTC) - datetime.fromisoformat(record.updated_at)).total_seconds()
     except ValueError:
