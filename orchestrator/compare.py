@@ -10,7 +10,6 @@ eval_full_start.jsonl, metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from grpoctl_contract.rundir import SOP_KEYS  # cli and the SOP replayer read it as compare.SOP_KEYS
-from orchestrator.config import read_text_utf8
+from orchestrator import worker_data
 from orchestrator.errors import UsageError
 
 ALPHA = 0.05
@@ -199,28 +198,15 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    text = read_text_utf8(path)
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data
+    return worker_data.read_summary_file(path)  # validated: flat, finite (orchestrator/worker_data.py)
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    for n, line in enumerate(read_text_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except ValueError:
-            raise UsageError(f"{path}:{n}: not valid JSON") from None
+    return worker_data.read_metrics(path)
 
 
 def _read_correctness(path: Path) -> dict[str, bool]:
-    return {str(row["id"]): bool(row["correct"]) for row in _read_jsonl(path) if "id" in row}
+    return worker_data.read_eval_rows(path)  # an id and a real boolean per row, no repeated id
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -323,14 +309,23 @@ def check_plot_path(out: str | Path) -> Path:
     return out
 
 
-def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
-    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
-    out = check_plot_path(out)
-    import matplotlib
-
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only backend; matplotlib is the `plot` extra, not a base dependency."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib, which this install lacks: pip install 'grpoctl[plot]'") \
+            from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
+    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
+    out = check_plot_path(out)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):
         drawn = False
