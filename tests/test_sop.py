@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from standin import standin_repo  # noqa: F401
 
+from orchestrator import compare as cmp
 from orchestrator import sop
 from orchestrator.errors import JobFailed, UsageError
 from orchestrator.ops import watch as watch_ops
@@ -95,13 +96,16 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
         assert (work / "runs" / run_id / "summary.json").is_file()
     assert "logs/nohup_tiny_cpu_2" in report and ".exit`" in report and ".pid`" in report
     assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
-    assert "McNemar exact test on 300 paired questions" in report and "**Verdict**" in report
+    assert "McNemar exact test on 300 paired questions" in report and "## Summary" in report
+    assert report.index("## Summary") < report.index("## Steps")  # the verdicts first
+    assert "![compare](jax_vs_pallas.png)" in report  # the plot, embedded relative to the report
     # env values are secrets (-e): a report names them, never shows them
     assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=***" in report
     assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
     assert "env_push" in report and "not present: skipped (optional)" in report
     # Same seed, same data: the stand-in's "pallas" agrees with "jax" on every question.
-    assert first.verdict.endswith("aligned")
+    assert first.verdict.endswith(cmp.NO_DETECTABLE_DIFFERENCE)
+    assert "method verdict: inconclusive: one run per arm" in first.verdict
 
     # A second replay finishes nothing twice.
     messages.clear()
@@ -208,12 +212,14 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
         assert summary["steps"] == 2 and 0.0 <= summary["eval_full/accuracy"] <= 1.0
         assert len((work / "runs" / run_id / "eval_full.jsonl").read_text().splitlines()) == 16
     assert "McNemar exact test on 16 paired questions" in result.verdict
-    # Both verdicts: each run against its own start (eval_full_at_start), then jax vs pallas.
-    lines = result.verdict.splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["jax", "pallas", "jax"]
+    # Each verdict once: kernel parity (when the config logs it), each run against its own start
+    # (eval_full_at_start), the method verdict, then jax vs pallas.
+    lines = [line for line in result.verdict.splitlines() if "kernel parity" not in line]
+    assert [line.split(" ")[0] for line in lines] == ["jax", "pallas", "method", "jax"]
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
+    assert lines[2].startswith("method verdict: inconclusive: one run per arm")
     report = result.report_path.read_text()
-    assert all(f"**Verdict**: {line}" in report for line in lines)
+    assert all(report.count(line) == 1 for line in lines)
 
 
 def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
