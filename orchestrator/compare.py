@@ -415,15 +415,21 @@ class SeedPair:
         }
 
 
-def pair_runs(a: Sequence[RunFiles], b: Sequence[RunFiles]) -> tuple[list[tuple[RunFiles, RunFiles]], bool]:
-    """Pairs of runs (A, B) and whether they are paired by seed. By seed when every run has one and both
-    arms hold the same seeds once each; otherwise one run per arm is the one pair, and larger groups are
-    paired by position only if equally large (then not by seed: no paired method test)."""
+def pair_runs(
+    a: Sequence[RunFiles], b: Sequence[RunFiles]
+) -> tuple[list[tuple[RunFiles, RunFiles]], bool]:
+    """Pairs of runs (A, B) for McNemar, and whether the method test may pair them by seed.
+
+    With every seed known and distinct within each arm, runs pair by seed (the seeds both arms hold); the
+    method test is paired only when both arms hold the same seeds. Without seeds, arms of equal size pair
+    by position (McNemar only: position is not a seed)."""
     seeds_a, seeds_b = [r.seed for r in a], [r.seed for r in b]
     known = None not in seeds_a and None not in seeds_b
-    if known and len(set(seeds_a)) == len(a) and set(seeds_a) == set(seeds_b) and len(a) == len(b):
+    if known and len(set(seeds_a)) == len(a) and len(set(seeds_b)) == len(b):
         by_seed = {r.seed: r for r in b}
-        return [(r, by_seed[r.seed]) for r in a], True
+        pairs = [(r, by_seed[r.seed]) for r in a if r.seed in by_seed]
+        if pairs or len(a) > 1 or len(b) > 1:
+            return pairs, set(seeds_a) == set(seeds_b)
     if len(a) == len(b):
         return list(zip(a, b, strict=True)), False
     return [], False
@@ -645,7 +651,7 @@ def compare_runs(
         SeedPair(
             names.get(x.run_id, x.run_id),
             names.get(y.run_id, y.run_id),
-            x.seed if by_seed else None,
+            x.seed if x.seed is not None and x.seed == y.seed else None,
             paired_test(x.eval_full, y.eval_full),
         )
         for x, y in pairs
@@ -655,12 +661,15 @@ def compare_runs(
         ArmStats(label_a, [run_accuracy(r) for r in runs_a]),
         ArmStats(label_b, [run_accuracy(r) for r in runs_b]),
     )
-    ends_a, ends_b = ([r.end_value for r in arm.runs] for arm in arms)
-    if by_seed and None not in ends_a and None not in ends_b:
-        method = stats.method_test(ends_a, ends_b, margin, paired=True)
+    end = {r.run_id: r.end_value for arm in arms for r in arm.runs}
+    seed_ends = [(end[x.run_id], end[y.run_id]) for x, y in pairs]  # aligned by seed, A's order
+    if by_seed and all(x is not None and y is not None for x, y in seed_ends):
+        method = stats.method_test([x for x, _ in seed_ends], [y for _, y in seed_ends], margin, paired=True)
     else:
         method = stats.method_test(
-            [v for v in ends_a if v is not None], [v for v in ends_b if v is not None], margin
+            [v for r in runs_a if (v := end[r.run_id]) is not None],
+            [v for r in runs_b if (v := end[r.run_id]) is not None],
+            margin,
         )
     learning = [s for r in (*runs_a, *runs_b) if (s := r.start_to_end()) is not None]
     verdicts = [
