@@ -697,7 +697,7 @@ def sop_replay(
     else:
         g.out.print(f"report: {result.report_path}")
         if result.verdict:
-            g.out.print(result.verdict)
+            g.out.print(result.verdict, markup=False)
 
 
 def main() -> None:

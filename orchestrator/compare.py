@@ -525,14 +525,14 @@ class Comparison:
         return f"{self.names[run_id]} ({run_id})" if run_id in self.names else run_id
 
     def learning_lines(self) -> list[str]:
-        """One start -> end line per run (runs without eval_full_start.jsonl say so)."""
+        """One start -> end line per run (runs without eval_full_start.jsonl say so). A run the SOP named
+        goes by its name (`jax/s1`): the same words on every replay, the id is in the report's tables."""
         have = {s.run_id: s.line() for s in self.learning}
         missing = "no eval_full_start.jsonl (eval_full_at_start off): no start -> end test"
-        lines = [have.get(run, f"{run}: {missing}") for run in (*self.runs_a, *self.runs_b)]
-        lines = [
-            f"{self.names[r]} {line}" if r in self.names else line
-            for r, line in zip((*self.runs_a, *self.runs_b), lines, strict=True)
-        ]
+        lines = []
+        for run in (*self.runs_a, *self.runs_b):
+            line = have.get(run, f"{run}: {missing}")
+            lines.append(f"{self.names[run]}{line.removeprefix(run)}" if run in self.names else line)
         return self._mark(lines)
 
     def test_lines(self) -> list[str]:
