@@ -273,7 +273,7 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     # Each verdict once: kernel parity (when the config logs it), each run against its own start
     # (eval_full_at_start), the method verdict, then jax vs pallas.
     lines = [line for line in result.verdict.splitlines() if "kernel parity" not in line]
-    assert [line.split(" ")[0] for line in lines] == ["jax", "pallas", "method", "jax"]
+    assert [line.split(" ")[0].rstrip(":") for line in lines] == ["jax", "pallas", "method", "jax"]
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
     assert lines[2].startswith("method verdict: inconclusive: one run per arm")
     report = result.report_path.read_text()
