@@ -598,9 +598,8 @@ def compare(
     g.out.print(table)
     if several:
         g.out.print("(keys: the mean over each arm's runs)")
-    if result.arms:
-        for arm in result.arms:
-            g.out.print(arm.line(), markup=False)
+    for line in result.key_lines():
+        g.out.print(line, markup=False)
     if result.fabricated:
         g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files", markup=False)
     if plot:

@@ -549,6 +549,10 @@ class Comparison:
     def method_line(self) -> str | None:
         return None if self.method is None else self._mark([self.method.line()])[0]
 
+    def key_lines(self) -> list[str]:
+        """Each arm's start -> end accuracy with its interval: the key numbers beside the verdicts."""
+        return self._mark([arm.line() for arm in self.arms or ()])
+
     def parity_lines(self) -> list[str]:
         return self._mark([p.line() for p in self.parity])
 
@@ -588,7 +592,6 @@ class Comparison:
                     end = "-" if r.end_value is None else f"{r.end_value:.3f}{_fmt_ci(r.end_interval())}"
                     seed = "-" if r.seed is None else str(r.seed)
                     lines.append(f"| {arm.label} | `{r.run_id}` | {seed} | {start} | {end} |")
-            lines += ["", *[f"- {arm.line()}" for arm in self.arms]]
         return "\n".join(lines)
 
     def markdown(self) -> str:

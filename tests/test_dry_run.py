@@ -235,3 +235,33 @@ def test_the_dry_run_journal_names_each_recipe():
     t.run("true")
     assert script.recipes() == ["home_dir", None]
     assert [c.recipe for c in t.calls] == ["home_dir", None]
+
+
+def test_a_seeded_tpu_sop_preflights_each_config_once_and_compares_groups(tmp_path: Path, monkeypatch):
+    """Seeds change no shape: the three runs of a seeded arm share one preflight (and its cache entry)
+    instead of compiling the 3B programs three times. The dry run's compare takes the groups as arms."""
+    from orchestrator import api, preflight
+
+    every = "      interval_s: 15\n"
+    text = TPU_SOP.read_text().replace(every, every + "      seeds: [0, 1, 2]\n")
+    assert text.count("seeds: [0, 1, 2]") == 2
+    (tmp_path / "seeded.yaml").write_text(text)
+    calls: list[tuple[str, dict]] = []
+
+    def recording_gate(session, config, overrides, env):
+        calls.append((config, dict(overrides)))
+        return preflight.Gate(report=None, line="recorded")
+
+    monkeypatch.setattr(api, "preflight_gate", recording_gate)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path / "state"))
+    result = sop.replay(tmp_path / "seeded.yaml", dry_run=True, overrides={"train.beta": "0.01"})
+    assert [c for c, _ in calls] == ["configs/grpo_gsm8k_qwen25_3b_bs128_steps100.yaml",
+                                     "configs/grpo_gsm8k_qwen25_3b_bs128_steps100_pallas.yaml"]
+    assert all(o == {"train.beta": "0.01"} for _, o in calls)  # no seed: one cache key per config
+    assert set(result.state.preflight) == {f"{a}/s{s}" for a in ("jax", "pallas") for s in (0, 1, 2)}
+    launched = [s for s in result.state.steps if s.startswith("run:")]
+    assert launched == [f"run:{arm}/s{seed}" for arm in ("jax", "pallas") for seed in (0, 1, 2)]
+    assert "3 vs 3 runs, paired by seed" in result.verdict or "no spread" in result.verdict
+    assert result.state.verdict_json["runs_a"] and len(result.state.verdict_json["runs_b"]) == 3
+    assert all(line.startswith("FABRICATED by --dry-run") for line in result.state.key_numbers)

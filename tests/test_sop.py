@@ -362,3 +362,9 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
     again = sop.replay(file, config_file=config)
     assert {n: again.state.steps[f"run:{n}"].run_id for n in names} == ids
     assert len(RunStore().list()) == 4
+    # --from a group's name starts from its first seed's run.
+    third = sop.replay(file, config_file=config, from_step="run:pallas")
+    assert third.state.steps["run:jax/s1"].run_id == ids["jax/s1"]
+    assert third.state.steps["run:pallas/s0"].run_id != ids["pallas/s0"] and len(RunStore().list()) == 6
+    report = third.report_path.read_text()
+    assert "Start and end accuracy per arm" in report and "- jax (2 runs): start - -> end 0." in report

@@ -77,6 +77,9 @@ def _start_index(sop: Sop, from_step: str | None) -> int:
         return ids.index(from_step)
     if from_step.isdigit() and 1 <= int(from_step) <= len(ids):
         return int(from_step) - 1
+    seeded = [i for i, sid in enumerate(ids) if sid.startswith(f"{from_step}/s")]
+    if seeded:  # `run:jax` of a seeded group: from its first seed's run
+        return seeded[0]
     raise UsageError(f"--from {from_step!r}: not a step id or number (steps: {', '.join(ids)})")
 
 
@@ -120,6 +123,7 @@ class Replayer:
     def preflight(self, start: int, rerun: bool) -> None:
         """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
         that cannot fit stops the replay (exit 2) before any node is paid for."""
+        seen: dict[tuple, tuple[str, bool | None]] = {}
         for step in self.sop.steps[start:]:
             st = self.state.steps.get(step_id(step))
             if not isinstance(step, RunStep) or (not rerun and st and (st.status == "done" or st.run_id)):
@@ -127,7 +131,17 @@ class Replayer:
             s = self.session(step)
             if s.kind != "tpu":
                 continue
-            overrides = run_overrides(step, self.overrides)
+            # A seed changes no shape or buffer: the runs of a seeded group share one preflight instead of
+            # compiling the same programs once per seed.
+            overrides = {
+                k: v
+                for k, v in run_overrides(step, self.overrides).items()
+                if k != cmp.SEED_KEY or step.seed is None
+            }
+            key = (s.target_name, step.config, tuple(sorted(overrides.items())), tuple(sorted(step.env)))
+            if key in seen:
+                self.state.preflight[step.name], self.state.preflight_fits[step.name] = seen[key]
+                continue
             accelerator = s.target_cfg.accelerator_type  # type: ignore[union-attr]
             cmd = pf.command(step.config, accelerator, overrides, step.env)
             try:
@@ -139,6 +153,7 @@ class Replayer:
             assert gate is not None  # a TPU target
             self.state.preflight[step.name] = f"`{cmd}`: {gate.report.line() if gate.report else gate.line}"
             self.state.preflight_fits[step.name] = gate.report.fits if gate.report else None
+            seen[key] = (self.state.preflight[step.name], self.state.preflight_fits[step.name])
 
     # Helpers for run steps.
 
@@ -332,6 +347,7 @@ def _compare(r: Replayer, step: CompareStep, st: StepState) -> None:
     lines = done.result.summary_lines()
     r.state.verdict = "\n".join(lines)
     r.state.verdict_json = done.result.to_json()
+    r.state.key_numbers = done.result.key_lines()
     st.details.append(f"{len(lines)} verdict line(s): see the summary at the top of the report")
 
 

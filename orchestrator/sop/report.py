@@ -116,6 +116,9 @@ def summary(state: ReplayState, dry_run: bool) -> list[str]:
     title = "## Summary (dry run: FABRICATED, not results)" if dry_run else "## Summary"
     lines = ["", title, ""]
     lines += [f"- {line}" for line in state.verdict.splitlines()]
+    if state.key_numbers:
+        lines += ["", "Start and end accuracy per arm (95% interval: t over runs, Wilson for one run):", ""]
+        lines += [f"- {line}" for line in state.key_numbers]
     return [*lines, *plots(state, dry_run)]
 
 

@@ -35,6 +35,7 @@ class ReplayState:
     verdict: str | None = None  # one line per verdict, each once (compare.Comparison.summary_lines)
     verdict_json: dict[str, Any] | None = None  # the same as `grpoctl --json compare` gives it
     plots: dict[str, str] = field(default_factory=dict)  # compare step id -> its plot, beside the report
+    key_numbers: list[str] = field(default_factory=list)  # each arm's start -> end with its interval
     preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
     # run name -> whether the preflight's report said it fits (None: no preflight could run here)
     preflight_fits: dict[str, bool | None] = field(default_factory=dict)
@@ -62,6 +63,7 @@ class ReplayState:
             verdict=data.get("verdict"),
             verdict_json=data.get("verdict_json"),
             plots=data.get("plots", {}),
+            key_numbers=data.get("key_numbers", []),
             preflight=data.get("preflight", {}),
             preflight_fits=data.get("preflight_fits", {}),
         )
