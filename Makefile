@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.installed
 
 LAPTOP_VENV ?= /tmp/grpoctl-laptop-venv
 
-.PHONY: demo demo-seeds test lint bench venv clean mutate rehearsal laptop-test
+.PHONY: demo demo-seeds test lint venv clean mutate rehearsal laptop-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

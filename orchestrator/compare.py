@@ -26,8 +26,7 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from grpoctl_contract.rundir import SOP_KEYS  # cli and the SOP replayer read it as compare.SOP_KEYS
-from orchestrator import parity, stats
-from orchestrator.config import read_text_utf8
+from orchestrator import parity, stats, untrusted, worker_data
 from orchestrator.errors import UsageError
 
 ALPHA = stats.ALPHA
@@ -219,7 +218,7 @@ def load_run(folder: str | Path) -> RunFiles:
     metrics_path = folder / rundir.METRICS
     metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
     config_path = folder / rundir.CONFIG
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_config(config_path) if config_path.is_file() else {}
     return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start, config)
 
 
@@ -234,28 +233,27 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    text = read_text_utf8(path)
+    return worker_data.read_summary_file(path)  # validated: flat, finite (orchestrator/worker_data.py)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json (the trainer's effective config, nested): {} when it is not a JSON object. It only feeds
+    the seed, the parity tolerance and the config warnings, so a bad one never stops a comparison."""
+    if path.stat().st_size > untrusted.CONFIG.max_bytes:
+        return {}
     try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    for n, line in enumerate(read_text_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except ValueError:
-            raise UsageError(f"{path}:{n}: not valid JSON") from None
+    return worker_data.read_metrics(path)
 
 
 def _read_correctness(path: Path) -> dict[str, bool]:
-    return {str(row["id"]): bool(row["correct"]) for row in _read_jsonl(path) if "id" in row}
+    return worker_data.read_eval_rows(path)  # an id and a real boolean per row, no repeated id
 
 
 FABRICATED = "FABRICATED by --dry-run, not a result:"
@@ -454,7 +452,8 @@ def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], allowed: Sequ
         return any(key == k or key.startswith(k + ".") for k in allowed)
 
     keys = sorted(k for k in set(fa) | set(fb) if not allowed_key(k) and fa.get(k) != fb.get(k))
-    return [f"{k} {fmt(fa.get(k))} vs {fmt(fb.get(k))}" for k in keys]
+    shown = [(k, fmt(fa.get(k)), fmt(fb.get(k))) for k in keys]  # worker text: no escapes reach a terminal
+    return [untrusted.clean(f"{k} {x} vs {y}", untrusted.FIELD) for k, x, y in shown]
 
 
 def config_warnings(a: Sequence[RunFiles], b: Sequence[RunFiles], labels: tuple[str, str]) -> list[str]:
@@ -728,6 +727,19 @@ def check_plot_path(out: str | Path) -> Path:
     return out
 
 
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only backend; matplotlib is the `plot` extra, not a base dependency."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib, which this install lacks: pip install 'grpoctl[plot]'") \
+            from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
     """The mean over runs at each step that every run logged (seeds of one config log the same steps)."""
     by_run = [dict(zip(steps, values, strict=True)) for steps, values in curves]
@@ -803,11 +815,7 @@ def plot(
     out = check_plot_path(out)
     runs_a, runs_b = _as_runs(a), _as_runs(b)
     label_a, label_b = labels or (_label(runs_a), _label(runs_b))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     arms = ((label_a, runs_a), (label_b, runs_b))
     for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):

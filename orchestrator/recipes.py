@@ -24,7 +24,9 @@ from typing import Any, ParamSpec
 import grpoctl_contract.envfile
 from grpoctl_contract import progress as contract
 from grpoctl_contract import rundir
+from orchestrator import untrusted
 from orchestrator.errors import UsageError
+from orchestrator.transport.shell import GET_NOT_REGULAR
 from orchestrator.transport.shell import quote as q
 from orchestrator.transport.shell import quote_path as qpath
 
@@ -34,6 +36,9 @@ EXIT_EXISTS = 73  # the run's log file already exists
 EXIT_NOT_CHECKOUT = 65  # remote_dir holds something that is not grpoctl's checkout: refused, untouched
 EXIT_REFUSED = EXIT_NOT_CHECKOUT  # sync refuses to overwrite or delete a user's files
 EXIT_NO_PYTHON = 69  # no python >= 3.11 on the worker
+EXIT_NO_CHECKOUT = 66  # launch: the checkout is not there yet (`grpoctl sync` first)
+EXIT_NO_CONFIG = 67  # launch: the config is not in the worker's checkout
+EXIT_NO_TOOL = 68  # launch: the worker lacks setsid or flock (macOS without util-linux)
 
 # What grpoctl itself writes inside the checkout (run outputs, the venv, the secrets file): these may be
 # present when a folder is adopted, and sync never counts them as the user's changes.
@@ -180,16 +185,29 @@ def parse_head(stdout: str) -> str | None:
 
 
 BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
+BOOTSTRAP_REQUIREMENTS = "logs/requirements.txt"  # what the bootstrap installs besides the checkout
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
 
 
 @_recipe
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
-    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
+    """A python >= 3.11 venv at `<checkout>/.venv` with the checkout and its extras; prints PYTHON=.
 
+    The checkout goes in with `--no-deps` and then only the extras' requirements (listed from
+    pyproject.toml by grpoctl_contract.requirements): a worker gets the trainer, not the laptop stack of
+    the base install (typer, paramiko, the Cloud TPU client, matplotlib). No extras: `pip install -e .`.
     Prints `STAGE=k/n label` as each stage begins (the caller streams them into a progress bar); pip's
     output lands in `logs/bootstrap.log` on the worker (kept by `git clean`)."""
     spec = q(".[{}]".format(",".join(extras)) if extras else ".")
+    if extras:
+        install = [
+            "step .venv/bin/python -m pip install --no-deps -e .",
+            f"step .venv/bin/python -m grpoctl_contract.requirements {q(','.join(extras))} "
+            f"--out {q(BOOTSTRAP_REQUIREMENTS)}",
+            f"step .venv/bin/python -m pip install -r {q(BOOTSTRAP_REQUIREMENTS)}",
+        ]
+    else:
+        install = ["step .venv/bin/python -m pip install -e ."]
     n = len(BOOTSTRAP_STAGES)
     stage = [f"echo {q(f'STAGE={k}/{n} {label}')}" for k, label in enumerate(BOOTSTRAP_STAGES, 1)]
     return _script(
@@ -207,7 +225,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         # pip's full output goes to a log on the worker (what was installed, from where); a failure shows
         # its tail, the success path prints only the stages and PYTHON=.
         f"LOG={q(BOOTSTRAP_LOG)}",
-        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): pip install -e "{spec} > "$LOG"',
+        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): install "{spec} > "$LOG"',
         "if [ -x .venv/bin/python ]; then",
         '  echo "venv .venv exists: reused" >> "$LOG"',
         "else",
@@ -223,7 +241,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         stage[1],
         "step .venv/bin/python -m pip install --upgrade pip",
         stage[2],
-        f"step .venv/bin/python -m pip install -e {spec}",
+        *install,
         'echo "PYTHON=$PWD/.venv/bin/python"',
     )
 
@@ -428,7 +446,13 @@ def launch(
     # A refused launch leaves no secrets file behind.
     refuse = f"rm -f -- {q(paths.env)} {q(paths.env_loader)}; " if env_file else ""
     return _script(
-        f"cd {qpath(repo_dir)}",
+        # Refusals before anything starts: no checkout yet (a secrets file put here made the folder, not a
+        # clone), no config in it, no setsid/flock (macOS without util-linux would otherwise read "busy").
+        f"cd {qpath(repo_dir)} 2>/dev/null || exit {EXIT_NO_CHECKOUT}",
+        f"[ -e .git ] || {{ {refuse}exit {EXIT_NO_CHECKOUT}; }}",
+        f"[ -f {q(config)} ] || {{ {refuse}exit {EXIT_NO_CONFIG}; }}",
+        "for tool in setsid flock; do command -v $tool >/dev/null 2>&1 || "
+        f'{{ {refuse}echo "MISSING=$tool"; exit {EXIT_NO_TOOL}; }}; done',
         "mkdir -p logs runs",
         _ALIVE_FN,
         f"exec 9>> {q(LAUNCH_LOCK)}",
@@ -451,6 +475,10 @@ def launch(
         "done",
         f'echo "PID=$(cat {q(paths.pid)} 2>/dev/null || true)"',
     )
+
+
+def parse_missing_tool(stdout: str) -> str | None:
+    return _last_value(stdout, "MISSING")
 
 
 def parse_pid(stdout: str) -> int | None:
@@ -485,13 +513,16 @@ def status(repo_dir: str, paths: RunPaths) -> str:
         f'if [ -n "$p" ] && ours "$p" {q(paths.run_id)}; then echo ALIVE=1; else echo ALIVE=0; fi',
         f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
-        f"line=$(grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null | tail -n 1 || true)",
+        # Worker files are untrusted: the log is read only as a regular file, one line at most 64 KiB.
+        f"line=$([ -f {q(paths.log)} ] && grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null "
+        "| tail -n 1 | head -c 65536 || true)",
         'printf "PROGRESS=%s\\n" "$line"',
         # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
         f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
         'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
         # The run's identity (config hash, W&B URL), printed once near the top of the log.
-        f"info=$(grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null || true)",
+        f"info=$([ -f {q(paths.log)} ] && grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null "
+        "| head -c 65536 || true)",
         'printf "INFO=%s\\n" "$info"',
     )
 
@@ -515,7 +546,9 @@ class Progress:
     bytes_done: int | None = None
     bytes_total: int | None = None
     reported_eta_s: float | None = None
+    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
     legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
     def text(self) -> str:
@@ -568,6 +601,7 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "LOST"})
 
 
 def parse_progress_line(line: str) -> Progress | None:
+    """The worker's last event; its strings made safe to show (untrusted.clean), its numbers finite."""
     ev = contract.decode(line)
     if ev is None or ev.event == "info":
         return None
@@ -576,22 +610,24 @@ def parse_progress_line(line: str) -> Progress | None:
         step=ev.step or 0,
         total=ev.total or 0,
         elapsed_s=ev.elapsed_s,
-        metrics=ev.metrics or None,
+        metrics=untrusted.clean_map(ev.metrics) or None,
         done=ev.done,
-        phase=ev.phase,
+        phase=untrusted.clean(ev.phase, untrusted.FIELD),
         k=ev.k,
         n=ev.n,
-        detail=ev.detail,
+        detail=untrusted.clean_opt(ev.detail),
         bytes_done=ev.bytes_done,
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
+        ledger=ev.ledger or None,
         legacy=legacy,
+        phase_eta_s=ev.phase_eta_s,
     )
 
 
 def parse_info_line(line: str) -> dict[str, str] | None:
     ev = contract.decode(line)
-    return dict(ev.info) if ev is not None and ev.event == "info" else None
+    return untrusted.clean_map(ev.info) if ev is not None and ev.event == "info" else None
 
 
 def parse_status(stdout: str) -> WorkerStatus:
@@ -653,15 +689,35 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
     )
 
 
+def _regular_log(log_path: str) -> str:
+    """Shell text refusing a log that is not a regular file (a link to /dev/zero, a FIFO): one stderr line,
+    exit GET_NOT_REGULAR; a missing one fails the way tail says it."""
+    return (
+        f"lp={q(log_path)}; "
+        'if [ ! -e "$lp" ]; then echo "tail: cannot open $lp: No such file or directory" >&2; exit 1; fi; '
+        'if [ ! -f "$lp" ]; then '
+        'echo "$lp: not a regular file ($(stat -L -c %F -- "$lp" 2>/dev/null)): refused" >&2; '
+        f"exit {GET_NOT_REGULAR}; fi; "
+    )
+
+
 @_recipe
 def tail_log(repo_dir: str, log_path: str, lines: int = 200) -> str:
-    return f"cd {qpath(repo_dir)} && tail -n {int(lines)} {q(log_path)}\n"
+    """The log's last `lines` lines, at most untrusted.LOG_CHUNK bytes of them (a regular file only)."""
+    return (
+        f"cd {qpath(repo_dir)} && {{ {_regular_log(log_path)}"
+        f'tail -n {int(lines)} -- "$lp" | head -c {untrusted.LOG_CHUNK}; }}\n'
+    )
 
 
 @_recipe
 def read_log_from(repo_dir: str, log_path: str, offset: int) -> str:
-    """The log's bytes from `offset` on: `--follow` polls with this, so a dropped link loses nothing."""
-    return f"cd {qpath(repo_dir)} && tail -c +{int(offset) + 1} {q(log_path)}\n"
+    """The log's bytes from `offset` on, at most untrusted.LOG_CHUNK of them (the rest comes with the next
+    poll): `--follow` polls with this, so a dropped link loses nothing (a regular file only)."""
+    return (
+        f"cd {qpath(repo_dir)} && {{ {_regular_log(log_path)}"
+        f'tail -c +{int(offset) + 1} -- "$lp" | head -c {untrusted.LOG_CHUNK}; }}\n'
+    )
 
 
 @_recipe

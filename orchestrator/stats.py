@@ -25,7 +25,9 @@ from typing import Any
 ALPHA = 0.05
 DEFAULT_MARGIN = 0.03  # accuracy points (3 percentage points): the default equivalence margin
 VERDICTS = ("different", "equivalent", "inconclusive")
-_NEEDS = "the method statistics need scipy and statsmodels (pip install scipy statsmodels)"
+_NEEDS = (
+    "the method statistics need scipy and statsmodels, which this install lacks: pip install 'grpoctl[stats]'"
+)
 
 
 class StatsUnavailable(RuntimeError):

@@ -244,7 +244,7 @@ def test_run_files_are_read_strictly(tmp_path: Path):
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps({"k": 1}))
     (folder / "eval_full.jsonl").write_text(
-        '{"id": 3, "correct": 1}\n\n{"no_id": true, "correct": true}\n{"id": "q4", "correct": false}\n'
+        '{"id": 3, "correct": true}\n\n{"id": "q4", "correct": false}\n'
     )
     (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"loss": 9}\n{"step": 2, "loss": "x"}\n'
                                           '{"step": 3, "train/loss": 1.5, "loss": 0.25}\n')

@@ -160,6 +160,6 @@ def test_without_statsmodels_the_verdict_says_what_is_missing(monkeypatch):
     for name in ("statsmodels.stats", "statsmodels.stats.weightstats", "statsmodels.stats.proportion"):
         monkeypatch.setitem(sys.modules, name, None)  # the import fails, as on a trimmed install
     result = stats.method_test(A3, B3)
-    assert result.verdict == "inconclusive" and "pip install scipy statsmodels" in result.reason
+    assert result.verdict == "inconclusive" and "pip install 'grpoctl[stats]'" in result.reason
     with pytest.raises(stats.StatsUnavailable):
         stats.proportion_interval(1, 2)
