@@ -109,11 +109,16 @@ def parity_verdict(
     tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
     maxima: dict[str, float] = {}
     parted_at, parted_on = None, None
+    logged = {k for k in KEYS if any(PREFIX + k in r for r in rows)}
     for n, row in enumerate(rows, 1):
         for key in KEYS:
             value = _num(row.get(PREFIX + key))
             if value is None:
-                continue
+                if key not in logged:
+                    continue
+                # A key the run logs is missing from this step's row: its value was NaN/Infinity, which
+                # the validated reader (worker_data.metrics) leaves out. Not finite counts as parted.
+                value = math.nan
             bad = not math.isfinite(value)
             maxima[key] = (
                 math.nan if bad or math.isnan(maxima.get(key, 0.0)) else max(maxima.get(key, 0.0), value)

@@ -202,3 +202,19 @@ def test_cli_compare_takes_comma_separated_groups(groups, tmp_path: Path, monkey
     for bad, message in (([a, b, "--margin", "-1"], "--margin"), ([a + ",", b], "none empty")):
         refused = CliRunner().invoke(app, ["compare", *bad])
         assert refused.exit_code == 2 and message in refused.output
+
+
+def test_a_non_finite_parity_value_in_metrics_jsonl_parts_at_its_step(tmp_path: Path):
+    """NaN/Infinity in metrics.jsonl is left out by the validated reader; the parity verdict still sees the
+    step whose value went missing and calls it parted there."""
+    folder = make_run(tmp_path, "p", seed=0, impl="pallas", metrics=_parity_rows(5),
+                      config={"train": {"policy_loss_impl": "pallas", "shadow_policy_loss_impl": "jax"}})
+    text = (folder / "metrics.jsonl").read_text().splitlines()
+    text[2] = text[2].replace('"train/parity/grad_rel_diff": 2e-06', '"train/parity/grad_rel_diff": NaN')
+    assert "NaN" in text[2]
+    (folder / "metrics.jsonl").write_text("\n".join(text) + "\n")
+    run = cmp.load_run(folder)
+    assert f"{parity.PREFIX}grad_rel_diff" not in run.metrics[2]  # dropped on reading
+    (verdict,) = cmp.compare_runs(run, cmp.load_run(make_run(tmp_path, "j", seed=0))).parity
+    assert (verdict.parted_at, verdict.parted_on) == (3, "grad_rel_diff") and not verdict.tracked
+    assert "pallas parted from jax at step 3 (grad rel diff)" in verdict.line()
