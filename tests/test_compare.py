@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -76,6 +77,10 @@ def test_compare_runs_markdown_and_plot(tmp_path: Path):
     assert "| `eval_full/accuracy` | 0.5 | 0.55 | +0.05 |" in md
     assert result.to_json()["mcnemar"]["only_b"] == 20
     (tmp_path / "plots").mkdir()  # plot() never creates folders (see check_plot_path)
+    if importlib.util.find_spec("matplotlib") is None:  # the plot extra is absent: one line says so
+        with pytest.raises(UsageError, match=r"pip install 'grpoctl\[plot\]'"):
+            cmp.plot(a, b, tmp_path / "plots" / "ab.png")
+        return
     png = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -266,8 +271,8 @@ def test_run_files_are_read_strictly(tmp_path: Path):
 
 @pytest.fixture
 def closed_figures(monkeypatch) -> list:
-    """The figures plot() closes: what it drew, to inspect."""
-    import matplotlib.pyplot as plt
+    """The figures plot() closes: what it drew, to inspect (the plot extra; skipped without it)."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="plots need the plot extra")
 
     figures: list = []
     real_close = plt.close
@@ -326,7 +331,7 @@ def test_plot_of_seed_groups_draws_each_seed_and_the_mean_and_intervals(tmp_path
     assert list(lines[2].get_ydata()) == pytest.approx([0.2, 0.4]) and lines[2].get_linewidth() > 2
     assert lines[0].get_alpha() == 0.35 and lines[3].get_alpha() == 1.0
     # Accuracy panel: jax's end is the mean of 0.4 and 0.6 with a t interval over the two runs.
-    from scipy import stats as st
+    st = pytest.importorskip("scipy.stats", reason="the intervals need the stats extra")
 
     low, high = st.ttest_1samp([0.4, 0.6], 0).confidence_interval(0.95)
     bars = [c for c in accuracy_ax.containers if hasattr(c, "has_yerr") and c.has_yerr]

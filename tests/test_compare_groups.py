@@ -15,7 +15,6 @@ from orchestrator import parity
 from orchestrator.cli import app
 from orchestrator.errors import UsageError
 
-st = pytest.importorskip("scipy.stats")
 N = 200  # questions per sweep
 
 
@@ -70,7 +69,13 @@ def groups(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     return a, b
 
 
-def test_groups_pair_by_seed_and_give_a_method_verdict(groups):
+@pytest.fixture
+def st():
+    """scipy.stats, the reference (the `stats` extra; the laptop-only install skips these tests)."""
+    return pytest.importorskip("scipy.stats", reason="the method statistics need the stats extra")
+
+
+def test_groups_pair_by_seed_and_give_a_method_verdict(groups, st):
     a, b = ([cmp.load_run(f) for f in arm] for arm in groups)
     result = cmp.compare_runs(a, b, margin=0.03)
     ends_a, ends_b = [0.18, 0.19, 0.17], [0.175, 0.19, 0.17]  # B re-ordered by seed
@@ -100,7 +105,7 @@ def test_groups_pair_by_seed_and_give_a_method_verdict(groups):
     assert "| `eval_full/accuracy` | 0.18 |" in md  # the key table shows each arm's mean
 
 
-def test_groups_without_shared_seeds_fall_back_to_welch(tmp_path: Path):
+def test_groups_without_shared_seeds_fall_back_to_welch(tmp_path: Path, st):
     a = [cmp.load_run(make_run(tmp_path, f"a{s}", seed=s, end=e)) for s, e in ((0, 36), (1, 38), (2, 34))]
     b = [cmp.load_run(make_run(tmp_path, f"b{s}", seed=s, end=e)) for s, e in ((0, 60), (5, 62))]
     result = cmp.compare_runs(a, b)
@@ -186,7 +191,8 @@ def test_kernel_parity_from_the_summary_alone_and_bf16_tolerance():
     assert parity.parity_verdict("r", {"loss": 1.0}, [{"step": 1, "loss": 2}], {}) is None
 
 
-def test_cli_compare_takes_comma_separated_groups(groups, tmp_path: Path, monkeypatch):
+def test_cli_compare_takes_comma_separated_groups(groups, tmp_path: Path, monkeypatch, st):
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
     monkeypatch.chdir(tmp_path)
     a, b = (",".join(str(f) for f in arm) for arm in groups)
     out = CliRunner().invoke(app, ["--json", "compare", a, b, "--margin", "0.05"])

@@ -8,6 +8,7 @@ re-runs from that step on. Dry runs never read state (every step runs against th
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -373,7 +374,9 @@ def _compare(r: Replayer, step: CompareStep, st: StepState) -> None:
             names[record.run_id] = name
             folders[-1].append(api.fetch_if_missing(s, record, step.dest).folder)
     plot = None
-    if step.plot:
+    if step.plot and importlib.util.find_spec("matplotlib") is None:  # the verdicts need no plot
+        st.details.append("plot skipped: matplotlib is not installed (pip install 'grpoctl[plot]')")
+    elif step.plot:
         plot = report_.plot_path(r.report_dir, step)
         r.report_dir.mkdir(parents=True, exist_ok=True)
     done = api.compare_folders(
