@@ -442,7 +442,7 @@ def compare_folders(
         runs_a, runs_b, list(keys) if keys else None, margin=margin, labels=labels, names=names
     )
     if plot is not None:
-        cmp.plot(runs_a, runs_b, plot, labels=labels)
+        cmp.plot(runs_a, runs_b, plot, labels=labels, names=names)
     return Compared(runs_a, runs_b, result, None if plot is None else Path(plot))
 
 

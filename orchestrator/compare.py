@@ -747,7 +747,12 @@ def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
     return common, [math.fsum(d[s] for d in by_run) / len(by_run) for s in common]
 
 
-def _draw_curves(ax: Any, arms: Sequence[tuple[str, list[RunFiles]]], candidates: Sequence[str]) -> bool:
+def _draw_curves(
+    ax: Any,
+    arms: Sequence[tuple[str, list[RunFiles]]],
+    candidates: Sequence[str],
+    names: Mapping[str, str] | None = None,
+) -> bool:
     """Per-run curves (thin; one per seed) and, for an arm of several runs, their mean (thick)."""
     drawn = False
     for (label, runs), style, color in zip(arms, ("-", "--"), ("tab:blue", "tab:orange"), strict=True):
@@ -766,7 +771,7 @@ def _draw_curves(ax: Any, arms: Sequence[tuple[str, list[RunFiles]]], candidates
                 color=color,
                 alpha=0.35 if thin else 1.0,
                 linewidth=0.8 if thin else 1.5,
-                label=f"{run.run_id} ({key})",
+                label=f"{(names or {}).get(run.run_id, run.run_id)} ({key})",
             )
             drawn = True
         if len(curves) > 1:
@@ -809,6 +814,7 @@ def plot(
     out: str | Path,
     *,
     labels: tuple[str, str] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Path:
     """Reward and loss curves (per run, and the mean of an arm's seeds) and start/end accuracy with
     intervals, in one image; a dry run's is watermarked. See `check_plot_path` for `out`."""
@@ -821,7 +827,7 @@ def plot(
     for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):
         ax.set_title(title)
         ax.set_xlabel("step")
-        if _draw_curves(ax, arms, candidates):
+        if _draw_curves(ax, arms, candidates, names):
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", transform=ax.transAxes)

@@ -321,11 +321,11 @@ def test_plot_of_seed_groups_draws_each_seed_and_the_mean_and_intervals(tmp_path
          run("a1", [0.3, 0.5], [True] * 2 + [False] * 8, [True] * 6 + [False] * 4)]
     b = [run("b0", [0.2, 0.2, 0.9], [True] * 2 + [False] * 8, [True] * 2 + [False] * 8)]
     (tmp_path / "p").mkdir()
-    cmp.plot(a, b, tmp_path / "p" / "g.png", labels=("jax", "pallas"))
+    cmp.plot(a, b, tmp_path / "p" / "g.png", labels=("jax", "pallas"), names={"a0": "jax/s0"})
     reward_ax, _, accuracy_ax = closed_figures[-1].axes
     lines = reward_ax.get_lines()
     assert [line.get_label() for line in lines] == [
-        "a0 (train/reward/total/mean)", "a1 (train/reward/total/mean)", "jax: mean of 2",
+        "jax/s0 (train/reward/total/mean)",  # an SOP's name for the run "a1 (train/reward/total/mean)", "jax: mean of 2",
         "b0 (train/reward/total/mean)",  # one run: no mean line of its own
     ]
     assert list(lines[2].get_ydata()) == pytest.approx([0.2, 0.4]) and lines[2].get_linewidth() > 2
