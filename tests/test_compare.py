@@ -325,7 +325,9 @@ def test_plot_of_seed_groups_draws_each_seed_and_the_mean_and_intervals(tmp_path
     reward_ax, _, accuracy_ax = closed_figures[-1].axes
     lines = reward_ax.get_lines()
     assert [line.get_label() for line in lines] == [
-        "jax/s0 (train/reward/total/mean)",  # an SOP's name for the run "a1 (train/reward/total/mean)", "jax: mean of 2",
+        "jax/s0 (train/reward/total/mean)",  # an SOP's name for the run
+        "a1 (train/reward/total/mean)",
+        "jax: mean of 2",
         "b0 (train/reward/total/mean)",  # one run: no mean line of its own
     ]
     assert list(lines[2].get_ydata()) == pytest.approx([0.2, 0.4]) and lines[2].get_linewidth() > 2
