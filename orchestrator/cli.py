@@ -803,6 +803,8 @@ def sop_replay(
         g.out.print(f"report: {result.report_path}")
         if result.verdict:
             g.out.print(result.verdict, markup=False)
+        for line in result.state.key_numbers:  # each arm's start -> end with its interval
+            g.out.print(line, markup=False)
 
 
 def main() -> None:

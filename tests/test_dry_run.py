@@ -167,6 +167,8 @@ def test_cli_dry_run_replay_exit_zero_from_the_repo_root(tmp_path: Path, monkeyp
     assert "McNemar exact test on 1319 paired questions" in result.stdout
     verdict = next(line for line in result.stdout.splitlines() if "McNemar" in line)
     assert "FABRICATED by --dry-run, not a result" in verdict, verdict
+    assert "FABRICATED by --dry-run, not a result: jax (1 run): start - -> end 0.78" in result.stdout
+    assert "method verdict: inconclusive: one run per arm" in result.stdout
     assert result.stderr.count("setsid nohup") == 2
     assert ".env not found: the dry run pushes an empty file" in result.stderr  # CI has no secrets
 

@@ -162,8 +162,8 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
         assert "![compare](jax_vs_pallas.png)" in report
     else:
         assert "plot skipped: matplotlib is not installed" in report
-    # env values are secrets (-e): a report names them, never shows them
-    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=***" in report
+    # env values are secrets (-e): a report names them, never shows them; the seed's flags are settings
+    assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
     assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file() == HAVE_PLOT
     assert "env_push" in report and "not present: skipped (optional)" in report
     # the ledger: a row per run and the SOP total (local runs: no list price, so chip-hours per point)
@@ -306,7 +306,8 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
                 "up",
                 {"sync": {"bootstrap": False}},
                 {"env_push": {"file": "my.env"}},
-                {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue"}, "set": {"s": 1}}},
+                {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue", "EVAL_FULL_SWEEP": "1"},
+                         "set": {"s": 1}}},
                 {"run": {"name": "b", "config": "d.yaml", "wait": False}},
                 {"wait": {"run": "b"}},
                 "fetch",
@@ -327,7 +328,7 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
         "up",
         "sync --no-bootstrap",
         "env push --file my.env",
-        "run c.yaml --env K=*** --set s=1 --set o=2 --wait",
+        "run c.yaml --env K=*** --env EVAL_FULL_SWEEP=1 --set s=1 --set o=2 --wait",  # a flag, not a secret
         "run d.yaml --set o=2",
         "status ? --watch",  # run b has no id yet
         "fetch ra ?",
@@ -370,7 +371,7 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
     report = first.report_path.read_text()
     assert ("![compare](jax_vs_pallas.png)" in report) == HAVE_PLOT
     assert f"compare {ids['jax/s0']},{ids['jax/s1']} {ids['pallas/s0']},{ids['pallas/s1']}" in report
-    assert "run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=*** --set seed=1 --wait" in report
+    assert "run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1 --set seed=1 --wait" in report
     state = first.state.verdict_json
     assert state["runs_a"] == [ids["jax/s0"], ids["jax/s1"]] and state["margin"] == 0.03
     # Resumable like any run step: a second replay launches nothing.

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from grpoctl_contract.envflags import ENV_FLAGS
 from orchestrator import compare as cmp
 from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
@@ -42,7 +43,8 @@ def command_line(
     overrides: Mapping[str, str],
     report_dir: Path,
 ) -> str:
-    """The grpoctl command that does what `step` does (never a secret: `-e` values show as ***)."""
+    """The grpoctl command that does what `step` does (never a secret: `-e` values show as ***, but for
+    the seed's known flags such as EVAL_FULL_SWEEP=1)."""
     ids = run_ids(sop, state)
     args: list[str]
     if isinstance(step, schema.UpStep | schema.DownStep):
@@ -52,7 +54,12 @@ def command_line(
     elif isinstance(step, schema.EnvPushStep):
         args = ["env", "push", "--file", step.file]
     elif isinstance(step, RunStep):
-        args = ["run", step.config, *[f"--env {k}=***" for k in step.env]]
+        # The seed's flags (grpoctl_contract.envflags) are settings, not secrets: shown as they are.
+        args = [
+            "run",
+            step.config,
+            *[f"--env {k}={v if k in ENV_FLAGS else '***'}" for k, v in step.env.items()],
+        ]
         args += [f"--set {k}={v}" for k, v in run_overrides(step, overrides).items()]
         args += ["--wait"] if step.wait else []
     elif isinstance(step, schema.WaitStep):

@@ -81,6 +81,8 @@ class ReplayResult:
             "report": str(self.report_path),
             "state": str(self.state_path),
             "verdict": self.verdict,
+            "method_verdict": (self.state.verdict_json or {}).get("method_verdict"),
+            "key_numbers": self.state.key_numbers,
             "steps": {k: v.status for k, v in self.state.steps.items()},
             "runs": {k: v.run_id for k, v in self.state.steps.items() if v.run_id},
             "preflight": self.state.preflight,
