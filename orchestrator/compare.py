@@ -266,7 +266,7 @@ ARM_KEYS = (
     "train.kernel_blocks",
     "policy_loss_impl",
 )
-RUN_KEYS = (SEED_KEY, "wandb_name", "checkpoint.dir", "dry_run")  # differ from run to run by design
+RUN_KEYS = (SEED_KEY, "wandb_name", "checkpoint.dir", "compile_cache_dir", "dry_run")  # per run, or storage
 
 
 def _share(k: int, n: int) -> float:
