@@ -25,12 +25,14 @@ REMOTE_SCRIPT = "~/.grpoctl/watchdog.py"
 REMOTE_LOG = "~/.grpoctl/watchdog.log"
 
 
-def start_script(cfg: TpuTargetConfig, remote_dir: str, *, metadata_base: str, poll_s: float) -> str:
+def start_script(
+    cfg: TpuTargetConfig, zone: str, remote_dir: str, *, metadata_base: str, poll_s: float
+) -> str:
     """Stop an earlier watchdog of this node (its pid from the state file, if it is one), start a new one
     detached, outside any job's environment (it must never count itself as a job)."""
     args = [
         "--idle-s", f"{cfg.autodelete_after_idle_s:g}", "--poll-s", f"{poll_s:g}",
-        "--checkout", remote_dir, "--project", cfg.project, "--zone", cfg.zone, "--node", cfg.name,
+        "--checkout", remote_dir, "--project", cfg.project, "--zone", zone, "--node", cfg.name,
         "--api-base", cfg.api_endpoint or watchdog.API_BASE, "--metadata-base", metadata_base,
         *(["--queued"] if cfg.queued else []),
     ]
@@ -49,9 +51,12 @@ def start_script(cfg: TpuTargetConfig, remote_dir: str, *, metadata_base: str, p
     ]) + "\n"
 
 
-def start(t: Transport, cfg: TpuTargetConfig, remote_dir: str, *, metadata_base: str, poll_s: float) -> None:
+def start(
+    t: Transport, cfg: TpuTargetConfig, zone: str, remote_dir: str, *, metadata_base: str, poll_s: float
+) -> None:
     t.put(SOURCE, REMOTE_SCRIPT, mode=0o700)
-    result = t.run(start_script(cfg, remote_dir, metadata_base=metadata_base, poll_s=poll_s), timeout=60)
+    script = start_script(cfg, zone, remote_dir, metadata_base=metadata_base, poll_s=poll_s)
+    result = t.run(script, timeout=60)
     if not result.ok:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise GrpoctlError(f"{t.name}: could not start the autodelete watchdog: {detail}")
