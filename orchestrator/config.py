@@ -203,6 +203,8 @@ class GrpoctlConfig(_Strict):
                 raise UsageError(
                     f"{self.source}: default_target {chosen!r} is not one of the targets (known: {known})"
                 )
+        if chosen == "local" and chosen not in self.targets:  # this machine is always a target
+            return chosen, LocalTargetConfig()
         if chosen not in self.targets:
             raise UsageError(f"unknown target {chosen!r} (known: {known}) in {self.source}")
         return chosen, self.targets[chosen]

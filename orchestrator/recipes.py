@@ -36,6 +36,9 @@ EXIT_EXISTS = 73  # the run's log file already exists
 EXIT_NOT_CHECKOUT = 65  # remote_dir holds something that is not grpoctl's checkout: refused, untouched
 EXIT_REFUSED = EXIT_NOT_CHECKOUT  # sync refuses to overwrite or delete a user's files
 EXIT_NO_PYTHON = 69  # no python >= 3.11 on the worker
+EXIT_NO_CHECKOUT = 66  # launch: the checkout is not there yet (`grpoctl sync` first)
+EXIT_NO_CONFIG = 67  # launch: the config is not in the worker's checkout
+EXIT_NO_TOOL = 68  # launch: the worker lacks setsid or flock (macOS without util-linux)
 
 # What grpoctl itself writes inside the checkout (run outputs, the venv, the secrets file): these may be
 # present when a folder is adopted, and sync never counts them as the user's changes.
@@ -443,7 +446,13 @@ def launch(
     # A refused launch leaves no secrets file behind.
     refuse = f"rm -f -- {q(paths.env)} {q(paths.env_loader)}; " if env_file else ""
     return _script(
-        f"cd {qpath(repo_dir)}",
+        # Refusals before anything starts: no checkout yet (a secrets file put here made the folder, not a
+        # clone), no config in it, no setsid/flock (macOS without util-linux would otherwise read "busy").
+        f"cd {qpath(repo_dir)} 2>/dev/null || exit {EXIT_NO_CHECKOUT}",
+        f"[ -e .git ] || {{ {refuse}exit {EXIT_NO_CHECKOUT}; }}",
+        f"[ -f {q(config)} ] || {{ {refuse}exit {EXIT_NO_CONFIG}; }}",
+        "for tool in setsid flock; do command -v $tool >/dev/null 2>&1 || "
+        f'{{ {refuse}echo "MISSING=$tool"; exit {EXIT_NO_TOOL}; }}; done',
         "mkdir -p logs runs",
         _ALIVE_FN,
         f"exec 9>> {q(LAUNCH_LOCK)}",
@@ -466,6 +475,10 @@ def launch(
         "done",
         f'echo "PID=$(cat {q(paths.pid)} 2>/dev/null || true)"',
     )
+
+
+def parse_missing_tool(stdout: str) -> str | None:
+    return _last_value(stdout, "MISSING")
 
 
 def parse_pid(stdout: str) -> int | None:
@@ -535,6 +548,7 @@ class Progress:
     reported_eta_s: float | None = None
     ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
     legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
     def text(self) -> str:
@@ -607,6 +621,7 @@ def parse_progress_line(line: str) -> Progress | None:
         reported_eta_s=ev.eta_s,
         ledger=ev.ledger or None,
         legacy=legacy,
+        phase_eta_s=ev.phase_eta_s,
     )
 
 

@@ -88,7 +88,8 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
     assert status["workers"][0]["exit_code"] == 0 and status["workers"][0]["pid"] > 0
     listing = cli("status").stdout
     assert a in listing and b in listing and "SUCCEEDED" in listing
-    assert '"event": "done"' in cli("logs", a, "-n", "1").stdout
+    assert '"event": "done"' in cli("logs", a, "-n", "1", "--events").stdout
+    assert '"event"' not in cli("logs", a).stdout  # the human lines only
     fetched = cli("fetch", a, b).stdout
     assert "eval_full/accuracy = " in fetched
     folder_b = env["work"] / "runs" / b

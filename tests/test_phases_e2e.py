@@ -80,7 +80,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
             "run_id": run_id,
             "head": _git(repo, "rev-parse", "HEAD"),
             "polls": polls,
-            "logs": cli("logs", run_id, "--lines", "100000"),
+            "logs": cli("logs", run_id, "--lines", "100000"),  # the human lines
+            "events": cli("logs", run_id, "--lines", "100000", "--events"),
             "table": cli("status", run_id),
             "summary": json.loads((checkout / "runs" / run_id / "summary.json").read_text()),
         }
@@ -103,7 +104,7 @@ def test_status_polled_each_second_shows_phases_each_with_its_own_k_of_n(tiny_ru
 def test_every_event_from_step_1_on_carries_an_eta(tiny_run):
     # How good the ETA is is wall-clock arithmetic, checked with a fake clock in
     # tests/test_progress_contract.py (a timed assertion here failed under load, not for a bug).
-    events = [e for e in map(decode, tiny_run["logs"].splitlines()) if e is not None]
+    events = [e for e in map(decode, tiny_run["events"].splitlines()) if e is not None]
     step1 = next(i for i, e in enumerate(events) if e.event == "progress" and e.step == 1)
     later = [e for e in events[step1:] if e.event in ("progress", "phase") and e.phase != "compile"]
     assert later and all(e.eta_s is not None and e.eta_s >= 0 for e in later)

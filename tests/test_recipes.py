@@ -368,6 +368,9 @@ def test_launch_passes_hostile_env_values_and_args_through_byte_for_byte(tmp_pat
     python = _fake_python(tmp_path, dump)
     env = {f"HOSTILE_{i}": v for i, v in enumerate(values)}
     config = values[0] + ".yaml"
+    (ck / ".git").mkdir()  # a checkout holding the config: launch refuses anything else before starting
+    (ck / config).parent.mkdir(parents=True)
+    (ck / config).write_text("")
     paths = recipes.RunPaths.for_run("cfg", "1", "cfg-1")
     out = bash(recipes.launch(str(ck), str(python), config, paths, config_stem="cfg", env=env,
                               trainer_args=values))

@@ -88,6 +88,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "total": progress.total,
         "elapsed_s": progress.elapsed_s,
         "eta_s": progress.eta_s,
+        "phase_eta_s": progress.phase_eta_s,
         "metrics": dict(progress.metrics or {}),
         "phase": progress.phase,
         "k": progress.k,
@@ -110,6 +111,7 @@ def phase_json(record: RunRecord) -> dict[str, Any] | None:
     if p.get("phase") is None:  # a record from before phases: its step is the train phase's k
         k, n = p.get("step"), p.get("total")
     return {"name": phase, "k": k, "n": n, "eta_s": 0.0 if record.state == "SUCCEEDED" else p.get("eta_s"),
+            "phase_eta_s": p.get("phase_eta_s"),
             "detail": p.get("detail"), "text": p.get("text") or f"step {p.get('step')}/{p.get('total')}"}
 
 
@@ -189,7 +191,15 @@ def log_hint(target, record: RunRecord, index: int) -> str:
     if not line:
         return ""
     text = env_ops.redactor([*_local_env_values(), *record.env.values()])(line[0])
-    return f"; {record.workers[index].worker} log: {text[:200]}"
+    return f"; {record.workers[index].worker} log: {clip(text)}"
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    """At most `limit` characters, cut between words (a config error lists every known key: never show
+    half a key name)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " ..."
 
 
 def _local_env_values() -> list[str]:

@@ -239,4 +239,4 @@ def write_report(
         for verdict in state.verdict.splitlines():
             lines += ["", f"**Verdict**: {verdict}"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

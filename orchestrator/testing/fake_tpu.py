@@ -598,6 +598,9 @@ class FakeTpuApi:
                 return self._delete_queued(name, q.get("force") == "true")
             case ("operations", "GET", True, ""):
                 return self._operation_json(name)
+            case ("acceleratorTypes", "GET", False, ""):  # `grpoctl doctor`: what the zone offers
+                offered = sorted(self.script.offered_accelerator_types)
+                return {"acceleratorTypes": [{"name": f"{name}/{t}", "type": t} for t in offered]}
         raise ApiError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"{method} {path} is not served by the fake")
 
     @staticmethod
