@@ -24,7 +24,7 @@ from orchestrator.cloud import autodelete
 from orchestrator.cloud.errors import TransientApiError, kind_of
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
-from orchestrator.config import RepoConfig, TpuTargetConfig
+from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
 from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, UsageError
 from orchestrator.retry import Backoff, retry_call
 from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
@@ -85,6 +85,7 @@ class TpuTarget(Target):
         self._create_op: cloud.Operation | None = None  # the node create this `up` started
         self._zone: str | None = None if api is None else cfg.zone  # where the node is (zones: looked up)
         self._spot = cfg.spot is not False  # this attempt's: "prefer" starts with spot
+        self.notify: NotifyConfig | None = None  # grpoctl.yaml's, for the watchdog's node_deleted message
         self._project_os_login: bool | None = None  # enable-oslogin of the project metadata (None: unknown)
         self._started_node = False  # this `up` asked a STOPPED node to start
 
@@ -370,7 +371,8 @@ class TpuTarget(Target):
             return
         try:
             autodelete.start(self.transports()[0], self.cfg, self.zone, self.remote_dir,
-                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s)
+                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s,
+                             notify=self.notify)
         except GrpoctlError as err:  # the node works without it: say so, do not fail `up`
             self.say(f"{self.node_label}: {err}; it will NOT delete itself when idle (grpoctl down does)")
             return
