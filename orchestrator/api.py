@@ -136,6 +136,9 @@ def up(session: Session) -> TargetState:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     session.target.up()
     st = session.target.state()
+    waited = getattr(session.target, "capacity_wait_s", None)
+    if waited is not None:  # the ledger's waiting_for_capacity (TPU targets)
+        st.details["waiting_for_capacity_s"] = round(waited, 1)
     return TargetState(
         session.target_name, session.kind, st.state, dict(st.details), len(session.target.workers())
     )

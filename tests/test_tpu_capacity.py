@@ -21,8 +21,9 @@ def _node(project: Project, zone: str, name: str = "grpo-cap"):  # type: ignore[
 def test_a_stockout_in_the_first_zone_ends_on_a_node_in_the_second(project: Project) -> None:
     project.fake.script.stockout_zones = {Z1}
     cfg = project.config(name="grpo-cap", zones=[Z2], autodelete_after_idle_s=0)
-    up = project.cli(cfg, "up")
+    up = project.cli(cfg, "--json", "up")
     assert f"no capacity; trying {Z2} (spot)" in up.stderr
+    assert json.loads(up.stdout)["details"]["waiting_for_capacity_s"] > 0  # the ledger's category
     assert _node(project, Z1) is None and _node(project, Z2).state == "READY"
     assert project.fake.creates()[-1].path.startswith(f"/v2/projects/proj/locations/{Z2}/")
     # a later command (a fresh target) finds the node in the zone it went to: `up` attaches there

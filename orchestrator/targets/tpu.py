@@ -35,6 +35,7 @@ from orchestrator.transport.ssh import SshTransport
 # Node states after which the node will never run our job again: recreate it.
 DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED")
 DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
+WAITING_QUEUED_STATES = ("ACCEPTED", "WAITING_FOR_RESOURCES")  # the ledger's waiting_for_capacity
 # What `up` does with every other state (the API has 16): wait it out, start the node, or give up.
 # READY counts only with a health that is not UNHEALTHY_MAINTENANCE (a maintenance event is running).
 WAIT_NODE_STATES = (
@@ -86,6 +87,7 @@ class TpuTarget(Target):
         self._zone: str | None = None if api is None else cfg.zone  # where the node is (zones: looked up)
         self._spot = cfg.spot is not False  # this attempt's: "prefer" starts with spot
         self.notify: NotifyConfig | None = None  # grpoctl.yaml's, for the watchdog's node_deleted message
+        self.capacity_wait_s = 0.0  # of the last `up`: queued and waiting for resources, or stocked out
         self._project_os_login: bool | None = None  # enable-oslogin of the project metadata (None: unknown)
         self._started_node = False  # this `up` asked a STOPPED node to start
 
@@ -153,14 +155,17 @@ class TpuTarget(Target):
         modes = {True: [True], False: [False], "prefer": [True, False]}[self.cfg.spot]
         plan = [(z, spot) for spot in modes for z in zones]
         tried: list[str] = []
+        self.capacity_wait_s = 0.0
         for i, (z, spot) in enumerate(plan):
             self._use(z, spot)
+            began = time.monotonic()
             try:
                 self._up_once()
                 return
             except GrpoctlError as err:
                 if kind_of(err) != "stockout" or len(plan) == 1:
                     raise
+                self.capacity_wait_s += time.monotonic() - began  # a zone without capacity: waiting for it
                 tried.append(f"{z} ({'spot' if spot else 'on-demand'})")
                 if i + 1 < len(plan):
                     nz, nspot = plan[i + 1]
@@ -254,7 +259,12 @@ class TpuTarget(Target):
         deadline = time.monotonic() + self.cfg.up_timeout_s
         start, last, state = time.monotonic(), "", ""
         op = self._create_op
+        polled = time.monotonic()
         while True:
+            now = time.monotonic()
+            if state in WAITING_QUEUED_STATES:  # since the last poll: queued, no capacity yet
+                self.capacity_wait_s += now - polled
+            polled = now
             if queued_mode:
                 qr = self.api.get_queued(self.cfg.name)
                 if qr is None:
