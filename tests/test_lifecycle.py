@@ -126,7 +126,7 @@ def test_a_delete_during_a_recover_wait_stops_the_run_and_recreates_nothing(proj
     assert record["state"] == "STOPPED" and "deleted" in record["state_reason"]
     # asked for: `recover` resumes it from its checkpoint, same run id
     resumed = project.cli(cfg, "recover", run_id, "--interval", "0.1", "--max-preemptions", "3")
-    assert outcome(resumed) == [run_id, "SUCCEEDED"] and starts(project, run_id)[-1] >= 3
+    assert outcome(resumed.stdout) == (run_id, "SUCCEEDED") and starts(project, run_id)[-1] >= 3
     project.cli(cfg, "down", "--yes")
 
 
@@ -139,7 +139,7 @@ def test_a_node_that_restarts_is_relaunched_on_from_the_checkpoint(project: Proj
     cfg = ready(project, name)
     hit = at_step(project, 5, lambda: project.fake.restart(name, state, down_s=0.5))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
-    run_id, final = outcome(ran)
+    run_id, final = outcome(ran.stdout)
     assert final == "SUCCEEDED" and hit
     record = stored(run_id)
     assert [r["kind"] for r in record["recoveries"]] == ["restart"]
@@ -214,7 +214,7 @@ def test_laptop_killed_mid_recovery_then_recover_picks_it_up(project: Project) -
     assert record.state == "RECOVERING" and record.recovery_pending["kind"] == "preemption"
     project.fake.script.create_s = 0.2
     resumed = project.cli(cfg, "recover", record.run_id, "--interval", "0.1")
-    assert outcome(resumed) == [record.run_id, "SUCCEEDED"]
+    assert outcome(resumed.stdout) == (record.run_id, "SUCCEEDED")
     assert "picking up the recovery" in resumed.stderr
     assert creates(project, "grpo-sigkill") == 2  # the node the dead laptop asked for was used
     assert [r["kind"] for r in stored(record.run_id)["recoveries"]] == ["preemption"]
@@ -228,7 +228,7 @@ def test_one_dead_worker_in_a_ready_slice_is_recovered(project: Project) -> None
     cfg = ready(project, "grpo-slice", accelerator_type="v4-16")  # 2 hosts
     hit = at_step(project, 5, lambda: project.fake.kill_worker("grpo-slice", 1))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
-    run_id, final = outcome(ran)
+    run_id, final = outcome(ran.stdout)
     assert final == "SUCCEEDED" and hit
     (recovery,) = stored(run_id)["recoveries"]
     assert recovery["kind"] == "worker" and "w1 unreachable" in recovery["reason"]
@@ -249,7 +249,7 @@ def test_api_errors_while_recreating_are_not_preemptions(project: Project) -> No
     hit = at_step(project, 5, preempt_then_fail_the_create)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--max-preemptions", "1",
                       "--interval", "0.1", "--retry-wait", "0.2")
-    run_id, final = outcome(ran)
+    run_id, final = outcome(ran.stdout)
     assert final == "SUCCEEDED" and hit
     assert "no preemption counted" in ran.stderr and "injected" in ran.stderr
     assert [r["kind"] for r in stored(run_id)["recoveries"]] == ["preemption"]
@@ -266,11 +266,11 @@ def test_a_403_during_recovery_says_the_run_is_not_watched_and_how_to_resume(pro
     at_step(project, 5, preempt_then_refuse)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1", code=2)
     line = one_line_error(ran)
-    run_id = outcome(ran)[0]
+    run_id = outcome(ran.stdout)[0]
     assert "roles/tpu.admin" in line and "not watched any more" in line
     assert f"grpoctl recover {run_id}" in line
     resumed = project.cli(cfg, "recover", run_id, "--interval", "0.1")
-    assert outcome(resumed) == [run_id, "SUCCEEDED"]
+    assert outcome(resumed.stdout) == (run_id, "SUCCEEDED")
     project.cli(cfg, "down", "--yes")
 
 
@@ -279,7 +279,7 @@ def test_a_spent_budget_is_what_the_record_says(project: Project) -> None:
     at_step(project, 5, lambda: project.fake.preempt("grpo-budget"))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--max-preemptions", "0",
                       "--interval", "0.1", code=3)
-    run_id, final = outcome(ran)
+    run_id, final = outcome(ran.stdout)
     assert final == "PREEMPTED" and "budget (0) spent" in one_line_error(ran)
     record = stored(run_id)
     assert record["state"] == "PREEMPTED" and "preemption budget (0) spent" in record["state_reason"]
@@ -313,7 +313,7 @@ def test_an_unhealthy_node_is_warned_about_before_launch_and_while_running(proje
     project.fake.set_state("grpo-health", "READY", "HEALTHY")
     at_step(project, 3, lambda: project.fake.set_state("grpo-health", "READY", "UNHEALTHY_MAINTENANCE"))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--set", "steps=80", "--wait", "--interval", ".05")
-    assert outcome(ran)[1] == "SUCCEEDED"
+    assert outcome(ran.stdout)[1] == "SUCCEEDED"
     assert ran.stderr.count("health UNHEALTHY_MAINTENANCE") == 1  # said once, not every poll
     run = project.cli(cfg, "run", "configs/standin.yaml")
     assert "warning: tpu: health UNHEALTHY_MAINTENANCE" in run.stderr  # before the launch
@@ -338,8 +338,8 @@ def test_a_finished_run_whose_vm_is_gone_before_fetch_is_recovered_with_its_hist
     cfg = ready(project, "grpo-fetch")
     hit = at_step(project, 20, lambda: project.fake.preempt("grpo-fetch"))
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1")
-    run_id = outcome(ran)[0]
-    assert hit and outcome(ran)[1] == "SUCCEEDED"
+    run_id = outcome(ran.stdout)[0]
+    assert hit and outcome(ran.stdout)[1] == "SUCCEEDED"
     project.fake.preempt("grpo-fetch")  # after SUCCEEDED, before fetch: the files go with the VM
     gone = project.cli(cfg, "fetch", run_id, code=3)
     assert "node PREEMPTED" in one_line_error(gone) and f"grpoctl recover {run_id}" in gone.stderr
@@ -361,7 +361,7 @@ def test_maintenance_under_recover_checkpoints_first_then_relaunches(project: Pr
 
     hit = at_step(project, 3, maintenance)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.05")
-    run_id, final = outcome(ran)
+    run_id, final = outcome(ran.stdout)
     assert final == "SUCCEEDED" and hit
     (recovery,) = stored(run_id)["recoveries"]
     assert recovery["kind"] == "restart" and "UNHEALTHY_MAINTENANCE" in recovery["reason"]

@@ -101,10 +101,10 @@ class Project:
         return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
 
 
-def outcome(result) -> list[str]:  # type: ignore[no-untyped-def]
-    """[run id, state] of `run --wait` / `recover`: the first words of their last stdout line (an accuracy
-    may follow)."""
-    return result.stdout.strip().splitlines()[-1].split()[:2]
+def outcome(stdout: str) -> tuple[str, str]:
+    """(run id, state) from the last stdout line of `run --wait` / `recover`: `RUN STATE  accuracy a -> b`."""
+    run_id, state = stdout.strip().splitlines()[-1].split()[:2]
+    return run_id, state
 
 
 def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
@@ -203,7 +203,7 @@ def soak(project: Project, *, node: str, steps: int, hits: int, seed: int) -> di
     started = time.monotonic()
     ran = project.cli(cfg, "run", repo.config, "--recover", "--interval", "0.1", "--retry-wait", "0.2")
     wall_s = time.monotonic() - started
-    run_id, state = outcome(ran)
+    run_id, state = outcome(ran.stdout)
     done.wait(5)
     record = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
     project.cli(cfg, "fetch", run_id)

@@ -94,6 +94,8 @@ def probe(target, record: RunRecord, *, timeout: float = 30, stall_after_s: floa
         record.finished_at = utc_now_iso()
         record.ended_at_s = time.time()  # the time ledger: when this attempt's end was seen
     record.state = state
+    if any(s.state is RunState.RUNNING for s in answered):
+        record.alive_at_s = time.time()  # the time ledger: the job was last seen alive then
     result = Poll(statuses, errors)
     if result.progress:
         record.last_progress = progress_dict(result.progress)

@@ -234,6 +234,7 @@ class Recovery:
             # The ended attempt, for the time ledger: when it was launched and seen gone, its trainer's split.
             "attempt_launched_at_s": rec.launched_at_s,
             "detected_at_s": rec.ended_at_s or time.time(),
+            "alive_at_s": rec.alive_at_s,
             "attempt_ledger": (rec.last_progress or {}).get("ledger"),
         }
         rec.state, rec.state_reason, rec.recovery_pending = RunState.RECOVERING, reason, pending
@@ -315,7 +316,7 @@ class Recovery:
     def _relaunched(self, pending: dict[str, Any]) -> None:
         rec = self.record
         keys = ("at", "kind", "reason", "step", "previous_log", "attempt_launched_at_s", "detected_at_s",
-                "attempt_ledger")
+                "alive_at_s", "attempt_ledger")
         entry = {k: pending.get(k) for k in keys}
         entry["log"], entry["relaunched_at_s"] = rec.log_path, rec.launched_at_s
         rec.recoveries.append(entry)
