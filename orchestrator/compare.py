@@ -266,7 +266,18 @@ ARM_KEYS = (
     "train.kernel_blocks",
     "policy_loss_impl",
 )
-RUN_KEYS = (SEED_KEY, "wandb_name", "checkpoint.dir", "compile_cache_dir", "dry_run")  # per run, or storage
+# Keys that differ from run to run by design, or only say where things are kept and how they are logged:
+# none of them changes what a run computes.
+RUN_KEYS = (
+    SEED_KEY,
+    "dry_run",
+    "wandb_name",
+    "wandb_project",
+    "wandb_mode",
+    "print_time_breakdown",
+    "checkpoint",
+    "compile_cache_dir",
+)
 
 
 def _share(k: int, n: int) -> float:
