@@ -15,8 +15,8 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
+from orchestrator import notify, untrusted, validate
 from orchestrator import preflight as pf
-from orchestrator import untrusted, validate
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -136,6 +136,9 @@ def up(session: Session) -> TargetState:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     session.target.up()
     st = session.target.state()
+    waited = getattr(session.target, "capacity_wait_s", None)
+    if waited is not None:  # the ledger's waiting_for_capacity (TPU targets)
+        st.details["waiting_for_capacity_s"] = round(waited, 1)
     return TargetState(
         session.target_name, session.kind, st.state, dict(st.details), len(session.target.workers())
     )
@@ -241,8 +244,32 @@ def wait(
     interval: float = 15.0,
     on_poll: watch_ops.OnPoll | None = None,
 ) -> RunRecord:
-    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one."""
-    return wait_run(session, record, policy, interval=interval, on_poll=on_poll)
+    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one. grpoctl.yaml's
+    `notify` hears of each preemption and recovery, and of the end."""
+    notifier = notify.Notifier(session.config.notify, session.say)
+    notices = notify.RunNotices(notifier, record, lambda rec: _ledger_line(rec, session.config.prices))
+
+    def polled(rec: RunRecord, poll: watch_ops.Poll) -> None:
+        notices.on_poll(rec, poll)
+        if on_poll is not None:
+            on_poll(rec, poll)
+
+    try:
+        done = wait_run(session, record, policy, interval=interval, on_poll=polled)
+    except GrpoctlError as err:
+        notices.finished(record, err)
+        raise
+    notices.finished(done, None)
+    return done
+
+
+def _ledger_line(record: RunRecord, prices: Mapping[str, Any]) -> str:
+    from orchestrator import ledger
+
+    led = ledger.run_ledger(record, now=time.time(), prices=prices)
+    goodput = "?" if led.goodput is None else f"{led.goodput:.0%}"
+    cost = led.cost_estimate_usd
+    return f"{led.chip_hours:.3g} chip-hours, goodput {goodput}" + (f", ~${cost:.2f} (est.)" if cost else "")
 
 
 def reattach(record: RunRecord, env: Mapping[str, str]) -> None:

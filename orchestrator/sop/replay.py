@@ -291,6 +291,9 @@ class Replayer:
 def _up(r: Replayer, step: UpStep, st: StepState) -> None:
     t = api.up(r.session(step))
     st.details.append(f"target `{t.target}` ({t.kind}): {t.state}, {t.workers} worker(s)")
+    waited = t.details.get("waiting_for_capacity_s")
+    if waited:
+        st.seconds["waiting_for_capacity"] = float(waited)
 
 
 def _down(r: Replayer, step: DownStep, st: StepState) -> None:

@@ -122,7 +122,7 @@ def sop_ledgers(
         st = state.steps.get(step_id(s))
         if isinstance(s, RunStep) and st is not None and st.record:
             runs[s.name] = ledger_mod.run_ledger(RunRecord.from_json(st.record), now=now, prices=prices)
-    extra = {"provisioning": 0.0, "bootstrap": 0.0}
+    extra = {"waiting_for_capacity": 0.0, "provisioning": 0.0, "bootstrap": 0.0}
     spans = []
     for s in sop.steps:
         st = state.steps.get(step_id(s))
@@ -132,7 +132,9 @@ def sop_ledgers(
         if start is not None:
             spans.append((start, start + st.duration_s))
         if isinstance(s, schema.UpStep):
-            extra["provisioning"] += st.duration_s
+            waited = min(st.seconds.get("waiting_for_capacity", 0.0), st.duration_s)
+            extra["waiting_for_capacity"] += waited
+            extra["provisioning"] += st.duration_s - waited
         elif isinstance(s, schema.SyncStep | schema.EnvPushStep):
             extra["bootstrap"] += st.duration_s
     if spans:  # the replay's wall time, less what the runs and the steps above account for

@@ -24,6 +24,7 @@ class StepState:
     record: dict[str, Any] | None = None
     error: str | None = None
     remote_commands: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # ledger categories of the step's time
 
 
 @dataclass
