@@ -158,6 +158,7 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
     assert "McNemar exact test on 300 paired questions" in report and "## Summary" in report
     assert report.index("## Summary") < report.index("## Steps")  # the verdicts first
+    assert report.index("2 run(s), ") < report.index("## Steps")  # and what the runs cost, in chip-hours
     if HAVE_PLOT:  # the plot, embedded relative to the report
         assert "![compare](jax_vs_pallas.png)" in report
     else:
