@@ -367,8 +367,10 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
     assert "method verdict: inconclusive: every per-seed difference is the same" in first.verdict
     assert "2 vs 2 runs, paired by seed" in first.verdict  # the stand-in's providers agree to the bit
     mcnemar = [line for line in lines if "McNemar" in line]
-    assert [line.split(":")[0] for line in mcnemar] == ["jax/s0 vs pallas/s0 (seed 0)",
-                                                         "jax/s1 vs pallas/s1 (seed 1)"]
+    assert [line.split(": A-only")[0] for line in mcnemar] == [
+        "jax/s0 vs pallas/s0: McNemar exact test on 300 paired questions (seed 0 in both)",
+        "jax/s1 vs pallas/s1: McNemar exact test on 300 paired questions (seed 1 in both)",
+    ]
     report = first.report_path.read_text()
     assert ("![compare](jax_vs_pallas.png)" in report) == HAVE_PLOT
     assert f"compare {ids['jax/s0']},{ids['jax/s1']} {ids['pallas/s0']},{ids['pallas/s1']}" in report
