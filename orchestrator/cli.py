@@ -25,7 +25,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, initfile, recipes, render, untrusted
+from orchestrator import api, initfile, recipes, render, untrusted, validate
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
@@ -722,16 +722,24 @@ def preflight(
 ) -> None:
     """Compile the run's functions for the TPU on this machine; exit 2 if one does not fit in HBM."""
     g = _globals(ctx)
-    report = pf.run(
-        config,
-        overrides=_parse_pairs(set_, "--set"),
-        env=_parse_pairs(env, "--env"),
-        accelerator=accelerator or api.accelerator_for(g.config_file, g.target),
-        headroom=headroom,
-        suggest=suggest,
-        use_cache=not no_cache,
-        say=g.say,
-    )
+    config = validate.normalise_config_path(config)
+    overrides, flags = _parse_pairs(set_, "--set"), _parse_pairs(env, "--env")
+    accelerator = accelerator or api.accelerator_for(g.config_file, g.target)
+    try:
+        report = pf.run(
+            config,
+            overrides=overrides,
+            env=flags,
+            accelerator=accelerator,
+            headroom=headroom,
+            suggest=suggest,
+            use_cache=not no_cache,
+            say=g.say,
+            cached_only=g.dry_run,  # a dry run never compiles (minutes for a 3B model)
+        )
+    except pf.NotCached:
+        g.say(f"dry run: nothing cached; `{pf.command(config, accelerator, overrides, flags)}` compiles it")
+        return
     if g.json or json_out:
         g.emit_json(report.raw)
     else:

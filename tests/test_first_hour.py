@@ -419,9 +419,21 @@ def _record(run_id: str, state: str, progress: dict | None = None, codes: tuple[
     from orchestrator.runs import RunRecord, WorkerRun
 
     workers = [WorkerRun(f"w{i}", f"host{i}", state="FAILED", exit_code=c) for i, c in enumerate(codes)]
-    return RunRecord(run_id, "configs/x.yaml", "v6e", "tpu", "~/w", "logs/x.log", "logs/x.pid", "logs/x.exit",
-                     f"runs/{run_id}", "20261207_140000", state=state, last_progress=progress,
-                     workers=workers or [WorkerRun("w0", "host0")])
+    return RunRecord(
+        run_id,
+        "configs/x.yaml",
+        "v6e",
+        "tpu",
+        "~/w",
+        "logs/x.log",
+        "logs/x.pid",
+        "logs/x.exit",
+        f"runs/{run_id}",
+        "20261207_140000",
+        state=state,
+        last_progress=progress,
+        workers=workers or [WorkerRun("w0", "host0")],
+    )
 
 
 def test_status_fits_80_columns_one_line_a_run() -> None:
@@ -430,8 +442,14 @@ def test_status_fits_80_columns_one_line_a_run() -> None:
     from orchestrator import render
 
     long_id = "grpo_gsm8k_qwen25_3b_bs128_steps100_pallas-20261207_140000-ab12"
-    warm = {"phase": "warm_start", "k": 12, "n": 200, "eta_s": None, "phase_eta_s": 95.0,
-            "text": "warm start step 12/200"}
+    warm = {
+        "phase": "warm_start",
+        "k": 12,
+        "n": 200,
+        "eta_s": None,
+        "phase_eta_s": 95.0,
+        "text": "warm start step 12/200",
+    }
     records = [
         _record(long_id, "RUNNING", warm),
         _record("tiny_cpu-20261207_140000-cd34", "FAILED", {"step": 2, "total": 4}, codes=(143, 3)),
@@ -492,3 +510,34 @@ def test_a_stopped_run_shows_stopped(standin) -> None:
     assert standin("stop", run_id).stdout.strip() == f"{run_id}: STOPPED"
     listing = standin("status").stdout
     assert "STOPPED" in listing and "FAILED(143)" not in listing
+
+
+def test_preflight_command_dry_run_prints_the_command_and_never_compiles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(pf, "_spawn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled")))
+    said = invoke("--dry-run", "preflight", "configs\\tiny_cpu.yaml", "--accelerator", "v6e-8").stderr
+    assert "`grpoctl preflight configs/tiny_cpu.yaml --accelerator v6e-8` compiles it" in said
+
+
+def test_git_missing_is_one_line(standin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", _path_without(tmp_path, {"git"}))
+    line = standin("sync", code=2).stderr
+    assert line.strip() == (
+        "grpoctl: error: git is not installed (or not on PATH): "
+        "grpoctl reads this checkout with it; install git"
+    )
+
+
+def test_state_folder_is_the_platforms_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import platformdirs
+
+    from orchestrator import runs
+
+    monkeypatch.delenv("GRPOCTL_STATE_DIR")
+    asked: list[str] = []
+    monkeypatch.setattr(platformdirs, "user_state_dir", lambda app, **kw: asked.append(app) or str(tmp_path))
+    assert runs.state_dir() == tmp_path and asked == ["grpoctl"]
+    monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path / "mine"))  # the explicit folder still wins
+    assert runs.state_dir() == tmp_path / "mine"
