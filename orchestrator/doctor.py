@@ -427,13 +427,13 @@ def doctor(
     if cfg is None:
         return checks
     try:
-        names = [cfg.target(target)[0]] if target else list(cfg.targets)
+        chosen = [cfg.target(target)] if target else list(cfg.targets.items())
     except UsageError as err:
         return [*checks, Check("target", FAIL, str(err), "pass a --target the config defines")]
-    if any(cfg.targets[n].kind != "local" for n in names):
+    if any(t.kind != "local" for _, t in chosen):
         checks.append(check_repo(cfg))
-    for name in names:
-        checks += check_target(name, cfg.targets[name])
+    for name, target_cfg in chosen:
+        checks += check_target(name, target_cfg)
     return checks
 
 

@@ -74,6 +74,7 @@ def test_local_target_exists_even_when_the_config_does_not_name_it(folder: Path)
     (folder / "grpoctl.yaml").write_text("targets:\n  lab: {kind: ssh, hosts: [127.0.0.1]}\n")
     assert json.loads(invoke("--target", "local", "--json", "status").stdout) == []
     invoke("init", "--local-only", code=2)  # never overwrites
+    assert "ok    local: tools: bash, setsid, flock" in invoke("--target", "local", "doctor").stdout
 
 
 def test_init_refuses_a_bad_zone_and_writes_nothing(folder: Path) -> None:
@@ -541,3 +542,24 @@ def test_state_folder_is_the_platforms_own(monkeypatch: pytest.MonkeyPatch, tmp_
     assert runs.state_dir() == tmp_path and asked == ["grpoctl"]
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path / "mine"))  # the explicit folder still wins
     assert runs.state_dir() == tmp_path / "mine"
+
+
+def test_preflight_says_libtpu_is_linux_x86_64_only_elsewhere() -> None:
+    mac = pf.Probe("python3", None, None, "trainer", True, machine="arm64", system="Darwin")
+    assert (
+        mac.unavailable_reason()
+        == "python3 has no jax, and libtpu ships for Linux x86_64 only (this is Darwin arm64)"
+    )
+    mac_jax = pf.Probe("python3", "0.10.2", None, "trainer", True, machine="arm64", system="Darwin")
+    assert "libtpu ships for Linux x86_64 only" in (mac_jax.unavailable_reason() or "")
+    linux = pf.Probe("python3", "0.10.2", None, "trainer", True, machine="x86_64", system="Linux")
+    assert "pip install -e '.[tpu]'" in (linux.unavailable_reason() or "")
+
+
+def test_tpu_extra_is_marked_for_linux_x86_64_only() -> None:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert all("sys_platform == 'linux'" in r and "platform_machine == 'x86_64'" in r for r in extras["tpu"])
