@@ -493,8 +493,10 @@ def run(
                 g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
+                g.out.print(f"{record.run_id} {record.state}{made_up}", markup=False)  # what scripts read
                 accuracy = render.accuracy_text(api.final_summary(session, record))
-                g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
+                if accuracy:
+                    g.say(f"{record.run_id}: {accuracy}{made_up}")
                 if record.state == "SUCCEEDED":
                     g.say(f"next: grpoctl fetch {record.run_id}")
 

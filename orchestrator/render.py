@@ -90,14 +90,14 @@ def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | Non
 
 
 def accuracy_text(summary: dict[str, Any]) -> str:
-    """`  accuracy 0.086 -> 0.168` (the full eval sweep before GRPO step 1 -> after the last step), or the
-    end alone; `` without one."""
+    """`accuracy 0.086 -> 0.168 (full eval sweep, start -> end)` (before GRPO step 1 -> after the last
+    step), or the end alone; `` without one."""
     end, start = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
     if not isinstance(end, int | float):
         return ""
     if isinstance(start, int | float):
-        return f"  accuracy {start:.3f} -> {end:.3f}"
-    return f"  accuracy {end:.3f}"
+        return f"accuracy {start:.3f} -> {end:.3f} (full eval sweep, start -> end)"
+    return f"accuracy {end:.3f} (full eval sweep at the end)"
 
 
 def details(record: RunRecord) -> list[str]:

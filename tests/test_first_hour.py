@@ -489,8 +489,9 @@ def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):  # n
 def test_run_wait_ends_with_accuracy_and_next_step_fetch_takes_the_latest_finished(standin) -> None:
     waited = standin("run", "configs/ok.yaml", "--wait", "--interval", "0.1")
     run_id = waited.stdout.split()[0]
-    assert waited.stdout.strip().startswith(f"{run_id} SUCCEEDED  accuracy 0.")
-    assert f"next: grpoctl fetch {run_id}" in waited.stderr
+    assert waited.stdout.strip() == f"{run_id} SUCCEEDED"  # what scripts read, unchanged
+    said = waited.stderr.strip().splitlines()
+    assert said[-2].startswith(f"{run_id}: accuracy 0.") and said[-1] == f"next: grpoctl fetch {run_id}"
     failed = standin("run", "configs/fail3.yaml", "--wait", "--interval", "0.1", code=1)
     assert "next:" not in failed.stderr
     fetched = standin("fetch").stdout  # the latest run failed: fetch takes the latest that finished
