@@ -52,6 +52,8 @@ def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -
     # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
     # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
     monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
+    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", fake.endpoint)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
@@ -96,6 +98,12 @@ class Project:
 
     def node(self, name: str = "grpo-test"):  # type: ignore[no-untyped-def]
         return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
+
+
+def outcome(stdout: str) -> tuple[str, str]:
+    """(run id, state) from the last stdout line of `run --wait` / `recover`: `RUN STATE  accuracy a -> b`."""
+    run_id, state = stdout.strip().splitlines()[-1].split()[:2]
+    return run_id, state
 
 
 def one_line_error(result) -> str:  # type: ignore[no-untyped-def]

@@ -131,6 +131,11 @@ class Script:
     # creates fail in their operation with (gRPC code, message): PREEMPTED_WHILE_CREATING (the node is
     # left PREEMPTED), STOCKOUT, INSUFFICIENT_RESERVED
     create_error: tuple[int, str] | None = None
+    stockout_zones: set[str] = field(default_factory=set)  # node creates there fail with STOCKOUT
+    spot_stockout_zones: set[str] = field(default_factory=set)  # ... only spot ones (on-demand works)
+    # 403 on node creates: "permission" (Permission 'tpu.nodes.create' denied), or on every request:
+    # "api_disabled" (the Cloud TPU API is not enabled in the project; SERVICE_DISABLED)
+    forbidden: str = ""
     # ---- transient errors
     fail_reads: list[int] = field(default_factory=list)  # the next reads answer these HTTP codes, one each
     read_error_rate: float = 0.0  # besides: this share of all reads answers 503/500/429
@@ -222,6 +227,7 @@ class RecordedRequest:
     path: str
     query: dict[str, list[str]]
     body: dict[str, Any] | None
+    authorization: str | None = None  # the Authorization header (the node watchdog's bearer token)
 
 
 def _node_type(body: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +275,7 @@ class FakeTpuApi:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                status, payload = api.handle(self.command, self.path, raw)
+                status, payload = api.handle(self.command, self.path, raw, dict(self.headers))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
@@ -482,12 +488,17 @@ class FakeTpuApi:
         return out
 
     # ---- HTTP ----------------------------------------------------------------------------------------
-    def handle(self, method: str, raw_path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+    def handle(
+        self, method: str, raw_path: str, raw_body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         url = urlsplit(raw_path)
         query = parse_qs(url.query)
         body = json.loads(raw_body) if raw_body else None
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
         with self._lock:
-            self.requests.append(RecordedRequest(method, url.path, query, body))
+            self.requests.append(RecordedRequest(method, url.path, query, body, headers.get("authorization")))
+            if url.path.startswith("/computeMetadata/"):  # the VM's metadata server, for the watchdog
+                return self._metadata(url.path, headers)
             self._advance()
             try:
                 self._maybe_transient(method, url.path)
@@ -496,6 +507,16 @@ class FakeTpuApi:
                 return 200, self._route(method, url.path, query, body or {})
             except ApiError as err:
                 return int(err.http), err.body()
+
+    SA_TOKEN = "fake-sa-token-0123"  # the service-account token the metadata server hands out
+
+    def _metadata(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The metadata server's token endpoint (the real one refuses requests without the header)."""
+        if headers.get("metadata-flavor") != "Google":
+            return 403, {"error": "Missing Metadata-Flavor:Google header."}
+        if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+            return 200, {"access_token": self.SA_TOKEN, "expires_in": 3599, "token_type": "Bearer"}
+        return 404, {"error": f"no metadata at {path}"}
 
     def _maybe_transient(self, method: str, path: str) -> None:
         """A read (GET, getGuestAttributes) answers a transient error: the next of `fail_reads`, else
@@ -537,6 +558,14 @@ class FakeTpuApi:
         if len(parts) < 5 or parts[0] != "projects" or parts[2] != "locations":
             raise ApiError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path {path}")
         self._check_zone(parts[3])
+        if self.script.forbidden == "api_disabled":
+            raise ApiError(
+                HTTPStatus.FORBIDDEN,
+                "PERMISSION_DENIED",
+                f"Cloud TPU API has not been used in project {parts[1]} before or it is disabled. Enable it "
+                f"by visiting https://console.developers.google.com/apis/api/tpu.googleapis.com/overview"
+                f"?project={parts[1]} then retry.",
+            )
         parent, collection = "/".join(parts[:4]), parts[4]
         one = len(parts) == 6
         q = {k: v[0] for k, v in query.items()}
@@ -678,6 +707,14 @@ class FakeTpuApi:
         if name in self.nodes:
             raise ApiError(HTTPStatus.CONFLICT, "ALREADY_EXISTS", f'Resource "{name}" already exists')
         self._check_quota_sync(parent, body.get("acceleratorType", ""))
+        if self.script.forbidden == "permission":
+            raise ApiError(
+                HTTPStatus.FORBIDDEN, "PERMISSION_DENIED", f"Permission 'tpu.nodes.create' denied on '{name}'"
+            )
+        zone = parent.rsplit("/", 1)[1]
+        spot = bool(body.get("schedulingConfig", {}).get("spot"))
+        if zone in self.script.stockout_zones or (spot and zone in self.script.spot_stockout_zones):
+            return self._failed_operation(parent, STOCKOUT[0], STOCKOUT[1].format(zone=zone))
         if self.script.quota_exhausted:
             chips = body.get("acceleratorType", "?")
             return self._failed_operation(
