@@ -222,7 +222,7 @@ def test_misspelt_key_gets_did_you_mean_and_the_whole_list(in_repo: Path) -> Non
     assert "did you mean 'train.policy_loss_impl'?" in line
     from trainer.config import TrainConfig  # jax-free (imported here: this module is a laptop-side test)
 
-    assert line.rstrip().endswith(", ".join(sorted(TrainConfig.model_fields)) + ")")  # the full list, never cut
+    assert line.rstrip().endswith(", ".join(sorted(TrainConfig.model_fields)) + ")")  # the whole list
     bad_value = invoke(
         "--config-file", str(in_repo), "run", "configs/tiny_cpu.yaml", "--set", "train.beta=high", code=2
     ).stderr
