@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -39,8 +38,9 @@ def progress_text(record: RunRecord) -> str:
     return f"{phase['text']} {eta_text(phase['eta_s'], phase.get('phase_eta_s'))}"
 
 
-# Exit codes of a job ended by `grpoctl stop` (TERM, then KILL after the grace period): 128 + signal.
-STOPPED_CODES = frozenset({128 + signal.SIGTERM, 128 + signal.SIGKILL})
+# Exit codes of a job ended by `grpoctl stop` (TERM, then KILL after the grace period): 128 + signal, the
+# workers' (Linux) numbers, written out: Windows' `signal` module has no SIGKILL.
+STOPPED_CODES = frozenset({128 + 15, 128 + 9})
 
 
 def state_text(record: RunRecord) -> str:

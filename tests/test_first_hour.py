@@ -249,13 +249,27 @@ def test_run_before_sync_says_sync_first(in_repo: Path) -> None:
     assert RunStore().list() == []
 
 
+def test_the_laptop_side_imports_where_windows_lacks_posix_modules() -> None:
+    """Windows has no SIGKILL, fcntl, pwd, grp, termios or resource: the CLI's modules must import
+    without them (they are only ever used by what runs on Linux workers or the local target)."""
+    code = (
+        "import signal, sys\n"
+        "del signal.SIGKILL\n"
+        "for m in ('fcntl', 'pwd', 'grp', 'termios', 'resource'):\n"
+        "    sys.modules[m] = None\n"
+        "import orchestrator.cli, orchestrator.doctor, orchestrator.initfile, orchestrator.render\n"
+        "import orchestrator.sop.replay, orchestrator.validate\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+
+
 def test_the_schema_imports_without_jax() -> None:
     """The laptop-only install has no jax: the orchestrator still checks configs with the trainer's own
     schema (kernel tile sizes included)."""
     code = (
         "import sys; sys.modules['jax'] = None\n"
         "from trainer import config as c\n"
-        "import orchestrator.cli, orchestrator.validate\n"
+        "import orchestrator.cli, orchestrator.validate, orchestrator.doctor, orchestrator.initfile\n"
         "try:\n"
         "    c.from_dict({'train': {'kernel_blocks': {'block_tokens': 12}}})\n"
         "except c.ConfigError as e:\n"
