@@ -529,8 +529,9 @@ def compare(
 ) -> Compared:
     """Two arms side by side, with the verdicts. Each arm is a run id (fetched on demand), a fetched folder,
     or a comma-separated list of them (`s0,s1,s2`: the seeds of one arm)."""
-    if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
+    if plot:  # before any fetch: a bad path (or no matplotlib) is the user's to fix, nothing happens first
         cmp.check_plot_path(plot)
+        cmp.pyplot()
     try:
         cmp.stats.check_margin(margin)
     except ValueError as err:
