@@ -452,8 +452,15 @@ def before_up(
     checks = []
     for file, optional in env_files:
         check = check_env_file(file, runs)
-        if optional and check.status == WARN:  # an optional file that is absent: nothing to say
-            continue
+        if check.status == WARN and not Path(file).is_file():
+            if optional:  # an optional file that is absent: nothing to say
+                continue
+            check = Check(
+                ".env",
+                FAIL,
+                f"no {file}: the SOP's env_push step pushes it",
+                f"create {file} (KEY=VALUE lines), or make the step `env_push: {{optional: true}}`",
+            )
         checks.append(check)
     if syncs_remote:
         checks.append(check_repo(cfg, reach=reach, local_path=WARN))

@@ -580,3 +580,32 @@ def test_tpu_extra_is_marked_for_linux_x86_64_only() -> None:
         "optional-dependencies"
     ]
     assert all("sys_platform == 'linux'" in r and "platform_machine == 'x86_64'" in r for r in extras["tpu"])
+
+
+def test_sop_replay_finds_a_missing_env_file_before_up(in_repo: Path, tmp_path: Path) -> None:
+    """The .env an SOP pushes is checked before `up`: nothing is provisioned, no step runs."""
+    sop = {
+        "name": "needs_env",
+        "target": "local",
+        "steps": [
+            "up",
+            "sync",
+            {"env_push": {"file": "missing.env"}},
+            {"run": {"name": "a", "config": "configs\\tiny_cpu.yaml"}},
+        ],
+    }
+    sop_file = tmp_path / "sop.yaml"
+    sop_file.write_text(yaml.safe_dump(sop))
+    report = tmp_path / "report.md"
+    args = ["--config-file", str(in_repo), "sop", "replay", str(sop_file), "--report", str(report)]
+    line = invoke(*args, code=2).stderr.strip().splitlines()[-1]
+    assert line.startswith("grpoctl: error: before `up` (nothing paid for yet): .env: no missing.env")
+    assert not (tmp_path / "wd").exists()  # `up` (which makes the local target's folder) never ran
+    # a --set typo in an SOP is refused there too, naming the key
+    line = invoke(*args, "--set", "train.polcy_loss_impl=jax", code=2).stderr.strip().splitlines()[-1]
+    assert "did you mean 'train.policy_loss_impl'?" in line
+
+
+def test_up_without_a_config_says_it_uses_the_local_target(folder: Path) -> None:
+    said = invoke("up").stderr
+    assert "no grpoctl.yaml here: using the built-in `local` target (`grpoctl init` writes one)" in said
