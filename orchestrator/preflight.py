@@ -498,6 +498,8 @@ def gate(
         return Gate(None, line)
     except PreflightUnavailable as err:
         line = f"{err}; going on without it"
+        if dry_run:  # what would compile it, and where
+            line += f" (`{command(config, accelerator, overrides or {}, env or {})}` on a host with libtpu)"
         say(line)
         return Gate(None, line)
     if not report.fits:
