@@ -572,10 +572,15 @@ class TpuTarget(Target):
     # ---- down, state, preemption --------------------------------------------------------------------
     def _delete(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> bool:
         ops = []
-        if queued is not None:
-            ops.append((f"delete queued resource {self.cfg.name}", self.api.delete_queued(self.cfg.name)))
-        elif node is not None:
-            ops.append((f"delete node {self.cfg.name}", self.api.delete_node(self.cfg.name)))
+        try:
+            if queued is not None:
+                ops.append((f"delete queued resource {self.cfg.name}", self.api.delete_queued(self.cfg.name)))
+            elif node is not None:
+                ops.append((f"delete node {self.cfg.name}", self.api.delete_node(self.cfg.name)))
+        except GrpoctlError as err:  # deleted meanwhile (a recovery told to stop undoes its own create)
+            if kind_of(err) != "not_found":
+                raise
+            return True
         for what, op in ops:
             cloud.wait_operation(op, what, timeout_s=600, poll_s=self.cfg.poll_s, api=self.api)
         return bool(ops)
