@@ -15,7 +15,7 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
-from orchestrator import notify, untrusted, validate
+from orchestrator import notify, plots, untrusted, validate
 from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, InfraError, UsageError
@@ -505,7 +505,7 @@ def compare_folders(
         runs_a, runs_b, list(keys) if keys else None, margin=margin, labels=labels, names=names
     )
     if plot is not None:
-        cmp.plot(runs_a, runs_b, plot, labels=labels, names=names)
+        plots.plot(runs_a, runs_b, plot, labels=labels, names=names)
     return Compared(runs_a, runs_b, result, None if plot is None else Path(plot))
 
 
@@ -529,8 +529,9 @@ def compare(
 ) -> Compared:
     """Two arms side by side, with the verdicts. Each arm is a run id (fetched on demand), a fetched folder,
     or a comma-separated list of them (`s0,s1,s2`: the seeds of one arm)."""
-    if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
-        cmp.check_plot_path(plot)
+    if plot:  # before any fetch: a bad path (or no matplotlib) is the user's to fix, nothing happens first
+        plots.check_plot_path(plot)
+        plots.pyplot()
     try:
         cmp.stats.check_margin(margin)
     except ValueError as err:
