@@ -4,7 +4,7 @@ compilation cache (compile_cache_dir) and without it.
 Three trainer processes on configs/tiny_cpu.yaml (shortened):
   1. first start, empty cache: stopped by SIGTERM after step 2 (as a spot preemption does; it checkpoints)
   2. the same run dir relaunched: resumes from the checkpoint, the cache holds step 1's programs
-  3. control: the same resume with compile_cache_dir=off (a copy of the checkpoints, so it resumes alike)
+  3. control: the same resume with compile_cache_dir=false (a copy of the checkpoints, so it resumes alike)
 Compile seconds are the trainer's own (the `compile` entry of its time ledger: trace, lowering, XLA
 compile or cache load), read from its last progress event.
 
@@ -60,7 +60,7 @@ def main() -> None:
         first = run(base / "runs" / "r", sets + cache, stop_after=2)
         shutil.copytree(base / "runs" / "r", base / "runs-nocache" / "r")
         resumed = run(base / "runs" / "r", sets + cache)
-        control = run(base / "runs-nocache" / "r", [*sets, "compile_cache_dir=off"])
+        control = run(base / "runs-nocache" / "r", [*sets, "compile_cache_dir=false"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     for name, r in (("first start (empty cache)", first), ("resumed, cache", resumed),

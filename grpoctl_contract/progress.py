@@ -85,6 +85,9 @@ class Event:
     total: int | None = None
     elapsed_s: float | None = None
     eta_s: float | None = None
+    # Seconds until the current phase ends, while `eta_s` is still unknown (a warm start or the start sweep
+    # runs before the first GRPO step is timed): what `status` shows instead of `eta ?`.
+    phase_eta_s: float | None = None
     detail: str | None = None
     bytes_done: int | None = None
     bytes_total: int | None = None
@@ -119,6 +122,7 @@ def encode(ev: Event) -> str:
     optional = {
         "k": ev.k, "n": ev.n, "step": ev.step, "total": ev.total, "elapsed_s": ev.elapsed_s,
         "eta_s": None if ev.eta_s is None else round(max(ev.eta_s, 0.0), 1), "detail": ev.detail,
+        "phase_eta_s": None if ev.phase_eta_s is None else round(max(ev.phase_eta_s, 0.0), 1),
         "bytes_done": ev.bytes_done, "bytes_total": ev.bytes_total,
     }
     for key, value in optional.items():
@@ -180,6 +184,7 @@ def decode(line: str) -> Event | None:
         total=total,
         elapsed_s=_float(data.get("elapsed_s")),
         eta_s=_float(data.get("eta_s")),
+        phase_eta_s=_float(data.get("phase_eta_s")),
         detail=detail if isinstance(detail, str) else None,
         bytes_done=_int(data.get("bytes_done")),
         bytes_total=_int(data.get("bytes_total")),
@@ -249,6 +254,8 @@ def human(ev: Event) -> str:
         parts.append(", ".join(shown))
     if ev.eta_s is not None and not ev.done:
         parts.append(f"eta {fmt_duration(ev.eta_s)}")
+    elif ev.phase_eta_s is not None and not ev.done:
+        parts.append(f"{label(ev.phase)} eta {fmt_duration(ev.phase_eta_s)}")
     if ev.summary:
         parts.append(f"summary {ev.summary}")
     return f"[trainer{when}] " + " | ".join(parts)

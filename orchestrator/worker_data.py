@@ -49,8 +49,11 @@ def _decode(data: bytes | str, source: str) -> str:
         return data
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise WorkerDataError(f"{source}: not UTF-8 text (byte {err.start})") from None
+    except UnicodeDecodeError as err:  # worded like the config files' error: line, then the byte
+        line = data.count(b"\n", 0, err.start) + 1
+        raise WorkerDataError(
+            f"{source}: line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
 
 
 def _is_number(value: Any) -> bool:

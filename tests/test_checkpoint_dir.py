@@ -94,4 +94,5 @@ def test_the_compile_cache_lives_beside_the_checkpoints_and_can_be_turned_off(tm
     on_disk = compile_cache_dir(None, None, tmp_path / "runs" / "r1")
     assert on_disk == str(tmp_path / "runs" / ".compile_cache")
     assert compile_cache_dir("gs://c/x", "gs://b", "runs/r1") == "gs://c/x"
-    assert compile_cache_dir("off", "gs://b", "runs/r1") is None
+    assert compile_cache_dir(False, "gs://b", "runs/r1") is None
+    assert load("configs/tiny_cpu.yaml", ["compile_cache_dir=false"]).compile_cache_dir is False

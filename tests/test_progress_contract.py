@@ -176,6 +176,23 @@ def test_model_download_reports_bytes_done_of_total(tmp_path, monkeypatch: pytes
     assert "model load 400 B/1.0 kB: Org/Model" in rep._out.getvalue()
 
 
+def test_phase_eta_while_the_runs_eta_is_unknown(monkeypatch: pytest.MonkeyPatch):
+    """A warm start (or the start sweep) runs before any GRPO step is timed: its events carry the phase's
+    own ETA (what `status` shows instead of `eta ?`), and the run's ETA replaces it once known."""
+    now = [0.0]
+    monkeypatch.setattr("trainer.progress.time.perf_counter", lambda: now[0])
+    rep = _reporter(Plan(steps=3, warm_start_steps=100))
+    for k in range(0, 41):
+        rep.advance("warm_start", k, 100)
+        now[0] += 0.5
+    last = [decode(line) for line in rep._out.getvalue().splitlines() if decode(line)][-1]
+    assert last.eta_s is None and last.phase_eta_s == pytest.approx(60 * 0.5)
+    assert "warm start eta 0:30" in human(last)
+    rep.observe("train", 2.0)
+    ev = rep._event("phase", "warm_start", k=40, n=100)
+    assert ev.eta_s is not None and ev.phase_eta_s is None
+
+
 def test_ledger_splits_the_trainers_time_by_phase_with_compilation_apart(monkeypatch: pytest.MonkeyPatch):
     now = [100.0]
     monkeypatch.setattr("trainer.progress.time.perf_counter", lambda: now[0])

@@ -36,13 +36,13 @@ def checkpoint_dir(configured: str | None, run_dir: str | os.PathLike[str]) -> s
 
 
 def compile_cache_dir(
-    configured: str | None, checkpoint_base: str | None, run_dir: str | os.PathLike[str]
+    configured: str | bool | None, checkpoint_base: str | None, run_dir: str | os.PathLike[str]
 ) -> str | None:
     """Where JAX keeps compiled programs across processes: shared by runs (programs are keyed by their
     HLO, compile options and backend, so a run only ever loads what it would have compiled itself)."""
-    if configured == "off":
+    if configured is False:  # compile_cache_dir: false
         return None
-    if configured:
+    if isinstance(configured, str) and configured:
         return _abs_dir(configured)
     if checkpoint_base:
         return f"{_abs_dir(checkpoint_base).rstrip('/')}/compile_cache"

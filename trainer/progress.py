@@ -171,8 +171,11 @@ class Reporter:
 
     def _event(self, event: str, phase: str, **fields: Any) -> Event:
         step = self.done_units.get("train", self.plan.first_step - 1) if self.plan.steps else None
+        eta = self.eta()
+        phase_eta = self.phase_eta(phase, fields.get("k"), fields.get("n")) if eta is None else None
         return Event(event=event, phase=phase, step=step, total=self.plan.steps or None,
-                     elapsed_s=round(self.elapsed(), 3), eta_s=self.eta(), ledger=self.ledger(), **fields)
+                     elapsed_s=round(self.elapsed(), 3), eta_s=eta, phase_eta_s=phase_eta,
+                     ledger=self.ledger(), **fields)
 
     # ------------------------------------------------------------------ time ledger
 
@@ -337,6 +340,13 @@ class Reporter:
     def rate(self, phase: str) -> float | None:
         history = self.rates.get(phase)
         return sum(history) / len(history) if history else None
+
+    def phase_eta(self, phase: str, k: int | None, n: int | None) -> float | None:
+        """Seconds left in `phase` (k of n units done) at its measured rate; None before one is measured."""
+        rate = self.rate(phase)
+        if rate is None or k is None or not n or k >= n:  # a finished phase has nothing left to say
+            return None
+        return (n - k) * rate
 
     def eta(self) -> float | None:
         """Seconds of work left, compile excluded; None until a GRPO step has been timed."""

@@ -18,14 +18,16 @@ from google.cloud import tpu_v2
 from rich.console import Console
 from rich.status import Status
 
+import grpoctl_contract.watchdog as watchdog
 from orchestrator.cloud import api as cloud
+from orchestrator.cloud import autodelete
 from orchestrator.cloud.errors import TransientApiError, classify, kind_of, status_error
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
-from orchestrator.config import RepoConfig, TpuTargetConfig
-from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, UsageError
+from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
+from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, RunStopped, UsageError
 from orchestrator.retry import Backoff, retry_call
-from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
+from orchestrator.targets.base import Condition, Machine, Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
 from orchestrator.transport.base import Transport
 from orchestrator.transport.ssh import SshTransport
@@ -33,6 +35,7 @@ from orchestrator.transport.ssh import SshTransport
 # Node states after which the node will never run our job again: recreate it.
 DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED")
 DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
+WAITING_QUEUED_STATES = ("ACCEPTED", "WAITING_FOR_RESOURCES")  # the ledger's waiting_for_capacity
 # What `up` does with every other state (the API has 16): wait it out, start the node, or give up.
 # READY counts only with a health that is not UNHEALTHY_MAINTENANCE (a maintenance event is running).
 WAIT_NODE_STATES = (
@@ -42,6 +45,8 @@ WAIT_NODE_STATES = (
 START_NODE_STATES = ("STOPPED",)  # stopped (by a person): `up` starts it again
 GONE_NODE_STATES = ("DELETING", "HIDING", "HIDDEN")  # going away: never usable again
 MAINTENANCE = "UNHEALTHY_MAINTENANCE"
+STOPPED_NODE_STATES = ("STOPPED", "STOPPING")
+HEALTHY = ("HEALTHY", "HEALTH_UNSPECIFIED")
 HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
 # Metadata updates that meet a concurrent one (409) are tried again after a pause.
 CONFLICT_RETRY = Backoff(attempts=6, first_s=2.0, max_s=20.0)
@@ -56,6 +61,13 @@ class TpuTarget(Target):
     # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
+    # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a warning)
+    # instead of refusing it.
+    attach_any: bool = False
+    # Test wiring too: where the node's watchdog asks for its token (the fake API plays the metadata
+    # server), and how often it looks for jobs.
+    autodelete_metadata_base: str = watchdog.METADATA_BASE
+    autodelete_poll_s: float = 30.0
 
     def __init__(
         self,
@@ -77,6 +89,10 @@ class TpuTarget(Target):
         self._node: tpu_v2.Node | None = None
         self._transports: list[Transport] | None = None
         self._create_op: cloud.Operation | None = None  # the node create this `up` started
+        self._zone: str | None = None if api is None else cfg.zone  # where the node is (zones: looked up)
+        self._spot = cfg.spot is not False  # this attempt's: "prefer" starts with spot
+        self.notify: NotifyConfig | None = None  # grpoctl.yaml's, for the watchdog's node_deleted message
+        self.capacity_wait_s = 0.0  # of the last `up`: queued and waiting for resources, or stocked out
         self._project_os_login: bool | None = None  # enable-oslogin of the project metadata (None: unknown)
         self._started_node = False  # this `up` asked a STOPPED node to start
 
@@ -84,19 +100,47 @@ class TpuTarget(Target):
     @property
     def api(self) -> cloud.TpuApi:
         if self._api is None:  # built on first use: `status` of other targets never needs credentials
-            self._api = cloud.TpuApi(self.cfg.project, self.cfg.zone, api_endpoint=self.cfg.api_endpoint)
+            self._api = cloud.TpuApi(self.cfg.project, self.zone, api_endpoint=self.cfg.api_endpoint)
         return self._api
 
     @property
     def node_label(self) -> str:
-        return f"node {self.cfg.name} ({self.cfg.accelerator_type}, {self.cfg.zone})"
+        return f"node {self.cfg.name} ({self.cfg.accelerator_type}, {self.zone})"
+
+    @property
+    def zone(self) -> str:
+        """The zone the node is in: `zone`, or with `zones` the first where it (or its queued resource)
+        exists, so every later command finds a node that `up` made in a fallback zone."""
+        if self._zone is None:
+            self._zone = self.cfg.zone
+            if self.cfg.zones:
+                for zone in self.cfg.all_zones():
+                    api = cloud.TpuApi(self.cfg.project, zone, api_endpoint=self.cfg.api_endpoint)
+                    if api.get_node(self.cfg.name) is not None or (
+                        self.cfg.queued and api.get_queued(self.cfg.name) is not None
+                    ):
+                        self._zone = zone
+                        break
+        return self._zone
+
+    def _use(self, zone: str, spot: bool) -> None:
+        if zone != self._zone:
+            self._zone, self._api = zone, None
+        self._spot = spot
+
+    def is_spot(self) -> bool | None:
+        """Whether the node is a spot VM (what the ledger prices), None when it cannot be read."""
+        try:
+            return bool(self._current_node().scheduling_config.spot)
+        except GrpoctlError:
+            return None
 
     def _node_request(self, *, os_login_off: bool = False) -> cloud.NodeRequest:
         key = ensure_key(self.cfg.ssh_key)
         return cloud.NodeRequest(
             accelerator_type=self.cfg.accelerator_type,
             runtime_version=self.cfg.runtime_version,
-            spot=self.cfg.spot,
+            spot=self._spot,
             labels=dict(self.cfg.labels),
             ssh_keys=metadata_line(self.cfg.user, key),
             internal_ip=self.cfg.internal_ip,
@@ -105,6 +149,41 @@ class TpuTarget(Target):
 
     # ---- up -----------------------------------------------------------------------------------------
     def up(self) -> None:
+        """Create or attach, trying each zone (and with spot: prefer, on-demand after spot) on a stockout."""
+        self._reset_transports()
+        zone = self.zone  # where the node already is, if anywhere
+        node = self.api.get_node(self.cfg.name)
+        queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        alive = (node is not None or queued is not None) and _dead_reason(node, queued) is None
+        # a live node is attached where it is; else capacity is sought from its zone on
+        zones = [zone] if alive else [zone, *(z for z in self.cfg.all_zones() if z != zone)]
+        modes = {True: [True], False: [False], "prefer": [True, False]}[self.cfg.spot]
+        plan = [(z, spot) for spot in modes for z in zones]
+        tried: list[str] = []
+        self.capacity_wait_s = 0.0
+        for i, (z, spot) in enumerate(plan):
+            self._use(z, spot)
+            began = time.monotonic()
+            try:
+                self._up_once()
+                return
+            except GrpoctlError as err:
+                if kind_of(err) != "stockout" or len(plan) == 1:
+                    raise
+                self.capacity_wait_s += time.monotonic() - began  # a zone without capacity: waiting for it
+                tried.append(f"{z} ({'spot' if spot else 'on-demand'})")
+                if i + 1 < len(plan):
+                    nz, nspot = plan[i + 1]
+                    mode = "spot" if nspot else "on-demand"
+                    self.say(f"{self.node_label}: no capacity; trying {nz} ({mode})")
+        out = InfraError(
+            f"no capacity for {self.cfg.accelerator_type} ({self.cfg.name}) in any zone tried: "
+            f"{', '.join(tried)}; try later, add zones, or set queued: true (waits for capacity)"
+        )
+        out.kind = "stockout"  # type: ignore[attr-defined]
+        raise out
+
+    def _up_once(self) -> None:
         self._reset_transports()
         self._create_op, self._started_node = None, False
         node = self.api.get_node(self.cfg.name)
@@ -121,9 +200,14 @@ class TpuTarget(Target):
                 self._create(created)
             # a node that exists without a queued resource is attached as a plain node
             self._node = self._wait_ready(queued_mode=queued is not None or "queued" in created)
+            if not created:
+                self._check_matches(self._node)
+            for warning in node_warnings(self._node):
+                self.say(f"{self.node_label}: warning: {warning}")
             self._check_os_login(self._node)
             self._ensure_ssh_key(self._node)
             self._connect()
+            self._start_autodelete(self._node)
         except BaseException as err:
             self._reset_transports()
             if created:
@@ -153,6 +237,23 @@ class TpuTarget(Target):
             queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
         return node, queued
 
+    def _check_matches(self, node: tpu_v2.Node) -> None:
+        """An existing node is attached only if it is what the config asks for (type and spot-ness)."""
+        accel, spot = node.accelerator_type, bool(node.scheduling_config.spot)
+        wrong = []
+        if accel and accel != self.cfg.accelerator_type:
+            wrong.append(f"accelerator {accel}, the config asks for {self.cfg.accelerator_type}")
+        if not self.cfg.queued and spot != self.cfg.spot:  # a queued resource holds spot-ness itself
+            wrong.append(f"spot={str(spot).lower()}, the config asks for spot={str(self.cfg.spot).lower()}")
+        if not wrong:
+            return
+        what = f"{self.node_label}: the existing node is not what the config asks for ({'; '.join(wrong)})"
+        if not self.attach_any:
+            raise UsageError(
+                f"{what}: refusing to attach; `grpoctl down` it (or name another node), or pass --attach-any"
+            )
+        self.say(f"warning: {what}; attached anyway (--attach-any)")
+
     def _create(self, created: list[str]) -> None:
         self._project_os_login = self.api.project_os_login()
         if self._project_os_login:
@@ -162,7 +263,7 @@ class TpuTarget(Target):
             )
         req = self._node_request(os_login_off=bool(self._project_os_login))
         if self.cfg.queued:
-            self.say(f"{self.node_label}: creating queued resource {self.cfg.name} (spot={self.cfg.spot})")
+            self.say(f"{self.node_label}: creating queued resource {self.cfg.name} (spot={self._spot})")
             op = self.api.create_queued(self.cfg.name, self.cfg.name, req, self.cfg.valid_until_s)
             created.append("queued")
             cloud.wait_operation(
@@ -170,7 +271,7 @@ class TpuTarget(Target):
             )
         else:
             self.say(
-                f"{self.node_label}: creating (spot={self.cfg.spot}, runtime {self.cfg.runtime_version})"
+                f"{self.node_label}: creating (spot={self._spot}, runtime {self.cfg.runtime_version})"
             )
             self._create_op = self.api.create_node(self.cfg.name, req)
             created.append("node")
@@ -184,7 +285,15 @@ class TpuTarget(Target):
         deadline = time.monotonic() + self.cfg.up_timeout_s
         start, last, state = time.monotonic(), "", ""
         op = self._create_op
+        polled = time.monotonic()
         while True:
+            stop = self.stop_check() if self.stop_check is not None else None
+            if stop:  # e.g. `grpoctl down` while a recovery waits for its new node: stop the spend
+                raise RunStopped(f"{self.node_label}: stopped waiting for it: {stop}")
+            now = time.monotonic()
+            if state in WAITING_QUEUED_STATES:  # since the last poll: queued, no capacity yet
+                self.capacity_wait_s += now - polled
+            polled = now
             if queued_mode:
                 qr = self.api.get_queued(self.cfg.name)
                 if qr is None:
@@ -192,6 +301,12 @@ class TpuTarget(Target):
                 state = cloud.queued_state_name(qr)
                 if state in DEAD_QUEUED_STATES:
                     raise InfraError(f"queued resource {self.cfg.name} is {state}{self._why(qr)}")
+                waited = time.monotonic() - start
+                prefer = self.cfg.spot == "prefer" and self._spot
+                if prefer and state != "ACTIVE" and waited > self.cfg.spot_wait_s:
+                    gave_up = InfraError(f"no spot capacity after {self.cfg.spot_wait_s:g} s (spot_wait_s)")
+                    gave_up.kind = "stockout"  # type: ignore[attr-defined]
+                    raise gave_up
             node = self.api.get_node(self.cfg.name)
             node_state = cloud.state_name(node) if node is not None else "NOT_CREATED"
             if node is not None and node_state == "READY" and cloud.health_name(node) == MAINTENANCE:
@@ -301,12 +416,42 @@ class TpuTarget(Target):
             add, retry_on=lambda err: kind_of(err) == "conflict", policy=CONFLICT_RETRY, sleep=self.api.sleep
         )
 
+    # ---- a node that deletes itself -----------------------------------------------------------------
+    def _start_autodelete(self, node: tpu_v2.Node) -> None:
+        """Nodes grpoctl created (its label) get the idle watchdog; attached ones are the user's own."""
+        idle = self.cfg.autodelete_after_idle_s
+        if not idle or not cloud.is_grpoctl(node.labels):
+            return
+        try:
+            autodelete.start(self.transports()[0], self.cfg, self.zone, self.remote_dir,
+                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s,
+                             notify=self.notify)
+        except GrpoctlError as err:  # the node works without it: say so, do not fail `up`
+            self.say(f"{self.node_label}: {err}; it will NOT delete itself when idle (grpoctl down does)")
+            return
+        self.say(f"{self.node_label}: deletes itself after {idle:g} s without a grpoctl job "
+                 "(autodelete_after_idle_s)")
+
+    def autodelete_line(self) -> str | None:
+        """When the node will delete itself (its watchdog's state), for `status`; None without one."""
+        if not self.cfg.autodelete_after_idle_s:
+            return None
+        try:
+            transport = self.transports()[0]
+        except GrpoctlError:
+            return None
+        return autodelete.describe(autodelete.read_state(transport))
+
     # ---- workers and SSH ----------------------------------------------------------------------------
     def _current_node(self) -> tpu_v2.Node:
         if self._node is None:
             node = self.api.get_node(self.cfg.name)
             if node is None:
                 raise InfraError(f"{self.node_label} does not exist: run `grpoctl up --target {self.name}`")
+            if cloud.state_name(node) != "READY" or not node.network_endpoints:
+                # not cached: a node that is still STARTING has no endpoints yet; ask again next time
+                raise InfraError(f"{self.node_label} is {cloud.state_name(node)}: no workers to reach")
+            self._check_matches(node)
             self._node = node
         return self._node
 
@@ -464,24 +609,77 @@ class TpuTarget(Target):
     def state(self) -> TargetState:
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        details: dict[str, object] = {"zone": self.cfg.zone, "accelerator_type": self.cfg.accelerator_type}
+        details: dict[str, object] = {"zone": self.zone, "accelerator_type": self.cfg.accelerator_type}
         if queued is not None:
             details["queued_resource"] = cloud.queued_state_name(queued)
         if node is None:
             return TargetState("NOT_FOUND", healthy=False, details=details)
         health = cloud.health_name(node)
-        details.update(health=health, workers=len(node.network_endpoints), spot=node.scheduling_config.spot)
-        state = cloud.state_name(node)
-        return TargetState(
-            state, healthy=state == "READY" and health in ("HEALTHY", "HEALTH_UNSPECIFIED"), details=details
+        details.update(  # what the node really is, not what the config asked for
+            health=health,
+            workers=len(node.network_endpoints),
+            spot=bool(node.scheduling_config.spot) or (queued is not None and "spot" in queued),
+            accelerator_type=node.accelerator_type or self.cfg.accelerator_type,
         )
+        state = cloud.state_name(node)
+        return TargetState(state, healthy=state == "READY" and health in HEALTHY, details=details)
 
-    def preemption(self) -> str | None:
-        """Why the node will not come back by itself (preempted, terminated, gone), or None if it lives."""
+    def machine(self) -> Machine:
+        """The node (and its queued resource) in one look: what it means for a job, and its facts."""
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        dead = _dead_reason(node, queued)
-        return "node NOT_FOUND" if dead is None and node is None else dead
+        qstate = cloud.queued_state_name(queued) if queued is not None else None
+        nstate = cloud.state_name(node) if node is not None else "NOT_FOUND"
+        words = f"node {nstate}" + (f" (queued resource {qstate})" if qstate else "")
+        if qstate in DEAD_QUEUED_STATES:
+            condition, words = Condition.GONE, f"queued resource {qstate}"
+        elif nstate in DEAD_NODE_STATES or nstate in ("HIDING", "HIDDEN"):
+            condition = Condition.GONE
+        elif "DELETING" in (nstate, qstate):
+            condition = Condition.DELETING
+        elif nstate in STOPPED_NODE_STATES:
+            condition = Condition.STOPPED
+        elif node is None:  # a queued resource still waiting for capacity is on its way; else deleted
+            condition = Condition.BUSY if qstate else Condition.DELETED
+        elif nstate == "READY" and node.network_endpoints:
+            condition = Condition.UP
+        else:
+            condition = Condition.BUSY
+        if node is None:
+            return Machine(condition, words)
+        endpoints = tuple(
+            f"{ep.ip_address}/{ep.access_config.external_ip}:{ep.port}" for ep in node.network_endpoints
+        )
+        return Machine(
+            condition,
+            words,
+            accelerator_type=node.accelerator_type or None,
+            spot=bool(node.scheduling_config.spot) or qstate is not None and "spot" in queued,
+            endpoints=endpoints,
+            warnings=tuple(node_warnings(node)),
+        )
+
+    def refresh(self) -> None:
+        self._reset_transports()
+
+
+def node_warnings(node: tpu_v2.Node) -> list[str]:
+    """What a person should hear before paying for a run on this node: an unhealthy or maintained node.
+    (`upcomingMaintenance` is only served by the v2alpha1 API, which has no REST transport: not seen.)"""
+    out = []
+    health = cloud.health_name(node)
+    if health not in HEALTHY:
+        meaning = {
+            "TIMEOUT": "the TPU runtime stopped answering its health check",
+            "UNHEALTHY_MAINTENANCE": "the node is under maintenance: a job on it may be stopped",
+            "UNHEALTHY_TENSORFLOW": "the TPU runtime is unhealthy",
+        }.get(health, "unhealthy")
+        desc = f"; {node.health_description}" if node.health_description else ""
+        out.append(f"health {health} ({meaning}{desc})")
+    for symptom in node.symptoms:
+        kind = tpu_v2.Symptom.SymptomType(symptom.symptom_type).name
+        out.append(f"symptom {kind} on worker {symptom.worker_id or '?'}: {symptom.details}".rstrip(": "))
+    return out
 
 
 def _dead_reason(node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> str | None:

@@ -132,6 +132,11 @@ class Script:
     # creates fail in their operation with (gRPC code, message): PREEMPTED_WHILE_CREATING (the node is
     # left PREEMPTED), STOCKOUT, INSUFFICIENT_RESERVED
     create_error: tuple[int, str] | None = None
+    stockout_zones: set[str] = field(default_factory=set)  # node creates there fail with STOCKOUT
+    spot_stockout_zones: set[str] = field(default_factory=set)  # ... only spot ones (on-demand works)
+    # 403 on node creates: "permission" (Permission 'tpu.nodes.create' denied), or on every request:
+    # "api_disabled" (the Cloud TPU API is not enabled in the project; SERVICE_DISABLED)
+    forbidden: str = ""
     # ---- transient errors
     fail_reads: list[int] = field(default_factory=list)  # the next reads answer these HTTP codes, one each
     read_error_rate: float = 0.0  # besides: this share of all reads answers 503/500/429
@@ -189,6 +194,8 @@ class FakeNode:
     health: str = "HEALTHY"  # shown while READY
     booted_at: float = 0.0  # when its VMs last came up (the guest agent publishes host keys after)
     gone_at: float | None = None  # DELETING until then
+    back_at: float | None = None  # restart(): READY again (with new VMs) then
+    held: bool = False  # report_state(): the reported state stays what the test set
     workers: list[FakeWorker] = field(default_factory=list)
     create_time: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
 
@@ -223,6 +230,7 @@ class RecordedRequest:
     path: str
     query: dict[str, list[str]]
     body: dict[str, Any] | None
+    authorization: str | None = None  # the Authorization header (the node watchdog's bearer token)
 
 
 def _node_type(body: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +250,7 @@ class FakeTpuApi:
         self.operations: dict[str, FakeOperation] = {}
         self.requests: list[RecordedRequest] = []
         self.injected: list[tuple[str, int]] = []  # (path, HTTP code) of every transient error served
+        self._failures: list[list[Any]] = []  # [method, path part, HTTP code, times left] (fail_next)
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -270,7 +279,7 @@ class FakeTpuApi:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                status, payload = api.handle(self.command, self.path, raw)
+                status, payload = api.handle(self.command, self.path, raw, dict(self.headers))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
@@ -330,6 +339,37 @@ class FakeTpuApi:
             if state == "READY" and not node.workers:
                 self._start_workers(node)
 
+    def restart(self, node_id: str, state: str = "RESTARTING", down_s: float = 0.5) -> None:
+        """Maintenance, a repair or a reimage under a running job: the VMs go down and the node shows
+        `state` for `down_s`, then READY again with new VMs (fresh disks, as after a reimage)."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            self._kill_workers(node)
+            node.state, node.back_at = state, time.monotonic() + down_s
+
+    def report_state(self, node_id: str, state: str) -> None:
+        """Only what the API reports changes (e.g. STARTING, no endpoints) while the VMs keep running;
+        `report_state(node, "READY")` ends it."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            node.state, node.held = state, state != "READY"
+
+    def kill_worker(self, node_id: str, index: int) -> None:
+        """One worker's VM dies (its sshd and all it ran) while the node stays READY."""
+        with self._lock:
+            self._node_by_id(node_id).workers[index].kill()
+
+    def delete_by_someone(self, node_id: str) -> None:
+        """Someone else deletes the node (the console, gcloud): as a DELETE request would."""
+        with self._lock:
+            self._delete_node(self._node_by_id(node_id).name)
+
+    def fail_next(self, method: str, path_part: str, http: int = 500, times: int = 1) -> None:
+        """The next `times` requests `method` whose path contains `path_part` fail with `http` (a 500 on a
+        create, a 403 on a read), whatever `fail_reads` and `read_error_rate` say."""
+        with self._lock:
+            self._failures.append([method, path_part, http, times])
+
     def node_state(self, node_id: str) -> str | None:
         with self._lock:
             self._advance()
@@ -370,9 +410,13 @@ class FakeTpuApi:
             if qr.state == "DELETING" and qr.change_at is not None and now >= qr.change_at:
                 del self.queued[name]
         for name, node in list(self.nodes.items()):
+            if node.back_at is not None and now >= node.back_at:  # restart(): back, with new VMs
+                node.back_at = None
+                self._start_workers(node)
+                node.state = "READY"
             if node.state == "DELETING" and node.gone_at is not None and now >= node.gone_at:
                 del self.nodes[name]
-            elif node.state in ("CREATING", "STARTING") and now >= node.ready_at:
+            elif node.state in ("CREATING", "STARTING") and now >= node.ready_at and not node.held:
                 self._start_workers(node)
                 node.state = "READY"
         for qr in self.queued.values():
@@ -483,13 +527,27 @@ class FakeTpuApi:
         return out
 
     # ---- HTTP ----------------------------------------------------------------------------------------
-    def handle(self, method: str, raw_path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+    def handle(
+        self, method: str, raw_path: str, raw_body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         url = urlsplit(raw_path)
         query = parse_qs(url.query)
         body = json.loads(raw_body) if raw_body else None
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
         with self._lock:
-            self.requests.append(RecordedRequest(method, url.path, query, body))
+            self.requests.append(RecordedRequest(method, url.path, query, body, headers.get("authorization")))
+            if url.path.startswith("/computeMetadata/"):  # the VM's metadata server, for the watchdog
+                return self._metadata(url.path, headers)
             self._advance()
+            failure = next((f for f in self._failures if f[0] == method and f[1] in url.path), None)
+            if failure is not None:  # fail_next
+                failure[3] -= 1
+                if failure[3] <= 0:
+                    self._failures.remove(failure)
+                http = HTTPStatus(failure[2])
+                status = {403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}.get(failure[2], "INTERNAL")
+                self.injected.append((url.path, failure[2]))
+                return int(http), ApiError(http, status, f"injected {http.phrase}").body()
             try:
                 self._maybe_transient(method, url.path)
                 if url.path.startswith("/compute/v1/projects/"):
@@ -497,6 +555,16 @@ class FakeTpuApi:
                 return 200, self._route(method, url.path, query, body or {})
             except ApiError as err:
                 return int(err.http), err.body()
+
+    SA_TOKEN = "fake-sa-token-0123"  # the service-account token the metadata server hands out
+
+    def _metadata(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The metadata server's token endpoint (the real one refuses requests without the header)."""
+        if headers.get("metadata-flavor") != "Google":
+            return 403, {"error": "Missing Metadata-Flavor:Google header."}
+        if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+            return 200, {"access_token": self.SA_TOKEN, "expires_in": 3599, "token_type": "Bearer"}
+        return 404, {"error": f"no metadata at {path}"}
 
     def _maybe_transient(self, method: str, path: str) -> None:
         """A read (GET, getGuestAttributes) answers a transient error: the next of `fail_reads`, else
@@ -538,6 +606,14 @@ class FakeTpuApi:
         if len(parts) < 5 or parts[0] != "projects" or parts[2] != "locations":
             raise ApiError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path {path}")
         self._check_zone(parts[3])
+        if self.script.forbidden == "api_disabled":
+            raise ApiError(
+                HTTPStatus.FORBIDDEN,
+                "PERMISSION_DENIED",
+                f"Cloud TPU API has not been used in project {parts[1]} before or it is disabled. Enable it "
+                f"by visiting https://console.developers.google.com/apis/api/tpu.googleapis.com/overview"
+                f"?project={parts[1]} then retry.",
+            )
         parent, collection = "/".join(parts[:4]), parts[4]
         one = len(parts) == 6
         q = {k: v[0] for k, v in query.items()}
@@ -570,6 +646,9 @@ class FakeTpuApi:
                 return self._delete_queued(name, q.get("force") == "true")
             case ("operations", "GET", True, ""):
                 return self._operation_json(name)
+            case ("acceleratorTypes", "GET", False, ""):  # `grpoctl doctor`: what the zone offers
+                offered = sorted(self.script.offered_accelerator_types)
+                return {"acceleratorTypes": [{"name": f"{name}/{t}", "type": t} for t in offered]}
         raise ApiError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"{method} {path} is not served by the fake")
 
     @staticmethod
@@ -676,6 +755,14 @@ class FakeTpuApi:
         if name in self.nodes:
             raise ApiError(HTTPStatus.CONFLICT, "ALREADY_EXISTS", f'Resource "{name}" already exists')
         self._check_quota_sync(parent, body.get("acceleratorType", ""))
+        if self.script.forbidden == "permission":
+            raise ApiError(
+                HTTPStatus.FORBIDDEN, "PERMISSION_DENIED", f"Permission 'tpu.nodes.create' denied on '{name}'"
+            )
+        zone = parent.rsplit("/", 1)[1]
+        spot = bool(body.get("schedulingConfig", {}).get("spot"))
+        if zone in self.script.stockout_zones or (spot and zone in self.script.spot_stockout_zones):
+            return self._failed_operation(parent, STOCKOUT[0], STOCKOUT[1].format(zone=zone))
         if self.script.quota_exhausted:
             chips = body.get("acceleratorType", "?")
             return self._failed_operation(

@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.ledger import run_ledger
+from orchestrator.runs import RunRecord
 from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +144,7 @@ def write_config(work: Path, fake: FakeTpuApi, origin: Path, worker_python: str 
         "runtime_version": "tpu-ubuntu2204-base",
         "spot": True,
         "api_endpoint": fake.endpoint,  # plain HTTP: the client uses anonymous credentials for it
+        "autodelete_after_idle_s": 0,  # no idle watchdog: its token would come from Google's metadata server
         "user": getpass.getuser(),
         "ssh_key": str(work / "keys" / "grpoctl_ed25519"),
         "poll_s": 0.5,
@@ -192,6 +195,21 @@ def bootstrap_problems(vms: Path) -> list[str]:
     return problems
 
 
+def compile_seconds(state: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(compile s of the SOP's first start: the jax run, an empty compile cache; compile s of the pallas
+    run's resumed attempt on the recreated VM), from the trainers' ledgers. The pallas run's own first
+    attempt is no yardstick: the jax run filled the cache for it, and the preemption cut its ledger short."""
+    steps = state.get("steps", {})
+
+    def compile_of(name: str) -> float | None:
+        rec = (steps.get(f"run:{name}") or {}).get("record") or {}
+        if name == "pallas" and not rec.get("recoveries"):
+            return None
+        return ((((rec.get("last_progress") or {}).get("ledger") or {}).get("phase_s")) or {}).get("compile")
+
+    return compile_of("jax"), compile_of("pallas")
+
+
 def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
     """What the rehearsal must show; returns the failures."""
     problems = []
@@ -222,6 +240,15 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
         problems.append("the preempted run id differs from the pallas run's")
     if not state.get("verdict"):
         problems.append("no run-vs-run verdict")
+    if pallas:  # the ledger of the preempted run: what the preemption cost, and the compile cache's effect
+        led = run_ledger(RunRecord.from_json(pallas), now=time.time())
+        for category in ("lost_progress", "recovery"):
+            seconds = led.seconds[category]
+            if not seconds > 0:
+                problems.append(f"pallas run: ledger {category} is {seconds:.1f} s, expected > 0")
+        first, resumed = compile_seconds(state)
+        if first is None or resumed is None or not resumed < first:
+            problems.append(f"resumed pallas compile {resumed} s not below the first start's (jax) {first} s")
     return problems
 
 
@@ -317,6 +344,23 @@ def rehearsal_section(
     step = resumed_step(vms)
     if step is not None:
         lines.append(f"- the relaunched trainer resumed from its checkpoint of step {step}")
+    for name in ("jax", "pallas"):  # the ledger table above has every category; these are the headlines
+        rec = (state.get("steps", {}).get(f"run:{name}") or {}).get("record") or {}
+        if rec:
+            led = run_ledger(RunRecord.from_json(rec), now=time.time())
+            s = led.seconds
+            lines.append(
+                f"- ledger `{name}`: {led.wall_s:.0f} s wall, goodput {led.goodput or 0:.0%}, compile "
+                f"{s['compile']:.1f} s, lost_progress {s['lost_progress']:.1f} s, "
+                f"recovery {s['recovery']:.1f} s"
+            )
+    first, resumed = compile_seconds(state)
+    if first and resumed is not None:
+        lines.append(
+            f"- compile seconds, the SOP's first start (jax, empty cache) -> the pallas run resumed on the "
+            f"recreated VM (compile cache beside checkpoint.dir): {first:.1f} -> {resumed:.1f} s, "
+            f"ratio **{resumed / first:.2f}**"
+        )
     lines.append("- result: " + ("**PASSED**" if not problems else "**FAILED**: " + "; ".join(problems)))
     return lines
 
