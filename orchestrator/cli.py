@@ -25,7 +25,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, initfile, recipes, render, untrusted
+from orchestrator import api, initfile, recipes, render, untrusted, validate
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, UsageError
@@ -513,8 +513,10 @@ def run(
                 g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
+                g.out.print(f"{record.run_id} {record.state}{made_up}", markup=False)  # what scripts read
                 accuracy = render.accuracy_text(api.final_summary(session, record))
-                g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
+                if accuracy:
+                    g.say(f"{record.run_id}: {accuracy}{made_up}")
                 if record.state is RunState.SUCCEEDED:
                     g.say(f"next: grpoctl fetch {record.run_id}")
 
@@ -753,16 +755,24 @@ def preflight(
 ) -> None:
     """Compile the run's functions for the TPU on this machine; exit 2 if one does not fit in HBM."""
     g = _globals(ctx)
-    report = pf.run(
-        config,
-        overrides=_parse_pairs(set_, "--set"),
-        env=_parse_pairs(env, "--env"),
-        accelerator=accelerator or api.accelerator_for(g.config_file, g.target),
-        headroom=headroom,
-        suggest=suggest,
-        use_cache=not no_cache,
-        say=g.say,
-    )
+    config = validate.normalise_config_path(config)
+    overrides, flags = _parse_pairs(set_, "--set"), _parse_pairs(env, "--env")
+    accelerator = accelerator or api.accelerator_for(g.config_file, g.target)
+    try:
+        report = pf.run(
+            config,
+            overrides=overrides,
+            env=flags,
+            accelerator=accelerator,
+            headroom=headroom,
+            suggest=suggest,
+            use_cache=not no_cache,
+            say=g.say,
+            cached_only=g.dry_run,  # a dry run never compiles (minutes for a 3B model)
+        )
+    except pf.NotCached:
+        g.say(f"dry run: nothing cached; `{pf.command(config, accelerator, overrides, flags)}` compiles it")
+        return
     if g.json or json_out:
         g.emit_json(report.raw)
     else:
