@@ -44,7 +44,7 @@ class LossConfig:
     impl: str = "jax"
     kernel_blocks: tuple[tuple[str, int], ...] = ()
     compute_dtype: Any = jnp.bfloat16
-    remat: bool = False
+    remat: bool | str = False  # False, or a remat policy name (trainer/model.py REMAT_POLICIES)
 
 
 # ---------------------------------------------------------------------------------------------------------
