@@ -6,6 +6,7 @@ callbacks (the session's `say`, `on_stage`, `on_poll`, `on_round`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,9 +15,14 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
+from orchestrator import notify, untrusted, validate
 from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
-from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.errors import GrpoctlError, InfraError, UsageError
+from orchestrator.lifecycle import recovery as lifecycle
+from orchestrator.lifecycle.monitor import Monitor, OnDecision, OnPoll, Poll, probe
+from orchestrator.lifecycle.recovery import RecoveryPolicy
+from orchestrator.lifecycle.states import RunState, is_terminal
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import fetch as fetch_ops
 from orchestrator.ops import launch as launch_ops
@@ -24,8 +30,8 @@ from orchestrator.ops import logs as logs_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Say, Session, open_session
-from orchestrator.recovery import RecoveryPolicy, wait_run
-from orchestrator.runs import RunRecord, RunStore
+from orchestrator.runs import RunRecord, RunStore, utc_now_iso
+from orchestrator.targets.base import Condition
 
 # ---------------------------------------------------------------------------------------- sessions
 
@@ -46,8 +52,10 @@ class Sessions:
         store: RunStore | None = None,
         extra_targets: Mapping[str, TargetConfig] | None = None,
         stall_after_s: float | None = None,
+        attach_any: bool = False,
     ) -> None:
         self.config_file, self.default_target = config_file, target
+        self.attach_any = attach_any  # `--attach-any`: a TPU node of another type or spot-ness is attached
         self.dry_run, self.accept_new_host_key, self.say = dry_run, accept_new_host_key, say
         self.store = store if store is not None else (RunStore.in_memory() if dry_run else RunStore())
         self.extra_targets = dict(extra_targets or {})
@@ -69,6 +77,8 @@ class Sessions:
             )
             if self.stall_after_s is not None:
                 session.config = session.config.model_copy(update={"stall_after_s": self.stall_after_s})
+            if self.attach_any and hasattr(session.target, "attach_any"):
+                session.target.attach_any = True
             same = self._open.get(session.target_name)  # the default target, asked for by its name
             if same is not None:
                 session.close()
@@ -91,10 +101,20 @@ class Sessions:
             raise UsageError("no runs yet (grpoctl run CONFIG)")
         return records[0]
 
-    def for_run(self, run_id: str | None) -> tuple[Session, RunRecord]:
-        """A run and a session on the target it was launched on (not --target)."""
-        record = self.record(run_id)
+    def for_run(self, run_id: str | None, *, finished: bool = False) -> tuple[Session, RunRecord]:
+        """A run and a session on the target it was launched on (not --target). Without an id: the latest
+        run, or with `finished` the latest that SUCCEEDED (what `fetch` takes)."""
+        record = self.latest_finished() if finished and not run_id else self.record(run_id)
         return self.get(record.target), record
+
+    def latest_finished(self, scan: int = 200) -> RunRecord:
+        self.get()
+        records = self.store.list(limit=scan)
+        done = next((r for r in records if r.state is RunState.SUCCEEDED), None)
+        if done is None:
+            latest = f" (the latest, {records[0].run_id}, is {records[0].state})" if records else ""
+            raise UsageError(f"no finished run to fetch{latest}: name one, or wait for it (grpoctl status)")
+        return done
 
     def close(self) -> None:
         for session in {id(s): s for s in self._open.values()}.values():
@@ -124,12 +144,31 @@ def up(session: Session) -> TargetState:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     session.target.up()
     st = session.target.state()
+    waited = getattr(session.target, "capacity_wait_s", None)
+    if waited is not None:  # the ledger's waiting_for_capacity (TPU targets)
+        st.details["waiting_for_capacity_s"] = round(waited, 1)
     return TargetState(
         session.target_name, session.kind, st.state, dict(st.details), len(session.target.workers())
     )
 
 
-def down(session: Session) -> None:
+def in_flight(session: Session) -> list[RunRecord]:
+    """The runs on this target that may still run (or be recovered): deleting its machine stops them."""
+    if session.kind != "tpu" or session.dry_run:  # fixed hosts: `down` releases nothing
+        return []
+    return [r for r in session.store.list(target=session.target_name, limit=500) if not is_terminal(r.state)]
+
+
+def down(session: Session, stop: Sequence[RunRecord] = ()) -> None:
+    """Release the target. The runs in `stop` (see `in_flight`) are recorded STOPPED first, and whoever
+    watches them (a `run --recover` elsewhere) stops instead of recreating the node."""
+    reason = f"its node was deleted by `grpoctl down` at {utc_now_iso()}"
+    for record in stop:
+        stored = session.store.get(record.run_id)
+        stored.stop_requested, stored.state, stored.state_reason = reason, RunState.STOPPED, reason
+        for w in stored.workers:
+            w.state = RunState.STOPPED if not is_terminal(w.state) else w.state
+        session.store.save(stored)  # these fields only: a watcher's own writes stay
     session.target.down()
 
 
@@ -144,7 +183,12 @@ def machine_line(session: Session) -> str | None:
         return f"target {session.target_name}: state unknown ({err})"
     shown = [k for k in ("health", "workers", "queued_resource") if k in st.details]
     extra = ", ".join(f"{k} {st.details[k]}" for k in shown)
-    return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
+    autodelete = getattr(session.target, "autodelete_line", lambda: None)() if st.state == "READY" else None
+    return (
+        f"target {session.target_name}: {st.state}"
+        + (f" ({extra})" if extra else "")
+        + (f"; {autodelete}" if autodelete else "")
+    )
 
 
 def sync(
@@ -169,11 +213,31 @@ def preflight_gate(
     session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]
 ) -> pf.Gate | None:
     """TPU targets: compile the run here for the target's chip before anything is paid for (UsageError when
-    it cannot fit); None for targets without a TPU."""
+    it cannot fit); None for targets without a TPU. A dry run never compiles (cached reports only)."""
     if session.kind != "tpu":
         return None
     accelerator = session.target_cfg.accelerator_type  # type: ignore[union-attr]
-    return pf.gate(config, overrides=overrides, env=env, accelerator=accelerator, say=session.say)
+    return pf.gate(
+        config,
+        overrides=overrides,
+        env=env,
+        accelerator=accelerator,
+        say=session.say,
+        dry_run=session.dry_run,
+    )
+
+
+def check_run(session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]) -> str:
+    """The run's config and `--set` overrides checked here, before anything remote (validate.py); returns
+    the config path as the workers spell it."""
+    return validate.check_run(
+        config,
+        overrides=overrides,
+        env=env,
+        repo_url=session.repo.url,
+        branch=session.repo.branch,
+        target_kind=session.kind,
+    )
 
 
 def launch(
@@ -185,11 +249,15 @@ def launch(
     force: bool = False,
     gate: bool = True,
 ) -> RunRecord:
-    """Preflight (TPU targets, unless `gate` is off), then start the run on every worker; returns its saved
-    record as soon as every worker has a pid."""
+    """Check the config here (validate.py), preflight (TPU targets, unless `gate` is off), then start the
+    run on every worker; returns its saved record as soon as every worker has a pid."""
     env, overrides = dict(env or {}), dict(overrides or {})
+    config = check_run(session, config, overrides, env)
     if gate:
         preflight_gate(session, config, overrides, env)
+    machine = None if session.dry_run else session.target.machine()
+    for warning in machine.warnings if machine is not None else ():  # said before anything is paid for
+        session.say(f"warning: {session.target_name}: {warning}")
     return launch_ops.start_run(
         session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force
     )
@@ -201,10 +269,38 @@ def wait(
     policy: RecoveryPolicy | None = None,
     *,
     interval: float = 15.0,
-    on_poll: watch_ops.OnPoll | None = None,
+    on_poll: OnPoll | None = None,
+    on_decision: Sequence[OnDecision] = (),
 ) -> RunRecord:
-    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one."""
-    return wait_run(session, record, policy, interval=interval, on_poll=on_poll)
+    """Until the run ends: what the machine does to it recovered under `policy`, raised (exit 3) without
+    one (orchestrator/lifecycle/recovery.py). grpoctl.yaml's `notify` hears of each preemption and
+    recovery, and of the end; `on_decision` callbacks see every decision of the run's monitor."""
+    notifier = notify.Notifier(session.config.notify, session.say)
+    notices = notify.RunNotices(notifier, record, lambda rec: _ledger_line(rec, session.config.prices))
+
+    def polled(rec: RunRecord, poll: Poll) -> None:
+        notices.on_poll(rec, poll)
+        if on_poll is not None:
+            on_poll(rec, poll)
+
+    try:
+        done = lifecycle.wait(
+            session, record, policy, interval=interval, on_poll=polled, on_decision=on_decision
+        )
+    except GrpoctlError as err:
+        notices.finished(record, err)
+        raise
+    notices.finished(done, None)
+    return done
+
+
+def _ledger_line(record: RunRecord, prices: Mapping[str, Any]) -> str:
+    from orchestrator import ledger
+
+    led = ledger.run_ledger(record, now=time.time(), prices=prices)
+    goodput = "?" if led.goodput is None else f"{led.goodput:.0%}"
+    cost = led.cost_estimate_usd
+    return f"{led.chip_hours:.3g} chip-hours, goodput {goodput}" + (f", ~${cost:.2f} (est.)" if cost else "")
 
 
 def reattach(record: RunRecord, env: Mapping[str, str]) -> None:
@@ -223,7 +319,7 @@ def stop(session: Session, record: RunRecord) -> list[str]:
     """TERM then KILL on every worker; the record's final state is polled and saved. Returns what each
     worker said."""
     said = watch_ops.kill(session.target, record)
-    watch_ops.poll(session.target, record)
+    probe(session.target, record)
     session.store.save(record)
     return said
 
@@ -245,43 +341,41 @@ def watch_status(
     interval: float,
     on_round: Callable[[StatusRound], None],
 ) -> list[RunRecord]:
-    """Poll every unfinished run once (each on its own target) and hand the round to `on_round`; with
-    `watch`, again every `interval` s until they all end. Records are saved as they change. A run whose
-    workers stop answering is marked PREEMPTED when the Cloud TPU API says its machine is gone."""
-    records = list(records)
+    """Poll every unfinished run once (each on its own target, through its lifecycle monitor) and hand the
+    round to `on_round`; with `watch`, again every `interval` s until they all end. Records are saved as
+    they change; what the monitor decides is recorded (PREEMPTED, STOPPED), never acted on."""
     base = sessions.get()
-    unpollable: set[str] = set()
-    while True:
-        unreachable: list[str] = []
-        for record in records:
-            if record.is_terminal or record.run_id in unpollable:
-                continue
-            try:
-                session = sessions.get(record.target)
-            except UsageError as err:  # e.g. an SOP's inline target: show what is stored
-                unreachable.append(f"{record.run_id}: {err}")
-                unpollable.add(record.run_id)
-                continue
-            stall = session.config.stall_after_s
-            poll = watch_ops.poll_or_unreachable(session.target, record, stall_after_s=stall)
-            if not poll.reachable:  # the node may be gone: the API says, SSH never would
-                gone = watch_ops.machine_gone(session.target)
-                if gone is not None:
-                    watch_ops.mark_preempted(record, gone)
-            sessions.store.save(record)
-            unreachable += [] if record.state == "PREEMPTED" else poll.errors
-        on_round(StatusRound(records, unreachable, machine_line(base)))
-        if not watch or all(r.is_terminal or r.run_id in unpollable for r in records):
-            return records
-        time.sleep(interval)
+
+    def monitor_of(record: RunRecord) -> Monitor | str:
+        try:
+            session = sessions.get(record.target)
+        except UsageError as err:  # e.g. an SOP's inline target: show what is stored
+            return str(err)
+        return Monitor(session.target, record, sessions.store, stall_after_s=session.config.stall_after_s)
+
+    def on_look(round_: lifecycle.Round) -> None:
+        on_round(StatusRound(round_.records, round_.unreachable, machine_line(base)))
+
+    return lifecycle.observe(records, monitor_of, watch=watch, interval=interval, on_round=on_look)
 
 
 def log_text(
-    session: Session, record: RunRecord, *, worker: int = 0, lines: int = 200, env_file: str = ".env"
+    session: Session,
+    record: RunRecord,
+    *,
+    worker: int = 0,
+    lines: int = 200,
+    env_file: str = ".env",
+    events: bool = False,
 ) -> str:
-    """The tail of a worker's log, every secret value (local `.env`, the worker's, `-e`) redacted."""
+    """The last `lines` human lines of a worker's log (with `events`: its JSON event lines instead), every
+    secret value (local `.env`, the worker's, `-e`) redacted, and made safe for a terminal (worker text is
+    data, never terminal control: untrusted.clean_text)."""
     redact = _redactor(session, record, worker, env_file)
-    return redact(logs_ops.tail(session.target, record, worker=worker, lines=lines))
+    # Most events have a human twin: read enough raw lines that `lines` remain once one kind is dropped.
+    raw = logs_ops.tail(session.target, record, worker=worker, lines=lines * 2 + 20)
+    kept = logs_ops.select(raw, events=events).splitlines(keepends=True)
+    return untrusted.clean_text(redact("".join(kept[-lines:] if lines else [])))
 
 
 def follow_log(
@@ -291,10 +385,33 @@ def follow_log(
     *,
     worker: int = 0,
     env_file: str = ".env",
+    events: bool = False,
 ) -> str:
-    """Stream a worker's log (redacted) to `emit` until the run ends there; returns its final state."""
+    """Stream a worker's log (redacted, made safe for a terminal; human lines, or with `events` the JSON
+    event lines) to `emit` until the run ends there; returns its final state."""
     redact = _redactor(session, record, worker, env_file)
-    return logs_ops.follow(session.target, record, lambda text: emit(redact(text)), worker=worker)
+
+    def shown(text: str) -> None:
+        picked = logs_ops.select(text, events=events)
+        if picked:
+            emit(untrusted.clean_text(redact(picked)))
+
+    return logs_ops.follow(session.target, record, shown, worker=worker)
+
+
+def final_summary(session: Session, record: RunRecord) -> dict[str, Any]:
+    """A finished run's summary.json as worker 0 holds it (best effort: {} when it cannot be read)."""
+    from orchestrator.ops.env import absolute_remote_dir
+
+    if record.state is not RunState.SUCCEEDED:
+        return {}
+    try:
+        t = session.target.transports()[0]
+        data = t.get(f"{absolute_remote_dir(t, record.remote_dir)}/{record.run_dir}/{rundir.SUMMARY}")
+        summary = json.loads(data)
+    except (GrpoctlError, OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _redactor(session: Session, record: RunRecord, worker: int, env_file: str) -> Callable[[str], str]:
@@ -311,10 +428,28 @@ def fetch_dest(dest: str | Path, dry_run: bool) -> Path:
 
 def fetch(session: Session, record: RunRecord, dest: str | Path = "runs") -> fetch_ops.FetchResult:
     """Copy the run's result files to `<dest>/<run id>/` and remember where in its record."""
-    result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    try:
+        result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    except InfraError as err:
+        raise _gone_hint(session, record, err) from None
     record.fetched_to = str(result.folder)
     session.store.save(record)
     return result
+
+
+def _gone_hint(session: Session, record: RunRecord, err: InfraError) -> InfraError:
+    """A fetch that failed because the VM holding the run's files is gone: say so, and how to get them."""
+    try:
+        machine = session.target.machine()
+    except GrpoctlError:
+        machine = None
+    if machine is None or machine.condition is Condition.UP:
+        return err
+    return InfraError(
+        f"{err}; the node that held run {record.run_id}'s files is {machine.state}. Its history is kept with "
+        f"its checkpoints (checkpoint.dir): grpoctl recover {record.run_id} relaunches it (a finished run "
+        "resumes at its last step and writes its files again), then fetch"
+    )
 
 
 @dataclass(frozen=True)
@@ -344,20 +479,42 @@ def run_folder(sessions: Sessions, ref: str, dest: str | Path = "runs") -> Path:
 
 @dataclass(frozen=True)
 class Compared:
-    a: cmp.RunFiles
-    b: cmp.RunFiles
+    a: list[cmp.RunFiles]  # arm A: one run, or a group (seeds)
+    b: list[cmp.RunFiles]
     result: cmp.Comparison
     plot: Path | None
 
 
+def _folders(x: Path | Sequence[Path]) -> list[Path]:
+    return [x] if isinstance(x, str | Path) else list(x)
+
+
 def compare_folders(
-    a: Path, b: Path, keys: Sequence[str] | None = None, plot: str | Path | None = None
+    a: Path | Sequence[Path],
+    b: Path | Sequence[Path],
+    keys: Sequence[str] | None = None,
+    plot: str | Path | None = None,
+    *,
+    margin: float = cmp.stats.DEFAULT_MARGIN,
+    labels: tuple[str, str] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Compared:
-    run_a, run_b = cmp.load_run(a), cmp.load_run(b)
-    result = cmp.compare_runs(run_a, run_b, list(keys) if keys else None)
+    """Two arms of fetched run folders (one each, or groups); `labels`/`names` as in compare_runs."""
+    runs_a, runs_b = [cmp.load_run(f) for f in _folders(a)], [cmp.load_run(f) for f in _folders(b)]
+    result = cmp.compare_runs(
+        runs_a, runs_b, list(keys) if keys else None, margin=margin, labels=labels, names=names
+    )
     if plot is not None:
-        cmp.plot(run_a, run_b, plot)
-    return Compared(run_a, run_b, result, None if plot is None else Path(plot))
+        cmp.plot(runs_a, runs_b, plot, labels=labels, names=names)
+    return Compared(runs_a, runs_b, result, None if plot is None else Path(plot))
+
+
+def split_group(ref: str) -> list[str]:
+    """`s0,s1,s2` -> its run ids / folders; empty parts are a usage error."""
+    parts = [p.strip() for p in ref.split(",")]
+    if not all(parts):
+        raise UsageError(f"{ref!r}: a group is run ids or folders separated by commas, with none empty")
+    return parts
 
 
 def compare(
@@ -368,11 +525,20 @@ def compare(
     keys: Sequence[str] | None = None,
     plot: str | None = None,
     dest: str = "runs",
+    margin: float = cmp.stats.DEFAULT_MARGIN,
 ) -> Compared:
-    """Two runs (ids, fetched on demand, or folders) side by side, with the paired tests."""
+    """Two arms side by side, with the verdicts. Each arm is a run id (fetched on demand), a fetched folder,
+    or a comma-separated list of them (`s0,s1,s2`: the seeds of one arm)."""
     if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
         cmp.check_plot_path(plot)
-    return compare_folders(run_folder(sessions, a, dest), run_folder(sessions, b, dest), keys, plot)
+    try:
+        cmp.stats.check_margin(margin)
+    except ValueError as err:
+        raise UsageError(f"--margin: {err}") from None
+    refs_a, refs_b = split_group(a), split_group(b)
+    folders_a = [run_folder(sessions, r, dest) for r in refs_a]
+    folders_b = [run_folder(sessions, r, dest) for r in refs_b]
+    return compare_folders(folders_a, folders_b, keys, plot, margin=margin)
 
 
 # ----------------------------------------------------------------------------------------- laptop

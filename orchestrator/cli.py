@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -24,13 +25,13 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, recipes, render
+from orchestrator import api, initfile, recipes, render, untrusted
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
-from orchestrator.errors import GrpoctlError, JobFailed, UsageError
-from orchestrator.ops import watch as watch_ops
+from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.lifecycle.recovery import RecoveryPolicy, final_error
+from orchestrator.lifecycle.states import RunState
 from orchestrator.phaseview import PhaseView
-from orchestrator.recovery import RecoveryPolicy
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
 _GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
@@ -131,7 +132,7 @@ class Globals:
     def say(self, line: str) -> None:
         self.err.print(line, markup=False)
 
-    def sessions(self, *, stall_after_s: float | None = None) -> api.Sessions:
+    def sessions(self, *, stall_after_s: float | None = None, attach_any: bool = False) -> api.Sessions:
         """The command's sessions (one per target it touches), closed when the command ends."""
         return api.Sessions(
             config_file=self.config_file,
@@ -140,11 +141,13 @@ class Globals:
             accept_new_host_key=self.accept_new_host_key,
             say=self.say,
             stall_after_s=stall_after_s,
+            attach_any=attach_any,
         )
 
     def emit_json(self, data: Any) -> None:
         # Plain print: rich would wrap long lines of JSON.
-        print(json.dumps(data, indent=1, default=str))
+        # Strict JSON: a NaN or Infinity (from a worker's files, or an empty sweep's accuracy) becomes null.
+        print(json.dumps(untrusted.strict_json(data), indent=1, default=str, allow_nan=False))
 
 
 def _globals(ctx: typer.Context) -> Globals:
@@ -159,7 +162,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except GrpoctlError as err:
-            message = " ".join(str(err).split()) or type(err).__name__
+            # Messages may quote a worker (its last log line, its stderr): never terminal control.
+            message = untrusted.clean(" ".join(str(err).split()) or type(err).__name__)
             print(f"grpoctl: error: {message}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
         except OSError as err:  # a local file we could not read or write: say which, no traceback
@@ -175,9 +179,21 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from orchestrator.doctor import version
+
+        print(f"grpoctl {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print every remote command; touch nothing.")
     ] = False,
@@ -193,11 +209,18 @@ def main_options(
         bool, typer.Option("--accept-new-host-key", help="Trust an unknown SSH host key on first use.")
     ] = False,
 ) -> None:
+    del version  # handled by its callback
     ctx.obj = Globals(dry_run, json_out, verbose, target, config_file, accept_new_host_key)
 
 
 # ------------------------------------------------------------------------------------- options
 
+AttachAny = Annotated[
+    bool,
+    typer.Option(
+        "--attach-any", help="Attach to an existing TPU node of another type or spot-ness (with a warning)."
+    ),
+]
 _STALL_OPTION = typer.Option(
     "--stall-after",
     min=1,
@@ -209,17 +232,21 @@ RecoverOnExitCode = Annotated[
 ]
 MaxPreemptions = Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed per run.")]
 MaxFailures = Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")]
+RetryWait = Annotated[
+    float, typer.Option(min=0, help="Seconds between tries to recreate a node (API errors, no capacity).")
+]
 _MAX_PREEMPTIONS, _MAX_FAILURES = RecoveryPolicy.max_preemptions, RecoveryPolicy.max_failures
+_RETRY_WAIT = RecoveryPolicy.retry_wait_s
 
 
 def _policy(
-    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int
+    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int, retry_wait: float
 ) -> RecoveryPolicy | None:
     if not recover and exit_codes:
         raise UsageError("--recover-on-exit-code needs --recover")
     if not recover:
         return None
-    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes))
+    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes), retry_wait_s=retry_wait)
 
 
 def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -249,11 +276,84 @@ def _confirm(question: str) -> None:
 
 @app.command()
 @handle_errors
-def up(ctx: typer.Context) -> None:
+def init(
+    ctx: typer.Context,
+    project: Annotated[str | None, typer.Option(help="GCP project of the TPU target (else asked).")] = None,
+    zone: Annotated[str | None, typer.Option(help=f"Zone (default {initfile.DEFAULT_ZONE}).")] = None,
+    accelerator: Annotated[
+        str | None, typer.Option(help=f"Accelerator type (default {initfile.DEFAULT_ACCELERATOR}).")
+    ] = None,
+    repo_url: Annotated[str | None, typer.Option(help="What the VMs clone (default: origin).")] = None,
+    name: Annotated[str | None, typer.Option(help="The TPU node's name (default grpoctl-ACCEL).")] = None,
+    api_endpoint: Annotated[str | None, typer.Option(help="A private Cloud TPU API endpoint.")] = None,
+    local_only: Annotated[bool, typer.Option("--local-only", help="Only the local target.")] = False,
+) -> None:
+    """Write a commented grpoctl.yaml (the `local` target, plus a TPU target); never overwrites one."""
+    g = _globals(ctx)
+    path = g.config_file or "grpoctl.yaml"
+    if Path(path).exists():  # before asking anything
+        raise UsageError(f"{path} already exists: edit it, or move it away and run `grpoctl init` again")
+    ask = sys.stdin.isatty() and not local_only
+    if project is None and ask:
+        project = typer.prompt("GCP project of a TPU target (empty: local target only)", default="") or None
+    if project and ask:
+        zone = zone or typer.prompt("zone", default=initfile.DEFAULT_ZONE)
+        accelerator = accelerator or typer.prompt("accelerator type", default=initfile.DEFAULT_ACCELERATOR)
+        repo_url = repo_url or typer.prompt("repo URL the VM clones (empty: origin)", default="") or None
+    answers = initfile.Answers(
+        project=None if local_only else project,
+        zone=zone or initfile.DEFAULT_ZONE,
+        accelerator=accelerator or initfile.DEFAULT_ACCELERATOR,
+        repo_url=repo_url,
+        name=name,
+        api_endpoint=api_endpoint,
+    )
+    written = initfile.write(answers, path)
+    if g.json:
+        g.emit_json({"written": str(written), "targets": ["local", *(["tpu"] if answers.project else [])]})
+        return
+    g.out.print(f"wrote {written}")
+    g.say("next: grpoctl doctor")
+
+
+@app.command()
+@handle_errors
+def doctor(
+    ctx: typer.Context,
+    config: Annotated[
+        list[str], typer.Option("--config", "-c", help="Trainer configs to check .env against (repeatable).")
+    ] = [],  # noqa: B006
+    env_file: Annotated[str, typer.Option(help="The .env to check.")] = ".env",
+    json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
+) -> None:
+    """Check this laptop, the config and each target (credentials, API, accelerator, SSH key, .env, repo,
+    libtpu, jax): one line each with the fix; exit 0 only when nothing fails."""
+    from orchestrator import doctor as doc
+
+    g = _globals(ctx)
+    checks = doc.doctor(g.config_file, g.target, env_file=env_file, configs=config)
+    if g.json or json_out:
+        g.emit_json(doc.to_json(checks))
+    else:
+        for check in checks:
+            g.out.print(check.line(), markup=False)
+    bad = doc.failed(checks)
+    if bad:
+        if not (g.json or json_out):
+            g.say(f"{len(bad)} check(s) failed")
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def up(ctx: typer.Context, attach_any: AttachAny = False) -> None:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     g = _globals(ctx)
-    with g.sessions() as sessions:
-        t = api.up(sessions.get())
+    with g.sessions(attach_any=attach_any) as sessions:
+        session = sessions.get()
+        if session.config.source == "<embedded default>" and not g.target:
+            g.say("no grpoctl.yaml here: using the built-in `local` target (`grpoctl init` writes one)")
+        t = api.up(session)
     if g.json:
         g.emit_json({"target": t.target, "state": t.state, "details": t.details})
     else:
@@ -266,13 +366,20 @@ def down(
     ctx: typer.Context,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete a TPU node without asking.")] = False,
 ) -> None:
-    """Release what `up` provisioned: delete a TPU node or queued resource (nothing for fixed hosts)."""
+    """Release what `up` provisioned: delete a TPU node or queued resource (nothing for fixed hosts). Runs
+    still in flight on it are named first; they end STOPPED, and whoever waits for them recreates nothing."""
     g = _globals(ctx)
     with g.sessions() as sessions:
         session = sessions.get()
+        runs = api.in_flight(session)
+        named = ", ".join(f"{r.run_id} ({r.state})" for r in runs)
         if session.kind == "tpu" and not yes and not g.dry_run:
-            _confirm(f"delete TPU {session.target_name} ({session.target_cfg.name}) and all on its disks?")
-        api.down(session)
+            extra = f" In flight on it: {named}: they stop and nothing recreates the node." if runs else ""
+            node = f"{session.target_name} ({session.target_cfg.name})"
+            _confirm(f"delete TPU {node} and all on its disks?{extra}")
+        api.down(session, stop=runs)
+    for r in runs:
+        g.say(f"{r.run_id}: STOPPED (resume from its last checkpoint: grpoctl recover {r.run_id})")
     g.emit_json({"target": session.target_name, "down": True}) if g.json else g.out.print(
         f"{session.target_name}: down"
     )
@@ -369,17 +476,19 @@ def run(
     recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
+    retry_wait: RetryWait = _RETRY_WAIT,
     no_preflight: Annotated[
         bool, typer.Option("--no-preflight", help="TPU targets: launch without compiling it here first.")
     ] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
+    attach_any: AttachAny = False,
 ) -> None:
     """Launch the trainer on every worker; print the run id at once."""
     g = _globals(ctx)
-    policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures)
+    policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures, retry_wait)
     wait = wait or policy is not None
     env_pairs, overrides = _parse_pairs(env, "--env"), _parse_pairs(set_, "--set")
-    with g.sessions(stall_after_s=stall_after) as sessions:
+    with g.sessions(stall_after_s=stall_after, attach_any=attach_any) as sessions:
         session = sessions.get()
         record = api.launch(
             session, config, env=env_pairs, overrides=overrides, force=force, gate=not no_preflight
@@ -401,10 +510,13 @@ def run(
                 api.wait(session, record, policy, interval=interval, on_poll=on_poll)
         finally:
             if g.json:
-                g.emit_json(render.status_json(record))
+                g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
-                g.out.print(f"{record.run_id} {record.state}{made_up}")
+                accuracy = render.accuracy_text(api.final_summary(session, record))
+                g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
+                if record.state is RunState.SUCCEEDED:
+                    g.say(f"next: grpoctl fetch {record.run_id}")
 
 
 @app.command()
@@ -420,21 +532,30 @@ def status(
     json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
-    """Show runs: RUNNING / STALLED / SUCCEEDED / FAILED(code) / LOST / PREEMPTED, step k/N and ETA."""
+    """Show runs: STARTING, RUNNING, STALLED, SUCCEEDED, FAILED(code), LOST, PREEMPTED, STOPPED or
+    RECOVERING, step k/N and ETA."""
     g = _globals(ctx)
     g.json = g.json or json_out
     live = Live(console=g.out, auto_refresh=False) if watch and g.out.is_terminal and not g.json else None
 
     def show(round_: api.StatusRound) -> None:
         records = round_.records
+        prices = sessions.get().config.prices
         if g.json:
             g.emit_json(
-                [render.status_json(r) for r in records] if not run_id else render.status_json(records[0])
+                [render.status_json(r, prices) for r in records]
+                if not run_id
+                else render.status_json(records[0], prices)
             )
         else:
             parts = [round_.machine] if round_.machine else []
-            identity = [Text(line) for line in render.identity_lines(records[0])] if run_id else []
-            view = Group(*parts, render.runs_table(records, bars=g.out.is_terminal), *identity)
+            identity = []
+            if run_id:
+                lines = render.details(records[0]) + render.run_ledger(records[0], prices).lines()
+                identity = [Text(line) for line in lines]
+            bars = g.out.is_terminal and g.out.width >= 120  # 80 columns: one line a run, no bars
+            table = render.runs_table(records, bars=bars, width=g.out.width)
+            view = Group(*parts, table, *identity)
             if live is not None:  # a terminal: redraw in place
                 live.update(view, refresh=True)
             else:
@@ -451,11 +572,9 @@ def status(
         finally:
             if live is not None:
                 live.stop()
-    if run_id and records[0].state == "PREEMPTED" and watch:
-        reason = (records[0].last_progress or {}).get("preempted", "the machine is gone")
-        raise watch_ops.preempted_error(records[0], reason)
-    if run_id and records[0].state in ("FAILED", "LOST") and watch:
-        raise typer.Exit(JobFailed.exit_code)
+    ended = final_error(records[0]) if run_id and watch else None
+    if ended is not None:
+        raise ended
 
 
 @app.command()
@@ -467,17 +586,19 @@ def recover(
     recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
+    retry_wait: RetryWait = _RETRY_WAIT,
     env: Annotated[
         list[str], typer.Option("--env", "-e", help="The run's -e KEY=VALUE again (never stored).")
     ] = [],  # noqa: B006
+    attach_any: AttachAny = False,
 ) -> None:
     """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
     with the same run id (it resumes from its checkpoints)."""
     g = _globals(ctx)
     secrets = _parse_pairs(env, "--env")
-    policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
+    policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures, retry_wait)
     assert policy is not None
-    with g.sessions() as sessions:
+    with g.sessions(attach_any=attach_any) as sessions:
         session, record = sessions.for_run(run_id)
         api.reattach(record, secrets)  # refuses before anything is recreated
         view, on_poll = render.run_bar(g.err, record, enabled=not g.json)
@@ -497,17 +618,21 @@ def logs(
     worker: Annotated[int, typer.Option("--worker", "-w", help="Worker index.")] = 0,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of tail without --follow.")] = 200,
     env_file: Annotated[str, typer.Option(help="Values from this file are redacted.")] = ".env",
+    events: Annotated[
+        bool, typer.Option("--events", help="The trainer's JSON event lines instead of the human lines.")
+    ] = False,
 ) -> None:
-    """Print a worker's log of a run (values from the local .env redacted)."""
+    """Print a worker's log of a run: the human lines (values from the local .env redacted)."""
     g = _globals(ctx)
     with g.sessions() as sessions:
         session, record = sessions.for_run(run_id)
         if follow:
             emit = functools.partial(g.out.out, end="")
-            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file)
+            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file, events=events)
             g.say(f"{record.run_id} on w{worker}: {state}")
         else:
-            sys.stdout.write(api.log_text(session, record, worker=worker, lines=lines, env_file=env_file))
+            text = api.log_text(session, record, worker=worker, lines=lines, env_file=env_file, events=events)
+            sys.stdout.write(text)
 
 
 @app.command()
@@ -522,7 +647,7 @@ def stop(
         session, record = sessions.for_run(run_id)
         said = api.stop(session, record)
     g.emit_json({"run_id": record.run_id, "workers": said, "state": record.state}) if g.json else g.out.print(
-        f"{record.run_id}: {record.state}"
+        f"{record.run_id}: {render.state_text(record)}"
     )
 
 
@@ -530,7 +655,9 @@ def stop(
 @handle_errors
 def fetch(
     ctx: typer.Context,
-    run_ids: Annotated[list[str], typer.Argument(help="Run ids (default: the latest run).")] = None,  # type: ignore[assignment]
+    run_ids: Annotated[
+        list[str], typer.Argument(help="Run ids (default: the latest run that SUCCEEDED).")
+    ] = None,  # type: ignore[assignment]
     dest: Annotated[str, typer.Option(help="Local folder for runs/<run-id>/.")] = "runs",
     keys: Annotated[str | None, typer.Option(help="Comma-separated summary keys to print.")] = None,
 ) -> None:
@@ -538,7 +665,7 @@ def fetch(
     g = _globals(ctx)
     chosen = _keys(keys) or list(cmp.SOP_KEYS)
     with g.sessions() as sessions:
-        results = [api.fetch(*sessions.for_run(run_id), dest) for run_id in run_ids or [None]]
+        results = [api.fetch(*sessions.for_run(run_id, finished=True), dest) for run_id in run_ids or [None]]
     if g.json:
         g.emit_json(
             [
@@ -567,31 +694,41 @@ def fetch(
 @handle_errors
 def compare(
     ctx: typer.Context,
-    a: Annotated[str, typer.Argument(help="Run A: run id or fetched folder.")],
-    b: Annotated[str, typer.Argument(help="Run B: run id or fetched folder.")],
+    a: Annotated[str, typer.Argument(help="Arm A: run id or fetched folder, or a comma-separated group.")],
+    b: Annotated[str, typer.Argument(help="Arm B: run id or fetched folder, or a comma-separated group.")],
     keys: Annotated[str | None, typer.Option(help="Comma-separated keys (default: the SOP's five).")] = None,
-    plot: Annotated[str | None, typer.Option("--plot", help="Write reward/loss curves to this PNG.")] = None,
+    plot: Annotated[
+        str | None, typer.Option("--plot", help="Write curves and start/end accuracy to this image.")
+    ] = None,
     dest: Annotated[str, typer.Option(help="Where fetched runs live.")] = "runs",
+    margin: Annotated[
+        float, typer.Option(help="Equivalence margin on mean end accuracy (TOST), e.g. 0.03 = 3 points.")
+    ] = cmp.stats.DEFAULT_MARGIN,
 ) -> None:
-    """Summaries side by side with deltas; exact McNemar tests: A vs B, and each run's start -> end."""
+    """Two arms (runs, or groups of seeds: `compare s0,s1,s2 p0,p1,p2`): the verdicts first (kernel parity,
+    each run's start -> end, the method verdict over runs, McNemar per pair), then the summaries."""
     g = _globals(ctx)
     with g.sessions() as sessions:
-        done = api.compare(sessions, a, b, keys=_keys(keys), plot=plot, dest=dest)
+        done = api.compare(sessions, a, b, keys=_keys(keys), plot=plot, dest=dest, margin=margin)
     result = done.result
     if g.json:
         g.emit_json({**result.to_json(), "plot": plot})
         return
+    for line in result.summary_lines():  # the verdicts first: what a reader quotes
+        g.out.print(line, markup=False)
     table = Table(box=None, pad_edge=False)
-    for col in ("key", f"A {done.a.run_id}", f"B {done.b.run_id}", "delta (B-A)"):
+    several = max(len(done.a), len(done.b)) > 1
+    for col in ("key", f"A {result.a}", f"B {result.b}", "delta (B-A)"):
         table.add_column(col)
     for row in result.rows:
         table.add_row(row.key, cmp.fmt(row.a), cmp.fmt(row.b), cmp.fmt_delta(row))
     g.out.print(table)
+    if several:
+        g.out.print("(keys: the mean over each arm's runs)")
+    for line in result.key_lines():
+        g.out.print(line, markup=False)
     if result.fabricated:
-        g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files")
-    g.out.print(result.test_line())
-    for line in result.learning_lines():
-        g.out.print(line)
+        g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files", markup=False)
     if plot:
         g.out.print(f"plot: {plot}")
 
@@ -658,6 +795,7 @@ def sop_replay(
     recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
+    retry_wait: RetryWait = _RETRY_WAIT,
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")
     ] = [],  # noqa: B006
@@ -680,7 +818,7 @@ def sop_replay(
         accept_new_host_key=g.accept_new_host_key,
         say=g.say,
         overrides=_parse_pairs(set_, "--set"),
-        recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
+        recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures, retry_wait),
         run_preflight=not no_preflight,
         view=lambda label: PhaseView(g.err, label, enabled=not g.json),
     )
@@ -689,7 +827,9 @@ def sop_replay(
     else:
         g.out.print(f"report: {result.report_path}")
         if result.verdict:
-            g.out.print(result.verdict)
+            g.out.print(result.verdict, markup=False)
+        for line in result.state.key_numbers:  # each arm's start -> end with its interval
+            g.out.print(line, markup=False)
 
 
 def main() -> None:

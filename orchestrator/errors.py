@@ -25,8 +25,18 @@ class InfraError(GrpoctlError):
     exit_code = 3
 
 
+class WorkerReadError(InfraError):
+    """A worker's file was refused: not a regular file (a device, FIFO or socket), past its size cap, or
+    not read within its time limit (orchestrator/untrusted.py)."""
+
+
 class HostKeyError(InfraError):
     """The server's host key is unknown or does not match the pinned fingerprint."""
+
+
+class AuthError(InfraError):
+    """The SSH server refused every key we offered (the key not there yet, the wrong user, root refused
+    by the image, OS Login)."""
 
 
 class PreemptedError(InfraError):
@@ -37,3 +47,7 @@ class JobFailed(GrpoctlError):
     """The job ran and exited non-zero (or was lost)."""
 
     exit_code = 1
+
+
+class RunStopped(InfraError):
+    """A person stopped the run's machine (deleted or stopped the node): nothing is recreated."""

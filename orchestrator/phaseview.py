@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from grpoctl_contract.progress import fmt_duration
+from orchestrator.lifecycle.states import is_terminal
 from orchestrator.recipes import Progress as RunProgress
 
 
@@ -23,9 +24,17 @@ def phase_line(state: str, progress: RunProgress | None) -> str:
     if progress is None:
         return state
     text = progress.text
-    if not progress.done and state not in ("SUCCEEDED", "FAILED", "LOST"):
-        text += f", eta {fmt_duration(progress.eta_s)}"
+    if not progress.done and not is_terminal(state):
+        text += f", {eta_text(progress.eta_s, progress.phase_eta_s)}"
     return text
+
+
+def eta_text(eta_s: float | None, phase_eta_s: float | None) -> str:
+    """`eta 1:20`; before the run's ETA is known (warm start, start sweep), the phase's own: `phase eta
+    0:40`; `eta ?` without either."""
+    if eta_s is None and phase_eta_s is not None:
+        return f"phase eta {fmt_duration(phase_eta_s)}"
+    return f"eta {fmt_duration(eta_s)}"
 
 
 class PhaseView:
@@ -43,7 +52,11 @@ class PhaseView:
 
     def __enter__(self) -> PhaseView:
         if self.live:
-            columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
+            # markup=False: the info is worker text (a phase's detail), never rich markup or a link
+            columns = [
+                TextColumn("{task.description}", markup=False), BarColumn(),
+                TextColumn("{task.fields[info]}", markup=False),
+            ]
             self._bar = Progress(*columns, console=self.console, transient=False)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=None, info="starting")

@@ -24,7 +24,10 @@ from typing import Any, ParamSpec
 import grpoctl_contract.envfile
 from grpoctl_contract import progress as contract
 from grpoctl_contract import rundir
+from orchestrator import untrusted
 from orchestrator.errors import UsageError
+from orchestrator.lifecycle import states
+from orchestrator.transport.shell import GET_NOT_REGULAR
 from orchestrator.transport.shell import quote as q
 from orchestrator.transport.shell import quote_path as qpath
 
@@ -34,6 +37,9 @@ EXIT_EXISTS = 73  # the run's log file already exists
 EXIT_NOT_CHECKOUT = 65  # remote_dir holds something that is not grpoctl's checkout: refused, untouched
 EXIT_REFUSED = EXIT_NOT_CHECKOUT  # sync refuses to overwrite or delete a user's files
 EXIT_NO_PYTHON = 69  # no python >= 3.11 on the worker
+EXIT_NO_CHECKOUT = 66  # launch: the checkout is not there yet (`grpoctl sync` first)
+EXIT_NO_CONFIG = 67  # launch: the config is not in the worker's checkout
+EXIT_NO_TOOL = 68  # launch: the worker lacks setsid or flock (macOS without util-linux)
 
 # What grpoctl itself writes inside the checkout (run outputs, the venv, the secrets file): these may be
 # present when a folder is adopted, and sync never counts them as the user's changes.
@@ -95,8 +101,10 @@ def _script(*lines: str) -> str:
 # `ours PID RUN_ID` adds identity: a pid file outlives its job and the pid may now belong to anything
 # else, so a pid is the run's only while its process carries the run's GRPOCTL_RUN_ID (every job is
 # started with it exported; "" accepts any grpoctl job). Without /proc, liveness is all we can know.
+# A pid of -1, 0 or 1 (or no number) is never a job: `kill -0 -1` succeeds whenever any process of the
+# user lives, `kill -0 0` on our own group, and 1 is init.
 _ALIVE_FN = (
-    'alive() { kill -0 "$1" 2>/dev/null || return 1; '
+    'alive() { case "$1" in ""|*[!0-9]*|0|1) return 1 ;; esac; kill -0 "$1" 2>/dev/null || return 1; '
     's=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -c1); [ "$s" != Z ]; }\n'
     'ours() { alive "$1" || return 1; [ -d "/proc/$1" ] || return 0; '
     'if [ -n "$2" ]; then tr "\\0" "\\n" < "/proc/$1/environ" 2>/dev/null | grep -qxF "GRPOCTL_RUN_ID=$2"; '
@@ -180,16 +188,29 @@ def parse_head(stdout: str) -> str | None:
 
 
 BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
+BOOTSTRAP_REQUIREMENTS = "logs/requirements.txt"  # what the bootstrap installs besides the checkout
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
 
 
 @_recipe
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
-    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
+    """A python >= 3.11 venv at `<checkout>/.venv` with the checkout and its extras; prints PYTHON=.
 
+    The checkout goes in with `--no-deps` and then only the extras' requirements (listed from
+    pyproject.toml by grpoctl_contract.requirements): a worker gets the trainer, not the laptop stack of
+    the base install (typer, paramiko, the Cloud TPU client, matplotlib). No extras: `pip install -e .`.
     Prints `STAGE=k/n label` as each stage begins (the caller streams them into a progress bar); pip's
     output lands in `logs/bootstrap.log` on the worker (kept by `git clean`)."""
     spec = q(".[{}]".format(",".join(extras)) if extras else ".")
+    if extras:
+        install = [
+            "step .venv/bin/python -m pip install --no-deps -e .",
+            f"step .venv/bin/python -m grpoctl_contract.requirements {q(','.join(extras))} "
+            f"--out {q(BOOTSTRAP_REQUIREMENTS)}",
+            f"step .venv/bin/python -m pip install -r {q(BOOTSTRAP_REQUIREMENTS)}",
+        ]
+    else:
+        install = ["step .venv/bin/python -m pip install -e ."]
     n = len(BOOTSTRAP_STAGES)
     stage = [f"echo {q(f'STAGE={k}/{n} {label}')}" for k, label in enumerate(BOOTSTRAP_STAGES, 1)]
     return _script(
@@ -207,7 +228,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         # pip's full output goes to a log on the worker (what was installed, from where); a failure shows
         # its tail, the success path prints only the stages and PYTHON=.
         f"LOG={q(BOOTSTRAP_LOG)}",
-        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): pip install -e "{spec} > "$LOG"',
+        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): install "{spec} > "$LOG"',
         "if [ -x .venv/bin/python ]; then",
         '  echo "venv .venv exists: reused" >> "$LOG"',
         "else",
@@ -223,7 +244,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         stage[1],
         "step .venv/bin/python -m pip install --upgrade pip",
         stage[2],
-        f"step .venv/bin/python -m pip install -e {spec}",
+        *install,
         'echo "PYTHON=$PWD/.venv/bin/python"',
     )
 
@@ -428,7 +449,13 @@ def launch(
     # A refused launch leaves no secrets file behind.
     refuse = f"rm -f -- {q(paths.env)} {q(paths.env_loader)}; " if env_file else ""
     return _script(
-        f"cd {qpath(repo_dir)}",
+        # Refusals before anything starts: no checkout yet (a secrets file put here made the folder, not a
+        # clone), no config in it, no setsid/flock (macOS without util-linux would otherwise read "busy").
+        f"cd {qpath(repo_dir)} 2>/dev/null || exit {EXIT_NO_CHECKOUT}",
+        f"[ -e .git ] || {{ {refuse}exit {EXIT_NO_CHECKOUT}; }}",
+        f"[ -f {q(config)} ] || {{ {refuse}exit {EXIT_NO_CONFIG}; }}",
+        "for tool in setsid flock; do command -v $tool >/dev/null 2>&1 || "
+        f'{{ {refuse}echo "MISSING=$tool"; exit {EXIT_NO_TOOL}; }}; done',
         "mkdir -p logs runs",
         _ALIVE_FN,
         f"exec 9>> {q(LAUNCH_LOCK)}",
@@ -451,6 +478,10 @@ def launch(
         "done",
         f'echo "PID=$(cat {q(paths.pid)} 2>/dev/null || true)"',
     )
+
+
+def parse_missing_tool(stdout: str) -> str | None:
+    return _last_value(stdout, "MISSING")
 
 
 def parse_pid(stdout: str) -> int | None:
@@ -485,13 +516,16 @@ def status(repo_dir: str, paths: RunPaths) -> str:
         f'if [ -n "$p" ] && ours "$p" {q(paths.run_id)}; then echo ALIVE=1; else echo ALIVE=0; fi',
         f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
-        f"line=$(grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null | tail -n 1 || true)",
+        # Worker files are untrusted: the log is read only as a regular file, one line at most 64 KiB.
+        f"line=$([ -f {q(paths.log)} ] && grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null "
+        "| tail -n 1 | head -c 65536 || true)",
         'printf "PROGRESS=%s\\n" "$line"',
         # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
         f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
         'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
         # The run's identity (config hash, W&B URL), printed once near the top of the log.
-        f"info=$(grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null || true)",
+        f"info=$([ -f {q(paths.log)} ] && grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null "
+        "| head -c 65536 || true)",
         'printf "INFO=%s\\n" "$info"',
     )
 
@@ -515,7 +549,9 @@ class Progress:
     bytes_done: int | None = None
     bytes_total: int | None = None
     reported_eta_s: float | None = None
+    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
     legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
     def text(self) -> str:
@@ -552,7 +588,9 @@ class Progress:
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    state: str  # RUNNING | SUCCEEDED | FAILED | LOST
+    """What one worker's status probe saw: facts only. Which state they make is the lifecycle's call."""
+
+    alive: bool
     exit_code: int | None = None
     pid: int | None = None
     progress: Progress | None = None
@@ -560,14 +598,20 @@ class WorkerStatus:
     info: Mapping[str, str] | None = None  # the trainer's info event: config_hash, wandb_url, ...
 
     @property
+    def state(self) -> states.RunState:
+        return states.worker_state(self.exit_code, self.alive)
+
+    @property
+    def finished(self) -> bool:
+        return states.is_finished(self.state)
+
+    @property
     def label(self) -> str:
-        return f"FAILED({self.exit_code})" if self.state == "FAILED" else self.state
-
-
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "LOST"})
+        return states.label(self.state, self.exit_code)
 
 
 def parse_progress_line(line: str) -> Progress | None:
+    """The worker's last event; its strings made safe to show (untrusted.clean), its numbers finite."""
     ev = contract.decode(line)
     if ev is None or ev.event == "info":
         return None
@@ -576,49 +620,38 @@ def parse_progress_line(line: str) -> Progress | None:
         step=ev.step or 0,
         total=ev.total or 0,
         elapsed_s=ev.elapsed_s,
-        metrics=ev.metrics or None,
+        metrics=untrusted.clean_map(ev.metrics) or None,
         done=ev.done,
-        phase=ev.phase,
+        phase=untrusted.clean(ev.phase, untrusted.FIELD),
         k=ev.k,
         n=ev.n,
-        detail=ev.detail,
+        detail=untrusted.clean_opt(ev.detail),
         bytes_done=ev.bytes_done,
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
+        ledger=ev.ledger or None,
         legacy=legacy,
+        phase_eta_s=ev.phase_eta_s,
     )
 
 
 def parse_info_line(line: str) -> dict[str, str] | None:
     ev = contract.decode(line)
-    return dict(ev.info) if ev is not None and ev.event == "info" else None
+    return untrusted.clean_map(ev.info) if ev is not None and ev.event == "info" else None
 
 
 def parse_status(stdout: str) -> WorkerStatus:
-    """The exit file decides (the trap writes it); else a live pid is RUNNING; else the run is LOST."""
+    """The probe's facts: exit code (the trap writes it), liveness, pid, last progress and info lines."""
     progress_line = _last_value(stdout, "PROGRESS") or ""
     progress = parse_progress_line(progress_line)
     info = parse_info_line(_last_value(stdout, "INFO") or "")
     pid_text = _last_value(stdout, "PIDV") or ""
-    pid = int(pid_text) if pid_text.isdigit() else None
+    pid = int(pid_text) if pid_text.isdigit() and int(pid_text) > 1 else None  # never -1, 0 or 1
     quiet_text = (_last_value(stdout, "QUIET") or "").strip()
     quiet = max(0, int(quiet_text)) if quiet_text.lstrip("-").isdigit() else None
     exit_text = (_last_value(stdout, "EXIT") or "").strip()
-    if exit_text.lstrip("-").isdigit():
-        code = int(exit_text)
-        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress, quiet, info)
-    if _last_value(stdout, "ALIVE") == "1":
-        return WorkerStatus("RUNNING", None, pid, progress, quiet, info)
-    return WorkerStatus("LOST", None, pid, progress, quiet, info)
-
-
-def combine(states: Sequence[WorkerStatus]) -> str:
-    """One state for a multi-worker run: any failure wins, then loss, then running."""
-    names = [s.state for s in states]
-    for state in ("FAILED", "LOST", "RUNNING"):
-        if state in names:
-            return state
-    return "SUCCEEDED" if names else "LOST"
+    code = int(exit_text) if exit_text.lstrip("-").isdigit() else None
+    return WorkerStatus(_last_value(stdout, "ALIVE") == "1", code, pid, progress, quiet, info)
 
 
 # ------------------------------------------------------------------------------------- kill and logs
@@ -653,15 +686,35 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
     )
 
 
+def _regular_log(log_path: str) -> str:
+    """Shell text refusing a log that is not a regular file (a link to /dev/zero, a FIFO): one stderr line,
+    exit GET_NOT_REGULAR; a missing one fails the way tail says it."""
+    return (
+        f"lp={q(log_path)}; "
+        'if [ ! -e "$lp" ]; then echo "tail: cannot open $lp: No such file or directory" >&2; exit 1; fi; '
+        'if [ ! -f "$lp" ]; then '
+        'echo "$lp: not a regular file ($(stat -L -c %F -- "$lp" 2>/dev/null)): refused" >&2; '
+        f"exit {GET_NOT_REGULAR}; fi; "
+    )
+
+
 @_recipe
 def tail_log(repo_dir: str, log_path: str, lines: int = 200) -> str:
-    return f"cd {qpath(repo_dir)} && tail -n {int(lines)} {q(log_path)}\n"
+    """The log's last `lines` lines, at most untrusted.LOG_CHUNK bytes of them (a regular file only)."""
+    return (
+        f"cd {qpath(repo_dir)} && {{ {_regular_log(log_path)}"
+        f'tail -n {int(lines)} -- "$lp" | head -c {untrusted.LOG_CHUNK}; }}\n'
+    )
 
 
 @_recipe
 def read_log_from(repo_dir: str, log_path: str, offset: int) -> str:
-    """The log's bytes from `offset` on: `--follow` polls with this, so a dropped link loses nothing."""
-    return f"cd {qpath(repo_dir)} && tail -c +{int(offset) + 1} {q(log_path)}\n"
+    """The log's bytes from `offset` on, at most untrusted.LOG_CHUNK of them (the rest comes with the next
+    poll): `--follow` polls with this, so a dropped link loses nothing (a regular file only)."""
+    return (
+        f"cd {qpath(repo_dir)} && {{ {_regular_log(log_path)}"
+        f'tail -c +{int(offset) + 1} -- "$lp" | head -c {untrusted.LOG_CHUNK}; }}\n'
+    )
 
 
 @_recipe

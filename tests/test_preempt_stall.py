@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from standin import make_standin_repo, standin_repo  # noqa: F401
-from tpu_support import Project, long_run, one_line_error, preempt_at_step
+from tpu_support import Project, long_run, one_line_error, outcome, preempt_at_step
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import PreemptedError
-from orchestrator.ops import watch as watch_ops
+from orchestrator.lifecycle import recovery as lifecycle
 from orchestrator.ops.session import open_session
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
@@ -52,9 +52,7 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     try:
         # unreachable_timeout only bounds how long an SSH-only wait would retry (15 min by default).
         with pytest.raises(PreemptedError) as err:
-            watch_ops.wait(
-                session.target, record, session.store, interval=0.1, on_poll=on_poll, unreachable_timeout=60
-            )
+            lifecycle.wait(session, record, None, interval=0.1, on_poll=on_poll, unreachable_timeout=60)
     finally:
         session.close()
     assert preempted_at, (polls, record.state, record.last_progress)
@@ -76,7 +74,7 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     refused = project.cli(cfg, "recover", run_id, "--interval", "0.2", code=2)  # -e values not given again
     assert "TEST_TOKEN" in one_line_error(refused) and "pass them again" in refused.stderr
     recovered = project.cli(cfg, "recover", run_id, "--interval", "0.2", "-e", f"TEST_TOKEN={token}")
-    assert recovered.stdout.split()[-2:] == [run_id, "SUCCEEDED"]
+    assert outcome(recovered.stdout) == (run_id, "SUCCEEDED")
     final = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
     assert len(final["recoveries"]) == 1 and final["recoveries"][0]["kind"] == "preemption"
     assert final["last_progress"]["step"] == 60
@@ -111,7 +109,7 @@ def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Proj
     errors = [line for line in done.stderr.splitlines() if line.startswith("grpoctl: error:")]
     assert done.returncode == 3 and len(errors) == 1, done.stderr
     assert "node PREEMPTED" in errors[0] and "Traceback" not in done.stderr
-    run_id, state = done.stdout.split()[-2:]
+    run_id, state = outcome(done.stdout)
     assert state == "PREEMPTED" and f"grpoctl recover {run_id}" in errors[0]
 
 
@@ -158,17 +156,25 @@ def test_sop_wait_stops_at_a_preemption_and_replay_recover_resumes_the_same_run(
     project.cli(cfg, "down", "--yes")
 
 
-def test_status_marks_a_running_record_preempted_when_its_node_is_gone(project: Project) -> None:
-    """~6 s: a RUNNING record whose node was deleted behind our back: `status` exit 0, PREEMPTED."""
+def test_status_marks_a_running_record_preempted_then_down_stops_it(project: Project) -> None:
+    """~6 s: a RUNNING record whose node was preempted: `status` exit 0, PREEMPTED; a second run still in
+    flight when `down` deletes the node is recorded STOPPED (with why), its workers too."""
     cfg = project.config(name="grpo-deleted")
     for args in (["up"], ["sync"], ["env", "push"]):
         project.cli(cfg, *args)
     run_id = project.cli(cfg, "run", project.repo.config, "--set", "steps=400").stdout.strip()
     project.fake.preempt("grpo-deleted")
-    project.cli(cfg, "down", "--yes")
     listing = project.cli(cfg, "status")
     assert run_id in listing.stdout and "PREEMPTED" in listing.stdout
     assert json.loads(project.cli(cfg, "status", run_id, "--json").stdout)["state"] == "PREEMPTED"
+    project.cli(cfg, "up")
+    project.cli(cfg, "sync")
+    second = project.cli(cfg, "run", project.repo.config, "--set", "steps=400").stdout.strip()
+    down = project.cli(cfg, "down", "--yes")
+    assert f"{second}: STOPPED" in down.stderr and run_id not in down.stderr  # only runs in flight
+    record = json.loads(project.cli(cfg, "status", second, "--json").stdout)
+    assert record["state"] == "STOPPED" and {w["state"] for w in record["workers"]} == {"STOPPED"}
+    assert "grpoctl down" in record["state_reason"]
 
 
 # ------------------------------------------------------------------------------------------- STALLED

@@ -6,11 +6,11 @@ import threading
 
 from tpu_support import Project, long_run, preempt_at_step
 
+from orchestrator.lifecycle.recovery import RecoveryPolicy, wait
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops.session import open_session
-from orchestrator.recovery import RecoveryPolicy, wait_recovering
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
@@ -39,12 +39,12 @@ def test_recreation_retries_until_spot_capacity_returns(project: Project) -> Non
 
         threading.Thread(target=stock_out_once, daemon=True).start()
         policy = RecoveryPolicy(max_preemptions=10, retry_wait_s=0.3)
-        done = wait_recovering(session, record, policy, interval=0.2)
+        done = wait(session, record, policy, interval=0.2)
     finally:
         session.close()
 
     assert done.state == "SUCCEEDED" and len(done.recoveries) == 1
-    assert any("recovery failed" in line and "quota or capacity exhausted" in line for line in said)
+    assert any("recovery failed" in line and "quota exceeded (" in line for line in said)
     creates = [r for r in project.fake.creates() if r.query["nodeId"] == ["grpo-stockout"]]
     assert len(creates) >= 3  # the first node, at least one refused attempt, the replacement
     assert done.recoveries[0]["kind"] == "preemption" and done.recoveries[0]["reason"] == "node PREEMPTED"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tpu_support import Project, one_line_error
+from tpu_support import Project, one_line_error, outcome
 
 from orchestrator.cloud import api as cloud
 from orchestrator.config import RepoConfig, TpuTargetConfig
@@ -39,9 +39,8 @@ def test_queued_resource_up_run_down(project: Project) -> None:
     assert node_body["labels"][cloud.LABEL_KEY] == cloud.LABEL_VALUE and "ssh-keys" in node_body["metadata"]
 
     project.cli(cfg, "sync")
-    run_id, state = project.cli(
-        cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1"
-    ).stdout.split()[-2:]
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
+    run_id, state = outcome(ran.stdout)
     assert state == "SUCCEEDED"
     assert "queued_resource ACTIVE" in project.cli(cfg, "status", run_id).stdout
     project.cli(cfg, "up")  # idempotent: attaches, creates nothing
@@ -102,8 +101,8 @@ def _target_json(project: Project, **tpu: object) -> str:
     [
         ("malformed zone", 2, "zone 'useast1d' is not of the form"),
         ("accelerator type not offered", 2, 'Accelerator type "v5p-8" is not available in zone'),
-        ("quota exhausted", 3, "quota or capacity exhausted"),
-        ("os login on", 2, "OS Login is on"),
+        ("quota exhausted", 3, "quota exceeded ("),
+        ("os login required by org policy", 2, "OS Login is required by the org policy"),
         ("wrong pinned host key", 3, "host key"),
         ("published host key differs from the offered one", 3, "host key"),
         ("no credentials", 2, "no Google credentials found"),
@@ -117,8 +116,8 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
         tpu["accelerator_type"] = "v5p-8"
     elif case == "quota exhausted":
         project.fake.script.quota_exhausted = True
-    elif case == "os login on":
-        project.fake.script.os_login = True
+    elif case == "os login required by org policy":
+        project.fake.script.org_requires_os_login = True
     elif case == "wrong pinned host key":
         tpu["host_key_sha256"] = ["SHA256:" + "A" * 43]
     elif case == "published host key differs from the offered one":
@@ -252,7 +251,7 @@ def test_run_clears_stale_tpu_users_first(project: Project, monkeypatch) -> None
     target.close()
     pid = int(holder.read_text())
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
-    assert f"stopped stale TPU users (pids {pid})" in ran.stderr and ran.stdout.split()[-1] == "SUCCEEDED"
+    assert f"stopped stale TPU users (pids {pid})" in ran.stderr and outcome(ran.stdout)[1] == "SUCCEEDED"
     assert not lock.exists() and not _alive(pid)
     project.cli(cfg, "down", "--yes")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import sys
 import threading
 import time
@@ -20,6 +21,9 @@ from standin import StandinRepo, make_standin_repo
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.cloud import api as cloud
+from orchestrator.retry import Backoff
+from orchestrator.targets import tpu as tpu_target
 from orchestrator.targets.tpu import TpuTarget
 from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
@@ -43,9 +47,14 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
 def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A laptop checkout of the stand-in repo (made the cwd) with a .env, over a reset fake API."""
     fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
+    # read retries back off for milliseconds, not seconds (the same code path, a shorter policy)
+    monkeypatch.setattr(cloud, "READ_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
+    monkeypatch.setattr(tpu_target, "CONFLICT_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
     # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
     # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
     monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
+    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", fake.endpoint)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
@@ -92,6 +101,12 @@ class Project:
         return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
 
 
+def outcome(stdout: str) -> tuple[str, str]:
+    """(run id, state) from the last stdout line of `run --wait` / `recover`: `RUN STATE  accuracy a -> b`."""
+    run_id, state = stdout.strip().splitlines()[-1].split()[:2]
+    return run_id, state
+
+
 def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
     lines = [x for x in result.stderr.splitlines() if x.startswith("grpoctl: error:")]
     assert len(lines) == 1, result.stderr
@@ -124,3 +139,107 @@ def preempt_at_step(project: Project, bucket: Path, node: str, step: int) -> lis
 
     threading.Thread(target=watch, daemon=True).start()
     return preempted_at
+
+
+# ------------------------------------------------------------------------------------------------- soak
+
+MACHINE_EVENTS = ("preempt", "RESTARTING", "REIMAGING", "REPAIRING")
+
+
+def checkpointed_step(bucket: Path) -> int:
+    found = list(bucket.glob("*/step"))
+    try:
+        return int(found[0].read_text() or 0) if found else 0
+    except (OSError, ValueError):  # being replaced right now
+        return 0
+
+
+def inject_randomly(project: Project, node: str, count: int, seed: int) -> tuple[list[str], threading.Event]:
+    """In the background: `count` preemptions and restarts at random moments of one run, each once the run
+    has checkpointed a step past the previous hit (so every hit lands on a running job). Returns the list
+    it fills (`event@step`) and an event set when it is done."""
+    rng = random.Random(seed)
+    bucket = project.root / "bucket"
+    hits: list[str] = []
+    done = threading.Event()
+
+    def run() -> None:
+        last = 0
+        deadline = time.monotonic() + 600
+        while len(hits) < count and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.1, 0.8))
+            step = checkpointed_step(bucket)
+            if step <= last or project.fake.node_state(node) != "READY":
+                continue
+            event = rng.choice(MACHINE_EVENTS)
+            if event == "preempt":
+                project.fake.preempt(node)
+            else:
+                project.fake.restart(node, event, down_s=rng.uniform(0.2, 1.0))
+            hits.append(f"{event}@{step}")
+            last = step
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return hits, done
+
+
+def soak(project: Project, *, node: str, steps: int, hits: int, seed: int) -> dict[str, object]:
+    """One `run --recover` hit `hits` times at random moments; then a `down` during a second run's recovery
+    wait. Returns the figures the checks need (the caller asserts)."""
+    import json
+    import subprocess
+
+    repo = make_standin_repo(
+        project.root / "soak", steps=steps, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
+    )
+    os.chdir(repo.work)
+    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
+    project.repo = repo
+    cfg = project.config(name=node)
+    for args in (["up"], ["sync"], ["env", "push"]):
+        project.cli(cfg, *args)
+    injected, done = inject_randomly(project, node, hits, seed)
+    started = time.monotonic()
+    ran = project.cli(cfg, "run", repo.config, "--recover", "--interval", "0.1", "--retry-wait", "0.2")
+    wall_s = time.monotonic() - started
+    run_id, state = outcome(ran.stdout)
+    done.wait(5)
+    record = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
+    project.cli(cfg, "fetch", run_id)
+    rows = [json.loads(x) for x in (Path("runs") / run_id / "metrics.jsonl").read_text().splitlines()]
+    creates_before_down = len(project.fake.creates())
+    # A second run, then `down` while it is recovered: nothing may be created after the delete.
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", "--config-file", cfg, "run", repo.config,
+         "--recover", "--interval", "0.1", "--set", f"steps={steps * 10}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(1200):
+            if len(list((project.root / "bucket").glob("*/step"))) >= 2:
+                break
+            time.sleep(0.05)
+        project.fake.preempt(node)  # the waiter starts recovering...
+        for _ in range(600):
+            if len(project.fake.creates()) > creates_before_down:
+                break
+            time.sleep(0.02)
+        project.cli(cfg, "down", "--yes")  # ...and is told to stop while its new node is created
+        creates_at_down = len(project.fake.creates())
+        _, waiter_err = waiter.communicate(timeout=120)
+    finally:
+        waiter.kill()
+    time.sleep(0.5)
+    return {
+        "run_id": run_id,
+        "state": state,
+        "injected": injected,
+        "recoveries": record["recoveries"],
+        "steps": [r["step"] for r in rows],
+        "wall_s": wall_s,
+        "waiter_code": waiter.returncode,
+        "waiter_err": waiter_err,
+        "created_after_down": len(project.fake.creates()) - creates_at_down,
+        "nodes_left": sorted(n for n in project.fake.nodes if n.endswith(f"/nodes/{node}")),
+    }

@@ -22,7 +22,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import optax
 
 from grpoctl_contract import rundir
 from trainer import grpo, hf_io, programs, sharding
-from trainer.checkpoints import Checkpointer, checkpoint_dir
+from trainer.checkpoints import Checkpointer, checkpoint_dir, compile_cache_dir, enable_compile_cache
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
 from trainer.evaluation import OnBatch, full_sweep, periodic_eval
@@ -109,6 +109,7 @@ def loss_config(cfg: Config) -> grpo.LossConfig:
         max_completion_len=cfg.rollout.max_length_sample,
         temperature=cfg.rollout.temperature,
         impl=t.policy_loss_impl,
+        shadow_impl=None if t.shadow_policy_loss_impl == "none" else t.shadow_policy_loss_impl,
         kernel_blocks=tuple(sorted(t.kernel_blocks.items())),
         compute_dtype=DTYPES[cfg.compute_dtype],
         remat=t.remat_policy if t.remat else False,
@@ -276,6 +277,8 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
         enabled=jax.process_index() == 0,
     )
+    if restored is not None:  # a fresh disk (a recreated VM): the history comes back with the checkpoint
+        logger.restore_history(meta.get("metrics"))
     start_sweep = dict(meta.get("start_sweep") or {}) if restored is not None else {}
     if start_sweep:
         restore_start_sweep(logger, run_dir, start_sweep)
@@ -347,12 +350,19 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
                 state["params"], batch, model_cfg=t.model_cfg, loss_cfg=t.loss_cfg, num_micro=t.num_micro
             )
         params, opt_state = state["params"], state["opt_state"]
+        epochs = []
         for epoch in range(cfg.train.ppo_epochs):
             lr = np.float32(t.schedule((step - 1) * cfg.train.ppo_epochs + epoch))
             params, opt_state, update = update_step(
                 params, opt_state, t.ref_params, batch, lr, **t.update_kwargs()
             )
-        update = jax.device_get(update)
+            epochs.append(update)
+        # The last epoch's metrics; the lockstep parity's worst epoch (with ppo_epochs > 1 the later epochs
+        # are the ones whose ratio != 1 makes the loss value depend on the provider's log-probs).
+        update = jax.device_get(epochs[-1])
+        for key in update:
+            if key.startswith("parity/"):
+                update[key] = worst(float(e[key]) for e in epochs)
 
     metrics.update({k if k == "loss" else f"train/{k}": float(v) for k, v in update.items()})
     metrics["train/lr"] = float(lr)
@@ -360,6 +370,13 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     metrics["train/seq_len"] = float(host_batch["tokens"].shape[1])
     metrics["train/padding_frac"] = 1.0 - float(row_lengths.mean()) / metrics["train/seq_len"]
     return {"params": params, "opt_state": opt_state}, metrics
+
+
+def worst(values: Iterable[float | None]) -> float:
+    """The largest of parity differences, NaN when any is NaN (or None: a NaN read back from
+    metrics.jsonl after a resume): a diverged shadow must not hide behind a finite maximum."""
+    values = [math.nan if v is None else float(v) for v in values]
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def restore_start_sweep(logger: RunLogger, run_dir: Path, saved: dict[str, Any]) -> None:
@@ -402,6 +419,7 @@ def run(
     interrupt a run). When `should_stop()` turns true (python -m trainer wires it to SIGTERM), the run
     checkpoints the step it just finished and raises `Stopped`; a restart resumes from there."""
     run_dir = Path(run_dir)
+    enable_compile_cache(compile_cache_dir(cfg.compile_cache_dir, cfg.checkpoint.dir, run_dir))
     init_distributed()  # the worker's .env was read before `cfg` was built (python -m trainer)
     rep = Reporter(enabled=jax.process_index() == 0)
     try:
@@ -446,6 +464,11 @@ def run(
                         on_batch=functools.partial(rep.advance, "eval"),
                     ))
 
+            for key in rundir.PARITY_KEYS:  # the summary keeps each parity metric's maximum over the run
+                if key in metrics:
+                    running = t.logger.latest.get(rundir.parity_max(key), 0.0)
+                    metrics[rundir.parity_max(key)] = worst([metrics[key], running])
+
             step_times.append(time.perf_counter() - t_step)
             metrics["time/train/step_s"] = step_times[-1]
             metrics["time/train/step_avg_last10_s"] = float(np.mean(step_times[-10:]))
@@ -459,7 +482,7 @@ def run(
             stopping = should_stop is not None and should_stop()
             if step == cfg.steps or (every and step % every == 0) or stopping:
                 meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step,
-                        "start_sweep": t.start_sweep}
+                        "start_sweep": t.start_sweep, "metrics": t.logger.history()}
                 rep.phase("checkpoint", detail=f"saving step {step}")
                 t.checkpointer.save(step, state, meta)
                 rep.resume("train")
@@ -476,6 +499,7 @@ def run(
             t.logger.log(cfg.steps, final)
             rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
                     f"on {int(final['eval_full/num_questions'])} questions")
+        t.logger.log(cfg.steps, ledger_metrics(rep.ledger()))  # W&B and the summary: where the time went
         summary = t.logger.finish(cfg.steps)
         rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
@@ -485,6 +509,16 @@ def run(
     finally:
         rep.close()
         t.checkpointer.close()
+
+
+def ledger_metrics(ledger: dict[str, Any]) -> dict[str, float]:
+    """This process's seconds per phase (`time/phase/<phase>_s`) and its goodput (train / all): the trainer's
+    share of the ledger (`grpoctl status RUN` adds grpoctl's own steps: provisioning, recovery, ...)."""
+    phase_s = ledger["phase_s"]
+    out = {f"time/phase/{k}_s": float(v) for k, v in phase_s.items()}
+    total = sum(phase_s.values())
+    out["time/phase/goodput"] = phase_s.get("train", 0.0) / total if total > 0 else 0.0
+    return out
 
 
 def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:

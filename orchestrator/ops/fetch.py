@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl_contract import rundir
-from orchestrator import recipes
+from orchestrator import recipes, untrusted, worker_data
 from orchestrator.compare import read_summary
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.env import absolute_remote_dir
@@ -56,9 +56,10 @@ def fetch(target, record: RunRecord, dest_root: str | Path = "runs") -> FetchRes
     try:
         for rel, name in sources:
             try:
-                data = t.get(f"{remote_dir}/{rel}")
+                data = untrusted.read(t, f"{remote_dir}/{rel}", untrusted.limit_for(name))
             except FileNotFoundError as err:
                 raise InfraError(f"{t.name}: {rel} vanished while fetching") from err
+            worker_data.check(name, data, f"{t.name}: {rel}")  # refused before anything is swapped in
             (staging / name).write_bytes(data)
         previous = _swap_in(staging, folder)
     except BaseException:

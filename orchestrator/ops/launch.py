@@ -12,11 +12,13 @@ from pathlib import Path
 from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
+from orchestrator.lifecycle.states import RunState
 from orchestrator.ops.fanout import fan_out
 from orchestrator.ops.session import Session
 from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
 from orchestrator.targets.base import Worker
 from orchestrator.transport.base import Transport
+from orchestrator.transport.local import LOCAL_TOOLS_NEEDED
 
 
 def new_record(
@@ -51,7 +53,19 @@ def new_record(
         ],
         git_commit=git_commit,
         python=session.python,
+        accelerator_type=getattr(session.target_cfg, "accelerator_type", None),
+        spot=_spot_of(session),
     )
+
+
+def _spot_of(session: Session) -> bool | None:
+    """Whether the run's machine is spot (the ledger's price): the node's own answer where the target has
+    one (`spot: prefer` may have ended on-demand), else the config's."""
+    is_spot = getattr(session.target, "is_spot", None)
+    if is_spot is not None:
+        return is_spot()
+    spot = getattr(session.target_cfg, "spot", None)
+    return None if spot is None else spot is not False
 
 
 def set_args(overrides: Mapping[str, str]) -> list[str]:
@@ -72,7 +86,7 @@ def renew_attempt(record: RunRecord) -> None:
     fresh = recipes.RunPaths.for_run(record.config_stem, record.ts, record.run_id)
     record.log_path, record.pid_path, record.exit_path = fresh.log, fresh.pid, fresh.exit
     for w in record.workers:
-        w.pid, w.state, w.exit_code = None, "LAUNCHING", None
+        w.pid, w.state, w.exit_code = None, RunState.STARTING, None
 
 
 def secret_env_file(env: Mapping[str, str]) -> bytes | None:
@@ -122,6 +136,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     python = record.python or recipes.venv_python(record.remote_dir)
     paths = paths_of(record)
     target.before_launch(record.remote_dir, force=force)  # a TPU VM: clear stale chip users (tpu.py)
+    record.launched_at_s, record.ended_at_s = time.time(), None
 
     workers = target.workers()
 
@@ -153,6 +168,17 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         result = t.run(script, timeout=timeout)
         if result.exit_code == recipes.EXIT_BUSY:
             raise UsageError(f"{t.name}: busy ({recipes.parse_busy(result.stdout)}); stop it or pass --force")
+        if result.exit_code == recipes.EXIT_NO_CHECKOUT:
+            raise UsageError(f"{t.name}: no checkout in {record.remote_dir}: run `grpoctl sync` first")
+        if result.exit_code == recipes.EXIT_NO_CONFIG:
+            raise UsageError(
+                f"{t.name}: {record.config} is not in the checkout (commit and push it, then `grpoctl sync`)"
+            )
+        if result.exit_code == recipes.EXIT_NO_TOOL:
+            tool = recipes.parse_missing_tool(result.stdout) or "setsid or flock"
+            if record.target_kind == "local":
+                raise UsageError(f"{LOCAL_TOOLS_NEEDED} (missing: {tool}; install util-linux)")
+            raise UsageError(f"{t.name}: no {tool} on the worker (install util-linux)")
         if result.exit_code == recipes.EXIT_EXISTS:
             raise LogNameTaken(f"{t.name}: {record.log_path} already exists")
         pid = recipes.parse_pid(result.stdout)
@@ -175,16 +201,16 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         paths = paths_of(record)
         results = fan_out(target.transports(), one)
     for r, w in zip(results, record.workers, strict=True):
-        w.pid, w.state = r.value, ("RUNNING" if r.ok else "UNREACHABLE")
+        w.pid, w.state = r.value, (RunState.RUNNING if r.ok else RunState.LOST)
     failed = [r for r in results if r.error is not None]
     if failed:
         started = [t for r, t in zip(results, target.transports(), strict=True) if r.ok]
         if started:  # a partial start is worse than none: multi-host jobs would hang waiting for peers
             kill_script = recipes.kill(record.remote_dir, paths)
             fan_out(started, lambda _i, t: t.run(kill_script, timeout=60))
-        record.state = "FAILED"
+        record.state = RunState.FAILED
         raise failed[0].error
-    record.state = "RUNNING"
+    record.state = RunState.RUNNING
     if heads:  # sync left every worker on one commit; worker 0's is the run's
         record.git_commit = heads.get(0) or next(iter(heads.values()))
     return record

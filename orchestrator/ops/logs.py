@@ -6,11 +6,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator import recipes
-from orchestrator.errors import GrpoctlError, InfraError, UsageError
+from orchestrator import recipes, untrusted
+from orchestrator.errors import GrpoctlError, InfraError, UsageError, WorkerReadError
 from orchestrator.ops import env as env_ops
 from orchestrator.ops.launch import paths_of
 from orchestrator.runs import RunRecord
+from orchestrator.transport.shell import GET_NOT_REGULAR
+
+
+def _last_line(text: str) -> str:
+    """A worker's last stderr line, made safe to print (it is worker text)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return untrusted.clean(lines[-1] if lines else "no error output", untrusted.FIELD)
 
 
 def _transport(target, record: RunRecord, worker: int):
@@ -28,17 +35,24 @@ def secret_values(target, record: RunRecord, env_file: str | Path = ".env", *, w
     base = record.remote_dir.rstrip("/")
     for path in (f"{base}/.env", f"{base}/{paths_of(record).env}"):
         try:
-            found += env_ops.parse_dotenv(t.get(path), path).values()
+            found += env_ops.parse_dotenv(untrusted.read(t, path, untrusted.ENV), path).values()
         except (FileNotFoundError, GrpoctlError):
             continue  # nothing there, or unreadable: the local values still apply
     return found
+
+
+def select(text: str, *, events: bool) -> str:
+    """The human lines of a log chunk (whole lines), or with `events` only its JSON event lines (the
+    trainer prints most events twice: the JSON for grpoctl, a `[trainer ...]` line for people)."""
+    lines = text.splitlines(keepends=True)
+    return "".join(line for line in lines if line.startswith(recipes.PROGRESS_PREFIX) == events)
 
 
 def tail(target, record: RunRecord, *, worker: int = 0, lines: int = 200) -> str:
     t = _transport(target, record, worker)
     result = t.run(recipes.tail_log(record.remote_dir, record.log_path, lines), timeout=60)
     if not result.ok:
-        raise InfraError(f"{t.name}: cannot read {record.log_path}: {result.stderr.strip()[:200]}")
+        raise InfraError(f"{t.name}: cannot read {record.log_path}: {_last_line(result.stderr)}")
     return result.stdout
 
 
@@ -78,10 +92,13 @@ def follow(
                 raise
             time.sleep(interval)
             continue
+        if chunk.exit_code == GET_NOT_REGULAR:  # a log swapped for a device or FIFO: refuse, never hang
+            raise WorkerReadError(f"{t.name}: {_last_line(chunk.stderr)}")
         if chunk.ok and chunk.stdout:
-            offset += len(chunk.stdout.encode())
+            # Bytes as received: a decoded text's length differs wherever the log is not valid UTF-8.
+            offset += chunk.stdout_bytes if chunk.stdout_bytes is not None else len(chunk.stdout.encode())
             take(chunk.stdout)
-        if state.state in recipes.TERMINAL:
+        if state.finished:
             final = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
             take(final.stdout if final.ok else "", final=True)
             return state.label

@@ -18,6 +18,7 @@ class CommandResult:
     stdout: str
     stderr: str
     duration_s: float
+    stdout_bytes: int | None = None  # stdout's length in bytes as received (None: len(stdout.encode()))
 
     @property
     def ok(self) -> bool:
@@ -49,6 +50,10 @@ class Transport(Protocol):
 
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None: ...
 
-    def get(self, remote_path: str) -> bytes: ...
+    def get(self, remote_path: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+        """A regular file's bytes (a symlink to one is followed): FileNotFoundError when missing;
+        WorkerReadError for a device, FIFO or socket, a file over `max_bytes` (default DEFAULT_GET_CAP) or
+        a read past `timeout`. Callers use orchestrator.untrusted.read, which picks the limits."""
+        ...
 
     def close(self) -> None: ...

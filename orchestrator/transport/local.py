@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -12,14 +13,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from orchestrator.errors import UsageError
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
+    DEFAULT_GET_CAP,
     EXIT_GRACE_S,
     TIMEOUT_EXIT_CODE,
     LineSplitter,
+    not_regular,
+    read_timed_out,
     script,
     timed_out_note,
+    too_large,
 )
+
+# The local target runs every command under bash and starts jobs with setsid and flock (recipes.launch).
+LOCAL_TOOLS = ("bash", "setsid", "flock")
+LOCAL_TOOLS_NEEDED = "the local target needs a Linux/macOS host with bash, setsid and flock"
 
 # A timed-out command gets SIGTERM, then SIGKILL if it is still there after this long.
 _KILL_GRACE_S = 2.0
@@ -33,6 +43,14 @@ def _pump(stream: IO[bytes], which: int, chunks: queue.Queue[tuple[int, bytes]])
             chunks.put((which, data))
     finally:
         chunks.put((which, b""))
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "character special file"), (stat.S_ISBLK, "block special file"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -95,13 +113,16 @@ class LocalTransport:
         on_output: OutputCallback | None = None,
     ) -> CommandResult:
         start = time.monotonic()
-        proc = subprocess.Popen(
-            [self._shell, "-c", script(command, env=env, cwd=cwd)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # so a timeout can kill the whole group
-        )
+        try:
+            proc = subprocess.Popen(
+                [self._shell, "-c", script(command, env=env, cwd=cwd)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # so a timeout can kill the whole group
+            )
+        except FileNotFoundError:  # Windows, or a bare container: one line, not `[WinError 2]`
+            raise UsageError(f"{LOCAL_TOOLS_NEEDED} (no {self._shell} here)") from None
         chunks: queue.Queue[tuple[int, bytes]] = queue.Queue()
         for which, stream in ((1, proc.stdout), (2, proc.stderr)):
             assert stream is not None
@@ -121,7 +142,8 @@ class LocalTransport:
             stderr += timed_out_note(self.name, timeout)
         elif code < 0:  # killed by a signal: report it the way a shell would
             code = 128 - code
-        return CommandResult(self.name, code, stdout, stderr, time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        return CommandResult(self.name, code, stdout, stderr, elapsed, len(splitters[1].data))
 
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         """Write via a temp file that has `mode` (or less, under the umask) from its creation, then rename."""
@@ -144,12 +166,37 @@ class LocalTransport:
             tmp.unlink(missing_ok=True)
             raise
 
-    def get(self, remote_path: str) -> bytes:
+    def get(self, remote_path: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+        """A regular file only (checked before it is opened, and again on the open file), at most
+        `max_bytes`, within `timeout` (see the Transport protocol)."""
         path = Path(remote_path).expanduser()
+        cap = DEFAULT_GET_CAP if max_bytes is None else max_bytes
         try:
-            return path.read_bytes()
+            before = os.stat(path)  # follows symlinks: a link to /dev/zero is a device
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.name}: no such file {remote_path}") from None
+        if not stat.S_ISREG(before.st_mode):
+            raise not_regular(self.name, remote_path, _file_type(before.st_mode))
+        if before.st_size > cap:
+            raise too_large(self.name, remote_path, cap)
+        # O_NONBLOCK: had the file been swapped for a FIFO since, opening it must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
+                raise not_regular(self.name, remote_path, _file_type(opened.st_mode))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            chunks, size = [], 0
+            while data := os.read(fd, min(1 << 20, cap + 1 - size)):
+                chunks.append(data)
+                size += len(data)
+                if size > cap:
+                    raise too_large(self.name, remote_path, cap)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise read_timed_out(self.name, remote_path, timeout or 0)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Nothing is kept open between calls."""

@@ -128,7 +128,8 @@ class RecordingTransport:
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         self.script.record(RecordedCall(self.name, "put", path=remote_path, mode=mode, size=len(data)))
 
-    def get(self, remote_path: str) -> bytes:
+    def get(self, remote_path: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+        del max_bytes, timeout  # the script's files are grpoctl's own fakes
         self.script.record(RecordedCall(self.name, "get", path=remote_path))
         if remote_path not in self.script.files:
             raise FileNotFoundError(f"{self.name}: no such file {remote_path} (dry run)")

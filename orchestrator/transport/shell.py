@@ -6,12 +6,17 @@ import re
 import shlex
 from collections.abc import Mapping
 
+from orchestrator.errors import WorkerReadError
 from orchestrator.transport.base import OutputCallback
+from orchestrator.untrusted import LINE_CAP, OUTPUT_CAP, size_text
 
 # What `run` reports when it killed a command for running past its timeout (coreutils' convention).
 TIMEOUT_EXIT_CODE = 124
 # After the shell exited, how long to keep reading output that a detached child may still hold open.
 EXIT_GRACE_S = 1.0
+
+# `get` on a worker: the file is missing / is not a regular file (a device, FIFO or socket).
+GET_MISSING, GET_NOT_REGULAR, GET_TOO_LARGE = 66, 67, 68
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -52,32 +57,92 @@ def timed_out_note(worker: str, timeout: float) -> str:
     return f"grpoctl: {worker}: timed out after {timeout:g} s\n"
 
 
-class LineSplitter:
-    """Turns a byte stream into complete text lines for `on_output`, keeping the whole text too."""
+# Without a cap from the caller, `get` still reads no more than this (every byte from a worker is bounded).
+DEFAULT_GET_CAP = 64 * 1024 * 1024
 
-    def __init__(self, on_line: OutputCallback | None) -> None:
+
+def get_script(path: str, max_bytes: int) -> str:
+    """Shell text that prints at most `max_bytes` + 1 bytes of a REGULAR file `path` (a symlink to one is
+    fine): a missing file exits GET_MISSING, a device, FIFO or socket (or a link to one) GET_NOT_REGULAR
+    with its type on stderr, without ever opening it."""
+    return (
+        f"f={quote_path(path)}; "
+        f'if [ ! -e "$f" ]; then exit {GET_MISSING}; fi; '
+        f'if [ ! -f "$f" ]; then stat -L -c %F -- "$f" >&2 2>/dev/null || echo special >&2; '
+        f"exit {GET_NOT_REGULAR}; fi; "
+        # a file that says it is too large is refused before a byte moves (head still caps the rest)
+        f's=$(stat -L -c %s -- "$f" 2>/dev/null || echo 0); if [ "$s" -gt {int(max_bytes)} ]; then '
+        f"exit {GET_TOO_LARGE}; fi; "
+        f'exec head -c {int(max_bytes) + 1} -- "$f"'
+    )
+
+
+def not_regular(worker: str, path: str, what: str) -> WorkerReadError:
+    return WorkerReadError(f"{worker}: {path} is not a regular file ({what or 'special file'}): refused")
+
+
+def too_large(worker: str, path: str, max_bytes: int) -> WorkerReadError:
+    return WorkerReadError(f"{worker}: {path} is larger than {size_text(max_bytes)}, the cap for it: refused")
+
+
+def read_timed_out(worker: str, path: str, timeout: float) -> WorkerReadError:
+    return WorkerReadError(f"{worker}: {path} was not read within {timeout:g} s: refused")
+
+
+class LineSplitter:
+    """Turns a byte stream into complete text lines for `on_output`, keeping the whole text too.
+
+    Bounded (a worker may send anything): at most `max_bytes` are kept (the rest is counted in `dropped`
+    and dropped), and a line longer than LINE_CAP reaches `on_output` cut, the rest of it dropped."""
+
+    def __init__(self, on_line: OutputCallback | None, max_bytes: int = OUTPUT_CAP) -> None:
         self._on_line = on_line
         self._pending = b""
         self._chunks: list[bytes] = []
+        self._max = max_bytes
+        self._size = 0
+        self._skipping = False  # inside a line already cut at LINE_CAP
+        self.dropped = 0  # bytes past max_bytes, not kept
 
     def feed(self, data: bytes) -> None:
         if not data:
             return
-        self._chunks.append(data)
+        keep = data[: max(0, self._max - self._size)]
+        self.dropped += len(data) - len(keep)
+        if not keep:
+            return
+        self._chunks.append(keep)
+        self._size += len(keep)
         if self._on_line is None:
             return
-        *complete, self._pending = (self._pending + data).split(b"\n")
+        if self._skipping:
+            end = keep.find(b"\n")
+            if end < 0:
+                return
+            keep, self._skipping = keep[end + 1 :], False
+        *complete, self._pending = (self._pending + keep).split(b"\n")
         for line in complete:
-            self._on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
+            self._emit(line)
+        if len(self._pending) > LINE_CAP:
+            self._emit(self._pending)
+            self._pending, self._skipping = b"", True
+
+    def _emit(self, line: bytes) -> None:
+        assert self._on_line is not None
+        self._on_line(line[:LINE_CAP].decode("utf-8", errors="replace").rstrip("\r"))
 
     @property
     def data(self) -> bytes:
-        """Every byte fed so far, undecoded."""
+        """Every byte kept so far, undecoded."""
         return b"".join(self._chunks)
 
     def close(self) -> str:
-        """Emit the last unterminated line, if any, and return everything seen as text."""
+        """Emit the last unterminated line, if any, and return everything kept as text (with a note when
+        output was dropped)."""
         if self._on_line is not None and self._pending:
-            self._on_line(self._pending.decode("utf-8", errors="replace").rstrip("\r"))
+            self._emit(self._pending)
         self._pending = b""
-        return self.data.decode("utf-8", errors="replace")
+        text = self.data.decode("utf-8", errors="replace")
+        if self.dropped:
+            text += f"\ngrpoctl: {self.dropped} more bytes of output dropped (cap {self._max} bytes)\n"
+        return text

@@ -22,16 +22,24 @@ from pathlib import Path
 
 import paramiko
 
-from orchestrator.errors import HostKeyError, InfraError, UsageError
+from orchestrator.errors import AuthError, HostKeyError, InfraError, UsageError
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
+    DEFAULT_GET_CAP,
     EXIT_GRACE_S,
+    GET_MISSING,
+    GET_NOT_REGULAR,
+    GET_TOO_LARGE,
     TIMEOUT_EXIT_CODE,
     LineSplitter,
+    get_script,
+    not_regular,
     quote,
     quote_path,
+    read_timed_out,
     script,
     timed_out_note,
+    too_large,
 )
 
 _READ_CHUNK = 65536
@@ -123,7 +131,7 @@ class SshTransport:
         elapsed = time.monotonic() - start
         if code == TIMEOUT_EXIT_CODE and timeout is not None and elapsed >= timeout:
             stderr += timed_out_note(self.name, timeout)
-        return CommandResult(self.name, code, stdout, stderr, elapsed)
+        return CommandResult(self.name, code, stdout, stderr, elapsed, len(out.data))
 
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         """Stream `data` through the channel's stdin into a 0600 temp file, chmod, rename over `remote_path`.
@@ -143,9 +151,25 @@ class SshTransport:
         if code != 0:
             raise InfraError(f"{self.name}: put {remote_path} failed: {_last_line(err.close())}")
 
-    def get(self, remote_path: str) -> bytes:
-        code, out, err = self._exec(f"cat -- {quote_path(remote_path)}", None, None, None)
+    def get(self, remote_path: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+        """A regular file only (`test -f` on the worker, before it is opened), at most `max_bytes` (the
+        worker's `head` stops there, and so does this end, whatever the worker sends), within `timeout`."""
+        cap = DEFAULT_GET_CAP if max_bytes is None else max_bytes
+        line = f"bash -c {quote(get_script(remote_path, cap))}"
+        deadline = None
+        if timeout is not None:
+            line = f"timeout -k 2 {max(timeout, 0.001):.3f} {line}"
+            deadline = time.monotonic() + timeout + _CLIENT_TIMEOUT_SLACK_S
+        code, out, err = self._exec(line, None, deadline, None, max_out=cap)
         message = _last_line(err.close())
+        if out.dropped or code == GET_TOO_LARGE:
+            raise too_large(self.name, remote_path, cap)
+        if code == GET_MISSING:
+            raise FileNotFoundError(f"{self.name}: no such file {remote_path}")
+        if code == GET_NOT_REGULAR:
+            raise not_regular(self.name, remote_path, message if message != "no error output" else "")
+        if code == TIMEOUT_EXIT_CODE and timeout is not None:
+            raise read_timed_out(self.name, remote_path, timeout)
         if code != 0:
             if "No such file" in message:
                 raise FileNotFoundError(f"{self.name}: no such file {remote_path}")
@@ -171,7 +195,11 @@ class SshTransport:
         stdin: bytes | None,
         deadline: float | None,
         on_output: OutputCallback | None,
+        *,
+        max_out: int | None = None,
     ) -> tuple[int, LineSplitter, LineSplitter]:
+        """Run `line`; with `max_out`, stop reading (and drop the channel) once stdout passed that many
+        bytes (the caller sees `out.dropped`)."""
         chan = self._open_channel()
         try:
             chan.exec_command(line)
@@ -180,8 +208,13 @@ class SshTransport:
                 with contextlib.suppress(OSError):
                     chan.sendall(stdin)
             chan.shutdown_write()
-            out, err = LineSplitter(on_output), LineSplitter(on_output)
-            timed_out = self._drain(chan, out, err, deadline)
+            if max_out is None:
+                out, err = LineSplitter(on_output), LineSplitter(on_output)
+            else:
+                out, err = LineSplitter(on_output, max_bytes=max_out), LineSplitter(on_output)
+            timed_out = self._drain(chan, out, err, deadline, max_out is not None)
+            if out.dropped and max_out is not None:
+                return TIMEOUT_EXIT_CODE, out, err  # the caller refuses it; closing the channel stops it
             if timed_out:
                 return TIMEOUT_EXIT_CODE, out, err
             if chan.exit_status == -1:  # closed without an exit status
@@ -196,12 +229,21 @@ class SshTransport:
             chan.close()
 
     @staticmethod
-    def _drain(chan: paramiko.Channel, out: LineSplitter, err: LineSplitter, deadline: float | None) -> bool:
-        """Feed output to the splitters until the command is done; True if the deadline passed first."""
+    def _drain(
+        chan: paramiko.Channel,
+        out: LineSplitter,
+        err: LineSplitter,
+        deadline: float | None,
+        stop_when_full: bool = False,
+    ) -> bool:
+        """Feed output to the splitters until the command is done; True if the deadline passed first.
+        `stop_when_full`: return as soon as stdout went past its cap (a `get` refuses the file then)."""
         exited_at: float | None = None
         while True:
             while chan.recv_ready():
                 out.feed(chan.recv(_READ_CHUNK))
+                if stop_when_full and out.dropped:
+                    return False
             while chan.recv_stderr_ready():
                 err.feed(chan.recv_stderr(_READ_CHUNK))
             now = time.monotonic()
@@ -344,7 +386,7 @@ class SshTransport:
             if conn.is_authenticated():
                 return
         which = str(self._key_file) if self._key_file else "ssh-agent and ~/.ssh/id_* keys"
-        raise InfraError(f"{self.name}: authentication failed for {self._where} with {which}")
+        raise AuthError(f"{self.name}: authentication failed for {self._where} with {which}")
 
     def _client_keys(self) -> list[paramiko.PKey]:
         if self._keys is not None:
