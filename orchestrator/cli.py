@@ -778,6 +778,9 @@ def preflight(
     else:
         g.out.print(pf.table(report))
         g.out.print("* est. ms: a roofline estimate (chip peak FLOP/s, HBM bandwidth), not a measurement")
+        step = pf.step_line(report)
+        if step:
+            g.out.print(step, markup=False)
         suggestion = pf.suggestion_line(report)
         if suggestion:
             g.out.print(suggestion, markup=False)
