@@ -185,14 +185,16 @@ def launch(
     overrides: Mapping[str, str] | None = None,
     force: bool = False,
     gate: bool = True,
+    flags: Mapping[str, str] | None = None,
 ) -> RunRecord:
     """Preflight (TPU targets, unless `gate` is off), then start the run on every worker; returns its saved
-    record as soon as every worker has a pid."""
-    env, overrides = dict(env or {}), dict(overrides or {})
+    record as soon as every worker has a pid. `env`: the secrets (`--secret`: a 0600 file on the workers,
+    never stored); `flags`: the `-e` values, which are not secret (stored, shown, exported)."""
+    env, overrides, flags = dict(env or {}), dict(overrides or {}), dict(flags or {})
     if gate:
-        preflight_gate(session, config, overrides, env)
+        preflight_gate(session, config, overrides, flags)
     return launch_ops.start_run(
-        session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force
+        session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force, flags=flags
     )
 
 
@@ -209,13 +211,13 @@ def wait(
 
 
 def reattach(record: RunRecord, env: Mapping[str, str]) -> None:
-    """Give a stored run its `-e` values again (never stored) before it is waited for or relaunched;
-    refuses, before anything is recreated, when one is missing (a relaunch could not give it to the job)."""
+    """Give a stored run its secrets again (never stored) before it is waited for or relaunched; refuses,
+    before anything is recreated, when one is missing (a relaunch could not give it to the job)."""
     missing = sorted(set(record.env_names) - set(env))
     if missing:
         raise UsageError(
-            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
-            "(-e NAME=VALUE; their values are secrets and never stored)"
+            f"run {record.run_id} was launched with --secret {', '.join(missing)}: pass them again "
+            "(" + " ".join(f"--secret {m}" for m in missing) + "; secret values are never stored)"
         )
     record.env = dict(env)
 

@@ -147,8 +147,9 @@ def strict_json(data: Any) -> Any:
     return data
 
 
-# Characters that mean something in Markdown (inline or at a line's start), and the table separator.
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+\-.!|~=])")
+# Characters that mean something inside a Markdown line (emphasis, code, links, HTML, table cells). Those
+# that matter only at a line's start (#, -, >, 1.) cannot: a cleaned string holds no line break.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
 
 
 def md(text: Any, max_chars: int = SCREEN_LINE) -> str:

@@ -50,7 +50,9 @@ def _decode(data: bytes | str, source: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise WorkerDataError(f"{source}: not UTF-8 text (byte {err.start})") from None
+        line = data[: err.start].count(b"\n") + 1
+        byte = data[err.start]
+        raise WorkerDataError(f"{source}: line {line}: not UTF-8 text (byte 0x{byte:02x})") from None
 
 
 def _is_number(value: Any) -> bool:

@@ -3,6 +3,7 @@ would type to do the same by hand (the report's step table shows it)."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import schema
 from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, step_id
 from orchestrator.sop.state import ReplayState, StepState
+from orchestrator.untrusted import md
 
 
 def plot_path(report_dir: Path, step: CompareStep) -> Path:
@@ -37,8 +39,9 @@ def command_line(
     overrides: Mapping[str, str],
     report_dir: Path,
 ) -> str:
-    """The grpoctl command that does what `step` does (never a secret: `-e` values show as ***)."""
-    ids = run_ids(sop, state)
+    """The grpoctl command that does what `step` does (secrets by name only: `--secret NAME`), shell-quoted
+    (shlex.join): pasting it runs what ran, whatever a value holds (`$(...)`, `;`, quotes)."""
+    ids = run_ids(sop, state) if isinstance(step, schema.WaitStep | schema.FetchStep | CompareStep) else {}
     args: list[str]
     if isinstance(step, schema.UpStep | schema.DownStep):
         args = [step.kind]
@@ -47,8 +50,9 @@ def command_line(
     elif isinstance(step, schema.EnvPushStep):
         args = ["env", "push", "--file", step.file]
     elif isinstance(step, RunStep):
-        args = ["run", step.config, *[f"--env {k}=***" for k in step.env]]
-        args += [f"--set {k}={v}" for k, v in {**step.set, **overrides}.items()]
+        args = ["run", step.config, *[a for k, v in step.env.items() for a in ("--env", f"{k}={v}")]]
+        args += [a for name in step.secrets for a in ("--secret", name)]
+        args += [a for k, v in {**step.set, **overrides}.items() for a in ("--set", f"{k}={v}")]
         args += ["--wait"] if step.wait else []
     elif isinstance(step, schema.WaitStep):
         args = ["status", ids.get(step.run, "?"), "--watch"]
@@ -59,7 +63,7 @@ def command_line(
         assert isinstance(step, CompareStep)
         args = ["compare", ids.get(step.a, "?"), ids.get(step.b, "?")]
         args += ["--plot", str(plot_path(report_dir, step))] if step.plot else []
-    return " ".join(["grpoctl", *(["--dry-run"] if dry_run else []), "--target", target, *args])
+    return shlex.join(["grpoctl", *(["--dry-run"] if dry_run else []), "--target", target, *args])
 
 
 def run_details(record: RunRecord) -> list[str]:
@@ -73,10 +77,11 @@ def run_details(record: RunRecord) -> list[str]:
         lines.append(f"{w.worker} ({w.host}): pid {w.pid}, {w.state}{code}")
     phase = watch_ops.phase_json(record)
     if phase is not None:
-        lines.append(f"last phase: {phase['text']}")
+        lines.append(f"last phase: {md(phase['text'])}")
+    # config hash and W&B URL come from the worker's log: escaped, they can never open a line of their own
     lines.append(
-        f"commit `{record.git_commit or 'unknown'}`, config hash `{record.config_hash or 'unknown'}`"
-        + (f", W&B {record.wandb_url}" if record.wandb_url else "")
+        f"commit {md(record.git_commit or 'unknown')}, config hash {md(record.config_hash or 'unknown')}"
+        + (f", W&B {md(record.wandb_url)}" if record.wandb_url else "")
     )
     for i, r in enumerate(record.recoveries, 1):
         lines.append(
@@ -110,7 +115,7 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
             lines.append(f"- {st.remote_commands} remote command(s) recorded")
         lines += [f"- {d}" for d in st.details]
         if st.error:
-            lines.append(f"- **error**: {st.error}")
+            lines.append(f"- **error**: {md(st.error)}")  # it may quote a worker's last log line
     runs = [(s.name, state.steps.get(step_id(s))) for s in sop.steps if isinstance(s, RunStep)]
     runs = [(name, st) for name, st in runs if st is not None and st.record]
     if runs:
@@ -124,11 +129,11 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         for name, st in runs:
             rec = RunRecord.from_json(st.record or {})
             pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
-            commit = f"`{rec.git_commit[:12]}`" if rec.git_commit else ""
-            config_hash = f"`{rec.config_hash}`" if rec.config_hash else ""
+            commit = md(rec.git_commit[:12]) if rec.git_commit else ""
+            config_hash = md(rec.config_hash) if rec.config_hash else ""
             lines.append(
                 f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
-                f"| {commit} | {config_hash} | {rec.wandb_url or ''} |"
+                f"| {commit} | {config_hash} | {md(rec.wandb_url or '')} |"
             )
     if state.summaries:
         names = list(state.summaries)
@@ -143,7 +148,7 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
         ]
         for key in sop.summary_keys:
             lines.append(
-                f"| `{key}` | " + " | ".join(cmp.fmt(state.summaries[n].get(key)) for n in names) + " |"
+                f"| `{key}` | " + " | ".join(md(cmp.fmt(state.summaries[n].get(key))) for n in names) + " |"
             )
     if state.comparison:
         lines += ["", "## Compare", "", state.comparison]
