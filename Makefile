@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 
 LAPTOP_VENV ?= /tmp/grpoctl-laptop-venv
 
-.PHONY: demo test lint bench venv clean mutate rehearsal laptop-test
+.PHONY: demo test lint venv clean mutate rehearsal laptop-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

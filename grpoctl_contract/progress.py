@@ -15,6 +15,11 @@ Every event may carry `step`/`total` (GRPO steps finished / planned, for readers
 `elapsed_s` (seconds since the trainer started), `eta_s` (seconds to `done`, compilation excluded, the
 remaining sweeps included; null while unknown) and `detail` (a short human string: the function being
 compiled, the checkpoint being loaded). `model_load` adds `bytes_done`/`bytes_total` while downloading.
+
+Every event of a trainer that keeps a time ledger also carries `ledger`: {"t0": unix seconds when the
+trainer started, "phase_s": {phase: seconds spent in it so far, compilation counted as phase `compile`
+whichever phase it happened in}, "resumed_from": the GRPO step it resumed from (0: a fresh start)}. The
+phase seconds add up to `elapsed_s`; the orchestrator's ledger (orchestrator/ledger.py) builds on them.
 """
 
 from __future__ import annotations
@@ -80,12 +85,16 @@ class Event:
     total: int | None = None
     elapsed_s: float | None = None
     eta_s: float | None = None
+    # Seconds until the current phase ends, while `eta_s` is still unknown (a warm start or the start sweep
+    # runs before the first GRPO step is timed): what `status` shows instead of `eta ?`.
+    phase_eta_s: float | None = None
     detail: str | None = None
     bytes_done: int | None = None
     bytes_total: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     summary: str | None = None
     info: dict[str, str] = field(default_factory=dict)
+    ledger: dict[str, Any] = field(default_factory=dict)  # {"t0", "phase_s", "resumed_from"} (see above)
 
     @property
     def done(self) -> bool:
@@ -113,6 +122,7 @@ def encode(ev: Event) -> str:
     optional = {
         "k": ev.k, "n": ev.n, "step": ev.step, "total": ev.total, "elapsed_s": ev.elapsed_s,
         "eta_s": None if ev.eta_s is None else round(max(ev.eta_s, 0.0), 1), "detail": ev.detail,
+        "phase_eta_s": None if ev.phase_eta_s is None else round(max(ev.phase_eta_s, 0.0), 1),
         "bytes_done": ev.bytes_done, "bytes_total": ev.bytes_total,
     }
     for key, value in optional.items():
@@ -120,6 +130,8 @@ def encode(ev: Event) -> str:
             out[key] = _finite(value)
     if ev.event == "done":
         out.setdefault("eta_s", 0.0)
+    if ev.ledger:
+        out["ledger"] = ev.ledger
     text = json.dumps(out, separators=(", ", ": "))
     assert text.startswith(PREFIX)
     return text
@@ -172,6 +184,7 @@ def decode(line: str) -> Event | None:
         total=total,
         elapsed_s=_float(data.get("elapsed_s")),
         eta_s=_float(data.get("eta_s")),
+        phase_eta_s=_float(data.get("phase_eta_s")),
         detail=detail if isinstance(detail, str) else None,
         bytes_done=_int(data.get("bytes_done")),
         bytes_total=_int(data.get("bytes_total")),
@@ -181,7 +194,17 @@ def decode(line: str) -> Event | None:
         else {},
         summary=data.get("summary") if isinstance(data.get("summary"), str) else None,
         info={str(k): str(v) for k, v in data["info"].items()} if isinstance(data.get("info"), dict) else {},
+        ledger=_ledger(data.get("ledger")),
     )
+
+
+def _ledger(value: Any) -> dict[str, Any]:
+    """The `ledger` field, its numbers checked (a foreign or damaged line gives {} rather than junk)."""
+    if not isinstance(value, dict) or not isinstance(value.get("phase_s"), dict):
+        return {}
+    phase_s = {str(k): v for k, v in value["phase_s"].items() if _float(v) is not None and v >= 0}
+    return {"t0": _float(value.get("t0")), "phase_s": phase_s,
+            "resumed_from": _int(value.get("resumed_from"))}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -231,6 +254,8 @@ def human(ev: Event) -> str:
         parts.append(", ".join(shown))
     if ev.eta_s is not None and not ev.done:
         parts.append(f"eta {fmt_duration(ev.eta_s)}")
+    elif ev.phase_eta_s is not None and not ev.done:
+        parts.append(f"{label(ev.phase)} eta {fmt_duration(ev.phase_eta_s)}")
     if ev.summary:
         parts.append(f"summary {ev.summary}")
     return f"[trainer{when}] " + " | ".join(parts)

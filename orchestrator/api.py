@@ -6,6 +6,7 @@ callbacks (the session's `say`, `on_stage`, `on_poll`, `on_round`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
-from orchestrator import untrusted
+from orchestrator import untrusted, validate
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -92,10 +93,20 @@ class Sessions:
             raise UsageError("no runs yet (grpoctl run CONFIG)")
         return records[0]
 
-    def for_run(self, run_id: str | None) -> tuple[Session, RunRecord]:
-        """A run and a session on the target it was launched on (not --target)."""
-        record = self.record(run_id)
+    def for_run(self, run_id: str | None, *, finished: bool = False) -> tuple[Session, RunRecord]:
+        """A run and a session on the target it was launched on (not --target). Without an id: the latest
+        run, or with `finished` the latest that SUCCEEDED (what `fetch` takes)."""
+        record = self.latest_finished() if finished and not run_id else self.record(run_id)
         return self.get(record.target), record
+
+    def latest_finished(self, scan: int = 200) -> RunRecord:
+        self.get()
+        records = self.store.list(limit=scan)
+        done = next((r for r in records if r.state == "SUCCEEDED"), None)
+        if done is None:
+            latest = f" (the latest, {records[0].run_id}, is {records[0].state})" if records else ""
+            raise UsageError(f"no finished run to fetch{latest}: name one, or wait for it (grpoctl status)")
+        return done
 
     def close(self) -> None:
         for session in {id(s): s for s in self._open.values()}.values():
@@ -145,7 +156,12 @@ def machine_line(session: Session) -> str | None:
         return f"target {session.target_name}: state unknown ({err})"
     shown = [k for k in ("health", "workers", "queued_resource") if k in st.details]
     extra = ", ".join(f"{k} {st.details[k]}" for k in shown)
-    return f"target {session.target_name}: {st.state}" + (f" ({extra})" if extra else "")
+    autodelete = getattr(session.target, "autodelete_line", lambda: None)() if st.state == "READY" else None
+    return (
+        f"target {session.target_name}: {st.state}"
+        + (f" ({extra})" if extra else "")
+        + (f"; {autodelete}" if autodelete else "")
+    )
 
 
 def sync(
@@ -170,11 +186,31 @@ def preflight_gate(
     session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]
 ) -> pf.Gate | None:
     """TPU targets: compile the run here for the target's chip before anything is paid for (UsageError when
-    it cannot fit); None for targets without a TPU."""
+    it cannot fit); None for targets without a TPU. A dry run never compiles (cached reports only)."""
     if session.kind != "tpu":
         return None
     accelerator = session.target_cfg.accelerator_type  # type: ignore[union-attr]
-    return pf.gate(config, overrides=overrides, env=env, accelerator=accelerator, say=session.say)
+    return pf.gate(
+        config,
+        overrides=overrides,
+        env=env,
+        accelerator=accelerator,
+        say=session.say,
+        dry_run=session.dry_run,
+    )
+
+
+def check_run(session: Session, config: str, overrides: Mapping[str, str], env: Mapping[str, str]) -> str:
+    """The run's config and `--set` overrides checked here, before anything remote (validate.py); returns
+    the config path as the workers spell it."""
+    return validate.check_run(
+        config,
+        overrides=overrides,
+        env=env,
+        repo_url=session.repo.url,
+        branch=session.repo.branch,
+        target_kind=session.kind,
+    )
 
 
 def launch(
@@ -187,10 +223,12 @@ def launch(
     gate: bool = True,
     flags: Mapping[str, str] | None = None,
 ) -> RunRecord:
-    """Preflight (TPU targets, unless `gate` is off), then start the run on every worker; returns its saved
-    record as soon as every worker has a pid. `env`: the secrets (`--secret`: a 0600 file on the workers,
-    never stored); `flags`: the `-e` values, which are not secret (stored, shown, exported)."""
+    """Check the config here (validate.py), preflight (TPU targets, unless `gate` is off), then start the
+    run on every worker; returns its saved record as soon as every worker has a pid. `env`: the secrets
+    (`--secret`: a 0600 file on the workers, never stored); `flags`: the `-e` values, which are not secret
+    (stored, shown, exported)."""
     env, overrides, flags = dict(env or {}), dict(overrides or {}), dict(flags or {})
+    config = check_run(session, config, overrides, flags)  # the env flags switch config keys on
     if gate:
         preflight_gate(session, config, overrides, flags)
     return launch_ops.start_run(
@@ -280,12 +318,22 @@ def watch_status(
 
 
 def log_text(
-    session: Session, record: RunRecord, *, worker: int = 0, lines: int = 200, env_file: str = ".env"
+    session: Session,
+    record: RunRecord,
+    *,
+    worker: int = 0,
+    lines: int = 200,
+    env_file: str = ".env",
+    events: bool = False,
 ) -> str:
-    """The tail of a worker's log, every secret value (local `.env`, the worker's, `-e`) redacted, and
-    made safe for a terminal (worker text is data, never terminal control: untrusted.clean_text)."""
+    """The last `lines` human lines of a worker's log (with `events`: its JSON event lines instead), every
+    secret value (local `.env`, the worker's, `-e`) redacted, and made safe for a terminal (worker text is
+    data, never terminal control: untrusted.clean_text)."""
     redact = _redactor(session, record, worker, env_file)
-    return untrusted.clean_text(redact(logs_ops.tail(session.target, record, worker=worker, lines=lines)))
+    # Most events have a human twin: read enough raw lines that `lines` remain once one kind is dropped.
+    raw = logs_ops.tail(session.target, record, worker=worker, lines=lines * 2 + 20)
+    kept = logs_ops.select(raw, events=events).splitlines(keepends=True)
+    return untrusted.clean_text(redact("".join(kept[-lines:] if lines else [])))
 
 
 def follow_log(
@@ -295,13 +343,33 @@ def follow_log(
     *,
     worker: int = 0,
     env_file: str = ".env",
+    events: bool = False,
 ) -> str:
-    """Stream a worker's log (redacted, made safe for a terminal) to `emit` until the run ends there;
-    returns its final state."""
+    """Stream a worker's log (redacted, made safe for a terminal; human lines, or with `events` the JSON
+    event lines) to `emit` until the run ends there; returns its final state."""
     redact = _redactor(session, record, worker, env_file)
-    return logs_ops.follow(
-        session.target, record, lambda text: emit(untrusted.clean_text(redact(text))), worker=worker
-    )
+
+    def shown(text: str) -> None:
+        picked = logs_ops.select(text, events=events)
+        if picked:
+            emit(untrusted.clean_text(redact(picked)))
+
+    return logs_ops.follow(session.target, record, shown, worker=worker)
+
+
+def final_summary(session: Session, record: RunRecord) -> dict[str, Any]:
+    """A finished run's summary.json as worker 0 holds it (best effort: {} when it cannot be read)."""
+    from orchestrator.ops.env import absolute_remote_dir
+
+    if record.state != "SUCCEEDED":
+        return {}
+    try:
+        t = session.target.transports()[0]
+        data = t.get(f"{absolute_remote_dir(t, record.remote_dir)}/{record.run_dir}/{rundir.SUMMARY}")
+        summary = json.loads(data)
+    except (GrpoctlError, OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _redactor(session: Session, record: RunRecord, worker: int, env_file: str) -> Callable[[str], str]:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -25,7 +26,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, recipes, render, untrusted
+from orchestrator import api, initfile, recipes, render, untrusted
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, JobFailed, UsageError
@@ -178,9 +179,21 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from orchestrator.doctor import version
+
+        print(f"grpoctl {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print every remote command; touch nothing.")
     ] = False,
@@ -196,6 +209,7 @@ def main_options(
         bool, typer.Option("--accept-new-host-key", help="Trust an unknown SSH host key on first use.")
     ] = False,
 ) -> None:
+    del version  # handled by its callback
     ctx.obj = Globals(dry_run, json_out, verbose, target, config_file, accept_new_host_key)
 
 
@@ -262,11 +276,84 @@ def _confirm(question: str) -> None:
 
 @app.command()
 @handle_errors
+def init(
+    ctx: typer.Context,
+    project: Annotated[str | None, typer.Option(help="GCP project of the TPU target (else asked).")] = None,
+    zone: Annotated[str | None, typer.Option(help=f"Zone (default {initfile.DEFAULT_ZONE}).")] = None,
+    accelerator: Annotated[
+        str | None, typer.Option(help=f"Accelerator type (default {initfile.DEFAULT_ACCELERATOR}).")
+    ] = None,
+    repo_url: Annotated[str | None, typer.Option(help="What the VMs clone (default: origin).")] = None,
+    name: Annotated[str | None, typer.Option(help="The TPU node's name (default grpoctl-ACCEL).")] = None,
+    api_endpoint: Annotated[str | None, typer.Option(help="A private Cloud TPU API endpoint.")] = None,
+    local_only: Annotated[bool, typer.Option("--local-only", help="Only the local target.")] = False,
+) -> None:
+    """Write a commented grpoctl.yaml (the `local` target, plus a TPU target); never overwrites one."""
+    g = _globals(ctx)
+    path = g.config_file or "grpoctl.yaml"
+    if Path(path).exists():  # before asking anything
+        raise UsageError(f"{path} already exists: edit it, or move it away and run `grpoctl init` again")
+    ask = sys.stdin.isatty() and not local_only
+    if project is None and ask:
+        project = typer.prompt("GCP project of a TPU target (empty: local target only)", default="") or None
+    if project and ask:
+        zone = zone or typer.prompt("zone", default=initfile.DEFAULT_ZONE)
+        accelerator = accelerator or typer.prompt("accelerator type", default=initfile.DEFAULT_ACCELERATOR)
+        repo_url = repo_url or typer.prompt("repo URL the VM clones (empty: origin)", default="") or None
+    answers = initfile.Answers(
+        project=None if local_only else project,
+        zone=zone or initfile.DEFAULT_ZONE,
+        accelerator=accelerator or initfile.DEFAULT_ACCELERATOR,
+        repo_url=repo_url,
+        name=name,
+        api_endpoint=api_endpoint,
+    )
+    written = initfile.write(answers, path)
+    if g.json:
+        g.emit_json({"written": str(written), "targets": ["local", *(["tpu"] if answers.project else [])]})
+        return
+    g.out.print(f"wrote {written}")
+    g.say("next: grpoctl doctor")
+
+
+@app.command()
+@handle_errors
+def doctor(
+    ctx: typer.Context,
+    config: Annotated[
+        list[str], typer.Option("--config", "-c", help="Trainer configs to check .env against (repeatable).")
+    ] = [],  # noqa: B006
+    env_file: Annotated[str, typer.Option(help="The .env to check.")] = ".env",
+    json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
+) -> None:
+    """Check this laptop, the config and each target (credentials, API, accelerator, SSH key, .env, repo,
+    libtpu, jax): one line each with the fix; exit 0 only when nothing fails."""
+    from orchestrator import doctor as doc
+
+    g = _globals(ctx)
+    checks = doc.doctor(g.config_file, g.target, env_file=env_file, configs=config)
+    if g.json or json_out:
+        g.emit_json(doc.to_json(checks))
+    else:
+        for check in checks:
+            g.out.print(check.line(), markup=False)
+    bad = doc.failed(checks)
+    if bad:
+        if not (g.json or json_out):
+            g.say(f"{len(bad)} check(s) failed")
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
 def up(ctx: typer.Context) -> None:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     g = _globals(ctx)
     with g.sessions() as sessions:
-        t = api.up(sessions.get())
+        session = sessions.get()
+        if session.config.source == "<embedded default>" and not g.target:
+            g.say("no grpoctl.yaml here: using the built-in `local` target (`grpoctl init` writes one)")
+        t = api.up(session)
     if g.json:
         g.emit_json({"target": t.target, "state": t.state, "details": t.details})
     else:
@@ -422,10 +509,13 @@ def run(
                 api.wait(session, record, policy, interval=interval, on_poll=on_poll)
         finally:
             if g.json:
-                g.emit_json(render.status_json(record))
+                g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
-                g.out.print(f"{record.run_id} {record.state}{made_up}")
+                accuracy = render.accuracy_text(api.final_summary(session, record))
+                g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
+                if record.state == "SUCCEEDED":
+                    g.say(f"next: grpoctl fetch {record.run_id}")
 
 
 @app.command()
@@ -448,14 +538,22 @@ def status(
 
     def show(round_: api.StatusRound) -> None:
         records = round_.records
+        prices = sessions.get().config.prices
         if g.json:
             g.emit_json(
-                [render.status_json(r) for r in records] if not run_id else render.status_json(records[0])
+                [render.status_json(r, prices) for r in records]
+                if not run_id
+                else render.status_json(records[0], prices)
             )
         else:
             parts = [round_.machine] if round_.machine else []
-            identity = [Text(line) for line in render.identity_lines(records[0])] if run_id else []
-            view = Group(*parts, render.runs_table(records, bars=g.out.is_terminal), *identity)
+            identity = []
+            if run_id:
+                lines = render.details(records[0]) + render.run_ledger(records[0], prices).lines()
+                identity = [Text(line) for line in lines]
+            bars = g.out.is_terminal and g.out.width >= 120  # 80 columns: one line a run, no bars
+            table = render.runs_table(records, bars=bars, width=g.out.width)
+            view = Group(*parts, table, *identity)
             if live is not None:  # a terminal: redraw in place
                 live.update(view, refresh=True)
             else:
@@ -518,17 +616,21 @@ def logs(
     worker: Annotated[int, typer.Option("--worker", "-w", help="Worker index.")] = 0,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of tail without --follow.")] = 200,
     env_file: Annotated[str, typer.Option(help="Values from this file are redacted.")] = ".env",
+    events: Annotated[
+        bool, typer.Option("--events", help="The trainer's JSON event lines instead of the human lines.")
+    ] = False,
 ) -> None:
-    """Print a worker's log of a run (values from the local .env redacted)."""
+    """Print a worker's log of a run: the human lines (values from the local .env redacted)."""
     g = _globals(ctx)
     with g.sessions() as sessions:
         session, record = sessions.for_run(run_id)
         if follow:
             emit = functools.partial(g.out.out, end="")
-            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file)
+            state = api.follow_log(session, record, emit, worker=worker, env_file=env_file, events=events)
             g.say(f"{record.run_id} on w{worker}: {state}")
         else:
-            sys.stdout.write(api.log_text(session, record, worker=worker, lines=lines, env_file=env_file))
+            text = api.log_text(session, record, worker=worker, lines=lines, env_file=env_file, events=events)
+            sys.stdout.write(text)
 
 
 @app.command()
@@ -543,7 +645,7 @@ def stop(
         session, record = sessions.for_run(run_id)
         said = api.stop(session, record)
     g.emit_json({"run_id": record.run_id, "workers": said, "state": record.state}) if g.json else g.out.print(
-        f"{record.run_id}: {record.state}"
+        f"{record.run_id}: {render.state_text(record)}"
     )
 
 
@@ -551,7 +653,9 @@ def stop(
 @handle_errors
 def fetch(
     ctx: typer.Context,
-    run_ids: Annotated[list[str], typer.Argument(help="Run ids (default: the latest run).")] = None,  # type: ignore[assignment]
+    run_ids: Annotated[
+        list[str], typer.Argument(help="Run ids (default: the latest run that SUCCEEDED).")
+    ] = None,  # type: ignore[assignment]
     dest: Annotated[str, typer.Option(help="Local folder for runs/<run-id>/.")] = "runs",
     keys: Annotated[str | None, typer.Option(help="Comma-separated summary keys to print.")] = None,
 ) -> None:
@@ -559,7 +663,7 @@ def fetch(
     g = _globals(ctx)
     chosen = _keys(keys) or list(cmp.SOP_KEYS)
     with g.sessions() as sessions:
-        results = [api.fetch(*sessions.for_run(run_id), dest) for run_id in run_ids or [None]]
+        results = [api.fetch(*sessions.for_run(run_id, finished=True), dest) for run_id in run_ids or [None]]
     if g.json:
         g.emit_json(
             [

@@ -309,14 +309,23 @@ def check_plot_path(out: str | Path) -> Path:
     return out
 
 
-def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
-    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
-    out = check_plot_path(out)
-    import matplotlib
-
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only backend; matplotlib is the `plot` extra, not a base dependency."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib, which this install lacks: pip install 'grpoctl[plot]'") \
+            from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
+    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
+    out = check_plot_path(out)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):
         drawn = False

@@ -7,17 +7,24 @@ embedded default applies (one `local` target: this machine plays the VM).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from orchestrator.errors import UsageError
 
 CONFIG_ENV = "GRPOCTL_CONFIG"
 TARGET_ENV = "GRPOCTL_TARGET"
 DEFAULT_CONFIG_NAME = "grpoctl.yaml"
+
+
+# The Cloud TPU API's rules for node / queued-resource ids and for labels: checked here, before any call.
+TPU_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 
 
 class _Strict(BaseModel):
@@ -87,6 +94,30 @@ class TpuTargetConfig(_Strict):
     # keep retrying SSH auth this long while a new key propagates
     auth_retry_s: float = Field(default=60.0, ge=0)
     poll_s: float = Field(default=5.0, gt=0)  # API polling interval while waiting
+    # A node grpoctl created deletes itself after this long without a grpoctl job (0 = never; nodes
+    # grpoctl did not create never do): grpoctl_contract/watchdog.py, started by `up`.
+    autodelete_after_idle_s: float = Field(default=1800.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not TPU_NAME_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid TPU name: 1-63 lowercase letters, digits and hyphens, starting with a "
+                "letter and not ending with a hyphen"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_shape(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+                raise ValueError(
+                    f"label {key}={value!r}: keys and values are at most 63 lowercase letters, digits, "
+                    "_ and -, keys start with a letter"
+                )
+        return v
 
     @field_validator("zone")
     @classmethod
@@ -94,6 +125,30 @@ class TpuTargetConfig(_Strict):
         parts = v.split("-")
         if len(parts) != 3 or not parts[2] or not all(p.isalnum() for p in parts):
             raise ValueError(f"zone {v!r} is not of the form region-name-zone, e.g. us-east1-d")
+        return v
+
+
+class PriceConfig(_Strict):
+    """USD per chip-hour (per host for `host`: local and ssh targets), for the ledger's cost estimate."""
+
+    on_demand: float | None = Field(default=None, ge=0)
+    spot: float | None = Field(default=None, ge=0)
+
+
+class NotifyConfig(_Strict):
+    """Where run events go (orchestrator/notify.py). The webhook URL is a secret: in the file as `webhook`,
+    or named by `webhook_env` (an environment variable holding it) to keep it out of the file."""
+
+    webhook: SecretStr | None = None  # Slack-compatible incoming webhook: POST {"text": ...}
+    webhook_env: str | None = None
+    command: str | None = None  # run by the shell; the message as JSON on stdin and in GRPOCTL_MESSAGE
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_shape(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL (its value is not shown: it is a secret)")
         return v
 
 
@@ -110,6 +165,10 @@ class GrpoctlConfig(_Strict):
     # A RUNNING job whose log has not grown for this long shows as STALLED (stopped, hung, deadlocked).
     # The first step of a big model compiles for minutes without a word: keep it well above that.
     stall_after_s: float = Field(default=1800.0, gt=0)
+    # Per accelerator family (v6e, v5e, v5p, v4; `host` for local/ssh targets): replaces the ledger's list
+    # prices (orchestrator/ledger.py) in cost estimates.
+    prices: dict[str, PriceConfig] = {}
+    notify: NotifyConfig | None = None
     source: str = "<embedded default>"  # where this config came from (not a YAML key)
 
     def target(self, name: str | None = None) -> tuple[str, TargetConfig]:
@@ -128,6 +187,8 @@ class GrpoctlConfig(_Strict):
                 raise UsageError(
                     f"{self.source}: default_target {chosen!r} is not one of the targets (known: {known})"
                 )
+        if chosen == "local" and chosen not in self.targets:  # this machine is always a target
+            return chosen, LocalTargetConfig()
         if chosen not in self.targets:
             raise UsageError(f"unknown target {chosen!r} (known: {known}) in {self.source}")
         return chosen, self.targets[chosen]

@@ -34,6 +34,11 @@ class HostKeyError(InfraError):
     """The server's host key is unknown or does not match the pinned fingerprint."""
 
 
+class AuthError(InfraError):
+    """The SSH server refused every key we offered (the key not there yet, the wrong user, root refused
+    by the image, OS Login)."""
+
+
 class PreemptedError(InfraError):
     """The TPU node was preempted (or vanished) under a running job."""
 

@@ -23,9 +23,17 @@ def phase_line(state: str, progress: RunProgress | None) -> str:
     if progress is None:
         return state
     text = progress.text
-    if not progress.done and state not in ("SUCCEEDED", "FAILED", "LOST"):
-        text += f", eta {fmt_duration(progress.eta_s)}"
+    if not progress.done and state not in ("SUCCEEDED", "FAILED", "LOST", "STOPPED"):
+        text += f", {eta_text(progress.eta_s, progress.phase_eta_s)}"
     return text
+
+
+def eta_text(eta_s: float | None, phase_eta_s: float | None) -> str:
+    """`eta 1:20`; before the run's ETA is known (warm start, start sweep), the phase's own: `phase eta
+    0:40`; `eta ?` without either."""
+    if eta_s is None and phase_eta_s is not None:
+        return f"phase eta {fmt_duration(phase_eta_s)}"
+    return f"eta {fmt_duration(eta_s)}"
 
 
 class PhaseView:

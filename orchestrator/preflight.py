@@ -71,6 +71,10 @@ class PreflightUnavailable(InfraError):
     """This host cannot compile for a TPU (no jax/libtpu, an unsupported platform, an old trainer)."""
 
 
+class NotCached(PreflightUnavailable):
+    """`--dry-run`: no cached report, and a dry run never compiles (a 3B model takes many minutes)."""
+
+
 @dataclass(frozen=True)
 class FunctionReport:
     """One compiled function, per chip (bytes), as the trainer reports it."""
@@ -287,8 +291,10 @@ def run(
     use_cache: bool = True,
     timeout_s: float | None = None,
     say: Callable[[str], None] = lambda _: None,
+    cached_only: bool = False,
 ) -> Report:
     """The preflight report of `config` (a path relative to `cwd`, the laptop's checkout), fitting or not.
+    With `cached_only` (a dry run) nothing compiles: a cached report or `NotCached`.
 
     Raises `UsageError` for a bad config or accelerator (the trainer's one line), `PreflightUnavailable`
     when this host cannot compile for a TPU, `InfraError` when the preflight itself breaks.
@@ -308,12 +314,14 @@ def run(
     cached = cache_dir() / f"{key}.json"
     refused = cached.with_suffix(".refused")  # XLA's own "no": no report, but just as definite
     if use_cache and refused.is_file():
-        raise UsageError(refused.read_text().strip() + " [cached]")
+        raise UsageError(refused.read_text(encoding="utf-8").strip() + " [cached]")
     if use_cache and cached.is_file():
         try:
-            return Report.from_json(json.loads(cached.read_text()), cached=True)
+            return Report.from_json(json.loads(cached.read_text(encoding="utf-8")), cached=True)
         except (ValueError, KeyError, TypeError):
             pass  # a torn or old entry: compile again
+    if cached_only:
+        raise NotCached(f"no cached preflight of {config} for {accelerator}")
     argv = [
         p.python,
         "-m",
@@ -360,7 +368,7 @@ def _write(path: Path, text: str) -> None:
     """Atomically: a preflight running beside this one never reads half an entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -463,17 +471,32 @@ def gate(
     accelerator: str,
     say: Callable[[str], None] = lambda _: None,
     cwd: str | Path | None = None,
+    dry_run: bool = False,
 ) -> Gate:
     """Before paying for a node: the report when the run fits; `UsageError` (exit 2, nothing remote
     touched) when it cannot; no report, after one line, when this host cannot run the preflight (or the
-    config is not in this folder: a run may name a config that only the remote checkout has)."""
+    config is not in this folder: a run may name a config that only the remote checkout has). A dry run
+    never compiles: it takes a cached report, else says the `grpoctl preflight` command it would run."""
     folder = Path(cwd) if cwd is not None else Path.cwd()
     if not (folder / config).is_file():
         line = f"preflight skipped: {config} is not in {folder.resolve()}; going on without it"
         say(line)
         return Gate(None, line)
     try:
-        report = run(config, overrides=overrides, env=env, accelerator=accelerator, say=say, cwd=folder)
+        report = run(
+            config,
+            overrides=overrides,
+            env=env,
+            accelerator=accelerator,
+            say=say,
+            cwd=folder,
+            cached_only=dry_run,
+        )
+    except NotCached:
+        by_hand = command(config, accelerator, overrides or {}, env or {})
+        line = f"preflight not run (a dry run never compiles; nothing cached): `{by_hand}` compiles it"
+        say(line)
+        return Gate(None, line)
     except PreflightUnavailable as err:
         line = f"{err}; going on without it"
         say(line)

@@ -36,6 +36,9 @@ EXIT_EXISTS = 73  # the run's log file already exists
 EXIT_NOT_CHECKOUT = 65  # remote_dir holds something that is not grpoctl's checkout: refused, untouched
 EXIT_REFUSED = EXIT_NOT_CHECKOUT  # sync refuses to overwrite or delete a user's files
 EXIT_NO_PYTHON = 69  # no python >= 3.11 on the worker
+EXIT_NO_CHECKOUT = 66  # launch: the checkout is not there yet (`grpoctl sync` first)
+EXIT_NO_CONFIG = 67  # launch: the config is not in the worker's checkout
+EXIT_NO_TOOL = 68  # launch: the worker lacks setsid or flock (macOS without util-linux)
 
 # What grpoctl itself writes inside the checkout (run outputs, the venv, the secrets file): these may be
 # present when a folder is adopted, and sync never counts them as the user's changes.
@@ -182,16 +185,29 @@ def parse_head(stdout: str) -> str | None:
 
 
 BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
+BOOTSTRAP_REQUIREMENTS = "logs/requirements.txt"  # what the bootstrap installs besides the checkout
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
 
 
 @_recipe
 def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
-    """A python >= 3.11 venv at `<checkout>/.venv` with `pip install -e .[extras]`; prints PYTHON=.
+    """A python >= 3.11 venv at `<checkout>/.venv` with the checkout and its extras; prints PYTHON=.
 
+    The checkout goes in with `--no-deps` and then only the extras' requirements (listed from
+    pyproject.toml by grpoctl_contract.requirements): a worker gets the trainer, not the laptop stack of
+    the base install (typer, paramiko, the Cloud TPU client, matplotlib). No extras: `pip install -e .`.
     Prints `STAGE=k/n label` as each stage begins (the caller streams them into a progress bar); pip's
     output lands in `logs/bootstrap.log` on the worker (kept by `git clean`)."""
     spec = q(".[{}]".format(",".join(extras)) if extras else ".")
+    if extras:
+        install = [
+            "step .venv/bin/python -m pip install --no-deps -e .",
+            f"step .venv/bin/python -m grpoctl_contract.requirements {q(','.join(extras))} "
+            f"--out {q(BOOTSTRAP_REQUIREMENTS)}",
+            f"step .venv/bin/python -m pip install -r {q(BOOTSTRAP_REQUIREMENTS)}",
+        ]
+    else:
+        install = ["step .venv/bin/python -m pip install -e ."]
     n = len(BOOTSTRAP_STAGES)
     stage = [f"echo {q(f'STAGE={k}/{n} {label}')}" for k, label in enumerate(BOOTSTRAP_STAGES, 1)]
     return _script(
@@ -209,7 +225,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         # pip's full output goes to a log on the worker (what was installed, from where); a failure shows
         # its tail, the success path prints only the stages and PYTHON=.
         f"LOG={q(BOOTSTRAP_LOG)}",
-        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): pip install -e "{spec} > "$LOG"',
+        f'echo "bootstrap $(date -u +%FT%TZ) on $(hostname): install "{spec} > "$LOG"',
         "if [ -x .venv/bin/python ]; then",
         '  echo "venv .venv exists: reused" >> "$LOG"',
         "else",
@@ -225,7 +241,7 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
         stage[1],
         "step .venv/bin/python -m pip install --upgrade pip",
         stage[2],
-        f"step .venv/bin/python -m pip install -e {spec}",
+        *install,
         'echo "PYTHON=$PWD/.venv/bin/python"',
     )
 
@@ -430,7 +446,13 @@ def launch(
     # A refused launch leaves no secrets file behind.
     refuse = f"rm -f -- {q(paths.env)} {q(paths.env_loader)}; " if env_file else ""
     return _script(
-        f"cd {qpath(repo_dir)}",
+        # Refusals before anything starts: no checkout yet (a secrets file put here made the folder, not a
+        # clone), no config in it, no setsid/flock (macOS without util-linux would otherwise read "busy").
+        f"cd {qpath(repo_dir)} 2>/dev/null || exit {EXIT_NO_CHECKOUT}",
+        f"[ -e .git ] || {{ {refuse}exit {EXIT_NO_CHECKOUT}; }}",
+        f"[ -f {q(config)} ] || {{ {refuse}exit {EXIT_NO_CONFIG}; }}",
+        "for tool in setsid flock; do command -v $tool >/dev/null 2>&1 || "
+        f'{{ {refuse}echo "MISSING=$tool"; exit {EXIT_NO_TOOL}; }}; done',
         "mkdir -p logs runs",
         _ALIVE_FN,
         f"exec 9>> {q(LAUNCH_LOCK)}",
@@ -453,6 +475,10 @@ def launch(
         "done",
         f'echo "PID=$(cat {q(paths.pid)} 2>/dev/null || true)"',
     )
+
+
+def parse_missing_tool(stdout: str) -> str | None:
+    return _last_value(stdout, "MISSING")
 
 
 def parse_pid(stdout: str) -> int | None:
@@ -520,7 +546,9 @@ class Progress:
     bytes_done: int | None = None
     bytes_total: int | None = None
     reported_eta_s: float | None = None
+    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
     legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
     def text(self) -> str:
@@ -591,7 +619,9 @@ def parse_progress_line(line: str) -> Progress | None:
         bytes_done=ev.bytes_done,
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
+        ledger=ev.ledger or None,
         legacy=legacy,
+        phase_eta_s=ev.phase_eta_s,
     )
 
 

@@ -58,6 +58,10 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
         "reason": reason,
         "step": (record.last_progress or {}).get("step"),
         "previous_log": record.log_path,
+        # The ended attempt, for the time ledger: when it was launched and seen gone, its trainer's split.
+        "attempt_launched_at_s": record.launched_at_s,
+        "detected_at_s": record.ended_at_s or time.time(),
+        "attempt_ledger": (record.last_progress or {}).get("ledger"),
     }
     target = session.target
     if kind == "preemption":
@@ -77,6 +81,7 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
     record.state, record.finished_at = "LAUNCHING", None
     launch_ops.launch(target, record)
     entry["log"] = record.log_path
+    entry["relaunched_at_s"] = record.launched_at_s
     record.recoveries.append(entry)
     session.store.save(record)
     session.say(f"{record.run_id}: relaunched ({kind} #{len(record.recoveries)}), log {record.log_path}")

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -11,9 +14,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from grpoctl_contract.progress import fmt_duration
+from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
-from orchestrator.phaseview import PhaseView
+from orchestrator.phaseview import PhaseView, eta_text
 from orchestrator.runs import RunRecord
 
 
@@ -22,7 +25,8 @@ def quiet_s(record: RunRecord) -> int:
 
 
 def progress_text(record: RunRecord) -> str:
-    """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA."""
+    """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA (the
+    phase's own while the run's is unknown: a warm start, the start sweep)."""
     phase = watch_ops.phase_json(record)
     if record.state == "STALLED":
         at = f" at {phase['text']}" if phase else ""
@@ -32,7 +36,24 @@ def progress_text(record: RunRecord) -> str:
     if record.is_terminal:
         p = record.last_progress or {}
         return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
-    return f"{phase['text']} eta {fmt_duration(phase['eta_s'])}"
+    return f"{phase['text']} {eta_text(phase['eta_s'], phase.get('phase_eta_s'))}"
+
+
+# Exit codes of a job ended by `grpoctl stop` (TERM, then KILL after the grace period): 128 + signal.
+STOPPED_CODES = frozenset({128 + signal.SIGTERM, 128 + signal.SIGKILL})
+
+
+def state_text(record: RunRecord) -> str:
+    """RUNNING, SUCCEEDED, FAILED(code), STOPPED (a run `grpoctl stop` ended), ..."""
+    failed = [w for w in record.workers if w.state == "FAILED"]
+    if record.state == "STOPPED" or (
+        record.state == "FAILED" and failed and all(w.exit_code in STOPPED_CODES for w in failed)
+    ):
+        return "STOPPED"
+    if record.state == "FAILED" and failed:  # the cause, not a peer stopped because of it (143)
+        cause = next((w for w in failed if w.exit_code not in STOPPED_CODES), failed[0])
+        return f"FAILED({cause.exit_code})"
+    return str(record.state)
 
 
 def phase_bar(record: RunRecord) -> ProgressBar | str:
@@ -42,28 +63,59 @@ def phase_bar(record: RunRecord) -> ProgressBar | str:
     return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
 
 
-def runs_table(records: list[RunRecord], *, bars: bool = False) -> Table:
+def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | None = None) -> Table:
+    """One line a run in `width` columns (80 is enough): run id (never cut: every command takes it), state
+    and progress (cut with an ellipsis, never wrapped); the target only when the runs have several. The
+    rest (workers, log, commit) is `status RUN`'s (`details`). `bars`: a wide terminal's phase bars."""
+    several = len({r.target for r in records}) > 1
+    states = [state_text(r) for r in records]
+    widths = {
+        "run id": max((len(r.run_id) for r in records), default=6),
+        "target": min(max((len(r.target) for r in records), default=6), 12) if several else 0,
+        "state": max([9, *map(len, states)]),  # SUCCEEDED, FAILED(n), STOPPED
+        "phase": 16 if bars else 0,
+    }
+    shown = [name for name, w in widths.items() if w]
+    used = sum(widths.values()) + 2 * len(shown)  # two spaces between columns
     table = Table(box=None, pad_edge=False)
-    # Narrow terminals squeeze the log path, never the run id (what every other command takes).
-    table.add_column("run id", no_wrap=True, min_width=max((len(r.run_id) for r in records), default=6))
-    table.add_column("target")
-    table.add_column("state", no_wrap=True, min_width=9)
-    if bars:  # a terminal: the current phase's own bar
-        table.add_column("phase", no_wrap=True)
-    for col in ("progress", "workers", "log"):
-        table.add_column(col)
-    for r in records:
-        workers = " ".join(
-            f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}" for w in r.workers
-        )
-        state = r.state
-        failed = [w for w in r.workers if w.state == "FAILED"]
-        if state == "FAILED" and failed:
-            state = f"FAILED({failed[0].exit_code})"
-        cells = [r.run_id, r.target, state, *([phase_bar(r)] if bars else []), progress_text(r)]
+    for name in shown:
+        table.add_column(name, no_wrap=True, min_width=widths[name], overflow="ellipsis")
+    left = max(width - used, 4) if width else None
+    table.add_column("progress", no_wrap=True, overflow="ellipsis", width=left)
+    for r, state in zip(records, states, strict=True):
+        cells = [r.run_id, *([r.target] if several else []), state, *([phase_bar(r)] if bars else [])]
         # Text, not markup: phase and detail are worker text (a `[link=...]` in them stays text)
-        table.add_row(*(Text(c) if isinstance(c, str) else c for c in [*cells, workers, r.log_path]))
+        table.add_row(*(Text(c) if isinstance(c, str) else c for c in [*cells, progress_text(r)]))
     return table
+
+
+def accuracy_text(summary: dict[str, Any]) -> str:
+    """`  accuracy 0.086 -> 0.168` (the full eval sweep before GRPO step 1 -> after the last step), or the
+    end alone; `` without one."""
+    end, start = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
+    if not isinstance(end, int | float):
+        return ""
+    if isinstance(start, int | float):
+        return f"  accuracy {start:.3f} -> {end:.3f}"
+    return f"  accuracy {end:.3f}"
+
+
+def details(record: RunRecord) -> list[str]:
+    """`status RUN`: everything about one run, a line each (what the one-line table leaves out)."""
+    workers = " ".join(
+        f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}@{w.host}"
+        for w in record.workers
+    )
+    lines = [
+        f"target: {record.target} ({record.target_kind})",
+        f"config: {record.config}" + (f" {' '.join(record.trainer_args)}" if record.trainer_args else ""),
+        f"workers: {workers}",
+        f"log: {record.log_path}",
+        f"created: {record.created_at}" + (f"  finished: {record.finished_at}" if record.finished_at else ""),
+    ]
+    if record.fetched_to:
+        lines.append(f"fetched to: {record.fetched_to}")
+    return lines + identity_lines(record)
 
 
 def identity_lines(record: RunRecord) -> list[str]:
@@ -74,8 +126,14 @@ def identity_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def status_json(record: RunRecord) -> dict[str, Any]:
-    return {**record.to_json(), "phase": watch_ops.phase_json(record)}
+def run_ledger(record: RunRecord, prices: Mapping[str, Any] | None = None) -> ledger_mod.Ledger:
+    return ledger_mod.run_ledger(record, now=time.time(), prices=prices)
+
+
+def status_json(record: RunRecord, prices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`status --json` of one run: its record, its phase now, and its time ledger (chip-hours, cost)."""
+    return {**record.to_json(), "phase": watch_ops.phase_json(record),
+            "ledger": run_ledger(record, prices).to_json()}
 
 
 def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, watch_ops.OnPoll]:

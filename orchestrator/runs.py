@@ -91,6 +91,12 @@ class RunRecord:
     fetched_to: str | None = None
     # Appended by preemption recovery: {"at", "reason", "action", ...} per recovery.
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    # For the time ledger (orchestrator/ledger.py): when this attempt was launched and when its end was
+    # seen (unix seconds), and what it ran on (the price table's key).
+    launched_at_s: float | None = None
+    ended_at_s: float | None = None
+    accelerator_type: str | None = None
+    spot: bool | None = None
 
     def __post_init__(self) -> None:
         self.env_names = sorted(set(self.env_names) | set(self.env))

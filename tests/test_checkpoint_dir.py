@@ -54,3 +54,45 @@ def test_restore_places_uncommitted_leaves_on_the_mesh_not_on_device_zero(tmp_pa
     _, back, _ = restored
     total = jax.jit(lambda p, o: p + o)(back["params"], back["opt"])  # fails if "opt" sits on device 0
     assert float(total.sum()) == 28.0
+
+
+def test_checkpoints_are_verified_and_the_last_good_one_outlives_a_bad_save(tmp_path: Path, monkeypatch):
+    state = {"w": jnp.arange(4.0)}
+    said: list[str] = []
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, say=said.append)
+    for step in (1, 2, 3):
+        ckpt.save(step, state, {"step": step})
+    ckpt.wait()
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+    assert ckpt.verified == [2, 3] and not said
+    # A save that does not read back (a torn write, a bucket that lost it) is dropped, and nothing older
+    # is deleted for it: the run resumes from the last good one.
+    monkeypatch.setattr(Checkpointer, "verify", lambda self, step: step != 4)
+    ckpt.save(4, state, {"step": 4})
+    ckpt.close()
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+    assert said and "step 4 did not read back" in said[0] and "keeping step 3" in said[0]
+    monkeypatch.undo()
+    again = Checkpointer(str(tmp_path / "ckpt"))
+    restored = again.restore_latest(state)
+    assert restored is not None and restored[0] == 3 and restored[2] == {"step": 3}
+    # verify() itself reads the meta back from storage: a meta that names another step fails it
+    meta = next((tmp_path / "ckpt" / "3" / "meta").glob("*"))
+    meta.write_text(meta.read_text().replace('"saved_step": 3', '"saved_step": 9'))
+    assert again.verify(2) and not again.verify(3)
+    again.close()
+
+
+def test_the_compile_cache_lives_beside_the_checkpoints_and_can_be_turned_off(tmp_path: Path) -> None:
+    from trainer.checkpoints import compile_cache_dir
+    from trainer.config import load
+
+    assert load("configs/tiny_cpu.yaml", []).compile_cache_dir is None  # declared once, default null
+    # beside a shared checkpoint.dir: it survives a recreated VM, and the SOP's next run finds it
+    assert compile_cache_dir(None, "gs://b/ckpt/", "runs/r1") == "gs://b/ckpt/compile_cache"
+    assert compile_cache_dir(None, f"file://{tmp_path}/b", "runs/r1") == f"{tmp_path}/b/compile_cache"
+    on_disk = compile_cache_dir(None, None, tmp_path / "runs" / "r1")
+    assert on_disk == str(tmp_path / "runs" / ".compile_cache")
+    assert compile_cache_dir("gs://c/x", "gs://b", "runs/r1") == "gs://c/x"
+    assert compile_cache_dir(False, "gs://b", "runs/r1") is None
+    assert load("configs/tiny_cpu.yaml", ["compile_cache_dir=false"]).compile_cache_dir is False

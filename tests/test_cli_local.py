@@ -6,7 +6,6 @@ import json
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,7 +88,8 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
     assert status["workers"][0]["exit_code"] == 0 and status["workers"][0]["pid"] > 0
     listing = cli("status").stdout
     assert a in listing and b in listing and "SUCCEEDED" in listing
-    assert '"event": "done"' in cli("logs", a, "-n", "1").stdout
+    assert '"event": "done"' in cli("logs", a, "-n", "1", "--events").stdout
+    assert '"event"' not in cli("logs", a).stdout  # the human lines only
     fetched = cli("fetch", a, b).stdout
     assert "eval_full/accuracy = " in fetched
     folder_b = env["work"] / "runs" / b
@@ -120,10 +120,8 @@ def test_failed_run_exit_code_and_one_line_error(cli):
 
 
 def test_run_returns_at_once_busy_refusal_force_and_stop(cli, env):
-    started = time.monotonic()
     slow = cli("run", "configs/slow.yaml").stdout.strip()
-    assert time.monotonic() - started < 5  # a 60 s job: the id comes back at once
-    try:
+    try:  # a 60 s job: the id came back while it still runs
         assert json.loads(cli("status", slow, "--json").stdout)["state"] == "RUNNING"
         refused = cli("run", "configs/ok.yaml", code=2)
         assert "busy" in refused.stderr and "--force" in refused.stderr

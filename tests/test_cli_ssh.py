@@ -154,10 +154,9 @@ def test_two_workers_fan_out_per_worker_logs_and_fail_fast(cli, lab):
     assert [w["state"] for w in workers] == ["SUCCEEDED", "SUCCEEDED"]
     assert (lab["home"]["w0"] / "work" / "runs" / good / "summary.json").is_file()
     assert not (lab["home"]["w1"] / "work" / "runs" / good / "summary.json").exists()  # process 0 only
-    # Worker 1 fails at step 3 of 600: worker 0 is stopped at once, the error names w1 and its code.
-    started = time.monotonic()
+    # Worker 1 fails at step 3 of 600: worker 0 is stopped at once (its 143 below, not a finished 0),
+    # the error names w1 and its code.
     result = cli("--target", "two", "run", "configs/fail_w1.yaml", "--wait", "--interval", "0.3", code=1)
-    assert time.monotonic() - started < 20
     error = result.stderr.strip().splitlines()[-1]
     assert "w1" in error and "exit code 3" in error and "stopped w0" in error
     run_id = result.stdout.split()[0]

@@ -119,7 +119,7 @@ def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
         assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
         assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
         assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
-    assert "pip install -e '.[trainer,tpu]'" in text  # the TPU extra on a TPU target
+    assert "grpoctl_contract.requirements trainer,tpu" in text  # the TPU extra on a TPU target
 
 
 def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
@@ -171,8 +171,8 @@ def test_dry_run_of_single_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize(
     ("target", "extras"),
     [
-        ("tpu: {kind: tpu, project: p, zone: us-east1-d, name: n}", "'.[trainer,tpu]'"),
-        ("lab: {kind: ssh, hosts: [h1]}", "'.[trainer]'"),  # GPU or CPU hosts: libtpu has nothing to drive
+        ("tpu: {kind: tpu, project: p, zone: us-east1-d, name: n}", "trainer,tpu"),
+        ("lab: {kind: ssh, hosts: [h1]}", "trainer"),  # GPU or CPU hosts: libtpu has nothing to drive
     ],
 )
 def test_each_kind_of_target_says_what_sync_installs(
@@ -186,7 +186,7 @@ def test_each_kind_of_target_says_what_sync_installs(
     )
     result = CliRunner().invoke(app, ["--dry-run", "sync"])
     assert result.exit_code == 0, result.output
-    assert f"pip install -e {extras}" in result.stderr
+    assert f"grpoctl_contract.requirements {extras} " in result.stderr
     assert "logs/bootstrap.log" in result.stderr  # pip's output is kept on the worker
 
 

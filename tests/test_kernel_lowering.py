@@ -9,21 +9,17 @@ CPU host does not have, so this is the strongest check short of a TPU.
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
-from jax._src.interpreters import mlir as jax_mlir
-from jax._src.lib import tpu as tpu_dialect
-from jax._src.lib.mlir import ir, passmanager
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from trainer.kernels import KernelBlocks, token_logprobs
 from trainer.kernels.mesh import per_device
+from trainer.kernels.mosaic_text import tpu_kernels
 from trainer.kernels.pallas import token_logprobs_pallas
 
 N, H, V = 4096, 2048, 151_936  # Qwen2.5-3B: 8 x 512 tokens, hidden 2048, vocabulary 2^7 x 1187
@@ -51,31 +47,7 @@ def _export_for_tpu(stats_fn) -> str:
 
 def _tpu_kernels(module_text: str) -> list[tuple[dict, str, list[str]]]:
     """(backend config, Mosaic kernel signature, operand types) of every tpu_custom_call in a module."""
-    ctx = jax_mlir.make_ir_context()
-    tpu_dialect.register_dialect(ctx)
-    ctx.allow_unregistered_dialects = True
-    calls: list[tuple[str, list[str]]] = []
-    kernels = []
-    with ctx, ir.Location.unknown():
-
-        def collect(op):
-            attrs = op.operation.attributes
-            if (
-                op.operation.name == "stablehlo.custom_call"
-                and ir.StringAttr(attrs["call_target_name"]).value == "tpu_custom_call"
-            ):
-                operands = [str(x.type) for x in op.operation.operands]
-                calls.append((ir.StringAttr(attrs["backend_config"]).value, operands))
-            return ir.WalkResult.ADVANCE
-
-        ir.Module.parse(module_text).operation.walk(collect)
-        for text, operands in calls:
-            config = json.loads(text)
-            body = ir.Module.parse(base64.b64decode(config["custom_call_config"]["body"]))
-            passmanager.PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(body.operation)
-            signature = next(line for line in str(body).splitlines() if "func.func @token_logprobs" in line)
-            kernels.append((config, signature, operands))
-    return kernels
+    return [(k.config, k.signature, k.operands) for k in tpu_kernels(module_text)]
 
 
 @pytest.fixture(scope="module")
@@ -86,32 +58,36 @@ def pallas_module() -> str:
 
 def test_pallas_forward_and_backward_lower_for_tpu_at_qwen_3b_shapes(pallas_module):
     blocks = KernelBlocks()
-    kernels = _tpu_kernels(pallas_module)
-    names = [re.search(r"func.func @(\w+)", sig).group(1) for _, sig, _ in kernels]
-    assert sorted(names) == ["token_logprobs_dhidden", "token_logprobs_dlm_head", "token_logprobs_fwd"]
+    kernels = tpu_kernels(pallas_module)
+    assert sorted(k.name for k in kernels) == ["token_logprobs_bwd", "token_logprobs_fwd"]
     token_blocks, vocab_blocks = N // blocks.block_tokens, -(-V // blocks.block_vocab)  # 8, 149 (ragged)
-    expected_grid = {
-        "token_logprobs_fwd": (token_blocks, vocab_blocks),
-        "token_logprobs_dhidden": (token_blocks, vocab_blocks),
-        "token_logprobs_dlm_head": (vocab_blocks, token_blocks),
+    expected = {  # grid, dimension semantics, matmuls per logits tile
+        "token_logprobs_fwd": ((token_blocks, vocab_blocks), "parallel", 1),
+        # Both axes sequential: the dhidden accumulator in HBM is revisited along the outer axis.
+        "token_logprobs_bwd": ((vocab_blocks, token_blocks), "arbitrary", 3),
     }
-    for (config, signature, _), name in zip(kernels, names, strict=True):
-        bounds = re.search(r"iteration_bounds = array<i64: (\d+), (\d+)>", signature).groups()
-        assert tuple(map(int, bounds)) == expected_grid[name]
-        assert "parallel>, #tpu.dimension_semantics<arbitrary>]" in signature
-        assert f"memref<{blocks.block_vocab}x{H}xbf16" in signature  # the lm_head tile, bf16 on the MXU
-        (vmem,) = config["scoped_memory_configs"]
+    for k in kernels:
+        grid, outer, matmuls = expected[k.name]
+        bounds = re.search(r"iteration_bounds = array<i64: (\d+), (\d+)>", k.signature).groups()
+        assert tuple(map(int, bounds)) == grid
+        assert f"[#tpu.dimension_semantics<{outer}>, #tpu.dimension_semantics<arbitrary>]" in k.signature
+        assert f"memref<{blocks.block_vocab}x{H}xbf16" in k.signature  # the lm_head tile, bf16 on the MXU
+        assert k.mxu_matmuls == matmuls  # each logits tile computed once per kernel: 1 + 3 = 4 in all
+        (vmem,) = k.config["scoped_memory_configs"]
         assert vmem["size"] == blocks.vmem_limit_bytes
-        assert config["custom_call_config"]["cost_estimate"]["flops"] >= 2 * N * V * H
+        assert k.config["custom_call_config"]["cost_estimate"]["flops"] == 2 * matmuls * N * V * H
 
 
 def _vmem_bytes(signature: str) -> int:
     """VMEM of a kernel's blocks: inputs and outputs double-buffered, scratch once, each padded to the
-    (8 x 128) 32-bit tiling (16 rows for bf16)."""
-    memrefs = re.findall(r"memref<(\d+)x(\d+)x(\w+), #tpu.memory_space<vmem>>", signature)
+    (8 x 128) 32-bit tiling (16 rows for bf16). HBM operands (DMA'd by hand) and semaphores take none."""
+    memrefs = re.findall(r"memref<([^,]*), #tpu.memory_space<(\w+)>>", signature)
     scratch = int(re.search(r"scratch_operands = (\d+)", signature).group(1))
     total = 0
-    for k, (rows, cols, dtype) in enumerate(memrefs):
+    for k, (shape, space) in enumerate(memrefs):
+        if space != "vmem":
+            continue
+        rows, cols, dtype = shape.split("x")
         itemsize = {"bf16": 2, "f32": 4, "i32": 4}[dtype]
         sublanes = 8 * 4 // itemsize
         padded = -(-int(rows) // sublanes) * sublanes * -(-int(cols) // 128) * 128
@@ -161,7 +137,7 @@ def test_under_a_mesh_each_device_runs_the_kernels_on_its_own_tokens():
     exported = export.export(fn, platforms=["tpu"])(*args)  # the mesh comes from the inputs' shardings
     assert exported.nr_devices == 8
     kernels = _tpu_kernels(exported.mlir_module())
-    assert len(kernels) == 3
+    assert len(kernels) == 2  # forward, backward
     for _, signature, operands in kernels:
         assert f"tensor<{N // 8}x{H}xbf16>" in operands, (signature[:60], operands)
         assert f"tensor<{V}x{H}xbf16>" in operands

@@ -108,8 +108,8 @@ def test_launch_records_the_checkouts_commit_and_poll_the_trainers_identity():
                    record)
     assert (record.config_hash, record.wandb_url) == ("c0ffee", "https://wandb.ai/e/p/runs/x")
     phase = watch_ops.phase_json(record)
-    assert phase == {"name": "final_sweep", "k": 3, "n": 11, "eta_s": 40.0, "detail": None,
-                     "text": "final sweep batch 3/11"}
+    assert phase == {"name": "final_sweep", "k": 3, "n": 11, "eta_s": 40.0, "phase_eta_s": None,
+                     "detail": None, "text": "final sweep batch 3/11"}
 
 
 def test_sop_report_shows_commit_config_hash_and_wandb_url(tmp_path: Path):

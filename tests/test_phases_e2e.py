@@ -80,7 +80,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
             "run_id": run_id,
             "head": _git(repo, "rev-parse", "HEAD"),
             "polls": polls,
-            "logs": cli("logs", run_id, "--lines", "100000"),
+            "logs": cli("logs", run_id, "--lines", "100000"),  # the human lines
+            "events": cli("logs", run_id, "--lines", "100000", "--events"),
             "table": cli("status", run_id),
             "summary": json.loads((checkout / "runs" / run_id / "summary.json").read_text()),
         }
@@ -103,7 +104,7 @@ def test_status_polled_each_second_shows_phases_each_with_its_own_k_of_n(tiny_ru
 def test_every_event_from_step_1_on_carries_an_eta(tiny_run):
     # How good the ETA is is wall-clock arithmetic, checked with a fake clock in
     # tests/test_progress_contract.py (a timed assertion here failed under load, not for a bug).
-    events = [e for e in map(decode, tiny_run["logs"].splitlines()) if e is not None]
+    events = [e for e in map(decode, tiny_run["events"].splitlines()) if e is not None]
     step1 = next(i for i, e in enumerate(events) if e.event == "progress" and e.step == 1)
     later = [e for e in events[step1:] if e.event in ("progress", "phase") and e.phase != "compile"]
     assert later and all(e.eta_s is not None and e.eta_s >= 0 for e in later)
@@ -134,3 +135,25 @@ def test_status_reports_the_commit_it_was_launched_from_and_the_config_hash(tiny
     assert last["config_hash"] == tiny_run["summary"]["config_hash"] and last["wandb_url"] is None
     assert f"commit: {tiny_run['head']}" in tiny_run["table"]
     assert f"config hash: {last['config_hash']}" in tiny_run["table"]
+
+
+def test_status_holds_the_runs_time_ledger_adding_up_to_its_wall_time(tiny_run):
+    from datetime import datetime
+
+    last = tiny_run["polls"][-1]
+    ledger = last["ledger"]
+    seconds = ledger["seconds"]
+    wall = datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(last["created_at"])
+    assert sum(seconds.values()) == pytest.approx(wall.total_seconds(), rel=0.10), seconds
+    assert sum(seconds.values()) == pytest.approx(last["ended_at_s"] - last["launched_at_s"], rel=0.01)
+    assert seconds["compile"] > 0 and seconds["train"] > 0 and seconds["warm_start"] > 0, seconds
+    assert seconds["eval"] > 0 and seconds["bootstrap"] > 0, seconds  # sweeps; setup, loads, start-up
+    assert seconds["lost_progress"] == seconds["recovery"] == 0
+    assert 0 < ledger["goodput"] < 1 and ledger["devices"] == 1  # the local target: one host, one device
+    assert ledger["chip_hours"] == pytest.approx(sum(seconds.values()) / 3600, rel=0.01)
+    assert ledger["cost_estimate_usd"] is None and "set prices.host" in ledger["price"]
+    assert "ledger: " in tiny_run["table"] and "goodput" in tiny_run["table"]
+    # the trainer's share of it, in its summary (and W&B)
+    summary = tiny_run["summary"]
+    assert summary["time/phase/train_s"] > 0 and summary["time/phase/compile_s"] > 0
+    assert 0 < summary["time/phase/goodput"] < 1

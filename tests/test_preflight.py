@@ -41,8 +41,8 @@ def v6e_8() -> list:
 
 
 def test_pallas_loss_gradient_compiles_to_mosaic_for_a_v6e_chip_from_a_cpu_host(v6e_8):
-    """Decided by the lowering platform: compiled for TPU the kernels are Mosaic (3: forward, dhidden,
-    dlm_head) with no HBM temp; lowered for this CPU host the same function is the interpreter."""
+    """Decided by the lowering platform: compiled for TPU the kernels are Mosaic (2: forward, backward)
+    with no HBM temp; lowered for this CPU host the same function is the interpreter."""
 
     def loss(h, w, t):
         s = token_logprobs(h, w, t, impl="pallas")
@@ -57,7 +57,7 @@ def test_pallas_loss_gradient_compiles_to_mosaic_for_a_v6e_chip_from_a_cpu_host(
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=one_chip),
     ]
     compiled = fn.lower(*args).compile()
-    assert preflight.mosaic_kernels(compiled.as_text()) >= 3
+    assert preflight.mosaic_kernels(compiled.as_text()) >= 2
     assert compiled.memory_analysis().temp_size_in_bytes < 1024**2
     cpu_args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     assert "tpu_custom_call" not in fn.lower(*cpu_args).as_text()
@@ -72,7 +72,7 @@ def test_tiny_pallas_run_fits_a_v6e_8_with_mosaic_kernels_in_its_update_step():
     assert result["mesh"] == {"dp": 1, "fsdp": 8, "tp": 1}
     by_name = {f["name"]: f for f in result["functions"]}
     update = by_name["update_step"]
-    assert update["mosaic_kernels"] >= 3
+    assert update["mosaic_kernels"] >= 2
     assert update["seq_len"] == programs.worst_case_seq_len(cfg) == 32  # 16-token bucket + 16 new tokens
     for f in result["functions"]:
         parts = f["argument_bytes"] + f["temp_bytes"] + f["output_bytes"] - f["alias_bytes"]

@@ -174,3 +174,57 @@ def test_model_download_reports_bytes_done_of_total(tmp_path, monkeypatch: pytes
     rep = Reporter(enabled=True, watch_compiles=False, out=io.StringIO())
     rep.bytes(400, 1000, detail="Org/Model")
     assert "model load 400 B/1.0 kB: Org/Model" in rep._out.getvalue()
+
+
+def test_phase_eta_while_the_runs_eta_is_unknown(monkeypatch: pytest.MonkeyPatch):
+    """A warm start (or the start sweep) runs before any GRPO step is timed: its events carry the phase's
+    own ETA (what `status` shows instead of `eta ?`), and the run's ETA replaces it once known."""
+    now = [0.0]
+    monkeypatch.setattr("trainer.progress.time.perf_counter", lambda: now[0])
+    rep = _reporter(Plan(steps=3, warm_start_steps=100))
+    for k in range(0, 41):
+        rep.advance("warm_start", k, 100)
+        now[0] += 0.5
+    last = [decode(line) for line in rep._out.getvalue().splitlines() if decode(line)][-1]
+    assert last.eta_s is None and last.phase_eta_s == pytest.approx(60 * 0.5)
+    assert "warm start eta 0:30" in human(last)
+    rep.observe("train", 2.0)
+    ev = rep._event("phase", "warm_start", k=40, n=100)
+    assert ev.eta_s is not None and ev.phase_eta_s is None
+
+
+def test_ledger_splits_the_trainers_time_by_phase_with_compilation_apart(monkeypatch: pytest.MonkeyPatch):
+    now = [100.0]
+    monkeypatch.setattr("trainer.progress.time.perf_counter", lambda: now[0])
+    rep = _reporter(Plan(steps=2, first_step=2))  # resumed after step 1
+    watch = _Watch()
+    rep.watch, rep._acct = watch, ("setup", 100.0, 0.0)
+    now[0] += 3.0  # setup
+    rep.phase("model_load")
+    now[0] += 5.0
+    rep.advance("train", 1, 2)
+    now[0] += 30.0
+    watch.total_s += 20.0  # 20 of the first step's 30 s compiled its programs
+    rep.step(2, {})
+    rep.advance("eval", 0, 1)
+    now[0] += 4.0
+    rep.phase("checkpoint")
+    now[0] += 1.0
+    rep.finish("runs/x/summary.json")
+    done = decode(rep._out.getvalue().splitlines()[-2])
+    assert done is not None and done.done
+    want = {"setup": 3.0, "model_load": 5.0, "train": 10.0, "compile": 20.0, "eval": 4.0, "checkpoint": 1.0}
+    assert done.ledger["phase_s"] == pytest.approx(want)
+    assert sum(done.ledger["phase_s"].values()) == pytest.approx(43.0)  # = elapsed
+    assert done.ledger["resumed_from"] == 1
+    # a compile under way counts already (a preempted attempt's last line may be one)
+    rep2 = _reporter(Plan(steps=1))
+    rep2.watch, rep2._acct = watch, ("setup", now[0], watch.total_s)
+    watch.current, watch._acc = ("update_step", now[0] + 1.0), 0.0
+    now[0] += 11.0
+    assert rep2.ledger()["phase_s"] == pytest.approx({"setup": 1.0, "compile": 10.0})
+    for junk in ({"phase_s": "x"}, {"phase_s": {"train": -1, "eval": "2"}}, None):
+        line = encode(Event("phase", "train", ledger={"t0": 1.0, "phase_s": {}})).replace(
+            '"ledger": {"t0": 1.0, "phase_s": {}}', f'"ledger": {__import__("json").dumps(junk)}')
+        back = decode(line)
+        assert back is not None and back.ledger.get("phase_s", {}) == {}

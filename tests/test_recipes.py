@@ -311,7 +311,7 @@ def test_bootstrap_creates_the_venv_logs_pip_and_shows_the_log_tail_on_failure(t
     assert result.returncode != 0 and "PYTHON=" not in result.stdout
     log = (work / recipes.BOOTSTRAP_LOG).read_text()
     assert "venv created: " in log and (work / ".venv" / "bin" / "python").exists()
-    assert "+ .venv/bin/python -m pip install -e .[trainer]" in log
+    assert "+ .venv/bin/python -m pip install --no-deps -e ." in log
     said = f"bootstrap failed (exit {result.returncode}); the end of {work}/logs/bootstrap.log:"
     assert said in result.stderr
     assert log.strip().splitlines()[-1] in result.stderr  # the log's tail, where pip says why
@@ -368,6 +368,9 @@ def test_launch_passes_hostile_env_values_and_args_through_byte_for_byte(tmp_pat
     python = _fake_python(tmp_path, dump)
     env = {f"HOSTILE_{i}": v for i, v in enumerate(values)}
     config = values[0] + ".yaml"
+    (ck / ".git").mkdir()  # a checkout holding the config: launch refuses anything else before starting
+    (ck / config).parent.mkdir(parents=True)
+    (ck / config).write_text("")
     paths = recipes.RunPaths.for_run("cfg", "1", "cfg-1")
     out = bash(recipes.launch(str(ck), str(python), config, paths, config_stem="cfg", env=env,
                               trainer_args=values))
@@ -462,12 +465,17 @@ def test_bootstrap_makes_the_venv_once_and_installs_the_extras(tmp_path: Path):
                              capture_output=True, text=True, env=env, timeout=60)
         assert out.returncode == 0, out.stderr
         assert recipes.parse_python(out.stdout) == f"{ck}/.venv/bin/python"
+    install = [  # the checkout without the laptop stack, then only the extras' requirements
+        "-m pip install --no-deps -e .",
+        "-m grpoctl_contract.requirements trainer,dev --out logs/requirements.txt",
+        "-m pip install -r logs/requirements.txt",
+    ]
     assert log.read_text().splitlines() == [
         "created",
         "-m pip install --upgrade pip",
-        "-m pip install -e .[trainer,dev]",
+        *install,
         "-m pip install --upgrade pip",  # the second run keeps the venv
-        "-m pip install -e .[trainer,dev]",
+        *install,
     ]
     log.unlink()
     out = subprocess.run(["/bin/bash", "-c", recipes.bootstrap(str(ck), [])], capture_output=True, text=True,

@@ -48,4 +48,6 @@ def test_rehearsal_replays_the_tpu_sop_through_a_preemption(tmp_path: Path) -> N
     for name in ("jax", "pallas"):  # the resumed pallas run kept its start sweep through the fresh disk
         assert state["summaries"][name].get("eval_full_start/accuracy") is not None, name
         assert f"`{name}` accuracy start -> end" in report
+    # the fake played the real service's defaults: transient read errors sprinkled, host keys late
+    assert "the fake API's realistic defaults: " in report and "rate 5%" in report
     assert "- result: **PASSED**" in report

@@ -101,6 +101,10 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
     assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
     assert "env_push" in report and "not present: skipped (optional)" in report
+    # the ledger: a row per run and the SOP total (local runs: no list price, so chip-hours per point)
+    ledger = report.split("## Ledger", 1)[1].split("\n## ", 1)[0]
+    assert "| jax | " in ledger and "| pallas | " in ledger and "| **SOP total** | " in ledger
+    assert "Cost is an estimate (no price for host" in ledger
     # Same seed, same data: the stand-in's "pallas" agrees with "jax" on every question.
     assert first.verdict.endswith("aligned")
 
@@ -215,6 +219,12 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
     report = result.report_path.read_text()
     assert all(f"**Verdict**: {line}" in report for line in lines)
+    from orchestrator.sop.report import sop_ledgers
+
+    runs, total = sop_ledgers(sop.load_sop(LOCAL_SOP), result.state)
+    for led in runs.values():
+        assert led.seconds["compile"] > 0 and led.seconds["train"] > 0 and led.seconds["eval"] > 0
+    assert total.wall_s >= sum(led.wall_s for led in runs.values()) and "| **SOP total** | " in report
 
 
 def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,10 +46,8 @@ def test_build_is_cached_on_disk(cache_dir: Path, tiny) -> None:  # type: ignore
     folder = ensure_tiny_tokenizer()
     assert folder.parent == cache_dir / "tokenizers" and folder.name.startswith("tiny-")
     stamp = (folder / "tokenizer.json").stat().st_mtime_ns
-    start = time.perf_counter()
     again = load_tokenizer("tiny")
-    assert time.perf_counter() - start < 2.0  # a load, not a rebuild
-    assert (folder / "tokenizer.json").stat().st_mtime_ns == stamp
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == stamp  # a load, not a rebuild
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folders left behind
     by_path = load_tokenizer(str(folder))  # the cache folder is a plain HF tokenizer folder
     text = "<think>12 + 30 = 42</think>\n<answer>42</answer>"
@@ -134,10 +131,9 @@ def test_decode_stops_at_end_of_turn_and_drops_padding(tiny) -> None:  # type: i
 
 
 def test_unknown_hub_id_offline_fails_fast_with_one_line(cache_dir: Path) -> None:
-    start = time.perf_counter()
+    # Fast because offline mode is on (the message says so): online, the hub client retries for ~50 s.
     with pytest.raises(TokenizerError) as err:
         load_tokenizer("grpoctl-test/no-such-model")
-    assert time.perf_counter() - start < 10
     message = str(err.value)
     assert "\n" not in message and message.startswith("tokenizer grpoctl-test/no-such-model: cannot load")
     assert "HF_HUB_OFFLINE=1" in message

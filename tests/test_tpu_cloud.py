@@ -79,7 +79,7 @@ def test_queued_resource_goes_active_and_force_delete_takes_the_node(
     api: cloud.TpuApi, fake: FakeTpuApi
 ) -> None:
     qr = cloud.wait_operation(api.create_queued("q1", "q1", REQ, 600), "create q1", timeout_s=5, poll_s=0.05)
-    assert cloud.queued_state_name(qr) == "ACCEPTED"
+    assert cloud.queued_state_name(qr) == "WAITING_FOR_RESOURCES"  # the real service's first state now
     body = fake.creates("queuedResources")[-1].body
     assert body["spot"] == {} and body["queueingPolicy"] == {"validUntilDuration": "600s"}
     assert body["tpu"]["nodeSpec"][0]["node"]["metadata"]["ssh-keys"] == REQ.ssh_keys
@@ -103,9 +103,14 @@ def test_preempted_node_and_suspended_queued_resource(api: cloud.TpuApi, fake: F
     deadline = time.monotonic() + 5
     while cloud.queued_state_name(api.get_queued("q2")) != "ACTIVE" and time.monotonic() < deadline:
         time.sleep(0.05)
+    fake.script.suspend_s = 0.3
     fake.preempt("q2")
     assert cloud.state_name(api.get_node("q2")) == "PREEMPTED"
-    assert cloud.queued_state_name(api.get_queued("q2")) == "SUSPENDED"
+    assert cloud.queued_state_name(api.get_queued("q2")) == "SUSPENDING"
+    deadline = time.monotonic() + 5
+    while cloud.queued_state_name(api.get_queued("q2")) != "SUSPENDED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.get_node("q2") is None  # SUSPENDED: the service deleted the node
     cloud.wait_operation(api.delete_queued("q2"), "delete q2", timeout_s=5)
     assert not fake.nodes and not fake.queued
 
@@ -119,7 +124,7 @@ def test_preempted_node_and_suspended_queued_resource(api: cloud.TpuApi, fake: F
             "us-east1-d",
             "v6e-8",
             3,
-            "quota or capacity exhausted",
+            "quota exceeded (",
         ),
         (lambda s: None, "useast1d", "v6e-8", 2, "Invalid location"),
     ],

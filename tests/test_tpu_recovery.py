@@ -44,7 +44,7 @@ def test_recreation_retries_until_spot_capacity_returns(project: Project) -> Non
         session.close()
 
     assert done.state == "SUCCEEDED" and len(done.recoveries) == 1
-    assert any("recovery failed" in line and "quota or capacity exhausted" in line for line in said)
+    assert any("recovery failed" in line and "quota exceeded (" in line for line in said)
     creates = [r for r in project.fake.creates() if r.query["nodeId"] == ["grpo-stockout"]]
     assert len(creates) >= 3  # the first node, at least one refused attempt, the replacement
     assert done.recoveries[0]["kind"] == "preemption" and done.recoveries[0]["reason"] == "node PREEMPTED"

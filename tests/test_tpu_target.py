@@ -102,8 +102,8 @@ def _target_json(project: Project, **tpu: object) -> str:
     [
         ("malformed zone", 2, "zone 'useast1d' is not of the form"),
         ("accelerator type not offered", 2, 'Accelerator type "v5p-8" is not available in zone'),
-        ("quota exhausted", 3, "quota or capacity exhausted"),
-        ("os login on", 2, "OS Login is on"),
+        ("quota exhausted", 3, "quota exceeded ("),
+        ("os login required by org policy", 2, "OS Login is required by the org policy"),
         ("wrong pinned host key", 3, "host key"),
         ("published host key differs from the offered one", 3, "host key"),
         ("no credentials", 2, "no Google credentials found"),
@@ -117,8 +117,8 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
         tpu["accelerator_type"] = "v5p-8"
     elif case == "quota exhausted":
         project.fake.script.quota_exhausted = True
-    elif case == "os login on":
-        project.fake.script.os_login = True
+    elif case == "os login required by org policy":
+        project.fake.script.org_requires_os_login = True
     elif case == "wrong pinned host key":
         tpu["host_key_sha256"] = ["SHA256:" + "A" * 43]
     elif case == "published host key differs from the offered one":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,11 +38,20 @@ def test_exit_codes_stdout_stderr_and_streamed_lines(local: LocalTransport) -> N
     assert result.worker == "w0 localhost"
 
 
-def test_output_is_streamed_while_the_command_runs(local: LocalTransport) -> None:
-    seen: list[tuple[str, float]] = []
-    local.run("echo first; sleep 0.6; echo second", on_output=lambda s: seen.append((s, time.monotonic())))
-    assert [s for s, _ in seen] == ["first", "second"]
-    assert seen[1][1] - seen[0][1] > 0.4  # the first line came while the command was still sleeping
+def test_output_is_streamed_while_the_command_runs(local: LocalTransport, tmp_path: Path) -> None:
+    # The command waits for a file that only the callback for its first line creates: without streaming
+    # the first line never arrives while the command runs, and the run times out instead.
+    go = tmp_path / "go"
+    seen: list[str] = []
+
+    def on_output(line: str) -> None:
+        seen.append(line)
+        go.touch()
+
+    result = local.run(f"echo first; while [ ! -e '{go}' ]; do sleep 0.05; done; echo second",
+                       on_output=on_output, timeout=30)
+    assert result.ok, result.stderr
+    assert seen == ["first", "second"]
 
 
 def test_env_is_exported_quoted_and_cwd_is_honoured(local: LocalTransport, tmp_path: Path) -> None:
@@ -69,21 +77,21 @@ def test_missing_cwd_fails_without_running(local: LocalTransport, tmp_path: Path
 
 def test_timeout_kills_the_whole_process_group(local: LocalTransport, tmp_path: Path) -> None:
     marker = f"grpoctl-timeout-{os.getpid()}"
-    start = time.monotonic()
-    result = local.run(f"sleep 30 & echo started; exec -a {marker} sleep 31", timeout=0.5)
+    done = tmp_path / "background-finished"
+    result = local.run(f"(sleep 30; touch '{done}') & echo started; exec -a {marker} sleep 31", timeout=0.5)
     assert result.exit_code == TIMEOUT_EXIT_CODE
     assert "timed out after 0.5 s" in result.stderr
     assert result.stdout == "started\n"
-    assert time.monotonic() - start < 4
+    assert not done.exists()  # run returned at the timeout, not when the background child ended
     assert marker not in ps_args()
 
 
 def test_detached_child_does_not_hold_run_open(local: LocalTransport, tmp_path: Path) -> None:
     # A job launched with setsid nohup that keeps our pipes: run returns once the shell exits.
-    start = time.monotonic()
-    result = local.run("setsid sleep 5 & echo launched")
+    done = tmp_path / "job-finished"
+    result = local.run(f"setsid sh -c 'sleep 5; touch \"{done}\"' & echo launched")
     assert result.ok and result.stdout == "launched\n"
-    assert time.monotonic() - start < 3
+    assert not done.exists()  # returned while the detached job still runs
 
 
 def test_put_is_atomic_with_mode_from_the_first_byte(local: LocalTransport, tmp_path: Path) -> None:

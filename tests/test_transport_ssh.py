@@ -53,11 +53,20 @@ def test_run_exit_code_output_and_streamed_lines(ssh: SshTransport) -> None:
     assert result.worker == ssh.name and not result.ok
 
 
-def test_output_arrives_while_the_command_runs(ssh: SshTransport) -> None:
-    seen: list[tuple[str, float]] = []
-    ssh.run("echo first; sleep 0.6; echo second", on_output=lambda s: seen.append((s, time.monotonic())))
-    assert [s for s, _ in seen] == ["first", "second"]
-    assert seen[1][1] - seen[0][1] > 0.4  # the first line came while the command was still sleeping
+def test_output_arrives_while_the_command_runs(ssh: SshTransport, tmp_path: Path) -> None:
+    # The command waits for a file that only the callback for its first line creates (sshd runs on this
+    # machine): without streaming the first line never arrives while the command runs, and it times out.
+    go = tmp_path / "go"
+    seen: list[str] = []
+
+    def on_output(line: str) -> None:
+        seen.append(line)
+        go.touch()
+
+    result = ssh.run(f"echo first; while [ ! -e '{go}' ]; do sleep 0.05; done; echo second",
+                     on_output=on_output, timeout=30)
+    assert result.ok, result.stderr
+    assert seen == ["first", "second"]
 
 
 def test_env_and_cwd(ssh: SshTransport, tmp_path: Path) -> None:
@@ -81,11 +90,11 @@ def test_missing_cwd_runs_nothing(ssh: SshTransport, tmp_path: Path) -> None:
     assert not (tmp_path / "ran").exists()
 
 
-def test_timeout_kills_the_remote_command(ssh: SshTransport) -> None:
+def test_timeout_kills_the_remote_command(ssh: SshTransport, tmp_path: Path) -> None:
     marker = f"grpoctl-ssh-timeout-{time.monotonic_ns()}"
-    start = time.monotonic()
-    result = ssh.run(f"echo started; sleep 30 & exec -a {marker} sleep 31", timeout=0.7)
-    assert time.monotonic() - start < 4
+    done = tmp_path / "background-finished"
+    result = ssh.run(f"echo started; (sleep 30; touch '{done}') & exec -a {marker} sleep 31", timeout=0.7)
+    assert not done.exists()  # run returned at the timeout, not when the background child ended
     assert result.exit_code == TIMEOUT_EXIT_CODE and "timed out after 0.7 s" in result.stderr
     assert result.stdout == "started\n"
     time.sleep(0.2)
@@ -93,10 +102,11 @@ def test_timeout_kills_the_remote_command(ssh: SshTransport) -> None:
     assert ssh.run("echo still usable").stdout == "still usable\n"
 
 
-def test_detached_job_does_not_hold_run_open(ssh: SshTransport) -> None:
-    start = time.monotonic()
-    result = ssh.run("setsid sleep 5 & echo launched")
-    assert result.stdout == "launched\n" and time.monotonic() - start < 3
+def test_detached_job_does_not_hold_run_open(ssh: SshTransport, tmp_path: Path) -> None:
+    done = tmp_path / "job-finished"
+    result = ssh.run(f"setsid sh -c 'sleep 5; touch \"{done}\"' & echo launched")
+    assert result.stdout == "launched\n"
+    assert not done.exists()  # returned while the detached job still runs
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -223,10 +233,9 @@ def test_known_hosts_key_of_another_type_is_the_one_checked(sshd_factory, tmp_pa
 def test_connection_refused_is_an_infra_error_within_seconds() -> None:
     port = free_port()  # nobody listens here
     t = SshTransport("127.0.0.1", port, key_file=None, connect_timeout=2.0, name="w0 nowhere")
-    start = time.monotonic()
-    with pytest.raises(InfraError, match=f"127.0.0.1:{port}: connection refused") as err:
+    # Bounded by the attempt count (the message names it), not by a clock.
+    with pytest.raises(InfraError, match=rf"127.0.0.1:{port}: connection refused \(\d+ attempts\)") as err:
         t.run("true")
-    assert time.monotonic() - start < 5
     assert "\n" not in str(err.value) and err.value.exit_code == 3
 
 
@@ -247,10 +256,8 @@ def test_silent_server_times_out(tmp_path: Path) -> None:
         listener.listen()
         port = listener.getsockname()[1]
         t = SshTransport("127.0.0.1", port, connect_timeout=0.5, connect_attempts=1, name="w0 mute")
-        start = time.monotonic()
-        with pytest.raises(InfraError, match="handshake"):
+        with pytest.raises(InfraError, match="handshake failed within 0.5 s"):  # one attempt, then out
             t.run("true")
-        assert time.monotonic() - start < 4
 
 
 def test_reconnects_after_sshd_restart(sshd_factory) -> None:  # type: ignore[no-untyped-def]

@@ -20,6 +20,9 @@ from standin import StandinRepo, make_standin_repo
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.cloud import api as cloud
+from orchestrator.retry import Backoff
+from orchestrator.targets import tpu as tpu_target
 from orchestrator.targets.tpu import TpuTarget
 from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
@@ -43,9 +46,14 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
 def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A laptop checkout of the stand-in repo (made the cwd) with a .env, over a reset fake API."""
     fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
+    # read retries back off for milliseconds, not seconds (the same code path, a shorter policy)
+    monkeypatch.setattr(cloud, "READ_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
+    monkeypatch.setattr(tpu_target, "CONFLICT_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
     # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
     # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
     monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
+    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", fake.endpoint)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")

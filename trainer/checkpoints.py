@@ -7,6 +7,8 @@ small JSON `meta` (data position, W&B run id, anything host-side) so a restarted
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +35,91 @@ def checkpoint_dir(configured: str | None, run_dir: str | os.PathLike[str]) -> s
     return f"{configured.rstrip('/')}/{name}"
 
 
-class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager`: save(step, state, meta) / restore_latest(like)."""
+def compile_cache_dir(
+    configured: str | bool | None, checkpoint_base: str | None, run_dir: str | os.PathLike[str]
+) -> str | None:
+    """Where JAX keeps compiled programs across processes: shared by runs (programs are keyed by their
+    HLO, compile options and backend, so a run only ever loads what it would have compiled itself)."""
+    if configured is False:  # compile_cache_dir: false
+        return None
+    if isinstance(configured, str) and configured:
+        return _abs_dir(configured)
+    if checkpoint_base:
+        return f"{_abs_dir(checkpoint_base).rstrip('/')}/compile_cache"
+    return str(Path(os.path.abspath(run_dir)).parent / ".compile_cache")
 
-    def __init__(self, directory: str, keep: int = 2):
+
+def enable_compile_cache(directory: str | None) -> None:
+    """Point JAX's persistent compilation cache at `directory` (None: off) before the first compile. Every
+    program is cached, however fast it compiled: a restart pays for all of them again otherwise."""
+    from jax._src import compilation_cache  # reset: the cache is bound to its folder at first use
+
+    current = jax.config.jax_compilation_cache_dir
+    if directory == current:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+
+
+_STEP_KEY = "saved_step"  # written into every checkpoint's meta: what verification reads back
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager`: save(step, state, meta) / restore_latest(like).
+
+    Every checkpoint is verified once it is written (its meta read back from storage, its step compared),
+    and old ones are deleted only after a newer one has been verified: a save that dies half-way (a
+    preempted VM, a full bucket) never costs the last good checkpoint. `keep` counts verified ones."""
+
+    def __init__(self, directory: str, keep: int = 2, *, say: Callable[[str], None] | None = None):
         self.directory = _abs_dir(directory)
+        self.keep = keep
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._pending: int | None = None  # saved, not yet verified
+        self.verified: list[int] = []
+        # max_to_keep=None: orbax deletes nothing itself (it would, before the new one is known good).
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
         )
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Asynchronous: returns once the arrays are copied to host; call `wait()` before exiting."""
+        """Asynchronous: returns once the arrays are copied to host; call `wait()` before exiting. The
+        previous save is finished and verified first."""
+        self.wait()
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, _STEP_KEY: step})
+            ),
         )
+        self._pending = step
+
+    def verify(self, step: int) -> bool:
+        """Whether the checkpoint of `step` reads back from storage as that step (its meta only: cheap)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(restored["meta"]).get(_STEP_KEY, step) == step
+        except Exception:  # noqa: BLE001 - unreadable for any reason: not a checkpoint to rely on
+            return False
+
+    def _verify_pending(self) -> None:
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        if not self.verify(step):
+            self.say(f"checkpoint of step {step} did not read back: deleted; keeping step "
+                     f"{self.verified[-1] if self.verified else 'none'}")
+            self._manager.delete(step)
+            return
+        self.verified.append(step)
+        newest = set(self.verified[-self.keep:])
+        for old in self._manager.all_steps():
+            if old < step and old not in newest:
+                self._manager.delete(old)
+        self.verified = [s for s in self.verified if s in newest]
 
     def restore_latest(
         self, like: Any, free_sharding: jax.sharding.Sharding | None = None
@@ -74,11 +145,14 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
         )
-        return step, restored["state"], dict(restored["meta"])
+        meta = dict(restored["meta"])
+        meta.pop(_STEP_KEY, None)
+        return step, restored["state"], meta
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._verify_pending()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()

@@ -6,10 +6,14 @@ A run's config is: defaults <- YAML file <- `--set key=value` overrides <- the s
 pydantic (strict: 1.5 is no integer, "yes" no boolean), bounds by `Field`, the rest by `validate`. Unknown
 keys and bad values raise `ConfigError` naming the dotted key; `python -m trainer` turns that into one
 line on stderr and exit code 2. docs/trainer-config.md documents every key.
+
+No jax here: the laptop (orchestrator/validate.py) checks a run's config and `--set` keys with this same
+schema before anything remote happens, on an install without the trainer extra.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -25,6 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from grpoctl_contract import envfile
 from grpoctl_contract.envflags import ENV_FLAGS  # the seed's env flags -> the config keys they set
+from trainer.kernel_blocks import KernelBlocks  # jax-free, like this whole module (the laptop uses it)
 
 PolicyLossImpl = Literal["jax", "chunked", "pallas"]
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
@@ -154,6 +159,10 @@ class Config(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    # JAX's persistent compilation cache (trainer/checkpoints.py, compile_cache_dir): a relaunch, or the next
+    # run with the same shapes, loads its programs instead of compiling them. null = beside the checkpoints
+    # (`<checkpoint.dir>/compile_cache`, else `DIR/../.compile_cache`); a folder or gs://...; false = none.
+    compile_cache_dir: str | Literal[False] | None = None
     warm_start: WarmStartConfig = WarmStartConfig()
     mesh_shape: str = "auto"  # "auto" (dp over hosts, fsdp over local chips) or "dp,fsdp,tp"
     wandb_project: str = "grpoctl"
@@ -224,7 +233,10 @@ def _problem(error: Mapping[str, Any], tp: Any, parent: Any) -> str:
     kind, got = error["type"], error.get("input")
     ctx = error.get("ctx") or {}
     if kind == "extra_forbidden":
-        return f"unknown key (known: {', '.join(sorted(parent.model_fields))})"
+        known = sorted(parent.model_fields)
+        guess = did_you_mean(".".join(str(p) for p in error["loc"]))
+        hint = f"did you mean {guess!r}? " if guess else ""
+        return f"unknown key ({hint}known: {', '.join(known)})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         ops = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
         op = ops[kind]
@@ -241,6 +253,33 @@ def _problem(error: Mapping[str, Any], tp: Any, parent: Any) -> str:
     if tp is None:
         return str(error.get("msg", "invalid value"))
     return f"expected {_type_name(tp)}, got {got!r}"
+
+
+def dotted_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every settable key, dotted (`train.policy_loss_impl`); sections themselves are not listed."""
+    out = []
+    for name, field in model.model_fields.items():
+        tp = _unwrap(field.annotation)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            out += dotted_keys(tp, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def did_you_mean(key: str) -> str | None:
+    """The known key closest to a misspelt or misplaced one: `train.polcy_loss_impl` ->
+    `train.policy_loss_impl`, `train.num_steps` -> `steps`."""
+    keys = dotted_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf: dict[str, str] = {}
+    for k in sorted(keys, key=lambda k: k.count(".")):  # a top-level key before a section's namesake
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
+    return by_leaf[close[0]] if close else None
 
 
 def _build(data: Mapping[str, Any]) -> Config:
@@ -278,9 +317,7 @@ def validate(cfg: Config) -> Config:
     if len(cfg.reward_weights) != 3:
         problem = f"expected 3 weights (correct, format, tag count), got {cfg.reward_weights}"
         raise ConfigError("reward_weights", problem)
-    try:  # the tile sizes the loss kernels accept (trainer/kernels/types.py; imports jax, hence here)
-        from trainer.kernels.types import KernelBlocks
-
+    try:  # the tile sizes the loss kernels accept
         KernelBlocks(**cfg.train.kernel_blocks)
     except (TypeError, ValueError) as err:
         raise ConfigError("train.kernel_blocks", str(err)) from None
@@ -364,7 +401,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("--config", f"file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

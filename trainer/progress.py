@@ -130,6 +130,10 @@ class Reporter:
         # so until its first batch is done the ETA adds what the training sampler took to compile.
         self.compile_s_of: dict[str, float] = self.watch.by_name if self.watch else {}
         self.sweep_compiled = False
+        # The time ledger (the events' `ledger` field): seconds per phase, compilation apart.
+        self.started_at = time.time()
+        self.phase_s: dict[str, float] = {}
+        self._acct: tuple[str, float, float] = ("setup", self.t0, self._compiled())
         self._stop = threading.Event()
         if enabled and self.watch is not None:
             threading.Thread(target=self._announce_compiles, daemon=True, name="grpoctl-compile").start()
@@ -167,13 +171,55 @@ class Reporter:
 
     def _event(self, event: str, phase: str, **fields: Any) -> Event:
         step = self.done_units.get("train", self.plan.first_step - 1) if self.plan.steps else None
+        eta = self.eta()
+        phase_eta = self.phase_eta(phase, fields.get("k"), fields.get("n")) if eta is None else None
         return Event(event=event, phase=phase, step=step, total=self.plan.steps or None,
-                     elapsed_s=round(self.elapsed(), 3), eta_s=self.eta(), **fields)
+                     elapsed_s=round(self.elapsed(), 3), eta_s=eta, phase_eta_s=phase_eta,
+                     ledger=self.ledger(), **fields)
+
+    # ------------------------------------------------------------------ time ledger
+
+    def _compiled(self) -> float:
+        """Compile seconds so far, the compile under way included."""
+        watch = self.watch
+        if watch is None:
+            return 0.0
+        current = watch.current
+        if current is None:
+            return watch.total_s
+        return watch.total_s + max(time.perf_counter() - current[1] - getattr(watch, "_acc", 0.0), 0.0)
+
+    def _split(self, now: float) -> tuple[str, float, float]:
+        """The open interval of the current phase: (phase, its compile-free seconds, compile seconds)."""
+        phase, since, compiled_then = self._acct
+        compiled = min(max(self._compiled() - compiled_then, 0.0), now - since)
+        return phase, now - since - compiled, compiled
+
+    def _enter(self, phase: str) -> None:
+        """The run is in `phase` from now on: the time since the last change goes to the phase it was in."""
+        if phase == self._acct[0]:
+            return
+        now = time.perf_counter()
+        old, spent, compiled = self._split(now)
+        self.phase_s[old] = self.phase_s.get(old, 0.0) + spent
+        self.phase_s["compile"] = self.phase_s.get("compile", 0.0) + compiled
+        self._acct = (phase, now, self._compiled())
+
+    def ledger(self) -> dict[str, Any]:
+        """{"t0", "phase_s", "resumed_from"}: seconds per phase so far (they add up to elapsed())."""
+        phase, spent, compiled = self._split(time.perf_counter())
+        totals = dict(self.phase_s)
+        if phase != "done":
+            totals[phase] = totals.get(phase, 0.0) + spent
+            totals["compile"] = totals.get("compile", 0.0) + compiled
+        phase_s = {k: round(v, 3) for k, v in totals.items() if v > 0}
+        return {"t0": round(self.started_at, 3), "phase_s": phase_s, "resumed_from": self.plan.first_step - 1}
 
     # ------------------------------------------------------------------ phases
 
     def phase(self, phase: str, detail: str | None = None, **fields: Any) -> None:
         """A phase without units began (setup, model load, data load, checkpoint)."""
+        self._enter(phase)
         ev = self._event("phase", phase, detail=detail, **fields)
         self.last = ev
         self._print(ev)
@@ -188,6 +234,7 @@ class Reporter:
         if done < total and now - self._emitted_at.get("model_load", 0.0) < EMIT_EVERY_S:
             return
         self._emitted_at["model_load"] = now
+        self._enter("model_load")
         human_due = done >= total or now - self._human_at.get("model_load", 0.0) >= HUMAN_EVERY_S
         if human_due:
             self._human_at["model_load"] = now
@@ -205,6 +252,7 @@ class Reporter:
         """`k` of `n` units of `phase` are finished (k=0: the phase begins). Measures the phase's rate
         between calls (the caller has synced the device) and prints when due."""
         due = self.due(phase, k, n)
+        self._enter(phase)
         mark = self._marks.get(phase)
         if phase == "final_sweep" and k >= 1:
             self.sweep_compiled = True
@@ -236,6 +284,7 @@ class Reporter:
     def step(self, step: int, metrics: dict[str, Any]) -> None:
         """GRPO step `step` finished (its periodic eval included): the per-step `progress` line."""
         self.done_units["train"] = step
+        self._enter("train")
         ev = self._event("progress", "train", k=step, n=self.plan.steps, metrics=dict(metrics))
         self.last = ev
         self._print(ev)
@@ -243,12 +292,14 @@ class Reporter:
     def resume(self, phase: str = "train") -> None:
         """After a short interlude (checkpoint save), say again where the run stands (JSON only)."""
         k = self.done_units.get(phase, 0)
+        self._enter(phase)
         ev = self._event("phase", phase, k=k, n=self.plan.steps if phase == "train" else None)
         self.last = ev
         self._print(ev, human_line=False)
 
     def finish(self, summary: str) -> None:
         self._stop.set()
+        self._enter("done")
         ev = dataclasses.replace(self._event("done", "done", summary=summary), eta_s=0.0)
         self.last = ev
         self._print(ev)
@@ -272,7 +323,7 @@ class Reporter:
                 self.say(f"compiled {name} in {took:.1f} s")
                 if current is None and self.last is not None:  # back to what the run was doing
                     self._print(dataclasses.replace(self.last, elapsed_s=round(self.elapsed(), 3),
-                                                    eta_s=self.eta()), human_line=False)
+                                                    eta_s=self.eta(), ledger=self.ledger()), human_line=False)
             if current is not None and current is not shown:
                 name, start = current
                 if time.perf_counter() - start >= ANNOUNCE_COMPILE_AFTER_S:
@@ -289,6 +340,13 @@ class Reporter:
     def rate(self, phase: str) -> float | None:
         history = self.rates.get(phase)
         return sum(history) / len(history) if history else None
+
+    def phase_eta(self, phase: str, k: int | None, n: int | None) -> float | None:
+        """Seconds left in `phase` (k of n units done) at its measured rate; None before one is measured."""
+        rate = self.rate(phase)
+        if rate is None or k is None or not n or k >= n:  # a finished phase has nothing left to say
+            return None
+        return (n - k) * rate
 
     def eta(self) -> float | None:
         """Seconds of work left, compile excluded; None until a GRPO step has been timed."""

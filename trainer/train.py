@@ -33,7 +33,7 @@ import optax
 
 from grpoctl_contract import rundir
 from trainer import grpo, hf_io, programs, sharding
-from trainer.checkpoints import Checkpointer, checkpoint_dir
+from trainer.checkpoints import Checkpointer, checkpoint_dir, compile_cache_dir, enable_compile_cache
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
 from trainer.evaluation import OnBatch, full_sweep, periodic_eval
@@ -402,6 +402,7 @@ def run(
     interrupt a run). When `should_stop()` turns true (python -m trainer wires it to SIGTERM), the run
     checkpoints the step it just finished and raises `Stopped`; a restart resumes from there."""
     run_dir = Path(run_dir)
+    enable_compile_cache(compile_cache_dir(cfg.compile_cache_dir, cfg.checkpoint.dir, run_dir))
     init_distributed()  # the worker's .env was read before `cfg` was built (python -m trainer)
     rep = Reporter(enabled=jax.process_index() == 0)
     try:
@@ -476,6 +477,7 @@ def run(
             t.logger.log(cfg.steps, final)
             rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
                     f"on {int(final['eval_full/num_questions'])} questions")
+        t.logger.log(cfg.steps, ledger_metrics(rep.ledger()))  # W&B and the summary: where the time went
         summary = t.logger.finish(cfg.steps)
         rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
@@ -485,6 +487,16 @@ def run(
     finally:
         rep.close()
         t.checkpointer.close()
+
+
+def ledger_metrics(ledger: dict[str, Any]) -> dict[str, float]:
+    """This process's seconds per phase (`time/phase/<phase>_s`) and its goodput (train / all): the trainer's
+    share of the ledger (`grpoctl status RUN` adds grpoctl's own steps: provisioning, recovery, ...)."""
+    phase_s = ledger["phase_s"]
+    out = {f"time/phase/{k}_s": float(v) for k, v in phase_s.items()}
+    total = sum(phase_s.values())
+    out["time/phase/goodput"] = phase_s.get("train", 0.0) / total if total > 0 else 0.0
+    return out
 
 
 def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:

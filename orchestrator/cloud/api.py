@@ -1,23 +1,30 @@
 """A thin layer over `google.cloud.tpu_v2`: what grpoctl asks of the Cloud TPU API, with explicit waits.
 
 Messages are built by small pure functions (`node_message`, `queued_resource_message`,
-`merge_ssh_keys`); `TpuApi` does the calls and maps every API error to a one-line grpoctl error.
+`merge_ssh_keys`); `TpuApi` does the calls and maps every API error to a one-line grpoctl error
+(cloud/errors.py). Reads (get, list, guest attributes, operation polls, project metadata) are retried
+on transient errors (5xx, 429, a dropped connection) with backoff and jitter (orchestrator/retry.py):
+the client has no default retry for them, and a 30-minute wait makes hundreds. Creates and deletes are
+not retried (not idempotent); a read that keeps failing raises `TransientApiError`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.api_core.operation import Operation
+from google.auth import exceptions as auth_exc
 from google.cloud import tpu_v2
 from google.protobuf import duration_pb2
 
-from orchestrator.cloud.client import api_error, build_client
-from orchestrator.errors import InfraError
+from orchestrator.cloud.client import build_client, build_session, compute_base
+from orchestrator.cloud.errors import TransientApiError, api_error, is_transient
+from orchestrator.errors import GrpoctlError, InfraError
+from orchestrator.retry import Backoff, retry_call
 
 # Every resource grpoctl creates carries this label; `grpoctl gc` only ever touches labelled ones.
 LABEL_KEY = "managed-by"
@@ -25,6 +32,10 @@ LABEL_VALUE = "grpoctl"
 SSH_KEYS = "ssh-keys"
 OS_LOGIN = "enable-oslogin"
 CALL_TIMEOUT_S = 60.0  # one HTTP call; the long waits are our own polling loops
+# Reads: 6 tries over ~30 s at most (1, 2, 4, 8, 16 s caps, full jitter). Tests swap in a quicker one.
+READ_RETRY = Backoff(attempts=6, first_s=1.0, max_s=16.0)
+# The errors one API call can end with (credentials errors are neither of the other two).
+CALL_ERRORS = (gexc.GoogleAPICallError, gexc.RetryError, OSError, auth_exc.GoogleAuthError)
 
 T = TypeVar("T")
 
@@ -39,6 +50,8 @@ class NodeRequest:
     labels: dict[str, str] = field(default_factory=dict)
     ssh_keys: str = ""  # "user:ssh-ed25519 AAAA... user"
     internal_ip: bool = False
+    # OS Login is on in the project: the node's own metadata turns it off so ssh-keys work
+    os_login_off: bool = False
 
 
 def node_message(req: NodeRequest, *, spot_in_node: bool = True) -> tpu_v2.Node:
@@ -48,7 +61,10 @@ def node_message(req: NodeRequest, *, spot_in_node: bool = True) -> tpu_v2.Node:
         runtime_version=req.runtime_version,
         scheduling_config=tpu_v2.SchedulingConfig(spot=req.spot and spot_in_node),
         labels={**req.labels, LABEL_KEY: LABEL_VALUE},
-        metadata={SSH_KEYS: req.ssh_keys} if req.ssh_keys else {},
+        metadata={
+            **({SSH_KEYS: req.ssh_keys} if req.ssh_keys else {}),
+            **({OS_LOGIN: "FALSE"} if req.os_login_off else {}),
+        },
         network_config=tpu_v2.NetworkConfig(enable_external_ips=not req.internal_ip),
     )
 
@@ -83,8 +99,19 @@ def merge_ssh_keys(existing: str, line: str) -> str | None:
     return "\n".join([*(x for x in existing.splitlines() if x.strip()), line])
 
 
-def os_login_enabled(metadata: dict[str, str]) -> bool:
-    return metadata.get(OS_LOGIN, "").strip().lower() in ("true", "1", "yes")
+def os_login_setting(metadata: dict[str, str]) -> bool | None:
+    """`enable-oslogin` of a metadata map: True, False, or None when it is not set there."""
+    value = metadata.get(OS_LOGIN, "").strip().lower()
+    if not value:
+        return None
+    return value in ("true", "1", "yes")
+
+
+def os_login_enabled(metadata: dict[str, str], project_default: bool | None = False) -> bool:
+    """Whether the guest agent of a node with this metadata uses OS Login: the node's own setting wins
+    over the project's (Compute Engine's rule: instance metadata overrides project metadata)."""
+    own = os_login_setting(metadata)
+    return bool(project_default) if own is None else own
 
 
 def state_name(node: tpu_v2.Node) -> str:
@@ -107,11 +134,20 @@ class TpuApi:
     """Nodes and queued resources in one project and zone."""
 
     def __init__(
-        self, project: str, zone: str, *, api_endpoint: str | None = None, client: Any = None
+        self,
+        project: str,
+        zone: str,
+        *,
+        api_endpoint: str | None = None,
+        client: Any = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.project, self.zone = project, zone
         self.parent = f"projects/{project}/locations/{zone}"
+        self.api_endpoint = api_endpoint
         self.client: tpu_v2.TpuClient = client if client is not None else build_client(api_endpoint)
+        self.sleep = sleep  # between read retries (a test's fake clock)
+        self.retries = 0  # transient read errors met and retried (for reports and tests)
 
     def node_path(self, name: str) -> str:
         return f"{self.parent}/nodes/{name}"
@@ -119,26 +155,61 @@ class TpuApi:
     def queued_path(self, name: str) -> str:
         return f"{self.parent}/queuedResources/{name}"
 
+    def _error(self, err: BaseException, action: str) -> Exception:
+        return api_error(err, action, project=self.project, zone=self.zone)
+
     def _call(
         self, action: str, fn: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any
     ) -> T:
-        """`fn(...)` with a timeout; with `missing_ok` a NotFound returns None instead of raising."""
+        """`fn(...)` once, with a timeout; with `missing_ok` a NotFound returns None instead of raising."""
         try:
             return fn(*args, timeout=CALL_TIMEOUT_S, **kwargs)
         except gexc.NotFound as err:
             if missing_ok:
                 return None  # type: ignore[return-value]
-            raise api_error(err, action) from None
-        except gexc.GoogleAPICallError as err:
-            raise api_error(err, action) from None
-        except (gexc.RetryError, OSError) as err:
-            raise InfraError(f"{action}: cannot reach the Cloud TPU API ({type(err).__name__})") from None
+            raise self._error(err, action) from None
+        except CALL_ERRORS as err:
+            raise self._error(err, action) from None
+
+    def read(self, action: str, fn: Callable[[], T], *, missing_ok: bool = False) -> T:
+        """`fn()`, an idempotent read, retried on transient errors; see `read_with_retry`."""
+
+        def counted(attempt: int, err: BaseException, delay: float) -> None:
+            self.retries += 1
+
+        return read_with_retry(
+            action, fn, missing_ok=missing_ok, sleep=self.sleep, error=self._error, on_retry=counted
+        )
+
+    def _get(self, action: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        return self.read(action, lambda: fn(timeout=CALL_TIMEOUT_S, **kwargs), missing_ok=True)
+
+    def poll(self, op: Operation, action: str) -> bool:
+        """`op.done()` (a read of the operation), retried like every read."""
+        return self.read(action, op.done)
+
+    def project_os_login(self) -> bool | None:
+        """`enable-oslogin` of the project's metadata (Compute Engine `projects.get`, the API that holds
+        it): True, False (also when unset), or None when it cannot be read (Compute API off, no
+        permission: the caller then explains the first failed login instead)."""
+        url = f"{compute_base(self.api_endpoint)}/compute/v1/projects/{self.project}"
+
+        def get() -> dict[str, Any]:
+            resp = build_session(self.api_endpoint).get(url, timeout=CALL_TIMEOUT_S)
+            if resp.status_code != 200:
+                raise gexc.from_http_response(resp)
+            return resp.json()
+
+        try:
+            project = self.read(f"read the metadata of project {self.project}", get)
+        except GrpoctlError:  # permission, API off, unreachable: unknown
+            return None
+        items = project.get("commonInstanceMetadata", {}).get("items", [])
+        return bool(os_login_setting({i.get("key", ""): i.get("value", "") for i in items}))
 
     # ---- nodes ----------------------------------------------------------------------------------------
     def get_node(self, name: str) -> tpu_v2.Node | None:
-        return self._call(
-            f"get node {name}", self.client.get_node, name=self.node_path(name), missing_ok=True
-        )
+        return self._get(f"get node {name}", self.client.get_node, name=self.node_path(name))
 
     def create_node(self, name: str, req: NodeRequest) -> Operation:
         return self._call(
@@ -152,6 +223,13 @@ class TpuApi:
     def delete_node(self, name: str) -> Operation:
         return self._call(f"delete node {name}", self.client.delete_node, name=self.node_path(name))
 
+    def start_node(self, name: str) -> Operation:
+        return self._call(
+            f"start node {name}",
+            self.client.start_node,
+            request=tpu_v2.StartNodeRequest(name=self.node_path(name)),
+        )
+
     def set_metadata(self, node: tpu_v2.Node, metadata: dict[str, str]) -> Operation:
         """Replace the node's metadata with `metadata` (callers merge: existing keys are kept)."""
         patch = tpu_v2.Node(name=node.name, metadata=metadata)
@@ -162,13 +240,15 @@ class TpuApi:
             update_mask={"paths": ["metadata"]},
         )
 
-    def host_keys(self, name: str) -> list[dict[str, str]]:
-        """Per worker (in index order), the SSH host keys the VM published: {key type: base64 key}."""
-        resp = self._call(
-            f"read guest attributes of {name}",
-            self.client.get_guest_attributes,
-            request=tpu_v2.GetGuestAttributesRequest(name=self.node_path(name), query_path="hostkeys/"),
+    def host_keys(self, name: str) -> list[dict[str, str]] | None:
+        """Per worker (in index order), the SSH host keys the VM published: {key type: base64 key}.
+        None while nothing is published (the API answers 404 until the guest agent writes them)."""
+        request = tpu_v2.GetGuestAttributesRequest(name=self.node_path(name), query_path="hostkeys/")
+        resp = self._get(
+            f"read guest attributes of {name}", self.client.get_guest_attributes, request=request
         )
+        if resp is None:
+            return None
         out = []
         for attrs in resp.guest_attributes:
             keys = {}
@@ -179,16 +259,16 @@ class TpuApi:
         return out
 
     def list_nodes(self) -> list[tpu_v2.Node]:
-        pager = self._call(f"list nodes in {self.zone}", self.client.list_nodes, parent=self.parent)
-        return list(_pages(pager))
+        """Every node of the zone: all pages (the pager fetches them), the whole list again on an error."""
+        return self.read(
+            f"list nodes in {self.zone}",
+            lambda: list(self.client.list_nodes(parent=self.parent, timeout=CALL_TIMEOUT_S)),
+        )
 
     # ---- queued resources -----------------------------------------------------------------------------
     def get_queued(self, name: str) -> tpu_v2.QueuedResource | None:
-        return self._call(
-            f"get queued resource {name}",
-            self.client.get_queued_resource,
-            name=self.queued_path(name),
-            missing_ok=True,
+        return self._get(
+            f"get queued resource {name}", self.client.get_queued_resource, name=self.queued_path(name)
         )
 
     def create_queued(
@@ -211,10 +291,10 @@ class TpuApi:
         )
 
     def list_queued(self) -> list[tpu_v2.QueuedResource]:
-        pager = self._call(
-            f"list queued resources in {self.zone}", self.client.list_queued_resources, parent=self.parent
+        return self.read(
+            f"list queued resources in {self.zone}",
+            lambda: list(self.client.list_queued_resources(parent=self.parent, timeout=CALL_TIMEOUT_S)),
         )
-        return list(_pages(pager))
 
 
 def _key_blob(key_type: str, value: str) -> str:
@@ -223,21 +303,53 @@ def _key_blob(key_type: str, value: str) -> str:
     return tokens[1] if len(tokens) > 1 and tokens[0] == key_type else tokens[0]
 
 
-def _pages(pager: Any) -> Iterator[Any]:
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(getattr(err, "message", "") or err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_with_retry(
+    action: str,
+    fn: Callable[[], T],
+    *,
+    missing_ok: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+    error: Callable[[BaseException, str], Exception] = api_error,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> T:
+    """`fn()`, an idempotent read, retried on transient errors (READ_RETRY), then one grpoctl error:
+    `TransientApiError` when the errors stayed transient. With `missing_ok` a NotFound returns None."""
     try:
-        yield from pager
-    except gexc.GoogleAPICallError as err:
-        raise api_error(err, "list") from None
+        return retry_call(fn, retry_on=is_transient, policy=READ_RETRY, sleep=sleep, on_retry=on_retry)
+    except gexc.NotFound as err:
+        if missing_ok:
+            return None  # type: ignore[return-value]
+        raise error(err, action) from None
+    except CALL_ERRORS as err:
+        if is_transient(err):
+            raise TransientApiError(
+                f"{action}: the Cloud TPU API kept failing ({READ_RETRY.attempts} tries, last: "
+                f"{_one_line(err)}); nothing was deleted: try again"
+            ) from None
+        raise error(err, action) from None
 
 
-def wait_operation(op: Operation, action: str, *, timeout_s: float, poll_s: float = 2.0) -> Any:
-    """Poll `op` until done (our own loop: Ctrl-C lands between polls); raise a grpoctl error on failure."""
+def operation_done(op: Operation, action: str, api: TpuApi | None = None) -> bool:
+    """`op.done()`, a read of the operation: retried on transient errors (with `api`'s sleep)."""
+    return api.poll(op, action) if api is not None else read_with_retry(action, op.done)
+
+
+def wait_operation(
+    op: Operation, action: str, *, timeout_s: float, poll_s: float = 2.0, api: TpuApi | None = None
+) -> Any:
+    """Poll `op` until done (our own loop: Ctrl-C lands between polls); raise a grpoctl error on failure.
+    Polls are reads: transient errors are retried (`api`'s sleep and error context when given)."""
     deadline = time.monotonic() + timeout_s
+    while not operation_done(op, action, api):
+        if time.monotonic() > deadline:
+            raise InfraError(f"{action}: still running after {timeout_s:.0f} s ({op.operation.name})")
+        time.sleep(poll_s)
     try:
-        while not op.done():
-            if time.monotonic() > deadline:
-                raise InfraError(f"{action}: still running after {timeout_s:.0f} s ({op.operation.name})")
-            time.sleep(poll_s)
         return op.result(timeout=0)
-    except gexc.GoogleAPICallError as err:
-        raise api_error(err, action) from None
+    except CALL_ERRORS as err:
+        raise (api._error(err, action) if api is not None else api_error(err, action)) from None

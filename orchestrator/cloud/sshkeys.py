@@ -37,7 +37,7 @@ def ensure_key(path: str | os.PathLike[str]) -> str:
         pub_path.unlink(missing_ok=True)
         _write_new(pub_path, public + b" grpoctl\n", 0o644)
     if pub_path.exists():
-        return " ".join(pub_path.read_text().split()[:2])
+        return " ".join(pub_path.read_text(encoding="utf-8").split()[:2])
     try:  # a private key without its .pub: derive the public half
         loaded = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
     except (ValueError, TypeError) as err:

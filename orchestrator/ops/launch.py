@@ -17,6 +17,7 @@ from orchestrator.ops.session import Session
 from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
 from orchestrator.targets.base import Worker
 from orchestrator.transport.base import Transport
+from orchestrator.transport.local import LOCAL_TOOLS_NEEDED
 
 
 def new_record(
@@ -54,6 +55,8 @@ def new_record(
         ],
         git_commit=git_commit,
         python=session.python,
+        accelerator_type=getattr(session.target_cfg, "accelerator_type", None),
+        spot=getattr(session.target_cfg, "spot", None),
     )
 
 
@@ -143,6 +146,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     python = record.python or recipes.venv_python(record.remote_dir)
     paths = paths_of(record)
     target.before_launch(record.remote_dir, force=force)  # a TPU VM: clear stale chip users (tpu.py)
+    record.launched_at_s, record.ended_at_s = time.time(), None
 
     workers = target.workers()
 
@@ -174,6 +178,17 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         result = t.run(script, timeout=timeout)
         if result.exit_code == recipes.EXIT_BUSY:
             raise UsageError(f"{t.name}: busy ({recipes.parse_busy(result.stdout)}); stop it or pass --force")
+        if result.exit_code == recipes.EXIT_NO_CHECKOUT:
+            raise UsageError(f"{t.name}: no checkout in {record.remote_dir}: run `grpoctl sync` first")
+        if result.exit_code == recipes.EXIT_NO_CONFIG:
+            raise UsageError(
+                f"{t.name}: {record.config} is not in the checkout (commit and push it, then `grpoctl sync`)"
+            )
+        if result.exit_code == recipes.EXIT_NO_TOOL:
+            tool = recipes.parse_missing_tool(result.stdout) or "setsid or flock"
+            if record.target_kind == "local":
+                raise UsageError(f"{LOCAL_TOOLS_NEEDED} (missing: {tool}; install util-linux)")
+            raise UsageError(f"{t.name}: no {tool} on the worker (install util-linux)")
         if result.exit_code == recipes.EXIT_EXISTS:
             raise LogNameTaken(f"{t.name}: {record.log_path} already exists")
         pid = recipes.parse_pid(result.stdout)

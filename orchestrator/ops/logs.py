@@ -41,6 +41,13 @@ def secret_values(target, record: RunRecord, env_file: str | Path = ".env", *, w
     return found
 
 
+def select(text: str, *, events: bool) -> str:
+    """The human lines of a log chunk (whole lines), or with `events` only its JSON event lines (the
+    trainer prints most events twice: the JSON for grpoctl, a `[trainer ...]` line for people)."""
+    lines = text.splitlines(keepends=True)
+    return "".join(line for line in lines if line.startswith(recipes.PROGRESS_PREFIX) == events)
+
+
 def tail(target, record: RunRecord, *, worker: int = 0, lines: int = 200) -> str:
     t = _transport(target, record, worker)
     result = t.run(recipes.tail_log(record.remote_dir, record.log_path, lines), timeout=60)

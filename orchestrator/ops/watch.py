@@ -68,6 +68,7 @@ def poll(target, record: RunRecord, *, timeout: float = 30, stall_after_s: float
         state = record.state
     if state != record.state and state in recipes.TERMINAL:
         record.finished_at = utc_now_iso()
+        record.ended_at_s = time.time()
     record.state = state
     result = Poll(statuses, errors)
     progress = result.progress
@@ -87,6 +88,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "total": progress.total,
         "elapsed_s": progress.elapsed_s,
         "eta_s": progress.eta_s,
+        "phase_eta_s": progress.phase_eta_s,
         "metrics": dict(progress.metrics or {}),
         "phase": progress.phase,
         "k": progress.k,
@@ -95,6 +97,7 @@ def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
         "bytes_done": progress.bytes_done,
         "bytes_total": progress.bytes_total,
         "text": progress.text,
+        "ledger": dict(progress.ledger) if progress.ledger else None,
     }
 
 
@@ -108,6 +111,7 @@ def phase_json(record: RunRecord) -> dict[str, Any] | None:
     if p.get("phase") is None:  # a record from before phases: its step is the train phase's k
         k, n = p.get("step"), p.get("total")
     return {"name": phase, "k": k, "n": n, "eta_s": 0.0 if record.state == "SUCCEEDED" else p.get("eta_s"),
+            "phase_eta_s": p.get("phase_eta_s"),
             "detail": p.get("detail"), "text": p.get("text") or f"step {p.get('step')}/{p.get('total')}"}
 
 
@@ -134,6 +138,7 @@ def mark_preempted(record: RunRecord, reason: str) -> None:
     """The record of a run whose machine is gone: PREEMPTED (terminal until `--recover` relaunches it)."""
     record.state = "PREEMPTED"
     record.finished_at = record.finished_at or utc_now_iso()
+    record.ended_at_s = record.ended_at_s or time.time()
     for w in record.workers:
         if w.state not in recipes.TERMINAL:
             w.state = "PREEMPTED"
@@ -186,7 +191,15 @@ def log_hint(target, record: RunRecord, index: int) -> str:
     if not line:
         return ""
     text = env_ops.redactor([*_local_env_values(), *record.env.values()])(line[0])
-    return f"; {record.workers[index].worker} log: {text[:200]}"
+    return f"; {record.workers[index].worker} log: {clip(text)}"
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    """At most `limit` characters, cut between words (a config error lists every known key: never show
+    half a key name)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " ..."
 
 
 def _local_env_values() -> list[str]:

@@ -15,8 +15,9 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator import api
+from orchestrator import api, doctor
 from orchestrator import preflight as pf
+from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import watch as watch_ops
@@ -124,6 +125,51 @@ class Replayer:
             overrides=self.overrides,
             report_dir=self.report_dir,
         )
+
+    def to_launch(self, start: int, rerun: bool) -> list[RunStep]:
+        """The run steps this replay will launch (not those done or attached earlier)."""
+        out = []
+        for step in self.sop.steps[start:]:
+            st = self.state.steps.get(step_id(step))
+            if isinstance(step, RunStep) and (rerun or not (st and (st.status == "done" or st.run_id))):
+                out.append(step)
+        return out
+
+    def check(self, start: int, rerun: bool) -> None:
+        """Before `up`, nothing paid for yet: every run step's config and overrides (validate.py), then the
+        cheap doctor checks its steps need (.env, credentials file, SSH key, local tools, a repo a VM can
+        clone). A real replay stops on the first failures (exit 2); a dry run says them and goes on."""
+        runs = self.to_launch(start, rerun)
+        for step in runs:
+            api.check_run(self.session(step), step.config, {**step.set, **self.overrides}, step.env)
+        steps = self.sop.steps[start:]
+        if not steps:
+            return
+        sessions = [self.session(step) for step in steps]
+        targets = {s.target_name: s.target_cfg for s in sessions}
+        env_files = [(step.file, step.optional) for step in steps if isinstance(step, EnvPushStep)]
+        pairs = zip(steps, sessions, strict=True)
+        syncs = [s.kind != "local" for step, s in pairs if isinstance(step, SyncStep)]
+        checks = doctor.before_up(
+            targets,
+            sessions[0].config,
+            env_files=env_files,
+            runs=[(step.config, {**step.set, **self.overrides}, step.env) for step in runs],
+            syncs_remote=any(syncs),
+            reach=not self.dry_run,
+        )
+        for check in checks:
+            if check.status == doctor.WARN:
+                self.say(f"doctor: {check.line()}")
+        bad = doctor.failed(checks)
+        if not bad:
+            return
+        if self.dry_run:
+            for check in bad:
+                self.say(f"doctor: {check.line()} (a real replay stops here, before `up`)")
+            return
+        said = "; ".join(f"{c.name}: {c.detail}" + (f" ({c.fix})" if c.fix else "") for c in bad)
+        raise UsageError(f"before `up` (nothing paid for yet): {said}")
 
     def preflight(self, start: int, rerun: bool) -> None:
         """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
@@ -369,6 +415,7 @@ def replay(
     state = ReplayState(str(sop_path)) if (fresh or dry_run) else ReplayState.load(state_path, str(sop_path))
     start = _start_index(sop, from_step)
 
+    prices = load_config(config_file).prices  # the ledger's cost estimate
     last_write = [-WRITE_EVERY_S]
 
     def write(force: bool = True) -> None:
@@ -379,7 +426,7 @@ def replay(
         if not force and now - last_write[0] < WRITE_EVERY_S:
             return
         state.save(state_path)
-        report_.write_report(report, sop, sop_path, state, dry_run)
+        report_.write_report(report, sop, sop_path, state, dry_run, prices)
         last_write[0] = clock()
 
     sessions = api.Sessions(
@@ -401,6 +448,7 @@ def replay(
         view=view,
     )
     with sessions:
+        replayer.check(start, rerun=from_step is not None)
         if run_preflight:
             try:
                 replayer.preflight(start, rerun=from_step is not None)

@@ -4,10 +4,14 @@ would type to do the same by hand (the report's step table shows it)."""
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from orchestrator import compare as cmp
+from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import schema
@@ -91,7 +95,87 @@ def run_details(record: RunRecord) -> list[str]:
     return lines
 
 
-def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_run: bool) -> None:
+def _epoch(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def sop_ledgers(
+    sop: Sop, state: ReplayState, prices: Mapping[str, Any] | None = None, *, now: float | None = None
+) -> tuple[dict[str, ledger_mod.Ledger], ledger_mod.Ledger]:
+    """Each run's ledger, and the SOP's total: the runs, plus `up` (provisioning), `sync` and `env push`
+    (bootstrap), and the rest of the replay's time while a node was up (idle: fetches, compares, waiting
+    between steps)."""
+    now = time.time() if now is None else now
+    runs: dict[str, ledger_mod.Ledger] = {}
+    for s in sop.steps:
+        st = state.steps.get(step_id(s))
+        if isinstance(s, RunStep) and st is not None and st.record:
+            runs[s.name] = ledger_mod.run_ledger(RunRecord.from_json(st.record), now=now, prices=prices)
+    extra = {"provisioning": 0.0, "bootstrap": 0.0}
+    spans = []
+    for s in sop.steps:
+        st = state.steps.get(step_id(s))
+        if st is None or st.duration_s is None:
+            continue
+        start = _epoch(st.started_at)
+        if start is not None:
+            spans.append((start, start + st.duration_s))
+        if isinstance(s, schema.UpStep):
+            extra["provisioning"] += st.duration_s
+        elif isinstance(s, schema.SyncStep | schema.EnvPushStep):
+            extra["bootstrap"] += st.duration_s
+    if spans:  # the replay's wall time, less what the runs and the steps above account for
+        wall = max(e for _, e in spans) - min(b for b, _ in spans)
+        accounted = sum(r.wall_s for r in runs.values()) + sum(extra.values())
+        extra["idle"] = max(wall - accounted, 0.0)
+    return runs, ledger_mod.total(runs.values(), extra)
+
+
+def ledger_lines(
+    runs: Mapping[str, ledger_mod.Ledger],
+    total: ledger_mod.Ledger,
+    summaries: Mapping[str, Mapping[str, Any]],
+) -> list[str]:
+    """The report's ledger table: per run and in total, with the cost of an accuracy point each run gained
+    (its full sweep's accuracy after training minus before, in points)."""
+    cols = ["chip-hours", "goodput", "cost (est.)", "points gained", "per point", *ledger_mod.CATEGORIES]
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def row(name: str, led: ledger_mod.Ledger, summary: Mapping[str, Any] | None) -> str:
+        cost = led.cost_estimate_usd
+        gained = None
+        if summary:
+            end, begin = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
+            if isinstance(end, int | float) and isinstance(begin, int | float):
+                gained = (end - begin) * 100
+        per = "-"
+        if gained is not None and gained > 0:
+            per = f"${cost / gained:.2f}" if cost is not None else f"{led.chip_hours / gained:.3g} chip-h"
+        cells = [
+            f"{led.chip_hours:.3g}",
+            "-" if led.goodput is None else f"{led.goodput:.0%}",
+            "-" if cost is None else f"${cost:.2f}",
+            "-" if gained is None else f"{gained:+.1f}",
+            per,
+            *(ledger_mod.fmt_s(led.seconds[c]) for c in ledger_mod.CATEGORIES),
+        ]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    lines += [row(name, led, summaries.get(name)) for name, led in runs.items()]
+    lines.append(row("**SOP total**", total, None))
+    note = total.price.note() if total.price is not None else "no price"
+    lines += ["", f"Cost is an estimate ({note}): chip-hours x a list price, not a bill."]
+    return lines
+
+
+def write_report(
+    path: Path,
+    sop: Sop,
+    sop_path: Path,
+    state: ReplayState,
+    dry_run: bool,
+    prices: Mapping[str, Any] | None = None,
+) -> None:
     lines = [f"# SOP `{sop.name}`{' (dry run)' if dry_run else ''}", ""]
     if dry_run:  # nothing below happened: say so before any figure can be quoted out of context
         lines += ["**Dry run: every pid, state, figure and verdict below is FABRICATED, not a result.**", ""]
@@ -150,10 +234,14 @@ def write_report(path: Path, sop: Sop, sop_path: Path, state: ReplayState, dry_r
             lines.append(
                 f"| `{key}` | " + " | ".join(md(cmp.fmt(state.summaries[n].get(key))) for n in names) + " |"
             )
+    if runs:
+        run_ledgers, total = sop_ledgers(sop, state, prices)
+        lines += ["", "## Ledger (where the time and chip-hours went)", ""]
+        lines += ledger_lines(run_ledgers, total, state.summaries)
     if state.comparison:
         lines += ["", "## Compare", "", state.comparison]
     if state.verdict:  # one line per verdict (start -> end of each run, then run vs run)
         for verdict in state.verdict.splitlines():
             lines += ["", f"**Verdict**: {verdict}"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

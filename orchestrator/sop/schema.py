@@ -81,6 +81,16 @@ class RunStep(_Step):
             )
         return v
 
+    @field_validator("config")
+    @classmethod
+    def _config_path(cls, v: str) -> str:
+        from orchestrator.validate import normalise_config_path  # `configs\\x.yaml` as written on Windows
+
+        try:
+            return normalise_config_path(v)
+        except UsageError as err:
+            raise ValueError(str(err)) from None
+
     @field_validator("env", "set", mode="before")
     @classmethod
     def _stringify(cls, v: Any) -> Any:

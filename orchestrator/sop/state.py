@@ -40,7 +40,7 @@ class ReplayState:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
         tmp.replace(path)
 
     @staticmethod
@@ -48,7 +48,7 @@ class ReplayState:
         if not path.is_file():
             return ReplayState(sop)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             steps = {k: StepState(**v) for k, v in data.get("steps", {}).items()}
         except (ValueError, TypeError):
             raise UsageError(f"{path}: unreadable SOP state (use --fresh)") from None

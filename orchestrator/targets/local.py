@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
 from pathlib import Path
 
 from orchestrator.config import LocalTargetConfig, RepoConfig
+from orchestrator.errors import UsageError
 from orchestrator.targets.base import Target, TargetState, Worker
 from orchestrator.transport.base import Transport
-from orchestrator.transport.local import LocalTransport
+from orchestrator.transport.local import LOCAL_TOOLS, LOCAL_TOOLS_NEEDED, LocalTransport
+
+SCHEMA_FILE = "trainer/config.py"  # the project's own trainer (a checkout of another trainer lacks it)
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in LOCAL_TOOLS if shutil.which(tool) is None]
+
+
+def has_jax() -> bool:
+    return importlib.util.find_spec("jax") is not None
+
+
+def jax_missing_reason(python: str | None, checkout: Path) -> str | None:
+    """Why the project's trainer cannot start here: this very interpreter runs it (no `python` set) and has
+    no jax (the laptop-only install). None when it can, or when this cannot be told from here."""
+    if python is not None or not (checkout / SCHEMA_FILE).is_file():
+        return None
+    if has_jax():
+        return None
+    return (
+        f"the local target runs the trainer with {sys.executable}, which has no jax (a laptop-only install): "
+        "pip install -e '.[trainer]', or set the local target's `python` to an interpreter that has it"
+    )
 
 
 def local_remote_dir(cfg: LocalTargetConfig) -> str:
@@ -35,6 +62,15 @@ class LocalTarget(Target):
     def up(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         super().up()
+
+    def before_launch(self, remote_dir: str, *, force: bool = False) -> None:
+        """Refuse, in one line and before anything starts, what would only fail after the launch."""
+        missing = missing_tools()
+        if missing:
+            raise UsageError(f"{LOCAL_TOOLS_NEEDED} (missing here: {', '.join(missing)})")
+        reason = jax_missing_reason(self.python, Path(remote_dir))
+        if reason:
+            raise UsageError(reason)
 
     def state(self) -> TargetState:
         return TargetState("READY", healthy=True, details={"workdir": str(self.workdir)})

@@ -66,3 +66,22 @@ def hosts_for_accelerator(accelerator_type: str) -> int:
     if gen in _CORE_COUNTED:  # 4 chips x 2 TensorCores = 8 cores per host
         return max(1, n // 8)
     raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")
+
+
+def chips_for_accelerator(accelerator_type: str) -> int:
+    """How many chips a TPU slice has (what is billed): v6e-8 -> 8, v4-8 -> 4 (v2-v5p types count cores)."""
+    m = _ACCEL.match(accelerator_type)
+    if not m:
+        raise UsageError(f"accelerator_type {accelerator_type!r} is not of the form e.g. v6e-8")
+    gen, n = m["gen"], int(m["n"])
+    if gen in _CHIP_COUNTED:
+        return n
+    if gen in _CORE_COUNTED:  # 2 TensorCores per chip
+        return max(1, n // 2)
+    raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")
+
+
+def accelerator_family(accelerator_type: str) -> str:
+    """The price table's key: v6e-8 -> v6e, v5litepod-16 -> v5e."""
+    gen = accelerator_type.rsplit("-", 1)[0]
+    return "v5e" if gen == "v5litepod" else gen

@@ -9,6 +9,7 @@ guest attributes (or the user's `host_key_sha256`).
 
 from __future__ import annotations
 
+import getpass
 import sys  # only to ask whether stderr is a terminal (the live spinner); lines go to `say`
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -17,11 +18,15 @@ from google.cloud import tpu_v2
 from rich.console import Console
 from rich.status import Status
 
+import grpoctl_contract.watchdog as watchdog
 from orchestrator.cloud import api as cloud
+from orchestrator.cloud import autodelete
+from orchestrator.cloud.errors import TransientApiError, kind_of
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import RepoConfig, TpuTargetConfig
-from orchestrator.errors import HostKeyError, InfraError, UsageError
+from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, UsageError
+from orchestrator.retry import Backoff, retry_call
 from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
 from orchestrator.transport.base import Transport
@@ -30,8 +35,18 @@ from orchestrator.transport.ssh import SshTransport
 # Node states after which the node will never run our job again: recreate it.
 DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED")
 DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
+# What `up` does with every other state (the API has 16): wait it out, start the node, or give up.
+# READY counts only with a health that is not UNHEALTHY_MAINTENANCE (a maintenance event is running).
+WAIT_NODE_STATES = (
+    "CREATING", "STARTING", "RESTARTING", "REPAIRING", "REIMAGING", "UNHIDING", "STOPPING",
+    "STATE_UNSPECIFIED", "UNKNOWN",
+)  # fmt: skip
+START_NODE_STATES = ("STOPPED",)  # stopped (by a person): `up` starts it again
+GONE_NODE_STATES = ("DELETING", "HIDING", "HIDDEN")  # going away: never usable again
+MAINTENANCE = "UNHEALTHY_MAINTENANCE"
 HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
-
+# Metadata updates that meet a concurrent one (409) are tried again after a pause.
+CONFLICT_RETRY = Backoff(attempts=6, first_s=2.0, max_s=20.0)
 
 
 class TpuTarget(Target):
@@ -43,6 +58,10 @@ class TpuTarget(Target):
     # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
+    # Test wiring too: where the node's watchdog asks for its token (the fake API plays the metadata
+    # server), and how often it looks for jobs.
+    autodelete_metadata_base: str = watchdog.METADATA_BASE
+    autodelete_poll_s: float = 30.0
 
     def __init__(
         self,
@@ -64,6 +83,8 @@ class TpuTarget(Target):
         self._node: tpu_v2.Node | None = None
         self._transports: list[Transport] | None = None
         self._create_op: cloud.Operation | None = None  # the node create this `up` started
+        self._project_os_login: bool | None = None  # enable-oslogin of the project metadata (None: unknown)
+        self._started_node = False  # this `up` asked a STOPPED node to start
 
     # ---- the API ------------------------------------------------------------------------------------
     @property
@@ -76,7 +97,7 @@ class TpuTarget(Target):
     def node_label(self) -> str:
         return f"node {self.cfg.name} ({self.cfg.accelerator_type}, {self.cfg.zone})"
 
-    def _node_request(self) -> cloud.NodeRequest:
+    def _node_request(self, *, os_login_off: bool = False) -> cloud.NodeRequest:
         key = ensure_key(self.cfg.ssh_key)
         return cloud.NodeRequest(
             accelerator_type=self.cfg.accelerator_type,
@@ -85,14 +106,16 @@ class TpuTarget(Target):
             labels=dict(self.cfg.labels),
             ssh_keys=metadata_line(self.cfg.user, key),
             internal_ip=self.cfg.internal_ip,
+            os_login_off=os_login_off,
         )
 
     # ---- up -----------------------------------------------------------------------------------------
     def up(self) -> None:
         self._reset_transports()
-        self._create_op = None
+        self._create_op, self._started_node = None, False
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        node, queued = self._wait_deleted(node, queued)
         dead = _dead_reason(node, queued)
         if dead is not None:
             self.say(f"{self.node_label}: {dead}; deleting it to create a fresh one")
@@ -107,19 +130,51 @@ class TpuTarget(Target):
             self._check_os_login(self._node)
             self._ensure_ssh_key(self._node)
             self._connect()
+            self._start_autodelete(self._node)
         except BaseException as err:
             self._reset_transports()
             if created:
                 self._undo(created, err)
             raise
 
+    def _wait_deleted(
+        self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None
+    ) -> tuple[tpu_v2.Node | None, tpu_v2.QueuedResource | None]:
+        """A node or queued resource still DELETING (a `down` a moment ago) is waited out: then there is
+        nothing, and `up` creates afresh."""
+
+        def deleting() -> bool:
+            return (node is not None and cloud.state_name(node) == "DELETING") or (
+                queued is not None and cloud.queued_state_name(queued) == "DELETING"
+            )
+
+        if not deleting():
+            return node, queued
+        deadline = time.monotonic() + self.cfg.up_timeout_s
+        self.say(f"{self.node_label}: DELETING; waiting until it is gone")
+        while deleting():
+            if time.monotonic() > deadline:
+                raise InfraError(f"{self.node_label}: still DELETING after {self.cfg.up_timeout_s:.0f} s")
+            time.sleep(self.cfg.poll_s)
+            node = self.api.get_node(self.cfg.name)
+            queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        return node, queued
+
     def _create(self, created: list[str]) -> None:
-        req = self._node_request()
+        self._project_os_login = self.api.project_os_login()
+        if self._project_os_login:
+            self.say(
+                f"{self.node_label}: OS Login is on in the project metadata; creating the node with "
+                "enable-oslogin=FALSE so that its ssh-keys metadata is used"
+            )
+        req = self._node_request(os_login_off=bool(self._project_os_login))
         if self.cfg.queued:
             self.say(f"{self.node_label}: creating queued resource {self.cfg.name} (spot={self.cfg.spot})")
             op = self.api.create_queued(self.cfg.name, self.cfg.name, req, self.cfg.valid_until_s)
             created.append("queued")
-            cloud.wait_operation(op, f"create queued resource {self.cfg.name}", timeout_s=120, poll_s=1.0)
+            cloud.wait_operation(
+                op, f"create queued resource {self.cfg.name}", timeout_s=120, poll_s=1.0, api=self.api
+            )
         else:
             self.say(
                 f"{self.node_label}: creating (spot={self.cfg.spot}, runtime {self.cfg.runtime_version})"
@@ -146,6 +201,8 @@ class TpuTarget(Target):
                     raise InfraError(f"queued resource {self.cfg.name} is {state}{_why(qr)}")
             node = self.api.get_node(self.cfg.name)
             node_state = cloud.state_name(node) if node is not None else "NOT_CREATED"
+            if node is not None and node_state == "READY" and cloud.health_name(node) == MAINTENANCE:
+                node_state = f"READY, health {MAINTENANCE}"  # a maintenance event: not usable yet
             shown = f"{state} / node {node_state}" if queued_mode else node_state
             line = f"{self.node_label}: {shown} ({time.monotonic() - start:.0f} s)"
             if shown != last:  # one line per state for the record, a live line on a terminal
@@ -153,26 +210,41 @@ class TpuTarget(Target):
                 last = shown
             if live is not None:
                 live.update(line)
+            if op is not None and cloud.operation_done(op, f"create {self.node_label}", self.api):
+                cloud.wait_operation(op, f"create {self.node_label}", timeout_s=0, api=self.api)  # raises
+                op = None  # succeeded: the node's state says the rest
             if node is not None and node_state == "READY" and (not queued_mode or state == "ACTIVE"):
                 return node
             if node is not None and node_state in DEAD_NODE_STATES:
                 raise InfraError(f"{self.node_label} became {node_state} while starting")
-            if node_state in ("STOPPED", "STOPPING"):  # stopped by a person: theirs to start or delete
-                raise InfraError(
-                    f"{self.node_label} is {node_state}: start it, or `grpoctl down` and `up` again"
-                )
-            if op is not None and op.done():
-                cloud.wait_operation(op, f"create {self.node_label}", timeout_s=0)  # raises on failure
+            if node_state in GONE_NODE_STATES:
+                raise InfraError(f"{self.node_label} is {node_state} (going away): `grpoctl up` again later")
+            if node_state in START_NODE_STATES:
+                self._start_stopped()
             if time.monotonic() > deadline:
                 raise InfraError(
                     f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
                 )
             time.sleep(self.cfg.poll_s)
 
+    def _start_stopped(self) -> None:
+        """A STOPPED node (stopped by a person, or by the service): start it once, then keep waiting."""
+        if self._started_node:
+            return
+        self.say(f"{self.node_label}: STOPPED; starting it")
+        self.api.start_node(self.cfg.name)
+        self._started_node = True
+
     def _undo(self, created: list[str], err: BaseException) -> None:
         """Delete what this `up` created; say exactly what is left when that fails too."""
         what = f"queued resource {self.cfg.name}" if "queued" in created else f"node {self.cfg.name}"
         why = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        if isinstance(err, TransientApiError):  # the API stumbled, not the node: keep what we got
+            self.say(
+                f"{self.node_label}: up failed on transient Cloud TPU API errors; kept the {what} it created "
+                f"(`grpoctl up --target {self.name}` again attaches to it, `grpoctl down` deletes it)"
+            )
+            return
         try:
             deleted = self._delete(self.api.get_node(self.cfg.name), self.api.get_queued(self.cfg.name))
             done = f"deleted the {what} it created" if deleted else f"the {what} was never created"
@@ -184,22 +256,68 @@ class TpuTarget(Target):
             )
 
     def _check_os_login(self, node: tpu_v2.Node) -> None:
-        if cloud.os_login_enabled(dict(node.metadata)):
-            raise UsageError(
-                f"{self.node_label}: OS Login is on (metadata enable-oslogin=TRUE), so ssh-keys metadata is "
-                "ignored; set enable-oslogin=FALSE in the project or node metadata, or use a target of kind "
-                "ssh with your OS Login user and key"
-            )
+        """OS Login on (the node's own enable-oslogin, else the project's): the guest agent ignores
+        ssh-keys metadata, so no key of ours can work. Nodes `up` creates turn it off in their metadata."""
+        own = cloud.os_login_setting(dict(node.metadata))
+        if own is None and self._project_os_login is None:
+            self._project_os_login = self.api.project_os_login()
+        if not cloud.os_login_enabled(dict(node.metadata), self._project_os_login):
+            return
+        where = "node" if own else "project"
+        raise UsageError(
+            f"{self.node_label}: OS Login is on (enable-oslogin=TRUE in the {where} metadata), so its "
+            "ssh-keys metadata is ignored: set enable-oslogin=FALSE in the node's metadata, or "
+            "`grpoctl down` and `up` (grpoctl creates nodes with it off), or use a target of kind ssh with "
+            "your OS Login user"
+        )
 
     def _ensure_ssh_key(self, node: tpu_v2.Node) -> None:
-        """Attach: add our key to the node's ssh-keys metadata, keeping every key already there."""
+        """Attach: add our key to the node's ssh-keys metadata, keeping every key already there. A 409
+        (another metadata update is running) is met by reading the node again and merging again."""
         line = self._node_request().ssh_keys
-        merged = cloud.merge_ssh_keys(dict(node.metadata).get(cloud.SSH_KEYS, ""), line)
-        if merged is None:
+        first = [node]
+
+        def add() -> None:
+            current = first.pop() if first else self.api.get_node(self.cfg.name)
+            if current is None:
+                raise InfraError(f"{self.node_label} vanished while adding the SSH key")
+            merged = cloud.merge_ssh_keys(dict(current.metadata).get(cloud.SSH_KEYS, ""), line)
+            if merged is None:
+                return
+            self.say(f"{self.node_label}: adding the SSH key of {self.cfg.user} to the node metadata")
+            op = self.api.set_metadata(current, {**dict(current.metadata), cloud.SSH_KEYS: merged})
+            cloud.wait_operation(
+                op, f"update metadata of {self.cfg.name}", timeout_s=300, poll_s=self.cfg.poll_s, api=self.api
+            )
+
+        retry_call(
+            add, retry_on=lambda err: kind_of(err) == "conflict", policy=CONFLICT_RETRY, sleep=self.api.sleep
+        )
+
+    # ---- a node that deletes itself -----------------------------------------------------------------
+    def _start_autodelete(self, node: tpu_v2.Node) -> None:
+        """Nodes grpoctl created (its label) get the idle watchdog; attached ones are the user's own."""
+        idle = self.cfg.autodelete_after_idle_s
+        if not idle or not cloud.is_grpoctl(node.labels):
             return
-        self.say(f"{self.node_label}: adding the SSH key of {self.cfg.user} to the node metadata")
-        op = self.api.set_metadata(node, {**dict(node.metadata), cloud.SSH_KEYS: merged})
-        cloud.wait_operation(op, f"update metadata of {self.cfg.name}", timeout_s=300, poll_s=self.cfg.poll_s)
+        try:
+            autodelete.start(self.transports()[0], self.cfg, self.remote_dir,
+                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s)
+        except GrpoctlError as err:  # the node works without it: say so, do not fail `up`
+            self.say(f"{self.node_label}: {err}; it will NOT delete itself when idle (grpoctl down does)")
+            return
+        self.say(f"{self.node_label}: deletes itself after {idle:g} s without a grpoctl job "
+                 "(autodelete_after_idle_s)")
+
+    def autodelete_line(self) -> str | None:
+        """When the node will delete itself (its watchdog's state), for `status`; None without one."""
+        if not self.cfg.autodelete_after_idle_s:
+            return None
+        try:
+            transport = self.transports()[0]
+        except GrpoctlError:
+            return None
+        return autodelete.describe(autodelete.read_state(transport))
 
     # ---- workers and SSH ----------------------------------------------------------------------------
     def _current_node(self) -> tpu_v2.Node:
@@ -225,13 +343,30 @@ class TpuTarget(Target):
         return out
 
     def _pins(self, n: int) -> list[tuple[str, ...]]:
+        """Per worker, the fingerprints of every host key it published (ed25519, ecdsa, rsa): the key
+        the SSH handshake picks must be one of them. Unpublished yet (404): wait; unreadable (403, an org
+        policy): only `--accept-new-host-key` goes on."""
         if self.cfg.host_key_sha256:
             return pins_per_host(self.cfg.host_key_sha256, n)
         deadline = time.monotonic() + HOST_KEY_WAIT_S
         while True:
-            keys = self.api.host_keys(self.cfg.name)
-            if len(keys) == n and all("ssh-ed25519" in k for k in keys):
-                return [(fingerprint_of(k["ssh-ed25519"]),) for k in keys]
+            try:
+                keys = self.api.host_keys(self.cfg.name) or []
+            except GrpoctlError as err:
+                if kind_of(err) != "permission":
+                    raise
+                if self._accept_new:
+                    self.say(
+                        f"{self.node_label}: guest attributes unreadable (403); trusting the keys offered"
+                    )
+                    return [()] * n
+                raise HostKeyError(
+                    f"{self.node_label}: the guest attributes with the workers' SSH host keys cannot be read "
+                    "(403: an org policy or a missing permission); pin them with host_key_sha256 or pass "
+                    "--accept-new-host-key"
+                ) from None
+            if len(keys) == n and all(keys):
+                return [tuple(fingerprint_of(blob) for blob in k.values()) for k in keys]
             if self._accept_new:
                 return [()] * n
             if time.monotonic() > deadline:
@@ -272,9 +407,31 @@ class TpuTarget(Target):
                     raise
                 except InfraError as err:
                     if time.monotonic() > deadline:
+                        if isinstance(err, AuthError):
+                            raise self._login_refused(err) from None
                         raise InfraError(f"{err} (kept trying for {self.cfg.auth_retry_s:.0f} s)") from None
                     time.sleep(min(5.0, self.cfg.poll_s))
         self.say(f"{self.node_label}: READY, {len(self.transports())} worker(s) reachable")
+
+    def _login_refused(self, err: AuthError) -> GrpoctlError:
+        """Our key has been in the node's ssh-keys metadata for auth_retry_s and the VM still refuses it:
+        say the likely reason and the fix, on one line."""
+        kept = f"(kept trying for {self.cfg.auth_retry_s:.0f} s)"
+        if self.cfg.user == "root":
+            local = getpass.getuser()
+            name = local if local != "root" else "grpo"
+            unknown = " (or OS Login is on for the project)" if self._project_os_login is None else ""
+            return UsageError(
+                f"{err} {kept}: this image refuses SSH logins as root{unknown}; set `user: {name}` (any "
+                f"name: the guest agent creates the account, with sudo) in target {self.name} of grpoctl.yaml"
+            )
+        if self._project_os_login is None:
+            return InfraError(
+                f"{err} {kept}: if OS Login is on for the project (enable-oslogin, or the org policy "
+                "constraints/compute.requireOsLogin), ssh-keys metadata is ignored: use a target of kind ssh "
+                "with your OS Login user"
+            )
+        return InfraError(f"{err} {kept}")
 
     def before_launch(self, remote_dir: str, *, force: bool = False) -> None:
         """Clear stale TPU users on every worker (see cloud/stale.py); a live grpoctl run is refused."""
@@ -307,7 +464,7 @@ class TpuTarget(Target):
         elif node is not None:
             ops.append((f"delete node {self.cfg.name}", self.api.delete_node(self.cfg.name)))
         for what, op in ops:
-            cloud.wait_operation(op, what, timeout_s=600, poll_s=self.cfg.poll_s)
+            cloud.wait_operation(op, what, timeout_s=600, poll_s=self.cfg.poll_s, api=self.api)
         return bool(ops)
 
     def down(self) -> None:

@@ -1,9 +1,17 @@
 """A fake Cloud TPU v2 API on 127.0.0.1 (plain HTTP) that the real `google-cloud-tpu` REST client talks to.
 
 It serves the JSON shapes of the real API (camelCase, `{"error": {...}}` bodies, long-running operations
-at `/v2/{operation name}`) for nodes, queued resources and guest attributes, and can be scripted: slow
-create, waiting for resources, preempt now, quota exhausted, accelerator type not offered, OS Login on,
-SSH-key propagation delay. Every request is recorded so tests can assert what the client sent.
+at `/v2/{operation name}`) for nodes, queued resources and guest attributes, plus the one Compute Engine
+read grpoctl makes (`GET /compute/v1/projects/P`: project metadata, where OS Login is switched on). What
+the real service does that a client must survive is scripted by the knobs of `Script`, all in one place:
+transient 500/503/429 on reads (one-shot or at a rate), operation errors (codes 3, 8, 9), synchronous
+quota errors with QuotaFailure details, 409 on metadata updates, guest attributes that 404 until the
+VM publishes its host keys (ecdsa, ed25519, rsa) or 403 under an org policy, OS Login from project
+metadata or org policy, images that refuse root, slow deletes (DELETING), queued resources that start
+WAITING_FOR_RESOURCES, expire at `validUntil` and go SUSPENDING -> SUSPENDED (the node deleted),
+pagination, enums as integers, and the API's name and label rules. `Script.realistic()` turns on what
+the real service does by default. Scripted events (`preempt`, `set_state`) play what happens to a node.
+Every request is recorded so tests can assert what the client sent.
 
 A node's workers are real loopback sshd instances (see `SshdWorker`), started when the node becomes
 READY and killed, together with every process they started, when the node is preempted or deleted:
@@ -19,6 +27,8 @@ import contextlib
 import itertools
 import json
 import os
+import random
+import re
 import signal
 import threading
 import time
@@ -42,44 +52,130 @@ class FakeWorker(Protocol):
 
     def host_public_key(self) -> str: ...  # "ssh-ed25519 AAAA..."
 
-    def set_authorized_keys(self, lines: list[str]) -> None: ...
+    def set_authorized_keys(self, by_user: dict[str, list[str]]) -> None: ...  # user -> key lines
 
     def kill(self) -> None: ...  # the VM dies: its sshd and everything it started
 
 
-WorkerFactory = Callable[[str, int], FakeWorker]  # (node id, worker index) -> a started worker
+# (node id, worker index, script) -> a started worker (the script says which host keys it has and whether
+# its image lets root log in)
+WorkerFactory = Callable[[str, int, "Script"], FakeWorker]
 
 
 class ApiError(Exception):
-    def __init__(self, http: HTTPStatus, status: str, message: str) -> None:
+    def __init__(
+        self, http: HTTPStatus, status: str, message: str, details: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(message)
-        self.http, self.status, self.message = http, status, message
+        self.http, self.status, self.message, self.details = http, status, message, details or []
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": int(self.http), "message": self.message, "status": self.status}}
+        error: dict[str, Any] = {"code": int(self.http), "message": self.message, "status": self.status}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
 
 
 GRPC_CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9}
 
+# Failed create operations as the real service reports them: (gRPC code, message).
+PREEMPTED_WHILE_CREATING = (
+    3,
+    "Cloud TPU received a bad request. update is not supported while in state PREEMPTED [EID: 0x1a2b]",
+)
+STOCKOUT = (
+    8,
+    'There is no more capacity in the zone "{zone}"; you can try in another zone where Cloud TPU Nodes are '
+    "offered (see https://cloud.google.com/tpu/docs/regions) [EID: 0x3c4d]",
+)
+INSUFFICIENT_RESERVED = (
+    9,
+    "Insufficient reserved capacity. Contact customer support to increase your reservation.",
+)
+QUOTA_NAME = "TPUV6EPreemptiblePodPerProjectPerZone"
+
+# Transient errors a read can meet: HTTP status -> (status, message) of the real service's bodies.
+TRANSIENT = {
+    500: ("INTERNAL", "Internal error encountered."),
+    503: ("UNAVAILABLE", "The service is currently unavailable."),
+    429: (
+        "RESOURCE_EXHAUSTED",
+        "Quota exceeded for quota metric 'Read requests' and limit 'Read requests per minute' of service "
+        "'tpu.googleapis.com'",
+    ),
+}
+
+# The API's resource-name and label rules (RFC 1035 labels; label keys start with a letter).
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+
+HOST_KEY_TYPES = {"ed25519": "ssh-ed25519", "ecdsa": "ecdsa-sha2-nistp256", "rsa": "ssh-rsa"}
+
 
 @dataclass
 class Script:
-    """Knobs a test turns before (or while) the client acts."""
+    """Knobs a test turns before (or while) the client acts. Defaults are the quickest happy path;
+    `Script.realistic()` is what the real service does unasked."""
 
+    # ---- time
     create_s: float = 0.3  # time a node spends CREATING before READY
     wait_for_resources_s: float = 0.3  # a queued resource waits this long before PROVISIONING
     key_propagation_s: float = 0.0  # ssh-keys metadata reaches the workers' sshd after this delay
+    delete_s: float = 0.0  # a deleted node (queued resource) shows DELETING this long, then is gone
+    suspend_s: float = 0.0  # a preempted queued resource is SUSPENDING this long, then SUSPENDED
+    # ---- creates that fail
     offered_accelerator_types: set[str] = field(default_factory=lambda: set(DEFAULT_HOSTS))
-    quota_exhausted: bool = False  # the next creates fail in their operation with RESOURCE_EXHAUSTED
-    os_login: bool = False  # nodes report enable-oslogin=TRUE (as if inherited from the project)
+    quota_exhausted: bool = False  # creates fail in their operation with RESOURCE_EXHAUSTED (a quota)
+    quota_exhausted_sync: bool = False  # creates are refused at once: 429 with QuotaFailure details
+    # creates fail in their operation with (gRPC code, message): PREEMPTED_WHILE_CREATING (the node is
+    # left PREEMPTED), STOCKOUT, INSUFFICIENT_RESERVED
+    create_error: tuple[int, str] | None = None
+    # ---- transient errors
+    fail_reads: list[int] = field(default_factory=list)  # the next reads answer these HTTP codes, one each
+    read_error_rate: float = 0.0  # besides: this share of all reads answers 503/500/429
+    seed: int = 0  # of the read-error draws
+    metadata_conflicts: int = 0  # the next metadata updates answer 409 (another operation runs)
+    # ---- logins
+    root_login: bool = True  # the image's sshd lets root in with a key (the seed SOP's v6e did)
+    project_os_login: bool = False  # project metadata enable-oslogin=TRUE: metadata keys ignored, unless
+    #   the node's own metadata says enable-oslogin=FALSE
+    org_requires_os_login: bool = False  # constraints/compute.requireOsLogin: OS Login always; a request
+    #   that sets enable-oslogin=FALSE is refused (FAILED_PRECONDITION)
+    compute_api_forbidden: bool = False  # the project-metadata read answers 403 (API off, no permission)
+    # ---- guest attributes
+    guest_attributes_forbidden: bool = False  # 403: an org policy disables guest attributes
+    host_key_types: tuple[str, ...] = ("ed25519", "ecdsa")  # the workers' sshd host keys, all published
+    # ---- encoding
+    page_size: int = 0  # list answers at most this many items per page (nextPageToken); 0: all
+    enum_ints: bool = False  # enums as integers (what `$alt=json;enum-encoding=int` asks for)
     hosts: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HOSTS))
     internal_ip: str = "127.0.0.1"  # what networkEndpoints report (the sshd workers listen on loopback)
     external_ip: str = "127.0.0.1"
     # Guest attributes publish a host key other than the one the worker's sshd offers (a man in the
     # middle, or a VM replaced behind the same address): a client that pins the published key must refuse.
     publish_other_host_keys: bool = False
-    # A fresh VM's guest agent publishes its host keys a little after READY: none until this long after.
+    # A fresh VM's guest agent publishes its host keys a little after READY: 404 until this long after.
     host_keys_delay_s: float = 0.0
+
+    @classmethod
+    def realistic(cls, **overrides: Any) -> Script:
+        """What the real service does unasked: transient read errors now and then (~5% of reads), host
+        keys published a while after READY (all three types), deletes and suspensions that take time,
+        lists in pages."""
+        base: dict[str, Any] = dict(
+            create_s=2.0,
+            wait_for_resources_s=1.0,
+            read_error_rate=0.05,
+            host_keys_delay_s=3.0,
+            host_key_types=("ed25519", "ecdsa", "rsa"),
+            delete_s=1.0,
+            suspend_s=1.0,
+            key_propagation_s=1.0,
+            page_size=2,
+            enum_ints=True,
+        )
+        return cls(**{**base, **overrides})
 
 
 @dataclass
@@ -89,6 +185,9 @@ class FakeNode:
     state: str
     ready_at: float
     queued_resource: str = ""
+    health: str = "HEALTHY"  # shown while READY
+    booted_at: float = 0.0  # when its VMs last came up (the guest agent publishes host keys after)
+    gone_at: float | None = None  # DELETING until then
     workers: list[FakeWorker] = field(default_factory=list)
     create_time: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
 
@@ -104,6 +203,9 @@ class FakeQueued:
     state: str
     provision_at: float
     node_name: str = ""
+    expire_at: float | None = None  # validUntil: still waiting then -> FAILED
+    failed: dict[str, Any] | None = None  # failedData.error
+    change_at: float | None = None  # DELETING -> gone, SUSPENDING -> SUSPENDED
 
 
 @dataclass
@@ -120,6 +222,7 @@ class RecordedRequest:
     path: str
     query: dict[str, list[str]]
     body: dict[str, Any] | None
+    authorization: str | None = None  # the Authorization header (the node watchdog's bearer token)
 
 
 def _node_type(body: dict[str, Any]) -> dict[str, Any]:
@@ -133,16 +236,26 @@ class FakeTpuApi:
     """The fake API server. Thread-safe; all state changes happen under one lock."""
 
     def __init__(self, worker_factory: WorkerFactory | None = None, script: Script | None = None) -> None:
-        self.script = script or Script()
         self.worker_factory = worker_factory
         self.nodes: dict[str, FakeNode] = {}
         self.queued: dict[str, FakeQueued] = {}
         self.operations: dict[str, FakeOperation] = {}
         self.requests: list[RecordedRequest] = []
+        self.injected: list[tuple[str, int]] = []  # (path, HTTP code) of every transient error served
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.script = script or Script()
+
+    @property
+    def script(self) -> Script:
+        return self._script
+
+    @script.setter
+    def script(self, script: Script) -> None:  # a new script restarts the read-error draws
+        self._script = script
+        self._rng = random.Random(script.seed)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> FakeTpuApi:
@@ -157,7 +270,7 @@ class FakeTpuApi:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                status, payload = api.handle(self.command, self.path, raw)
+                status, payload = api.handle(self.command, self.path, raw, dict(self.headers))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
@@ -195,13 +308,27 @@ class FakeTpuApi:
 
     # ---- scripted events ---------------------------------------------------------------------------
     def preempt(self, node_id: str) -> None:
-        """The spot VM is taken back now: workers die, the node shows PREEMPTED (its QR SUSPENDED)."""
+        """The spot VM is taken back now: workers die, the node shows PREEMPTED. Its queued resource (if
+        any) goes SUSPENDING, then (after `suspend_s`) SUSPENDED, which deletes the node."""
         with self._lock:
             node = self._node_by_id(node_id)
             node.state = "PREEMPTED"
             self._kill_workers(node)
             if node.queued_resource and node.queued_resource in self.queued:
-                self.queued[node.queued_resource].state = "SUSPENDED"
+                qr = self.queued[node.queued_resource]
+                qr.state, qr.change_at = "SUSPENDING", time.monotonic() + self.script.suspend_s
+
+    def set_state(self, node_id: str, state: str, health: str = "HEALTHY") -> None:
+        """The node is now in `state` (any of the API's 16) with `health`: maintenance, repair, a stop by
+        a person. Workers die when it leaves READY for a state without a running VM, and a fresh VM
+        boots when it comes back to READY."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            if state != "READY" and node.workers:
+                self._kill_workers(node)
+            node.state, node.health = state, health
+            if state == "READY" and not node.workers:
+                self._start_workers(node)
 
     def node_state(self, node_id: str) -> str | None:
         with self._lock:
@@ -226,15 +353,26 @@ class FakeTpuApi:
     def _advance(self) -> None:
         now = time.monotonic()
         for qr in self.queued.values():
-            if qr.state in ("ACCEPTED", "WAITING_FOR_RESOURCES") and now >= qr.provision_at:
+            if qr.state == "WAITING_FOR_RESOURCES" and qr.expire_at is not None and now >= qr.expire_at:
+                qr.state = "FAILED"
+                qr.failed = {"code": 4, "message": "Queued resource request expired: validUntil reached"}
+            elif qr.state == "WAITING_FOR_RESOURCES" and now >= qr.provision_at:
                 qr.state = "PROVISIONING"
                 spec = qr.body["tpu"]["nodeSpec"][0]
                 qr.node_name = f"{spec['parent']}/nodes/{spec['nodeId']}"
                 self._new_node(qr.node_name, spec.get("node", {}), queued_resource=qr.name)
-            elif qr.state == "ACCEPTED":
-                qr.state = "WAITING_FOR_RESOURCES"
-        for node in self.nodes.values():
-            if node.state == "CREATING" and now >= node.ready_at:
+            elif qr.state == "SUSPENDING" and qr.change_at is not None and now >= qr.change_at:
+                qr.state = "SUSPENDED"  # the service deletes the node of a suspended queued resource
+                node = self.nodes.pop(qr.node_name, None)
+                if node is not None:
+                    self._kill_workers(node)
+        for name, qr in list(self.queued.items()):
+            if qr.state == "DELETING" and qr.change_at is not None and now >= qr.change_at:
+                del self.queued[name]
+        for name, node in list(self.nodes.items()):
+            if node.state == "DELETING" and node.gone_at is not None and now >= node.gone_at:
+                del self.nodes[name]
+            elif node.state in ("CREATING", "STARTING") and now >= node.ready_at:
                 self._start_workers(node)
                 node.state = "READY"
         for qr in self.queued.values():
@@ -257,28 +395,52 @@ class FakeTpuApi:
         if self.worker_factory is None:
             return
         count = self.script.hosts.get(node.body.get("acceleratorType", ""), 1)
-        node.workers = [self.worker_factory(node.node_id, i) for i in range(count)]
-        keys = self._ssh_key_lines(node.body)
+        node.workers = [self.worker_factory(node.node_id, i, self.script) for i in range(count)]
+        keys = self._authorized(node.body)
         for w in node.workers:
             w.set_authorized_keys(keys)
+        node.booted_at = time.monotonic()
 
     def _kill_workers(self, node: FakeNode) -> None:
         for w in node.workers:
             w.kill()
         node.workers = []
 
-    @staticmethod
-    def _ssh_key_lines(body: dict[str, Any]) -> list[str]:
-        """`user:ssh-ed25519 AAAA comment` lines of the ssh-keys metadata -> authorized_keys lines."""
-        text = body.get("metadata", {}).get("ssh-keys", "")
-        return [line.split(":", 1)[1].strip() for line in text.splitlines() if ":" in line]
+    def _os_login(self, metadata: dict[str, str]) -> bool:
+        """Whether the guest agent of a node with this metadata uses OS Login (and ignores ssh-keys)."""
+        if self.script.org_requires_os_login:
+            return True
+        own = metadata.get("enable-oslogin", "").strip().upper()
+        return own == "TRUE" if own else self.script.project_os_login
+
+    def _authorized(self, body: dict[str, Any]) -> dict[str, list[str]]:
+        """What the guest agent writes: per user of the `user:ssh-ed25519 AAAA comment` lines of the
+        ssh-keys metadata, that user's authorized_keys lines; nothing under OS Login."""
+        metadata = body.get("metadata", {})
+        out: dict[str, list[str]] = {}
+        if self._os_login(metadata):
+            return out
+        for line in metadata.get("ssh-keys", "").splitlines():
+            if ":" in line:
+                user, key = line.split(":", 1)
+                out.setdefault(user.strip(), []).append(key.strip())
+        return out
 
     # ---- JSON views ----------------------------------------------------------------------------------
+    def _enum(self, kind: str, name: str) -> str | int:
+        if not self.script.enum_ints:
+            return name
+        from google.cloud import tpu_v2
+
+        enum = {
+            "node": tpu_v2.Node.State,
+            "health": tpu_v2.Node.Health,
+            "queued": tpu_v2.QueuedResourceState.State,
+        }[kind]
+        return int(enum[name])
+
     def _node_json(self, node: FakeNode) -> dict[str, Any]:
         body = dict(node.body)
-        metadata = dict(body.get("metadata", {}))
-        if self.script.os_login:
-            metadata["enable-oslogin"] = "TRUE"
         count = len(node.workers) or self.script.hosts.get(body.get("acceleratorType", ""), 1)
         endpoints = []
         for i in range(count):
@@ -291,33 +453,94 @@ class FakeTpuApi:
             endpoints.append(ep)
         body.update(
             name=node.name,
-            state=node.state,
-            metadata=metadata,
+            state=self._enum("node", node.state),
             createTime=node.create_time,
             apiVersion="V2",
             id=str(abs(hash(node.name)) % 10**12),
         )
         if node.state == "READY":
-            body.update(health="HEALTHY", networkEndpoints=endpoints)
+            body.update(health=self._enum("health", node.health), networkEndpoints=endpoints)
         if node.queued_resource:
             body["queuedResource"] = node.queued_resource
         return body
 
     def _queued_json(self, qr: FakeQueued) -> dict[str, Any]:
-        return {**qr.body, "name": qr.name, "state": {"state": qr.state}}
+        state: dict[str, Any] = {"state": self._enum("queued", qr.state)}
+        if qr.failed is not None:
+            state["failedData"] = {"error": qr.failed}
+        return {**qr.body, "name": qr.name, "state": state}
+
+    def _page(self, key: str, items: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+        """One page of a list: at most `page_size` (the client's `pageSize`, capped by the script's)."""
+        sizes = [n for n in (self.script.page_size, int(query.get("pageSize") or 0)) if n > 0]
+        if not sizes:
+            return {key: items}
+        start = int(query.get("pageToken") or 0)
+        end = start + min(sizes)
+        out: dict[str, Any] = {key: items[start:end]}
+        if end < len(items):
+            out["nextPageToken"] = str(end)
+        return out
 
     # ---- HTTP ----------------------------------------------------------------------------------------
-    def handle(self, method: str, raw_path: str, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+    def handle(
+        self, method: str, raw_path: str, raw_body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         url = urlsplit(raw_path)
         query = parse_qs(url.query)
         body = json.loads(raw_body) if raw_body else None
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
         with self._lock:
-            self.requests.append(RecordedRequest(method, url.path, query, body))
+            self.requests.append(RecordedRequest(method, url.path, query, body, headers.get("authorization")))
+            if url.path.startswith("/computeMetadata/"):  # the VM's metadata server, for the watchdog
+                return self._metadata(url.path, headers)
             self._advance()
             try:
+                self._maybe_transient(method, url.path)
+                if url.path.startswith("/compute/v1/projects/"):
+                    return 200, self._compute_project(url.path)
                 return 200, self._route(method, url.path, query, body or {})
             except ApiError as err:
                 return int(err.http), err.body()
+
+    SA_TOKEN = "fake-sa-token-0123"  # the service-account token the metadata server hands out
+
+    def _metadata(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The metadata server's token endpoint (the real one refuses requests without the header)."""
+        if headers.get("metadata-flavor") != "Google":
+            return 403, {"error": "Missing Metadata-Flavor:Google header."}
+        if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+            return 200, {"access_token": self.SA_TOKEN, "expires_in": 3599, "token_type": "Bearer"}
+        return 404, {"error": f"no metadata at {path}"}
+
+    def _maybe_transient(self, method: str, path: str) -> None:
+        """A read (GET, getGuestAttributes) answers a transient error: the next of `fail_reads`, else
+        at `read_error_rate`."""
+        if not (method == "GET" or path.endswith(":getGuestAttributes")):
+            return
+        code = None
+        if self.script.fail_reads:
+            code = self.script.fail_reads.pop(0)
+        elif self.script.read_error_rate and self._rng.random() < self.script.read_error_rate:
+            code = self._rng.choice((503, 503, 500, 429))
+        if code is not None:
+            self.injected.append((path, code))
+            status, message = TRANSIENT[code]
+            raise ApiError(HTTPStatus(code), status, message)
+
+    def _compute_project(self, path: str) -> dict[str, Any]:
+        """Compute Engine `projects.get`: the project's common instance metadata."""
+        project = path.rsplit("/", 1)[1]
+        if self.script.compute_api_forbidden:
+            raise ApiError(
+                HTTPStatus.FORBIDDEN,
+                "PERMISSION_DENIED",
+                f"Compute Engine API has not been used in project {project} before or it is disabled.",
+            )
+        items = []
+        if self.script.project_os_login or self.script.org_requires_os_login:
+            items.append({"key": "enable-oslogin", "value": "TRUE"})
+        return {"kind": "compute#project", "name": project, "commonInstanceMetadata": {"items": items}}
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any]) -> Any:
         if not path.startswith("/v2/projects/"):
@@ -337,34 +560,67 @@ class FakeTpuApi:
             case ("nodes", "POST", False, ""):
                 return self._create_node(parent, q.get("nodeId", ""), body)
             case ("nodes", "GET", False, ""):
-                return {
-                    "nodes": [self._node_json(n) for n in self.nodes.values() if n.name.startswith(parent)]
-                }
+                nodes = [self._node_json(n) for n in self.nodes.values() if n.name.startswith(parent + "/")]
+                return self._page("nodes", nodes, q)
             case ("nodes", "GET", True, ""):
                 return self._node_json(self._get_node(name))
             case ("nodes", "DELETE", True, ""):
                 return self._delete_node(name)
             case ("nodes", "PATCH", True, ""):
                 return self._update_node(name, q.get("updateMask", ""), body)
+            case ("nodes", "POST", True, "start"):
+                return self._start_node(name)
             case ("nodes", "POST", True, "getGuestAttributes"):
                 return self._guest_attributes(name, body)
             case ("queuedResources", "POST", False, ""):
                 return self._create_queued(parent, q.get("queuedResourceId", ""), body)
             case ("queuedResources", "GET", False, ""):
-                items = [self._queued_json(r) for r in self.queued.values() if r.name.startswith(parent)]
-                return {"queuedResources": items}
+                items = [
+                    self._queued_json(r) for r in self.queued.values() if r.name.startswith(parent + "/")
+                ]
+                return self._page("queuedResources", items, q)
             case ("queuedResources", "GET", True, ""):
                 return self._queued_json(self._get_queued(name))
             case ("queuedResources", "DELETE", True, ""):
                 return self._delete_queued(name, q.get("force") == "true")
             case ("operations", "GET", True, ""):
                 return self._operation_json(name)
+            case ("acceleratorTypes", "GET", False, ""):  # `grpoctl doctor`: what the zone offers
+                offered = sorted(self.script.offered_accelerator_types)
+                return {"acceleratorTypes": [{"name": f"{name}/{t}", "type": t} for t in offered]}
         raise ApiError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"{method} {path} is not served by the fake")
 
     @staticmethod
     def _check_zone(zone: str) -> None:
         if zone.count("-") != 2:
             raise ApiError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"Invalid location: {zone}")
+
+    @staticmethod
+    def _check_name(what: str, name: str) -> None:
+        if not NAME_RE.match(name):
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST,
+                "INVALID_ARGUMENT",
+                f"Invalid {what} {name!r}: must be 1-63 characters, lowercase letters, digits and hyphens, "
+                "starting with a letter and not ending with a hyphen",
+            )
+
+    def _check_node_body(self, body: dict[str, Any]) -> None:
+        for key, value in body.get("labels", {}).items():
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(str(value)):
+                raise ApiError(
+                    HTTPStatus.BAD_REQUEST,
+                    "INVALID_ARGUMENT",
+                    f"Invalid label {key}={value}: keys and values are lowercase letters, digits, _ and -, "
+                    "at most 63 characters (keys start with a letter)",
+                )
+        metadata = body.get("metadata", {})
+        if self.script.org_requires_os_login and metadata.get("enable-oslogin", "").upper() == "FALSE":
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST,
+                "FAILED_PRECONDITION",
+                "Constraint constraints/compute.requireOsLogin violated: enable-oslogin cannot be FALSE",
+            )
 
     def _get_node(self, name: str) -> FakeNode:
         node = self.nodes.get(name)
@@ -387,6 +643,23 @@ class FakeTpuApi:
                 f'Accelerator type "{accelerator_type}" is not available in zone "{zone}"',
             )
 
+    def _check_quota_sync(self, parent: str, accelerator_type: str) -> None:
+        if not self.script.quota_exhausted_sync:
+            return
+        zone = parent.rsplit("/", 1)[1]
+        text = f"Quota limit '{QUOTA_NAME}' has been exceeded. Limit: 0 in zone {zone}."
+        raise ApiError(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            "RESOURCE_EXHAUSTED",
+            text,
+            details=[
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [{"subject": f"{QUOTA_NAME} in {zone}", "description": text}],
+                }
+            ],
+        )
+
     def _new_operation(
         self, parent: str, done_when: Callable[[], bool], result: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
@@ -394,9 +667,9 @@ class FakeTpuApi:
         self.operations[op.name] = op
         return self._operation_json(op.name)
 
-    def _failed_operation(self, parent: str, status: str, message: str) -> dict[str, Any]:
+    def _failed_operation(self, parent: str, code: int, message: str) -> dict[str, Any]:
         op = FakeOperation(f"{parent}/operations/operation-{next(self._ids)}", lambda: True, lambda: {})
-        op.error = {"code": GRPC_CODES[status], "message": message}
+        op.error = {"code": code, "message": message}
         self.operations[op.name] = op
         return self._operation_json(op.name)
 
@@ -414,17 +687,23 @@ class FakeTpuApi:
     def _create_node(self, parent: str, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
         if not node_id:
             raise ApiError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "nodeId is required")
+        self._check_name("node id", node_id)
+        self._check_node_body(body)
         self._check_accelerator(parent, body.get("acceleratorType", ""))
         name = f"{parent}/nodes/{node_id}"
         if name in self.nodes:
             raise ApiError(HTTPStatus.CONFLICT, "ALREADY_EXISTS", f'Resource "{name}" already exists')
+        self._check_quota_sync(parent, body.get("acceleratorType", ""))
         if self.script.quota_exhausted:
             chips = body.get("acceleratorType", "?")
             return self._failed_operation(
-                parent,
-                "RESOURCE_EXHAUSTED",
-                f"Quota 'TPUV6EPreemptiblePodPerProjectPerZone' exceeded for {chips}",
+                parent, GRPC_CODES["RESOURCE_EXHAUSTED"], f"Quota '{QUOTA_NAME}' exceeded for {chips}"
             )
+        if self.script.create_error is not None:
+            code, message = self.script.create_error
+            if code == PREEMPTED_WHILE_CREATING[0]:  # the node exists, taken back before it was READY
+                self._new_node(name, body).state = "PREEMPTED"
+            return self._failed_operation(parent, code, message.format(zone=parent.rsplit("/", 1)[1]))
         node = self._new_node(name, body)
         return self._new_operation(
             parent, lambda: node.state != "CREATING", lambda: _node_type(self._node_json(node))
@@ -433,18 +712,40 @@ class FakeTpuApi:
     def _delete_node(self, name: str) -> dict[str, Any]:
         node = self._get_node(name)
         self._kill_workers(node)
-        del self.nodes[name]
+        if self.script.delete_s > 0:
+            node.state, node.gone_at = "DELETING", time.monotonic() + self.script.delete_s
+        else:
+            del self.nodes[name]
         parent = name.split("/nodes/")[0]
-        return self._new_operation(parent, lambda: True, lambda: EMPTY)
+        return self._new_operation(parent, lambda: name not in self.nodes, lambda: EMPTY)
+
+    def _start_node(self, name: str) -> dict[str, Any]:
+        node = self._get_node(name)
+        if node.state != "STOPPED":
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, "FAILED_PRECONDITION", f"start is not supported in state {node.state}"
+            )
+        node.state, node.ready_at = "STARTING", time.monotonic() + self.script.create_s
+        parent = name.split("/nodes/")[0]
+        return self._new_operation(
+            parent, lambda: node.state == "READY", lambda: _node_type(self._node_json(node))
+        )
 
     def _update_node(self, name: str, mask: str, body: dict[str, Any]) -> dict[str, Any]:
         node = self._get_node(name)
         fields = [f for f in mask.split(",") if f]
         if fields != ["metadata"]:
             raise ApiError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"unsupported update mask {mask!r}")
-        # enable-oslogin is the project's (added by the JSON view), not the node's own metadata
-        node.body["metadata"] = {k: v for k, v in body.get("metadata", {}).items() if k != "enable-oslogin"}
-        keys = self._ssh_key_lines(node.body)
+        if self.script.metadata_conflicts > 0:
+            self.script.metadata_conflicts -= 1
+            raise ApiError(
+                HTTPStatus.CONFLICT,
+                "ABORTED",
+                f"unable to queue the operation: another operation on {name.rsplit('/', 1)[1]} is running",
+            )
+        self._check_node_body(body)
+        node.body["metadata"] = dict(body.get("metadata", {}))
+        keys = self._authorized(node.body)
 
         workers = list(node.workers)
 
@@ -463,30 +764,58 @@ class FakeTpuApi:
 
     def _guest_attributes(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         node = self._get_node(name)
+        if self.script.guest_attributes_forbidden:
+            raise ApiError(
+                HTTPStatus.FORBIDDEN,
+                "PERMISSION_DENIED",
+                "Guest attributes are disabled by constraints/compute.disableGuestAttributesAccess",
+            )
+        booted = max(node.ready_at, node.booted_at)
+        published = node.state == "READY" and time.monotonic() >= booted + self.script.host_keys_delay_s
+        if not published:  # the guest agent has not written the namespace yet
+            raise ApiError(
+                HTTPStatus.NOT_FOUND, "NOT_FOUND", f"guest attributes {body.get('queryPath', '')} not found"
+            )
         out = []
-        if time.monotonic() < node.ready_at + self.script.host_keys_delay_s:
-            return {"guestAttributes": []}
         for w in node.workers:
-            key_type, key = w.host_public_key().split()[:2]
-            if self.script.publish_other_host_keys:
-                key_type, key = _other_ed25519_key().split()[:2]
-            items = [{"namespace": "hostkeys", "key": key_type, "value": key}]
+            items = []
+            for line in w.host_public_keys():
+                key_type, key = line.split()[:2]
+                if self.script.publish_other_host_keys:
+                    key_type, key = (
+                        _other_ed25519_key().split()[:2] if key_type == "ssh-ed25519" else ("", "")
+                    )
+                if key_type:
+                    items.append({"namespace": "hostkeys", "key": key_type, "value": key})
             out.append({"queryPath": body.get("queryPath", ""), "queryValue": {"items": items}})
         return {"guestAttributes": out}
 
     def _create_queued(self, parent: str, qr_id: str, body: dict[str, Any]) -> dict[str, Any]:
         if not qr_id:
             raise ApiError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "queuedResourceId is required")
+        self._check_name("queued resource id", qr_id)
         name = f"{parent}/queuedResources/{qr_id}"
         if name in self.queued:
             raise ApiError(HTTPStatus.CONFLICT, "ALREADY_EXISTS", f'Resource "{name}" already exists')
         spec = body.get("tpu", {}).get("nodeSpec", [])
         if len(spec) != 1:
             raise ApiError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "exactly one nodeSpec is supported")
+        self._check_name("node id", spec[0].get("nodeId", ""))
+        self._check_node_body(spec[0].get("node", {}))
         self._check_accelerator(parent, spec[0].get("node", {}).get("acceleratorType", ""))
-        qr = FakeQueued(name, body, "ACCEPTED", time.monotonic() + self.script.wait_for_resources_s)
+        self._check_quota_sync(parent, spec[0].get("node", {}).get("acceleratorType", ""))
+        now = time.monotonic()
+        qr = FakeQueued(name, body, "WAITING_FOR_RESOURCES", now + self.script.wait_for_resources_s)
+        valid = body.get("queueingPolicy", {}).get("validUntilDuration", "")
+        if valid:
+            qr.expire_at = now + float(valid.rstrip("s"))
         if self.script.quota_exhausted:
             qr.state = "FAILED"
+            qr.failed = {"code": 8, "message": f"Quota '{QUOTA_NAME}' exceeded"}
+        elif self.script.create_error is not None:
+            code, message = self.script.create_error
+            qr.state = "FAILED"
+            qr.failed = {"code": code, "message": message.format(zone=parent.rsplit("/", 1)[1])}
         self.queued[name] = qr
         return self._new_operation(
             parent,
@@ -509,9 +838,12 @@ class FakeTpuApi:
                 )
             self._kill_workers(node)
             del self.nodes[node.name]
-        del self.queued[name]
+        if self.script.delete_s > 0:
+            qr.state, qr.change_at = "DELETING", time.monotonic() + self.script.delete_s
+        else:
+            del self.queued[name]
         parent = name.split("/queuedResources/")[0]
-        return self._new_operation(parent, lambda: True, lambda: EMPTY)
+        return self._new_operation(parent, lambda: name not in self.queued, lambda: EMPTY)
 
 
 # ---- workers: loopback sshd servers that die like VMs -----------------------------------------------------
@@ -549,28 +881,54 @@ def kill_vm_processes(tag: str) -> int:
 
 
 class SshdWorker:
-    """A fake TPU VM host: its own sshd (own host key, own HOME), killed with all it started."""
+    """A fake TPU VM host: its own sshd (own host keys, own HOME), killed with all it started.
 
-    def __init__(self, root: Path, tag: str, session_env: dict[str, str] | None = None) -> None:
+    Logins are per user, as the guest agent makes them: `authorized_keys.d/<user>` holds the keys the
+    ssh-keys metadata gives that user; an image that refuses root has `PermitRootLogin no`."""
+
+    def __init__(
+        self,
+        root: Path,
+        tag: str,
+        session_env: dict[str, str] | None = None,
+        *,
+        host_key_types: tuple[str, ...] = ("ed25519",),
+        root_login: bool = True,
+    ) -> None:
         from orchestrator.testing.sshd import LoopbackSshd
 
         self.tag = tag
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self._authorized = root / "sshd" / "authorized_keys"
+        self._keys_dir = root / "sshd" / "authorized_keys.d"
+        self._keys_dir.mkdir(parents=True, exist_ok=True)
         env = {**(session_env or {}), "HOME": str(self.home), VM_TAG_ENV: tag}
-        self.sshd = LoopbackSshd(root / "sshd", session_env=env)
-        self.set_authorized_keys([])  # nobody gets in until the node's ssh-keys metadata says so
+        self.sshd = LoopbackSshd(
+            root / "sshd",
+            session_env=env,
+            extra_host_key_types=tuple(t for t in host_key_types if t != "ed25519"),
+            authorized_keys_file=f"{self._keys_dir}/%u",
+            permit_root_login="prohibit-password" if root_login else "no",
+        )
+        self.set_authorized_keys({})  # nobody gets in until the node's ssh-keys metadata says so
         self.sshd.start()
         self.port = self.sshd.port
 
     def host_public_key(self) -> str:
         return self.sshd.host_key_line
 
-    def set_authorized_keys(self, lines: list[str]) -> None:
-        tmp = self._authorized.with_suffix(".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in lines))
-        tmp.replace(self._authorized)  # sshd reads the file per login: swap it whole
+    def host_public_keys(self) -> list[str]:
+        """`type AAAA...` of every host key the worker's sshd holds (what the guest agent publishes)."""
+        return [" ".join(Path(f"{key}.pub").read_text().split()[:2]) for key in self.sshd.host_keys]
+
+    def set_authorized_keys(self, by_user: dict[str, list[str]]) -> None:
+        for old in self._keys_dir.iterdir():
+            if old.name not in by_user and not old.name.endswith(".tmp"):
+                old.unlink()
+        for user, lines in by_user.items():
+            tmp = self._keys_dir / f"{user}.tmp"
+            tmp.write_text("".join(f"{line}\n" for line in lines))
+            tmp.replace(self._keys_dir / user)  # sshd reads the file per login: swap it whole
 
     def kill(self) -> None:
         self.sshd.stop()
@@ -593,8 +951,10 @@ def sshd_workers(base: Path, session_env: dict[str, str] | None = None) -> Worke
     cache shared by the VMs)."""
     incarnation = itertools.count()
 
-    def make(node_id: str, index: int) -> FakeWorker:
+    def make(node_id: str, index: int, script: Script) -> FakeWorker:
         tag = f"{node_id}-{next(incarnation)}-w{index}"
-        return SshdWorker(base / tag, tag, session_env)
+        return SshdWorker(
+            base / tag, tag, session_env, host_key_types=script.host_key_types, root_login=script.root_login
+        )
 
     return make

@@ -6,7 +6,9 @@ The path a real run takes, with nothing stubbed between the laptop side and the 
 
 - the fake Cloud TPU API (fake_tpu.py), talked to by the real google-cloud-tpu client with anonymous
   credentials, whose node is a 2-host slice (v4-16) of loopback-sshd workers, each with its own fresh HOME
-  ("disk") per incarnation;
+  ("disk") per incarnation; the fake plays the real service's defaults (`Script.realistic()`): transient
+  500/503/429 on ~5% of reads (`--read-error-rate`), host keys published after READY (all three types),
+  deletes that take time, lists in pages, enums as integers;
 - a `tpu` target named `v6e` in a grpoctl.yaml written to a temporary folder, so the seed SOP file
   `sops/grpo_gsm8k_pallas_vs_jax.yaml` is replayed as it is, with tiny-model `--set` overrides;
 - `sync` clones a bare copy of this checkout's HEAD and bootstraps the workers for real: `python -m venv`
@@ -140,6 +142,7 @@ def write_config(work: Path, fake: FakeTpuApi, origin: Path, worker_python: str 
         "runtime_version": "tpu-ubuntu2204-base",
         "spot": True,
         "api_endpoint": fake.endpoint,  # plain HTTP: the client uses anonymous credentials for it
+        "autodelete_after_idle_s": 0,  # no idle watchdog: its token would come from Google's metadata server
         "user": getpass.getuser(),
         "ssh_key": str(work / "keys" / "grpoctl_ed25519"),
         "poll_s": 0.5,
@@ -223,6 +226,20 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def api_summary(fake: FakeTpuApi) -> str:
+    """What the fake's realistic defaults did to grpoctl's API calls (all of which it survived if the
+    rehearsal passed)."""
+    sc = fake.script
+    codes = sorted({c for _, c in fake.injected})
+    return (
+        f"the fake API's realistic defaults: {len(fake.injected)} transient read error(s) "
+        f"({', '.join(map(str, codes)) or 'none'}) injected over {len(fake.requests)} API requests (rate "
+        f"{sc.read_error_rate:.0%}), host keys published {sc.host_keys_delay_s:g} s after READY "
+        f"({', '.join(sc.host_key_types)}), deletes taking {sc.delete_s:g} s, lists in pages of "
+        f"{sc.page_size}, enums as integers: {sc.enum_ints}"
+    )
+
+
 def resumed_step(vms: Path) -> int | None:
     """The step the relaunched trainer resumed from, as its log says (the trainer's checkpoint phase)."""
     said = re.compile(r"resumed from the checkpoint of step (\d+)")
@@ -244,6 +261,7 @@ def rehearsal_section(
     problems: list[str],
     load: tuple[float, float, float],
     worker_python: str | None,
+    api: str = "",
 ) -> list[str]:
     pallas = (state.get("steps", {}).get("run:pallas") or {}).get("record") or {}
     lines = ["", "## Rehearsal", ""]
@@ -258,6 +276,8 @@ def rehearsal_section(
         f"- fake Cloud TPU API: node `{NODE}`, {ACCELERATOR} = 2 workers (loopback sshd, fresh HOME "
         "per VM incarnation); real google-cloud-tpu client, anonymous credentials"
     )
+    if api:
+        lines.append(f"- {api}")
     if worker_python:
         lines.append(f"- bootstrap skipped: workers use `{worker_python}` (the target's `python`)")
     else:
@@ -321,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="an interpreter with the trainer installed for the workers: skips the bootstrap",
     )
+    parser.add_argument(
+        "--read-error-rate",
+        type=float,
+        default=0.05,
+        help="share of the fake API's reads that answer a transient 500/503/429 (default 0.05)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (VMs' disks, bucket)")
     args = parser.parse_args(argv)
 
@@ -349,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     # One pip cache for every fake VM: the recovery's second bootstrap does not download the same wheels
     # again (a real VM's cache would be lost with its disk; the registry is still asked for every package).
     session_env = {"PIP_CACHE_DIR": str(work / "pip-cache"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    fake = FakeTpuApi(sshd_workers(vms, session_env), Script(create_s=2.0, wait_for_resources_s=1.0)).start()
+    script = Script.realistic(create_s=2.0, wait_for_resources_s=1.0, read_error_rate=args.read_error_rate)
+    fake = FakeTpuApi(sshd_workers(vms, session_env), script).start()
     report = out / "report.md"
     for stale in (report, report.with_suffix(".state.json")):
         stale.unlink(missing_ok=True)
@@ -418,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         problems=problems,
         load=os.getloadavg(),
         worker_python=args.worker_python,
+        api=api_summary(fake),
     )
     with report.open("a") as f:
         f.write("\n".join(section) + "\n")

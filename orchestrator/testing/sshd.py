@@ -29,13 +29,13 @@ Port {port}
 ListenAddress 127.0.0.1
 {host_keys}
 PidFile {root}/sshd.pid
-AuthorizedKeysFile {root}/authorized_keys
+AuthorizedKeysFile {authorized_keys}
 StrictModes no
 UsePAM no
 PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
+PermitRootLogin {permit_root_login}
 UseDNS no
 PrintMotd no
 MaxSessions 64
@@ -103,13 +103,20 @@ class LoopbackSshd:
         client_key: str | os.PathLike[str] | None = None,
         session_env: dict[str, str] | None = None,
         extra_host_key_types: tuple[str, ...] = (),
+        authorized_keys_file: str | None = None,
+        permit_root_login: str = "prohibit-password",
     ) -> None:
         """`client_key`: a private key (with `.pub` beside it) to authorize instead of a generated one,
         so that several servers accept the same client (a multi-worker target has one `ssh_key`).
         `session_env`: more variables for every session (sshd takes only its first SetEnv line); the
         fake TPU API gives each VM its own HOME and a tag that finds the processes it started.
-        `extra_host_key_types`: e.g. ("rsa",): host keys beside the ed25519 one (`host_key_sha256`)."""
+        `extra_host_key_types`: e.g. ("rsa",): host keys beside the ed25519 one (`host_key_sha256`).
+        `authorized_keys_file`: sshd's AuthorizedKeysFile (default `root/authorized_keys`; `%u` is the
+        user: the fake TPU VMs keep one file per user, as the guest agent does). `permit_root_login`:
+        sshd's PermitRootLogin (`no`: an image that refuses root)."""
         self.session_env = dict(session_env or {})
+        self._authorized_keys_file = authorized_keys_file
+        self._permit_root_login = permit_root_login
         if any('"' in f"{k}{v}" or "\n" in f"{k}{v}" for k, v in self.session_env.items()):
             raise ValueError("session_env names and values cannot contain double quotes or newlines")
         self._own_root = root is None
@@ -147,7 +154,16 @@ class LoopbackSshd:
         host_keys = "\n".join(f"HostKey {key}" for key in self.host_keys)
         for _ in range(5):  # a picked port can be taken before sshd binds it: pick again
             port = self.port if keep_port else free_port()
-            config.write_text(_CONFIG.format(port=port, root=self.root, session_env=env, host_keys=host_keys))
+            config.write_text(
+                _CONFIG.format(
+                    port=port,
+                    root=self.root,
+                    session_env=env,
+                    host_keys=host_keys,
+                    authorized_keys=self._authorized_keys_file or f"{self.root}/authorized_keys",
+                    permit_root_login=self._permit_root_login,
+                )
+            )
             log = (self.root / "sshd.log").open("ab")
             self._proc = subprocess.Popen(
                 [SSHD, "-D", "-e", "-f", str(config)],

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from orchestrator.errors import UsageError
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
     DEFAULT_GET_CAP,
@@ -25,6 +26,10 @@ from orchestrator.transport.shell import (
     timed_out_note,
     too_large,
 )
+
+# The local target runs every command under bash and starts jobs with setsid and flock (recipes.launch).
+LOCAL_TOOLS = ("bash", "setsid", "flock")
+LOCAL_TOOLS_NEEDED = "the local target needs a Linux/macOS host with bash, setsid and flock"
 
 # A timed-out command gets SIGTERM, then SIGKILL if it is still there after this long.
 _KILL_GRACE_S = 2.0
@@ -108,13 +113,16 @@ class LocalTransport:
         on_output: OutputCallback | None = None,
     ) -> CommandResult:
         start = time.monotonic()
-        proc = subprocess.Popen(
-            [self._shell, "-c", script(command, env=env, cwd=cwd)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # so a timeout can kill the whole group
-        )
+        try:
+            proc = subprocess.Popen(
+                [self._shell, "-c", script(command, env=env, cwd=cwd)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # so a timeout can kill the whole group
+            )
+        except FileNotFoundError:  # Windows, or a bare container: one line, not `[WinError 2]`
+            raise UsageError(f"{LOCAL_TOOLS_NEEDED} (no {self._shell} here)") from None
         chunks: queue.Queue[tuple[int, bytes]] = queue.Queue()
         for which, stream in ((1, proc.stdout), (2, proc.stderr)):
             assert stream is not None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import paramiko
 
-from orchestrator.errors import HostKeyError, InfraError, UsageError
+from orchestrator.errors import AuthError, HostKeyError, InfraError, UsageError
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
     DEFAULT_GET_CAP,
@@ -386,7 +386,7 @@ class SshTransport:
             if conn.is_authenticated():
                 return
         which = str(self._key_file) if self._key_file else "ssh-agent and ~/.ssh/id_* keys"
-        raise InfraError(f"{self.name}: authentication failed for {self._where} with {which}")
+        raise AuthError(f"{self.name}: authentication failed for {self._where} with {which}")
 
     def _client_keys(self) -> list[paramiko.PKey]:
         if self._keys is not None:

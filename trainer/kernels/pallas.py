@@ -1,17 +1,19 @@
 """impl="pallas": Pallas TPU kernels; the [N, V] logits exist only as one VMEM tile at a time.
 
-Three kernels, each over a 2-D grid of (token block, vocabulary block) tiles of z = hidden @ lm_head.T / T:
+Two kernels, each over a 2-D grid of (token block, vocabulary block) tiles of z = hidden @ lm_head.T / T,
+each computing every logits tile once (1 + 3 = 4 matmuls per tile in all; the unfused loss needs 3):
 
   forward   grid (token blocks, vocab blocks), vocab innermost: an online logsumexp / entropy / target-logit
             state per token row lives in VMEM scratch across the vocabulary sweep; the [N] outputs are
-            written once, at the last vocabulary block.
-  dhidden   same grid: recompute each tile, form dlogits, accumulate dlogits @ W into a float32 [bt, H]
-            VMEM accumulator, write dhidden at the last vocabulary block.
-  dlm_head  grid (vocab blocks, token blocks), tokens innermost: recompute, accumulate dlogits.T @ hidden
-            into a float32 [bv, H] accumulator, write dlm_head at the last token block.
+            written once, at the last vocabulary block. 1 matmul per tile.
+  backward  grid (vocab blocks, token blocks), tokens innermost: recompute the tile, form dlogits, then
+            dlm_head[v] += dlogits.T @ hidden in a float32 [bv, H] VMEM accumulator (written once, at the
+            last token block) and dhidden[i] += dlogits @ W in a float32 [N, H] HBM buffer that the kernel
+            reads back and writes by hand-issued DMAs (each dhidden block is revisited once per vocabulary
+            block, so it cannot live in VMEM). 3 matmuls per tile.
 
-The backward is two kernels because each output block must be finished by one sweep along an "arbitrary"
-(sequential) grid axis; no [N, V] buffer ever reaches HBM, only the per-row coefficients [N, 5].
+No [N, V] buffer ever reaches HBM, only the per-row coefficients [N, 5] and the [N, H] float32 dhidden.
+The backward's grid is sequential on both axes: two cores splitting it would race on that buffer.
 
 Matmuls take the input dtype (bf16 on the fast path) and accumulate in float32. Ragged tails: V = 151,936
 has no block size but 128 that divides it, so the last vocabulary block reads rows past V and the last
@@ -23,6 +25,7 @@ valid outputs. Writes past the end of an output are dropped by Pallas.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -75,55 +78,70 @@ def _forward_kernel(
         logp_ref[...], lse_ref[...], ent_ref[...] = sm.finalize((m_sc[...], s_sc[...], u_sc[...], zt_sc[...]))
 
 
-def _dhidden_kernel(tgt_ref, coef_ref, h_ref, w_ref, dh_ref, acc_sc, *, inv_temp, vocab):
-    j = pl.program_id(1)
-    block_vocab = w_ref.shape[0]
+def _backward_kernel(
+    tgt_ref, coef_ref, h_ref, w_ref, dw_ref, dh_hbm, dw_acc, dh_buf, sems, *, inv_temp, vocab, tokens
+):
+    """One (vocab block v, token block i) tile: recompute the logits once, then both gradient matmuls.
 
-    @pl.when(j == 0)
-    def _init():
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-
-    cols = j * block_vocab + _vocab_ids(block_vocab)
-    valid = cols < vocab
-    w = w_ref[...]
-    if vocab % block_vocab:  # static: only a ragged last block reads garbage rows (NaN x 0 = NaN below)
-        rows = j * block_vocab + lax.broadcasted_iota(jnp.int32, (block_vocab, 1), 0)
-        w = jnp.where(rows < vocab, w, 0)
-    z = jnp.where(valid, _logits_tile(h_ref[...], w, inv_temp), sm.MASKED)
-    dl = sm.dlogits(z, cols == tgt_ref[...], valid, coef_ref[...], inv_temp)
-    acc_sc[...] += jnp.dot(
-        dl.astype(w.dtype), w, preferred_element_type=jnp.float32, precision=matmul_precision(w.dtype)
-    )
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        dh_ref[...] = acc_sc[...].astype(dh_ref.dtype)
-
-
-def _dlm_head_kernel(tgt_ref, coef_ref, h_ref, w_ref, dw_ref, acc_sc, *, inv_temp, vocab, tokens):
+    dlm_head[v] accumulates in VMEM over the inner token sweep and is written once, at the last token
+    block. dhidden[i] is revisited once per vocabulary block, so it accumulates in a float32 HBM buffer:
+    read back (v > 0), add, write back. The write-back of step s is waited for at the start of step s + 1,
+    before dh_buf is reused; a block written at (v - 1, i) is read back at (v, i), one step or more later,
+    so every read sees the previous write."""
     v, i = pl.program_id(0), pl.program_id(1)
+    last_v, last_i = pl.num_programs(0) - 1, pl.num_programs(1) - 1
     block_tokens, block_vocab = h_ref.shape[0], w_ref.shape[0]
+    rows_hbm = dh_hbm.at[pl.ds(pl.multiple_of(i * block_tokens, block_tokens), block_tokens)]
+    write = pltpu.make_async_copy(dh_buf, rows_hbm, sems.at[0])
+    read = pltpu.make_async_copy(rows_hbm, dh_buf, sems.at[1])
+
+    @pl.when((v > 0) | (i > 0))
+    def _previous_write_landed():
+        write.wait()  # same size as the previous step's write: waits for exactly that copy
+
+    @pl.when(v > 0)
+    def _read_back():
+        read.start()  # overlaps the matmuls below
 
     @pl.when(i == 0)
     def _init():
-        acc_sc[...] = jnp.zeros_like(acc_sc)
+        dw_acc[...] = jnp.zeros_like(dw_acc)
 
     cols = v * block_vocab + _vocab_ids(block_vocab)
     rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0)
     valid = (cols < vocab) & (rows < tokens)
-    h = h_ref[...]
-    if tokens % block_tokens:  # static: only a ragged last block reads garbage rows (NaN x 0 = NaN below)
+    h, w = h_ref[...], w_ref[...]
+    # Static: only a ragged last block reads garbage rows, and 0 x NaN = NaN in the gradient matmuls.
+    if tokens % block_tokens:
         h = jnp.where(rows < tokens, h, 0)
-    z = jnp.where(valid, _logits_tile(h, w_ref[...], inv_temp), sm.MASKED)
+    if vocab % block_vocab:
+        w_rows = v * block_vocab + lax.broadcasted_iota(jnp.int32, (block_vocab, 1), 0)
+        w = jnp.where(w_rows < vocab, w, 0)
+    z = jnp.where(valid, _logits_tile(h, w, inv_temp), sm.MASKED)
     dl = sm.dlogits(z, cols == tgt_ref[...], valid, coef_ref[...], inv_temp)
+    precision = matmul_precision(h.dtype)
     # Transpose in float32, then cast: the dlogits.T @ hidden form Mosaic handles best.
-    acc_sc[...] += jnp.dot(
-        dl.T.astype(h.dtype), h, preferred_element_type=jnp.float32, precision=matmul_precision(h.dtype)
-    )
+    dw_acc[...] += jnp.dot(dl.T.astype(h.dtype), h, preferred_element_type=jnp.float32, precision=precision)
+    dh = jnp.dot(dl.astype(w.dtype), w, preferred_element_type=jnp.float32, precision=precision)
 
-    @pl.when(i == pl.num_programs(1) - 1)
+    @pl.when(v == 0)
+    def _first():
+        dh_buf[...] = dh
+
+    @pl.when(v > 0)
+    def _accumulate():
+        read.wait()
+        dh_buf[...] += dh
+
+    write.start()
+
+    @pl.when((v == last_v) & (i == last_i))
+    def _drain():
+        write.wait()
+
+    @pl.when(i == last_i)
     def _finish():
-        dw_ref[...] = acc_sc[...].astype(dw_ref.dtype)
+        dw_ref[...] = dw_acc[...].astype(dw_ref.dtype)
 
 
 def _tile_sizes(tokens: int, vocab: int, blocks: KernelBlocks) -> tuple[int, int]:
@@ -187,57 +205,48 @@ def _forward(hidden, lm_head, targets, temperature, blocks, interpret):
 def _backward(hidden, lm_head, targets, coef, temperature, blocks, interpret):
     (tokens, width), vocab = hidden.shape, lm_head.shape[0]
     bt, bv = _tile_sizes(tokens, vocab, blocks)
-    statics = dict(inv_temp=1.0 / temperature, vocab=vocab)
+    token_blocks, vocab_blocks = _cdiv(tokens, bt), _cdiv(vocab, bv)
     itemsize = jnp.dtype(hidden.dtype).itemsize
-    flops = 4 * tokens * vocab * width  # recompute the tile + one gradient matmul
-    common = dict(compiler_params=_compiler_params(blocks))
-
-    # dhidden: token blocks outer, vocabulary inner (i: token block, j: vocab block).
-    dhidden = lambda interpret: pl.pallas_call(
-        functools.partial(_dhidden_kernel, **statics),
-        grid=(_cdiv(tokens, bt), _cdiv(vocab, bv)),
+    kernel = functools.partial(_backward_kernel, inv_temp=1.0 / temperature, vocab=vocab, tokens=tokens)
+    rows = lambda v, i: (i, 0)
+    # Both axes "arbitrary": two cores splitting either axis would race on the dhidden buffer (v6e has one).
+    params = dataclasses.replace(_compiler_params(blocks), dimension_semantics=("arbitrary", "arbitrary"))
+    # HBM: hidden once per vocab block, dhidden f32 read + written per tile (not read at v = 0), lm_head
+    # read and dlm_head written once.
+    dh_traffic = 4 * tokens * width * (2 * vocab_blocks - 1)
+    call = lambda interpret: pl.pallas_call(
+        kernel,
+        grid=(vocab_blocks, token_blocks),
         in_specs=[
-            pl.BlockSpec((bt, 1), lambda i, j: (i, 0)),
-            pl.BlockSpec((bt, coef.shape[1]), lambda i, j: (i, 0)),
-            pl.BlockSpec((bt, width), lambda i, j: (i, 0)),
-            pl.BlockSpec((bv, width), lambda i, j: (j, 0)),
-        ],
-        out_specs=pl.BlockSpec((bt, width), lambda i, j: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct(hidden.shape, hidden.dtype),
-        scratch_shapes=[pltpu.VMEM((bt, width), jnp.float32)],
-        cost_estimate=pl.CostEstimate(
-            flops=flops,
-            transcendentals=tokens * vocab,
-            bytes_accessed=itemsize * (2 * tokens * width + _cdiv(tokens, bt) * vocab * width),
-        ),
-        name="token_logprobs_dhidden",
-        interpret=interpret,
-        **common,
-    )(targets[:, None], coef, hidden, lm_head)
-
-    # dlm_head: vocabulary blocks outer, tokens inner (v: vocab block, i: token block).
-    dlm_head = lambda interpret: pl.pallas_call(
-        functools.partial(_dlm_head_kernel, tokens=tokens, **statics),
-        grid=(_cdiv(vocab, bv), _cdiv(tokens, bt)),
-        in_specs=[
-            pl.BlockSpec((bt, 1), lambda v, i: (i, 0)),
-            pl.BlockSpec((bt, coef.shape[1]), lambda v, i: (i, 0)),
-            pl.BlockSpec((bt, width), lambda v, i: (i, 0)),
+            pl.BlockSpec((bt, 1), rows),
+            pl.BlockSpec((bt, coef.shape[1]), rows),
+            pl.BlockSpec((bt, width), rows),
             pl.BlockSpec((bv, width), lambda v, i: (v, 0)),
         ],
-        out_specs=pl.BlockSpec((bv, width), lambda v, i: (v, 0)),
-        out_shape=jax.ShapeDtypeStruct(lm_head.shape, lm_head.dtype),
-        scratch_shapes=[pltpu.VMEM((bv, width), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((bv, width), lambda v, i: (v, 0)),
+            pl.BlockSpec(memory_space=pltpu.MemorySpace.HBM),  # DMA'd by hand, padded to whole blocks
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(lm_head.shape, lm_head.dtype),
+            jax.ShapeDtypeStruct((token_blocks * bt, width), jnp.float32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((bv, width), jnp.float32),
+            pltpu.VMEM((bt, width), jnp.float32),
+            pltpu.SemaphoreType.DMA((2,)),
+        ],
+        compiler_params=params,
         cost_estimate=pl.CostEstimate(
-            flops=flops,
+            flops=6 * tokens * vocab * width,  # recompute the tile + the dhidden and dlm_head matmuls
             transcendentals=tokens * vocab,
-            bytes_accessed=itemsize * (2 * vocab * width + _cdiv(vocab, bv) * tokens * width),
+            bytes_accessed=itemsize * (vocab_blocks * tokens * width + 2 * vocab * width) + dh_traffic,
         ),
-        name="token_logprobs_dlm_head",
+        name="token_logprobs_bwd",
         interpret=interpret,
-        **common,
     )(targets[:, None], coef, hidden, lm_head)
-    return _by_platform(lambda interpret: (dhidden(interpret), dlm_head(interpret)), interpret)
+    dlm_head, dhidden = _by_platform(call, interpret)
+    return dhidden[:tokens].astype(hidden.dtype), dlm_head
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -1,0 +1,58 @@
+"""One retry helper for everything grpoctl retries: bounded attempts, exponential backoff, full jitter.
+
+    retry_call(fn, retry_on=is_transient, policy=Backoff(attempts=6))
+
+`sleep` and `rand` are injectable so tests count attempts and waits on a fake clock instead of waiting.
+Only the caller knows what is worth retrying (a 503 on a read is; a 400 never is; a create is not
+idempotent), so `retry_on` is a required predicate.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """`attempts` calls at most; before call k+1 wait a uniform draw in [0, min(max_s, first_s * factor**k)]
+    ("full jitter": many clients hitting one busy API spread out instead of retrying in step)."""
+
+    attempts: int = 6
+    first_s: float = 1.0
+    factor: float = 2.0
+    max_s: float = 30.0
+
+    def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
+        """The wait before retry number `retry` (0 for the first retry)."""
+        return rand() * min(self.max_s, self.first_s * self.factor**retry)
+
+
+def retry_call(
+    fn: Callable[[], T],
+    *,
+    retry_on: Callable[[BaseException], bool],
+    policy: Backoff = Backoff(),
+    sleep: Callable[[float], None] = time.sleep,
+    rand: Callable[[], float] = random.random,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> T:
+    """`fn()`, called again after an exception `retry_on` accepts, up to `policy.attempts` calls in all.
+    The last exception propagates unchanged; `on_retry(attempt, err, delay_s)` hears of each retry."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - `retry_on` decides; everything else re-raises
+            attempt += 1
+            if attempt >= policy.attempts or not retry_on(err):
+                raise
+            wait = policy.delay(attempt - 1, rand)
+            if on_retry is not None:
+                on_retry(attempt, err, wait)
+            sleep(wait)
