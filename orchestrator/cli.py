@@ -131,7 +131,8 @@ class Globals:
             self.say(line)
 
     def say(self, line: str) -> None:
-        self.err.print(line, markup=False)
+        # Progress lines may quote a worker (an unreachable worker's error, a job's stage): inert text.
+        self.err.print(untrusted.clean_text(line, 20_000), markup=False)
 
     def sessions(self, *, stall_after_s: float | None = None) -> api.Sessions:
         """The command's sessions (one per target it touches), closed when the command ends."""

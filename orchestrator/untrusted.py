@@ -152,6 +152,20 @@ def strict_json(data: Any) -> Any:
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
 
 
+# What a commit, a hash, a run id or a URL is made of: shown as it is (a code span for `code`) when nothing
+# else is in it; anything else goes through `md`.
+_MD_PLAIN = re.compile(r"[A-Za-z0-9._:/@+=%?&#~-]*")
+
+
+def md_value(text: Any, *, code: bool = False) -> str:
+    """A worker's identifier for a Markdown report: as it is (in backticks with `code`) when it holds only
+    identifier/URL characters, else escaped by `md` (never in backticks: a code span cannot escape)."""
+    text = str(text)
+    if len(text) <= FIELD and _MD_PLAIN.fullmatch(text):
+        return f"`{text}`" if code else text
+    return md(text, FIELD)
+
+
 def md(text: Any, max_chars: int = SCREEN_LINE) -> str:
     """Worker text for a Markdown report: one line (`clean`), every Markdown character backslash-escaped,
     so it can never start a heading, a list, a table row or a paragraph of its own, nor close a code span."""

@@ -17,7 +17,7 @@ from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import schema
 from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, step_id
 from orchestrator.sop.state import ReplayState, StepState
-from orchestrator.untrusted import md
+from orchestrator.untrusted import md, md_value
 
 
 def plot_path(report_dir: Path, step: CompareStep) -> Path:
@@ -84,8 +84,9 @@ def run_details(record: RunRecord) -> list[str]:
         lines.append(f"last phase: {md(phase['text'])}")
     # config hash and W&B URL come from the worker's log: escaped, they can never open a line of their own
     lines.append(
-        f"commit {md(record.git_commit or 'unknown')}, config hash {md(record.config_hash or 'unknown')}"
-        + (f", W&B {md(record.wandb_url)}" if record.wandb_url else "")
+        f"commit {md_value(record.git_commit or 'unknown', code=True)}, "
+        f"config hash {md_value(record.config_hash or 'unknown', code=True)}"
+        + (f", W&B {md_value(record.wandb_url)}" if record.wandb_url else "")
     )
     for i, r in enumerate(record.recoveries, 1):
         lines.append(
@@ -213,11 +214,11 @@ def write_report(
         for name, st in runs:
             rec = RunRecord.from_json(st.record or {})
             pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
-            commit = md(rec.git_commit[:12]) if rec.git_commit else ""
-            config_hash = md(rec.config_hash) if rec.config_hash else ""
+            commit = md_value(rec.git_commit[:12], code=True) if rec.git_commit else ""
+            config_hash = md_value(rec.config_hash, code=True) if rec.config_hash else ""
             lines.append(
                 f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
-                f"| {commit} | {config_hash} | {md(rec.wandb_url or '')} |"
+                f"| {commit} | {config_hash} | {md_value(rec.wandb_url or '')} |"
             )
     if state.summaries:
         names = list(state.summaries)
