@@ -6,7 +6,6 @@ callbacks (the session's `say`, `on_stage`, `on_poll`, `on_round`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
-from orchestrator import untrusted, validate
+from orchestrator import untrusted, validate, worker_data
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -365,11 +364,11 @@ def final_summary(session: Session, record: RunRecord) -> dict[str, Any]:
         return {}
     try:
         t = session.target.transports()[0]
-        data = t.get(f"{absolute_remote_dir(t, record.remote_dir)}/{record.run_dir}/{rundir.SUMMARY}")
-        summary = json.loads(data)
-    except (GrpoctlError, OSError, ValueError):
+        path = f"{absolute_remote_dir(t, record.remote_dir)}/{record.run_dir}/{rundir.SUMMARY}"
+        # bounded and validated like every worker file (untrusted.py, worker_data.py)
+        return worker_data.summary(untrusted.read(t, path, untrusted.SUMMARY), path)
+    except (GrpoctlError, OSError):
         return {}
-    return summary if isinstance(summary, dict) else {}
 
 
 def _redactor(session: Session, record: RunRecord, worker: int, env_file: str) -> Callable[[str], str]:

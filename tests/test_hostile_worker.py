@@ -581,3 +581,17 @@ def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_rep
     run_id = result.stdout.split()[0]
     logs = CliRunner().invoke(app, ["--config-file", str(config), "logs", run_id])
     assert "leaked: ***" in logs.stdout and secret not in logs.stdout  # the job had it; logs redact it
+
+
+def test_a_hostile_watchdog_state_file_shows_nothing_instead_of_a_traceback():
+    from orchestrator.cloud import autodelete
+
+    hostile = [
+        {"deletes_at": float("inf"), "idle_after_s": 1800}, {"deletes_at": 1e300, "idle_after_s": 1},
+        {"deletes_at": float("nan"), "idle_after_s": 1}, {"deletes_at": 1.7e9, "idle_after_s": "x"},
+        {"deletes_at": 1.7e9}, {"deletes_at": True, "idle_after_s": 1},
+    ]
+    for state in hostile:
+        assert autodelete.describe(state, now=1.7e9) is None, state
+    shown = autodelete.describe({"deletes_at": 1.7e9, "idle_after_s": 60}, now=1.7e9)
+    assert shown is not None and "deletes itself at" in shown
