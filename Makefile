@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh clone:
 #   make demo   set up .venv and replay sops/local_pallas_vs_jax.yaml on the local target (tiny model, CPU)
 #   make test   set up .venv and run the whole test suite
+# Beside them: make demo-seeds  the demo with three seeds per arm (sops/local_seeds_pallas_vs_jax.yaml, six
+#   tiny runs): the method verdict over runs (docs/verdicts.md).
 # Beside them: make laptop-test  the laptop-only install (no jax, torch, transformers) in $(LAPTOP_VENV):
 #   the orchestrator tests run, the trainer tests are skipped with their reason (TESTING.md).
 # Beside them (not one of them): make rehearsal  replays the seed TPU SOP on the fake Cloud TPU API with
@@ -13,7 +15,7 @@ STAMP  := $(VENV)/.installed
 
 LAPTOP_VENV ?= /tmp/grpoctl-laptop-venv
 
-.PHONY: demo test lint venv clean mutate rehearsal laptop-test
+.PHONY: demo demo-seeds test lint venv clean mutate rehearsal laptop-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/grpoctl --target local sop replay sops/local_pallas_vs_jax.yaml
+
+demo-seeds: $(STAMP)
+	$(BIN)/grpoctl --target local sop replay sops/local_seeds_pallas_vs_jax.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks

@@ -81,7 +81,14 @@ MODULES = (
         skip=tuple(f"trainer.sampler.x_{f}__mutmut_*" for f in ("state_shardings", "decode_param_shardings")),
         warmup="none",
     ),
-    Module("compare", ("orchestrator/compare.py",), ("tests/test_compare.py",)),
+    Module(
+        "compare", ("orchestrator/compare.py",), ("tests/test_compare.py", "tests/test_compare_groups.py")
+    ),
+    Module(
+        "stats",
+        ("orchestrator/stats.py", "orchestrator/parity.py"),
+        ("tests/test_stats.py", "tests/test_compare_groups.py"),
+    ),
     # recipes.py's progress-line and launch-head parsers are tested with the contract and the phase views.
     Module(
         "recipes",

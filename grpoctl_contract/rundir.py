@@ -34,3 +34,19 @@ SOP_KEYS = (
     "time/train/step_avg_last10_s",
     "time/eval_full/step_s",
 )
+
+# Lockstep parity of the loss provider (trainer config train.shadow_policy_loss_impl): logged every GRPO
+# step by a run that has a shadow provider; the summary also keeps each key's maximum over the run, under
+# `parity_max(key)`. grad_rel_diff is ||g_main - g_shadow|| / ||g_main|| for the gradient of the policy loss
+# w.r.t. the loss head's inputs (final hidden states and LM head), not w.r.t. every parameter.
+PARITY_KEYS = (
+    "train/parity/logp_max_abs_diff",
+    "train/parity/logp_mean_abs_diff",
+    "train/parity/grad_rel_diff",
+    "train/parity/loss_abs_diff",
+)
+
+
+def parity_max(key: str) -> str:
+    """The summary key holding the run's maximum of a PARITY_KEYS metric."""
+    return f"{key}_max"

@@ -95,7 +95,7 @@ def notify(notify_file: str | None, node: str, idle_s: float) -> None:
     if not notify_file:
         return
     try:
-        url = json.loads(Path(notify_file).read_text())["webhook"]
+        url = json.loads(Path(os.path.expanduser(notify_file)).read_text())["webhook"]
         text = f"🗑️ grpoctl: {node} node deleted: no grpoctl job for {idle_s:g} s (autodelete_after_idle_s)"
         body = {"text": text, "event": "node_deleted", "subject": node}
         _request(url, method="POST", body=body, timeout=10)

@@ -14,8 +14,8 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
+from orchestrator import notify, untrusted, validate, worker_data
 from orchestrator import preflight as pf
-from orchestrator import untrusted, validate, worker_data
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.ops import env as env_ops
@@ -135,6 +135,9 @@ def up(session: Session) -> TargetState:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     session.target.up()
     st = session.target.state()
+    waited = getattr(session.target, "capacity_wait_s", None)
+    if waited is not None:  # the ledger's waiting_for_capacity (TPU targets)
+        st.details["waiting_for_capacity_s"] = round(waited, 1)
     return TargetState(
         session.target_name, session.kind, st.state, dict(st.details), len(session.target.workers())
     )
@@ -243,8 +246,32 @@ def wait(
     interval: float = 15.0,
     on_poll: watch_ops.OnPoll | None = None,
 ) -> RunRecord:
-    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one."""
-    return wait_run(session, record, policy, interval=interval, on_poll=on_poll)
+    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one. grpoctl.yaml's
+    `notify` hears of each preemption and recovery, and of the end."""
+    notifier = notify.Notifier(session.config.notify, session.say)
+    notices = notify.RunNotices(notifier, record, lambda rec: _ledger_line(rec, session.config.prices))
+
+    def polled(rec: RunRecord, poll: watch_ops.Poll) -> None:
+        notices.on_poll(rec, poll)
+        if on_poll is not None:
+            on_poll(rec, poll)
+
+    try:
+        done = wait_run(session, record, policy, interval=interval, on_poll=polled)
+    except GrpoctlError as err:
+        notices.finished(record, err)
+        raise
+    notices.finished(done, None)
+    return done
+
+
+def _ledger_line(record: RunRecord, prices: Mapping[str, Any]) -> str:
+    from orchestrator import ledger
+
+    led = ledger.run_ledger(record, now=time.time(), prices=prices)
+    goodput = "?" if led.goodput is None else f"{led.goodput:.0%}"
+    cost = led.cost_estimate_usd
+    return f"{led.chip_hours:.3g} chip-hours, goodput {goodput}" + (f", ~${cost:.2f} (est.)" if cost else "")
 
 
 def reattach(record: RunRecord, env: Mapping[str, str]) -> None:
@@ -418,20 +445,42 @@ def run_folder(sessions: Sessions, ref: str, dest: str | Path = "runs") -> Path:
 
 @dataclass(frozen=True)
 class Compared:
-    a: cmp.RunFiles
-    b: cmp.RunFiles
+    a: list[cmp.RunFiles]  # arm A: one run, or a group (seeds)
+    b: list[cmp.RunFiles]
     result: cmp.Comparison
     plot: Path | None
 
 
+def _folders(x: Path | Sequence[Path]) -> list[Path]:
+    return [x] if isinstance(x, str | Path) else list(x)
+
+
 def compare_folders(
-    a: Path, b: Path, keys: Sequence[str] | None = None, plot: str | Path | None = None
+    a: Path | Sequence[Path],
+    b: Path | Sequence[Path],
+    keys: Sequence[str] | None = None,
+    plot: str | Path | None = None,
+    *,
+    margin: float = cmp.stats.DEFAULT_MARGIN,
+    labels: tuple[str, str] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Compared:
-    run_a, run_b = cmp.load_run(a), cmp.load_run(b)
-    result = cmp.compare_runs(run_a, run_b, list(keys) if keys else None)
+    """Two arms of fetched run folders (one each, or groups); `labels`/`names` as in compare_runs."""
+    runs_a, runs_b = [cmp.load_run(f) for f in _folders(a)], [cmp.load_run(f) for f in _folders(b)]
+    result = cmp.compare_runs(
+        runs_a, runs_b, list(keys) if keys else None, margin=margin, labels=labels, names=names
+    )
     if plot is not None:
-        cmp.plot(run_a, run_b, plot)
-    return Compared(run_a, run_b, result, None if plot is None else Path(plot))
+        cmp.plot(runs_a, runs_b, plot, labels=labels, names=names)
+    return Compared(runs_a, runs_b, result, None if plot is None else Path(plot))
+
+
+def split_group(ref: str) -> list[str]:
+    """`s0,s1,s2` -> its run ids / folders; empty parts are a usage error."""
+    parts = [p.strip() for p in ref.split(",")]
+    if not all(parts):
+        raise UsageError(f"{ref!r}: a group is run ids or folders separated by commas, with none empty")
+    return parts
 
 
 def compare(
@@ -442,11 +491,20 @@ def compare(
     keys: Sequence[str] | None = None,
     plot: str | None = None,
     dest: str = "runs",
+    margin: float = cmp.stats.DEFAULT_MARGIN,
 ) -> Compared:
-    """Two runs (ids, fetched on demand, or folders) side by side, with the paired tests."""
+    """Two arms side by side, with the verdicts. Each arm is a run id (fetched on demand), a fetched folder,
+    or a comma-separated list of them (`s0,s1,s2`: the seeds of one arm)."""
     if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
         cmp.check_plot_path(plot)
-    return compare_folders(run_folder(sessions, a, dest), run_folder(sessions, b, dest), keys, plot)
+    try:
+        cmp.stats.check_margin(margin)
+    except ValueError as err:
+        raise UsageError(f"--margin: {err}") from None
+    refs_a, refs_b = split_group(a), split_group(b)
+    folders_a = [run_folder(sessions, r, dest) for r in refs_a]
+    folders_b = [run_folder(sessions, r, dest) for r in refs_b]
+    return compare_folders(folders_a, folders_b, keys, plot, margin=margin)
 
 
 # ----------------------------------------------------------------------------------------- laptop

@@ -693,31 +693,41 @@ def fetch(
 @handle_errors
 def compare(
     ctx: typer.Context,
-    a: Annotated[str, typer.Argument(help="Run A: run id or fetched folder.")],
-    b: Annotated[str, typer.Argument(help="Run B: run id or fetched folder.")],
+    a: Annotated[str, typer.Argument(help="Arm A: run id or fetched folder, or a comma-separated group.")],
+    b: Annotated[str, typer.Argument(help="Arm B: run id or fetched folder, or a comma-separated group.")],
     keys: Annotated[str | None, typer.Option(help="Comma-separated keys (default: the SOP's five).")] = None,
-    plot: Annotated[str | None, typer.Option("--plot", help="Write reward/loss curves to this PNG.")] = None,
+    plot: Annotated[
+        str | None, typer.Option("--plot", help="Write curves and start/end accuracy to this image.")
+    ] = None,
     dest: Annotated[str, typer.Option(help="Where fetched runs live.")] = "runs",
+    margin: Annotated[
+        float, typer.Option(help="Equivalence margin on mean end accuracy (TOST), e.g. 0.03 = 3 points.")
+    ] = cmp.stats.DEFAULT_MARGIN,
 ) -> None:
-    """Summaries side by side with deltas; exact McNemar tests: A vs B, and each run's start -> end."""
+    """Two arms (runs, or groups of seeds: `compare s0,s1,s2 p0,p1,p2`): the verdicts first (kernel parity,
+    each run's start -> end, the method verdict over runs, McNemar per pair), then the summaries."""
     g = _globals(ctx)
     with g.sessions() as sessions:
-        done = api.compare(sessions, a, b, keys=_keys(keys), plot=plot, dest=dest)
+        done = api.compare(sessions, a, b, keys=_keys(keys), plot=plot, dest=dest, margin=margin)
     result = done.result
     if g.json:
         g.emit_json({**result.to_json(), "plot": plot})
         return
+    for line in result.summary_lines():  # the verdicts first: what a reader quotes
+        g.out.print(line, markup=False)
     table = Table(box=None, pad_edge=False)
-    for col in ("key", f"A {done.a.run_id}", f"B {done.b.run_id}", "delta (B-A)"):
+    several = max(len(done.a), len(done.b)) > 1
+    for col in ("key", f"A {result.a}", f"B {result.b}", "delta (B-A)"):
         table.add_column(col)
     for row in result.rows:
         table.add_row(row.key, cmp.fmt(row.a), cmp.fmt(row.b), cmp.fmt_delta(row))
     g.out.print(table)
+    if several:
+        g.out.print("(keys: the mean over each arm's runs)")
+    for line in result.key_lines():
+        g.out.print(line, markup=False)
     if result.fabricated:
-        g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files")
-    g.out.print(result.test_line())
-    for line in result.learning_lines():
-        g.out.print(line)
+        g.out.print(f"{cmp.FABRICATED} every figure above comes from --dry-run's made-up files", markup=False)
     if plot:
         g.out.print(f"plot: {plot}")
 
@@ -812,7 +822,9 @@ def sop_replay(
     else:
         g.out.print(f"report: {result.report_path}")
         if result.verdict:
-            g.out.print(result.verdict)
+            g.out.print(result.verdict, markup=False)
+        for line in result.state.key_numbers:  # each arm's start -> end with its interval
+            g.out.print(line, markup=False)
 
 
 def main() -> None:

@@ -1,15 +1,23 @@
-"""Compare two runs: summary keys side by side, an exact McNemar test on paired eval results, plots.
+"""Compare two arms (each one run or a group of seeded runs): summaries side by side, the verdicts, plots.
 
-Two kinds of paired test: run A vs run B (eval_full.jsonl of both: "aligned" or "different at 5%"), and
-each run against its own start (eval_full_start.jsonl, the sweep right before GRPO step 1, vs its
-eval_full.jsonl: "improved", "no change" or "worse" at 5%) -- did training help at all?
+The verdicts, each answering one question and no other:
+- kernel parity (orchestrator/parity.py): did this run's loss provider compute what its shadow computed,
+  step by step on the same batch? The direct answer to "does the kernel change training?";
+- start -> end per run: its own start sweep (eval_full_start.jsonl) vs its end sweep (eval_full.jsonl),
+  exact McNemar: did training change this run's greedy answers ("improved", "no detectable change",
+  "worse" at 5%)?
+- the method verdict (orchestrator/stats.py): per-run end accuracies, runs as the units: "different",
+  "equivalent" within a margin, or "inconclusive" (always with one run per arm);
+- McNemar per seed pair: do these two trained policies answer the same questions differently? It says
+  nothing about the methods: one sampled token can send two runs of identical math down other paths.
 
 Inputs are the fetched run folders (`runs/<run-id>/` locally): summary.json, eval_full.jsonl,
-eval_full_start.jsonl, metrics.jsonl.
+eval_full_start.jsonl, metrics.jsonl, config.json.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +26,16 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from grpoctl_contract.rundir import SOP_KEYS  # cli and the SOP replayer read it as compare.SOP_KEYS
-from orchestrator import worker_data
+from orchestrator import parity, stats, untrusted, worker_data
 from orchestrator.errors import UsageError
 
-ALPHA = 0.05
+ALPHA = stats.ALPHA
+# The McNemar verdicts: about two trained policies, never about the methods that trained them.
+POLICIES_DIFFER = "these two trained policies answer differently at 5%"
+NO_DETECTABLE_DIFFERENCE = (
+    "no detectable difference between these two trained policies at 5% (not a proof of sameness)"
+)
+SEED_KEY = "seed"  # the trainer config's seed (configs/*.yaml `seed:`); SOP `seeds:` sets it per run
 
 
 # ------------------------------------------------------------------------------------- pure math
@@ -52,7 +66,8 @@ class PairedResult:
 
     @property
     def verdict(self) -> str:
-        return "aligned" if self.p_value >= ALPHA else "different at 5%"
+        # Absence of evidence is not sameness: a large p never reads as "the same".
+        return POLICIES_DIFFER if self.p_value < ALPHA else NO_DETECTABLE_DIFFERENCE
 
     @property
     def accuracy_a(self) -> float:
@@ -96,7 +111,7 @@ class StartToEnd:
     def verdict(self) -> str:
         p = self.paired
         if p.p_value >= ALPHA or p.only_a == p.only_b:
-            return "no change at 5%"
+            return "no detectable change at 5%"
         return "improved at 5%" if p.only_b > p.only_a else "worse at 5%"
 
     def line(self) -> str:
@@ -108,8 +123,16 @@ class StartToEnd:
 
     def to_json(self) -> dict[str, Any]:
         p = self.paired
-        return {"run": self.run_id, "n": p.n, "start_accuracy": p.accuracy_a, "end_accuracy": p.accuracy_b,
-                "gained": p.only_b, "lost": p.only_a, "p_value": p.p_value, "verdict": self.verdict}
+        return {
+            "run": self.run_id,
+            "n": p.n,
+            "start_accuracy": p.accuracy_a,
+            "end_accuracy": p.accuracy_b,
+            "gained": p.only_b,
+            "lost": p.only_a,
+            "p_value": p.p_value,
+            "verdict": self.verdict,
+        }
 
 
 @dataclass(frozen=True)
@@ -164,6 +187,16 @@ class RunFiles:
     eval_full: dict[str, bool] | None
     metrics: list[dict[str, Any]]
     eval_full_start: dict[str, bool] | None = None  # the sweep before GRPO step 1 (eval_full_at_start)
+    config: dict[str, Any] = field(default_factory=dict)  # config.json: the run's effective trainer config
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.config.get(SEED_KEY)
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+    @property
+    def fabricated(self) -> bool:
+        return bool(self.summary.get("dry_run"))
 
     def start_to_end(self) -> StartToEnd | None:
         """End vs start of this run, paired by question; None without both sweeps."""
@@ -184,7 +217,9 @@ def load_run(folder: str | Path) -> RunFiles:
     )
     metrics_path = folder / rundir.METRICS
     metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
-    return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start)
+    config_path = folder / rundir.CONFIG
+    config = read_config(config_path) if config_path.is_file() else {}
+    return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start, config)
 
 
 def read_summary(folder: Path) -> dict[str, Any]:
@@ -201,6 +236,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return worker_data.read_summary_file(path)  # validated: flat, finite (orchestrator/worker_data.py)
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json (the trainer's effective config, nested): {} when it is not a JSON object. It only feeds
+    the seed, the parity tolerance and the config warnings, so a bad one never stops a comparison."""
+    if path.stat().st_size > untrusted.CONFIG.max_bytes:
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
     return worker_data.read_metrics(path)
 
@@ -209,73 +256,444 @@ def _read_correctness(path: Path) -> dict[str, bool]:
     return worker_data.read_eval_rows(path)  # an id and a real boolean per row, no repeated id
 
 
-# ------------------------------------------------------------------------------------------ report
-
-
 FABRICATED = "FABRICATED by --dry-run, not a result:"
+WATERMARK = "FABRICATED by --dry-run"
+END_KEY = "eval_full/accuracy"  # the summary's end accuracy, used when a run has no eval_full.jsonl
+# Config keys two arms may differ in without a warning: what is being compared, and the seed.
+ARM_KEYS = (
+    "train.policy_loss_impl",
+    "train.shadow_policy_loss_impl",
+    "train.kernel_blocks",
+    "policy_loss_impl",
+)
+RUN_KEYS = (SEED_KEY, "wandb_name", "checkpoint.dir", "compile_cache_dir", "dry_run")  # per run, or storage
+
+
+def _share(k: int, n: int) -> float:
+    return k / n if n else float("nan")
+
+
+def _counts(correct: Mapping[str, bool] | None) -> tuple[int, int] | None:
+    return (sum(correct.values()), len(correct)) if correct else None
+
+
+@dataclass(frozen=True)
+class RunAccuracy:
+    """One run's start and end accuracy: (right, questions) from its sweeps, Wilson intervals."""
+
+    run_id: str
+    seed: int | None
+    start: tuple[int, int] | None
+    end: tuple[int, int] | None
+    end_summary: float | None = None  # summary.json's eval_full/accuracy (no per-question rows)
+
+    @property
+    def start_value(self) -> float | None:
+        return _share(*self.start) if self.start else None
+
+    @property
+    def end_value(self) -> float | None:
+        return _share(*self.end) if self.end else self.end_summary
+
+    @staticmethod
+    def _interval(counts: tuple[int, int] | None) -> stats.Interval | None:
+        if not counts or not counts[1]:
+            return None
+        try:
+            return stats.proportion_interval(*counts)
+        except stats.StatsUnavailable:
+            return None
+
+    def start_interval(self) -> stats.Interval | None:
+        return self._interval(self.start)
+
+    def end_interval(self) -> stats.Interval | None:
+        return self._interval(self.end)
+
+    def to_json(self) -> dict[str, Any]:
+        def one(counts: tuple[int, int] | None, value: float | None, ci: stats.Interval | None) -> Any:
+            if value is None:
+                return None
+            return {
+                "accuracy": value,
+                "right": counts[0] if counts else None,
+                "questions": counts[1] if counts else None,
+                "ci": None if ci is None else ci.to_json(),
+            }
+
+        return {
+            "run": self.run_id,
+            "seed": self.seed,
+            "start": one(self.start, self.start_value, self.start_interval()),
+            "end": one(self.end, self.end_value, self.end_interval()),
+        }
+
+
+def run_accuracy(run: RunFiles) -> RunAccuracy:
+    end_summary = run.summary.get(END_KEY)
+    return RunAccuracy(
+        run.run_id,
+        run.seed,
+        _counts(run.eval_full_start),
+        _counts(run.eval_full),
+        float(end_summary) if _is_number(end_summary) else None,
+    )
+
+
+def _fmt_ci(ci: stats.Interval | None) -> str:
+    return "" if ci is None else f" {ci.text()}"
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """An arm's runs and, over them, the mean start and end accuracy with a t interval (2+ runs)."""
+
+    label: str
+    runs: list[RunAccuracy]
+
+    def _values(self, which: str) -> list[float]:
+        values = [getattr(r, f"{which}_value") for r in self.runs]
+        return [v for v in values if v is not None]
+
+    def mean(self, which: str) -> float | None:
+        values = self._values(which)
+        return math.fsum(values) / len(values) if values else None
+
+    def interval(self, which: str) -> stats.Interval | None:
+        """Across runs: a t interval; one run: its Wilson interval (question sampling only)."""
+        values = self._values(which)
+        if len(values) == 1 and len(self.runs) == 1:
+            return getattr(self.runs[0], f"{which}_interval")()
+        try:
+            return stats.mean_interval(values)
+        except stats.StatsUnavailable:
+            return None
+
+    def line(self) -> str:
+        parts = []
+        for which in ("start", "end"):
+            mean, ci = self.mean(which), self.interval(which)
+            label = "" if ci is None else f" {ci.method} {ci.level:.0%}"
+            parts.append("-" if mean is None else f"{mean:.3f}{_fmt_ci(ci)}{label}")
+        runs = f"{len(self.runs)} run{'s' if len(self.runs) != 1 else ''}"
+        return f"{self.label} ({runs}): start {parts[0]} -> end {parts[1]}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.label, "runs": [r.to_json() for r in self.runs]}
+        for which in ("start", "end"):
+            ci = self.interval(which)
+            out[which] = {"mean": self.mean(which), "ci": None if ci is None else ci.to_json()}
+        return out
+
+
+@dataclass(frozen=True)
+class SeedPair:
+    """McNemar on one pair of trained policies (same seed in both arms when seeds are known)."""
+
+    a: str
+    b: str
+    seed: int | None
+    result: PairedResult
+
+    def line(self) -> str:
+        seed = "" if self.seed is None else f" (seed {self.seed})"
+        return f"{self.a} vs {self.b}{seed}: {self.result.line()}"
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "a": self.a,
+            "b": self.b,
+            "seed": self.seed,
+            "n": r.n,
+            "only_a": r.only_a,
+            "only_b": r.only_b,
+            "p_value": r.p_value,
+            "verdict": r.verdict,
+        }
+
+
+def pair_runs(
+    a: Sequence[RunFiles], b: Sequence[RunFiles]
+) -> tuple[list[tuple[RunFiles, RunFiles]], bool]:
+    """Pairs of runs (A, B) for McNemar, and whether the method test may pair them by seed.
+
+    With every seed known and distinct within each arm, runs pair by seed (the seeds both arms hold); the
+    method test is paired only when both arms hold the same seeds. Without seeds, arms of equal size pair
+    by position (McNemar only: position is not a seed)."""
+    seeds_a, seeds_b = [r.seed for r in a], [r.seed for r in b]
+    known = None not in seeds_a and None not in seeds_b
+    if known and len(set(seeds_a)) == len(a) and len(set(seeds_b)) == len(b):
+        by_seed = {r.seed: r for r in b}
+        pairs = [(r, by_seed[r.seed]) for r in a if r.seed in by_seed]
+        if pairs or len(a) > 1 or len(b) > 1:
+            return pairs, set(seeds_a) == set(seeds_b)
+    if len(a) == len(b):
+        return list(zip(a, b, strict=True)), False
+    return [], False
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], allowed: Sequence[str]) -> list[str]:
+    """`key a -> b` for each config key (dotted) that differs, leaving out `allowed` keys and their
+    sub-keys."""
+    fa, fb = _flatten(a), _flatten(b)
+
+    def allowed_key(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in allowed)
+
+    keys = sorted(k for k in set(fa) | set(fb) if not allowed_key(k) and fa.get(k) != fb.get(k))
+    shown = [(k, fmt(fa.get(k)), fmt(fb.get(k))) for k in keys]  # worker text: no escapes reach a terminal
+    return [untrusted.clean(f"{k} {x} vs {y}", untrusted.FIELD) for k, x, y in shown]
+
+
+def config_warnings(a: Sequence[RunFiles], b: Sequence[RunFiles], labels: tuple[str, str]) -> list[str]:
+    """Warnings when the arms differ in more than the loss provider / shadow / seed, or the runs of one
+    arm in more than the seed (a 3-step run beside a 10-step one compares the steps, not the kernel)."""
+    warnings = []
+    if a and b and a[0].config and b[0].config:
+        diff = config_differences(a[0].config, b[0].config, (*ARM_KEYS, *RUN_KEYS))
+        if diff:
+            warnings.append(
+                f"warning: the two arms' configs differ in more than the loss provider / shadow / "
+                f"seed: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}"
+            )
+    for label, runs in zip(labels, (a, b), strict=True):
+        for other in runs[1:]:
+            if runs[0].config and other.config:
+                diff = config_differences(runs[0].config, other.config, RUN_KEYS)
+                if diff:
+                    warnings.append(
+                        f"warning: {label}'s runs {runs[0].run_id} and {other.run_id} differ in "
+                        f"more than the seed: {'; '.join(diff[:8])}"
+                    )
+    return warnings
+
+
+def mean_summary(runs: Sequence[RunFiles]) -> dict[str, Any]:
+    """One run's summary, or over several the mean of each key that is a number in all of them."""
+    if len(runs) == 1:
+        return dict(runs[0].summary)
+    keys = set().union(*(r.summary for r in runs)) if runs else set()
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [r.summary.get(key) for r in runs]
+        if all(_is_number(v) for v in values):
+            out[key] = math.fsum(values) / len(values)
+    return out
 
 
 @dataclass(frozen=True)
 class Comparison:
-    a: str
+    a: str  # arm labels
     b: str
-    rows: list[KeyRow]
-    paired: PairedResult | None
+    rows: list[KeyRow]  # summary keys side by side (means over an arm's runs)
+    pairs: list[SeedPair]
     learning: list[StartToEnd] = field(default_factory=list)  # per run that has both sweeps
     fabricated: bool = False  # a dry run's made-up files (summary.json says "dry_run": true)
+    method: stats.MethodTest | None = None
+    arms: tuple[ArmStats, ArmStats] | None = None
+    parity: list[parity.ParityVerdict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    runs_a: list[str] = field(default_factory=list)
+    runs_b: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # run id -> the SOP's name for it
+
+    @property
+    def paired(self) -> PairedResult | None:
+        """The one pair's McNemar result when each arm is one run (None otherwise)."""
+        return self.pairs[0].result if len(self.pairs) == 1 else None
 
     @property
     def verdict(self) -> str | None:
-        return self.paired.verdict if self.paired else None
+        return self.method.verdict if self.method else None
 
-    def learning_lines(self) -> list[str]:
-        """One start -> end line per run (runs without eval_full_start.jsonl say so)."""
-        have = {s.run_id: s.line() for s in self.learning}
-        missing = "no eval_full_start.jsonl (eval_full_at_start off): no start -> end test"
-        lines = [have.get(run, f"{run}: {missing}") for run in (self.a, self.b)]
+    def _mark(self, lines: list[str]) -> list[str]:
         return [f"{FABRICATED} {line}" for line in lines] if self.fabricated else lines
 
+    def _name(self, run_id: str) -> str:
+        return f"{self.names[run_id]} ({run_id})" if run_id in self.names else run_id
+
+    def learning_lines(self) -> list[str]:
+        """One start -> end line per run (runs without eval_full_start.jsonl say so). A run the SOP named
+        goes by its name (`jax/s1`): the same words on every replay, the id is in the report's tables."""
+        have = {s.run_id: s.line() for s in self.learning}
+        missing = "no eval_full_start.jsonl (eval_full_at_start off): no start -> end test"
+        lines = []
+        for run in (*self.runs_a, *self.runs_b):
+            line = have.get(run, f"{run}: {missing}")
+            lines.append(f"{self.names[run]}{line.removeprefix(run)}" if run in self.names else line)
+        return self._mark(lines)
+
+    def test_lines(self) -> list[str]:
+        """One McNemar line per pair of trained policies; a dry run's read as made up, never as findings."""
+        if not self.pairs:
+            return self._mark(
+                ["No paired per-question results (eval_full.jsonl) in both arms: no McNemar test."]
+            )
+        return self._mark([p.line() for p in self.pairs])
+
     def test_line(self) -> str:
-        """The McNemar line; a dry run's reads as made up, never as a finding."""
-        if self.paired is None:
-            return "No paired per-question results (eval_full.jsonl) in both runs: no significance test."
-        return f"{FABRICATED} {self.paired.line()}" if self.fabricated else self.paired.line()
+        return "\n".join(self.test_lines())
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "a": self.a,
-            "b": self.b,
-            "fabricated": self.fabricated,
-            "keys": [{"key": r.key, "a": r.a, "b": r.b, "delta": r.delta} for r in self.rows],
-            "mcnemar": None
-            if self.paired is None
-            else {
-                "n": self.paired.n,
-                "only_a": self.paired.only_a,
-                "only_b": self.paired.only_b,
-                "p_value": self.paired.p_value,
-                "verdict": self.paired.verdict,
-            },
-            "start_to_end": [s.to_json() for s in self.learning],
-        }
+    def method_line(self) -> str | None:
+        return None if self.method is None else self._mark([self.method.line()])[0]
 
-    def markdown(self) -> str:
-        lines = [f"| key | A `{self.a}` | B `{self.b}` | delta (B - A) |", "|---|---|---|---|"]
+    def key_lines(self) -> list[str]:
+        """Each arm's start -> end accuracy with its interval: the key numbers beside the verdicts."""
+        return self._mark([arm.line() for arm in self.arms or ()])
+
+    def parity_lines(self) -> list[str]:
+        return self._mark([p.line() for p in self.parity])
+
+    def summary_lines(self) -> list[str]:
+        """Every verdict once, in reading order: warnings, kernel parity, start -> end of each run, the
+        method verdict, the McNemar test of each pair of trained policies."""
+        method = self.method_line()
+        return [
+            *self._mark(self.warnings),
+            *self.parity_lines(),
+            *self.learning_lines(),
+            *([method] if method else []),
+            *self.test_lines(),
+        ]
+
+    def details_markdown(self) -> str:
+        """The figures behind the verdicts (no verdict repeated): keys, per-run and per-arm accuracies."""
+        what = "mean over runs" if max(len(self.runs_a), len(self.runs_b)) > 1 else "run"
+        lines = [
+            f"| key | A `{self.a}` ({what}) | B `{self.b}` ({what}) | delta (B - A) |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| `{r.key}` | {fmt(r.a)} | {fmt(r.b)} | {fmt_delta(r)} |" for r in self.rows]
         if self.fabricated:
             lines = [f"**{FABRICATED}** every figure below was made up by the dry run.", "", *lines]
-        # Each run against its own start, then the run-vs-run test (last, as in the SOP's verdict lines).
-        lines += ["", "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):", ""]
-        lines += [f"- {line}" for line in self.learning_lines()]
-        return "\n".join([*lines, "", self.test_line()])
+        if self.arms:
+            lines += [
+                "",
+                "| arm | run | seed | start accuracy (Wilson 95%) | end accuracy (Wilson 95%) |",
+                "|---|---|---|---|---|",
+            ]
+            for arm in self.arms:
+                for r in arm.runs:
+                    start = (
+                        "-" if r.start_value is None else f"{r.start_value:.3f}{_fmt_ci(r.start_interval())}"
+                    )
+                    end = "-" if r.end_value is None else f"{r.end_value:.3f}{_fmt_ci(r.end_interval())}"
+                    seed = "-" if r.seed is None else str(r.seed)
+                    lines.append(f"| {arm.label} | `{r.run_id}` | {seed} | {start} | {end} |")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        return "\n".join([*[f"- {line}" for line in self.summary_lines()], "", self.details_markdown()])
+
+    def to_json(self) -> dict[str, Any]:
+        method = self.method.to_json() if self.method else None
+        return {
+            "a": self.a,
+            "b": self.b,
+            "runs_a": self.runs_a,
+            "runs_b": self.runs_b,
+            "fabricated": self.fabricated,
+            "method_verdict": self.verdict,
+            "margin": self.method.margin if self.method else None,
+            "method": method,
+            "arms": None if self.arms is None else {"a": self.arms[0].to_json(), "b": self.arms[1].to_json()},
+            "parity": [p.to_json() for p in self.parity],
+            "keys": [{"key": r.key, "a": r.a, "b": r.b, "delta": r.delta} for r in self.rows],
+            "mcnemar": None if self.paired is None else self.pairs[0].to_json(),
+            "mcnemar_pairs": [p.to_json() for p in self.pairs],
+            "start_to_end": [s.to_json() for s in self.learning],
+            "config_warnings": self.warnings,
+            "verdict_lines": self.summary_lines(),
+        }
 
 
-def compare_runs(a: RunFiles, b: RunFiles, keys: Sequence[str] | None = None) -> Comparison:
-    paired = paired_test(a.eval_full, b.eval_full) if a.eval_full and b.eval_full else None
-    learning = [s for s in (a.start_to_end(), b.start_to_end()) if s is not None]
-    fabricated = bool(a.summary.get("dry_run") or b.summary.get("dry_run"))
-    return Comparison(a.run_id, b.run_id, side_by_side(a.summary, b.summary, keys), paired, learning,
-                      fabricated)
+def _as_runs(x: RunFiles | Sequence[RunFiles]) -> list[RunFiles]:
+    return [x] if isinstance(x, RunFiles) else list(x)
+
+
+def _label(runs: Sequence[RunFiles]) -> str:
+    return ",".join(r.run_id for r in runs)
+
+
+def compare_runs(
+    a: RunFiles | Sequence[RunFiles],
+    b: RunFiles | Sequence[RunFiles],
+    keys: Sequence[str] | None = None,
+    *,
+    margin: float = stats.DEFAULT_MARGIN,
+    labels: tuple[str, str] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Comparison:
+    """Arm A vs arm B: each one run or a group of runs (seeds). `labels` name the arms (default: their run
+    ids), `names` the runs (the SOP's `jax/s0`)."""
+    runs_a, runs_b = _as_runs(a), _as_runs(b)
+    if not runs_a or not runs_b:
+        raise UsageError("compare needs at least one run in each arm")
+    ids = [r.run_id for r in (*runs_a, *runs_b)]
+    if len(set(ids)) != len(ids):
+        raise UsageError(
+            f"compare: a run appears twice ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))})"
+        )
+    stats.check_margin(margin)
+    label_a, label_b = labels or (_label(runs_a), _label(runs_b))
+    names = dict(names or {})
+    pairs, by_seed = pair_runs(runs_a, runs_b)
+    seed_pairs = [
+        SeedPair(
+            names.get(x.run_id, x.run_id),
+            names.get(y.run_id, y.run_id),
+            x.seed if x.seed is not None and x.seed == y.seed else None,
+            paired_test(x.eval_full, y.eval_full),
+        )
+        for x, y in pairs
+        if x.eval_full and y.eval_full
+    ]
+    arms = (
+        ArmStats(label_a, [run_accuracy(r) for r in runs_a]),
+        ArmStats(label_b, [run_accuracy(r) for r in runs_b]),
+    )
+    end = {r.run_id: r.end_value for arm in arms for r in arm.runs}
+    seed_ends = [(end[x.run_id], end[y.run_id]) for x, y in pairs]  # aligned by seed, A's order
+    if by_seed and all(x is not None and y is not None for x, y in seed_ends):
+        method = stats.method_test([x for x, _ in seed_ends], [y for _, y in seed_ends], margin, paired=True)
+    else:
+        method = stats.method_test(
+            [v for r in runs_a if (v := end[r.run_id]) is not None],
+            [v for r in runs_b if (v := end[r.run_id]) is not None],
+            margin,
+        )
+    learning = [s for r in (*runs_a, *runs_b) if (s := r.start_to_end()) is not None]
+    verdicts = [
+        v
+        for r in (*runs_a, *runs_b)
+        if (v := parity.parity_verdict(names.get(r.run_id, r.run_id), r.summary, r.metrics, r.config))
+    ]
+    return Comparison(
+        label_a,
+        label_b,
+        side_by_side(mean_summary(runs_a), mean_summary(runs_b), keys),
+        seed_pairs,
+        learning,
+        any(r.fabricated for r in (*runs_a, *runs_b)),
+        method,
+        arms,
+        verdicts,
+        config_warnings(runs_a, runs_b, (label_a, label_b)),
+        [r.run_id for r in runs_a],
+        [r.run_id for r in runs_b],
+        names,
+    )
 
 
 # -------------------------------------------------------------------------------------------- plot
@@ -322,26 +740,118 @@ def pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def plot(a: RunFiles, b: RunFiles, out: str | Path) -> Path:
-    """Reward and loss curves of both runs (from metrics.jsonl) in one image; see `check_plot_path`."""
-    out = check_plot_path(out)
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):
-        drawn = False
-        for run, style in ((a, "-"), (b, "--")):
+def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
+    """The mean over runs at each step that every run logged (seeds of one config log the same steps)."""
+    by_run = [dict(zip(steps, values, strict=True)) for steps, values in curves]
+    common = sorted(set.intersection(*(set(d) for d in by_run)))
+    return common, [math.fsum(d[s] for d in by_run) / len(by_run) for s in common]
+
+
+def _draw_curves(
+    ax: Any,
+    arms: Sequence[tuple[str, list[RunFiles]]],
+    candidates: Sequence[str],
+    names: Mapping[str, str] | None = None,
+) -> bool:
+    """Per-run curves (thin; one per seed) and, for an arm of several runs, their mean (thick)."""
+    drawn = False
+    for (label, runs), style, color in zip(arms, ("-", "--"), ("tab:blue", "tab:orange"), strict=True):
+        curves = []
+        for run in runs:
             series = _series(run.metrics, candidates)
-            if series:
-                key, steps, values = series
-                ax.plot(steps, values, style, label=f"{run.run_id} ({key})")
-                drawn = True
+            if series is None:
+                continue
+            key, steps, values = series
+            curves.append((steps, values))
+            thin = len(runs) > 1
+            ax.plot(
+                steps,
+                values,
+                style,
+                color=color,
+                alpha=0.35 if thin else 1.0,
+                linewidth=0.8 if thin else 1.5,
+                label=f"{(names or {}).get(run.run_id, run.run_id)} ({key})",
+            )
+            drawn = True
+        if len(curves) > 1:
+            steps, mean = _mean_curve(curves)
+            ax.plot(steps, mean, style, color=color, linewidth=2.2, label=f"{label}: mean of {len(curves)}")
+    return drawn
+
+
+def _draw_accuracy(ax: Any, arms: Sequence[ArmStats]) -> bool:
+    """Start and end accuracy per arm: each run a dot, the arm's mean with its interval (t across runs,
+    Wilson for one run) as an error bar."""
+    drawn = False
+    for i, (arm, color) in enumerate(zip(arms, ("tab:blue", "tab:orange"), strict=True)):
+        shift = -0.08 if i == 0 else 0.08
+        for x, which in ((0, "start"), (1, "end")):
+            values = [v for r in arm.runs if (v := getattr(r, f"{which}_value")) is not None]
+            mean, ci = arm.mean(which), arm.interval(which)
+            if mean is None:
+                continue
+            ax.scatter([x + shift] * len(values), values, color=color, alpha=0.4, s=14)
+            yerr = None if ci is None else [[mean - ci.low], [ci.high - mean]]
+            ax.errorbar(
+                [x + shift],
+                [mean],
+                yerr=yerr,
+                fmt="o",
+                color=color,
+                capsize=4,
+                label=arm.label if x == 0 or arm.mean("start") is None else None,
+            )
+            drawn = True
+    ax.set_xticks([0, 1], ["start", "end"])
+    ax.set_xlim(-0.5, 1.5)
+    return drawn
+
+
+def plot(
+    a: RunFiles | Sequence[RunFiles],
+    b: RunFiles | Sequence[RunFiles],
+    out: str | Path,
+    *,
+    labels: tuple[str, str] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Path:
+    """Reward and loss curves (per run, and the mean of an arm's seeds) and start/end accuracy with
+    intervals, in one image; a dry run's is watermarked. See `check_plot_path` for `out`."""
+    out = check_plot_path(out)
+    runs_a, runs_b = _as_runs(a), _as_runs(b)
+    label_a, label_b = labels or (_label(runs_a), _label(runs_b))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    arms = ((label_a, runs_a), (label_b, runs_b))
+    for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):
         ax.set_title(title)
         ax.set_xlabel("step")
-        if drawn:
+        if _draw_curves(ax, arms, candidates, names):
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", transform=ax.transAxes)
+    accuracy = axes[2]
+    accuracy.set_title("greedy accuracy (95% interval)")
+    stats_arms = [ArmStats(label, [run_accuracy(r) for r in runs]) for label, runs in arms]
+    if _draw_accuracy(accuracy, stats_arms):
+        accuracy.legend(fontsize=7)
+    else:
+        accuracy.text(0.5, 0.5, "no eval_full accuracy", ha="center", transform=accuracy.transAxes)
     fig.tight_layout()
+    if any(r.fabricated for r in (*runs_a, *runs_b)):  # a made-up figure must not pass for a result
+        fig.text(
+            0.5,
+            0.5,
+            WATERMARK,
+            ha="center",
+            va="center",
+            rotation=20,
+            fontsize=44,
+            color="red",
+            alpha=0.35,
+            weight="bold",
+        )
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -74,7 +74,12 @@ class TpuTargetConfig(_Strict):
     name: str
     accelerator_type: str = "v6e-8"
     runtime_version: str = "v2-alpha-tpuv6e"
-    spot: bool = True
+    # true, false, or "prefer": spot first (in every zone), on-demand when spot has no capacity (or, with
+    # queued, after spot_wait_s of waiting for it)
+    spot: bool | Literal["prefer"] = True
+    spot_wait_s: float = Field(default=600.0, gt=0)
+    # More zones, tried in order after `zone` when a create finds no capacity there (a stockout)
+    zones: list[str] = []
     queued: bool = False  # provision through a queued resource (spot) instead of a plain node
     # queued resource: give up waiting after this many seconds
     valid_until_s: int | None = Field(default=None, gt=0)
@@ -126,6 +131,17 @@ class TpuTargetConfig(_Strict):
         if len(parts) != 3 or not parts[2] or not all(p.isalnum() for p in parts):
             raise ValueError(f"zone {v!r} is not of the form region-name-zone, e.g. us-east1-d")
         return v
+
+    @field_validator("zones")
+    @classmethod
+    def _zones_shape(cls, v: list[str]) -> list[str]:
+        for zone in v:
+            cls._zone_shape(zone)
+        return v
+
+    def all_zones(self) -> list[str]:
+        """`zone`, then `zones` in order (once each): where `up` looks for capacity."""
+        return list(dict.fromkeys([self.zone, *self.zones]))
 
 
 class PriceConfig(_Strict):

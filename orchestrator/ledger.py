@@ -192,6 +192,7 @@ class _Attempt:
     elapsed_s: float | None  # of the last event (older trainers: the only timing there is)
     phase: str | None  # of the last event
     next_launch: float | None  # the relaunch that followed it (None: the last attempt)
+    alive_at: float | None = None  # the last poll that found its job running
 
 
 def _attempts(record: RunRecord) -> list[_Attempt]:
@@ -200,13 +201,13 @@ def _attempts(record: RunRecord) -> list[_Attempt]:
         out.append(_Attempt(
             launched=rec.get("attempt_launched_at_s"), end=rec.get("detected_at_s"),
             trainer=rec.get("attempt_ledger") or {}, step=rec.get("step"), elapsed_s=None, phase=None,
-            next_launch=rec.get("relaunched_at_s"),
+            next_launch=rec.get("relaunched_at_s"), alive_at=rec.get("alive_at_s"),
         ))
     p = record.last_progress or {}
     end = record.ended_at_s or (_epoch(record.finished_at) if record.is_terminal else None)
     out.append(_Attempt(
         launched=record.launched_at_s, end=end, trainer=p.get("ledger") or {}, step=p.get("step"),
-        elapsed_s=p.get("elapsed_s"), phase=p.get("phase"), next_launch=None,
+        elapsed_s=p.get("elapsed_s"), phase=p.get("phase"), next_launch=None, alive_at=record.alive_at_s,
     ))
     if out[0].launched is None:  # a record from before the ledger: its creation is the first launch
         out[0] = _Attempt(**{**out[0].__dict__, "launched": _epoch(record.created_at)})
@@ -244,8 +245,13 @@ def run_ledger(record: RunRecord, *, now: float, prices: Mapping[str, Any] | Non
         end = a.end if a.end is not None else (now if last_attempt else None)
         if end is not None:
             rest = end - a.launched - startup - covered
-            if not last_attempt or record.state == "PREEMPTED":  # detection of the preemption
-                ledger.add("recovery", rest)
+            if not last_attempt or record.state == "PREEMPTED":
+                # the job ran on after its last event until a poll last saw it (work the preemption threw
+                # away), then the machine was gone until grpoctl noticed (detection)
+                last_event = a.launched + startup + covered
+                lost = min(max((a.alive_at or last_event) - last_event, 0.0), max(rest, 0.0))
+                ledger.add("lost_progress", lost)
+                ledger.add("recovery", rest - lost)
             elif a.end is not None:
                 ledger.add("bootstrap", rest)  # the trainer's exit, and the poll that saw it
             else:  # running: the time since its last event belongs to what it was doing then

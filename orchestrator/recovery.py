@@ -61,6 +61,7 @@ def _relaunch(session: Session, record: RunRecord, kind: str, reason: str, polic
         # The ended attempt, for the time ledger: when it was launched and seen gone, its trainer's split.
         "attempt_launched_at_s": record.launched_at_s,
         "detected_at_s": record.ended_at_s or time.time(),
+        "alive_at_s": record.alive_at_s,
         "attempt_ledger": (record.last_progress or {}).get("ledger"),
     }
     target = session.target

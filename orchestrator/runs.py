@@ -95,6 +95,7 @@ class RunRecord:
     # seen (unix seconds), and what it ran on (the price table's key).
     launched_at_s: float | None = None
     ended_at_s: float | None = None
+    alive_at_s: float | None = None  # the last poll that found the job running (work until then was done)
     accelerator_type: str | None = None
     spot: bool | None = None
 

@@ -49,10 +49,11 @@ def _decode(data: bytes | str, source: str) -> str:
         return data
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        byte = data[err.start]
-        raise WorkerDataError(f"{source}: line {line}: not UTF-8 text (byte 0x{byte:02x})") from None
+    except UnicodeDecodeError as err:  # worded like the config files' error: line, then the byte
+        line = data.count(b"\n", 0, err.start) + 1
+        raise WorkerDataError(
+            f"{source}: line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
 
 
 def _is_number(value: Any) -> bool:

@@ -80,8 +80,10 @@ STANDIN_TRAINER = textwrap.dedent(
         tmp = step_file.with_suffix(f".tmp{worker}")  # workers may share checkpoint_dir: one temp each
         tmp.write_text(str(step))
         tmp.replace(step_file)
+        # the time ledger of the contract: all of the stand-in's time is "train"
+        ledger = {"t0": round(t0, 3), "phase_s": {"train": round(time.time() - t0, 3)}, "resumed_from": first}
         event = Event("progress", "train", step=step, total=steps, elapsed_s=round(time.time() - t0, 3),
-                      metrics=metrics)
+                      metrics=metrics, ledger=ledger)
         print(encode(event), flush=True)
         if cfg.get("fail_on_worker") == worker and step >= int(cfg.get("fail_at_step", 1)):
             print(f"worker {worker} gives up", file=sys.stderr, flush=True)

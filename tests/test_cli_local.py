@@ -13,6 +13,7 @@ import pytest
 from standin import git, standin_repo  # noqa: F401
 from typer.testing import CliRunner
 
+from orchestrator import compare as cmp
 from orchestrator.cli import app
 from orchestrator.config import RepoConfig
 from orchestrator.ops.sync import resolve_repo
@@ -101,10 +102,13 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
     png = tmp_path / "curves.png"
     compared = cli("compare", a, b, "--plot", str(png)).stdout
     assert "eval_full/accuracy" in compared and "McNemar exact test on 200 paired questions" in compared
-    assert ("aligned" in compared) != ("different at 5%" in compared)
+    assert (cmp.NO_DETECTABLE_DIFFERENCE in compared) != (cmp.POLICIES_DIFFER in compared)
+    assert "method verdict: inconclusive: one run per arm" in compared  # one run per arm, never more
     assert png.stat().st_size > 5000
     as_json = json.loads(cli("--json", "compare", a, b).stdout)
     assert as_json["mcnemar"]["n"] == 200 and as_json["keys"][0]["key"] == "eval_full/accuracy"
+    assert (as_json["method_verdict"], as_json["margin"]) == ("inconclusive", 0.03)
+    assert (as_json["runs_a"], as_json["runs_b"]) == ([a], [b])
     shutil.rmtree(folder_b)  # a run id not fetched yet: compare fetches it first
     assert "McNemar exact test on 200" in cli("compare", a, b).stdout
     assert (folder_b / "summary.json").is_file()
@@ -129,7 +133,7 @@ def test_run_returns_at_once_busy_refusal_force_and_stop(cli, env):
         assert "SUCCEEDED" in forced
     finally:
         stopped = cli("stop", slow).stdout
-    assert "FAILED" in stopped  # the trap wrote 143 for the TERM
+    assert "STOPPED" in stopped  # stopped by the user, not failed (the trap wrote 143 for the TERM)
     status = json.loads(cli("status", slow, "--json").stdout)
     assert status["workers"][0]["exit_code"] == 143
 

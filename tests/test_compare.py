@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -31,13 +32,13 @@ def test_mcnemar_matches_scipy_binomial(only_a: int, only_b: int):
 def test_paired_test_counts_and_verdicts():
     a = {f"q{i}": i % 2 == 0 for i in range(100)}
     same = cmp.paired_test(a, dict(a))
-    assert (same.only_a, same.only_b, same.p_value, same.verdict) == (0, 0, 1.0, "aligned")
+    assert (same.only_a, same.only_b, same.p_value, same.verdict) == (0, 0, 1.0, cmp.NO_DETECTABLE_DIFFERENCE)
     b = {k: True for k in a} | {"extra": False}  # B fixes every odd question; "extra" is unpaired
     diff = cmp.paired_test(a, b)
     assert (diff.n, diff.both, diff.only_a, diff.only_b, diff.neither) == (100, 50, 0, 50, 0)
-    assert diff.verdict == "different at 5%" and diff.p_value < 1e-10
+    assert diff.verdict == cmp.POLICIES_DIFFER and diff.p_value < 1e-10
     assert diff.accuracy_a == 0.5 and diff.accuracy_b == 1.0
-    assert "different at 5%" in diff.line() and "100 paired" in diff.line()
+    assert cmp.POLICIES_DIFFER in diff.line() and "100 paired" in diff.line()
 
 
 def test_side_by_side_defaults_to_sop_keys_and_deltas():
@@ -70,21 +71,26 @@ def test_compare_runs_markdown_and_plot(tmp_path: Path):
     b = cmp.load_run(_write_run(tmp_path / "B", {"eval_full/accuracy": 0.55}, [True, True] * 20, [0.2, 0.7]))
     result = cmp.compare_runs(a, b)
     assert result.paired is not None and result.paired.only_b == 20
-    assert result.verdict == "different at 5%"
+    assert result.paired.verdict == cmp.POLICIES_DIFFER
+    assert result.verdict == "inconclusive"  # one run per arm: never a method verdict
     md = result.markdown()
     assert "| `eval_full/accuracy` | 0.5 | 0.55 | +0.05 |" in md
     assert result.to_json()["mcnemar"]["only_b"] == 20
     (tmp_path / "plots").mkdir()  # plot() never creates folders (see check_plot_path)
+    if importlib.util.find_spec("matplotlib") is None:  # the plot extra is absent: one line says so
+        with pytest.raises(UsageError, match=r"pip install 'grpoctl\[plot\]'"):
+            cmp.plot(a, b, tmp_path / "plots" / "ab.png")
+        return
     png = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-
 
 def test_compare_without_eval_files_has_no_test(tmp_path: Path):
     a = cmp.load_run(_write_run(tmp_path / "A", {"eval/reward/total/mean": 1.0}, None, [0.1]))
     b = cmp.load_run(_write_run(tmp_path / "B", {"eval/reward/total/mean": 1.5}, [True], [0.2]))
     result = cmp.compare_runs(a, b)
-    assert result.paired is None and result.verdict is None
-    assert "no significance test" in result.markdown()
+    assert result.paired is None and result.pairs == []
+    assert "no McNemar test" in result.markdown()
+    assert result.verdict == "inconclusive" and result.method.n_a == 0  # A has no end accuracy at all
 
 
 @pytest.mark.parametrize("dry", ["A", "B"])
@@ -96,8 +102,9 @@ def test_a_dry_run_on_either_side_marks_the_whole_comparison_fabricated(tmp_path
     }
     result = cmp.compare_runs(runs["A"], runs["B"])
     assert result.fabricated and result.to_json()["fabricated"] is True
-    assert result.markdown().startswith(f"**{cmp.FABRICATED}**")
-    assert all(line.startswith(cmp.FABRICATED) for line in [*result.learning_lines(), result.test_line()])
+    assert result.details_markdown().startswith(f"**{cmp.FABRICATED}**")
+    assert all(line.startswith(cmp.FABRICATED) for line in result.summary_lines())
+    assert len(result.summary_lines()) == 4  # start -> end x2, method, McNemar
 
 
 def test_wandb_summary_is_read_when_present(tmp_path: Path):
@@ -120,14 +127,17 @@ def _write_start(folder: Path, correct: list[bool]) -> None:
     (folder / "eval_full_start.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+NO_CHANGE = "no detectable change at 5%"
+
+
 @pytest.mark.parametrize(
     ("start", "end", "verdict", "gained", "lost"),
     [
         ([False] * 30 + [True] * 10, [True] * 40, "improved at 5%", 30, 0),
         ([True] * 40, [True] * 30 + [False] * 10, "worse at 5%", 0, 10),
-        ([True, False] * 20, [False, True] * 20, "no change at 5%", 20, 20),  # as many gained as lost
-        ([False] * 36 + [True] * 4, [True] * 4 + [False] * 36, "no change at 5%", 4, 4),
-        ([False] * 35 + [True] * 5, [True] * 5 + [True] * 3 + [False] * 32, "no change at 5%", 8, 5),  # p>.05
+        ([True, False] * 20, [False, True] * 20, NO_CHANGE, 20, 20),  # as many gained as lost
+        ([False] * 36 + [True] * 4, [True] * 4 + [False] * 36, NO_CHANGE, 4, 4),
+        ([False] * 35 + [True] * 5, [True] * 5 + [True] * 3 + [False] * 32, NO_CHANGE, 8, 5),  # p>.05
     ],
 )
 def test_each_run_is_paired_with_its_own_start(tmp_path: Path, start, end, verdict, gained, lost):
@@ -166,10 +176,10 @@ def _paired(only_a: int, only_b: int, both: int = 7, neither: int = 5) -> cmp.Pa
 @pytest.mark.parametrize(
     ("only_a", "only_b", "p", "verdict"),
     [
-        (25, 42, 0.049800114, "different at 5%"),
-        (117, 150, 0.049983176, "different at 5%"),
-        (10, 22, 0.050102460, "aligned"),
-        (33, 52, 0.050250895, "aligned"),
+        (25, 42, 0.049800114, cmp.POLICIES_DIFFER),
+        (117, 150, 0.049983176, cmp.POLICIES_DIFFER),
+        (10, 22, 0.050102460, cmp.NO_DETECTABLE_DIFFERENCE),
+        (33, 52, 0.050250895, cmp.NO_DETECTABLE_DIFFERENCE),
     ],
 )
 def test_verdict_flips_exactly_at_the_5_percent_level(only_a: int, only_b: int, p: float, verdict: str):
@@ -187,40 +197,35 @@ def test_report_json_and_markdown_are_exact():
     rows = cmp.side_by_side({"eval_full/accuracy": 0.5, "time/train/step_avg_last10_s": 12},
                             {"eval_full/accuracy": 0.75})
     paired = _paired(1, 9, both=3, neither=2)
-    result = cmp.Comparison("runA", "runB", rows, paired)
-    assert result.verdict == paired.verdict == "different at 5%"
-    assert result.to_json() == {
-        "a": "runA",
-        "b": "runB",
-        "fabricated": False,
-        "keys": [
-            {"key": "eval_full/accuracy", "a": 0.5, "b": 0.75, "delta": 0.25},
-            {"key": "time/train/step_avg_last10_s", "a": 12, "b": None, "delta": None},
-        ],
-        "mcnemar": {"n": 15, "only_a": 1, "only_b": 9, "p_value": pytest.approx(0.021484375),
-                    "verdict": "different at 5%"},
-        "start_to_end": [],  # neither run has eval_full_start.jsonl
-    }
-    assert result.markdown().splitlines() == [
-        "| key | A `runA` | B `runB` | delta (B - A) |",
+    result = cmp.Comparison("runA", "runB", rows, [cmp.SeedPair("runA", "runB", None, paired)],
+                            runs_a=["runA"], runs_b=["runB"])
+    assert result.paired is paired and paired.verdict == cmp.POLICIES_DIFFER
+    as_json = result.to_json()
+    assert as_json["keys"] == [
+        {"key": "eval_full/accuracy", "a": 0.5, "b": 0.75, "delta": 0.25},
+        {"key": "time/train/step_avg_last10_s", "a": 12, "b": None, "delta": None},
+    ]
+    assert as_json["mcnemar"] == {"a": "runA", "b": "runB", "seed": None, "n": 15, "only_a": 1, "only_b": 9,
+                                  "p_value": pytest.approx(0.021484375), "verdict": cmp.POLICIES_DIFFER}
+    assert as_json["start_to_end"] == [] and as_json["method_verdict"] is None  # no method test given
+    assert result.details_markdown().splitlines() == [
+        "| key | A `runA` (run) | B `runB` (run) | delta (B - A) |",
         "|---|---|---|---|",
         "| `eval_full/accuracy` | 0.5 | 0.75 | +0.25 |",
         "| `time/train/step_avg_last10_s` | 12 | - | - |",
-        "",
-        "Start -> end of each run (its eval_full_start.jsonl vs its eval_full.jsonl):",
-        "",
-        "- runA: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
-        "- runB: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
-        "",
-        "McNemar exact test on 15 paired questions: A-only 1, B-only 9, p=0.0215 -> different at 5%",
+    ]
+    assert result.summary_lines() == [
+        "runA: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
+        "runB: no eval_full_start.jsonl (eval_full_at_start off): no start -> end test",
+        "runA vs runB: McNemar exact test on 15 paired questions: A-only 1, B-only 9, p=0.0215 -> "
+        + cmp.POLICIES_DIFFER,
     ]
     assert paired.accuracy_a == pytest.approx(4 / 15) and paired.accuracy_b == pytest.approx(12 / 15)
-    alone = cmp.Comparison("runA", "runB", rows[:1], None)
-    assert alone.verdict is None and alone.to_json()["mcnemar"] is None
-    assert alone.markdown().splitlines()[-1] == (
-        "No paired per-question results (eval_full.jsonl) in both runs: no significance test."
+    alone = cmp.Comparison("runA", "runB", rows[:1], [])
+    assert alone.paired is None and alone.to_json()["mcnemar"] is None
+    assert alone.summary_lines()[-1] == (
+        "No paired per-question results (eval_full.jsonl) in both arms: no McNemar test."
     )
-
 
 def test_formatting_and_fallback_keys():
     assert [cmp.fmt(x) for x in (None, 3, 1234567, 0.1234567891, True, "x", 1e-9)] == [
@@ -235,7 +240,7 @@ def test_formatting_and_fallback_keys():
     assert [r.key for r in cmp.side_by_side(a, b)] == ["beta", "gamma", "zeta"]
     assert cmp.side_by_side({}, {}) == []
     empty = cmp.paired_test({}, {"q": True})
-    assert (empty.n, empty.p_value, empty.verdict) == (0, 1.0, "aligned")
+    assert (empty.n, empty.p_value, empty.verdict) == (0, 1.0, cmp.NO_DETECTABLE_DIFFERENCE)
     assert math.isnan(empty.accuracy_a) and math.isnan(empty.accuracy_b)
 
 
@@ -264,12 +269,18 @@ def test_run_files_are_read_strictly(tmp_path: Path):
         cmp.load_run(folder)
 
 
-def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_path: Path, monkeypatch):
-    import matplotlib.pyplot as plt
+@pytest.fixture
+def closed_figures(monkeypatch) -> list:
+    """The figures plot() closes: what it drew, to inspect (the plot extra; skipped without it)."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="plots need the plot extra")
 
-    figures = []
+    figures: list = []
     real_close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    return figures
+
+
+def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_path: Path, closed_figures):
     a = cmp.load_run(_write_run(tmp_path / "A", {"k": 1}, None, [0.1, 0.5]))
     b = cmp.load_run(_write_run(tmp_path / "B", {"k": 1}, None, [0.2]))
     (tmp_path / "B" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
@@ -277,9 +288,10 @@ def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_pat
     (tmp_path / "plots").mkdir()
     out = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
     cmp.plot(a, b, out)  # drawing over an earlier plot is fine
-    (fig,) = figures[-1:]
-    reward_ax, loss_ax = fig.axes
+    (fig,) = closed_figures[-1:]
+    reward_ax, loss_ax, accuracy_ax = fig.axes
     assert (reward_ax.get_title(), loss_ax.get_title()) == ("reward", "loss")
+    assert accuracy_ax.get_title() == "greedy accuracy (95% interval)"
     assert reward_ax.get_xlabel() == loss_ax.get_xlabel() == "step"
     assert [t.get_text() for t in reward_ax.get_legend().get_texts()] == [
         "A (train/reward/total/mean)", "B (reward)"
@@ -287,15 +299,53 @@ def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_pat
     assert [line.get_linestyle() for line in reward_ax.get_lines()] == ["-", "--"]
     assert [list(line.get_xdata()) for line in reward_ax.get_lines()] == [[1, 2], [1]]
     assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["A (loss)"]
+    assert [t.get_text() for t in accuracy_ax.texts] == ["no eval_full accuracy"]  # no sweeps in either
+    assert not fig.texts  # a real run's plot carries no watermark
     # No loss at all in either run: the panel says so, centred in axes coordinates.
     (tmp_path / "A" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
     cmp.plot(cmp.load_run(tmp_path / "A"), b, tmp_path / "plots" / "none.png")
-    empty_loss = figures[-1].axes[1]
+    empty_loss = closed_figures[-1].axes[1]
     (note,) = empty_loss.texts
     assert note.get_text() == "no data in metrics.jsonl" and note.get_position() == (0.5, 0.5)
     assert note.get_transform() is empty_loss.transAxes and note.get_ha() == "center"
     assert empty_loss.get_legend() is None
 
+
+def test_plot_of_seed_groups_draws_each_seed_and_the_mean_and_intervals(tmp_path: Path, closed_figures):
+    def run(name: str, rewards: list[float], start: list[bool], end: list[bool], dry: bool = False):
+        folder = _write_run(tmp_path / name, {"dry_run": dry}, end, rewards)
+        _write_start(folder, start)
+        return cmp.load_run(folder)
+
+    a = [run("a0", [0.1, 0.3], [True] * 2 + [False] * 8, [True] * 4 + [False] * 6),
+         run("a1", [0.3, 0.5], [True] * 2 + [False] * 8, [True] * 6 + [False] * 4)]
+    b = [run("b0", [0.2, 0.2, 0.9], [True] * 2 + [False] * 8, [True] * 2 + [False] * 8)]
+    (tmp_path / "p").mkdir()
+    cmp.plot(a, b, tmp_path / "p" / "g.png", labels=("jax", "pallas"), names={"a0": "jax/s0"})
+    reward_ax, _, accuracy_ax = closed_figures[-1].axes
+    lines = reward_ax.get_lines()
+    assert [line.get_label() for line in lines] == [
+        "jax/s0 (train/reward/total/mean)",  # an SOP's name for the run
+        "a1 (train/reward/total/mean)",
+        "jax: mean of 2",
+        "b0 (train/reward/total/mean)",  # one run: no mean line of its own
+    ]
+    assert list(lines[2].get_ydata()) == pytest.approx([0.2, 0.4]) and lines[2].get_linewidth() > 2
+    assert lines[0].get_alpha() == 0.35 and lines[3].get_alpha() == 1.0
+    # Accuracy panel: jax's end is the mean of 0.4 and 0.6 with a t interval over the two runs.
+    st = pytest.importorskip("scipy.stats", reason="the intervals need the stats extra")
+
+    low, high = st.ttest_1samp([0.4, 0.6], 0).confidence_interval(0.95)
+    bars = [c for c in accuracy_ax.containers if hasattr(c, "has_yerr") and c.has_yerr]
+    jax_end = [c for c in bars if c.lines[0].get_xdata()[0] == pytest.approx(1 - 0.08)]
+    (segment,) = jax_end[0].lines[2][0].get_segments()
+    assert [y for _, y in segment] == pytest.approx([low, high])
+    assert [t.get_text() for t in accuracy_ax.get_legend().get_texts()] == ["jax", "pallas"]
+    assert not closed_figures[-1].texts
+    fake = [run("d0", [0.1], [True], [True], dry=True)]
+    cmp.plot(fake, b, tmp_path / "p" / "d.png")
+    (mark,) = closed_figures[-1].texts
+    assert mark.get_text() == "FABRICATED by --dry-run" and mark.get_color() == "red"
 
 def test_a_plot_path_without_an_image_suffix_is_refused_naming_the_suffixes(tmp_path: Path):
     with pytest.raises(UsageError, match=r"p\.txt.*\.png"):

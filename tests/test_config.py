@@ -43,11 +43,13 @@ PALLAS_PAIRS = [p for p in CONFIGS if p.stem.endswith("_pallas")]
 
 
 @pytest.mark.parametrize("pallas", PALLAS_PAIRS, ids=[p.name for p in PALLAS_PAIRS])
-def test_each_pallas_config_differs_from_its_baseline_only_in_the_loss_impl(pallas):
+def test_each_pallas_config_differs_from_its_baseline_only_in_the_loss_impl_and_its_parity_shadow(pallas):
+    """The shadow provider only watches (tests/test_parity.py: the update is the same with or without it)."""
     base = C.load(pallas.with_name(pallas.name.replace("_pallas", "")), environ={})
     other = C.load(pallas, environ={})
     assert base.train.policy_loss_impl == "jax" and other.train.policy_loss_impl == "pallas"
-    assert C.replace(other, "train.policy_loss_impl=jax") == base
+    assert base.train.shadow_policy_loss_impl == "none" and other.train.shadow_policy_loss_impl == "jax"
+    assert C.replace(other, "train.policy_loss_impl=jax", "train.shadow_policy_loss_impl=none") == base
 
 
 def test_reference_configs_hold_the_reference_recipe_and_differ_only_in_the_loss_impl():
@@ -62,7 +64,8 @@ def test_reference_configs_hold_the_reference_recipe_and_differ_only_in_the_loss
     assert (jax_cfg.train.clip_eps_low, jax_cfg.train.clip_eps_high) == (0.2, 0.3)
     assert jax_cfg.reward_weights == [1.0, 0.5, 0.5]
     assert jax_cfg.train.policy_loss_impl == "jax" and pallas_cfg.train.policy_loss_impl == "pallas"
-    assert C.replace(pallas_cfg, "train.policy_loss_impl=jax") == jax_cfg
+    as_jax = C.replace(pallas_cfg, "train.policy_loss_impl=jax", "train.shadow_policy_loss_impl=none")
+    assert as_jax == jax_cfg
 
 
 def test_overrides_are_yaml_scalars_on_dotted_keys():

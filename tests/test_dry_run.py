@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from orchestrator.transport.recording import RecordingScript
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_SOP = REPO / "sops" / "grpo_gsm8k_pallas_vs_jax.yaml"
+HAVE_PLOT = importlib.util.find_spec("matplotlib") is not None  # the plot extra
 SECRET = "wandb-key-0123456789abcdef0123456789abcdef"
 
 
@@ -105,7 +107,8 @@ def test_tpu_sop_dry_run_command_sequence(replayed):
         "down",
     ]
     assert all(v.status == "done" for v in result.state.steps.values()) and len(result.state.steps) == 8
-    assert "aligned" in result.verdict or "different at 5%" in result.verdict
+    assert "method verdict: inconclusive: one run per arm" in result.verdict
+    assert all(line.startswith("FABRICATED by --dry-run") for line in result.verdict.splitlines())
 
 
 def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
@@ -128,18 +131,24 @@ def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["dry-run", "sops"]  # fetched: dry-run/
     report = (folder / result.report_path).read_text()  # relative to the folder it ran in
     assert result.report_path.name == "report.dry-run.md"
-    assert "(dry run)" in report and "**Verdict**" in report
+    assert "(dry run)" in report and "## Summary (dry run: FABRICATED, not results)" in report
+    # Each verdict once (issue 23), in the summary at the top, before the steps.
+    for line in result.verdict.splitlines():
+        assert report.count(line) == 1 and report.index(line) < report.index("## Steps")
+    # The plot is embedded beside the report, its alt text watermarked like the image itself.
+    assert ("![compare: FABRICATED by --dry-run](jax_vs_pallas.png)" in report) == HAVE_PLOT
     # Every made-up figure says so: the summary table's heading and each McNemar line (issue 10).
     assert "## Made-up summary (dry run: FABRICATED figures, not results)" in report
     assert "## Observed summary" not in report
     mcnemar = [line for line in report.splitlines() if "McNemar" in line]
-    assert len(mcnemar) >= 2 and all("FABRICATED by --dry-run" in line for line in mcnemar), mcnemar
+    assert len(mcnemar) == 1 and all("FABRICATED by --dry-run" in line for line in mcnemar), mcnemar
     for key in ("eval_full/accuracy", "time/eval_full/step_s"):
         assert f"| `{key}` |" in report
     assert re.search(
         r"\| jax \| `grpo_gsm8k_qwen25_3b_bs128_steps100-\d{8}_\d{6}-[0-9a-f]{4}` \| SUCCEEDED", report
     )
-    assert (folder / "runs" / "sops" / "grpo_gsm8k_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
+    plotted = (folder / "runs" / "sops" / "grpo_gsm8k_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
+    assert plotted == HAVE_PLOT  # without the plot extra the verdicts come all the same
 
 
 def test_cli_dry_run_replay_exit_zero_from_the_repo_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -154,6 +163,8 @@ def test_cli_dry_run_replay_exit_zero_from_the_repo_root(tmp_path: Path, monkeyp
     assert "McNemar exact test on 1319 paired questions" in result.stdout
     verdict = next(line for line in result.stdout.splitlines() if "McNemar" in line)
     assert "FABRICATED by --dry-run, not a result" in verdict, verdict
+    assert "FABRICATED by --dry-run, not a result: jax (1 run): start - -> end 0.78" in result.stdout
+    assert "method verdict: inconclusive: one run per arm" in result.stdout
     assert result.stderr.count("setsid nohup") == 2
     assert ".env not found: the dry run pushes an empty file" in result.stderr  # CI has no secrets
 
@@ -225,3 +236,33 @@ def test_the_dry_run_journal_names_each_recipe():
     t.run("true")
     assert script.recipes() == ["home_dir", None]
     assert [c.recipe for c in t.calls] == ["home_dir", None]
+
+
+def test_a_seeded_tpu_sop_preflights_each_config_once_and_compares_groups(tmp_path: Path, monkeypatch):
+    """Seeds change no shape: the three runs of a seeded arm share one preflight (and its cache entry)
+    instead of compiling the 3B programs three times. The dry run's compare takes the groups as arms."""
+    from orchestrator import api, preflight
+
+    every = "      interval_s: 15\n"
+    text = TPU_SOP.read_text().replace(every, every + "      seeds: [0, 1, 2]\n")
+    assert text.count("seeds: [0, 1, 2]") == 2
+    (tmp_path / "seeded.yaml").write_text(text)
+    calls: list[tuple[str, dict]] = []
+
+    def recording_gate(session, config, overrides, env):
+        calls.append((config, dict(overrides)))
+        return preflight.Gate(report=None, line="recorded")
+
+    monkeypatch.setattr(api, "preflight_gate", recording_gate)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path / "state"))
+    result = sop.replay(tmp_path / "seeded.yaml", dry_run=True, overrides={"train.beta": "0.01"})
+    assert [c for c, _ in calls] == ["configs/grpo_gsm8k_qwen25_3b_bs128_steps100.yaml",
+                                     "configs/grpo_gsm8k_qwen25_3b_bs128_steps100_pallas.yaml"]
+    assert all(o == {"train.beta": "0.01"} for _, o in calls)  # no seed: one cache key per config
+    assert set(result.state.preflight) == {f"{a}/s{s}" for a in ("jax", "pallas") for s in (0, 1, 2)}
+    launched = [s for s in result.state.steps if s.startswith("run:")]
+    assert launched == [f"run:{arm}/s{seed}" for arm in ("jax", "pallas") for seed in (0, 1, 2)]
+    assert "3 vs 3 runs, paired by seed" in result.verdict or "no spread" in result.verdict
+    assert result.state.verdict_json["runs_a"] and len(result.state.verdict_json["runs_b"]) == 3
+    assert all(line.startswith("FABRICATED by --dry-run") for line in result.state.key_numbers)

@@ -49,15 +49,18 @@ def test_a_preempted_and_recovered_run_counts_lost_steps_and_recovery():
         state="SUCCEEDED", launched_at_s=1290.0, ended_at_s=1360.0,
         last_progress={"phase": "done", "step": 10, "ledger": second},
         recoveries=[{"kind": "preemption", "step": 10, "attempt_launched_at_s": 1000.0,
-                     "detected_at_s": 1180.0, "attempt_ledger": first, "relaunched_at_s": 1290.0}],
+                     "detected_at_s": 1180.0, "attempt_ledger": first, "relaunched_at_s": 1290.0,
+                     "alive_at_s": 1170.0}],
     )
     led = L.run_ledger(rec, now=9999.0)
     s = led.seconds
     assert led.wall_s == pytest.approx(1360.0 - 1000.0)
-    assert s["lost_progress"] == pytest.approx(40.0)  # steps 7..10 (4 of 10) were done twice
+    # steps 7..10 (4 of 10) were done twice, and the job's work after its last event (1160) until a poll
+    # last saw it running (1170) was thrown away
+    assert s["lost_progress"] == pytest.approx(40.0 + 10.0)
     assert s["train"] == pytest.approx(60.0 + 40.0)
-    # detection (last event at 1160 -> seen gone at 1180) + recreate, re-sync (1180 -> 1290)
-    assert s["recovery"] == pytest.approx(20.0 + 110.0)
+    # detection (last seen alive at 1170 -> seen gone at 1180) + recreate, re-sync (1180 -> 1290)
+    assert s["recovery"] == pytest.approx(10.0 + 110.0)
     assert s["compile"] == pytest.approx(45.0)
     assert sum(s.values()) == pytest.approx(led.wall_s)
 

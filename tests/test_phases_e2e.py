@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from same_run import TINY_SETTINGS, assert_same_run
 from typer.testing import CliRunner
 
 from grpoctl_contract.progress import decode
@@ -27,15 +28,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 GRPO steps with an eval after steps 2 and 4, a 30-step warm start, a 2-batch final sweep.
-SETTINGS = [
-    "steps=4",
-    "warm_start.steps=30",
-    "eval_every_steps=2",
-    "eval_full_limit=16",
-    "eval_full_batch_size=8",
-    "checkpoint.every_steps=2",
-    "wandb_mode=disabled",
-]
+SETTINGS = list(TINY_SETTINGS)
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -84,6 +77,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
             "events": cli("logs", run_id, "--lines", "100000", "--events"),
             "table": cli("status", run_id),
             "summary": json.loads((checkout / "runs" / run_id / "summary.json").read_text()),
+            "run_dir": checkout / "runs" / run_id,
         }
 
 
@@ -157,3 +151,13 @@ def test_status_holds_the_runs_time_ledger_adding_up_to_its_wall_time(tiny_run):
     summary = tiny_run["summary"]
     assert summary["time/phase/train_s"] > 0 and summary["time/phase/compile_s"] > 0
     assert 0 < summary["time/phase/goodput"] < 1
+
+
+def test_the_run_through_grpoctl_is_the_direct_trainer_run_to_the_bit(tiny_run, tmp_path):
+    """Determinism through the CLI: the same config and seed run in this process by trainer.train.run give
+    the same metrics.jsonl rows and every eval_full*.jsonl row as the run `grpoctl run` launched."""
+    from trainer import config as C
+    from trainer.train import run
+
+    run(C.load(ROOT / "configs" / "tiny_cpu.yaml", SETTINGS, environ={}), tmp_path)
+    assert_same_run(tiny_run["run_dir"], tmp_path)

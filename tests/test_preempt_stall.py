@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from standin import make_standin_repo, standin_repo  # noqa: F401
-from tpu_support import Project, long_run, one_line_error, preempt_at_step
+from tpu_support import Project, long_run, one_line_error, outcome, preempt_at_step
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -84,7 +84,7 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
         recovered = project.cli(cfg, "recover", run_id, "--interval", "0.2", "--secret", "TEST_TOKEN")
     finally:
         del os.environ["TEST_TOKEN"]
-    assert recovered.stdout.split()[-2:] == [run_id, "SUCCEEDED"]
+    assert outcome(recovered.stdout) == (run_id, "SUCCEEDED")
     final = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
     assert len(final["recoveries"]) == 1 and final["recoveries"][0]["kind"] == "preemption"
     assert final["last_progress"]["step"] == 60
@@ -119,7 +119,7 @@ def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Proj
     errors = [line for line in done.stderr.splitlines() if line.startswith("grpoctl: error:")]
     assert done.returncode == 3 and len(errors) == 1, done.stderr
     assert "node PREEMPTED" in errors[0] and "Traceback" not in done.stderr
-    run_id, state = done.stdout.split()[-2:]
+    run_id, state = outcome(done.stdout)
     assert state == "PREEMPTED" and f"grpoctl recover {run_id}" in errors[0]
 
 

@@ -186,3 +186,20 @@ def test_the_sampler_pins_its_kv_cache_to_the_mesh(monkeypatch):
         sampler.sample(None, [problem], 8, jax.random.key(0), programs.rollout_settings(cfg))
     assert seen["mesh"] is mesh
     assert seen["settings"] == programs.rollout_settings(cfg)
+
+
+@pytest.mark.slow
+def test_the_update_step_is_compiled_with_the_lockstep_parity_shadow_when_the_config_has_one():
+    """The shadow's memory and work are in the preflight's figures: the same update step with and without
+    train.shadow_policy_loss_impl (tiny_cpu_pallas.yaml ships with a jax shadow)."""
+    results = {}
+    for shadow in ("jax", "none"):
+        cfg = C.load(TINY_PALLAS, [*SMALL, f"train.shadow_policy_loss_impl={shadow}"], environ={})
+        result = preflight.run(cfg, "v6e-8", only=("update_step",))
+        assert result["shadow_policy_loss_impl"] == shadow and result["policy_loss_impl"] == "pallas"
+        (results[shadow],) = result["functions"]
+    on, off = results["jax"], results["none"]
+    # The shadow's head (loss and head-input gradient) and the main head's second pass are compiled in;
+    # temp bytes are not compared: at these shapes XLA's schedule moves them by a few % either way.
+    assert on["flops"] > off["flops"]
+    assert on["mosaic_kernels"] >= off["mosaic_kernels"] >= 3  # the main provider is still the kernel

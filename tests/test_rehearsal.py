@@ -50,4 +50,9 @@ def test_rehearsal_replays_the_tpu_sop_through_a_preemption(tmp_path: Path) -> N
         assert f"`{name}` accuracy start -> end" in report
     # the fake played the real service's defaults: transient read errors sprinkled, host keys late
     assert "the fake API's realistic defaults: " in report and "rate 5%" in report
+    # the ledger: both runs and the SOP total; the preemption's cost; the compile cache on the new VM
+    assert "## Ledger" in report and "| **SOP total** | " in report
+    assert "- ledger `pallas`: " in report and "ratio **" in report
+    first, resumed = rehearsal.compile_seconds(runs["pallas"])
+    assert first and resumed is not None and resumed < first
     assert "- result: **PASSED**" in report

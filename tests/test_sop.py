@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import shutil
@@ -11,14 +12,17 @@ from pathlib import Path
 import pytest
 from standin import standin_repo  # noqa: F401
 
+from orchestrator import compare as cmp
 from orchestrator import sop
 from orchestrator.errors import JobFailed, UsageError
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunStore
+from orchestrator.sop import schema
 from orchestrator.sop.replay import HANDLERS
 from orchestrator.sop.schema import FetchStep
 
 REPO = Path(__file__).resolve().parents[1]
+HAVE_PLOT = importlib.util.find_spec("matplotlib") is not None  # the plot extra
 LOCAL_SOP = REPO / "sops" / "local_pallas_vs_jax.yaml"
 
 
@@ -70,6 +74,63 @@ def test_repo_sop_files_validate():
         if s.kind == "run":
             assert s.env == {"EVAL_FULL_SWEEP": "1", "PRINT_TRAIN_TIME_BREAKDOWN": "1"}
     assert len(tpu.summary_keys) == 5
+    seeds = sop.load_sop(REPO / "sops" / "local_seeds_pallas_vs_jax.yaml")
+    runs = [s for s in seeds.steps if s.kind == "run"]
+    assert [(s.name, s.seed) for s in runs] == [
+        ("jax/s0", 0), ("jax/s1", 1), ("jax/s2", 2), ("pallas/s0", 0), ("pallas/s1", 1), ("pallas/s2", 2)
+    ]
+    assert {s.config for s in runs} == {s.config for s in local.steps if s.kind == "run"}  # the demo's
+
+
+def test_seeds_expand_into_one_run_step_per_seed():
+    parsed = sop.parse_sop(
+        {
+            "name": "x",
+            "steps": [
+                {"run": {"name": "a", "config": "c.yaml", "seeds": [3, 1], "set": {"lr": 1}}},
+                {"run": {"name": "b", "id": "bee", "config": "d.yaml", "seeds": [1, 3]}},
+                {"run": {"name": "c", "config": "d.yaml", "seed": 7}},
+                {"wait": {"run": "a/s3"}},
+                {"fetch": {"runs": ["b"]}},
+                {"compare": {"a": "a", "b": "b", "margin": 0.05}},
+            ],
+        },
+        "x.yaml",
+    )
+    ids = [sop.step_id(s) for s in parsed.steps]
+    assert ids == ["run:a/s3", "run:a/s1", "bee/s1", "bee/s3", "run:c", "wait", "fetch", "compare"]
+    assert [schema.run_overrides(s, {"o": "2"}) for s in parsed.steps[:5]] == [
+        {"lr": "1", "o": "2", "seed": "3"}, {"lr": "1", "o": "2", "seed": "1"},
+        {"o": "2", "seed": "1"}, {"o": "2", "seed": "3"}, {"o": "2", "seed": "7"},
+    ]
+    assert schema.members(parsed, "a") == ["a/s3", "a/s1"] and schema.members(parsed, "a/s1") == ["a/s1"]
+    assert schema.members(parsed, "c") == ["c"] and schema.members(parsed, "a/s") == []
+    assert parsed.steps[-1].margin == 0.05
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ({"seeds": [0, 0]}, "distinct integers"),
+        ({"seeds": []}, "seeds"),
+        ({"seeds": [-1]}, "distinct integers"),
+        ({"seeds": [0, 1], "set": {"seed": 4}}, "give `seeds` or a seed, not both"),
+        ({"seeds": [0, 1], "seed": 4}, "give `seeds` or a seed, not both"),
+        ({"name": "a/s0"}, "run name 'a/s0'"),  # `/s<seed>` names are the expansion's own
+    ],
+)
+def test_bad_seeds_are_one_line_errors(run, message):
+    data = {"name": "x", "steps": [{"run": {"name": "a", "config": "c.yaml", **run}}]}
+    with pytest.raises(UsageError) as err:
+        sop.parse_sop(data, "x.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_compare_of_an_unknown_group_is_refused():
+    data = {"name": "x", "steps": [{"run": {"name": "a", "config": "c", "seeds": [0, 1]}},
+                                   {"compare": {"a": "a", "b": "b"}}]}
+    with pytest.raises(UsageError, match=r"unknown run\(s\) \['b'\]"):
+        sop.parse_sop(data, "x.yaml")
 
 
 @pytest.fixture
@@ -96,17 +157,23 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
         assert (work / "runs" / run_id / "summary.json").is_file()
     assert "logs/nohup_tiny_cpu_2" in report and ".exit`" in report and ".pid`" in report
     assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
-    assert "McNemar exact test on 300 paired questions" in report and "**Verdict**" in report
+    assert "McNemar exact test on 300 paired questions" in report and "## Summary" in report
+    assert report.index("## Summary") < report.index("## Steps")  # the verdicts first
+    if HAVE_PLOT:  # the plot, embedded relative to the report
+        assert "![compare](jax_vs_pallas.png)" in report
+    else:
+        assert "plot skipped: matplotlib is not installed" in report
     # env values are flags that are not secret (-e): the report shows them (secrets: --secret NAME)
     assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
-    assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file()
+    assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file() == HAVE_PLOT
     assert "env_push" in report and "not present: skipped (optional)" in report
     # the ledger: a row per run and the SOP total (local runs: no list price, so chip-hours per point)
     ledger = report.split("## Ledger", 1)[1].split("\n## ", 1)[0]
     assert "| jax | " in ledger and "| pallas | " in ledger and "| **SOP total** | " in ledger
     assert "Cost is an estimate (no price for host" in ledger
     # Same seed, same data: the stand-in's "pallas" agrees with "jax" on every question.
-    assert first.verdict.endswith("aligned")
+    assert first.verdict.endswith(cmp.NO_DETECTABLE_DIFFERENCE)
+    assert "method verdict: inconclusive: one run per arm" in first.verdict
 
     # A second replay finishes nothing twice.
     messages.clear()
@@ -213,12 +280,14 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
         assert summary["steps"] == 2 and 0.0 <= summary["eval_full/accuracy"] <= 1.0
         assert len((work / "runs" / run_id / "eval_full.jsonl").read_text().splitlines()) == 16
     assert "McNemar exact test on 16 paired questions" in result.verdict
-    # Both verdicts: each run against its own start (eval_full_at_start), then jax vs pallas.
-    lines = result.verdict.splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["jax", "pallas", "jax"]
+    # Each verdict once: kernel parity (when the config logs it), each run against its own start
+    # (eval_full_at_start), the method verdict, then jax vs pallas.
+    lines = [line for line in result.verdict.splitlines() if "kernel parity" not in line]
+    assert [line.split(" ")[0].rstrip(":") for line in lines] == ["jax", "pallas", "method", "jax"]
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
+    assert lines[2].startswith("method verdict: inconclusive: one run per arm")
     report = result.report_path.read_text()
-    assert all(f"**Verdict**: {line}" in report for line in lines)
+    assert all(report.count(line) == 1 for line in lines)
     from orchestrator.sop.report import sop_ledgers
 
     runs, total = sop_ledgers(sop.load_sop(LOCAL_SOP), result.state)
@@ -238,8 +307,8 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
                 "up",
                 {"sync": {"bootstrap": False}},
                 {"env_push": {"file": "my.env"}},
-                {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue"}, "secrets": ["TOK"],
-                         "set": {"s": 1, "x": "$(touch f)"}}},
+                {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue", "EVAL_FULL_SWEEP": "1"},
+                         "secrets": ["TOK"], "set": {"s": 1, "x": "$(touch f)"}}},
                 {"run": {"name": "b", "config": "d.yaml", "wait": False}},
                 {"wait": {"run": "b"}},
                 "fetch",
@@ -260,7 +329,8 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
         "up",
         "sync --no-bootstrap",
         "env push --file my.env",
-        "run c.yaml --env K=v4lue --secret TOK --set s=1 --set 'x=$(touch f)' --set o=2 --wait",
+        "run c.yaml --env K=v4lue --env EVAL_FULL_SWEEP=1 --secret TOK --set s=1 --set 'x=$(touch f)' "
+        "--set o=2 --wait",  # every -e is a flag, not a secret (secrets: --secret NAME), all shell-quoted
         "run d.yaml --set o=2",
         "status '?' --watch",  # run b has no id yet
         "fetch ra '?'",
@@ -269,6 +339,55 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
     ]
     # pasting a command runs what ran: the shell reads back exactly the arguments
     assert shlex.split(lines[3])[4:] == [
-        "run", "c.yaml", "--env", "K=v4lue", "--secret", "TOK", "--set", "s=1", "--set", "x=$(touch f)",
-        "--set", "o=2", "--wait",
+        "run", "c.yaml", "--env", "K=v4lue", "--env", "EVAL_FULL_SWEEP=1", "--secret", "TOK", "--set", "s=1",
+        "--set", "x=$(touch f)", "--set", "o=2", "--wait",
     ]
+
+
+SEEDED = """name: seeded
+target: local
+steps:
+  - sync: {bootstrap: false}
+  - run: {name: jax, config: configs/tiny_cpu.yaml, seeds: [0, 1], env: {EVAL_FULL_SWEEP: "1"},
+          interval_s: 0.2}
+  - run: {name: pallas, config: configs/tiny_cpu_pallas.yaml, seeds: [0, 1], env: {EVAL_FULL_SWEEP: "1"},
+          interval_s: 0.2}
+  - fetch
+  - compare: {a: jax, b: pallas}
+"""
+
+
+def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp_path: Path):
+    work, config = lab
+    file = tmp_path / "seeded.yaml"
+    file.write_text(SEEDED)
+    with pytest.raises(UsageError, match="the SOP sets each run's seed itself"):
+        sop.replay(file, config_file=config, overrides={"seed": "5"})
+    assert RunStore().list() == []  # refused before anything ran
+    first = sop.replay(file, config_file=config)
+    names = ["jax/s0", "jax/s1", "pallas/s0", "pallas/s1"]
+    ids = {n: first.state.steps[f"run:{n}"].run_id for n in names}
+    for name, run_id in ids.items():  # each seed reached its trainer
+        assert json.loads((work / "runs" / run_id / "config.json").read_text())["seed"] == int(name[-1])
+    lines = first.verdict.splitlines()
+    assert "method verdict: inconclusive: every per-seed difference is the same" in first.verdict
+    assert "2 vs 2 runs, paired by seed" in first.verdict  # the stand-in's providers agree to the bit
+    mcnemar = [line for line in lines if "McNemar" in line]
+    assert [line.split(":")[0] for line in mcnemar] == ["jax/s0 vs pallas/s0 (seed 0)",
+                                                         "jax/s1 vs pallas/s1 (seed 1)"]
+    report = first.report_path.read_text()
+    assert ("![compare](jax_vs_pallas.png)" in report) == HAVE_PLOT
+    assert f"compare {ids['jax/s0']},{ids['jax/s1']} {ids['pallas/s0']},{ids['pallas/s1']}" in report
+    assert "run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1 --set seed=1 --wait" in report
+    state = first.state.verdict_json
+    assert state["runs_a"] == [ids["jax/s0"], ids["jax/s1"]] and state["margin"] == 0.03
+    # Resumable like any run step: a second replay launches nothing.
+    again = sop.replay(file, config_file=config)
+    assert {n: again.state.steps[f"run:{n}"].run_id for n in names} == ids
+    assert len(RunStore().list()) == 4
+    # --from a group's name starts from its first seed's run.
+    third = sop.replay(file, config_file=config, from_step="run:pallas")
+    assert third.state.steps["run:jax/s1"].run_id == ids["jax/s1"]
+    assert third.state.steps["run:pallas/s0"].run_id != ids["pallas/s0"] and len(RunStore().list()) == 6
+    report = third.report_path.read_text()
+    assert "Start and end accuracy per arm" in report and "- jax (2 runs): start - -> end 0." in report

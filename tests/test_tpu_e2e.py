@@ -8,7 +8,7 @@ import json
 import stat
 from pathlib import Path
 
-from tpu_support import SECRET, Project, long_run, one_line_error, preempt_at_step
+from tpu_support import SECRET, Project, long_run, one_line_error, outcome, preempt_at_step
 
 from orchestrator.cloud.api import LABEL_KEY, LABEL_VALUE
 
@@ -35,7 +35,7 @@ def test_spot_node_two_workers_up_sync_env_run_status_fetch_down(project: Projec
     assert f"WANDB_API_KEY_len={len(SECRET)}" in pushed.stdout
 
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
-    run_id, state = ran.stdout.split()[-2:]
+    run_id, state = outcome(ran.stdout)
     assert state == "SUCCEEDED"
     status = project.cli(cfg, "status", run_id)
     assert "target tpu: READY (health HEALTHY, workers 2)" in status.stdout and "SUCCEEDED" in status.stdout
@@ -61,7 +61,7 @@ def test_preemption_mid_run_recovers_with_the_same_run_id(project: Project) -> N
     bucket = project.root / "bucket"
     preempted_at = preempt_at_step(project, bucket, "grpo-spot", 10)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.2")
-    run_id, state = ran.stdout.split()[-2:]
+    run_id, state = outcome(ran.stdout)
     assert state == "SUCCEEDED" and preempted_at
     assert "node PREEMPTED" in ran.stderr and "relaunched (preemption #1)" in ran.stderr
 

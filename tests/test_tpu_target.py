@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tpu_support import Project, one_line_error
+from tpu_support import Project, one_line_error, outcome
 
 from orchestrator.cloud import api as cloud
 from orchestrator.config import RepoConfig, TpuTargetConfig
@@ -39,9 +39,8 @@ def test_queued_resource_up_run_down(project: Project) -> None:
     assert node_body["labels"][cloud.LABEL_KEY] == cloud.LABEL_VALUE and "ssh-keys" in node_body["metadata"]
 
     project.cli(cfg, "sync")
-    run_id, state = project.cli(
-        cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1"
-    ).stdout.split()[-2:]
+    ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
+    run_id, state = outcome(ran.stdout)
     assert state == "SUCCEEDED"
     assert "queued_resource ACTIVE" in project.cli(cfg, "status", run_id).stdout
     project.cli(cfg, "up")  # idempotent: attaches, creates nothing
@@ -252,7 +251,7 @@ def test_run_clears_stale_tpu_users_first(project: Project, monkeypatch) -> None
     target.close()
     pid = int(holder.read_text())
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--wait", "--interval", "0.1")
-    assert f"stopped stale TPU users (pids {pid})" in ran.stderr and ran.stdout.split()[-1] == "SUCCEEDED"
+    assert f"stopped stale TPU users (pids {pid})" in ran.stderr and outcome(ran.stdout)[1] == "SUCCEEDED"
     assert not lock.exists() and not _alive(pid)
     project.cli(cfg, "down", "--yes")
 

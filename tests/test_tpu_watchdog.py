@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
+from test_notify import SECRET_PATH, hook  # noqa: F401 - the webhook server fixture
 from tpu_support import Project
 
 from grpoctl_contract import watchdog
@@ -39,8 +41,11 @@ def _gone(project: Project, name: str, within_s: float = 60.0) -> bool:
     return False
 
 
-def test_an_idle_node_deletes_itself_with_its_own_token(wired: Project) -> None:
+def test_an_idle_node_deletes_itself_with_its_own_token(wired: Project, hook) -> None:  # noqa: F811
+    url, got, _ = hook
     cfg = wired.config(name="grpo-idle", autodelete_after_idle_s=3)
+    data = yaml.safe_load(Path(cfg).read_text())
+    Path(cfg).write_text(yaml.safe_dump({**data, "notify": {"webhook": url}}))
     up = wired.cli(cfg, "up")
     assert "deletes itself after 3 s without a grpoctl job" in up.stderr
     home = wired.node("grpo-idle").workers[0].home
@@ -56,6 +61,10 @@ def test_an_idle_node_deletes_itself_with_its_own_token(wired: Project) -> None:
     stat = Path(f"/proc/{state['pid']}/stat")  # the VM went, and its watchdog with it (a zombie at most)
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     assert wired.fake.SA_TOKEN not in (home / ".grpoctl" / "watchdog.log").read_text()
+    # one node_deleted message, sent by the node itself; its copy of the URL was 0600, never in argv
+    assert [g["event"] for g in got] == ["node_deleted"] and "grpo-idle node deleted" in got[0]["text"]
+    assert (home / ".grpoctl" / "notify.json").stat().st_mode & 0o777 == 0o600
+    assert SECRET_PATH not in up.stdout + up.stderr + status
 
 
 def test_a_node_grpoctl_did_not_create_never_deletes_itself(wired: Project) -> None:

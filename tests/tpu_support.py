@@ -100,6 +100,12 @@ class Project:
         return self.fake.nodes.get(f"projects/proj/locations/us-east1-d/nodes/{name}")
 
 
+def outcome(stdout: str) -> tuple[str, str]:
+    """(run id, state) from the last stdout line of `run --wait` / `recover`: `RUN STATE  accuracy a -> b`."""
+    run_id, state = stdout.strip().splitlines()[-1].split()[:2]
+    return run_id, state
+
+
 def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
     lines = [x for x in result.stderr.splitlines() if x.startswith("grpoctl: error:")]
     assert len(lines) == 1, result.stderr

@@ -32,6 +32,7 @@ from grpoctl_contract.envflags import ENV_FLAGS  # the seed's env flags -> the c
 from trainer.kernel_blocks import KernelBlocks  # jax-free, like this whole module (the laptop uses it)
 
 PolicyLossImpl = Literal["jax", "chunked", "pallas"]
+ShadowImpl = Literal["jax", "chunked", "pallas", "none"]
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
 AdvantageScaling = Literal["group", "batch", "none"]
 DType = Literal["float32", "bfloat16"]
@@ -88,6 +89,9 @@ class TrainConfig(Section):
     ppo_epochs: int = Field(1, gt=0)  # optimizer steps per rollout; old log-probs are kept across them
     beta: Number = Field(0.0, ge=0)  # KL (k3) weight against the frozen initial policy; 0 loads no reference
     policy_loss_impl: PolicyLossImpl = "jax"  # per-token log-prob provider (trainer/kernels)
+    # Lockstep parity: every GRPO step also runs this provider on the same batch and parameters and logs
+    # train/parity/* (its difference from policy_loss_impl); it never touches the update. none = off.
+    shadow_policy_loss_impl: ShadowImpl = "none"
     kernel_blocks: dict[str, int] = {}  # passed to token_logprobs(**blocks)
     clip_eps_low: Number = Field(0.2, ge=0)
     clip_eps_high: Number = Field(0.3, ge=0)

@@ -42,6 +42,7 @@ class LossConfig:
     max_completion_len: int = 1024  # dr_grpo's constant normaliser
     temperature: float = 1.0
     impl: str = "jax"
+    shadow_impl: str | None = None  # lockstep parity: a second provider on the same batch (None = off)
     kernel_blocks: tuple[tuple[str, int], ...] = ()
     compute_dtype: Any = jnp.bfloat16
     remat: bool = False
@@ -131,33 +132,107 @@ def policy_loss(
 # From params to per-token log-probs, and the step gradient.
 
 
-def sequence_logprobs(params: Any, model_cfg: Qwen2Config, batch: Batch, loss_cfg: LossConfig):
-    """TokenStats [B, T] of the batch's targets under `params` (hidden states -> token_logprobs)."""
+def head_inputs(params: Any, model_cfg: Qwen2Config, batch: Batch, loss_cfg: LossConfig):
+    """The loss head's inputs: final hidden states [B, T, H] and the LM head [V, H], in the compute dtype."""
     hidden, _ = forward(
         params, model_cfg, batch["tokens"], batch["positions"], batch["attn_mask"],
         dtype=loss_cfg.compute_dtype, remat=loss_cfg.remat,
     )
-    w = lm_head_weight(params, model_cfg).astype(loss_cfg.compute_dtype)
-    return token_logprobs(
-        hidden, w, batch["targets"], loss_cfg.temperature, loss_cfg.impl, **dict(loss_cfg.kernel_blocks)
+    return hidden, lm_head_weight(params, model_cfg).astype(loss_cfg.compute_dtype)
+
+
+def head_stats(hidden: jax.Array, w: jax.Array, targets: jax.Array, loss_cfg: LossConfig, impl: str):
+    """TokenStats [B, T] of `targets` from the head inputs, by the provider `impl`."""
+    return token_logprobs(hidden, w, targets, loss_cfg.temperature, impl, **dict(loss_cfg.kernel_blocks))
+
+
+def sequence_logprobs(params: Any, model_cfg: Qwen2Config, batch: Batch, loss_cfg: LossConfig):
+    """TokenStats [B, T] of the batch's targets under `params` (hidden states -> token_logprobs)."""
+    hidden, w = head_inputs(params, model_cfg, batch, loss_cfg)
+    return head_stats(hidden, w, batch["targets"], loss_cfg, loss_cfg.impl)
+
+
+def loss_from_stats(stats, ref_logp: jax.Array | None, mb: Batch, loss_cfg: LossConfig):
+    """The micro-batch's policy loss from its TokenStats: the one place every provider's log-probs meet
+    the loss math (the update step and the lockstep parity both call it)."""
+    # ppo_epochs == 1: the sampling policy is the current one, so old = stop_gradient(logp), ratio == 1.
+    old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(stats.logp)
+    return policy_loss(
+        stats.logp, old_logp, ref_logp, mb["advantages"], mb["weights"], mb["token_frac"],
+        beta=loss_cfg.beta, clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
     )
 
 
 def micro_batch_loss(params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: Batch, loss_cfg: LossConfig):
     stats = sequence_logprobs(params, model_cfg, mb, loss_cfg)
-    # ppo_epochs == 1: the sampling policy is the current one, so old = stop_gradient(logp), ratio == 1.
-    old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(stats.logp)
     ref_logp = None
     if loss_cfg.beta > 0:
         ref_logp = jax.lax.stop_gradient(sequence_logprobs(ref_params, model_cfg, mb, loss_cfg).logp)
-    loss, metrics = policy_loss(
-        stats.logp, old_logp, ref_logp, mb["advantages"], mb["weights"], mb["token_frac"],
-        beta=loss_cfg.beta, clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
-    )
+    loss, metrics = loss_from_stats(stats, ref_logp, mb, loss_cfg)
     metrics["entropy"] = jnp.sum(mb["token_frac"] * stats.entropy)
     if "sample_logp" in mb:  # how far the sampler's log-probs are from the ones training computes
         metrics["logp_mismatch"] = jnp.sum(mb["token_frac"] * jnp.abs(stats.logp - mb["sample_logp"]))
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lockstep parity: the shadow provider on the same micro-batch and parameters as the main one.
+#
+# Both providers get the SAME head inputs (hidden states and LM head from one forward pass) and go through
+# the same `loss_from_stats`; only token_logprobs differs. The gradient compared is the policy loss's
+# gradient w.r.t. those head inputs (hidden states of every token, and the LM head), not w.r.t. every
+# parameter: the backbone's backward pass is one linear map applied to either provider's dhidden, so any
+# difference in the full gradient starts here, and it costs no second backward pass through the model.
+
+def micro_batch_parity(
+    params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: Batch, loss_cfg: LossConfig
+) -> dict[str, jax.Array]:
+    """Main vs shadow provider on one micro-batch: log-prob differences over its completion tokens, both
+    losses, and their head-input gradients (dhidden reduced to squared norms, dlm_head kept whole: it is
+    summed over micro-batches before its norm is taken)."""
+    hidden, w = jax.lax.stop_gradient(head_inputs(params, model_cfg, mb, loss_cfg))
+    ref = None
+    if loss_cfg.beta > 0:
+        ref = jax.lax.stop_gradient(head_inputs(ref_params, model_cfg, mb, loss_cfg))
+
+    def head_loss(impl: str):
+        def f(h: jax.Array, w: jax.Array):
+            stats = head_stats(h, w, mb["targets"], loss_cfg, impl)
+            ref_logp = None
+            if ref is not None:
+                ref_logp = jax.lax.stop_gradient(head_stats(*ref, mb["targets"], loss_cfg, impl).logp)
+            return loss_from_stats(stats, ref_logp, mb, loss_cfg)[0], stats.logp
+
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, w)
+
+    (loss_a, logp_a), (dh_a, dw_a) = head_loss(loss_cfg.impl)
+    (loss_b, logp_b), (dh_b, dw_b) = head_loss(loss_cfg.shadow_impl or loss_cfg.impl)
+    diff = jnp.abs(logp_a - logp_b)
+    dh_a, dh_b = dh_a.astype(jnp.float32), dh_b.astype(jnp.float32)
+    dw_a, dw_b = dw_a.astype(jnp.float32), dw_b.astype(jnp.float32)
+    return {
+        "logp_max": jnp.max(jnp.where(mb["token_frac"] > 0, diff, 0.0)),
+        "logp_abs_sum": jnp.sum(mb["token_frac"] * diff),
+        "loss_main": loss_a,
+        "loss_shadow": loss_b,
+        "dh_diff_sq": jnp.sum(jnp.square(dh_a - dh_b)),
+        "dh_main_sq": jnp.sum(jnp.square(dh_a)),
+        "dw_main": dw_a,
+        "dw_diff": dw_a - dw_b,
+    }
+
+
+def parity_metrics(acc: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The step's parity metrics from the micro-batch accumulations (`parity/...`; train.py logs them as
+    `train/parity/...`). grad_rel_diff = ||g_main - g_shadow|| / ||g_main|| over the head inputs."""
+    diff_sq = acc["dh_diff_sq"] + jnp.sum(jnp.square(acc["dw_diff"]))
+    main_sq = acc["dh_main_sq"] + jnp.sum(jnp.square(acc["dw_main"]))
+    return {
+        "parity/logp_max_abs_diff": acc["logp_max"],
+        "parity/logp_mean_abs_diff": acc["logp_abs_sum"],
+        "parity/grad_rel_diff": jnp.sqrt(diff_sq) / jnp.maximum(jnp.sqrt(main_sq), 1e-30),
+        "parity/loss_abs_diff": jnp.abs(acc["loss_main"] - acc["loss_shadow"]),
+    }
 
 
 def prepare_batch(batch: Batch, loss_cfg: LossConfig) -> Batch:
@@ -193,7 +268,8 @@ def step_gradients(
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the whole step's loss, accumulated over `num_micro` micro-batches (a lax.scan).
 
-    Returns (grads, metrics) where metrics are whole-step values (loss, KL, clip fractions, entropy)."""
+    Returns (grads, metrics) where metrics are whole-step values (loss, KL, clip fractions, entropy; with
+    loss_cfg.shadow_impl also the lockstep parity's `parity/...`, which never feed the gradient)."""
     batch = prepare_batch(batch, loss_cfg)
     keys = (
         "tokens", "positions", "attn_mask", "targets", "advantages", "weights", "token_frac", "old_logp",
@@ -201,21 +277,31 @@ def step_gradients(
     )
     micro = split_micro_batches({k: batch[k] for k in keys if k in batch}, num_micro)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
+    shadow = loss_cfg.shadow_impl is not None
 
     def body(carry, mb):
-        grads, sums = carry
+        grads, sums, parity = carry
         g, m = grad_fn(params, ref_params, model_cfg, mb, loss_cfg)
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
-        return (grads, {k: sums[k] + m[k] for k in sums}), None
+        if shadow:  # the same micro-batch and parameters through the shadow provider
+            p = micro_batch_parity(params, ref_params, model_cfg, mb, loss_cfg)
+            parity = {k: jnp.maximum(v, p[k]) if k == "logp_max" else v + p[k] for k, v in parity.items()}
+        return (grads, {k: sums[k] + m[k] for k in sums}, parity), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     first = jax.tree.map(lambda x: x[0], micro)
     metric_shapes = jax.eval_shape(
         lambda: micro_batch_loss(params, ref_params, model_cfg, first, loss_cfg)[1]
     )
-    init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-    (grads, metrics), _ = jax.lax.scan(body, init, micro)
+    parity_init = {}
+    if shadow:
+        shapes = jax.eval_shape(lambda: micro_batch_parity(params, ref_params, model_cfg, first, loss_cfg))
+        parity_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes), parity_init)
+    (grads, metrics, parity), _ = jax.lax.scan(body, init, micro)
     metrics["advantage_abs_mean"] = jnp.mean(jnp.abs(batch["advantages"]))
+    if shadow:
+        metrics.update(parity_metrics(parity))
     return grads, metrics
 
 

@@ -9,7 +9,8 @@ the shardings the run uses):
   optimizer_init  the sharded optimizer-state init
   sampler         the rollout sampler (batch_size x n rows, prompt bucket + max new tokens, KV cache)
   update_step     the GRPO update at the WORST-CASE length (prompt bucket + max new tokens, rounded up to
-                  train.seq_bucket), every micro-batch, optimizer included
+                  train.seq_bucket), every micro-batch, optimizer included, and the lockstep parity's
+                  shadow provider when train.shadow_policy_loss_impl is set (its memory counts too)
   eval            the periodic eval (the sampler's program at the eval batch; skipped when eval is off)
   eval_full       the full greedy sweep (eval_full_batch_size rows; a run may switch it on by env flag)
   prefill         the rollout sampler's prefill alone (the prompt bucket, the first sampled token)
@@ -260,6 +261,9 @@ def programs_for(cfg: Any, devices: Sequence[Any]) -> tuple[list[Program], dict[
     facts = {
         "model": source, "mesh": dict(mesh.shape), "num_micro": num_micro,
         "max_new_tokens": rollout.max_new_tokens,
+        # update_step is compiled with the lockstep parity's shadow provider in it when the config has one
+        "policy_loss_impl": cfg.train.policy_loss_impl,
+        "shadow_policy_loss_impl": cfg.train.shadow_policy_loss_impl,
     }
     return out, facts
 
@@ -444,6 +448,12 @@ def render(result: dict[str, Any]) -> None:
         )
     console = Console(width=max(Console().width, 180))  # a wide table: never truncate the figures
     console.print(table)
+    shadow = result.get("shadow_policy_loss_impl", "none")
+    if shadow != "none":
+        console.print(
+            f"update_step includes the lockstep parity: the {shadow} provider beside"
+            f" {result.get('policy_loss_impl')} on every micro-batch (train.shadow_policy_loss_impl)."
+        )
     console.print(
         "est. s is a roofline ESTIMATE (max of flops / peak flops, bytes / HBM bandwidth) with every loop"
         " body counted once, plus collectives at the chip's ICI bandwidth: a lower bound of one pass, not a"

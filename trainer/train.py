@@ -22,7 +22,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,7 @@ def loss_config(cfg: Config) -> grpo.LossConfig:
         max_completion_len=cfg.rollout.max_length_sample,
         temperature=cfg.rollout.temperature,
         impl=t.policy_loss_impl,
+        shadow_impl=None if t.shadow_policy_loss_impl == "none" else t.shadow_policy_loss_impl,
         kernel_blocks=tuple(sorted(t.kernel_blocks.items())),
         compute_dtype=DTYPES[cfg.compute_dtype],
         remat=t.remat,
@@ -347,12 +348,19 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
                 state["params"], batch, model_cfg=t.model_cfg, loss_cfg=t.loss_cfg, num_micro=t.num_micro
             )
         params, opt_state = state["params"], state["opt_state"]
+        epochs = []
         for epoch in range(cfg.train.ppo_epochs):
             lr = np.float32(t.schedule((step - 1) * cfg.train.ppo_epochs + epoch))
             params, opt_state, update = update_step(
                 params, opt_state, t.ref_params, batch, lr, **t.update_kwargs()
             )
-        update = jax.device_get(update)
+            epochs.append(update)
+        # The last epoch's metrics; the lockstep parity's worst epoch (with ppo_epochs > 1 the later epochs
+        # are the ones whose ratio != 1 makes the loss value depend on the provider's log-probs).
+        update = jax.device_get(epochs[-1])
+        for key in update:
+            if key.startswith("parity/"):
+                update[key] = worst(float(e[key]) for e in epochs)
 
     metrics.update({k if k == "loss" else f"train/{k}": float(v) for k, v in update.items()})
     metrics["train/lr"] = float(lr)
@@ -360,6 +368,13 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
     metrics["train/seq_len"] = float(host_batch["tokens"].shape[1])
     metrics["train/padding_frac"] = 1.0 - float(row_lengths.mean()) / metrics["train/seq_len"]
     return {"params": params, "opt_state": opt_state}, metrics
+
+
+def worst(values: Iterable[float | None]) -> float:
+    """The largest of parity differences, NaN when any is NaN (or None: a NaN read back from
+    metrics.jsonl after a resume): a diverged shadow must not hide behind a finite maximum."""
+    values = [math.nan if v is None else float(v) for v in values]
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def restore_start_sweep(logger: RunLogger, run_dir: Path, saved: dict[str, Any]) -> None:
@@ -446,6 +461,11 @@ def run(
                         grader=cfg.reward_grader,
                         on_batch=functools.partial(rep.advance, "eval"),
                     ))
+
+            for key in rundir.PARITY_KEYS:  # the summary keeps each parity metric's maximum over the run
+                if key in metrics:
+                    running = t.logger.latest.get(rundir.parity_max(key), 0.0)
+                    metrics[rundir.parity_max(key)] = worst([metrics[key], running])
 
             step_times.append(time.perf_counter() - t_step)
             metrics["time/train/step_s"] = step_times[-1]

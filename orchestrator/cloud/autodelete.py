@@ -16,24 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import grpoctl_contract.watchdog as watchdog
-from orchestrator.config import TpuTargetConfig
+from orchestrator.config import NotifyConfig, TpuTargetConfig
 from orchestrator.errors import GrpoctlError
+from orchestrator.notify import Notifier
 from orchestrator.transport.base import Transport
 from orchestrator.transport.shell import quote as q
 
 SOURCE = Path(watchdog.__file__).read_bytes()
 REMOTE_SCRIPT = "~/.grpoctl/watchdog.py"
 REMOTE_LOG = "~/.grpoctl/watchdog.log"
+REMOTE_NOTIFY = "~/.grpoctl/notify.json"  # 0600: the webhook URL is a secret (never on a command line)
 
 
-def start_script(cfg: TpuTargetConfig, remote_dir: str, *, metadata_base: str, poll_s: float) -> str:
+def start_script(
+    cfg: TpuTargetConfig, zone: str, remote_dir: str, *, metadata_base: str, poll_s: float,
+    notify_file: bool = False,
+) -> str:
     """Stop an earlier watchdog of this node (its pid from the state file, if it is one), start a new one
     detached, outside any job's environment (it must never count itself as a job)."""
     args = [
         "--idle-s", f"{cfg.autodelete_after_idle_s:g}", "--poll-s", f"{poll_s:g}",
-        "--checkout", remote_dir, "--project", cfg.project, "--zone", cfg.zone, "--node", cfg.name,
+        "--checkout", remote_dir, "--project", cfg.project, "--zone", zone, "--node", cfg.name,
         "--api-base", cfg.api_endpoint or watchdog.API_BASE, "--metadata-base", metadata_base,
         *(["--queued"] if cfg.queued else []),
+        *(["--notify-file", REMOTE_NOTIFY] if notify_file else []),
     ]
     # remote_dir may start with ~/: the watchdog expands it itself, so it travels quoted as it is
     quoted = " ".join(q(a) for a in args)
@@ -50,9 +56,22 @@ def start_script(cfg: TpuTargetConfig, remote_dir: str, *, metadata_base: str, p
     ]) + "\n"
 
 
-def start(t: Transport, cfg: TpuTargetConfig, remote_dir: str, *, metadata_base: str, poll_s: float) -> None:
+def start(
+    t: Transport, cfg: TpuTargetConfig, zone: str, remote_dir: str, *, metadata_base: str, poll_s: float,
+    notify: NotifyConfig | None = None,
+) -> None:
     t.put(SOURCE, REMOTE_SCRIPT, mode=0o700)
-    result = t.run(start_script(cfg, remote_dir, metadata_base=metadata_base, poll_s=poll_s), timeout=60)
+    url = None
+    if notify is not None:
+        try:
+            url = Notifier(notify).webhook_url()
+        except GrpoctlError:  # webhook_env unset here: the node just deletes itself without a message
+            url = None
+    if url is not None:
+        t.put(json.dumps({"webhook": url}).encode(), REMOTE_NOTIFY, mode=0o600)
+    script = start_script(cfg, zone, remote_dir, metadata_base=metadata_base, poll_s=poll_s,
+                          notify_file=url is not None)
+    result = t.run(script, timeout=60)
     if not result.ok:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise GrpoctlError(f"{t.name}: could not start the autodelete watchdog: {detail}")

@@ -53,6 +53,7 @@ KINDS = (
     "stockout",  # op code 8 without a quota: no capacity in the zone now
     "reserved_capacity",  # op code 9 "Insufficient reserved capacity"
     "quota",  # a quota named by QuotaFailure details or the message
+    "api_disabled",  # 403: the Cloud TPU API is not enabled in the project (SERVICE_DISABLED)
     "permission",  # 401 / 403
     "credentials",  # google.auth RefreshError / TransportError
     "os_login_required",  # 400: constraints/compute.requireOsLogin refuses enable-oslogin=FALSE
@@ -140,6 +141,20 @@ def classify(err: BaseException, *, project: str = "", zone: str = "") -> Failur
         return Failure("conflict", 3, "another operation on the node is running; try again when it ends")
     if isinstance(err, gexc.GoogleAPICallError) and err.code in TRANSIENT_HTTP:
         return Failure("transient", 3, "the Cloud TPU API kept failing (transient errors); try again")
+    disabled = "SERVICE_DISABLED" in msg or "has not been used in project" in msg
+    if isinstance(err, gexc.Forbidden) and disabled:
+        enable = f"gcloud services enable tpu.googleapis.com --project {project or 'PROJECT'}"
+        return Failure(
+            "api_disabled", 2, f"the Cloud TPU API is not enabled in project {project or '?'}: {enable}"
+        )
+    denied = re.search(r"[Pp]ermission '([\w.]+)' denied", msg)
+    if isinstance(err, gexc.Forbidden | gexc.Unauthorized) and denied:
+        return Failure(
+            "permission",
+            2,
+            f"your account lacks the permission {denied.group(1)} in project {project or '?'}: grant it a "
+            "role that has it (roles/tpu.admin has every tpu.* one: gcloud projects add-iam-policy-binding)",
+        )
     if isinstance(err, gexc.Forbidden | gexc.Unauthorized):
         return Failure(
             "permission",

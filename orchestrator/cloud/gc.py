@@ -60,7 +60,7 @@ def find_all(config: GrpoctlConfig, target: str | None = None) -> list[tuple[clo
         tpus = {target: chosen}
     if not tpus:
         raise UsageError(f"no tpu targets in {config.source}: nothing to collect")
-    places = sorted({(t.project, t.zone, t.api_endpoint or "") for t in tpus.values()})
+    places = sorted({(t.project, z, t.api_endpoint or "") for t in tpus.values() for z in t.all_zones()})
     found = []
     for project, zone, endpoint in places:
         api = cloud.TpuApi(project, zone, api_endpoint=endpoint or None)

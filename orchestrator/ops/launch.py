@@ -56,8 +56,18 @@ def new_record(
         git_commit=git_commit,
         python=session.python,
         accelerator_type=getattr(session.target_cfg, "accelerator_type", None),
-        spot=getattr(session.target_cfg, "spot", None),
+        spot=_spot_of(session),
     )
+
+
+def _spot_of(session: Session) -> bool | None:
+    """Whether the run's machine is spot (the ledger's price): the node's own answer where the target has
+    one (`spot: prefer` may have ended on-demand), else the config's."""
+    is_spot = getattr(session.target, "is_spot", None)
+    if is_spot is not None:
+        return is_spot()
+    spot = getattr(session.target_cfg, "spot", None)
+    return None if spot is None else spot is not False
 
 
 def set_args(overrides: Mapping[str, str]) -> list[str]:

@@ -88,4 +88,6 @@ def open_session(
     )
     if store is None:
         store = RunStore.in_memory() if dry_run else RunStore()
+    if cfg.notify is not None and hasattr(built, "notify"):  # a node's watchdog says when it deletes itself
+        built.notify = cfg.notify
     return Session(cfg, name, target_cfg, built, store, dry_run, script, say)

@@ -70,6 +70,8 @@ def poll(target, record: RunRecord, *, timeout: float = 30, stall_after_s: float
         record.finished_at = utc_now_iso()
         record.ended_at_s = time.time()
     record.state = state
+    if any(s.state == "RUNNING" for s in answered):
+        record.alive_at_s = time.time()
     result = Poll(statuses, errors)
     progress = result.progress
     if progress:

@@ -8,6 +8,7 @@ re-runs from that step on. Dry runs never read state (every step runs against th
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator import api, doctor
+from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, UsageError
@@ -37,6 +39,8 @@ from orchestrator.sop.schema import (
     UpStep,
     WaitStep,
     load_sop,
+    members,
+    run_overrides,
     step_id,
 )
 from orchestrator.sop.state import ReplayResult, ReplayState, StepState
@@ -86,6 +90,9 @@ def _start_index(sop: Sop, from_step: str | None) -> int:
         return ids.index(from_step)
     if from_step.isdigit() and 1 <= int(from_step) <= len(ids):
         return int(from_step) - 1
+    seeded = [i for i, sid in enumerate(ids) if sid.startswith(f"{from_step}/s")]
+    if seeded:  # `run:jax` of a seeded group: from its first seed's run
+        return seeded[0]
     raise UsageError(f"--from {from_step!r}: not a step id or number (steps: {', '.join(ids)})")
 
 
@@ -174,6 +181,7 @@ class Replayer:
     def preflight(self, start: int, rerun: bool) -> None:
         """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
         that cannot fit stops the replay (exit 2) before any node is paid for."""
+        seen: dict[tuple, tuple[str, bool | None]] = {}
         for step in self.sop.steps[start:]:
             st = self.state.steps.get(step_id(step))
             if not isinstance(step, RunStep) or (not rerun and st and (st.status == "done" or st.run_id)):
@@ -181,7 +189,17 @@ class Replayer:
             s = self.session(step)
             if s.kind != "tpu":
                 continue
-            overrides = {**step.set, **self.overrides}
+            # A seed changes no shape or buffer: the runs of a seeded group share one preflight instead of
+            # compiling the same programs once per seed.
+            overrides = {
+                k: v
+                for k, v in run_overrides(step, self.overrides).items()
+                if k != cmp.SEED_KEY or step.seed is None
+            }
+            key = (s.target_name, step.config, tuple(sorted(overrides.items())), tuple(sorted(step.env)))
+            if key in seen:
+                self.state.preflight[step.name], self.state.preflight_fits[step.name] = seen[key]
+                continue
             accelerator = s.target_cfg.accelerator_type  # type: ignore[union-attr]
             cmd = pf.command(step.config, accelerator, overrides, step.env)
             try:
@@ -193,15 +211,20 @@ class Replayer:
             assert gate is not None  # a TPU target
             self.state.preflight[step.name] = f"`{cmd}`: {gate.report.line() if gate.report else gate.line}"
             self.state.preflight_fits[step.name] = gate.report.fits if gate.report else None
+            seen[key] = (self.state.preflight[step.name], self.state.preflight_fits[step.name])
 
     # Helpers for run steps.
 
     def fetch_dest(self, run: str) -> str:
         """Where this SOP's fetch step puts `run` (default `runs`)."""
         for f in self.sop.steps:
-            if isinstance(f, FetchStep) and (f.runs is None or run in f.runs):
+            if isinstance(f, FetchStep) and (f.runs is None or run in self.expand(f.runs)):
                 return f.dest
         return "runs"
+
+    def expand(self, refs: list[str]) -> list[str]:
+        """Run names for references that may name a seeded group (`jax` -> `jax/s0`, `jax/s1`, ...)."""
+        return [name for ref in refs for name in members(self.sop, ref)]
 
     def run_state(self, name: str) -> StepState:
         for s in self.sop.steps:
@@ -280,6 +303,9 @@ class Replayer:
 def _up(r: Replayer, step: UpStep, st: StepState) -> None:
     t = api.up(r.session(step))
     st.details.append(f"target `{t.target}` ({t.kind}): {t.state}, {t.workers} worker(s)")
+    waited = t.details.get("waiting_for_capacity_s")
+    if waited:
+        st.seconds["waiting_for_capacity"] = float(waited)
 
 
 def _down(r: Replayer, step: DownStep, st: StepState) -> None:
@@ -312,7 +338,7 @@ def _run(r: Replayer, step: RunStep, st: StepState) -> None:
     s = r.session(step)
     record = r.attached(st)
     if record is None:  # the preflight ran for every run before `up`
-        overrides = {**step.set, **r.overrides}  # `sop replay --set` applies to every run
+        overrides = run_overrides(step, r.overrides)  # `sop replay --set` applies to every run
         record = api.launch(
             s, step.config, env=_secrets(step), flags=step.env, overrides=overrides, force=step.force,
             gate=False,
@@ -335,14 +361,15 @@ def _secrets(step: RunStep) -> dict[str, str]:
 
 
 def _wait(r: Replayer, step: WaitStep, st: StepState) -> None:
-    record = r.launched(step, step.run)
-    r.wait(r.session(step), r.run_state(step.run), record, step.interval_s)
-    st.details += report_.run_details(record)
+    for name in r.expand([step.run]):  # a seeded group: each of its runs in turn
+        record = r.launched(step, name)
+        r.wait(r.session(step), r.run_state(name), record, step.interval_s)
+        st.details += report_.run_details(record)
 
 
 def _fetch(r: Replayer, step: FetchStep, st: StepState) -> None:
     s = r.session(step)
-    for name in step.runs or [x.name for x in r.sop.steps if isinstance(x, RunStep)]:
+    for name in r.expand(step.runs) if step.runs else [x.name for x in r.sop.steps if isinstance(x, RunStep)]:
         record = r.launched(step, name)
         if record.state == "SUCCEEDED" and name in r.state.summaries:
             # fetched when it ended (fetch_finished): a finished run's files do not change, and the VM that
@@ -360,23 +387,40 @@ def _fetch(r: Replayer, step: FetchStep, st: StepState) -> None:
 
 def _compare(r: Replayer, step: CompareStep, st: StepState) -> None:
     s = r.session(step)
-    folders = [api.fetch_if_missing(s, r.launched(step, name), step.dest).folder for name in (step.a, step.b)]
+    arms = [r.expand([step.a]), r.expand([step.b])]  # a seeded group is one arm of several runs
+    names: dict[str, str] = {}
+    folders: list[list[Path]] = []
+    for arm in arms:
+        folders.append([])
+        for name in arm:
+            record = r.launched(step, name)
+            names[record.run_id] = name
+            folders[-1].append(api.fetch_if_missing(s, record, step.dest).folder)
     plot = None
-    if step.plot:
+    if step.plot and importlib.util.find_spec("matplotlib") is None:  # the verdicts need no plot
+        st.details.append("plot skipped: matplotlib is not installed (pip install 'grpoctl[plot]')")
+    elif step.plot:
         plot = report_.plot_path(r.report_dir, step)
         r.report_dir.mkdir(parents=True, exist_ok=True)
-    done = api.compare_folders(folders[0], folders[1], step.keys or r.sop.summary_keys, plot)
+    done = api.compare_folders(
+        folders[0],
+        folders[1],
+        step.keys or r.sop.summary_keys,
+        plot,
+        margin=step.margin,
+        labels=(step.a, step.b),
+        names=names,
+    )
     if plot is not None:
         st.details.append(f"plot: `{plot}`")
-    r.state.comparison = f"A = `{step.a}`, B = `{step.b}`\n\n" + done.result.markdown()
-    # One line per verdict: each run's start -> end (did GRPO help?), then run vs run.
-    names = (step.a, step.b)
-    learning = [f"{name} {line}" for name, line in zip(names, done.result.learning_lines(), strict=True)]
-    versus = f"{step.a} vs {step.b}: " + (
-        done.result.test_line() if done.result.paired else "no paired eval results"
-    )
-    r.state.verdict = "\n".join([*learning, versus])
-    st.details.extend([*learning, versus])
+        r.state.plots[step_id(step)] = plot.name  # beside the report: the report links it by name
+    r.state.comparison = f"A = `{step.a}`, B = `{step.b}`\n\n" + done.result.details_markdown()
+    # Each verdict once, in reading order (warnings, kernel parity, start -> end, method, McNemar).
+    lines = done.result.summary_lines()
+    r.state.verdict = "\n".join(lines)
+    r.state.verdict_json = done.result.to_json()
+    r.state.key_numbers = done.result.key_lines()
+    st.details.append(f"{len(lines)} verdict line(s): see the summary at the top of the report")
 
 
 Handler = Callable[[Replayer, Any, StepState], None]
@@ -410,6 +454,12 @@ def replay(
 ) -> ReplayResult:
     sop_path = Path(path)
     sop = load_sop(sop_path)
+    seeded = [s.name for s in sop.steps if isinstance(s, RunStep) and s.seed is not None]
+    if seeded and cmp.SEED_KEY in (overrides or {}):
+        raise UsageError(
+            f"--set {cmp.SEED_KEY}=...: the SOP sets each run's seed itself ({', '.join(seeded)}); "
+            "drop the override or the SOP's seeds"
+        )
     report = Path(report_path) if report_path else default_report_path(sop_path, dry_run)
     state_path = report.with_suffix(".state.json")
     state = ReplayState(str(sop_path)) if (fresh or dry_run) else ReplayState.load(state_path, str(sop_path))

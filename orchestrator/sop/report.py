@@ -15,14 +15,15 @@ from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import schema
-from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, step_id
+from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, members, run_overrides, step_id
 from orchestrator.sop.state import ReplayState, StepState
 from orchestrator.untrusted import md, md_value
 
 
 def plot_path(report_dir: Path, step: CompareStep) -> Path:
-    """Where a compare step's plot goes: beside the report (run names are plain file names: schema)."""
-    return report_dir / f"{step.a}_vs_{step.b}.png"
+    """Where a compare step's plot goes: beside the report (run names are plain file names: schema; a
+    seed's run `jax/s0` becomes `jax-s0`)."""
+    return report_dir / f"{step.a}_vs_{step.b}.png".replace("/", "-")
 
 
 def run_ids(sop: Sop, state: ReplayState) -> dict[str, str]:
@@ -43,8 +44,9 @@ def command_line(
     overrides: Mapping[str, str],
     report_dir: Path,
 ) -> str:
-    """The grpoctl command that does what `step` does (secrets by name only: `--secret NAME`), shell-quoted
-    (shlex.join): pasting it runs what ran, whatever a value holds (`$(...)`, `;`, quotes)."""
+    """The grpoctl command that does what `step` does (secrets by name only: `--secret NAME`; `-e` values
+    are flags that are not secret), shell-quoted (shlex.join): pasting it runs what ran, whatever a value
+    holds (`$(...)`, `;`, quotes)."""
     ids = run_ids(sop, state) if isinstance(step, schema.WaitStep | schema.FetchStep | CompareStep) else {}
     args: list[str]
     if isinstance(step, schema.UpStep | schema.DownStep):
@@ -56,17 +58,25 @@ def command_line(
     elif isinstance(step, RunStep):
         args = ["run", step.config, *[a for k, v in step.env.items() for a in ("--env", f"{k}={v}")]]
         args += [a for name in step.secrets for a in ("--secret", name)]
-        args += [a for k, v in {**step.set, **overrides}.items() for a in ("--set", f"{k}={v}")]
+        args += [a for k, v in run_overrides(step, overrides).items() for a in ("--set", f"{k}={v}")]
         args += ["--wait"] if step.wait else []
     elif isinstance(step, schema.WaitStep):
-        args = ["status", ids.get(step.run, "?"), "--watch"]
+        args = ["status", ",".join(ids.get(n, "?") for n in members(sop, step.run)), "--watch"]
     elif isinstance(step, schema.FetchStep):
-        names = step.runs or [s.name for s in sop.steps if isinstance(s, RunStep)]
+        names = (
+            [n for r in step.runs for n in members(sop, r)]
+            if step.runs
+            else [s.name for s in sop.steps if isinstance(s, RunStep)]
+        )
         args = ["fetch", *[ids.get(n, "?") for n in names]]
     else:
         assert isinstance(step, CompareStep)
-        args = ["compare", ids.get(step.a, "?"), ids.get(step.b, "?")]
+        args = [
+            "compare",
+            *(",".join(ids.get(n, "?") for n in members(sop, ref)) for ref in (step.a, step.b)),
+        ]
         args += ["--plot", str(plot_path(report_dir, step))] if step.plot else []
+        args += [] if step.margin == cmp.stats.DEFAULT_MARGIN else ["--margin", f"{step.margin:g}"]
     return shlex.join(["grpoctl", *(["--dry-run"] if dry_run else []), "--target", target, *args])
 
 
@@ -112,7 +122,7 @@ def sop_ledgers(
         st = state.steps.get(step_id(s))
         if isinstance(s, RunStep) and st is not None and st.record:
             runs[s.name] = ledger_mod.run_ledger(RunRecord.from_json(st.record), now=now, prices=prices)
-    extra = {"provisioning": 0.0, "bootstrap": 0.0}
+    extra = {"waiting_for_capacity": 0.0, "provisioning": 0.0, "bootstrap": 0.0}
     spans = []
     for s in sop.steps:
         st = state.steps.get(step_id(s))
@@ -122,7 +132,9 @@ def sop_ledgers(
         if start is not None:
             spans.append((start, start + st.duration_s))
         if isinstance(s, schema.UpStep):
-            extra["provisioning"] += st.duration_s
+            waited = min(st.seconds.get("waiting_for_capacity", 0.0), st.duration_s)
+            extra["waiting_for_capacity"] += waited
+            extra["provisioning"] += st.duration_s - waited
         elif isinstance(s, schema.SyncStep | schema.EnvPushStep):
             extra["bootstrap"] += st.duration_s
     if spans:  # the replay's wall time, less what the runs and the steps above account for
@@ -169,28 +181,60 @@ def ledger_lines(
     return lines
 
 
-def write_report(
-    path: Path,
-    sop: Sop,
-    sop_path: Path,
-    state: ReplayState,
-    dry_run: bool,
-    prices: Mapping[str, Any] | None = None,
-) -> None:
+# The report, section by section: each a small function of (sop, state, dry_run) returning Markdown lines,
+# so a section can change (or be escaped) without touching the others.
+
+
+def header(sop: Sop, sop_path: Path, dry_run: bool) -> list[str]:
     lines = [f"# SOP `{sop.name}`{' (dry run)' if dry_run else ''}", ""]
     if dry_run:  # nothing below happened: say so before any figure can be quoted out of context
         lines += ["**Dry run: every pid, state, figure and verdict below is FABRICATED, not a result.**", ""]
     if sop.description:
         lines += [sop.description.strip(), ""]
-    lines += [f"- file: `{sop_path}`", f"- default target: `{sop.target}`", f"- written: {utc_now_iso()}", ""]
-    lines += ["## Steps", "", "| # | step | status | duration | command |", "|---|---|---|---|---|"]
+    lines += [f"- file: `{sop_path}`", f"- default target: `{sop.target}`", f"- written: {utc_now_iso()}"]
+    return lines
+
+
+def summary(state: ReplayState, dry_run: bool) -> list[str]:
+    """The verdicts, each once, first: what a reader pastes into a notebook."""
+    if not state.verdict:
+        return []
+    title = "## Summary (dry run: FABRICATED, not results)" if dry_run else "## Summary"
+    lines = ["", title, ""]
+    lines += [f"- {line}" for line in state.verdict.splitlines()]
+    if state.key_numbers:
+        lines += ["", "Start and end accuracy per arm (95% interval: t over runs, Wilson for one run):", ""]
+        lines += [f"- {line}" for line in state.key_numbers]
+    return [*lines, *plots(state, dry_run)]
+
+
+def plots(state: ReplayState, dry_run: bool) -> list[str]:
+    """Each compare step's plot, embedded by a link relative to the report (the plot sits beside it)."""
+    lines: list[str] = []
+    for sid, name in state.plots.items():
+        alt = f"{sid}: {cmp.WATERMARK}" if dry_run else sid
+        lines += ["", f"![{alt}]({name})"]
+    return lines
+
+
+def steps_table(sop: Sop, state: ReplayState) -> list[str]:
+    lines = ["", "## Steps", "", "| # | step | status | duration | command |", "|---|---|---|---|---|"]
     for i, step in enumerate(sop.steps, 1):
         st = state.steps.get(step_id(step), StepState())
         duration = "" if st.duration_s is None else f"{st.duration_s:.1f} s"
         lines.append(f"| {i} | `{step_id(step)}` | {st.status} | {duration} | `{st.command}` |")
-    if state.preflight:
-        lines += ["", "## Preflight (compiled here for the target's TPU before `up`)", ""]
-        lines += [f"- `{name}`: {line}" for name, line in state.preflight.items()]
+    return lines
+
+
+def preflight(state: ReplayState) -> list[str]:
+    if not state.preflight:
+        return []
+    lines = ["", "## Preflight (compiled here for the target's TPU before `up`)", ""]
+    return lines + [f"- `{name}`: {line}" for name, line in state.preflight.items()]
+
+
+def step_details(sop: Sop, state: ReplayState) -> list[str]:
+    lines: list[str] = []
     for i, step in enumerate(sop.steps, 1):
         st = state.steps.get(step_id(step))
         if st is None or not (st.details or st.error):
@@ -201,48 +245,92 @@ def write_report(
         lines += [f"- {d}" for d in st.details]
         if st.error:
             lines.append(f"- **error**: {md(st.error)}")  # it may quote a worker's last log line
+    return lines
+
+
+def runs_table(sop: Sop, state: ReplayState) -> list[str]:
     runs = [(s.name, state.steps.get(step_id(s))) for s in sop.steps if isinstance(s, RunStep)]
     runs = [(name, st) for name, st in runs if st is not None and st.record]
-    if runs:
-        lines += [
-            "",
-            "## Runs",
-            "",
-            "| run | run id | state | pid(s) | log | exit file | commit | config hash | W&B |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, st in runs:
-            rec = RunRecord.from_json(st.record or {})
-            pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
-            commit = md_value(rec.git_commit[:12], code=True) if rec.git_commit else ""
-            config_hash = md_value(rec.config_hash, code=True) if rec.config_hash else ""
-            lines.append(
-                f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
-                f"| {commit} | {config_hash} | {md_value(rec.wandb_url or '')} |"
-            )
-    if state.summaries:
-        names = list(state.summaries)
-        lines += [
-            "",
-            "## Made-up summary (dry run: FABRICATED figures, not results)"
-            if dry_run
-            else "## Observed summary",
-            "",
-            "| key | " + " | ".join(names) + " |",
-            "|---|" + "---|" * len(names),
-        ]
-        for key in sop.summary_keys:
-            lines.append(
-                f"| `{key}` | " + " | ".join(md(cmp.fmt(state.summaries[n].get(key))) for n in names) + " |"
-            )
-    if runs:
-        run_ledgers, total = sop_ledgers(sop, state, prices)
-        lines += ["", "## Ledger (where the time and chip-hours went)", ""]
-        lines += ledger_lines(run_ledgers, total, state.summaries)
-    if state.comparison:
-        lines += ["", "## Compare", "", state.comparison]
-    if state.verdict:  # one line per verdict (start -> end of each run, then run vs run)
-        for verdict in state.verdict.splitlines():
-            lines += ["", f"**Verdict**: {verdict}"]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Runs",
+        "",
+        "| run | run id | state | pid(s) | log | exit file | commit | config hash | W&B |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, st in runs:
+        rec = RunRecord.from_json(st.record or {})
+        pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
+        commit = md_value(rec.git_commit[:12], code=True) if rec.git_commit else ""
+        config_hash = md_value(rec.config_hash, code=True) if rec.config_hash else ""
+        lines.append(
+            f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
+            f"| {commit} | {config_hash} | {md_value(rec.wandb_url or '')} |"
+        )
+    return lines
+
+
+def observed_summary(sop: Sop, state: ReplayState, dry_run: bool) -> list[str]:
+    if not state.summaries:
+        return []
+    names = list(state.summaries)
+    title = (
+        "## Made-up summary (dry run: FABRICATED figures, not results)" if dry_run else "## Observed summary"
+    )
+    lines = ["", title, "", "| key | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in sop.summary_keys:
+        values = " | ".join(md(cmp.fmt(state.summaries[n].get(key))) for n in names)
+        lines.append(f"| `{key}` | {values} |")
+    return lines
+
+
+def ledger(sop: Sop, state: ReplayState, prices: Mapping[str, Any] | None) -> list[str]:
+    if not any(
+        isinstance(s, RunStep) and (st := state.steps.get(step_id(s))) and st.record for s in sop.steps
+    ):
+        return []
+    run_ledgers, total = sop_ledgers(sop, state, prices)
+    return [
+        "",
+        "## Ledger (where the time and chip-hours went)",
+        "",
+        *ledger_lines(run_ledgers, total, state.summaries),
+    ]
+
+
+def comparison(state: ReplayState) -> list[str]:
+    """The figures behind the verdicts (the verdicts themselves are in the summary, once)."""
+    return (
+        ["", "## Compare (the figures behind the summary)", "", state.comparison] if state.comparison else []
+    )
+
+
+def render(
+    sop: Sop, sop_path: Path, state: ReplayState, dry_run: bool, prices: Mapping[str, Any] | None = None
+) -> str:
+    lines = [
+        *header(sop, sop_path, dry_run),
+        *summary(state, dry_run),
+        *steps_table(sop, state),
+        *preflight(state),
+        *step_details(sop, state),
+        *runs_table(sop, state),
+        *observed_summary(sop, state, dry_run),
+        *ledger(sop, state, prices),
+        *comparison(state),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    path: Path,
+    sop: Sop,
+    sop_path: Path,
+    state: ReplayState,
+    dry_run: bool,
+    prices: Mapping[str, Any] | None = None,
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(render(sop, sop_path, state, dry_run, prices), encoding="utf-8")

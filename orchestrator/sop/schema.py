@@ -10,11 +10,16 @@ steps:
   - sync
   - env_push: {optional: true}
   - run: {name: jax, config: configs/tiny_cpu.yaml, env: {EVAL_FULL_SWEEP: "1"}, secrets: [WANDB_API_KEY]}
-  - run: {name: pallas, config: configs/tiny_cpu_pallas.yaml}
+  - run: {name: pallas, config: configs/tiny_cpu_pallas.yaml, seeds: [0, 1, 2]}
   - fetch
   - compare: {a: jax, b: pallas, plot: true}
   - down
 ```
+
+A run step with `seeds: [0, 1, 2]` is one run per seed, named `<name>/s<seed>` (step ids `run:pallas/s0`,
+...), each with the trainer's `seed` set, run one after another on the step's target; each is resumable like
+any run step. Later steps name the whole group (`pallas`: compare takes the group as one arm) or one seed's
+run (`pallas/s1`).
 
 A file that does not parse is one UsageError line naming the file and the key.
 """
@@ -22,6 +27,7 @@ A file that does not parse is one UsageError line naming the file and the key.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,6 +71,8 @@ class RunStep(_Step):
     kind: Literal["run"] = "run"
     name: str  # how later steps refer to this run
     config: str
+    seeds: list[int] | None = Field(default=None, min_length=1)  # one run per seed: `<name>/s<seed>`
+    seed: int | None = Field(default=None, ge=0)  # this run's trainer seed (set by `seeds` expansion)
     env: dict[str, str] = {}  # flags that are not secret (`run -e`): shown in the report
     secrets: list[str] = []  # names (`run --secret`): values from the environment or .env, never shown
     set: dict[str, str] = {}
@@ -79,6 +87,13 @@ class RunStep(_Step):
             raise ValueError(
                 f"run name {v!r}: use letters, digits, '_', '-', '.' (it names files in the report folder)"
             )
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"seeds {v}: distinct integers >= 0, e.g. [0, 1, 2]")
         return v
 
     @field_validator("config")
@@ -129,6 +144,7 @@ class CompareStep(_Step):
     b: str
     keys: list[str] | None = None  # default: the SOP's summary_keys
     plot: bool = True
+    margin: float = Field(default=cmp.stats.DEFAULT_MARGIN, ge=0, lt=1)  # the equivalence margin (TOST)
     dest: str = "runs"
 
     @field_validator("dest")
@@ -151,6 +167,42 @@ class Sop(BaseModel):
     targets: dict[str, TargetConfig] = {}
     summary_keys: list[str] = list(cmp.SOP_KEYS)
     steps: list[Step] = Field(min_length=1)
+
+
+def run_overrides(step: RunStep, overrides: Mapping[str, str]) -> dict[str, str]:
+    """The trainer `--set` overrides of a run step: its own `set`, then the replay's, then its seed."""
+    merged = {**step.set, **overrides}
+    if step.seed is not None:
+        merged[cmp.SEED_KEY] = str(step.seed)
+    return merged
+
+
+def _expand_seeds(steps: list[Any], source: str) -> list[Any]:
+    """A run step with `seeds` -> one run step per seed, named `<name>/s<seed>`."""
+    out: list[Any] = []
+    for step in steps:
+        if not isinstance(step, RunStep) or step.seeds is None:
+            out.append(step)
+            continue
+        if step.seed is not None or cmp.SEED_KEY in step.set:
+            raise UsageError(f"{source}: run {step.name!r}: give `seeds` or a seed, not both")
+        for seed in step.seeds:
+            update = {
+                "name": f"{step.name}/s{seed}",
+                "seeds": None,
+                "seed": seed,
+                "id": None if step.id is None else f"{step.id}/s{seed}",
+            }
+            out.append(step.model_copy(update=update))
+    return out
+
+
+def members(sop: Sop, ref: str) -> list[str]:
+    """The run names a reference stands for: a run's own name, or a seeded group's `<ref>/s<seed>` runs."""
+    names = [s.name for s in sop.steps if isinstance(s, RunStep)]
+    if ref in names:
+        return [ref]
+    return [n for n in names if n.rpartition("/s")[0] == ref and "/" not in ref]
 
 
 def step_id(step: Any) -> str:
@@ -181,6 +233,7 @@ def parse_sop(data: Any, source: str) -> Sop:
         data = {**data, "steps": [_normalize_step(s, i, source) for i, s in enumerate(steps)]}
     try:
         sop = Sop.model_validate(data)
+        sop = sop.model_copy(update={"steps": _expand_seeds(list(sop.steps), source)})
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Step"))
@@ -195,7 +248,6 @@ def parse_sop(data: Any, source: str) -> Sop:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise UsageError(f"{source}: duplicate step ids {dupes} (give the steps an `id`)")
-    runs = {s.name for s in sop.steps if isinstance(s, RunStep)}
     for s in sop.steps:
         refs = (
             [s.a, s.b]
@@ -204,7 +256,7 @@ def parse_sop(data: Any, source: str) -> Sop:
             if isinstance(s, WaitStep)
             else (s.runs or [] if isinstance(s, FetchStep) else [])
         )
-        missing = [r for r in refs if r not in runs]
+        missing = [r for r in refs if not members(sop, r)]
         if missing:
             raise UsageError(f"{source}: step {step_id(s)!r} names unknown run(s) {missing}")
     return sop

@@ -24,6 +24,7 @@ class StepState:
     record: dict[str, Any] | None = None
     error: str | None = None
     remote_commands: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # ledger categories of the step's time
 
 
 @dataclass
@@ -31,8 +32,11 @@ class ReplayState:
     sop: str
     steps: dict[str, StepState] = field(default_factory=dict)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> summary
-    comparison: str | None = None
-    verdict: str | None = None
+    comparison: str | None = None  # the figures behind the verdicts (Markdown)
+    verdict: str | None = None  # one line per verdict, each once (compare.Comparison.summary_lines)
+    verdict_json: dict[str, Any] | None = None  # the same as `grpoctl --json compare` gives it
+    plots: dict[str, str] = field(default_factory=dict)  # compare step id -> its plot, beside the report
+    key_numbers: list[str] = field(default_factory=list)  # each arm's start -> end with its interval
     preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
     # run name -> whether the preflight's report said it fits (None: no preflight could run here)
     preflight_fits: dict[str, bool | None] = field(default_factory=dict)
@@ -55,11 +59,14 @@ class ReplayState:
         return ReplayState(
             sop,
             steps,
-            data.get("summaries", {}),
-            data.get("comparison"),
-            data.get("verdict"),
-            data.get("preflight", {}),
-            data.get("preflight_fits", {}),
+            summaries=data.get("summaries", {}),
+            comparison=data.get("comparison"),
+            verdict=data.get("verdict"),
+            verdict_json=data.get("verdict_json"),
+            plots=data.get("plots", {}),
+            key_numbers=data.get("key_numbers", []),
+            preflight=data.get("preflight", {}),
+            preflight_fits=data.get("preflight_fits", {}),
         )
 
 
@@ -75,6 +82,8 @@ class ReplayResult:
             "report": str(self.report_path),
             "state": str(self.state_path),
             "verdict": self.verdict,
+            "method_verdict": (self.state.verdict_json or {}).get("method_verdict"),
+            "key_numbers": self.state.key_numbers,
             "steps": {k: v.status for k, v in self.state.steps.items()},
             "runs": {k: v.run_id for k, v in self.state.steps.items() if v.run_id},
             "preflight": self.state.preflight,

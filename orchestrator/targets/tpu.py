@@ -24,7 +24,7 @@ from orchestrator.cloud import autodelete
 from orchestrator.cloud.errors import TransientApiError, kind_of
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
-from orchestrator.config import RepoConfig, TpuTargetConfig
+from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
 from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, UsageError
 from orchestrator.retry import Backoff, retry_call
 from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
@@ -35,6 +35,7 @@ from orchestrator.transport.ssh import SshTransport
 # Node states after which the node will never run our job again: recreate it.
 DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED")
 DEAD_QUEUED_STATES = ("SUSPENDED", "SUSPENDING", "FAILED")
+WAITING_QUEUED_STATES = ("ACCEPTED", "WAITING_FOR_RESOURCES")  # the ledger's waiting_for_capacity
 # What `up` does with every other state (the API has 16): wait it out, start the node, or give up.
 # READY counts only with a health that is not UNHEALTHY_MAINTENANCE (a maintenance event is running).
 WAIT_NODE_STATES = (
@@ -83,6 +84,10 @@ class TpuTarget(Target):
         self._node: tpu_v2.Node | None = None
         self._transports: list[Transport] | None = None
         self._create_op: cloud.Operation | None = None  # the node create this `up` started
+        self._zone: str | None = None if api is None else cfg.zone  # where the node is (zones: looked up)
+        self._spot = cfg.spot is not False  # this attempt's: "prefer" starts with spot
+        self.notify: NotifyConfig | None = None  # grpoctl.yaml's, for the watchdog's node_deleted message
+        self.capacity_wait_s = 0.0  # of the last `up`: queued and waiting for resources, or stocked out
         self._project_os_login: bool | None = None  # enable-oslogin of the project metadata (None: unknown)
         self._started_node = False  # this `up` asked a STOPPED node to start
 
@@ -90,19 +95,47 @@ class TpuTarget(Target):
     @property
     def api(self) -> cloud.TpuApi:
         if self._api is None:  # built on first use: `status` of other targets never needs credentials
-            self._api = cloud.TpuApi(self.cfg.project, self.cfg.zone, api_endpoint=self.cfg.api_endpoint)
+            self._api = cloud.TpuApi(self.cfg.project, self.zone, api_endpoint=self.cfg.api_endpoint)
         return self._api
 
     @property
     def node_label(self) -> str:
-        return f"node {self.cfg.name} ({self.cfg.accelerator_type}, {self.cfg.zone})"
+        return f"node {self.cfg.name} ({self.cfg.accelerator_type}, {self.zone})"
+
+    @property
+    def zone(self) -> str:
+        """The zone the node is in: `zone`, or with `zones` the first where it (or its queued resource)
+        exists, so every later command finds a node that `up` made in a fallback zone."""
+        if self._zone is None:
+            self._zone = self.cfg.zone
+            if self.cfg.zones:
+                for zone in self.cfg.all_zones():
+                    api = cloud.TpuApi(self.cfg.project, zone, api_endpoint=self.cfg.api_endpoint)
+                    if api.get_node(self.cfg.name) is not None or (
+                        self.cfg.queued and api.get_queued(self.cfg.name) is not None
+                    ):
+                        self._zone = zone
+                        break
+        return self._zone
+
+    def _use(self, zone: str, spot: bool) -> None:
+        if zone != self._zone:
+            self._zone, self._api = zone, None
+        self._spot = spot
+
+    def is_spot(self) -> bool | None:
+        """Whether the node is a spot VM (what the ledger prices), None when it cannot be read."""
+        try:
+            return bool(self._current_node().scheduling_config.spot)
+        except GrpoctlError:
+            return None
 
     def _node_request(self, *, os_login_off: bool = False) -> cloud.NodeRequest:
         key = ensure_key(self.cfg.ssh_key)
         return cloud.NodeRequest(
             accelerator_type=self.cfg.accelerator_type,
             runtime_version=self.cfg.runtime_version,
-            spot=self.cfg.spot,
+            spot=self._spot,
             labels=dict(self.cfg.labels),
             ssh_keys=metadata_line(self.cfg.user, key),
             internal_ip=self.cfg.internal_ip,
@@ -111,6 +144,41 @@ class TpuTarget(Target):
 
     # ---- up -----------------------------------------------------------------------------------------
     def up(self) -> None:
+        """Create or attach, trying each zone (and with spot: prefer, on-demand after spot) on a stockout."""
+        self._reset_transports()
+        zone = self.zone  # where the node already is, if anywhere
+        node = self.api.get_node(self.cfg.name)
+        queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
+        alive = (node is not None or queued is not None) and _dead_reason(node, queued) is None
+        # a live node is attached where it is; else capacity is sought from its zone on
+        zones = [zone] if alive else [zone, *(z for z in self.cfg.all_zones() if z != zone)]
+        modes = {True: [True], False: [False], "prefer": [True, False]}[self.cfg.spot]
+        plan = [(z, spot) for spot in modes for z in zones]
+        tried: list[str] = []
+        self.capacity_wait_s = 0.0
+        for i, (z, spot) in enumerate(plan):
+            self._use(z, spot)
+            began = time.monotonic()
+            try:
+                self._up_once()
+                return
+            except GrpoctlError as err:
+                if kind_of(err) != "stockout" or len(plan) == 1:
+                    raise
+                self.capacity_wait_s += time.monotonic() - began  # a zone without capacity: waiting for it
+                tried.append(f"{z} ({'spot' if spot else 'on-demand'})")
+                if i + 1 < len(plan):
+                    nz, nspot = plan[i + 1]
+                    mode = "spot" if nspot else "on-demand"
+                    self.say(f"{self.node_label}: no capacity; trying {nz} ({mode})")
+        out = InfraError(
+            f"no capacity for {self.cfg.accelerator_type} ({self.cfg.name}) in any zone tried: "
+            f"{', '.join(tried)}; try later, add zones, or set queued: true (waits for capacity)"
+        )
+        out.kind = "stockout"  # type: ignore[attr-defined]
+        raise out
+
+    def _up_once(self) -> None:
         self._reset_transports()
         self._create_op, self._started_node = None, False
         node = self.api.get_node(self.cfg.name)
@@ -169,7 +237,7 @@ class TpuTarget(Target):
             )
         req = self._node_request(os_login_off=bool(self._project_os_login))
         if self.cfg.queued:
-            self.say(f"{self.node_label}: creating queued resource {self.cfg.name} (spot={self.cfg.spot})")
+            self.say(f"{self.node_label}: creating queued resource {self.cfg.name} (spot={self._spot})")
             op = self.api.create_queued(self.cfg.name, self.cfg.name, req, self.cfg.valid_until_s)
             created.append("queued")
             cloud.wait_operation(
@@ -177,7 +245,7 @@ class TpuTarget(Target):
             )
         else:
             self.say(
-                f"{self.node_label}: creating (spot={self.cfg.spot}, runtime {self.cfg.runtime_version})"
+                f"{self.node_label}: creating (spot={self._spot}, runtime {self.cfg.runtime_version})"
             )
             self._create_op = self.api.create_node(self.cfg.name, req)
             created.append("node")
@@ -191,7 +259,12 @@ class TpuTarget(Target):
         deadline = time.monotonic() + self.cfg.up_timeout_s
         start, last, state = time.monotonic(), "", ""
         op = self._create_op
+        polled = time.monotonic()
         while True:
+            now = time.monotonic()
+            if state in WAITING_QUEUED_STATES:  # since the last poll: queued, no capacity yet
+                self.capacity_wait_s += now - polled
+            polled = now
             if queued_mode:
                 qr = self.api.get_queued(self.cfg.name)
                 if qr is None:
@@ -199,6 +272,12 @@ class TpuTarget(Target):
                 state = cloud.queued_state_name(qr)
                 if state in DEAD_QUEUED_STATES:
                     raise InfraError(f"queued resource {self.cfg.name} is {state}{_why(qr)}")
+                waited = time.monotonic() - start
+                prefer = self.cfg.spot == "prefer" and self._spot
+                if prefer and state != "ACTIVE" and waited > self.cfg.spot_wait_s:
+                    gave_up = InfraError(f"no spot capacity after {self.cfg.spot_wait_s:g} s (spot_wait_s)")
+                    gave_up.kind = "stockout"  # type: ignore[attr-defined]
+                    raise gave_up
             node = self.api.get_node(self.cfg.name)
             node_state = cloud.state_name(node) if node is not None else "NOT_CREATED"
             if node is not None and node_state == "READY" and cloud.health_name(node) == MAINTENANCE:
@@ -301,8 +380,9 @@ class TpuTarget(Target):
         if not idle or not cloud.is_grpoctl(node.labels):
             return
         try:
-            autodelete.start(self.transports()[0], self.cfg, self.remote_dir,
-                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s)
+            autodelete.start(self.transports()[0], self.cfg, self.zone, self.remote_dir,
+                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s,
+                             notify=self.notify)
         except GrpoctlError as err:  # the node works without it: say so, do not fail `up`
             self.say(f"{self.node_label}: {err}; it will NOT delete itself when idle (grpoctl down does)")
             return
@@ -482,7 +562,7 @@ class TpuTarget(Target):
     def state(self) -> TargetState:
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        details: dict[str, object] = {"zone": self.cfg.zone, "accelerator_type": self.cfg.accelerator_type}
+        details: dict[str, object] = {"zone": self.zone, "accelerator_type": self.cfg.accelerator_type}
         if queued is not None:
             details["queued_resource"] = cloud.queued_state_name(queued)
         if node is None:

@@ -131,6 +131,11 @@ class Script:
     # creates fail in their operation with (gRPC code, message): PREEMPTED_WHILE_CREATING (the node is
     # left PREEMPTED), STOCKOUT, INSUFFICIENT_RESERVED
     create_error: tuple[int, str] | None = None
+    stockout_zones: set[str] = field(default_factory=set)  # node creates there fail with STOCKOUT
+    spot_stockout_zones: set[str] = field(default_factory=set)  # ... only spot ones (on-demand works)
+    # 403 on node creates: "permission" (Permission 'tpu.nodes.create' denied), or on every request:
+    # "api_disabled" (the Cloud TPU API is not enabled in the project; SERVICE_DISABLED)
+    forbidden: str = ""
     # ---- transient errors
     fail_reads: list[int] = field(default_factory=list)  # the next reads answer these HTTP codes, one each
     read_error_rate: float = 0.0  # besides: this share of all reads answers 503/500/429
@@ -553,6 +558,14 @@ class FakeTpuApi:
         if len(parts) < 5 or parts[0] != "projects" or parts[2] != "locations":
             raise ApiError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path {path}")
         self._check_zone(parts[3])
+        if self.script.forbidden == "api_disabled":
+            raise ApiError(
+                HTTPStatus.FORBIDDEN,
+                "PERMISSION_DENIED",
+                f"Cloud TPU API has not been used in project {parts[1]} before or it is disabled. Enable it "
+                f"by visiting https://console.developers.google.com/apis/api/tpu.googleapis.com/overview"
+                f"?project={parts[1]} then retry.",
+            )
         parent, collection = "/".join(parts[:4]), parts[4]
         one = len(parts) == 6
         q = {k: v[0] for k, v in query.items()}
@@ -694,6 +707,14 @@ class FakeTpuApi:
         if name in self.nodes:
             raise ApiError(HTTPStatus.CONFLICT, "ALREADY_EXISTS", f'Resource "{name}" already exists')
         self._check_quota_sync(parent, body.get("acceleratorType", ""))
+        if self.script.forbidden == "permission":
+            raise ApiError(
+                HTTPStatus.FORBIDDEN, "PERMISSION_DENIED", f"Permission 'tpu.nodes.create' denied on '{name}'"
+            )
+        zone = parent.rsplit("/", 1)[1]
+        spot = bool(body.get("schedulingConfig", {}).get("spot"))
+        if zone in self.script.stockout_zones or (spot and zone in self.script.spot_stockout_zones):
+            return self._failed_operation(parent, STOCKOUT[0], STOCKOUT[1].format(zone=zone))
         if self.script.quota_exhausted:
             chips = body.get("acceleratorType", "?")
             return self._failed_operation(

@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.ledger import run_ledger
+from orchestrator.runs import RunRecord
 from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,6 +195,14 @@ def bootstrap_problems(vms: Path) -> list[str]:
     return problems
 
 
+def compile_seconds(record: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(compile s of the run's first start, of its resumed attempt) from the trainers' ledgers."""
+    recoveries = record.get("recoveries") or []
+    first = ((recoveries[0].get("attempt_ledger") or {}).get("phase_s") or {}) if recoveries else {}
+    last = (((record.get("last_progress") or {}).get("ledger") or {}).get("phase_s")) or {}
+    return first.get("compile"), last.get("compile") if recoveries else None
+
+
 def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
     """What the rehearsal must show; returns the failures."""
     problems = []
@@ -223,6 +233,15 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
         problems.append("the preempted run id differs from the pallas run's")
     if not state.get("verdict"):
         problems.append("no run-vs-run verdict")
+    if pallas:  # the ledger of the preempted run: what the preemption cost, and the compile cache's effect
+        led = run_ledger(RunRecord.from_json(pallas), now=time.time())
+        for category in ("lost_progress", "recovery"):
+            seconds = led.seconds[category]
+            if not seconds > 0:
+                problems.append(f"pallas run: ledger {category} is {seconds:.1f} s, expected > 0")
+        first, resumed = compile_seconds(pallas)
+        if first is None or resumed is None or not resumed < first:
+            problems.append(f"pallas run: resumed compile {resumed} s not below the first start's {first} s")
     return problems
 
 
@@ -318,6 +337,22 @@ def rehearsal_section(
     step = resumed_step(vms)
     if step is not None:
         lines.append(f"- the relaunched trainer resumed from its checkpoint of step {step}")
+    for name in ("jax", "pallas"):  # the ledger table above has every category; these are the headlines
+        rec = (state.get("steps", {}).get(f"run:{name}") or {}).get("record") or {}
+        if rec:
+            led = run_ledger(RunRecord.from_json(rec), now=time.time())
+            s = led.seconds
+            lines.append(
+                f"- ledger `{name}`: {led.wall_s:.0f} s wall, goodput {led.goodput or 0:.0%}, compile "
+                f"{s['compile']:.1f} s, lost_progress {s['lost_progress']:.1f} s, "
+                f"recovery {s['recovery']:.1f} s"
+            )
+    first, resumed = compile_seconds(pallas)
+    if first and resumed is not None:
+        lines.append(
+            f"- compile seconds, pallas first start -> resumed on the recreated VM (compile cache beside "
+            f"checkpoint.dir): {first:.1f} -> {resumed:.1f} s, ratio **{resumed / first:.2f}**"
+        )
     lines.append("- result: " + ("**PASSED**" if not problems else "**FAILED**: " + "; ".join(problems)))
     return lines
 
