@@ -17,7 +17,11 @@ from orchestrator import compare as cmp
 from orchestrator import notify, untrusted, validate, worker_data
 from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
-from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.errors import GrpoctlError, InfraError, UsageError
+from orchestrator.lifecycle import recovery as lifecycle
+from orchestrator.lifecycle.monitor import Monitor, OnDecision, OnPoll, Poll, probe
+from orchestrator.lifecycle.recovery import RecoveryPolicy
+from orchestrator.lifecycle.states import RunState, is_terminal
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import fetch as fetch_ops
 from orchestrator.ops import launch as launch_ops
@@ -25,8 +29,8 @@ from orchestrator.ops import logs as logs_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Say, Session, open_session
-from orchestrator.recovery import RecoveryPolicy, wait_run
-from orchestrator.runs import RunRecord, RunStore
+from orchestrator.runs import RunRecord, RunStore, utc_now_iso
+from orchestrator.targets.base import Condition
 
 # ---------------------------------------------------------------------------------------- sessions
 
@@ -47,8 +51,10 @@ class Sessions:
         store: RunStore | None = None,
         extra_targets: Mapping[str, TargetConfig] | None = None,
         stall_after_s: float | None = None,
+        attach_any: bool = False,
     ) -> None:
         self.config_file, self.default_target = config_file, target
+        self.attach_any = attach_any  # `--attach-any`: a TPU node of another type or spot-ness is attached
         self.dry_run, self.accept_new_host_key, self.say = dry_run, accept_new_host_key, say
         self.store = store if store is not None else (RunStore.in_memory() if dry_run else RunStore())
         self.extra_targets = dict(extra_targets or {})
@@ -70,6 +76,8 @@ class Sessions:
             )
             if self.stall_after_s is not None:
                 session.config = session.config.model_copy(update={"stall_after_s": self.stall_after_s})
+            if self.attach_any and hasattr(session.target, "attach_any"):
+                session.target.attach_any = True
             same = self._open.get(session.target_name)  # the default target, asked for by its name
             if same is not None:
                 session.close()
@@ -101,7 +109,7 @@ class Sessions:
     def latest_finished(self, scan: int = 200) -> RunRecord:
         self.get()
         records = self.store.list(limit=scan)
-        done = next((r for r in records if r.state == "SUCCEEDED"), None)
+        done = next((r for r in records if r.state is RunState.SUCCEEDED), None)
         if done is None:
             latest = f" (the latest, {records[0].run_id}, is {records[0].state})" if records else ""
             raise UsageError(f"no finished run to fetch{latest}: name one, or wait for it (grpoctl status)")
@@ -143,7 +151,23 @@ def up(session: Session) -> TargetState:
     )
 
 
-def down(session: Session) -> None:
+def in_flight(session: Session) -> list[RunRecord]:
+    """The runs on this target that may still run (or be recovered): deleting its machine stops them."""
+    if session.kind != "tpu" or session.dry_run:  # fixed hosts: `down` releases nothing
+        return []
+    return [r for r in session.store.list(target=session.target_name, limit=500) if not is_terminal(r.state)]
+
+
+def down(session: Session, stop: Sequence[RunRecord] = ()) -> None:
+    """Release the target. The runs in `stop` (see `in_flight`) are recorded STOPPED first, and whoever
+    watches them (a `run --recover` elsewhere) stops instead of recreating the node."""
+    reason = f"its node was deleted by `grpoctl down` at {utc_now_iso()}"
+    for record in stop:
+        stored = session.store.get(record.run_id)
+        stored.stop_requested, stored.state, stored.state_reason = reason, RunState.STOPPED, reason
+        for w in stored.workers:
+            w.state = RunState.STOPPED if not is_terminal(w.state) else w.state
+        session.store.save(stored)  # these fields only: a watcher's own writes stay
     session.target.down()
 
 
@@ -233,6 +257,9 @@ def launch(
     config = check_run(session, config, overrides, flags)  # the env flags switch config keys on
     if gate:
         preflight_gate(session, config, overrides, flags)
+    machine = None if session.dry_run else session.target.machine()
+    for warning in machine.warnings if machine is not None else ():  # said before anything is paid for
+        session.say(f"warning: {session.target_name}: {warning}")
     return launch_ops.start_run(
         session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force, flags=flags
     )
@@ -244,20 +271,24 @@ def wait(
     policy: RecoveryPolicy | None = None,
     *,
     interval: float = 15.0,
-    on_poll: watch_ops.OnPoll | None = None,
+    on_poll: OnPoll | None = None,
+    on_decision: Sequence[OnDecision] = (),
 ) -> RunRecord:
-    """Until the run ends: preemptions recovered under `policy`, raised (exit 3) without one. grpoctl.yaml's
-    `notify` hears of each preemption and recovery, and of the end."""
+    """Until the run ends: what the machine does to it recovered under `policy`, raised (exit 3) without
+    one (orchestrator/lifecycle/recovery.py). grpoctl.yaml's `notify` hears of each preemption and
+    recovery, and of the end; `on_decision` callbacks see every decision of the run's monitor."""
     notifier = notify.Notifier(session.config.notify, session.say)
     notices = notify.RunNotices(notifier, record, lambda rec: _ledger_line(rec, session.config.prices))
 
-    def polled(rec: RunRecord, poll: watch_ops.Poll) -> None:
+    def polled(rec: RunRecord, poll: Poll) -> None:
         notices.on_poll(rec, poll)
         if on_poll is not None:
             on_poll(rec, poll)
 
     try:
-        done = wait_run(session, record, policy, interval=interval, on_poll=polled)
+        done = lifecycle.wait(
+            session, record, policy, interval=interval, on_poll=polled, on_decision=on_decision
+        )
     except GrpoctlError as err:
         notices.finished(record, err)
         raise
@@ -290,7 +321,7 @@ def stop(session: Session, record: RunRecord) -> list[str]:
     """TERM then KILL on every worker; the record's final state is polled and saved. Returns what each
     worker said."""
     said = watch_ops.kill(session.target, record)
-    watch_ops.poll(session.target, record)
+    probe(session.target, record)
     session.store.save(record)
     return said
 
@@ -312,35 +343,22 @@ def watch_status(
     interval: float,
     on_round: Callable[[StatusRound], None],
 ) -> list[RunRecord]:
-    """Poll every unfinished run once (each on its own target) and hand the round to `on_round`; with
-    `watch`, again every `interval` s until they all end. Records are saved as they change. A run whose
-    workers stop answering is marked PREEMPTED when the Cloud TPU API says its machine is gone."""
-    records = list(records)
+    """Poll every unfinished run once (each on its own target, through its lifecycle monitor) and hand the
+    round to `on_round`; with `watch`, again every `interval` s until they all end. Records are saved as
+    they change; what the monitor decides is recorded (PREEMPTED, STOPPED), never acted on."""
     base = sessions.get()
-    unpollable: set[str] = set()
-    while True:
-        unreachable: list[str] = []
-        for record in records:
-            if record.is_terminal or record.run_id in unpollable:
-                continue
-            try:
-                session = sessions.get(record.target)
-            except UsageError as err:  # e.g. an SOP's inline target: show what is stored
-                unreachable.append(f"{record.run_id}: {err}")
-                unpollable.add(record.run_id)
-                continue
-            stall = session.config.stall_after_s
-            poll = watch_ops.poll_or_unreachable(session.target, record, stall_after_s=stall)
-            if not poll.reachable:  # the node may be gone: the API says, SSH never would
-                gone = watch_ops.machine_gone(session.target)
-                if gone is not None:
-                    watch_ops.mark_preempted(record, gone)
-            sessions.store.save(record)
-            unreachable += [] if record.state == "PREEMPTED" else poll.errors
-        on_round(StatusRound(records, unreachable, machine_line(base)))
-        if not watch or all(r.is_terminal or r.run_id in unpollable for r in records):
-            return records
-        time.sleep(interval)
+
+    def monitor_of(record: RunRecord) -> Monitor | str:
+        try:
+            session = sessions.get(record.target)
+        except UsageError as err:  # e.g. an SOP's inline target: show what is stored
+            return str(err)
+        return Monitor(session.target, record, sessions.store, stall_after_s=session.config.stall_after_s)
+
+    def on_look(round_: lifecycle.Round) -> None:
+        on_round(StatusRound(round_.records, round_.unreachable, machine_line(base)))
+
+    return lifecycle.observe(records, monitor_of, watch=watch, interval=interval, on_round=on_look)
 
 
 def log_text(
@@ -387,7 +405,7 @@ def final_summary(session: Session, record: RunRecord) -> dict[str, Any]:
     """A finished run's summary.json as worker 0 holds it (best effort: {} when it cannot be read)."""
     from orchestrator.ops.env import absolute_remote_dir
 
-    if record.state != "SUCCEEDED":
+    if record.state is not RunState.SUCCEEDED:
         return {}
     try:
         t = session.target.transports()[0]
@@ -412,10 +430,28 @@ def fetch_dest(dest: str | Path, dry_run: bool) -> Path:
 
 def fetch(session: Session, record: RunRecord, dest: str | Path = "runs") -> fetch_ops.FetchResult:
     """Copy the run's result files to `<dest>/<run id>/` and remember where in its record."""
-    result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    try:
+        result = fetch_ops.fetch(session.target, record, fetch_dest(dest, session.dry_run))
+    except InfraError as err:
+        raise _gone_hint(session, record, err) from None
     record.fetched_to = str(result.folder)
     session.store.save(record)
     return result
+
+
+def _gone_hint(session: Session, record: RunRecord, err: InfraError) -> InfraError:
+    """A fetch that failed because the VM holding the run's files is gone: say so, and how to get them."""
+    try:
+        machine = session.target.machine()
+    except GrpoctlError:
+        machine = None
+    if machine is None or machine.condition is Condition.UP:
+        return err
+    return InfraError(
+        f"{err}; the node that held run {record.run_id}'s files is {machine.state}. Its history is kept with "
+        f"its checkpoints (checkpoint.dir): grpoctl recover {record.run_id} relaunches it (a finished run "
+        "resumes at its last step and writes its files again), then fetch"
+    )
 
 
 @dataclass(frozen=True)

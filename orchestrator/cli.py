@@ -29,10 +29,10 @@ from typer.core import TyperGroup
 from orchestrator import api, initfile, recipes, render, untrusted
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
-from orchestrator.errors import GrpoctlError, JobFailed, UsageError
-from orchestrator.ops import watch as watch_ops
+from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.lifecycle.recovery import RecoveryPolicy, final_error
+from orchestrator.lifecycle.states import RunState
 from orchestrator.phaseview import PhaseView
-from orchestrator.recovery import RecoveryPolicy
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
 _GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
@@ -134,7 +134,7 @@ class Globals:
         # Progress lines may quote a worker (an unreachable worker's error, a job's stage): inert text.
         self.err.print(untrusted.clean_text(line, 20_000), markup=False)
 
-    def sessions(self, *, stall_after_s: float | None = None) -> api.Sessions:
+    def sessions(self, *, stall_after_s: float | None = None, attach_any: bool = False) -> api.Sessions:
         """The command's sessions (one per target it touches), closed when the command ends."""
         return api.Sessions(
             config_file=self.config_file,
@@ -143,6 +143,7 @@ class Globals:
             accept_new_host_key=self.accept_new_host_key,
             say=self.say,
             stall_after_s=stall_after_s,
+            attach_any=attach_any,
         )
 
     def emit_json(self, data: Any) -> None:
@@ -216,6 +217,12 @@ def main_options(
 
 # ------------------------------------------------------------------------------------- options
 
+AttachAny = Annotated[
+    bool,
+    typer.Option(
+        "--attach-any", help="Attach to an existing TPU node of another type or spot-ness (with a warning)."
+    ),
+]
 _STALL_OPTION = typer.Option(
     "--stall-after",
     min=1,
@@ -227,17 +234,21 @@ RecoverOnExitCode = Annotated[
 ]
 MaxPreemptions = Annotated[int, typer.Option(min=0, help="Preemption recoveries allowed per run.")]
 MaxFailures = Annotated[int, typer.Option(help="Relaunches per run for --recover-on-exit-code.")]
+RetryWait = Annotated[
+    float, typer.Option(min=0, help="Seconds between tries to recreate a node (API errors, no capacity).")
+]
 _MAX_PREEMPTIONS, _MAX_FAILURES = RecoveryPolicy.max_preemptions, RecoveryPolicy.max_failures
+_RETRY_WAIT = RecoveryPolicy.retry_wait_s
 
 
 def _policy(
-    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int
+    recover: bool, exit_codes: list[int], max_preemptions: int, max_failures: int, retry_wait: float
 ) -> RecoveryPolicy | None:
     if not recover and exit_codes:
         raise UsageError("--recover-on-exit-code needs --recover")
     if not recover:
         return None
-    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes))
+    return RecoveryPolicy(max_preemptions, max_failures, frozenset(exit_codes), retry_wait_s=retry_wait)
 
 
 def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -347,10 +358,10 @@ def doctor(
 
 @app.command()
 @handle_errors
-def up(ctx: typer.Context) -> None:
+def up(ctx: typer.Context, attach_any: AttachAny = False) -> None:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     g = _globals(ctx)
-    with g.sessions() as sessions:
+    with g.sessions(attach_any=attach_any) as sessions:
         session = sessions.get()
         if session.config.source == "<embedded default>" and not g.target:
             g.say("no grpoctl.yaml here: using the built-in `local` target (`grpoctl init` writes one)")
@@ -367,13 +378,20 @@ def down(
     ctx: typer.Context,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete a TPU node without asking.")] = False,
 ) -> None:
-    """Release what `up` provisioned: delete a TPU node or queued resource (nothing for fixed hosts)."""
+    """Release what `up` provisioned: delete a TPU node or queued resource (nothing for fixed hosts). Runs
+    still in flight on it are named first; they end STOPPED, and whoever waits for them recreates nothing."""
     g = _globals(ctx)
     with g.sessions() as sessions:
         session = sessions.get()
+        runs = api.in_flight(session)
+        named = ", ".join(f"{r.run_id} ({r.state})" for r in runs)
         if session.kind == "tpu" and not yes and not g.dry_run:
-            _confirm(f"delete TPU {session.target_name} ({session.target_cfg.name}) and all on its disks?")
-        api.down(session)
+            extra = f" In flight on it: {named}: they stop and nothing recreates the node." if runs else ""
+            node = f"{session.target_name} ({session.target_cfg.name})"
+            _confirm(f"delete TPU {node} and all on its disks?{extra}")
+        api.down(session, stop=runs)
+    for r in runs:
+        g.say(f"{r.run_id}: STOPPED (resume from its last checkpoint: grpoctl recover {r.run_id})")
     g.emit_json({"target": session.target_name, "down": True}) if g.json else g.out.print(
         f"{session.target_name}: down"
     )
@@ -477,18 +495,20 @@ def run(
     recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
+    retry_wait: RetryWait = _RETRY_WAIT,
     no_preflight: Annotated[
         bool, typer.Option("--no-preflight", help="TPU targets: launch without compiling it here first.")
     ] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
+    attach_any: AttachAny = False,
 ) -> None:
     """Launch the trainer on every worker; print the run id at once."""
     g = _globals(ctx)
-    policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures)
+    policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures, retry_wait)
     wait = wait or policy is not None
     flags, overrides = _parse_pairs(env, "--env"), _parse_pairs(set_, "--set")
     secrets = _secrets(secret)
-    with g.sessions(stall_after_s=stall_after) as sessions:
+    with g.sessions(stall_after_s=stall_after, attach_any=attach_any) as sessions:
         session = sessions.get()
         record = api.launch(
             session, config, env=secrets, flags=flags, overrides=overrides, force=force, gate=not no_preflight
@@ -515,7 +535,7 @@ def run(
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
                 accuracy = render.accuracy_text(api.final_summary(session, record))
                 g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
-                if record.state == "SUCCEEDED":
+                if record.state is RunState.SUCCEEDED:
                     g.say(f"next: grpoctl fetch {record.run_id}")
 
 
@@ -532,7 +552,8 @@ def status(
     json_out: Annotated[bool, typer.Option("--json", help="Same as the global --json.")] = False,
     stall_after: Annotated[float | None, _STALL_OPTION] = None,
 ) -> None:
-    """Show runs: RUNNING / STALLED / SUCCEEDED / FAILED(code) / LOST / PREEMPTED, step k/N and ETA."""
+    """Show runs: STARTING, RUNNING, STALLED, SUCCEEDED, FAILED(code), LOST, PREEMPTED, STOPPED or
+    RECOVERING, step k/N and ETA."""
     g = _globals(ctx)
     g.json = g.json or json_out
     live = Live(console=g.out, auto_refresh=False) if watch and g.out.is_terminal and not g.json else None
@@ -571,11 +592,9 @@ def status(
         finally:
             if live is not None:
                 live.stop()
-    if run_id and records[0].state == "PREEMPTED" and watch:
-        reason = (records[0].last_progress or {}).get("preempted", "the machine is gone")
-        raise watch_ops.preempted_error(records[0], reason)
-    if run_id and records[0].state in ("FAILED", "LOST") and watch:
-        raise typer.Exit(JobFailed.exit_code)
+    ended = final_error(records[0]) if run_id and watch else None
+    if ended is not None:
+        raise ended
 
 
 @app.command()
@@ -587,17 +606,19 @@ def recover(
     recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
+    retry_wait: RetryWait = _RETRY_WAIT,
     secret: Annotated[
         list[str], typer.Option("--secret", help="The run's --secret NAMEs again (values are never stored).")
     ] = [],  # noqa: B006
+    attach_any: AttachAny = False,
 ) -> None:
     """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
     with the same run id (it resumes from its checkpoints)."""
     g = _globals(ctx)
     secrets = _secrets(secret)
-    policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures)
+    policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures, retry_wait)
     assert policy is not None
-    with g.sessions() as sessions:
+    with g.sessions(attach_any=attach_any) as sessions:
         session, record = sessions.for_run(run_id)
         api.reattach(record, secrets)  # refuses before anything is recreated
         view, on_poll = render.run_bar(g.err, record, enabled=not g.json)
@@ -791,6 +812,7 @@ def sop_replay(
     recover_on_exit_code: RecoverOnExitCode = [],  # noqa: B006
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
+    retry_wait: RetryWait = _RETRY_WAIT,
     set_: Annotated[
         list[str], typer.Option("--set", help="Trainer override key=value for every run step.")
     ] = [],  # noqa: B006
@@ -813,7 +835,7 @@ def sop_replay(
         accept_new_host_key=g.accept_new_host_key,
         say=g.say,
         overrides=_parse_pairs(set_, "--set"),
-        recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures),
+        recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures, retry_wait),
         run_preflight=not no_preflight,
         view=lambda label: PhaseView(g.err, label, enabled=not g.json),
     )

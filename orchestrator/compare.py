@@ -77,10 +77,10 @@ class PairedResult:
     def accuracy_b(self) -> float:
         return (self.both + self.only_b) / self.n if self.n else float("nan")
 
-    def line(self) -> str:
+    def line(self, note: str = "") -> str:
         return (
-            f"McNemar exact test on {self.n} paired questions: A-only {self.only_a}, B-only {self.only_b}, "
-            f"p={self.p_value:.3g} -> {self.verdict}"
+            f"McNemar exact test on {self.n} paired questions{note}: A-only {self.only_a}, "
+            f"B-only {self.only_b}, p={self.p_value:.3g} -> {self.verdict}"
         )
 
 
@@ -266,7 +266,18 @@ ARM_KEYS = (
     "train.kernel_blocks",
     "policy_loss_impl",
 )
-RUN_KEYS = (SEED_KEY, "wandb_name", "checkpoint.dir", "compile_cache_dir", "dry_run")  # per run, or storage
+# Keys that differ from run to run by design, or only say where things are kept and how they are logged:
+# none of them changes what a run computes.
+RUN_KEYS = (
+    SEED_KEY,
+    "dry_run",
+    "wandb_name",
+    "wandb_project",
+    "wandb_mode",
+    "print_time_breakdown",
+    "checkpoint",
+    "compile_cache_dir",
+)
 
 
 def _share(k: int, n: int) -> float:
@@ -396,8 +407,8 @@ class SeedPair:
     result: PairedResult
 
     def line(self) -> str:
-        seed = "" if self.seed is None else f" (seed {self.seed})"
-        return f"{self.a} vs {self.b}{seed}: {self.result.line()}"
+        seed = "" if self.seed is None else f" (seed {self.seed} in both)"
+        return f"{self.a} vs {self.b}: {self.result.line(seed)}"
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
@@ -413,9 +424,7 @@ class SeedPair:
         }
 
 
-def pair_runs(
-    a: Sequence[RunFiles], b: Sequence[RunFiles]
-) -> tuple[list[tuple[RunFiles, RunFiles]], bool]:
+def pair_runs(a: Sequence[RunFiles], b: Sequence[RunFiles]) -> tuple[list[tuple[RunFiles, RunFiles]], bool]:
     """Pairs of runs (A, B) for McNemar, and whether the method test may pair them by seed.
 
     With every seed known and distinct within each arm, runs pair by seed (the seeds both arms hold); the
@@ -732,8 +741,9 @@ def pyplot():  # type: ignore[no-untyped-def]
     try:
         import matplotlib
     except ImportError:
-        raise UsageError("plots need matplotlib, which this install lacks: pip install 'grpoctl[plot]'") \
-            from None
+        raise UsageError(
+            "plots need matplotlib, which this install lacks: pip install 'grpoctl[plot]'"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

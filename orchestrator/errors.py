@@ -47,3 +47,7 @@ class JobFailed(GrpoctlError):
     """The job ran and exited non-zero (or was lost)."""
 
     exit_code = 1
+
+
+class RunStopped(InfraError):
+    """A person stopped the run's machine (deleted or stopped the node): nothing is recreated."""

@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.errors import UsageError
+from orchestrator.lifecycle.states import RunState, is_terminal
 from orchestrator.runs import RunRecord
 
 CATEGORIES = (
@@ -204,7 +205,7 @@ def _attempts(record: RunRecord) -> list[_Attempt]:
             next_launch=rec.get("relaunched_at_s"), alive_at=rec.get("alive_at_s"),
         ))
     p = record.last_progress or {}
-    end = record.ended_at_s or (_epoch(record.finished_at) if record.is_terminal else None)
+    end = record.ended_at_s or (_epoch(record.finished_at) if is_terminal(record.state) else None)
     out.append(_Attempt(
         launched=record.launched_at_s, end=end, trainer=p.get("ledger") or {}, step=p.get("step"),
         elapsed_s=p.get("elapsed_s"), phase=p.get("phase"), next_launch=None, alive_at=record.alive_at_s,
@@ -245,7 +246,7 @@ def run_ledger(record: RunRecord, *, now: float, prices: Mapping[str, Any] | Non
         end = a.end if a.end is not None else (now if last_attempt else None)
         if end is not None:
             rest = end - a.launched - startup - covered
-            if not last_attempt or record.state == "PREEMPTED":
+            if not last_attempt or record.state in (RunState.PREEMPTED, RunState.RECOVERING):
                 # the job ran on after its last event until a poll last saw it (work the preemption threw
                 # away), then the machine was gone until grpoctl noticed (detection)
                 last_event = a.launched + startup + covered

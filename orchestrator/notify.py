@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator.config import NotifyConfig
 from orchestrator.errors import UsageError
+from orchestrator.lifecycle.states import RunState
 
 EVENTS = ("succeeded", "failed", "preempted", "recovered", "node_deleted")
 _ICONS = {"succeeded": "✅", "failed": "❌", "preempted": "⚠️", "recovered": "🔁", "node_deleted": "🗑️"}
@@ -126,7 +127,7 @@ class RunNotices:
         from orchestrator.errors import JobFailed, PreemptedError
 
         self.on_poll(record)
-        if err is None and record.state == "SUCCEEDED":
+        if err is None and record.state is RunState.SUCCEEDED:
             p = record.last_progress or {}
             steps = f"step {p.get('step')}/{p.get('total')}" if p.get("total") else "done"
             extra = f"; {self.ledger_line(record)}" if self.ledger_line is not None else ""

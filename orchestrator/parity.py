@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator import untrusted
+
 PREFIX = "train/parity/"
 KEYS = ("logp_max_abs_diff", "logp_mean_abs_diff", "grad_rel_diff", "loss_abs_diff")
 # What "tracked" means, per compute dtype: the largest difference still called rounding. float32 kernels
@@ -105,7 +107,7 @@ def parity_verdict(
     from_summary = {k: v for k in KEYS if (v := _num(summary.get(f"{PREFIX}{k}_max"))) is not None}
     if not rows and not from_summary:
         return None
-    dtype = str(_get(config, "compute_dtype") or "float32")
+    dtype = untrusted.clean(_get(config, "compute_dtype") or "float32", 40)
     tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
     maxima: dict[str, float] = {}
     parted_at, parted_on = None, None
@@ -127,8 +129,11 @@ def parity_verdict(
                 parted_at, parted_on = int(row.get("step", n)), key
     for key, value in from_summary.items():  # the summary covers steps whose rows were not kept
         maxima[key] = value if key not in maxima or not math.isfinite(value) else max(maxima[key], value)
-    main = str(_get(config, "train.policy_loss_impl") or "this run's loss provider")
-    shadow = str(_get(config, "train.shadow_policy_loss_impl") or "its shadow provider")
+    # config.json came from a worker: its strings reach a terminal only cleaned (orchestrator/untrusted.py)
+    main = untrusted.clean(
+        _get(config, "train.policy_loss_impl") or "this run's loss provider", untrusted.FIELD
+    )
+    shadow = untrusted.clean(_get(config, "train.shadow_policy_loss_impl") or "its shadow provider", 40)
     return ParityVerdict(
         run_id, main, shadow, len(rows), maxima, dict(tolerance), dtype, parted_at, parted_on
     )

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from grpoctl_contract.progress import fmt_duration
+from orchestrator.lifecycle.states import is_terminal
 from orchestrator.recipes import Progress as RunProgress
 
 
@@ -23,7 +24,7 @@ def phase_line(state: str, progress: RunProgress | None) -> str:
     if progress is None:
         return state
     text = progress.text
-    if not progress.done and state not in ("SUCCEEDED", "FAILED", "LOST", "STOPPED"):
+    if not progress.done and not is_terminal(state):
         text += f", {eta_text(progress.eta_s, progress.phase_eta_s)}"
     return text
 

@@ -26,6 +26,7 @@ from grpoctl_contract import progress as contract
 from grpoctl_contract import rundir
 from orchestrator import untrusted
 from orchestrator.errors import UsageError
+from orchestrator.lifecycle import states
 from orchestrator.transport.shell import GET_NOT_REGULAR
 from orchestrator.transport.shell import quote as q
 from orchestrator.transport.shell import quote_path as qpath
@@ -100,8 +101,10 @@ def _script(*lines: str) -> str:
 # `ours PID RUN_ID` adds identity: a pid file outlives its job and the pid may now belong to anything
 # else, so a pid is the run's only while its process carries the run's GRPOCTL_RUN_ID (every job is
 # started with it exported; "" accepts any grpoctl job). Without /proc, liveness is all we can know.
+# A pid of -1, 0 or 1 (or no number) is never a job: `kill -0 -1` succeeds whenever any process of the
+# user lives, `kill -0 0` on our own group, and 1 is init.
 _ALIVE_FN = (
-    'alive() { kill -0 "$1" 2>/dev/null || return 1; '
+    'alive() { case "$1" in ""|*[!0-9]*|0|1) return 1 ;; esac; kill -0 "$1" 2>/dev/null || return 1; '
     's=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -c1); [ "$s" != Z ]; }\n'
     'ours() { alive "$1" || return 1; [ -d "/proc/$1" ] || return 0; '
     'if [ -n "$2" ]; then tr "\\0" "\\n" < "/proc/$1/environ" 2>/dev/null | grep -qxF "GRPOCTL_RUN_ID=$2"; '
@@ -586,7 +589,9 @@ class Progress:
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    state: str  # RUNNING | SUCCEEDED | FAILED | LOST
+    """What one worker's status probe saw: facts only. Which state they make is the lifecycle's call."""
+
+    alive: bool
     exit_code: int | None = None
     pid: int | None = None
     progress: Progress | None = None
@@ -594,11 +599,16 @@ class WorkerStatus:
     info: Mapping[str, str] | None = None  # the trainer's info event: config_hash, wandb_url, ...
 
     @property
+    def state(self) -> states.RunState:
+        return states.worker_state(self.exit_code, self.alive)
+
+    @property
+    def finished(self) -> bool:
+        return states.is_finished(self.state)
+
+    @property
     def label(self) -> str:
-        return f"FAILED({self.exit_code})" if self.state == "FAILED" else self.state
-
-
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "LOST"})
+        return states.label(self.state, self.exit_code)
 
 
 def parse_progress_line(line: str) -> Progress | None:
@@ -632,30 +642,17 @@ def parse_info_line(line: str) -> dict[str, str] | None:
 
 
 def parse_status(stdout: str) -> WorkerStatus:
-    """The exit file decides (the trap writes it); else a live pid is RUNNING; else the run is LOST."""
+    """The probe's facts: exit code (the trap writes it), liveness, pid, last progress and info lines."""
     progress_line = _last_value(stdout, "PROGRESS") or ""
     progress = parse_progress_line(progress_line)
     info = parse_info_line(_last_value(stdout, "INFO") or "")
     pid_text = _last_value(stdout, "PIDV") or ""
-    pid = int(pid_text) if pid_text.isdigit() else None
+    pid = int(pid_text) if pid_text.isdigit() and int(pid_text) > 1 else None  # never -1, 0 or 1
     quiet_text = (_last_value(stdout, "QUIET") or "").strip()
     quiet = max(0, int(quiet_text)) if quiet_text.lstrip("-").isdigit() else None
     exit_text = (_last_value(stdout, "EXIT") or "").strip()
-    if exit_text.lstrip("-").isdigit():
-        code = int(exit_text)
-        return WorkerStatus("SUCCEEDED" if code == 0 else "FAILED", code, pid, progress, quiet, info)
-    if _last_value(stdout, "ALIVE") == "1":
-        return WorkerStatus("RUNNING", None, pid, progress, quiet, info)
-    return WorkerStatus("LOST", None, pid, progress, quiet, info)
-
-
-def combine(states: Sequence[WorkerStatus]) -> str:
-    """One state for a multi-worker run: any failure wins, then loss, then running."""
-    names = [s.state for s in states]
-    for state in ("FAILED", "LOST", "RUNNING"):
-        if state in names:
-            return state
-    return "SUCCEEDED" if names else "LOST"
+    code = int(exit_text) if exit_text.lstrip("-").isdigit() else None
+    return WorkerStatus(_last_value(stdout, "ALIVE") == "1", code, pid, progress, quiet, info)
 
 
 # ------------------------------------------------------------------------------------- kill and logs

@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator import ledger as ledger_mod
+from orchestrator.lifecycle.monitor import OnPoll, Poll
+from orchestrator.lifecycle.states import RunState, is_terminal
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView, eta_text
 from orchestrator.runs import RunRecord
@@ -28,12 +30,14 @@ def progress_text(record: RunRecord) -> str:
     """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA (the
     phase's own while the run's is unknown: a warm start, the start sweep)."""
     phase = watch_ops.phase_json(record)
-    if record.state == "STALLED":
+    if record.state is RunState.STALLED:
         at = f" at {phase['text']}" if phase else ""
         return f"no output for {quiet_s(record)} s{at}"
+    if record.state is RunState.RECOVERING:
+        return f"recovering: {record.state_reason or 'relaunching'}"
     if phase is None:
         return "-"
-    if record.is_terminal:
+    if is_terminal(record.state):
         p = record.last_progress or {}
         return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
     return f"{phase['text']} {eta_text(phase['eta_s'], phase.get('phase_eta_s'))}"
@@ -45,12 +49,12 @@ STOPPED_CODES = frozenset({128 + signal.SIGTERM, 128 + signal.SIGKILL})
 
 def state_text(record: RunRecord) -> str:
     """RUNNING, SUCCEEDED, FAILED(code), STOPPED (a run `grpoctl stop` ended), ..."""
-    failed = [w for w in record.workers if w.state == "FAILED"]
-    if record.state == "STOPPED" or (
-        record.state == "FAILED" and failed and all(w.exit_code in STOPPED_CODES for w in failed)
+    failed = [w for w in record.workers if w.state is RunState.FAILED]
+    if record.state is RunState.STOPPED or (
+        record.state is RunState.FAILED and failed and all(w.exit_code in STOPPED_CODES for w in failed)
     ):
-        return "STOPPED"
-    if record.state == "FAILED" and failed:  # the cause, not a peer stopped because of it (143)
+        return str(RunState.STOPPED)
+    if record.state is RunState.FAILED and failed:  # the cause, not a peer stopped because of it (143)
         cause = next((w for w in failed if w.exit_code not in STOPPED_CODES), failed[0])
         return f"FAILED({cause.exit_code})"
     return str(record.state)
@@ -58,7 +62,7 @@ def state_text(record: RunRecord) -> str:
 
 def phase_bar(record: RunRecord) -> ProgressBar | str:
     phase = watch_ops.phase_json(record)
-    if phase is None or not phase["n"] or record.is_terminal:
+    if phase is None or not phase["n"] or is_terminal(record.state):
         return ""
     return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
 
@@ -121,6 +125,8 @@ def details(record: RunRecord) -> list[str]:
 def identity_lines(record: RunRecord) -> list[str]:
     """What produced a run: the worker's commit at launch, the config hash, the W&B run page."""
     lines = [f"commit: {record.git_commit or 'unknown'}", f"config hash: {record.config_hash or 'unknown'}"]
+    if record.state_reason:  # what happened: PREEMPTED, STOPPED, a budget spent
+        lines.append(f"{record.state}: {record.state_reason}")
     if record.wandb_url:
         lines.append(f"W&B: {record.wandb_url}")
     return lines
@@ -136,13 +142,13 @@ def status_json(record: RunRecord, prices: Mapping[str, Any] | None = None) -> d
             "ledger": run_ledger(record, prices).to_json()}
 
 
-def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, watch_ops.OnPoll]:
+def run_bar(err: Console, record: RunRecord, *, enabled: bool) -> tuple[PhaseView, OnPoll]:
     """A phase bar on stderr for a waited run, and the poll callback that moves it."""
     view = PhaseView(err, record.run_id, enabled=enabled)
 
-    def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
+    def on_poll(rec: RunRecord, poll: Poll) -> None:
         note = f"{len(poll.errors)} worker(s) unreachable, retrying" if poll.errors else ""
-        if rec.state == "STALLED":
+        if rec.state is RunState.STALLED:
             note = f"STALLED: no output for {quiet_s(rec)} s" + (f"; {note}" if note else "")
         view.show(rec.state, poll.progress, note)
 

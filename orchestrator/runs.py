@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import InfraError, UsageError
+from orchestrator.lifecycle.states import RunState, parse
 
 STATE_DIR_ENV = "GRPOCTL_STATE_DIR"
 
@@ -51,8 +52,7 @@ class WorkerRun:
     worker: str  # "w0"
     host: str
     pid: int | None = None
-    # LAUNCHING, RUNNING, STALLED (alive, log silent too long), SUCCEEDED, FAILED, LOST, PREEMPTED
-    state: str = "LAUNCHING"
+    state: RunState = RunState.STARTING  # see orchestrator/lifecycle/states.py
     exit_code: int | None = None
     step: int | None = None
     total: int | None = None
@@ -79,7 +79,7 @@ class RunRecord:
     flags: dict[str, str] = field(default_factory=dict)
     trainer_args: list[str] = field(default_factory=list)
     workers: list[WorkerRun] = field(default_factory=list)
-    state: str = "LAUNCHING"
+    state: RunState = RunState.STARTING
     git_commit: str | None = None  # the worker checkout's HEAD at launch
     config_hash: str | None = None  # the trainer's hash of its effective config (its info line)
     wandb_url: str | None = None  # the trainer's W&B run page, when online
@@ -89,8 +89,14 @@ class RunRecord:
     finished_at: str | None = None
     last_progress: dict[str, Any] | None = None  # the last event: step/total, phase with k/n, eta_s
     fetched_to: str | None = None
-    # Appended by preemption recovery: {"at", "reason", "action", ...} per recovery.
+    # Appended by recovery: {"at", "kind", "reason", "step", "previous_log", "log"} per relaunch.
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    # Why the run is in its state, when the state alone does not say (PREEMPTED, STOPPED, a budget spent).
+    state_reason: str | None = None
+    # A recovery decided but not finished (the record is RECOVERING): what `recover` picks up after a crash.
+    recovery_pending: dict[str, Any] | None = None
+    # Set by `grpoctl down` (another process, maybe): whoever watches the run stops and recreates nothing.
+    stop_requested: str | None = None
     # For the time ledger (orchestrator/ledger.py): when this attempt was launched and when its end was
     # seen (unix seconds), and what it ran on (the price table's key).
     launched_at_s: float | None = None
@@ -101,15 +107,13 @@ class RunRecord:
 
     def __post_init__(self) -> None:
         self.env_names = sorted(set(self.env_names) | set(self.env))
+        self.state = parse(self.state)
+        for w in self.workers:
+            w.state = parse(w.state)
 
     @property
     def config_stem(self) -> str:
         return Path(self.config).stem
-
-    @property
-    def is_terminal(self) -> bool:
-        # PREEMPTED: the machine is gone; nothing to poll until `--recover` relaunches it.
-        return self.state in ("SUCCEEDED", "FAILED", "LOST", "PREEMPTED")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -124,7 +128,9 @@ class RunRecord:
         data = {k: v for k, v in data.items() if k in known}
         data["env_names"] = sorted(set(data.get("env_names") or []) | set(old_env))
         data["workers"] = [WorkerRun(**w) for w in data.get("workers", [])]
-        return RunRecord(**data)
+        record = RunRecord(**data)
+        record._stored = record.to_json()  # what the store held: `save` writes only what changed since
+        return record
 
 
 _SCHEMA = """
@@ -166,7 +172,11 @@ class RunStore:
         memory = getattr(self, "_memory", None)
         if memory is not None:
             with self._lock:
-                yield memory
+                try:
+                    yield memory
+                except BaseException:
+                    memory.rollback()
+                    raise
                 memory.commit()
             return
         with self._lock:
@@ -201,13 +211,34 @@ class RunStore:
         )
 
     def save(self, record: RunRecord) -> None:
+        """Write the fields this process changed since it read (or last saved) the record, and take every
+        other field as the store has it now: two processes that update one run (a watcher's poll, a
+        `fetch` saving `fetched_to`, `down` asking to stop) never undo each other's writes."""
         record.updated_at = utc_now_iso()
+        mine = record.to_json()
+        base: dict[str, Any] | None = getattr(record, "_stored", None)
         with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # read-merge-write as one step against other processes
+            row = db.execute("SELECT record FROM runs WHERE run_id = ?", (record.run_id,)).fetchone()
+            merged = mine
+            if row is not None and base is not None:
+                merged = json.loads(row[0])
+                merged.update({k: v for k, v in mine.items() if k not in base or base[k] != v})
             db.execute(
                 "INSERT OR REPLACE INTO runs (run_id, created_at, target, state, record)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (record.run_id, record.created_at, record.target, record.state, json.dumps(record.to_json())),
+                (record.run_id, record.created_at, record.target, merged["state"], json.dumps(merged)),
             )
+        _take_stored(record, merged, mine)
+
+    def update(self, run_id: str, **values: Any) -> RunRecord:
+        """Set some fields of a stored run, leaving every other field as it is (e.g. `down` asking its
+        watcher to stop); returns the record as stored now."""
+        record = self.get(run_id)
+        for key, value in values.items():
+            setattr(record, key, value)
+        self.save(record)
+        return record
 
     def delete(self, run_id: str) -> None:
         with self._connect() as db:
@@ -238,6 +269,17 @@ class RunStore:
         with self._connect() as db:
             rows = db.execute(sql, (*args, limit)).fetchall()
         return [RunRecord.from_json(json.loads(r[0])) for r in rows]
+
+
+def _take_stored(record: RunRecord, stored: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Bring `record` up to what the store holds (the fields other processes wrote) and remember that as
+    the base of its next save."""
+    theirs = [k for k, v in stored.items() if k in mine and mine[k] != v]
+    if theirs:
+        fresh = RunRecord.from_json(stored)
+        for key in theirs:
+            setattr(record, key, getattr(fresh, key))
+    record._stored = stored
 
 
 def _like_prefix(prefix: str) -> str:

@@ -67,6 +67,14 @@ STANDIN_TRAINER = textwrap.dedent(
     first = int(step_file.read_text()) if step_file.exists() else 0
     with open(ckpt / "starts", "a") as fh:
         fh.write(f"{first}\\n")
+    # The history lives beside the checkpoints (as the trainer keeps it in each checkpoint): a relaunch on
+    # a fresh disk restores metrics.jsonl up to the step it resumes from, then appends.
+    history = ckpt / rundir.METRICS
+    if worker == 0:
+        kept = history.read_text().splitlines() if history.exists() else []
+        kept = "".join(line + "\\n" for line in kept if line.strip() and json.loads(line)["step"] <= first)
+        history.write_text(kept)
+        (run / rundir.METRICS).write_text(kept)
     if worker == 0:
         (run / rundir.CONFIG).write_text(json.dumps(cfg))
     steps, step_s = int(cfg.get("steps", 3)), float(cfg.get("step_s", 0.02))
@@ -75,8 +83,9 @@ STANDIN_TRAINER = textwrap.dedent(
         time.sleep(step_s)
         metrics = {"train/reward/total/mean": 0.5 + step / steps, "loss": 1.0 / step}
         if worker == 0:
-            with open(run / rundir.METRICS, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\\n")
+            for path in (run / rundir.METRICS, history):
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\\n")
         tmp = step_file.with_suffix(f".tmp{worker}")  # workers may share checkpoint_dir: one temp each
         tmp.write_text(str(step))
         tmp.replace(step_file)

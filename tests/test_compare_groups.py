@@ -142,7 +142,8 @@ def test_config_differences_beyond_provider_shadow_and_seed_warn(tmp_path: Path)
     (warning,) = cmp.compare_runs(a, b).warnings
     assert warning.startswith("warning: the two arms' configs differ in more than the loss provider")
     assert warning.endswith(": steps 3 vs 10")  # provider, shadow and seed left out
-    same = cmp.load_run(make_run(tmp_path, "c", seed=4, impl="pallas", config={"steps": 3}))
+    bookkeeping = {"wandb_mode": "disabled", "checkpoint": {"every_steps": 7}}  # no change to the math
+    same = cmp.load_run(make_run(tmp_path, "c", seed=4, impl="pallas", config={"steps": 3, **bookkeeping}))
     assert cmp.compare_runs(a, same).warnings == []
     drift = cmp.load_run(make_run(tmp_path, "d", seed=1, config={"steps": 3, "optimizer": {"lr": 1e-3}}))
     warnings = cmp.compare_runs([a, drift], [same]).warnings
@@ -224,3 +225,13 @@ def test_a_non_finite_parity_value_in_metrics_jsonl_parts_at_its_step(tmp_path: 
     (verdict,) = cmp.compare_runs(run, cmp.load_run(make_run(tmp_path, "j", seed=0))).parity
     assert (verdict.parted_at, verdict.parted_on) == (3, "grad_rel_diff") and not verdict.tracked
     assert "pallas parted from jax at step 3 (grad rel diff)" in verdict.line()
+
+
+def test_worker_text_in_config_json_reaches_the_terminal_cleaned(tmp_path: Path):
+    evil = "pallas\x1b]0;owned\x07\x1b[2J"
+    run = cmp.load_run(make_run(tmp_path, "p", seed=0, metrics=_parity_rows(2), config={
+        "steps": "3\x1b[31m", "train": {"policy_loss_impl": evil, "shadow_policy_loss_impl": "jax"}}))
+    other = cmp.load_run(make_run(tmp_path, "j", seed=0))
+    lines = cmp.compare_runs(other, run).summary_lines()
+    assert not any("\x1b" in line or "\x07" in line for line in lines)
+    assert any("kernel parity: pallas" in line for line in lines) and lines[0].startswith("warning:")

@@ -135,6 +135,7 @@ def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
     # Each verdict once (issue 23), in the summary at the top, before the steps.
     for line in result.verdict.splitlines():
         assert report.count(line) == 1 and report.index(line) < report.index("## Steps")
+    assert "FABRICATED by --dry-run, not a result: 2 run(s), " in report  # the cost line too
     # The plot is embedded beside the report, its alt text watermarked like the image itself.
     assert ("![compare: FABRICATED by --dry-run](jax_vs_pallas.png)" in report) == HAVE_PLOT
     # Every made-up figure says so: the summary table's heading and each McNemar line (issue 10).

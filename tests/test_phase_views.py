@@ -14,6 +14,7 @@ from rich.console import Console
 
 from grpoctl_contract.progress import Event, encode
 from orchestrator import recipes
+from orchestrator.lifecycle.monitor import probe
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView
@@ -104,7 +105,7 @@ def test_launch_records_the_checkouts_commit_and_poll_the_trainers_identity():
     info = encode(Event("info", "setup", info={"config_hash": "c0ffee", "wandb_url": "https://wandb.ai/e/p/runs/x"}))
     line = encode(Event("phase", "final_sweep", k=3, n=11, step=100, total=100, eta_s=40.0))
     record = _record()
-    watch_ops.poll(SimpleNamespace(transports=lambda: [_Worker(f"ALIVE=1\nPROGRESS={line}\nINFO={info}\n")]),
+    probe(SimpleNamespace(transports=lambda: [_Worker(f"ALIVE=1\nPROGRESS={line}\nINFO={info}\n")]),
                    record)
     assert (record.config_hash, record.wandb_url) == ("c0ffee", "https://wandb.ai/e/p/runs/x")
     phase = watch_ops.phase_json(record)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import PreemptedError
-from orchestrator.ops import watch as watch_ops
+from orchestrator.lifecycle import recovery as lifecycle
 from orchestrator.ops.session import open_session
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
@@ -56,9 +56,7 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     try:
         # unreachable_timeout only bounds how long an SSH-only wait would retry (15 min by default).
         with pytest.raises(PreemptedError) as err:
-            watch_ops.wait(
-                session.target, record, session.store, interval=0.1, on_poll=on_poll, unreachable_timeout=60
-            )
+            lifecycle.wait(session, record, None, interval=0.1, on_poll=on_poll, unreachable_timeout=60)
     finally:
         session.close()
     assert preempted_at, (polls, record.state, record.last_progress)
@@ -166,17 +164,25 @@ def test_sop_wait_stops_at_a_preemption_and_replay_recover_resumes_the_same_run(
     project.cli(cfg, "down", "--yes")
 
 
-def test_status_marks_a_running_record_preempted_when_its_node_is_gone(project: Project) -> None:
-    """~6 s: a RUNNING record whose node was deleted behind our back: `status` exit 0, PREEMPTED."""
+def test_status_marks_a_running_record_preempted_then_down_stops_it(project: Project) -> None:
+    """~6 s: a RUNNING record whose node was preempted: `status` exit 0, PREEMPTED; a second run still in
+    flight when `down` deletes the node is recorded STOPPED (with why), its workers too."""
     cfg = project.config(name="grpo-deleted")
     for args in (["up"], ["sync"], ["env", "push"]):
         project.cli(cfg, *args)
     run_id = project.cli(cfg, "run", project.repo.config, "--set", "steps=400").stdout.strip()
     project.fake.preempt("grpo-deleted")
-    project.cli(cfg, "down", "--yes")
     listing = project.cli(cfg, "status")
     assert run_id in listing.stdout and "PREEMPTED" in listing.stdout
     assert json.loads(project.cli(cfg, "status", run_id, "--json").stdout)["state"] == "PREEMPTED"
+    project.cli(cfg, "up")
+    project.cli(cfg, "sync")
+    second = project.cli(cfg, "run", project.repo.config, "--set", "steps=400").stdout.strip()
+    down = project.cli(cfg, "down", "--yes")
+    assert f"{second}: STOPPED" in down.stderr and run_id not in down.stderr  # only runs in flight
+    record = json.loads(project.cli(cfg, "status", second, "--json").stdout)
+    assert record["state"] == "STOPPED" and {w["state"] for w in record["workers"]} == {"STOPPED"}
+    assert "grpoctl down" in record["state_reason"]
 
 
 # ------------------------------------------------------------------------------------------- STALLED

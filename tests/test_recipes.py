@@ -19,6 +19,7 @@ from standin import git, standin_repo  # noqa: F401
 from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import UsageError
+from orchestrator.lifecycle.states import combine
 
 
 def bash(script: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -79,11 +80,11 @@ def test_parse_status_precedence():
 
 
 def test_combine_states():
-    s = recipes.WorkerStatus
-    assert recipes.combine([s("SUCCEEDED"), s("SUCCEEDED")]) == "SUCCEEDED"
-    assert recipes.combine([s("SUCCEEDED"), s("RUNNING")]) == "RUNNING"
-    assert recipes.combine([s("RUNNING"), s("LOST")]) == "LOST"
-    assert recipes.combine([s("LOST"), s("FAILED", 3)]) == "FAILED"
+    assert combine(["SUCCEEDED", "SUCCEEDED"]) == "SUCCEEDED"
+    assert combine(["SUCCEEDED", "RUNNING"]) == "RUNNING"
+    assert combine(["RUNNING", "LOST"]) == "LOST"
+    assert combine(["LOST", "FAILED"]) == "FAILED"
+    assert combine([]) == "LOST"
 
 
 def test_progress_line_garbage_is_ignored():
@@ -182,7 +183,7 @@ def _wait_state(ck: Path, paths: recipes.RunPaths, timeout: float = 20) -> recip
     deadline = time.monotonic() + timeout
     while True:
         status = recipes.parse_status(bash(recipes.status(str(ck), paths)).stdout)
-        if status.state in recipes.TERMINAL or time.monotonic() > deadline:
+        if status.finished or time.monotonic() > deadline:
             return status
         time.sleep(0.05)
 
@@ -501,3 +502,38 @@ def test_progress_line_of_a_model_download_keeps_both_byte_counts():
     line = encode(Event("phase", "model_load", bytes_done=1_200, bytes_total=6_170, detail="Qwen"))
     progress = recipes.parse_progress_line(line)
     assert progress is not None and (progress.bytes_done, progress.bytes_total) == (1_200, 6_170)
+
+
+# --------------------------------------------------------------------------- pids that are not jobs
+
+
+@pytest.mark.parametrize("pid", ["-1", "0", "1", "abc"])
+def test_a_pid_file_of_minus_one_zero_or_one_is_never_a_live_job(tmp_path: Path, pid: str):
+    """`kill -0 -1` succeeds whenever any process of the user lives: a job group killed with its pid file
+    saying -1 would be RUNNING for ever."""
+    paths = recipes.RunPaths.for_run("c", "ts", "c-1")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / paths.pid).write_text(pid + "\n")
+    status = recipes.parse_status(bash(recipes.status(str(tmp_path), paths)).stdout)
+    assert (status.state, status.pid) == ("LOST", None)
+    assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
+
+
+def test_a_zombie_job_is_not_alive(tmp_path: Path):
+    """A killed job whose parent never reaps it stays a zombie (state Z): `kill -0` still succeeds on it.
+    Only the /proc state check says it is gone; without it `stop` would call it someone else's process."""
+    zombie = subprocess.Popen(["true"])  # our child, never waited for until the end: a zombie
+    try:
+        for _ in range(200):
+            if Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                break
+            time.sleep(0.01)
+        alive = bash(recipes._ALIVE_FN + f'\nif alive {zombie.pid}; then echo alive; else echo dead; fi\n')
+        assert alive.stdout.strip() == "dead"
+        paths = recipes.RunPaths.for_run("c", "ts", "c-1")
+        (tmp_path / "logs").mkdir()
+        (tmp_path / paths.pid).write_text(f"{zombie.pid}\n")
+        assert recipes.parse_status(bash(recipes.status(str(tmp_path), paths)).stdout).state == "LOST"
+        assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
+    finally:
+        zombie.wait()

@@ -99,3 +99,50 @@ def test_in_memory_store_for_dry_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     store.save(_record("dry"))
     assert store.get("dry").run_id == "dry"
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------ concurrent writers
+
+
+def test_two_writers_of_one_run_never_lose_each_others_fields(tmp_path: Path):
+    """`status --watch` polls (and saves) a run while `fetch` saves `fetched_to` and `down` asks it to
+    stop: each save writes the fields its process changed, never a stale copy of the others'."""
+    path = tmp_path / "runs.sqlite"
+    RunStore(path).save(_record("r-1", state="RUNNING"))
+    watcher, fetcher, downer = (RunStore(path).get("r-1") for _ in range(3))
+    fetcher.fetched_to = "runs/r-1"
+    RunStore(path).save(fetcher)
+    downer.stop_requested = "down"
+    RunStore(path).save(downer)
+    watcher.state, watcher.last_progress = "STALLED", {"step": 3}
+    RunStore(path).save(watcher)  # loaded before both writes above
+    stored = RunStore(path).get("r-1")
+    assert (stored.fetched_to, stored.stop_requested) == ("runs/r-1", "down")
+    assert (stored.state, stored.last_progress) == ("STALLED", {"step": 3})
+    assert (watcher.fetched_to, watcher.stop_requested) == ("runs/r-1", "down")  # it sees them now
+    watcher.workers[0].pid = 7  # its next save still writes only what it changed
+    fetcher.fetched_to = "runs/again"
+    RunStore(path).save(fetcher)
+    RunStore(path).save(watcher)
+    stored = RunStore(path).get("r-1")
+    assert (stored.fetched_to, stored.workers[0].pid, stored.state) == ("runs/again", 7, "STALLED")
+
+
+def test_a_run_still_launching_shows_starting_never_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`status` while `run` is between saving the record and writing the pids: nothing to poll yet."""
+    from orchestrator import api
+    from orchestrator.lifecycle import monitor
+
+    config = tmp_path / "g.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
+    with api.Sessions(config_file=str(config)) as sessions:
+        record = _record("r-launching", state="LAUNCHING")  # what today's launch saves first
+        record.workers[0].pid = None
+        sessions.store.save(record)
+        for _ in range(2):
+            api.watch_status(sessions, sessions.runs(None), watch=False, interval=0, on_round=lambda _: None)
+            assert sessions.store.get("r-launching").state == "STARTING"
+        # a launch that never finished (its process died) is judged after a grace period
+        monkeypatch.setattr(monitor, "LAUNCH_GRACE_S", -1.0)
+        api.watch_status(sessions, sessions.runs(None), watch=False, interval=0, on_round=lambda _: None)
+        assert sessions.store.get("r-launching").state == "LOST"

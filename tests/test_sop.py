@@ -15,7 +15,7 @@ from standin import standin_repo  # noqa: F401
 from orchestrator import compare as cmp
 from orchestrator import sop
 from orchestrator.errors import JobFailed, UsageError
-from orchestrator.ops import watch as watch_ops
+from orchestrator.lifecycle import recovery as lifecycle
 from orchestrator.runs import RunStore
 from orchestrator.sop import schema
 from orchestrator.sop.replay import HANDLERS
@@ -159,6 +159,7 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert "## Observed summary" in report and "| `eval_full/accuracy` |" in report
     assert "McNemar exact test on 300 paired questions" in report and "## Summary" in report
     assert report.index("## Summary") < report.index("## Steps")  # the verdicts first
+    assert report.index("2 run(s), ") < report.index("## Steps")  # and what the runs cost, in chip-hours
     if HAVE_PLOT:  # the plot, embedded relative to the report
         assert "![compare](jax_vs_pallas.png)" in report
     else:
@@ -198,19 +199,19 @@ def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path,
         "name: one_run\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
         "  - run: {name: w, config: configs/watch.yaml, interval_s: 0.3}\n  - fetch\n"
     )
-    real_wait = watch_ops.wait
+    real_wait = lifecycle.wait
 
     def laptop_sleeps(*args, **kwargs):
         raise KeyboardInterrupt  # the replay dies after launching, before the run ends
 
-    monkeypatch.setattr(watch_ops, "wait", laptop_sleeps)
+    monkeypatch.setattr(lifecycle, "wait", laptop_sleeps)
     with pytest.raises(KeyboardInterrupt):
         sop.replay(file, config_file=config)
     state = json.loads((work / "runs" / "sops" / "one_run" / "report.state.json").read_text())
     launched = state["steps"]["run:w"]["run_id"]
     assert state["steps"]["run:w"]["status"] == "running" and launched
 
-    monkeypatch.setattr(watch_ops, "wait", real_wait)
+    monkeypatch.setattr(lifecycle, "wait", real_wait)
     messages: list[str] = []
     result = sop.replay(file, config_file=config, say=messages.append)
     assert result.state.steps["run:w"].run_id == launched
@@ -282,6 +283,10 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     assert "McNemar exact test on 16 paired questions" in result.verdict
     # Each verdict once: kernel parity (when the config logs it), each run against its own start
     # (eval_full_at_start), the method verdict, then jax vs pallas.
+    # The pallas config computes its jax shadow every step (lockstep parity): float32 rounding, far inside
+    # the tolerance (measured ~1e-6 on |dlogp| against 1e-4).
+    (kernel,) = [line for line in result.verdict.splitlines() if "kernel parity" in line]
+    assert kernel.startswith("pallas: kernel parity: pallas tracked jax on all 2 steps: max |dlogp| ")
     lines = [line for line in result.verdict.splitlines() if "kernel parity" not in line]
     assert [line.split(" ")[0].rstrip(":") for line in lines] == ["jax", "pallas", "method", "jax"]
     assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
@@ -373,8 +378,10 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
     assert "method verdict: inconclusive: every per-seed difference is the same" in first.verdict
     assert "2 vs 2 runs, paired by seed" in first.verdict  # the stand-in's providers agree to the bit
     mcnemar = [line for line in lines if "McNemar" in line]
-    assert [line.split(":")[0] for line in mcnemar] == ["jax/s0 vs pallas/s0 (seed 0)",
-                                                         "jax/s1 vs pallas/s1 (seed 1)"]
+    assert [line.split(": A-only")[0] for line in mcnemar] == [
+        "jax/s0 vs pallas/s0: McNemar exact test on 300 paired questions (seed 0 in both)",
+        "jax/s1 vs pallas/s1: McNemar exact test on 300 paired questions (seed 1 in both)",
+    ]
     report = first.report_path.read_text()
     assert ("![compare](jax_vs_pallas.png)" in report) == HAVE_PLOT
     assert f"compare {ids['jax/s0']},{ids['jax/s1']} {ids['pallas/s0']},{ids['pallas/s1']}" in report

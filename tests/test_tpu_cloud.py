@@ -168,6 +168,7 @@ def test_workers_in_endpoint_order_external_or_internal(
         name=name,
         api_endpoint=fake.endpoint,
         internal_ip=internal_ip,
+        accelerator_type="v4-16",  # what the node is: another type would be refused (issue 20)
     )
     workers = TpuTarget("tpu", cfg, RepoConfig()).workers()  # asks the API only: nothing connects
     assert [(w.index, w.host, w.port) for w in workers] == [(0, host, 22), (1, host, 22)]

@@ -6,11 +6,11 @@ import threading
 
 from tpu_support import Project, long_run, preempt_at_step
 
+from orchestrator.lifecycle.recovery import RecoveryPolicy, wait
 from orchestrator.ops import env as env_ops
 from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops.session import open_session
-from orchestrator.recovery import RecoveryPolicy, wait_recovering
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
@@ -39,7 +39,7 @@ def test_recreation_retries_until_spot_capacity_returns(project: Project) -> Non
 
         threading.Thread(target=stock_out_once, daemon=True).start()
         policy = RecoveryPolicy(max_preemptions=10, retry_wait_s=0.3)
-        done = wait_recovering(session, record, policy, interval=0.2)
+        done = wait(session, record, policy, interval=0.2)
     finally:
         session.close()
 

@@ -172,6 +172,27 @@ def test_resume_after_a_crash_continues_at_the_saved_step_with_the_same_state(tm
 
 
 @pytest.mark.slow
+def test_a_run_resumed_on_a_recreated_vm_keeps_its_whole_history(tmp_path, straight_run):
+    """Issue 20: the VM (and its run dir) is gone after a preemption; checkpoints live in checkpoint.dir.
+    The resumed run's metrics.jsonl has every step and its summary the keys of a run never interrupted."""
+    cfg = tiny(*RESUME, f"checkpoint.dir={tmp_path / 'bucket'}")
+
+    def crash_after_4(step: int, metrics: dict) -> None:
+        if step == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "vm1" / "run", on_step=crash_after_4)
+    fresh = tmp_path / "vm2" / "run"  # same run name (the run id), a new disk
+    run(cfg, fresh)
+    rows = [json.loads(line) for line in (fresh / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    keys = set(json.loads((straight_run / "summary.json").read_text())) - {"run_id"}
+    assert keys <= set(json.loads((fresh / "summary.json").read_text()))
+    assert_same_steps(fresh, straight_run)
+
+
+@pytest.mark.slow
 def test_a_stop_request_checkpoints_the_current_step_and_the_restart_resumes_there(tmp_path, straight_run):
     """SIGTERM (spot preemption) in python -m trainer sets should_stop: the step just finished is saved."""
     cfg = tiny(*RESUME)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import sys
 import threading
 import time
@@ -138,3 +139,107 @@ def preempt_at_step(project: Project, bucket: Path, node: str, step: int) -> lis
 
     threading.Thread(target=watch, daemon=True).start()
     return preempted_at
+
+
+# ------------------------------------------------------------------------------------------------- soak
+
+MACHINE_EVENTS = ("preempt", "RESTARTING", "REIMAGING", "REPAIRING")
+
+
+def checkpointed_step(bucket: Path) -> int:
+    found = list(bucket.glob("*/step"))
+    try:
+        return int(found[0].read_text() or 0) if found else 0
+    except (OSError, ValueError):  # being replaced right now
+        return 0
+
+
+def inject_randomly(project: Project, node: str, count: int, seed: int) -> tuple[list[str], threading.Event]:
+    """In the background: `count` preemptions and restarts at random moments of one run, each once the run
+    has checkpointed a step past the previous hit (so every hit lands on a running job). Returns the list
+    it fills (`event@step`) and an event set when it is done."""
+    rng = random.Random(seed)
+    bucket = project.root / "bucket"
+    hits: list[str] = []
+    done = threading.Event()
+
+    def run() -> None:
+        last = 0
+        deadline = time.monotonic() + 600
+        while len(hits) < count and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.1, 0.8))
+            step = checkpointed_step(bucket)
+            if step <= last or project.fake.node_state(node) != "READY":
+                continue
+            event = rng.choice(MACHINE_EVENTS)
+            if event == "preempt":
+                project.fake.preempt(node)
+            else:
+                project.fake.restart(node, event, down_s=rng.uniform(0.2, 1.0))
+            hits.append(f"{event}@{step}")
+            last = step
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return hits, done
+
+
+def soak(project: Project, *, node: str, steps: int, hits: int, seed: int) -> dict[str, object]:
+    """One `run --recover` hit `hits` times at random moments; then a `down` during a second run's recovery
+    wait. Returns the figures the checks need (the caller asserts)."""
+    import json
+    import subprocess
+
+    repo = make_standin_repo(
+        project.root / "soak", steps=steps, step_s=0.05, checkpoint_dir=str(project.root / "bucket")
+    )
+    os.chdir(repo.work)
+    (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
+    project.repo = repo
+    cfg = project.config(name=node)
+    for args in (["up"], ["sync"], ["env", "push"]):
+        project.cli(cfg, *args)
+    injected, done = inject_randomly(project, node, hits, seed)
+    started = time.monotonic()
+    ran = project.cli(cfg, "run", repo.config, "--recover", "--interval", "0.1", "--retry-wait", "0.2")
+    wall_s = time.monotonic() - started
+    run_id, state = outcome(ran.stdout)
+    done.wait(5)
+    record = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
+    project.cli(cfg, "fetch", run_id)
+    rows = [json.loads(x) for x in (Path("runs") / run_id / "metrics.jsonl").read_text().splitlines()]
+    creates_before_down = len(project.fake.creates())
+    # A second run, then `down` while it is recovered: nothing may be created after the delete.
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", "--config-file", cfg, "run", repo.config,
+         "--recover", "--interval", "0.1", "--set", f"steps={steps * 10}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(1200):
+            if len(list((project.root / "bucket").glob("*/step"))) >= 2:
+                break
+            time.sleep(0.05)
+        project.fake.preempt(node)  # the waiter starts recovering...
+        for _ in range(600):
+            if len(project.fake.creates()) > creates_before_down:
+                break
+            time.sleep(0.02)
+        project.cli(cfg, "down", "--yes")  # ...and is told to stop while its new node is created
+        creates_at_down = len(project.fake.creates())
+        _, waiter_err = waiter.communicate(timeout=120)
+    finally:
+        waiter.kill()
+    time.sleep(0.5)
+    return {
+        "run_id": run_id,
+        "state": state,
+        "injected": injected,
+        "recoveries": record["recoveries"],
+        "steps": [r["step"] for r in rows],
+        "wall_s": wall_s,
+        "waiter_code": waiter.returncode,
+        "waiter_err": waiter_err,
+        "created_after_down": len(project.fake.creates()) - creates_at_down,
+        "nodes_left": sorted(n for n in project.fake.nodes if n.endswith(f"/nodes/{node}")),
+    }

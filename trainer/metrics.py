@@ -94,6 +94,20 @@ class RunLogger:
             if wandb_mode == "online":
                 self.url = getattr(self._wandb, "url", None) or None
 
+    def history(self) -> list[dict[str, Any]]:
+        """Every metrics.jsonl row so far: it rides in each checkpoint's meta, so a run resumed on a
+        recreated VM (a fresh disk) keeps its whole history, not only the steps after the last resume."""
+        path = self.run_dir / rundir.METRICS
+        if not self.enabled or not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def restore_history(self, rows: list[dict[str, Any]] | None) -> None:
+        """Before `resume_history`: the checkpoint's rows where the run dir lost (or never had) them."""
+        if not self.enabled or not rows or len(self.history()) >= len(rows):
+            return
+        (self.run_dir / rundir.METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
     def resume_history(self, step: int, key: str) -> list[float]:
         """On a restart from the checkpoint of `step`: drops metrics.jsonl lines of later (lost) steps,
         reloads the latest value of every metric, and returns the history of `key` (e.g. step times)."""

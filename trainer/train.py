@@ -277,6 +277,8 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
         wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name, run_id=run_id,
         enabled=jax.process_index() == 0,
     )
+    if restored is not None:  # a fresh disk (a recreated VM): the history comes back with the checkpoint
+        logger.restore_history(meta.get("metrics"))
     start_sweep = dict(meta.get("start_sweep") or {}) if restored is not None else {}
     if start_sweep:
         restore_start_sweep(logger, run_dir, start_sweep)
@@ -480,7 +482,7 @@ def run(
             stopping = should_stop is not None and should_stop()
             if step == cfg.steps or (every and step % every == 0) or stopping:
                 meta = {"data": t.stream.state(), "wandb_run_id": t.logger.run_id, "step": step,
-                        "start_sweep": t.start_sweep}
+                        "start_sweep": t.start_sweep, "metrics": t.logger.history()}
                 rep.phase("checkpoint", detail=f"saving step {step}")
                 t.checkpointer.save(step, state, meta)
                 rep.resume("train")

@@ -12,6 +12,7 @@ from pathlib import Path
 from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
+from orchestrator.lifecycle.states import RunState
 from orchestrator.ops.fanout import fan_out
 from orchestrator.ops.session import Session
 from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
@@ -88,7 +89,7 @@ def renew_attempt(record: RunRecord) -> None:
     fresh = recipes.RunPaths.for_run(record.config_stem, record.ts, record.run_id)
     record.log_path, record.pid_path, record.exit_path = fresh.log, fresh.pid, fresh.exit
     for w in record.workers:
-        w.pid, w.state, w.exit_code = None, "LAUNCHING", None
+        w.pid, w.state, w.exit_code = None, RunState.STARTING, None
 
 
 def secret_env_file(env: Mapping[str, str]) -> bytes | None:
@@ -221,16 +222,16 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
         paths = paths_of(record)
         results = fan_out(target.transports(), one)
     for r, w in zip(results, record.workers, strict=True):
-        w.pid, w.state = r.value, ("RUNNING" if r.ok else "UNREACHABLE")
+        w.pid, w.state = r.value, (RunState.RUNNING if r.ok else RunState.LOST)
     failed = [r for r in results if r.error is not None]
     if failed:
         started = [t for r, t in zip(results, target.transports(), strict=True) if r.ok]
         if started:  # a partial start is worse than none: multi-host jobs would hang waiting for peers
             kill_script = recipes.kill(record.remote_dir, paths)
             fan_out(started, lambda _i, t: t.run(kill_script, timeout=60))
-        record.state = "FAILED"
+        record.state = RunState.FAILED
         raise failed[0].error
-    record.state = "RUNNING"
+    record.state = RunState.RUNNING
     if heads:  # sync left every worker on one commit; worker 0's is the run's
         record.git_commit = heads.get(0) or next(iter(heads.values()))
     return record

@@ -98,7 +98,7 @@ def follow(
             # Bytes as received: a decoded text's length differs wherever the log is not valid UTF-8.
             offset += chunk.stdout_bytes if chunk.stdout_bytes is not None else len(chunk.stdout.encode())
             take(chunk.stdout)
-        if state.state in recipes.TERMINAL:
+        if state.finished:
             final = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
             take(final.stdout if final.ok else "", final=True)
             return state.label

@@ -21,11 +21,12 @@ from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.config import load_config
 from orchestrator.errors import GrpoctlError, UsageError
+from orchestrator.lifecycle.monitor import Poll
+from orchestrator.lifecycle.recovery import RecoveryPolicy
+from orchestrator.lifecycle.states import RunState
 from orchestrator.ops import env as env_ops
-from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session
 from orchestrator.phaseview import PhaseView
-from orchestrator.recovery import RecoveryPolicy
 from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import report as report_
 from orchestrator.sop.schema import (
@@ -259,12 +260,12 @@ class Replayer:
         view = (self.view or self._plain_view)(record.run_id).__enter__()
         stalled = [False]
 
-        def on_poll(rec: RunRecord, poll: watch_ops.Poll) -> None:
-            if rec.state == "STALLED" and not stalled[0]:  # once per stall, until output moves again
+        def on_poll(rec: RunRecord, poll: Poll) -> None:
+            if rec.state is RunState.STALLED and not stalled[0]:  # once per stall, until output moves again
                 stalled[0] = True
                 quiet = max((w.quiet_s or 0 for w in rec.workers), default=0)
                 self.say(f"  {rec.run_id}: STALLED, no output for {quiet} s (still waiting)")
-            elif rec.state != "STALLED":
+            elif rec.state is not RunState.STALLED:
                 stalled[0] = False
             view.show(rec.state, poll.progress)
             st.record = rec.to_json()
@@ -286,7 +287,7 @@ class Replayer:
         and recreated, an earlier finished run's results are gone before the SOP's fetch step. A failure
         here is only a note: the fetch step tries again.
         """
-        if self.dry_run or record.state != "SUCCEEDED":
+        if self.dry_run or record.state is not RunState.SUCCEEDED:
             return
         try:
             result = api.fetch(s, record, self.fetch_dest(name))
@@ -371,7 +372,7 @@ def _fetch(r: Replayer, step: FetchStep, st: StepState) -> None:
     s = r.session(step)
     for name in r.expand(step.runs) if step.runs else [x.name for x in r.sop.steps if isinstance(x, RunStep)]:
         record = r.launched(step, name)
-        if record.state == "SUCCEEDED" and name in r.state.summaries:
+        if record.state is RunState.SUCCEEDED and name in r.state.summaries:
             # fetched when it ended (fetch_finished): a finished run's files do not change, and the VM that
             # held them may have been recreated since
             local = api.fetch_if_missing(s, record, step.dest)

@@ -195,8 +195,11 @@ def header(sop: Sop, sop_path: Path, dry_run: bool) -> list[str]:
     return lines
 
 
-def summary(state: ReplayState, dry_run: bool) -> list[str]:
-    """The verdicts, each once, first: what a reader pastes into a notebook."""
+def summary(
+    sop: Sop, state: ReplayState, dry_run: bool, prices: Mapping[str, Any] | None = None
+) -> list[str]:
+    """The verdicts, each once, first, then the key numbers and what the runs cost: what a reader pastes
+    into a notebook."""
     if not state.verdict:
         return []
     title = "## Summary (dry run: FABRICATED, not results)" if dry_run else "## Summary"
@@ -205,7 +208,25 @@ def summary(state: ReplayState, dry_run: bool) -> list[str]:
     if state.key_numbers:
         lines += ["", "Start and end accuracy per arm (95% interval: t over runs, Wilson for one run):", ""]
         lines += [f"- {line}" for line in state.key_numbers]
+    lines += cost(sop, state, dry_run, prices)
     return [*lines, *plots(state, dry_run)]
+
+
+def cost(sop: Sop, state: ReplayState, dry_run: bool, prices: Mapping[str, Any] | None) -> list[str]:
+    """One line: the runs' chip-hours and estimated cost (the Ledger section has the split)."""
+    if not _launched(sop, state):
+        return []
+    runs, total = sop_ledgers(sop, state, prices)
+    usd = total.cost_estimate_usd
+    price = "" if usd is None else f", ${usd:.2f} estimated ({total.price.note() if total.price else ''})"
+    line = f"{len(runs)} run(s), {total.chip_hours:.3g} chip-hours in all{price}; the split is under Ledger"
+    return ["", f"{cmp.FABRICATED} {line}" if dry_run else line]
+
+
+def _launched(sop: Sop, state: ReplayState) -> bool:
+    return any(
+        isinstance(s, RunStep) and (st := state.steps.get(step_id(s))) and st.record for s in sop.steps
+    )
 
 
 def plots(state: ReplayState, dry_run: bool) -> list[str]:
@@ -287,9 +308,7 @@ def observed_summary(sop: Sop, state: ReplayState, dry_run: bool) -> list[str]:
 
 
 def ledger(sop: Sop, state: ReplayState, prices: Mapping[str, Any] | None) -> list[str]:
-    if not any(
-        isinstance(s, RunStep) and (st := state.steps.get(step_id(s))) and st.record for s in sop.steps
-    ):
+    if not _launched(sop, state):
         return []
     run_ledgers, total = sop_ledgers(sop, state, prices)
     return [
@@ -312,7 +331,7 @@ def render(
 ) -> str:
     lines = [
         *header(sop, sop_path, dry_run),
-        *summary(state, dry_run),
+        *summary(sop, state, dry_run, prices),
         *steps_table(sop, state),
         *preflight(state),
         *step_details(sop, state),

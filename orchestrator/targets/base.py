@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from orchestrator.transport.base import Transport
@@ -44,6 +45,29 @@ class TargetState:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class Condition(StrEnum):
+    """What a machine's control-plane state means for a job on it (the target maps its own states)."""
+
+    UP = "up"  # running: its workers should answer
+    BUSY = "busy"  # creating, starting, restarting, repairing, reimaging: it comes back by itself
+    GONE = "gone"  # preempted or terminated: only a new machine runs the job again
+    DELETED = "deleted"  # not found: someone deleted it (a preempted node stays, as PREEMPTED)
+    DELETING = "deleting"  # someone is deleting it
+    STOPPED = "stopped"  # stopped (or stopping) by a person: theirs to start again
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One look at the machine through its control plane: the facts a run's monitor acts on."""
+
+    condition: Condition
+    state: str  # in the control plane's words, e.g. "node PREEMPTED", "queued resource SUSPENDED"
+    accelerator_type: str | None = None
+    spot: bool | None = None
+    endpoints: tuple[str, ...] = ()  # worker addresses; () while the machine has none
+    warnings: tuple[str, ...] = ()  # e.g. "health TIMEOUT", "health UNHEALTHY_MAINTENANCE (...)"
+
+
 class Target(ABC):
     """A named place to run: a laptop folder, a list of SSH hosts, or a Cloud TPU node."""
 
@@ -75,11 +99,19 @@ class Target(ABC):
         """Right before a job starts on every worker: clear what would stand in its way (a TPU VM: stale
         processes holding the chips). `force` is the launch's --force. Nothing to clear by default."""
 
-    def preemption(self) -> str | None:
-        """Asked when the workers stop answering: why the machine will not come back by itself (preempted,
-        terminated, deleted), or None when it may (a network blip). Only a target with a control plane
-        (the Cloud TPU API) can tell; the default is None."""
+    def machine(self) -> Machine | None:
+        """One look at the machine through its control plane (the Cloud TPU API), or None for targets
+        without one (SSH hosts, this machine): their workers answer or they do not. Raises InfraError when
+        the control plane cannot be asked, UsageError when it refuses (permissions)."""
         return None
+
+    def refresh(self) -> None:  # noqa: B027 (an optional hook)
+        """Forget what is cached about the machine (a node's endpoints, open connections): the next call
+        looks again. Called when the machine changed under a run (restarted, recreated, READY again)."""
+
+    # Asked while the target waits for a machine (e.g. a node being created during a recovery): a reason
+    # to stop waiting (a `grpoctl down` meanwhile), or None. Set by whoever acts on a run.
+    stop_check: Callable[[], str | None] | None = None
 
     def close(self) -> None:
         for t in self.transports():

@@ -25,9 +25,9 @@ from orchestrator.cloud.errors import TransientApiError, kind_of
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
-from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, UsageError
+from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, RunStopped, UsageError
 from orchestrator.retry import Backoff, retry_call
-from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
+from orchestrator.targets.base import Condition, Machine, Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
 from orchestrator.transport.base import Transport
 from orchestrator.transport.ssh import SshTransport
@@ -45,6 +45,8 @@ WAIT_NODE_STATES = (
 START_NODE_STATES = ("STOPPED",)  # stopped (by a person): `up` starts it again
 GONE_NODE_STATES = ("DELETING", "HIDING", "HIDDEN")  # going away: never usable again
 MAINTENANCE = "UNHEALTHY_MAINTENANCE"
+STOPPED_NODE_STATES = ("STOPPED", "STOPPING")
+HEALTHY = ("HEALTHY", "HEALTH_UNSPECIFIED")
 HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
 # Metadata updates that meet a concurrent one (409) are tried again after a pause.
 CONFLICT_RETRY = Backoff(attempts=6, first_s=2.0, max_s=20.0)
@@ -59,6 +61,9 @@ class TpuTarget(Target):
     # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
+    # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a warning)
+    # instead of refusing it.
+    attach_any: bool = False
     # Test wiring too: where the node's watchdog asks for its token (the fake API plays the metadata
     # server), and how often it looks for jobs.
     autodelete_metadata_base: str = watchdog.METADATA_BASE
@@ -195,6 +200,10 @@ class TpuTarget(Target):
                 self._create(created)
             # a node that exists without a queued resource is attached as a plain node
             self._node = self._wait_ready(queued_mode=queued is not None or "queued" in created)
+            if not created:
+                self._check_matches(self._node)
+            for warning in node_warnings(self._node):
+                self.say(f"{self.node_label}: warning: {warning}")
             self._check_os_login(self._node)
             self._ensure_ssh_key(self._node)
             self._connect()
@@ -227,6 +236,23 @@ class TpuTarget(Target):
             node = self.api.get_node(self.cfg.name)
             queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
         return node, queued
+
+    def _check_matches(self, node: tpu_v2.Node) -> None:
+        """An existing node is attached only if it is what the config asks for (type and spot-ness)."""
+        accel, spot = node.accelerator_type, bool(node.scheduling_config.spot)
+        wrong = []
+        if accel and accel != self.cfg.accelerator_type:
+            wrong.append(f"accelerator {accel}, the config asks for {self.cfg.accelerator_type}")
+        if not self.cfg.queued and spot != self.cfg.spot:  # a queued resource holds spot-ness itself
+            wrong.append(f"spot={str(spot).lower()}, the config asks for spot={str(self.cfg.spot).lower()}")
+        if not wrong:
+            return
+        what = f"{self.node_label}: the existing node is not what the config asks for ({'; '.join(wrong)})"
+        if not self.attach_any:
+            raise UsageError(
+                f"{what}: refusing to attach; `grpoctl down` it (or name another node), or pass --attach-any"
+            )
+        self.say(f"warning: {what}; attached anyway (--attach-any)")
 
     def _create(self, created: list[str]) -> None:
         self._project_os_login = self.api.project_os_login()
@@ -261,6 +287,9 @@ class TpuTarget(Target):
         op = self._create_op
         polled = time.monotonic()
         while True:
+            stop = self.stop_check() if self.stop_check is not None else None
+            if stop:  # e.g. `grpoctl down` while a recovery waits for its new node: stop the spend
+                raise RunStopped(f"{self.node_label}: stopped waiting for it: {stop}")
             now = time.monotonic()
             if state in WAITING_QUEUED_STATES:  # since the last poll: queued, no capacity yet
                 self.capacity_wait_s += now - polled
@@ -405,6 +434,10 @@ class TpuTarget(Target):
             node = self.api.get_node(self.cfg.name)
             if node is None:
                 raise InfraError(f"{self.node_label} does not exist: run `grpoctl up --target {self.name}`")
+            if cloud.state_name(node) != "READY" or not node.network_endpoints:
+                # not cached: a node that is still STARTING has no endpoints yet; ask again next time
+                raise InfraError(f"{self.node_label} is {cloud.state_name(node)}: no workers to reach")
+            self._check_matches(node)
             self._node = node
         return self._node
 
@@ -568,18 +601,71 @@ class TpuTarget(Target):
         if node is None:
             return TargetState("NOT_FOUND", healthy=False, details=details)
         health = cloud.health_name(node)
-        details.update(health=health, workers=len(node.network_endpoints), spot=node.scheduling_config.spot)
-        state = cloud.state_name(node)
-        return TargetState(
-            state, healthy=state == "READY" and health in ("HEALTHY", "HEALTH_UNSPECIFIED"), details=details
+        details.update(  # what the node really is, not what the config asked for
+            health=health,
+            workers=len(node.network_endpoints),
+            spot=bool(node.scheduling_config.spot) or (queued is not None and "spot" in queued),
+            accelerator_type=node.accelerator_type or self.cfg.accelerator_type,
         )
+        state = cloud.state_name(node)
+        return TargetState(state, healthy=state == "READY" and health in HEALTHY, details=details)
 
-    def preemption(self) -> str | None:
-        """Why the node will not come back by itself (preempted, terminated, gone), or None if it lives."""
+    def machine(self) -> Machine:
+        """The node (and its queued resource) in one look: what it means for a job, and its facts."""
         node = self.api.get_node(self.cfg.name)
         queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        dead = _dead_reason(node, queued)
-        return "node NOT_FOUND" if dead is None and node is None else dead
+        qstate = cloud.queued_state_name(queued) if queued is not None else None
+        nstate = cloud.state_name(node) if node is not None else "NOT_FOUND"
+        words = f"node {nstate}" + (f" (queued resource {qstate})" if qstate else "")
+        if qstate in DEAD_QUEUED_STATES:
+            condition, words = Condition.GONE, f"queued resource {qstate}"
+        elif nstate in DEAD_NODE_STATES or nstate in ("HIDING", "HIDDEN"):
+            condition = Condition.GONE
+        elif "DELETING" in (nstate, qstate):
+            condition = Condition.DELETING
+        elif nstate in STOPPED_NODE_STATES:
+            condition = Condition.STOPPED
+        elif node is None:  # a queued resource still waiting for capacity is on its way; else deleted
+            condition = Condition.BUSY if qstate else Condition.DELETED
+        elif nstate == "READY" and node.network_endpoints:
+            condition = Condition.UP
+        else:
+            condition = Condition.BUSY
+        if node is None:
+            return Machine(condition, words)
+        endpoints = tuple(
+            f"{ep.ip_address}/{ep.access_config.external_ip}:{ep.port}" for ep in node.network_endpoints
+        )
+        return Machine(
+            condition,
+            words,
+            accelerator_type=node.accelerator_type or None,
+            spot=bool(node.scheduling_config.spot) or qstate is not None and "spot" in queued,
+            endpoints=endpoints,
+            warnings=tuple(node_warnings(node)),
+        )
+
+    def refresh(self) -> None:
+        self._reset_transports()
+
+
+def node_warnings(node: tpu_v2.Node) -> list[str]:
+    """What a person should hear before paying for a run on this node: an unhealthy or maintained node.
+    (`upcomingMaintenance` is only served by the v2alpha1 API, which has no REST transport: not seen.)"""
+    out = []
+    health = cloud.health_name(node)
+    if health not in HEALTHY:
+        meaning = {
+            "TIMEOUT": "the TPU runtime stopped answering its health check",
+            "UNHEALTHY_MAINTENANCE": "the node is under maintenance: a job on it may be stopped",
+            "UNHEALTHY_TENSORFLOW": "the TPU runtime is unhealthy",
+        }.get(health, "unhealthy")
+        desc = f"; {node.health_description}" if node.health_description else ""
+        out.append(f"health {health} ({meaning}{desc})")
+    for symptom in node.symptoms:
+        kind = tpu_v2.Symptom.SymptomType(symptom.symptom_type).name
+        out.append(f"symptom {kind} on worker {symptom.worker_id or '?'}: {symptom.details}".rstrip(": "))
+    return out
 
 
 def _dead_reason(node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> str | None:

@@ -193,6 +193,8 @@ class FakeNode:
     health: str = "HEALTHY"  # shown while READY
     booted_at: float = 0.0  # when its VMs last came up (the guest agent publishes host keys after)
     gone_at: float | None = None  # DELETING until then
+    back_at: float | None = None  # restart(): READY again (with new VMs) then
+    held: bool = False  # report_state(): the reported state stays what the test set
     workers: list[FakeWorker] = field(default_factory=list)
     create_time: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
 
@@ -247,6 +249,7 @@ class FakeTpuApi:
         self.operations: dict[str, FakeOperation] = {}
         self.requests: list[RecordedRequest] = []
         self.injected: list[tuple[str, int]] = []  # (path, HTTP code) of every transient error served
+        self._failures: list[list[Any]] = []  # [method, path part, HTTP code, times left] (fail_next)
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -335,6 +338,37 @@ class FakeTpuApi:
             if state == "READY" and not node.workers:
                 self._start_workers(node)
 
+    def restart(self, node_id: str, state: str = "RESTARTING", down_s: float = 0.5) -> None:
+        """Maintenance, a repair or a reimage under a running job: the VMs go down and the node shows
+        `state` for `down_s`, then READY again with new VMs (fresh disks, as after a reimage)."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            self._kill_workers(node)
+            node.state, node.back_at = state, time.monotonic() + down_s
+
+    def report_state(self, node_id: str, state: str) -> None:
+        """Only what the API reports changes (e.g. STARTING, no endpoints) while the VMs keep running;
+        `report_state(node, "READY")` ends it."""
+        with self._lock:
+            node = self._node_by_id(node_id)
+            node.state, node.held = state, state != "READY"
+
+    def kill_worker(self, node_id: str, index: int) -> None:
+        """One worker's VM dies (its sshd and all it ran) while the node stays READY."""
+        with self._lock:
+            self._node_by_id(node_id).workers[index].kill()
+
+    def delete_by_someone(self, node_id: str) -> None:
+        """Someone else deletes the node (the console, gcloud): as a DELETE request would."""
+        with self._lock:
+            self._delete_node(self._node_by_id(node_id).name)
+
+    def fail_next(self, method: str, path_part: str, http: int = 500, times: int = 1) -> None:
+        """The next `times` requests `method` whose path contains `path_part` fail with `http` (a 500 on a
+        create, a 403 on a read), whatever `fail_reads` and `read_error_rate` say."""
+        with self._lock:
+            self._failures.append([method, path_part, http, times])
+
     def node_state(self, node_id: str) -> str | None:
         with self._lock:
             self._advance()
@@ -375,9 +409,13 @@ class FakeTpuApi:
             if qr.state == "DELETING" and qr.change_at is not None and now >= qr.change_at:
                 del self.queued[name]
         for name, node in list(self.nodes.items()):
+            if node.back_at is not None and now >= node.back_at:  # restart(): back, with new VMs
+                node.back_at = None
+                self._start_workers(node)
+                node.state = "READY"
             if node.state == "DELETING" and node.gone_at is not None and now >= node.gone_at:
                 del self.nodes[name]
-            elif node.state in ("CREATING", "STARTING") and now >= node.ready_at:
+            elif node.state in ("CREATING", "STARTING") and now >= node.ready_at and not node.held:
                 self._start_workers(node)
                 node.state = "READY"
         for qr in self.queued.values():
@@ -500,6 +538,15 @@ class FakeTpuApi:
             if url.path.startswith("/computeMetadata/"):  # the VM's metadata server, for the watchdog
                 return self._metadata(url.path, headers)
             self._advance()
+            failure = next((f for f in self._failures if f[0] == method and f[1] in url.path), None)
+            if failure is not None:  # fail_next
+                failure[3] -= 1
+                if failure[3] <= 0:
+                    self._failures.remove(failure)
+                http = HTTPStatus(failure[2])
+                status = {403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}.get(failure[2], "INTERNAL")
+                self.injected.append((url.path, failure[2]))
+                return int(http), ApiError(http, status, f"injected {http.phrase}").body()
             try:
                 self._maybe_transient(method, url.path)
                 if url.path.startswith("/compute/v1/projects/"):

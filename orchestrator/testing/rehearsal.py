@@ -195,12 +195,19 @@ def bootstrap_problems(vms: Path) -> list[str]:
     return problems
 
 
-def compile_seconds(record: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(compile s of the run's first start, of its resumed attempt) from the trainers' ledgers."""
-    recoveries = record.get("recoveries") or []
-    first = ((recoveries[0].get("attempt_ledger") or {}).get("phase_s") or {}) if recoveries else {}
-    last = (((record.get("last_progress") or {}).get("ledger") or {}).get("phase_s")) or {}
-    return first.get("compile"), last.get("compile") if recoveries else None
+def compile_seconds(state: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(compile s of the SOP's first start: the jax run, an empty compile cache; compile s of the pallas
+    run's resumed attempt on the recreated VM), from the trainers' ledgers. The pallas run's own first
+    attempt is no yardstick: the jax run filled the cache for it, and the preemption cut its ledger short."""
+    steps = state.get("steps", {})
+
+    def compile_of(name: str) -> float | None:
+        rec = (steps.get(f"run:{name}") or {}).get("record") or {}
+        if name == "pallas" and not rec.get("recoveries"):
+            return None
+        return ((((rec.get("last_progress") or {}).get("ledger") or {}).get("phase_s")) or {}).get("compile")
+
+    return compile_of("jax"), compile_of("pallas")
 
 
 def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
@@ -239,9 +246,9 @@ def check(state: dict[str, Any], injected: list[dict[str, Any]]) -> list[str]:
             seconds = led.seconds[category]
             if not seconds > 0:
                 problems.append(f"pallas run: ledger {category} is {seconds:.1f} s, expected > 0")
-        first, resumed = compile_seconds(pallas)
+        first, resumed = compile_seconds(state)
         if first is None or resumed is None or not resumed < first:
-            problems.append(f"pallas run: resumed compile {resumed} s not below the first start's {first} s")
+            problems.append(f"resumed pallas compile {resumed} s not below the first start's (jax) {first} s")
     return problems
 
 
@@ -347,11 +354,12 @@ def rehearsal_section(
                 f"{s['compile']:.1f} s, lost_progress {s['lost_progress']:.1f} s, "
                 f"recovery {s['recovery']:.1f} s"
             )
-    first, resumed = compile_seconds(pallas)
+    first, resumed = compile_seconds(state)
     if first and resumed is not None:
         lines.append(
-            f"- compile seconds, pallas first start -> resumed on the recreated VM (compile cache beside "
-            f"checkpoint.dir): {first:.1f} -> {resumed:.1f} s, ratio **{resumed / first:.2f}**"
+            f"- compile seconds, the SOP's first start (jax, empty cache) -> the pallas run resumed on the "
+            f"recreated VM (compile cache beside checkpoint.dir): {first:.1f} -> {resumed:.1f} s, "
+            f"ratio **{resumed / first:.2f}**"
         )
     lines.append("- result: " + ("**PASSED**" if not problems else "**FAILED**: " + "; ".join(problems)))
     return lines
