@@ -91,9 +91,11 @@ class FunctionReport:
     temp_bytes: int = 0
     generated_code_bytes: int = 0
     compile_s: float | None = None
-    flops: float | None = None
-    bytes_accessed: float | None = None
+    flops: float | None = None  # every loop trip counted (a decode loop's once)
+    bytes_accessed: float | None = None  # XLA's cost analysis: loop bodies once
     estimated_s: float | None = None  # a roofline estimate, not a measurement
+    hbm_bytes: float | None = None  # every loop trip counted, as flops
+    collective_bytes: int | None = None
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> FunctionReport:
@@ -333,6 +335,7 @@ def run(
         str(headroom),
         "--json",
     ]
+    argv += ["--compile-cache", str(cache_dir() / "programs")]  # unchanged programs are not compiled again
     argv += [a for kv in args for a in ("--set", kv)]
     argv += ["--suggest"] if suggest else []
     say(f"preflight: compiling {config} for {accelerator} (jax {p.jax}, libtpu {p.libtpu}; then cached)")
@@ -532,7 +535,7 @@ def table(report: Report) -> Table:
         "mosaic",
         "compile s",
         "GFLOP",
-        "GB accessed",
+        "HBM GB",
         "est. ms*",
     ):
         t.add_column(col, justify="left" if col in ("function", "fits") else "right")
@@ -551,10 +554,25 @@ def table(report: Report) -> Table:
             str(f.mosaic_kernels),
             "-" if f.compile_s is None else f"{f.compile_s:.1f}",
             "-" if f.flops is None else f"{f.flops / 1e9:.1f}",
-            "-" if f.bytes_accessed is None else f"{f.bytes_accessed / 1e9:.2f}",
+            "-" if f.hbm_bytes is None else f"{f.hbm_bytes / 1e9:.2f}",
             "-" if f.estimated_s is None else f"{f.estimated_s * 1e3:.1f}",
         )
     return t
+
+
+def step_line(report: Report) -> str | None:
+    """The whole GRPO step's roofline estimate and its parts (the trainer's `grpo_step` entry)."""
+    g = report.raw.get("grpo_step")
+    if not isinstance(g, dict):
+        return None
+    try:
+        return (
+            f"GRPO step (estimate, device work only): {g['estimated_s']:.2f} s = rollout {g['rollout_s']:.2f}"
+            f" + log-probs {g['logprob_s']:.2f} + update {g['update_s']:.2f} + eval (amortised)"
+            f" {g['eval_s']:.2f}"
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def suggestion_line(report: Report) -> str | None:

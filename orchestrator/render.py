@@ -15,7 +15,7 @@ from rich.text import Text
 
 from orchestrator import ledger as ledger_mod
 from orchestrator.lifecycle.monitor import OnPoll, Poll
-from orchestrator.lifecycle.states import RunState, is_terminal
+from orchestrator.lifecycle.states import RunState, is_terminal, label
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView, eta_text
 from orchestrator.runs import RunRecord
@@ -106,10 +106,7 @@ def accuracy_text(summary: dict[str, Any]) -> str:
 
 def details(record: RunRecord) -> list[str]:
     """`status RUN`: everything about one run, a line each (what the one-line table leaves out)."""
-    workers = " ".join(
-        f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}@{w.host}"
-        for w in record.workers
-    )
+    workers = " ".join(f"{w.worker}:{label(w.state, w.exit_code)}@{w.host}" for w in record.workers)
     lines = [
         f"target: {record.target} ({record.target_kind})",
         f"config: {record.config}" + (f" {' '.join(record.trainer_args)}" if record.trainer_args else ""),

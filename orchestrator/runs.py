@@ -73,10 +73,12 @@ class RunRecord:
     exit_path: str
     run_dir: str
     ts: str
-    # `-e` values are secrets: they live in this process only (to launch, and relaunch on recovery), never
-    # in the store, `status --json` or a report; what is kept is their names.
+    # `--secret` values: they live in this process only (to launch, and relaunch on recovery), never in
+    # the store, `status --json` or a report; what is kept is their names.
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     env_names: list[str] = field(default_factory=list)
+    # `-e/--env` values: flags that are not secret (EVAL_FULL_SWEEP=1), stored and shown like the config.
+    flags: dict[str, str] = field(default_factory=dict)
     trainer_args: list[str] = field(default_factory=list)
     workers: list[WorkerRun] = field(default_factory=list)
     state: RunState = RunState.STARTING
