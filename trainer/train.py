@@ -112,7 +112,7 @@ def loss_config(cfg: Config) -> grpo.LossConfig:
         shadow_impl=None if t.shadow_policy_loss_impl == "none" else t.shadow_policy_loss_impl,
         kernel_blocks=tuple(sorted(t.kernel_blocks.items())),
         compute_dtype=DTYPES[cfg.compute_dtype],
-        remat=t.remat,
+        remat=t.remat_policy if t.remat else False,
     )
 
 
