@@ -232,11 +232,16 @@ def test_known_hosts_key_of_another_type_is_the_one_checked(sshd_factory, tmp_pa
 
 def test_connection_refused_is_an_infra_error_within_seconds() -> None:
     port = free_port()  # nobody listens here
-    t = SshTransport("127.0.0.1", port, key_file=None, connect_timeout=2.0, name="w0 nowhere")
+    slept: list[float] = []
+    t = SshTransport(
+        "127.0.0.1", port, key_file=None, connect_timeout=2.0, name="w0 nowhere", sleep=slept.append
+    )
     # Bounded by the attempt count (the message names it), not by a clock.
-    with pytest.raises(InfraError, match=rf"127.0.0.1:{port}: connection refused \(\d+ attempts\)") as err:
+    with pytest.raises(InfraError, match=rf"127.0.0.1:{port}: connection refused \(3 attempts\)") as err:
         t.run("true")
     assert "\n" not in str(err.value) and err.value.exit_code == 3
+    assert slept == [0.5, 1.0]  # the default backoff, doubling, no jitter; nothing connected
+    assert t.connects == 0
 
 
 def test_auth_failure_is_an_infra_error(sshd: LoopbackSshd, tmp_path: Path) -> None:
