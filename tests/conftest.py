@@ -140,6 +140,15 @@ def _no_google_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(google.auth, "default", refuse)
 
 
+@pytest.fixture(scope="session")
+def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One stand-in repo for the whole session: (file:// URL of the bare origin, work clone)."""
+    from standin import make_standin_repo
+
+    repo = make_standin_repo(tmp_path_factory.mktemp("standin"))
+    return repo.url, repo.work
+
+
 # --- what other users of this machine can see ------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from standin import git, standin_repo  # noqa: F401
+from standin import git
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -42,7 +42,7 @@ def _target(*servers, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
+def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):
     from conftest import _require_sshd  # skips locally without sshd, fails in CI
 
     _require_sshd()
