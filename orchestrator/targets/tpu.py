@@ -475,8 +475,8 @@ class TpuTarget(Target):
         policy): only `--accept-new-host-key` goes on."""
         if self.cfg.host_key_sha256:
             return pins_per_host(self.cfg.host_key_sha256, n)
-        deadline = time.monotonic() + HOST_KEY_WAIT_S
-        while True:
+
+        def published() -> list[tuple[str, ...]] | None:
             try:
                 keys = self.api.host_keys(self.cfg.name) or []
             except GrpoctlError as err:
@@ -496,12 +496,14 @@ class TpuTarget(Target):
                 return [tuple(fingerprint_of(blob) for blob in k.values()) for k in keys]
             if self._accept_new:
                 return [()] * n
-            if time.monotonic() > deadline:
-                raise HostKeyError(
-                    f"{self.node_label}: the workers have not published their SSH host keys; pin them with "
-                    "host_key_sha256 or pass --accept-new-host-key"
-                )
-            time.sleep(self.cfg.poll_s)
+            return None
+
+        unpublished = HostKeyError(
+            f"{self.node_label}: the workers have not published their SSH host keys; pin them with "
+            "host_key_sha256 or pass --accept-new-host-key"
+        )
+        wait_s = self.cfg.poll_s
+        return poll_until(published, timeout_s=HOST_KEY_WAIT_S, poll_s=wait_s, on_timeout=lambda: unpublished)
 
     def transports(self) -> list[Transport]:
         if self._transports is None:
