@@ -91,9 +91,11 @@ class FunctionReport:
     temp_bytes: int = 0
     generated_code_bytes: int = 0
     compile_s: float | None = None
-    flops: float | None = None
-    bytes_accessed: float | None = None
+    flops: float | None = None  # every loop trip counted (a decode loop's once)
+    bytes_accessed: float | None = None  # XLA's cost analysis: loop bodies once
     estimated_s: float | None = None  # a roofline estimate, not a measurement
+    hbm_bytes: float | None = None  # every loop trip counted, as flops
+    collective_bytes: int | None = None
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> FunctionReport:
@@ -181,15 +183,14 @@ class Probe:
     system: str = ""
 
     def unavailable_reason(self) -> str | None:
+        where = f"{self.system} {self.machine}".strip()
+        linux_x86 = (self.system, self.machine) == ("Linux", "x86_64")
         if self.jax is None:
+            if not linux_x86 and self.system:  # the laptop-only install on macOS / Windows / ARM
+                return f"{self.python} has no jax, and libtpu ships for Linux x86_64 only (this is {where})"
             return f"{self.python} has no jax (pip install -e '.[trainer,tpu]')"
         if self.libtpu is None:
-            where = f"{self.system} {self.machine}".strip()
-            hint = (
-                "libtpu ships for Linux x86_64 only"
-                if (self.system, self.machine) != ("Linux", "x86_64")
-                else "pip install -e '.[tpu]'"
-            )
+            hint = "libtpu ships for Linux x86_64 only" if not linux_x86 else "pip install -e '.[tpu]'"
             return f"no libtpu for {self.python} on {where} ({hint})"
         if not self.has_preflight:
             return f"the trainer at {self.trainer} has no preflight (trainer/preflight.py)"
@@ -334,6 +335,7 @@ def run(
         str(headroom),
         "--json",
     ]
+    argv += ["--compile-cache", str(cache_dir() / "programs")]  # unchanged programs are not compiled again
     argv += [a for kv in args for a in ("--set", kv)]
     argv += ["--suggest"] if suggest else []
     say(f"preflight: compiling {config} for {accelerator} (jax {p.jax}, libtpu {p.libtpu}; then cached)")
@@ -531,7 +533,7 @@ def table(report: Report) -> Table:
         "mosaic",
         "compile s",
         "GFLOP",
-        "GB accessed",
+        "HBM GB",
         "est. ms*",
     ):
         t.add_column(col, justify="left" if col in ("function", "fits") else "right")
@@ -550,10 +552,25 @@ def table(report: Report) -> Table:
             str(f.mosaic_kernels),
             "-" if f.compile_s is None else f"{f.compile_s:.1f}",
             "-" if f.flops is None else f"{f.flops / 1e9:.1f}",
-            "-" if f.bytes_accessed is None else f"{f.bytes_accessed / 1e9:.2f}",
+            "-" if f.hbm_bytes is None else f"{f.hbm_bytes / 1e9:.2f}",
             "-" if f.estimated_s is None else f"{f.estimated_s * 1e3:.1f}",
         )
     return t
+
+
+def step_line(report: Report) -> str | None:
+    """The whole GRPO step's roofline estimate and its parts (the trainer's `grpo_step` entry)."""
+    g = report.raw.get("grpo_step")
+    if not isinstance(g, dict):
+        return None
+    try:
+        return (
+            f"GRPO step (estimate, device work only): {g['estimated_s']:.2f} s = rollout {g['rollout_s']:.2f}"
+            f" + log-probs {g['logprob_s']:.2f} + update {g['update_s']:.2f} + eval (amortised)"
+            f" {g['eval_s']:.2f}"
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def suggestion_line(report: Report) -> str | None:

@@ -56,7 +56,7 @@ def test_reattach_refuses_a_run_whose_env_values_are_missing():
         env={"WANDB_API_KEY": "k", "B": "b"}, workers=[WorkerRun("w0", "localhost")],
     )  # fmt: skip
     stored = RunRecord.from_json(record.to_json())  # what the store gives back: names, no values
-    with pytest.raises(UsageError, match="launched with -e B: pass them again"):
+    with pytest.raises(UsageError, match="launched with --secret B: pass them again"):
         api.reattach(stored, {"WANDB_API_KEY": "k"})
     assert stored.env == {}
     api.reattach(stored, {"WANDB_API_KEY": "k", "B": "b"})

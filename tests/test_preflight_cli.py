@@ -37,7 +37,7 @@ HUGE = {
 FUNCTION_KEYS = {
     "name", "seq_len", "peak_bytes", "capacity_bytes", "fits", "mosaic_kernels", "argument_bytes",
     "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes", "compile_s", "flops",
-    "bytes_accessed", "estimated_s",
+    "bytes_accessed", "estimated_s", "hbm_bytes", "collective_bytes",
 }  # fmt: skip
 
 
@@ -95,7 +95,9 @@ class Lab:
             "poll_s": 0.05,
         }
         self.config = root / "grpoctl.yaml"
-        self.config.write_text(yaml.safe_dump({"targets": {"tpu": target}, "default_target": "tpu"}))
+        # repo.url: this checkout by its path (sop replay checks the repo before `up`: a path is only said)
+        config = {"repo": {"url": str(REPO)}, "targets": {"tpu": target}, "default_target": "tpu"}
+        self.config.write_text(yaml.safe_dump(config))
 
     def compiles(self) -> int:
         return len(self.log.read_text().splitlines()) if self.log.is_file() else 0
@@ -134,11 +136,16 @@ def test_tiny_config_fits_json_schema_then_table_from_the_cache(lab: Lab) -> Non
         assert f["fits"] and 0 < f["peak_bytes"] <= f["capacity_bytes"]
     update = next(f for f in data["functions"] if f["name"] == "update_step")
     assert update["seq_len"] >= 128 + 16  # the worst case: prompt bucket + every token it may sample
+    step = data["grpo_step"]  # the whole GRPO step's estimate: its parts add up to it
+    parts = ("rollout_s", "logprob_s", "update_s", "eval_s")
+    assert step["estimated_s"] == pytest.approx(sum(step[k] for k in parts)) and step["update_s"] > 0
+    assert step["update_s"] == pytest.approx(update["estimated_s"])  # ppo_epochs 1
 
     table = lab.cli("preflight", TINY, "--accelerator", "v6e-8").stdout
     assert lab.compiles() == before + 1  # the same config, overrides, chip and jax: answered from the cache
     assert "update_step" in table and "capacity" in table and "est. ms" in table
     assert "fits on v6e-8: largest " in table and "[cached]" in table
+    assert "GRPO step (estimate, device work only): " in table
 
     # The library agrees, and reads the same entry.
     report = pf.run(TINY, accelerator="v6e-8")

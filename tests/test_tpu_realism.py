@@ -346,8 +346,13 @@ def test_up_starts_a_stopped_node(project: Project) -> None:
 def test_queued_resource_expiry_and_failed_data(project: Project) -> None:
     project.fake.script.wait_for_resources_s = 60
     result = project.cli(project.config(name="grpo-expire", queued=True, valid_until_s=1), "up", code=3)
-    assert "FAILED: Queued resource request expired" in one_line_error(result)
-    assert "WAITING_FOR_RESOURCES" in result.stderr
+    line = one_line_error(result)
+    assert "is FAILED: no capacity came in us-east1-d before valid_until_s" in line
+    assert "(Queued resource request expired" in line and "WAITING_FOR_RESOURCES" in result.stderr
+    _nothing_left(project)
+    project.fake.script.create_error = fake_tpu.STOCKOUT  # failedData.error code 8: mapped like the op's
+    result = project.cli(project.config(name="grpo-qr-stockout", queued=True), "up", code=3)
+    assert "is FAILED: no capacity in us-east1-d right now" in one_line_error(result)
     _nothing_left(project)
 
 
@@ -399,15 +404,16 @@ def test_readme_quickstart_against_the_realistic_fake(project: Project, monkeypa
     block = re.search(r"```yaml\n# grpoctl.yaml\n(.*?)```", readme, re.S)
     assert block, "README lost its quickstart grpoctl.yaml"
     cfg = yaml.safe_load(block.group(1))
-    assert "user" not in cfg["targets"]["v6e"]  # the default user: root
-    cfg["targets"]["v6e"].update(api_endpoint=project.fake.endpoint, python=sys.executable, poll_s=0.1)
+    name = next(k for k, v in cfg["targets"].items() if v.get("kind") == "tpu")
+    assert "user" not in cfg["targets"][name]  # the default user: root
+    cfg["targets"][name].update(api_endpoint=project.fake.endpoint, python=sys.executable, poll_s=0.1)
     cfg["repo"] = {"url": project.repo.url, "branch": "main", "remote_dir": "~/grpoctl-work"}
     monkeypatch.setenv("HOME", str(project.root))  # ~/.ssh/grpoctl_ed25519 is created there
     project.fake.script = Script.realistic(create_s=0.5, host_keys_delay_s=0.5, delete_s=0.3)
     path = project.root / "quickstart.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    project.cli(str(path), "up")
-    project.cli(str(path), "down", "--yes")
+    project.cli(str(path), "--target", name, "up")
+    project.cli(str(path), "--target", name, "down", "--yes")
     _nothing_left(project)
 
 

@@ -36,6 +36,10 @@ ShadowImpl = Literal["jax", "chunked", "pallas", "none"]
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
 AdvantageScaling = Literal["group", "batch", "none"]
 DType = Literal["float32", "bfloat16"]
+# What a remat'd layer keeps for the backward pass (trainer/model.py REMAT_POLICIES, BENCHMARKS.md).
+RematPolicy = Literal[
+    "nothing_saveable", "dots_with_no_batch_dims_saveable", "save_attention", "offload_dots_to_host"
+]
 
 
 class ConfigError(Exception):
@@ -99,6 +103,7 @@ class TrainConfig(Section):
     advantage_scaling: AdvantageScaling = "group"
     seq_bucket: int = Field(128, gt=0)  # training tensors are trimmed to a multiple of this above the longest
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    remat_policy: RematPolicy = "nothing_saveable"  # with remat: what each layer keeps instead
 
 
 class OptimizerConfig(Section):

@@ -45,7 +45,7 @@ class LossConfig:
     shadow_impl: str | None = None  # lockstep parity: a second provider on the same batch (None = off)
     kernel_blocks: tuple[tuple[str, int], ...] = ()
     compute_dtype: Any = jnp.bfloat16
-    remat: bool = False
+    remat: bool | str = False  # False, or a remat policy name (trainer/model.py REMAT_POLICIES)
 
 
 # ---------------------------------------------------------------------------------------------------------

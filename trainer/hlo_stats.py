@@ -308,3 +308,120 @@ def hbm_traffic(hlo_text: str, unbounded_loops_only: bool = False) -> list[Traff
                 label = source.group(1) if source else ""
                 rows.append(Traffic(comp, name, op, counts[comp], moved, chip, label))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Matmul flops, every loop trip counted.
+#
+# XLA's cost analysis counts a while body once, so a layer scan, a micro-batch loop or a decode loop is
+# under-counted by its trip count. This reads the compiled text instead: on TPU every matmul is a
+# `convolution` (or `dot`), wherever it sits (a fusion, a loop body), and its computation's count says how
+# often it runs. flops = 2 x result elements x the contracted size (the kernel's input-feature dim times
+# its window). A Pallas kernel (tpu_custom_call) counts what its CostEstimate declares. Elementwise work
+# is left out: next to the matmuls of a transformer it is noise, and on the MXU-bound side it overlaps.
+
+_DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_CUSTOM_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^}]*?"flops"\s*:\s*"?(\d+)')
+
+
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
+
+
+def _valid_taps(n: int, size: int, stride: int, lo: int, hi: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """Over every output position of one window dim, the taps that land on an input element (not on
+    padding, not on a hole of a dilated input): what a convolution's multiply-adds really touch. TPU HLO
+    writes batched matmuls as convolutions whose padded, dilated windows mostly hit nothing."""
+    dilated = (n - 1) * lhs_dilate + 1
+    span = (size - 1) * rhs_dilate + 1
+    out = (lo + dilated + hi - span) // stride + 1
+    if out * size > 4_000_000:  # never in a transformer; bound the work on a malformed text
+        return out * size
+    count = 0
+    for p in range(max(out, 0)):
+        for t in range(size):
+            x = p * stride + t * rhs_dilate - lo
+            count += 0 <= x < dilated and x % lhs_dilate == 0
+    return count
+
+
+def _conv_flops(line: str, result: str, lhs: list[int], rhs: list[int]) -> float:
+    """2 x multiply-adds of one convolution: per output element of the non-window dims, the kernel's input
+    features x the valid taps of every window dim."""
+    labels = _DIM_LABELS.search(line)
+    if not labels or len(labels.group(1)) != len(lhs) or len(labels.group(2)) != len(rhs):
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    out_elems, out_dims = _elements(result)
+    if len(out_labels) != len(out_dims):
+        return 0.0
+    fields: dict[str, str] = {}
+    window = _WINDOW.search(line)
+    if window:
+        fields = dict(kv.split("=", 1) for kv in window.group(1).split() if "=" in kv)
+    spatial = sorted(c for c in rhs_labels if c.isdigit())
+
+    def per_dim(key: str, default: int) -> list[int]:
+        values = [int(x) for x in fields.get(key, "").split("x") if x]
+        return values if len(values) == len(spatial) else [default] * len(spatial)
+
+    sizes = [rhs[rhs_labels.index(c)] for c in spatial]
+    strides, lhs_dil, rhs_dil = per_dim("stride", 1), per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+    pads = [tuple(int(v) for v in x.split("_")) for x in fields.get("pad", "").split("x") if "_" in x]
+    pads = pads if len(pads) == len(spatial) else [(0, 0)] * len(spatial)
+    macs = float(rhs[rhs_labels.index("i")]) if "i" in rhs_labels else 1.0
+    outer = float(out_elems)
+    for k, c in enumerate(spatial):
+        n = lhs[lhs_labels.index(c)] if c in lhs_labels else 1
+        outer /= max(out_dims[out_labels.index(c)], 1) if c in out_labels else 1
+        macs *= _valid_taps(n, sizes[k], strides[k], *pads[k], lhs_dil[k], rhs_dil[k])
+    return 2.0 * outer * macs
+
+
+def _elements(shape_text: str) -> tuple[int, list[int]]:
+    """(elements, dims) of the first array shape in `shape_text` (0, [] if none)."""
+    m = _ARRAY.search(shape_text)
+    if not m:
+        return 0, []
+    dims = [int(d) for d in filter(None, m.group(2).split(","))]
+    n = 1
+    for d in dims:
+        n *= d
+    return n, dims
+
+
+def matmul_flops(hlo_text: str, unbounded_loops_only: bool = False) -> float:
+    """Flops of every matmul (and Pallas kernel) in a compiled module, times how often it runs (loop trip
+    counts multiplied in; see `collective_bytes` for loops and `unbounded_loops_only`)."""
+    computations, entry = _split_computations(hlo_text)
+    if entry is None:
+        return 0.0
+    counts = _counts(computations, entry, unbounded_loops_only)
+    total = 0.0
+    for comp, lines in computations.items():
+        times = counts.get(comp, 0)
+        if not times:
+            continue
+        instructions = _instructions(lines)
+        shapes = {n: result for n, result, *_ in instructions}
+        for _, result, op, operands, line in instructions:
+            if op == "custom-call":
+                m = _CUSTOM_FLOPS.search(line)
+                total += float(m.group(1)) * times if m else 0.0
+                continue
+            if op not in ("convolution", "dot") or len(operands) < 2:
+                continue
+            out, _ = _elements(result)
+            if op == "dot":
+                _, lhs = _elements(shapes.get(operands[0], ""))
+                m = _CONTRACTING.search(line)
+                contracted = 1
+                for d in filter(None, m.group(1).split(",")) if m else ():
+                    contracted *= lhs[int(d)] if int(d) < len(lhs) else 1
+            else:
+                _, lhs = _elements(shapes.get(operands[0], ""))
+                _, rhs = _elements(shapes.get(operands[1], ""))
+                total += _conv_flops(line, result, lhs, rhs) * times
+                continue
+            total += 2.0 * out * contracted * times
+    return total

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Params = dict[str, Any]
 
@@ -197,7 +198,8 @@ class Attention(nnx.Module):
         q = self.q(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = self.k(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
+        q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        return checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
 
     def out(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         return self.o(attention(q, k, v, mask))
@@ -278,7 +280,7 @@ class Qwen2(nnx.Module):
         attn_mask: jax.Array,
         cache: KVCache | None,
         dtype: Any,
-        remat: bool,
+        remat: bool | str,
     ) -> tuple[jax.Array, KVCache | None]:
         x = self.embed(tokens).astype(dtype)
         attn_mask = attn_mask.astype(bool)
@@ -298,19 +300,67 @@ def _layers(
     x: jax.Array,
     positions: jax.Array,
     attn_mask: jax.Array,
-    remat: bool,
+    remat: bool | str,
 ) -> jax.Array:
     """Uncached: the T tokens attend causally to each other, one scanned layer body."""
-    t = x.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None] & attn_mask[:, None, :]
+    mask = CausalMask(attn_mask)
+    gather = _fsdp_gather(positions, x.dtype)
 
     def body(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+        x, state = gather(x, state)
         return nnx.merge(layer_def, state)(x, positions, mask), None
 
     if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=remat_policy(remat))
     x, _ = jax.lax.scan(body, x, layer_state)
     return x
+
+
+# train.remat_policy (trainer/config.py declares the key and its values): what a remat'd layer keeps for
+# the backward pass instead of recomputing it. Names are tagged with checkpoint_name in the layer code.
+REMAT_POLICIES: dict[str, Any] = {
+    # Only each layer's input (the scan carry): the whole layer is recomputed in the backward pass.
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    # Every weight matmul's output (q/k/v/o, gate/up/down): only elementwise work and attention recomputed.
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The attention block's q/k/v and context (the attention's inputs and output): the backward recomputes
+    # the MLP and the attention probabilities, not the q/k/v projections or the context.
+    "save_attention": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_context"),
+    # The weight matmuls' outputs as dots_with_no_batch_dims_saveable, kept in host memory, not HBM.
+    "offload_dots_to_host": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def remat_policy(remat: bool | str) -> Any:
+    """True -> nothing_saveable (the default); a name -> that policy of REMAT_POLICIES."""
+    return REMAT_POLICIES["nothing_saveable" if remat is True else remat]
+
+
+def _fsdp_gather(positions: jax.Array, dtype: Any) -> Any:
+    """FSDP for the training forward: each layer's weights, cast to the compute dtype, gathered whole, and
+    the activations kept split over the batch axes. Left alone, GSPMD serves the fsdp-sharded weights by
+    all-gathering the ACTIVATIONS of the whole micro-batch (several times a layer, and their gradients
+    back): at 3B on a v6e-8 that moved ~790 GB per chip per update step, ~10x what gathering the bf16
+    weights moves. Only on a mesh with an fsdp axis and no tp axis (tp keeps GSPMD's own choices)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(jax.typeof(positions).sharding, "mesh", None)
+    shape = {} if mesh is None or mesh.empty else dict(mesh.shape)
+    if shape.get("fsdp", 1) == 1 or shape.get("tp", 1) != 1:
+        return lambda x, state: (x, state)
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("dp", "fsdp")))
+
+    def weight(w: jax.Array) -> jax.Array:
+        w = w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w  # the layers use it as dtype
+        return jax.lax.with_sharding_constraint(w, whole)
+
+    def gather(x: jax.Array, state: nnx.State) -> tuple[jax.Array, nnx.State]:
+        if x.shape[0] % (shape.get("dp", 1) * shape["fsdp"]):
+            return x, state
+        return jax.lax.with_sharding_constraint(x, rows), jax.tree.map(weight, state)
+
+    return gather
 
 
 def _cached_layers(
@@ -496,10 +546,26 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool.
+class CausalMask(NamedTuple):
+    """The training forward's mask, kept implicit: causal over the T tokens, keys at padding masked."""
+
+    valid: jax.Array  # [B, T] bool (False = padding)
+
+    def dense(self) -> jax.Array:
+        t = self.valid.shape[1]
+        return jnp.tril(jnp.ones((t, t), bool))[None] & self.valid[:, None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | CausalMask) -> jax.Array:
+    """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool, or a
+    CausalMask (then, lowered for TPU, the Pallas flash-attention kernels: no [T, S] scores in HBM).
 
     Query heads are grouped onto their shared kv head with a reshape, so k/v are never repeated."""
+    if isinstance(mask, CausalMask):
+        if q.shape[1] % FLASH_BLOCK or q.shape[-1] % 128:  # the kernels' tiling; tiny test shapes
+            return attention(q, k, v, mask.dense())
+        dense = lambda q, k, v, valid: attention(q, k, v, CausalMask(valid).dense())
+        return jax.lax.platform_dependent(q, k, v, mask.valid, tpu=flash_attention, default=dense)
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, d)
@@ -507,7 +573,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq * d)
+    return checkpoint_name(out.reshape(b, t, hq * d), "attn_context")
+
+
+FLASH_BLOCK = 128  # the flash kernels' default tile (BlockSizes.get_default); T must be a multiple
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """Causal attention with padded keys masked, by jax's Pallas TPU flash-attention kernels, per device on
+    its own rows (a Pallas kernel is opaque to GSPMD, which would gather every row to every device).
+
+    Padding is a segment of its own (segment id 0): real queries see only real keys, as with the dense
+    mask; a padding query sees padding keys instead of real ones, which changes nothing the loss reads
+    (its position carries no loss and no later real query attends to it). k/v heads are repeated to the
+    query heads (the kernels take one kv head per query head)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    from trainer.kernels.mesh import token_axes, token_mesh
+
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+        b, t, hq, d = q.shape
+        group = hq // k.shape[2]
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] -> [B, H, T, D]
+        kk, vv = (heads_first(jnp.repeat(x, group, axis=2)) for x in (k, v))
+        seg = valid.astype(jnp.int32)
+        out = fa.flash_attention(
+            heads_first(q), kk, vv, segment_ids=fa.SegmentIds(seg, seg), causal=True, sm_scale=d**-0.5
+        )
+        return checkpoint_name(jnp.swapaxes(out, 1, 2).reshape(b, t, hq * d), "attn_context")
+
+    mesh = token_mesh(valid)
+    axes = token_axes(mesh, valid.shape[0])
+    if not axes:
+        return local(q, k, v, valid)
+    rows = jax.sharding.PartitionSpec(axes)
+    per_device = jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows, check_vma=False)
+    return per_device(q, k, v, valid)
 
 
 def forward(
@@ -519,14 +620,15 @@ def forward(
     cache: KVCache | None = None,
     dtype: Any = jnp.bfloat16,
     *,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder. tokens/positions: [B, T] int32; attn_mask: [B, T] bool (False = padding).
 
     Without a cache the T tokens attend causally to each other. With a cache they are written at slots
     [cache.index, cache.index + T) and attend to every valid earlier slot (prefill: T = prompt length;
     decode: T = 1). Returns the final-normed hidden states [B, T, H] in `dtype` and the updated cache.
-    `remat=True` recomputes each layer's activations in the backward pass (training memory)."""
+    `remat=True` recomputes each layer's activations in the backward pass (training memory); a
+    REMAT_POLICIES name picks what each layer keeps instead."""
     return module(params, cfg)(tokens, positions, attn_mask, cache, dtype, remat)
 
 

@@ -1,5 +1,5 @@
 """python -m trainer.preflight --config CONFIG [--accelerator v6e-8] [--set key=value]... [--headroom 0.10]
-                             [--json] [--suggest]
+                             [--json] [--suggest] [--compile-cache DIR]
 
 Compiles the run's real programs for a TPU slice on THIS host (no TPU, no weights, no tokenizer, no network):
 libtpu's compiler targets the abstract devices of the accelerator's topology, and each program's
@@ -14,19 +14,28 @@ the shardings the run uses):
   eval            the periodic eval (the sampler's program at the eval batch; skipped when eval is off)
   eval_full       the full greedy sweep (eval_full_batch_size rows; a run may switch it on by env flag)
   prefill         the rollout sampler's prefill alone (the prompt bucket, the first sampled token)
-  decode_step     ONE step of the rollout sampler's decode loop (the loop body itself, compiled alone:
-                  no loop around it, so XLA's cost analysis counts its HBM bytes once, as they happen)
+  decode_step     ONE step of the rollout sampler's decode loop (the loop body itself, compiled alone)
+  behaviour_logprobs  the old policy's log-probs (only when train.ppo_epochs > 1)
 
 Per chip: peak = arguments + temp + outputs - aliased (XLA's own check compares temp alone with HBM, so a
 program whose arguments and temp exceed HBM can still compile). A program fits when peak <= usable HBM x
-(1 - headroom). The time column is a roofline ESTIMATE from XLA's cost analysis and the chip's published
-peak flops and HBM bandwidth: loop bodies (layers, micro-batches, decode steps) are counted once by XLA,
-so it is a lower bound of one pass, not a step time.
+(1 - headroom).
 
-Every program also reports the bytes its collectives move per chip, by kind, read from the compiled HLO
-(trainer/hlo_stats.py, loop trip counts included), and the estimate adds them at the chip's published
-inter-chip (ICI) bandwidth. For the sampler that makes decode_step's estimate the time of one generated
-token: x max new tokens (plus prefill) is the estimated rollout, the "decode" line of the report.
+Time: every entry carries `flops`, `hbm_bytes`, `collective_bytes` per chip, read off the compiled text
+with every loop trip counted (the layer scan, the micro-batch loop; trainer/hlo_stats.py: matmul flops,
+a Pallas kernel's CostEstimate, HBM bytes per instruction, collectives by kind), and one roofline ESTIMATE
+
+    estimated_s = max(flops / peak FLOP/s, hbm_bytes / HBM bandwidth) + collective_bytes / ICI bandwidth
+
+with the chip's published figures (grpoctl_contract/accelerators.py). XLA's own cost analysis counts each
+loop body once; it is kept beside (`xla_flops`, `bytes_accessed`, `xla_estimated_s`). A loop whose trip
+count depends on data (the sampler's decode loop) is counted once, and its one iteration is reported
+apart (`data_loop`). `decode_estimate` is prefill + decode_step x max new tokens; `grpo_step` is one whole
+GRPO step (rollout + log-prob passes + update + amortised eval, see `grpo_step`), device work only: no
+host time, rewards, Python or dispatch.
+
+`--compile-cache DIR` keeps each compiled program's analysis and HLO keyed by its lowered module, so an
+unchanged program (a 3B update step takes many minutes) is read back instead of compiled again.
 
 Exit codes: 0 everything fits; 2 something does not fit (one line naming the program, T and GiB) or the
 config is bad; 4 the preflight cannot run on this host (no libtpu: Linux x86_64 only).
@@ -36,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -43,36 +54,18 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from grpoctl_contract.accelerators import CHIPS, Chip
 from grpoctl_contract.progress import PREFLIGHT_COMPILED
-from trainer.hlo_stats import collective_bytes, hbm_traffic
+from trainer.hlo_stats import collective_bytes, hbm_traffic, matmul_flops
 
 GIB = 1024**3
 EXIT_DOES_NOT_FIT = 2
 EXIT_HOST = 4
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Per-chip facts: HBM XLA may use, peak bf16 flops, HBM bandwidth (published figures)."""
-
-    kind: str
-    usable_bytes: int
-    peak_flops: float
-    hbm_bytes_per_s: float
-    ici_bytes_per_s: float  # one chip's published inter-chip bandwidth (all links)
-
-
-# Usable HBM: v6e's 31.25 GiB is what XLA reports on the chip (32 GiB less its reservation); the others
-# assume the same 1/128 reservation of their published HBM.
-CHIPS = {
-    # ICI: Google's per-chip figures, 3584 / 1600 / 4800 / 2400 Gbit/s.
-    "v6e": Chip("v6e", int(31.25 * GIB), 918e12, 1.64e12, 448e9),
-    "v5e": Chip("v5e", int(15.875 * GIB), 197e12, 0.819e12, 200e9),
-    "v5p": Chip("v5p", int(94.25 * GIB), 459e12, 2.765e12, 600e9),
-    "v4": Chip("v4", int(31.75 * GIB), 275e12, 1.2e12, 300e9),
-}
 _ALIASES = {"v5litepod": "v5e", "v6e": "v6e", "v5e": "v5e", "v5p": "v5p", "v4": "v4"}
 # v6e/v5e slices name chips; v5p/v4 name TensorCores (2 per chip).
 _CORES_PER_CHIP = {"v6e": 1, "v5e": 1, "v5p": 2, "v4": 2}
@@ -141,16 +134,20 @@ class FunctionReport:
     temp_bytes: int
     generated_code_bytes: int
     compile_s: float
-    flops: float
-    bytes_accessed: float
-    estimated_s: float
-    hbm_bytes: float = 0.0  # = bytes_accessed (XLA's cost analysis): HBM traffic per chip, loop bodies once
+    # The roofline inputs, per chip, read off the compiled text with every loop trip counted (layer scan,
+    # micro-batches; a loop whose trip count depends on data, the sampler's decode loop, counts once):
+    flops: float  # matmul flops (hlo_stats.matmul_flops; a Pallas kernel counts its CostEstimate)
+    bytes_accessed: float  # XLA's cost analysis: HBM bytes with every loop body counted ONCE
+    estimated_s: float  # max(flops / peak, hbm_bytes / HBM bandwidth) + collective_bytes / ICI bandwidth
+    hbm_bytes: float = 0.0  # HBM bytes, every loop trip counted (hlo_stats.hbm_traffic)
     collective_bytes: int = 0  # sum of `collectives`
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # {kind: bytes per chip}
-    # HBM bytes read off the compiled text instead, every loop trip counted (hlo_stats.hbm_traffic), and
-    # the same estimate from them: XLA's figure counts loop bodies (the layer scan) once.
-    hbm_bytes_counted: int = 0
-    estimated_s_counted: float = 0.0
+    # XLA's own cost analysis (loop bodies once) and the same formula on it, for comparison.
+    xla_flops: float = 0.0
+    xla_estimated_s: float = 0.0
+    # One iteration of the loops whose trip count depends on data (the decode loop of a whole sampler
+    # program): {"flops", "hbm_bytes", "collective_bytes"}, already counted once in the totals above.
+    data_loop: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
@@ -242,6 +239,11 @@ def programs_for(cfg: Any, devices: Sequence[Any]) -> tuple[list[Program], dict[
             seq_len,
         ),
     ]
+    if cfg.train.ppo_epochs > 1:  # the sampling policy's log-probs, once per step before the epochs
+        out.append(Program(
+            "behaviour_logprobs", train.behaviour_logprobs, (params, P.abstract_batch(cfg, mesh, seq_len)),
+            dict(model_cfg=model_cfg, loss_cfg=train.loss_config(cfg), num_micro=num_micro), seq_len,
+        ))
     if cfg.eval_every_steps:
         rows = P.sampler_rows(cfg.rollout.batch_size, cfg.rollout.n, mesh)
         out.append(Program(
@@ -260,7 +262,7 @@ def programs_for(cfg: Any, devices: Sequence[Any]) -> tuple[list[Program], dict[
     out.append(Program("decode_step", P.decode_step_program, decode_args, {}, width + rollout.max_new_tokens))
     facts = {
         "model": source, "mesh": dict(mesh.shape), "num_micro": num_micro,
-        "max_new_tokens": rollout.max_new_tokens,
+        "max_new_tokens": rollout.max_new_tokens, "sweep_max_new_tokens": sweep.max_new_tokens,
         # update_step is compiled with the lockstep parity's shadow provider in it when the config has one
         "policy_loss_impl": cfg.train.policy_loss_impl,
         "shadow_policy_loss_impl": cfg.train.shadow_policy_loss_impl,
@@ -303,7 +305,70 @@ def jax_leaves(tree: Any) -> list[Any]:
     return jax.tree.leaves(tree)
 
 
-def compile_program(p: Program, chip: Chip, headroom: float) -> FunctionReport:
+def _cache_key(lowered_text: str, chip: Chip, topology: str) -> str:
+    """The compiled program is a function of the lowered module, the target topology and the compiler."""
+    import importlib.metadata as md
+
+    import jax
+
+    try:
+        libtpu = md.version("libtpu")
+    except md.PackageNotFoundError:
+        libtpu = "?"
+    digest = hashlib.sha256()
+    for part in (lowered_text, chip.kind, topology, jax.__version__, libtpu):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What the preflight reads off one compiled program (cached as JSON + the gzipped HLO text)."""
+
+    memory: dict[str, int]  # argument / output / alias / temp / generated_code bytes per chip
+    flops: float  # XLA's cost analysis (loop bodies once)
+    bytes_accessed: float
+    text: str  # the compiled HLO module
+    compile_s: float
+
+
+def _compile(p: Program, topology: str, chip: Chip, cache: Path | None) -> Compiled:
+    """Compiles `p` (or reads it from `cache`, keyed by its lowered module: a 3B update step takes many
+    minutes to compile and an unchanged program need not be compiled twice)."""
+    t0 = time.perf_counter()
+    lowered = p.fn.lower(*p.args, **p.kwargs)
+    key = _cache_key(lowered.as_text(), chip, topology) if cache is not None else ""
+    if cache is not None and (cache / f"{key}.json").is_file() and (cache / f"{key}.hlo.gz").is_file():
+        try:
+            meta = json.loads((cache / f"{key}.json").read_text())
+            text = gzip.decompress((cache / f"{key}.hlo.gz").read_bytes()).decode()
+            return Compiled(meta["memory"], meta["flops"], meta["bytes_accessed"], text, meta["compile_s"])
+        except (OSError, ValueError, KeyError):
+            pass  # a torn entry: compile again
+    compiled = lowered.compile()
+    seconds = round(time.perf_counter() - t0, 2)
+    m = compiled.memory_analysis()
+    memory = {
+        k: int(getattr(m, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    flops, nbytes = _cost(compiled)
+    out = Compiled(memory, flops, nbytes, compiled.as_text(), seconds)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        meta = dict(name=p.name, memory=memory, flops=flops, bytes_accessed=nbytes, compile_s=seconds)
+        entries = ((".hlo.gz", gzip.compress(out.text.encode())), (".json", json.dumps(meta).encode()))
+        for suffix, data in entries:  # the JSON last: it marks the entry complete
+            tmp = cache / f"{key}{suffix}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(cache / f"{key}{suffix}")  # atomic: a preflight beside this one never reads half
+    return out
+
+
+def compile_program(
+    p: Program, chip: Chip, headroom: float, topology: str = "", cache: Path | None = None
+) -> FunctionReport:
     """Compiles one program and reads its per-chip memory and cost analysis.
 
     XLA refuses a program whose temporaries alone exceed HBM (RESOURCE_EXHAUSTED): that is reported as
@@ -311,7 +376,7 @@ def compile_program(p: Program, chip: Chip, headroom: float) -> FunctionReport:
     capacity = int(chip.usable_bytes * (1.0 - headroom))
     t0 = time.perf_counter()
     try:
-        compiled = p.fn.lower(*p.args, **p.kwargs).compile()
+        c = _compile(p, topology, chip, cache)
     except Exception as err:
         oom = _OOM.search(str(err))
         if oom is None:
@@ -324,32 +389,36 @@ def compile_program(p: Program, chip: Chip, headroom: float) -> FunctionReport:
             generated_code_bytes=0, compile_s=round(time.perf_counter() - t0, 2), flops=0.0,
             bytes_accessed=0.0, estimated_s=0.0,
         )
-    seconds = time.perf_counter() - t0
-    m = compiled.memory_analysis()
-    args, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
-    alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
+    m = c.memory
+    args, out, alias, temp = m["argument"], m["output"], m["alias"], m["temp"]
     peak = args + temp + out - alias
-    flops, nbytes = _cost(compiled)
-    text = compiled.as_text()
+    text = c.text
     collectives = collective_bytes(text)
     moved = sum(collectives.values())
+    flops = matmul_flops(text)
     counted = sum(r.hbm_bytes * r.count for r in hbm_traffic(text))
+    loop = {
+        "flops": matmul_flops(text, unbounded_loops_only=True),
+        "hbm_bytes": float(sum(r.hbm_bytes * r.count for r in hbm_traffic(text, unbounded_loops_only=True))),
+        "collective_bytes": float(sum(collective_bytes(text, unbounded_loops_only=True).values())),
+    }
     return FunctionReport(
         name=p.name, seq_len=p.seq_len, peak_bytes=peak, capacity_bytes=capacity, fits=peak <= capacity,
         mosaic_kernels=mosaic_kernels(text), argument_bytes=args, output_bytes=out,
-        alias_bytes=alias, temp_bytes=temp, generated_code_bytes=int(m.generated_code_size_in_bytes),
-        compile_s=round(seconds, 2), flops=flops, bytes_accessed=nbytes,
-        estimated_s=estimate_s(chip, flops, nbytes, moved), hbm_bytes=nbytes, collective_bytes=moved,
-        collectives=collectives, hbm_bytes_counted=counted,
-        estimated_s_counted=estimate_s(chip, flops, counted, moved),
+        alias_bytes=alias, temp_bytes=temp, generated_code_bytes=m["generated_code"],
+        compile_s=c.compile_s, flops=flops, bytes_accessed=c.bytes_accessed,
+        estimated_s=estimate_s(chip, flops, counted, moved), hbm_bytes=counted, collective_bytes=moved,
+        collectives=collectives, xla_flops=c.flops,
+        xla_estimated_s=estimate_s(chip, c.flops, c.bytes_accessed, moved),
+        data_loop=loop if any(loop.values()) else None,
     )
 
 
 def estimate_s(chip: Chip, flops: float, hbm_bytes: float, collective_bytes: float) -> float:
     """Roofline ESTIMATE: the slower of compute and HBM traffic, plus the collectives at the chip's ICI
-    bandwidth (added, not overlapped: decode's collectives sit between the matmuls that need them)."""
-    compute = max(flops / chip.peak_flops, hbm_bytes / chip.hbm_bytes_per_s)
-    return compute + collective_bytes / chip.ici_bytes_per_s
+    bandwidth (added, not overlapped: decode's collectives sit between the matmuls that need them); the
+    formula and constants live in grpoctl_contract/accelerators.py."""
+    return chip.estimate_s(flops, hbm_bytes, collective_bytes)
 
 
 def decode_estimate(functions: Sequence[dict[str, Any]], max_new_tokens: int) -> dict[str, float] | None:
@@ -360,18 +429,95 @@ def decode_estimate(functions: Sequence[dict[str, Any]], max_new_tokens: int) ->
         return None
     step = by_name["decode_step"]["estimated_s"]
     prefill = by_name.get("prefill", {}).get("estimated_s", 0.0)
-    step_counted = by_name["decode_step"].get("estimated_s_counted", 0.0)
-    prefill_counted = by_name.get("prefill", {}).get("estimated_s_counted", 0.0)
     return {
         "decode_step_s": step, "tokens": max_new_tokens, "decode_s": step * max_new_tokens,
         "prefill_s": prefill, "rollout_s": prefill + step * max_new_tokens,
-        "rollout_s_counted": prefill_counted + step_counted * max_new_tokens,
+    }
+
+
+_SUMS = ("flops", "hbm_bytes", "collective_bytes")
+
+
+def _looped(chip: Chip, f: dict[str, Any], trips: int, times: float = 1.0) -> dict[str, float]:
+    """A whole sampler program run `times` times with `trips` decode-loop iterations each: what lies outside
+    the data-dependent loop once, plus `trips` iterations, each piece through the roofline formula."""
+    loop = f.get("data_loop") or dict.fromkeys(_SUMS, 0.0)
+    outside = {k: f[k] - loop[k] for k in _SUMS}
+    seconds = estimate_s(chip, *(outside[k] for k in _SUMS))
+    seconds += trips * estimate_s(chip, *(loop[k] for k in _SUMS))
+    out = {k: times * (outside[k] + trips * loop[k]) for k in _SUMS}
+    return {**out, "estimated_s": times * seconds}
+
+
+def _once(f: dict[str, Any], times: float) -> dict[str, float]:
+    return {**{k: times * f[k] for k in _SUMS}, "estimated_s": times * f["estimated_s"]}
+
+
+def grpo_step(chip: Chip, functions: Sequence[dict[str, Any]], plan: dict[str, Any]) -> dict[str, Any] | None:
+    """One whole GRPO step of the config, per chip, device work only (see `step_plan`):
+
+      rollout   the sampler program: prefill + max_new_tokens decode steps (every row runs to the end)
+      logprob   the behaviour log-prob pass (ppo_epochs > 1; at beta > 0 the reference pass is inside the
+                update step's program and counted there)
+      update    the update step (every micro-batch and layer) x ppo_epochs, at the worst-case length
+      eval      the periodic eval, the frozen-policy baseline and the full sweeps, amortised per step
+
+    Each part applies the one roofline formula to each program (and to each decode iteration) it runs,
+    since programs run one after another; `estimated_s` is the sum of the parts, and flops / hbm_bytes /
+    collective_bytes the sums of theirs. None when a program it needs was not compiled (--only)."""
+    by_name = {f["name"]: f for f in functions}
+    needed = {"sampler", "update_step"} | ({"eval"} if plan["evals_per_step"] else set())
+    needed |= {"eval_full"} if plan["sweep_batches_per_step"] else set()
+    needed |= {"behaviour_logprobs"} if plan["ppo_epochs"] > 1 else set()
+    if not needed <= set(by_name):
+        return None
+    zero = {**dict.fromkeys(_SUMS, 0.0), "estimated_s": 0.0}
+    parts = {
+        "rollout": _looped(chip, by_name["sampler"], plan["max_new_tokens"]),
+        "logprob": _once(by_name["behaviour_logprobs"], 1.0) if plan["ppo_epochs"] > 1 else zero,
+        "update": _once(by_name["update_step"], plan["ppo_epochs"]),
+    }
+    evals = [zero]
+    if plan["evals_per_step"]:
+        evals.append(_looped(chip, by_name["eval"], plan["max_new_tokens"], plan["evals_per_step"]))
+    if plan["baselines_per_step"]:  # the frozen start policy's rollout: the sampler program again
+        evals.append(_looped(chip, by_name["sampler"], plan["max_new_tokens"], plan["baselines_per_step"]))
+    if plan["sweep_batches_per_step"]:
+        evals.append(_looped(chip, by_name["eval_full"], plan["sweep_max_new_tokens"],
+                             plan["sweep_batches_per_step"]))
+    parts["eval"] = {k: sum(e[k] for e in evals) for k in zero}
+    out: dict[str, Any] = {k: sum(p[k] for p in parts.values()) for k in _SUMS}
+    out["estimated_s"] = sum(p["estimated_s"] for p in parts.values())
+    out.update({f"{name}_s": p["estimated_s"] for name, p in parts.items()})
+    out["parts"] = parts
+    out["plan"] = dict(plan)
+    return out
+
+
+def step_plan(cfg: Any, max_new_tokens: int, sweep_max_new_tokens: int) -> dict[str, Any]:
+    """How often each program runs per GRPO step of `cfg` (eval and sweeps amortised over the run)."""
+    from trainer.progress import batches, eval_steps
+
+    steps = max(cfg.steps, 1)
+    evals = len(eval_steps(1, cfg.steps, cfg.eval_every_steps)) if cfg.eval_every_steps else 0
+    sweeps = (1 + int(cfg.eval_full_at_start)) if cfg.eval_full_sweep else 0
+    # The sweep's question count: eval_full_limit, else the split's (GSM8K test: 1319 questions).
+    questions = cfg.eval_full_limit or (1319 if cfg.data.source == "gsm8k" else cfg.eval_full_batch_size)
+    return {
+        "steps": cfg.steps,
+        "max_new_tokens": max_new_tokens,
+        "ppo_epochs": cfg.train.ppo_epochs,
+        "evals_per_step": evals * cfg.eval_batches_per_process / steps,
+        "baselines_per_step": (1.0 / cfg.baseline_every_steps) if cfg.baseline_every_steps else 0.0,
+        "sweep_batches_per_step": sweeps * batches(questions, cfg.eval_full_batch_size) / steps,
+        "sweep_max_new_tokens": sweep_max_new_tokens,
     }
 
 
 def run(
     cfg: Any, accelerator: str, headroom: float = 0.10,
     on_report: Callable[[FunctionReport], None] | None = None, only: Sequence[str] = (),
+    cache: Path | None = None,
 ) -> dict[str, Any]:
     """The preflight of `cfg` on `accelerator`: the --json object (see the module docstring)."""
     import jax
@@ -385,7 +531,7 @@ def run(
     for p in progs:
         if only and p.name not in only:
             continue
-        r = compile_program(p, acc.chip, headroom)
+        r = compile_program(p, acc.chip, headroom, acc.topology, cache)
         reports.append(r)
         if on_report is not None:
             on_report(r)
@@ -411,6 +557,9 @@ def run(
         "reason": reason,
         **facts,
         "decode_estimate": decode_estimate(functions, facts["max_new_tokens"]),
+        "grpo_step": grpo_step(
+            acc.chip, functions, step_plan(cfg, facts["max_new_tokens"], facts["sweep_max_new_tokens"])
+        ),
         "functions": functions,
     }
 
@@ -434,7 +583,7 @@ def render(result: dict[str, Any]) -> None:
     )
     table = Table(title=title)
     cols = ["function", "T", "args", "out", "alias", "temp", "code", "peak", "capacity", "fits",
-            "compile s", "Mosaic", "GFLOP", "GB accessed", "collectives MiB", "est. s (roofline)"]
+            "compile s", "Mosaic", "GFLOP", "HBM GB", "collectives MiB", "est. s (roofline)"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("function", "fits") else "right")
     for f in result["functions"]:
@@ -443,7 +592,7 @@ def render(result: dict[str, Any]) -> None:
             _gib(f["alias_bytes"]), _gib(f["temp_bytes"]), _gib(f["generated_code_bytes"]),
             _gib(f["peak_bytes"]), _gib(f["capacity_bytes"]), "yes" if f["fits"] else "NO",
             f"{f['compile_s']:.1f}", str(f["mosaic_kernels"]), f"{f['flops'] / 1e9:.1f}",
-            f"{f['bytes_accessed'] / 1e9:.2f}", f"{f['collective_bytes'] / 1024**2:.1f}",
+            f"{f['hbm_bytes'] / 1e9:.2f}", f"{f['collective_bytes'] / 1024**2:.1f}",
             f"{f['estimated_s']:.4f}",
         )
     console = Console(width=max(Console().width, 180))  # a wide table: never truncate the figures
@@ -455,16 +604,23 @@ def render(result: dict[str, Any]) -> None:
             f" {result.get('policy_loss_impl')} on every micro-batch (train.shadow_policy_loss_impl)."
         )
     console.print(
-        "est. s is a roofline ESTIMATE (max of flops / peak flops, bytes / HBM bandwidth) with every loop"
-        " body counted once, plus collectives at the chip's ICI bandwidth: a lower bound of one pass, not a"
-        " step time."
+        "est. s is a roofline ESTIMATE: max(flops / peak flops, HBM bytes / HBM bandwidth) + collective bytes"
+        " / ICI bandwidth per chip (grpoctl_contract/accelerators.py), every loop trip counted except a"
+        " decode loop's (once): device time only, not a measurement."
     )
     d = result.get("decode_estimate")
     if d:
         console.print(
             f"decode (ESTIMATE): {d['decode_step_s'] * 1e3:.2f} ms per decode step x {d['tokens']} tokens"
             f" = {d['decode_s']:.2f} s, + prefill {d['prefill_s']:.3f} s = {d['rollout_s']:.2f} s per rollout"
-            f" ({d['rollout_s_counted']:.2f} s by the compiled text's HBM bytes, every loop trip counted)"
+        )
+    g = result.get("grpo_step")
+    if g:
+        console.print(
+            f"GRPO step (ESTIMATE, per chip, device work only): {g['estimated_s']:.2f} s = rollout"
+            f" {g['rollout_s']:.2f} + log-probs {g['logprob_s']:.2f} + update {g['update_s']:.2f}"
+            f" + eval (amortised) {g['eval_s']:.2f}; {g['flops'] / 1e12:.1f} TFLOP,"
+            f" {g['hbm_bytes'] / 1e9:.1f} GB HBM, {g['collective_bytes'] / 1e9:.1f} GB collectives"
         )
 
 
@@ -512,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--suggest", action="store_true",
                         help="also find the largest micro_batch_size_per_device whose update step fits")
+    parser.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
+                        help="keep each compiled program's analysis and HLO here, keyed by its lowered"
+                        " module; an unchanged program is read back instead of compiled again")
     parser.add_argument("--only", action="append", default=[], metavar="FUNCTION",
                         help="compile only these functions (repeatable; for benchmarks)")
     args = parser.parse_args(argv)
@@ -536,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PREFLIGHT_COMPILED}{r.name} in {r.compile_s:.1f} s: peak {r.peak_bytes / GIB:.2f} GiB"
                   f" of {r.capacity_bytes / GIB:.2f}", file=sys.stderr, flush=True)
 
-        result = run(cfg, accelerator, args.headroom, on_report=printer, only=args.only)
+        result = run(
+            cfg, accelerator, args.headroom, on_report=printer, only=args.only, cache=args.compile_cache
+        )
         if args.suggest:
             result["suggest"] = suggest(cfg, accelerator, args.headroom)
     except PreflightError as err:

@@ -112,7 +112,7 @@ def loss_config(cfg: Config) -> grpo.LossConfig:
         shadow_impl=None if t.shadow_policy_loss_impl == "none" else t.shadow_policy_loss_impl,
         kernel_blocks=tuple(sorted(t.kernel_blocks.items())),
         compute_dtype=DTYPES[cfg.compute_dtype],
-        remat=t.remat,
+        remat=t.remat_policy if t.remat else False,
     )
 
 
@@ -499,8 +499,8 @@ def run(
             t.logger.log(cfg.steps, final)
             rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
                     f"on {int(final['eval_full/num_questions'])} questions")
-        t.logger.log(cfg.steps, ledger_metrics(rep.ledger()))  # W&B and the summary: where the time went
-        summary = t.logger.finish(cfg.steps)
+        # where the time went: into summary.json and W&B's summary (not a metrics.jsonl row of its own)
+        summary = t.logger.finish(cfg.steps, extra=ledger_metrics(rep.ledger()))
         rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
     except BaseException:

@@ -1,0 +1,83 @@
+"""The training forward's attention and remat options: the TPU flash-attention path against the dense one
+(Pallas TPU interpret mode on this CPU host), and every remat policy the config accepts.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from trainer import config as C
+from trainer import model as M
+
+
+def test_flash_attention_matches_the_dense_mask_at_every_real_token():
+    """Left and right padding, GQA 2:1: outputs at real tokens and gradients of a loss that reads only real
+    tokens agree with the dense path (the kernels run in TPU interpret mode here)."""
+    b, t, hq, hkv, d = 2, 256, 2, 1, 128  # two 128-token blocks each way
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, t, hq, d))
+    k = jax.random.normal(ks[1], (b, t, hkv, d))
+    v = jax.random.normal(ks[2], (b, t, hkv, d))
+    valid = (jnp.arange(t)[None] < jnp.array([[200], [256]])).at[0, :10].set(False)
+    w = jax.random.normal(ks[3], (b, t, hq * d)) * valid[..., None]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, valid) * w)
+
+    dense = lambda q, k, v, valid: M.attention(q, k, v, M.CausalMask(valid).dense())
+    want, want_grads = jax.value_and_grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(q, k, v)
+    with pltpu.force_tpu_interpret_mode():
+        got, grads = jax.value_and_grad(lambda *a: loss(M.flash_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    assert abs(float(got - want)) <= 1e-5 * abs(float(want))
+    for g, ref in zip(grads, want_grads, strict=True):
+        assert float(jnp.max(jnp.abs(g - ref)) / jnp.max(jnp.abs(ref))) < 1e-5
+    assert float(jnp.max(jnp.abs(want_grads[0]))) > 0  # the check above can fail
+
+
+def test_causal_mask_on_cpu_is_the_dense_path_exactly():
+    """Lowered for CPU (or at shapes the kernels cannot tile) a CausalMask is the dense mask."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4 if i == 0 else 2, 16)) for i in range(3))
+    valid = jnp.arange(16)[None] < jnp.array([[12], [16]])
+    np.testing.assert_array_equal(
+        M.attention(q, k, v, M.CausalMask(valid)), M.attention(q, k, v, M.CausalMask(valid).dense())
+    )
+
+
+def test_every_config_remat_policy_is_a_model_policy_with_the_same_gradients():
+    names = typing.get_args(C.RematPolicy)
+    assert set(names) == set(M.REMAT_POLICIES)
+    cfg = M.Qwen2Config.tiny()
+    params = M.init_params(cfg, jax.random.key(0), jnp.float32)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    mask = jnp.ones((2, 8), bool).at[0, 6:].set(False)
+
+    def grads(remat):
+        def loss(p):
+            h, _ = M.forward(p, cfg, tokens, positions, mask, None, jnp.float32, remat=remat)
+            return jnp.sum(h * mask[..., None])
+
+        return jax.grad(loss)(params)
+
+    want = grads(False)
+    for name in names:
+        if name == "offload_dots_to_host" and jax.default_backend() == "cpu":
+            continue  # host offload needs a device with a separate host memory space
+        for a, b in zip(jax.tree.leaves(grads(name)), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)  # recompute order
+    with pytest.raises(KeyError):
+        M.remat_policy("everything_saveable")
+
+
+def test_remat_policy_is_a_config_key_with_a_clear_error():
+    cfg = C.load(None, ["train.remat=true", "train.remat_policy=save_attention"], environ={})
+    assert cfg.train.remat_policy == "save_attention"
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, ["train.remat_policy=save_everything"], environ={})
+    assert err.value.exit_code == 2 and "remat_policy" in str(err.value)
