@@ -243,7 +243,8 @@ class TpuTarget(Target):
         wrong = []
         if accel and accel != self.cfg.accelerator_type:
             wrong.append(f"accelerator {accel}, the config asks for {self.cfg.accelerator_type}")
-        if not self.cfg.queued and spot != self.cfg.spot:  # a queued resource holds spot-ness itself
+        # a queued resource holds spot-ness itself; spot: prefer takes either
+        if not self.cfg.queued and self.cfg.spot != "prefer" and spot != self.cfg.spot:
             wrong.append(f"spot={str(spot).lower()}, the config asks for spot={str(self.cfg.spot).lower()}")
         if not wrong:
             return
