@@ -102,3 +102,20 @@ def test_fsdp_update_step_gathers_weights_not_activations():
     gathered = re.findall(r"= ((?:bf16|f32)\[[\d,]*\])\S* all-gather(?:-start)?\(", text)
     assert gathered  # the weights are gathered (fsdp)
     assert not [g for g in gathered if "48" in re.findall(r"\d+", g)], gathered
+
+
+def test_the_3b_configs_name_the_fastest_remat_policy_that_benchmarks_md_says_fits():
+    """BENCHMARKS.md "Remat policies" table -> the fastest row that fits; both 3B configs name it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "BENCHMARKS.md").read_text()
+    section = text.split("## Remat policies", 1)[1].split("\n## ", 1)[0]
+    row = r"^\| (\w+) \| [\d.]+ \| [\d.]+ \| (yes|NO) \|(?: [^|]* \|){3} ([\d.]+) \|"
+    rows = re.findall(row, section, re.M)
+    assert len(rows) >= 3, section[:300]
+    best = min((float(est), name) for name, fits, est in rows if fits == "yes")[1]
+    for name in ("steps100.yaml", "steps100_pallas.yaml"):
+        cfg = C.load(root / "configs" / f"grpo_gsm8k_qwen25_3b_bs128_{name}", environ={})
+        assert cfg.train.remat and cfg.train.remat_policy == best, name
