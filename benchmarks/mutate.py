@@ -82,7 +82,9 @@ MODULES = (
         warmup="none",
     ),
     Module(
-        "compare", ("orchestrator/compare.py",), ("tests/test_compare.py", "tests/test_compare_groups.py")
+        "compare",
+        ("orchestrator/compare.py", "orchestrator/plots.py"),
+        ("tests/test_compare.py", "tests/test_compare_groups.py"),
     ),
     Module(
         "stats",

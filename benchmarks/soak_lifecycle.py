@@ -64,6 +64,7 @@ def main() -> int:
     for name, ok in checks.items():
         print(f"- {'PASS' if ok else 'FAIL'}: {name}")
     print("hits:", " ".join(out["injected"]))  # type: ignore[arg-type]
+    print("recoveries:", " ".join(f"{r['kind']}@{r['step']}" for r in out["recoveries"]))  # type: ignore[union-attr]
     return 0 if all(checks.values()) else 1
 
 

@@ -4,8 +4,8 @@ Format (one `KEY=VALUE` per line):
 - blank lines and lines starting with `#` are skipped; an optional `export ` prefix is allowed;
 - spaces around `=` are ignored; an unquoted value is stripped and ends at ` #` (an inline comment);
 - a value in matching single or double quotes is taken literally (no escapes), spaces included;
-- anything else (no `=`, a bad name, an unterminated quote, text after the closing quote) is an error
-  that names the line number, never the line: it may hold a secret.
+- anything else (no `=`, a bad name, an unterminated quote, text after the closing quote, a NUL byte) is
+  an error that names the line number, never the line: it may hold a secret.
 The file must be UTF-8. Value lengths are compared in UTF-8 BYTES on both ends.
 
 Run as a script on a worker (it needs only a python3, no checkout):
@@ -46,6 +46,8 @@ def parse(data: bytes | str, source: str = ".env") -> dict[str, str]:
         line = raw.rstrip("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
+        if "\0" in line:  # no environment can hold it: a C string ends there
+            raise EnvFileError(f"{source}: line {number}: holds a NUL byte")
         m = _LINE.match(line)
         if not m:
             raise EnvFileError(f"{source}: line {number}: expected KEY=VALUE")

@@ -6,7 +6,6 @@ callbacks (the session's `say`, `on_stage`, `on_poll`, `on_round`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from orchestrator import compare as cmp
-from orchestrator import notify, untrusted, validate
+from orchestrator import notify, plots, untrusted, validate, worker_data
 from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, InfraError, UsageError
@@ -248,18 +247,21 @@ def launch(
     overrides: Mapping[str, str] | None = None,
     force: bool = False,
     gate: bool = True,
+    flags: Mapping[str, str] | None = None,
 ) -> RunRecord:
     """Check the config here (validate.py), preflight (TPU targets, unless `gate` is off), then start the
-    run on every worker; returns its saved record as soon as every worker has a pid."""
-    env, overrides = dict(env or {}), dict(overrides or {})
-    config = check_run(session, config, overrides, env)
+    run on every worker; returns its saved record as soon as every worker has a pid. `env`: the secrets
+    (`--secret`: a 0600 file on the workers, never stored); `flags`: the `-e` values, which are not secret
+    (stored, shown, exported)."""
+    env, overrides, flags = dict(env or {}), dict(overrides or {}), dict(flags or {})
+    config = check_run(session, config, overrides, flags)  # the env flags switch config keys on
     if gate:
-        preflight_gate(session, config, overrides, env)
+        preflight_gate(session, config, overrides, flags)
     machine = None if session.dry_run else session.target.machine()
     for warning in machine.warnings if machine is not None else ():  # said before anything is paid for
         session.say(f"warning: {session.target_name}: {warning}")
     return launch_ops.start_run(
-        session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force
+        session, config, env=env, trainer_args=launch_ops.set_args(overrides), force=force, flags=flags
     )
 
 
@@ -304,13 +306,13 @@ def _ledger_line(record: RunRecord, prices: Mapping[str, Any]) -> str:
 
 
 def reattach(record: RunRecord, env: Mapping[str, str]) -> None:
-    """Give a stored run its `-e` values again (never stored) before it is waited for or relaunched;
-    refuses, before anything is recreated, when one is missing (a relaunch could not give it to the job)."""
+    """Give a stored run its secrets again (never stored) before it is waited for or relaunched; refuses,
+    before anything is recreated, when one is missing (a relaunch could not give it to the job)."""
     missing = sorted(set(record.env_names) - set(env))
     if missing:
         raise UsageError(
-            f"run {record.run_id} was launched with -e {', '.join(missing)}: pass them again "
-            "(-e NAME=VALUE; their values are secrets and never stored)"
+            f"run {record.run_id} was launched with --secret {', '.join(missing)}: pass them again "
+            "(" + " ".join(f"--secret {m}" for m in missing) + "; secret values are never stored)"
         )
     record.env = dict(env)
 
@@ -407,11 +409,11 @@ def final_summary(session: Session, record: RunRecord) -> dict[str, Any]:
         return {}
     try:
         t = session.target.transports()[0]
-        data = t.get(f"{absolute_remote_dir(t, record.remote_dir)}/{record.run_dir}/{rundir.SUMMARY}")
-        summary = json.loads(data)
-    except (GrpoctlError, OSError, ValueError):
+        path = f"{absolute_remote_dir(t, record.remote_dir)}/{record.run_dir}/{rundir.SUMMARY}"
+        # bounded and validated like every worker file (untrusted.py, worker_data.py)
+        return worker_data.summary(untrusted.read(t, path, untrusted.SUMMARY), path)
+    except (GrpoctlError, OSError):
         return {}
-    return summary if isinstance(summary, dict) else {}
 
 
 def _redactor(session: Session, record: RunRecord, worker: int, env_file: str) -> Callable[[str], str]:
@@ -505,7 +507,7 @@ def compare_folders(
         runs_a, runs_b, list(keys) if keys else None, margin=margin, labels=labels, names=names
     )
     if plot is not None:
-        cmp.plot(runs_a, runs_b, plot, labels=labels, names=names)
+        plots.plot(runs_a, runs_b, plot, labels=labels, names=names)
     return Compared(runs_a, runs_b, result, None if plot is None else Path(plot))
 
 
@@ -529,8 +531,9 @@ def compare(
 ) -> Compared:
     """Two arms side by side, with the verdicts. Each arm is a run id (fetched on demand), a fetched folder,
     or a comma-separated list of them (`s0,s1,s2`: the seeds of one arm)."""
-    if plot:  # before any fetch: a bad path is the user's to fix, nothing else should happen first
-        cmp.check_plot_path(plot)
+    if plot:  # before any fetch: a bad path (or no matplotlib) is the user's to fix, nothing happens first
+        plots.check_plot_path(plot)
+        plots.pyplot()
     try:
         cmp.stats.check_margin(margin)
     except ValueError as err:

@@ -8,6 +8,7 @@ to stderr. Expected errors print one line to stderr and exit with their code (er
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from orchestrator import api, initfile, recipes, render, untrusted
+from orchestrator import api, initfile, recipes, render, untrusted, validate
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
 from orchestrator.errors import GrpoctlError, UsageError
@@ -130,7 +131,8 @@ class Globals:
             self.say(line)
 
     def say(self, line: str) -> None:
-        self.err.print(line, markup=False)
+        # Progress lines may quote a worker (an unreachable worker's error, a job's stage): inert text.
+        self.err.print(untrusted.clean_text(line, 20_000), markup=False)
 
     def sessions(self, *, stall_after_s: float | None = None, attach_any: bool = False) -> api.Sessions:
         """The command's sessions (one per target it touches), closed when the command ends."""
@@ -257,6 +259,16 @@ def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
             raise UsageError(f"{what} {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
+
+
+def _secrets(names: list[str]) -> dict[str, str]:
+    """`--secret NAME` values: the environment, ./.env, else a prompt without echo (on a terminal only)."""
+    from orchestrator.ops import env as env_ops
+
+    def ask(name: str) -> str:
+        return getpass.getpass(f"{name} (not echoed): ")
+
+    return env_ops.resolve_secrets(names, prompt=ask if sys.stdin.isatty() else None)
 
 
 def _keys(keys: str | None) -> list[str]:
@@ -463,7 +475,14 @@ def run(
     env: Annotated[
         list[str],
         typer.Option(
-            "--env", "-e", help="KEY=VALUE for the job, a secret: 0600 file on the worker, stored by name."
+            "--env", "-e", help="KEY=VALUE for the job, NOT secret (stored, shown in reports): e.g. flags."
+        ),
+    ] = [],  # noqa: B006
+    secret: Annotated[
+        list[str],
+        typer.Option(
+            "--secret", help="NAME of a secret for the job: its value from the environment, .env or a prompt "
+            "(never on a command line; a 0600 file on the worker, stored by name only).",
         ),
     ] = [],  # noqa: B006
     set_: Annotated[list[str], typer.Option("--set", help="Trainer override key=value.")] = [],  # noqa: B006
@@ -487,11 +506,12 @@ def run(
     g = _globals(ctx)
     policy = _policy(recover, recover_on_exit_code, max_preemptions, max_failures, retry_wait)
     wait = wait or policy is not None
-    env_pairs, overrides = _parse_pairs(env, "--env"), _parse_pairs(set_, "--set")
+    flags, overrides = _parse_pairs(env, "--env"), _parse_pairs(set_, "--set")
+    secrets = _secrets(secret)
     with g.sessions(stall_after_s=stall_after, attach_any=attach_any) as sessions:
         session = sessions.get()
         record = api.launch(
-            session, config, env=env_pairs, overrides=overrides, force=force, gate=not no_preflight
+            session, config, env=secrets, flags=flags, overrides=overrides, force=force, gate=not no_preflight
         )
         g.debug(f"target {session.target_name} ({session.kind}): {record.remote_dir}, python {record.python}")
         for w in record.workers:
@@ -513,8 +533,10 @@ def run(
                 g.emit_json(render.status_json(record, session.config.prices))
             else:
                 made_up = " (made up by --dry-run)" if g.dry_run else ""
+                g.out.print(f"{record.run_id} {record.state}{made_up}", markup=False)  # what scripts read
                 accuracy = render.accuracy_text(api.final_summary(session, record))
-                g.out.print(f"{record.run_id} {render.state_text(record)}{accuracy}{made_up}", markup=False)
+                if accuracy:
+                    g.say(f"{record.run_id}: {accuracy}{made_up}")
                 if record.state is RunState.SUCCEEDED:
                     g.say(f"next: grpoctl fetch {record.run_id}")
 
@@ -587,15 +609,15 @@ def recover(
     max_preemptions: MaxPreemptions = _MAX_PREEMPTIONS,
     max_failures: MaxFailures = _MAX_FAILURES,
     retry_wait: RetryWait = _RETRY_WAIT,
-    env: Annotated[
-        list[str], typer.Option("--env", "-e", help="The run's -e KEY=VALUE again (never stored).")
+    secret: Annotated[
+        list[str], typer.Option("--secret", help="The run's --secret NAMEs again (values are never stored).")
     ] = [],  # noqa: B006
     attach_any: AttachAny = False,
 ) -> None:
     """Wait for a run as `run --recover` would: a PREEMPTED one is recreated and relaunched at once,
     with the same run id (it resumes from its checkpoints)."""
     g = _globals(ctx)
-    secrets = _parse_pairs(env, "--env")
+    secrets = _secrets(secret)
     policy = _policy(True, recover_on_exit_code, max_preemptions, max_failures, retry_wait)
     assert policy is not None
     with g.sessions(attach_any=attach_any) as sessions:
@@ -753,16 +775,24 @@ def preflight(
 ) -> None:
     """Compile the run's functions for the TPU on this machine; exit 2 if one does not fit in HBM."""
     g = _globals(ctx)
-    report = pf.run(
-        config,
-        overrides=_parse_pairs(set_, "--set"),
-        env=_parse_pairs(env, "--env"),
-        accelerator=accelerator or api.accelerator_for(g.config_file, g.target),
-        headroom=headroom,
-        suggest=suggest,
-        use_cache=not no_cache,
-        say=g.say,
-    )
+    config = validate.normalise_config_path(config)
+    overrides, flags = _parse_pairs(set_, "--set"), _parse_pairs(env, "--env")
+    accelerator = accelerator or api.accelerator_for(g.config_file, g.target)
+    try:
+        report = pf.run(
+            config,
+            overrides=overrides,
+            env=flags,
+            accelerator=accelerator,
+            headroom=headroom,
+            suggest=suggest,
+            use_cache=not no_cache,
+            say=g.say,
+            cached_only=g.dry_run,  # a dry run never compiles (minutes for a 3B model)
+        )
+    except pf.NotCached:
+        g.say(f"dry run: nothing cached; `{pf.command(config, accelerator, overrides, flags)}` compiles it")
+        return
     if g.json or json_out:
         g.emit_json(report.raw)
     else:

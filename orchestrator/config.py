@@ -248,6 +248,53 @@ def read_text_utf8(path: Path) -> str:
         ) from None
 
 
+# A YAML file grpoctl reads (grpoctl.yaml, an SOP) expands to at most this many values once its aliases are
+# followed: a "billion laughs" file (aliases of aliases) is refused in one line instead of filling memory.
+YAML_MAX_NODES = 100_000
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """SafeLoader that counts the values its aliases expand to while it composes the document."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.expanded: dict[int, int] = {}  # node id -> values it stands for, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        node = super().compose_node(parent, index)  # an alias returns the anchored node again
+        self._size(node)
+        return node
+
+    def _size(self, node: yaml.Node) -> int:
+        key = id(node)
+        if key not in self.expanded:
+            if isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self.expanded.get(id(k), 1) + self.expanded.get(id(v), 1)
+                               for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self.expanded.get(id(v), 1) for v in node.value)
+            else:
+                size = 1
+            self.expanded[key] = size
+            if size > YAML_MAX_NODES:
+                raise yaml.YAMLError(f"expands to more than {YAML_MAX_NODES} values (aliases of aliases?)")
+        return self.expanded[key]
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """THE YAML reader for files grpoctl reads: safe tags only, aliases limited (YAML_MAX_NODES), nesting
+    limited; anything else is one UsageError line naming the file."""
+    try:
+        return yaml.load(text, Loader=_CountingLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = "" if mark is not None else f": {err}"
+        raise UsageError(f"{source}:{where} malformed YAML{problem}") from None
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> GrpoctlConfig:
     """Load and validate the config; raise `UsageError` with one line naming the key and file."""
     explicit = path or os.environ.get(CONFIG_ENV)
@@ -259,10 +306,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> GrpoctlConfig:
         file = Path(DEFAULT_CONFIG_NAME)
         if not file.is_file():
             return GrpoctlConfig()
-    try:
-        data = yaml.safe_load(read_text_utf8(file))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{file}:{where} malformed YAML") from None
-    return parse_config(data, str(file))
+    return parse_config(safe_yaml(read_text_utf8(file), str(file)), str(file))

@@ -427,13 +427,13 @@ def doctor(
     if cfg is None:
         return checks
     try:
-        names = [cfg.target(target)[0]] if target else list(cfg.targets)
+        chosen = [cfg.target(target)] if target else list(cfg.targets.items())
     except UsageError as err:
         return [*checks, Check("target", FAIL, str(err), "pass a --target the config defines")]
-    if any(cfg.targets[n].kind != "local" for n in names):
+    if any(t.kind != "local" for _, t in chosen):
         checks.append(check_repo(cfg))
-    for name in names:
-        checks += check_target(name, cfg.targets[name])
+    for name, target_cfg in chosen:
+        checks += check_target(name, target_cfg)
     return checks
 
 
@@ -452,8 +452,15 @@ def before_up(
     checks = []
     for file, optional in env_files:
         check = check_env_file(file, runs)
-        if optional and check.status == WARN:  # an optional file that is absent: nothing to say
-            continue
+        if check.status == WARN and not Path(file).is_file():
+            if optional:  # an optional file that is absent: nothing to say
+                continue
+            check = Check(
+                ".env",
+                FAIL,
+                f"no {file}: the SOP's env_push step pushes it",
+                f"create {file} (KEY=VALUE lines), or make the step `env_push: {{optional: true}}`",
+            )
         checks.append(check)
     if syncs_remote:
         checks.append(check_repo(cfg, reach=reach, local_path=WARN))

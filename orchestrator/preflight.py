@@ -183,15 +183,14 @@ class Probe:
     system: str = ""
 
     def unavailable_reason(self) -> str | None:
+        where = f"{self.system} {self.machine}".strip()
+        linux_x86 = (self.system, self.machine) == ("Linux", "x86_64")
         if self.jax is None:
+            if not linux_x86 and self.system:  # the laptop-only install on macOS / Windows / ARM
+                return f"{self.python} has no jax, and libtpu ships for Linux x86_64 only (this is {where})"
             return f"{self.python} has no jax (pip install -e '.[trainer,tpu]')"
         if self.libtpu is None:
-            where = f"{self.system} {self.machine}".strip()
-            hint = (
-                "libtpu ships for Linux x86_64 only"
-                if (self.system, self.machine) != ("Linux", "x86_64")
-                else "pip install -e '.[tpu]'"
-            )
+            hint = "libtpu ships for Linux x86_64 only" if not linux_x86 else "pip install -e '.[tpu]'"
             return f"no libtpu for {self.python} on {where} ({hint})"
         if not self.has_preflight:
             return f"the trainer at {self.trainer} has no preflight (trainer/preflight.py)"

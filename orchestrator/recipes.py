@@ -252,7 +252,8 @@ def bootstrap(repo_dir: str, extras: Sequence[str]) -> str:
 def parse_stage(line: str) -> tuple[int, int, str] | None:
     """`STAGE=2/3 upgrade pip` -> (2, 3, "upgrade pip")."""
     m = re.fullmatch(r"STAGE=(\d+)/(\d+) (.*)", line.strip())
-    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+    # the label is worker text shown on a bar: inert (untrusted.clean)
+    return (int(m.group(1)), int(m.group(2)), untrusted.clean(m.group(3), untrusted.FIELD)) if m else None
 
 
 def parse_python(stdout: str) -> str | None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from rich.text import Text
 
 from orchestrator import ledger as ledger_mod
 from orchestrator.lifecycle.monitor import OnPoll, Poll
-from orchestrator.lifecycle.states import RunState, is_terminal
+from orchestrator.lifecycle.states import RunState, is_terminal, label
 from orchestrator.ops import watch as watch_ops
 from orchestrator.phaseview import PhaseView, eta_text
 from orchestrator.runs import RunRecord
@@ -43,8 +42,9 @@ def progress_text(record: RunRecord) -> str:
     return f"{phase['text']} {eta_text(phase['eta_s'], phase.get('phase_eta_s'))}"
 
 
-# Exit codes of a job ended by `grpoctl stop` (TERM, then KILL after the grace period): 128 + signal.
-STOPPED_CODES = frozenset({128 + signal.SIGTERM, 128 + signal.SIGKILL})
+# Exit codes of a job ended by `grpoctl stop` (TERM, then KILL after the grace period): 128 + signal, the
+# workers' (Linux) numbers, written out: Windows' `signal` module has no SIGKILL.
+STOPPED_CODES = frozenset({128 + 15, 128 + 9})
 
 
 def state_text(record: RunRecord) -> str:
@@ -94,22 +94,19 @@ def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | Non
 
 
 def accuracy_text(summary: dict[str, Any]) -> str:
-    """`  accuracy 0.086 -> 0.168` (the full eval sweep before GRPO step 1 -> after the last step), or the
-    end alone; `` without one."""
+    """`accuracy 0.086 -> 0.168 (full eval sweep, start -> end)` (before GRPO step 1 -> after the last
+    step), or the end alone; `` without one."""
     end, start = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
     if not isinstance(end, int | float):
         return ""
     if isinstance(start, int | float):
-        return f"  accuracy {start:.3f} -> {end:.3f}"
-    return f"  accuracy {end:.3f}"
+        return f"accuracy {start:.3f} -> {end:.3f} (full eval sweep, start -> end)"
+    return f"accuracy {end:.3f} (full eval sweep at the end)"
 
 
 def details(record: RunRecord) -> list[str]:
     """`status RUN`: everything about one run, a line each (what the one-line table leaves out)."""
-    workers = " ".join(
-        f"{w.worker}:{w.state if w.state != 'FAILED' else f'FAILED({w.exit_code})'}@{w.host}"
-        for w in record.workers
-    )
+    workers = " ".join(f"{w.worker}:{label(w.state, w.exit_code)}@{w.host}" for w in record.workers)
     lines = [
         f"target: {record.target} ({record.target_kind})",
         f"config: {record.config}" + (f" {' '.join(record.trainer_args)}" if record.trainer_args else ""),

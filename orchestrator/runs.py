@@ -1,7 +1,8 @@
-"""Run records: what was launched where, kept in SQLite in the user's state folder.
+r"""Run records: what was launched where, kept in SQLite in the user's state folder.
 
 `status` reads them back after the laptop sleeps or the shell closes. The folder is `$GRPOCTL_STATE_DIR`,
-else `$XDG_STATE_HOME/grpoctl`, else `~/.local/state/grpoctl`.
+else the platform's user state folder (platformdirs): `$XDG_STATE_HOME/grpoctl` or `~/.local/state/grpoctl`
+on Linux, `~/Library/Application Support/grpoctl` on macOS, `%LOCALAPPDATA%\grpoctl` on Windows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.lifecycle.states import RunState, parse
 
@@ -28,8 +31,7 @@ def state_dir() -> Path:
     explicit = os.environ.get(STATE_DIR_ENV)
     if explicit:
         return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "grpoctl"
+    return Path(platformdirs.user_state_dir("grpoctl", appauthor=False))
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -71,10 +73,12 @@ class RunRecord:
     exit_path: str
     run_dir: str
     ts: str
-    # `-e` values are secrets: they live in this process only (to launch, and relaunch on recovery), never
-    # in the store, `status --json` or a report; what is kept is their names.
+    # `--secret` values: they live in this process only (to launch, and relaunch on recovery), never in
+    # the store, `status --json` or a report; what is kept is their names.
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     env_names: list[str] = field(default_factory=list)
+    # `-e/--env` values: flags that are not secret (EVAL_FULL_SWEEP=1), stored and shown like the config.
+    flags: dict[str, str] = field(default_factory=dict)
     trainer_args: list[str] = field(default_factory=list)
     workers: list[WorkerRun] = field(default_factory=list)
     state: RunState = RunState.STARTING

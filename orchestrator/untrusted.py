@@ -147,8 +147,23 @@ def strict_json(data: Any) -> Any:
     return data
 
 
-# Characters that mean something in Markdown (inline or at a line's start), and the table separator.
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+\-.!|~=])")
+# Characters that mean something inside a Markdown line (emphasis, code, links, HTML, table cells). Those
+# that matter only at a line's start (#, -, >, 1.) cannot: a cleaned string holds no line break.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
+
+
+# What a commit, a hash, a run id or a URL is made of: shown as it is (a code span for `code`) when nothing
+# else is in it; anything else goes through `md`.
+_MD_PLAIN = re.compile(r"[A-Za-z0-9._:/@+=%?&#~-]*")
+
+
+def md_value(text: Any, *, code: bool = False) -> str:
+    """A worker's identifier for a Markdown report: as it is (in backticks with `code`) when it holds only
+    identifier/URL characters, else escaped by `md` (never in backticks: a code span cannot escape)."""
+    text = str(text)
+    if len(text) <= FIELD and _MD_PLAIN.fullmatch(text):
+        return f"`{text}`" if code else text
+    return md(text, FIELD)
 
 
 def md(text: Any, max_chars: int = SCREEN_LINE) -> str:

@@ -61,8 +61,8 @@ class Source:
 
 
 def source(repo_url: str | None, branch: str | None, target_kind: str, cwd: Path | None = None) -> Source:
-    """The checkout and the ref the workers will run. The local target clones this checkout by path, so
-    it runs the local branch; remote workers clone origin, so they run `origin/<branch>`."""
+    """The checkout and the ref the workers will run: the local branch when they clone this checkout by
+    its path (the local target), else `origin/<branch>`."""
     cwd = cwd or Path.cwd()
     top = git(cwd, "rev-parse", "--show-toplevel")
     if top is None:
@@ -73,8 +73,9 @@ def source(repo_url: str | None, branch: str | None, target_kind: str, cwd: Path
     branch = branch or (git(root, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
     if not same or not branch or branch == "HEAD":
         return Source(root, None, same)
-    local = target_kind == "local" and (repo_url is None or repo_url == str(root))
-    ref = branch if local else f"origin/{branch}"
+    # The local target clones this checkout by path (as does any target whose repo.url is its path).
+    by_path = repo_url == str(root) or (target_kind == "local" and repo_url is None)
+    ref = branch if by_path else f"origin/{branch}"
     if git(root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}") is None:
         ref = None
     return Source(root, ref, same)

@@ -3,6 +3,7 @@ fetch-if-missing fetches once, dry-run results land in their own folder, progres
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,10 @@ def test_a_whole_dry_run_through_the_api(folder: Path, capsys: pytest.CaptureFix
         second = api.fetch_if_missing(s, record, "runs")
         assert second == api.LocalRun(first.folder, None) and len(s.script.journal) == calls  # no remote call
 
-        done = api.compare_folders(first.folder, first.folder, ["eval_full/accuracy"])
+        with pytest.raises(UsageError, match="a run appears twice"):  # a run against itself says nothing
+            api.compare_folders(first.folder, first.folder, ["eval_full/accuracy"])
+        other = shutil.copytree(first.folder, first.folder.parent / "other-run")
+        done = api.compare_folders(first.folder, other, ["eval_full/accuracy"])
         assert [row.key for row in done.result.rows] == ["eval_full/accuracy"] and done.plot is None
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""  # the api prints nothing: progress went to `say`
@@ -52,7 +56,7 @@ def test_reattach_refuses_a_run_whose_env_values_are_missing():
         env={"WANDB_API_KEY": "k", "B": "b"}, workers=[WorkerRun("w0", "localhost")],
     )  # fmt: skip
     stored = RunRecord.from_json(record.to_json())  # what the store gives back: names, no values
-    with pytest.raises(UsageError, match="launched with -e B: pass them again"):
+    with pytest.raises(UsageError, match="launched with --secret B: pass them again"):
         api.reattach(stored, {"WANDB_API_KEY": "k"})
     assert stored.env == {}
     api.reattach(stored, {"WANDB_API_KEY": "k", "B": "b"})

@@ -15,6 +15,7 @@ except ImportError:
     binomtest = None
 
 from orchestrator import compare as cmp
+from orchestrator import plots
 from orchestrator.errors import UsageError
 
 
@@ -79,9 +80,9 @@ def test_compare_runs_markdown_and_plot(tmp_path: Path):
     (tmp_path / "plots").mkdir()  # plot() never creates folders (see check_plot_path)
     if importlib.util.find_spec("matplotlib") is None:  # the plot extra is absent: one line says so
         with pytest.raises(UsageError, match=r"pip install 'grpoctl\[plot\]'"):
-            cmp.plot(a, b, tmp_path / "plots" / "ab.png")
+            plots.plot(a, b, tmp_path / "plots" / "ab.png")
         return
-    png = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
+    png = plots.plot(a, b, tmp_path / "plots" / "ab.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 def test_compare_without_eval_files_has_no_test(tmp_path: Path):
@@ -256,8 +257,8 @@ def test_run_files_are_read_strictly(tmp_path: Path):
     run = cmp.load_run(folder)
     assert run.run_id == "run-7" and run.summary == {"k": 1}
     assert run.eval_full == {"3": True, "q4": False}
-    assert cmp._series(run.metrics, ("nope", "loss", "train/loss")) == ("loss", [1, 3], [0.5, 0.25])
-    assert cmp._series(run.metrics, ("nope",)) is None
+    assert plots._series(run.metrics, ("nope", "loss", "train/loss")) == ("loss", [1, 3], [0.5, 0.25])
+    assert plots._series(run.metrics, ("nope",)) is None
     (folder / "eval_full.jsonl").write_text('{"id": 1, "correct": true}\n{broken\n')
     with pytest.raises(UsageError, match=r"eval_full.jsonl:2: not valid JSON"):
         cmp.load_run(folder)
@@ -286,8 +287,8 @@ def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_pat
     (tmp_path / "B" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
     b = cmp.load_run(tmp_path / "B")
     (tmp_path / "plots").mkdir()
-    out = cmp.plot(a, b, tmp_path / "plots" / "ab.png")
-    cmp.plot(a, b, out)  # drawing over an earlier plot is fine
+    out = plots.plot(a, b, tmp_path / "plots" / "ab.png")
+    plots.plot(a, b, out)  # drawing over an earlier plot is fine
     (fig,) = closed_figures[-1:]
     reward_ax, loss_ax, accuracy_ax = fig.axes
     assert (reward_ax.get_title(), loss_ax.get_title()) == ("reward", "loss")
@@ -303,7 +304,7 @@ def test_plot_draws_both_runs_labelled_and_says_when_a_panel_has_no_data(tmp_pat
     assert not fig.texts  # a real run's plot carries no watermark
     # No loss at all in either run: the panel says so, centred in axes coordinates.
     (tmp_path / "A" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.3}\n')
-    cmp.plot(cmp.load_run(tmp_path / "A"), b, tmp_path / "plots" / "none.png")
+    plots.plot(cmp.load_run(tmp_path / "A"), b, tmp_path / "plots" / "none.png")
     empty_loss = closed_figures[-1].axes[1]
     (note,) = empty_loss.texts
     assert note.get_text() == "no data in metrics.jsonl" and note.get_position() == (0.5, 0.5)
@@ -321,7 +322,7 @@ def test_plot_of_seed_groups_draws_each_seed_and_the_mean_and_intervals(tmp_path
          run("a1", [0.3, 0.5], [True] * 2 + [False] * 8, [True] * 6 + [False] * 4)]
     b = [run("b0", [0.2, 0.2, 0.9], [True] * 2 + [False] * 8, [True] * 2 + [False] * 8)]
     (tmp_path / "p").mkdir()
-    cmp.plot(a, b, tmp_path / "p" / "g.png", labels=("jax", "pallas"), names={"a0": "jax/s0"})
+    plots.plot(a, b, tmp_path / "p" / "g.png", labels=("jax", "pallas"), names={"a0": "jax/s0"})
     reward_ax, _, accuracy_ax = closed_figures[-1].axes
     lines = reward_ax.get_lines()
     assert [line.get_label() for line in lines] == [
@@ -343,11 +344,11 @@ def test_plot_of_seed_groups_draws_each_seed_and_the_mean_and_intervals(tmp_path
     assert [t.get_text() for t in accuracy_ax.get_legend().get_texts()] == ["jax", "pallas"]
     assert not closed_figures[-1].texts
     fake = [run("d0", [0.1], [True], [True], dry=True)]
-    cmp.plot(fake, b, tmp_path / "p" / "d.png")
+    plots.plot(fake, b, tmp_path / "p" / "d.png")
     (mark,) = closed_figures[-1].texts
     assert mark.get_text() == "FABRICATED by --dry-run" and mark.get_color() == "red"
 
 def test_a_plot_path_without_an_image_suffix_is_refused_naming_the_suffixes(tmp_path: Path):
     with pytest.raises(UsageError, match=r"p\.txt.*\.png"):
-        cmp.check_plot_path(tmp_path / "p.txt")
+        plots.check_plot_path(tmp_path / "p.txt")
     assert not (tmp_path / "p.txt").exists()

@@ -88,12 +88,8 @@ def test_tpu_sop_dry_run_command_sequence(replayed):
         "env-verify",
         "rm",  # the checker
         "env-install",  # env_push: the upload replaces .env only once verified
-        "put RUN.loader.py 0600",
-        "put RUN.env 0600",  # the SOP's env values: secrets, in a file, never on a command line
-        "launch",
+        "launch",  # the SOP's env values are flags (not secrets): exported by the launch script
         "status",  # run jax (the scripted job is done at the first poll)
-        "put RUN.loader.py 0600",
-        "put RUN.env 0600",
         "launch",
         "status",  # run pallas
         *per_run_fetch,
@@ -122,8 +118,8 @@ def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):
     launches = [line for line in lines if "setsid nohup" in line]
     assert len(launches) == 2
     for config, launch in zip(["steps100.yaml", "steps100_pallas.yaml"], launches, strict=True):
-        assert "EVAL_FULL_SWEEP" not in launch  # env values travel in the run's 0600 file
-        assert re.search(r"logs/grpo_gsm8k_qwen25_3b_bs128_steps100\S*-\d{8}_\d{6}-[0-9a-f]{4}\.env", launch)
+        # env values are flags that are not secret: exported (the secret is in .env, pushed, never here)
+        assert "export EVAL_FULL_SWEEP=1" in launch and "export PRINT_TRAIN_TIME_BREAKDOWN=1" in launch
         assert f"configs/grpo_gsm8k_qwen25_3b_bs128_{config}" in launch
         assert "logs/nohup_grpo_gsm8k_qwen25_3b_bs128_steps100" in launch
     assert "grpoctl_contract.requirements trainer,tpu" in text  # the TPU extra on a TPU target

@@ -74,6 +74,7 @@ def test_local_target_exists_even_when_the_config_does_not_name_it(folder: Path)
     (folder / "grpoctl.yaml").write_text("targets:\n  lab: {kind: ssh, hosts: [127.0.0.1]}\n")
     assert json.loads(invoke("--target", "local", "--json", "status").stdout) == []
     invoke("init", "--local-only", code=2)  # never overwrites
+    assert "ok    local: tools: bash, setsid, flock" in invoke("--target", "local", "doctor").stdout
 
 
 def test_init_refuses_a_bad_zone_and_writes_nothing(folder: Path) -> None:
@@ -219,7 +220,9 @@ def test_misspelt_key_gets_did_you_mean_and_the_whole_list(in_repo: Path) -> Non
         code=2,
     ).stderr
     assert "did you mean 'train.policy_loss_impl'?" in line
-    assert line.rstrip().endswith("ppo_epochs, remat, seq_bucket)")  # the full list, never cut
+    from trainer.config import TrainConfig  # jax-free (imported here: this module is a laptop-side test)
+
+    assert line.rstrip().endswith(", ".join(sorted(TrainConfig.model_fields)) + ")")  # the whole list
     bad_value = invoke(
         "--config-file", str(in_repo), "run", "configs/tiny_cpu.yaml", "--set", "train.beta=high", code=2
     ).stderr
@@ -246,13 +249,27 @@ def test_run_before_sync_says_sync_first(in_repo: Path) -> None:
     assert RunStore().list() == []
 
 
+def test_the_laptop_side_imports_where_windows_lacks_posix_modules() -> None:
+    """Windows has no SIGKILL, fcntl, pwd, grp, termios or resource: the CLI's modules must import
+    without them (they are only ever used by what runs on Linux workers or the local target)."""
+    code = (
+        "import signal, sys\n"
+        "del signal.SIGKILL\n"
+        "for m in ('fcntl', 'pwd', 'grp', 'termios', 'resource'):\n"
+        "    sys.modules[m] = None\n"
+        "import orchestrator.cli, orchestrator.doctor, orchestrator.initfile, orchestrator.render\n"
+        "import orchestrator.sop.replay, orchestrator.validate\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+
+
 def test_the_schema_imports_without_jax() -> None:
     """The laptop-only install has no jax: the orchestrator still checks configs with the trainer's own
     schema (kernel tile sizes included)."""
     code = (
         "import sys; sys.modules['jax'] = None\n"
         "from trainer import config as c\n"
-        "import orchestrator.cli, orchestrator.validate\n"
+        "import orchestrator.cli, orchestrator.validate, orchestrator.doctor, orchestrator.initfile\n"
         "try:\n"
         "    c.from_dict({'train': {'kernel_blocks': {'block_tokens': 12}}})\n"
         "except c.ConfigError as e:\n"
@@ -419,9 +436,21 @@ def _record(run_id: str, state: str, progress: dict | None = None, codes: tuple[
     from orchestrator.runs import RunRecord, WorkerRun
 
     workers = [WorkerRun(f"w{i}", f"host{i}", state="FAILED", exit_code=c) for i, c in enumerate(codes)]
-    return RunRecord(run_id, "configs/x.yaml", "v6e", "tpu", "~/w", "logs/x.log", "logs/x.pid", "logs/x.exit",
-                     f"runs/{run_id}", "20261207_140000", state=state, last_progress=progress,
-                     workers=workers or [WorkerRun("w0", "host0")])
+    return RunRecord(
+        run_id,
+        "configs/x.yaml",
+        "v6e",
+        "tpu",
+        "~/w",
+        "logs/x.log",
+        "logs/x.pid",
+        "logs/x.exit",
+        f"runs/{run_id}",
+        "20261207_140000",
+        state=state,
+        last_progress=progress,
+        workers=workers or [WorkerRun("w0", "host0")],
+    )
 
 
 def test_status_fits_80_columns_one_line_a_run() -> None:
@@ -430,8 +459,14 @@ def test_status_fits_80_columns_one_line_a_run() -> None:
     from orchestrator import render
 
     long_id = "grpo_gsm8k_qwen25_3b_bs128_steps100_pallas-20261207_140000-ab12"
-    warm = {"phase": "warm_start", "k": 12, "n": 200, "eta_s": None, "phase_eta_s": 95.0,
-            "text": "warm start step 12/200"}
+    warm = {
+        "phase": "warm_start",
+        "k": 12,
+        "n": 200,
+        "eta_s": None,
+        "phase_eta_s": 95.0,
+        "text": "warm start step 12/200",
+    }
     records = [
         _record(long_id, "RUNNING", warm),
         _record("tiny_cpu-20261207_140000-cd34", "FAILED", {"step": 2, "total": 4}, codes=(143, 3)),
@@ -470,8 +505,9 @@ def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):  # n
 def test_run_wait_ends_with_accuracy_and_next_step_fetch_takes_the_latest_finished(standin) -> None:
     waited = standin("run", "configs/ok.yaml", "--wait", "--interval", "0.1")
     run_id = waited.stdout.split()[0]
-    assert waited.stdout.strip().startswith(f"{run_id} SUCCEEDED  accuracy 0.")
-    assert f"next: grpoctl fetch {run_id}" in waited.stderr
+    assert waited.stdout.strip() == f"{run_id} SUCCEEDED"  # what scripts read, unchanged
+    said = waited.stderr.strip().splitlines()
+    assert said[-2].startswith(f"{run_id}: accuracy 0.") and said[-1] == f"next: grpoctl fetch {run_id}"
     failed = standin("run", "configs/fail3.yaml", "--wait", "--interval", "0.1", code=1)
     assert "next:" not in failed.stderr
     fetched = standin("fetch").stdout  # the latest run failed: fetch takes the latest that finished
@@ -492,3 +528,84 @@ def test_a_stopped_run_shows_stopped(standin) -> None:
     assert standin("stop", run_id).stdout.strip() == f"{run_id}: STOPPED"
     listing = standin("status").stdout
     assert "STOPPED" in listing and "FAILED(143)" not in listing
+
+
+def test_preflight_command_dry_run_prints_the_command_and_never_compiles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(pf, "_spawn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled")))
+    said = invoke("--dry-run", "preflight", "configs\\tiny_cpu.yaml", "--accelerator", "v6e-8").stderr
+    assert "`grpoctl preflight configs/tiny_cpu.yaml --accelerator v6e-8` compiles it" in said
+
+
+def test_git_missing_is_one_line(standin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", _path_without(tmp_path, {"git"}))
+    line = standin("sync", code=2).stderr
+    assert line.strip() == (
+        "grpoctl: error: git is not installed (or not on PATH): "
+        "grpoctl reads this checkout with it; install git"
+    )
+
+
+def test_state_folder_is_the_platforms_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import platformdirs
+
+    from orchestrator import runs
+
+    monkeypatch.delenv("GRPOCTL_STATE_DIR")
+    asked: list[str] = []
+    monkeypatch.setattr(platformdirs, "user_state_dir", lambda app, **kw: asked.append(app) or str(tmp_path))
+    assert runs.state_dir() == tmp_path and asked == ["grpoctl"]
+    monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path / "mine"))  # the explicit folder still wins
+    assert runs.state_dir() == tmp_path / "mine"
+
+
+def test_preflight_says_libtpu_is_linux_x86_64_only_elsewhere() -> None:
+    mac = pf.Probe("python3", None, None, "trainer", True, machine="arm64", system="Darwin")
+    assert (
+        mac.unavailable_reason()
+        == "python3 has no jax, and libtpu ships for Linux x86_64 only (this is Darwin arm64)"
+    )
+    mac_jax = pf.Probe("python3", "0.10.2", None, "trainer", True, machine="arm64", system="Darwin")
+    assert "libtpu ships for Linux x86_64 only" in (mac_jax.unavailable_reason() or "")
+    linux = pf.Probe("python3", "0.10.2", None, "trainer", True, machine="x86_64", system="Linux")
+    assert "pip install -e '.[tpu]'" in (linux.unavailable_reason() or "")
+
+
+def test_tpu_extra_is_marked_for_linux_x86_64_only() -> None:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert all("sys_platform == 'linux'" in r and "platform_machine == 'x86_64'" in r for r in extras["tpu"])
+
+
+def test_sop_replay_finds_a_missing_env_file_before_up(in_repo: Path, tmp_path: Path) -> None:
+    """The .env an SOP pushes is checked before `up`: nothing is provisioned, no step runs."""
+    sop = {
+        "name": "needs_env",
+        "target": "local",
+        "steps": [
+            "up",
+            "sync",
+            {"env_push": {"file": "missing.env"}},
+            {"run": {"name": "a", "config": "configs\\tiny_cpu.yaml"}},
+        ],
+    }
+    sop_file = tmp_path / "sop.yaml"
+    sop_file.write_text(yaml.safe_dump(sop))
+    report = tmp_path / "report.md"
+    args = ["--config-file", str(in_repo), "sop", "replay", str(sop_file), "--report", str(report)]
+    line = invoke(*args, code=2).stderr.strip().splitlines()[-1]
+    assert line.startswith("grpoctl: error: before `up` (nothing paid for yet): .env: no missing.env")
+    assert not (tmp_path / "wd").exists()  # `up` (which makes the local target's folder) never ran
+    # a --set typo in an SOP is refused there too, naming the key
+    line = invoke(*args, "--set", "train.polcy_loss_impl=jax", code=2).stderr.strip().splitlines()[-1]
+    assert "did you mean 'train.policy_loss_impl'?" in line
+
+
+def test_up_without_a_config_says_it_uses_the_local_target(folder: Path) -> None:
+    said = invoke("up").stderr
+    assert "no grpoctl.yaml here: using the built-in `local` target (`grpoctl init` writes one)" in said

@@ -353,11 +353,15 @@ def test_a_finished_run_whose_vm_is_gone_before_fetch_is_recovered_with_its_hist
 def test_maintenance_under_recover_checkpoints_first_then_relaunches(project: Project) -> None:
     """UNHEALTHY_MAINTENANCE is a preemption notice: the job is stopped at once (TERM: it checkpoints) and
     relaunched on the node once the maintenance is over, same run id."""
-    cfg = ready(project, "grpo-maint", steps=60)
+    cfg = ready(project, "grpo-maint", steps=150)  # long enough for a look at the node (every 10th poll)
 
-    def maintenance() -> None:
+    def maintenance() -> None:  # over once grpoctl has acted on it (the record says RECOVERING)
         project.fake.set_state("grpo-maint", "READY", "UNHEALTHY_MAINTENANCE")
-        threading.Timer(1.0, lambda: project.fake.set_state("grpo-maint", "READY", "HEALTHY")).start()
+        for _ in range(2000):
+            if any(r.state == "RECOVERING" for r in RunStore().list()):
+                break
+            time.sleep(0.02)
+        project.fake.set_state("grpo-maint", "READY", "HEALTHY")
 
     hit = at_step(project, 3, maintenance)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.05")

@@ -35,8 +35,12 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     cfg = project.config(name="grpo-gone")
     for args in (["up"], ["sync"], ["env", "push"]):
         project.cli(cfg, *args)
-    token = "tok-never-stored-4d3c2b1a"  # an -e value: a relaunch needs it, the store never has it
-    run_id = project.cli(cfg, "run", repo.config, "-e", f"TEST_TOKEN={token}").stdout.strip()
+    token = "tok-never-stored-4d3c2b1a"  # a --secret value: a relaunch needs it, the store never has it
+    os.environ["TEST_TOKEN"] = token  # --secret NAME takes the value from the environment, never argv
+    try:
+        run_id = project.cli(cfg, "run", repo.config, "--secret", "TEST_TOKEN").stdout.strip()
+    finally:
+        del os.environ["TEST_TOKEN"]
 
     session = open_session(config_file=cfg)
     record = session.store.get(run_id)
@@ -71,9 +75,13 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     watched = project.cli(cfg, "status", run_id, "--watch", code=3)
     assert "PREEMPTED" in one_line_error(watched) and "Traceback" not in watched.output
 
-    refused = project.cli(cfg, "recover", run_id, "--interval", "0.2", code=2)  # -e values not given again
+    refused = project.cli(cfg, "recover", run_id, "--interval", "0.2", code=2)  # secrets not given again
     assert "TEST_TOKEN" in one_line_error(refused) and "pass them again" in refused.stderr
-    recovered = project.cli(cfg, "recover", run_id, "--interval", "0.2", "-e", f"TEST_TOKEN={token}")
+    os.environ["TEST_TOKEN"] = token
+    try:
+        recovered = project.cli(cfg, "recover", run_id, "--interval", "0.2", "--secret", "TEST_TOKEN")
+    finally:
+        del os.environ["TEST_TOKEN"]
     assert outcome(recovered.stdout) == (run_id, "SUCCEEDED")
     final = json.loads(project.cli(cfg, "status", run_id, "--json").stdout)
     assert len(final["recoveries"]) == 1 and final["recoveries"][0]["kind"] == "preemption"

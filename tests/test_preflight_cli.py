@@ -95,7 +95,9 @@ class Lab:
             "poll_s": 0.05,
         }
         self.config = root / "grpoctl.yaml"
-        self.config.write_text(yaml.safe_dump({"targets": {"tpu": target}, "default_target": "tpu"}))
+        # repo.url: this checkout by its path (sop replay checks the repo before `up`: a path is only said)
+        config = {"repo": {"url": str(REPO)}, "targets": {"tpu": target}, "default_target": "tpu"}
+        self.config.write_text(yaml.safe_dump(config))
 
     def compiles(self) -> int:
         return len(self.log.read_text().splitlines()) if self.log.is_file() else 0

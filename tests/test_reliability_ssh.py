@@ -307,16 +307,18 @@ def test_env_push_replaces_the_remote_file_only_after_it_checked_out(lab, grpoct
 # ---------------------------------------------------------------------------------------- secrets
 
 
-def test_e_values_are_in_no_output_state_file_or_process_table(lab, grpoctl, tmp_path: Path, monkeypatch):
+def test_secrets_are_in_no_output_state_file_or_process_table(lab, grpoctl, tmp_path: Path, monkeypatch):
     state = tmp_path / "state"
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(state))
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)  # --secret NAME: the value from the environment
+    monkeypatch.setenv("STANDIN_SECRET", SECRET)
     folder = lab["home"] / "secrets"
     config = _config(lab, folder, "secrets")
     grpoctl(config, "sync", "--no-bootstrap")
     outputs: list[str] = []
 
     def launch_and_look() -> None:
-        run_id = grpoctl(config, "run", "configs/slow.yaml", "-e", f"WANDB_API_KEY={SECRET}").stdout.strip()
+        run_id = grpoctl(config, "run", "configs/slow.yaml", "--secret", "WANDB_API_KEY").stdout.strip()
         time.sleep(0.5)  # the job is up and has read its -e file
         for args in (("status", run_id, "--json"), ("status",), ("logs", run_id), ("--dry-run", "sync")):
             outputs.append(grpoctl(config, *args).output)
@@ -332,7 +334,7 @@ def test_e_values_are_in_no_output_state_file_or_process_table(lab, grpoctl, tmp
         assert not f.is_file() or SECRET.encode() not in f.read_bytes(), f
     # A job that prints the -e value: `logs` redacts it (the value comes from the worker's 0600 file).
     leaky = grpoctl(
-        config, "run", "configs/leaky.yaml", "-e", f"STANDIN_SECRET={SECRET}", "--wait", "--interval", "0.2"
+        config, "run", "configs/leaky.yaml", "--secret", "STANDIN_SECRET", "--wait", "--interval", "0.2"
     ).stdout.split()[0]
     assert "leaked: ***" in grpoctl(config, "logs", leaky).stdout
     env_file = folder / "logs" / f"{leaky}.env"

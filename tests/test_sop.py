@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
         assert "![compare](jax_vs_pallas.png)" in report
     else:
         assert "plot skipped: matplotlib is not installed" in report
-    # env values are secrets (-e): a report names them, never shows them; the seed's flags are settings
+    # env values are flags that are not secret (-e): the report shows them (secrets: --secret NAME)
     assert "grpoctl --target local run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1" in report
     assert (work / "runs" / "sops" / "local_pallas_vs_jax" / "jax_vs_pallas.png").is_file() == HAVE_PLOT
     assert "env_push" in report and "not present: skipped (optional)" in report
@@ -301,7 +302,7 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
 
 
 def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
-    """The report's command column comes from one function; `-e` values never appear in it."""
+    """The report's command column comes from one function, shell-quoted; secrets appear by name only."""
     from orchestrator.sop.report import command_line
 
     parsed = sop.parse_sop(
@@ -312,7 +313,7 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
                 {"sync": {"bootstrap": False}},
                 {"env_push": {"file": "my.env"}},
                 {"run": {"name": "a", "config": "c.yaml", "env": {"K": "v4lue", "EVAL_FULL_SWEEP": "1"},
-                         "set": {"s": 1}}},
+                         "secrets": ["TOK"], "set": {"s": 1, "x": "$(touch f)"}}},
                 {"run": {"name": "b", "config": "d.yaml", "wait": False}},
                 {"wait": {"run": "b"}},
                 "fetch",
@@ -333,12 +334,18 @@ def test_each_step_is_spelled_as_the_grpoctl_command_that_does_it():
         "up",
         "sync --no-bootstrap",
         "env push --file my.env",
-        "run c.yaml --env K=*** --env EVAL_FULL_SWEEP=1 --set s=1 --set o=2 --wait",  # a flag, not a secret
+        "run c.yaml --env K=v4lue --env EVAL_FULL_SWEEP=1 --secret TOK --set s=1 --set 'x=$(touch f)' "
+        "--set o=2 --wait",  # every -e is a flag, not a secret (secrets: --secret NAME), all shell-quoted
         "run d.yaml --set o=2",
-        "status ? --watch",  # run b has no id yet
-        "fetch ra ?",
-        "compare ra ? --plot r/a_vs_b.png",
+        "status '?' --watch",  # run b has no id yet
+        "fetch ra '?'",
+        "compare ra '?' --plot r/a_vs_b.png",
         "down",
+    ]
+    # pasting a command runs what ran: the shell reads back exactly the arguments
+    assert shlex.split(lines[3])[4:] == [
+        "run", "c.yaml", "--env", "K=v4lue", "--env", "EVAL_FULL_SWEEP=1", "--secret", "TOK", "--set", "s=1",
+        "--set", "x=$(touch f)", "--set", "o=2", "--wait",
     ]
 
 

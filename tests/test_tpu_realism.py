@@ -346,8 +346,13 @@ def test_up_starts_a_stopped_node(project: Project) -> None:
 def test_queued_resource_expiry_and_failed_data(project: Project) -> None:
     project.fake.script.wait_for_resources_s = 60
     result = project.cli(project.config(name="grpo-expire", queued=True, valid_until_s=1), "up", code=3)
-    assert "FAILED: Queued resource request expired" in one_line_error(result)
-    assert "WAITING_FOR_RESOURCES" in result.stderr
+    line = one_line_error(result)
+    assert "is FAILED: no capacity came in us-east1-d before valid_until_s" in line
+    assert "(Queued resource request expired" in line and "WAITING_FOR_RESOURCES" in result.stderr
+    _nothing_left(project)
+    project.fake.script.create_error = fake_tpu.STOCKOUT  # failedData.error code 8: mapped like the op's
+    result = project.cli(project.config(name="grpo-qr-stockout", queued=True), "up", code=3)
+    assert "is FAILED: no capacity in us-east1-d right now" in one_line_error(result)
     _nothing_left(project)
 
 

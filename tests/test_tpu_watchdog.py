@@ -76,7 +76,8 @@ def test_a_node_grpoctl_did_not_create_never_deletes_itself(wired: Project) -> N
     deadline = time.monotonic() + 30
     while wired.node("grpo-theirs").state != "READY" and time.monotonic() < deadline:
         time.sleep(0.05)
-    up = wired.cli(wired.config(name="grpo-theirs", autodelete_after_idle_s=1), "up")
+    # spot=False: the node is on-demand (another spot-ness is refused: issue 20)
+    up = wired.cli(wired.config(name="grpo-theirs", spot=False, autodelete_after_idle_s=1), "up")
     assert "deletes itself" not in up.stderr
     assert not (wired.node("grpo-theirs").workers[0].home / ".grpoctl" / "watchdog.py").exists()
     assert not [r for r in wired.fake.requests[before:] if r.path.startswith("/computeMetadata/")]

@@ -156,21 +156,31 @@ def checkpointed_step(bucket: Path) -> int:
 
 def inject_randomly(project: Project, node: str, count: int, seed: int) -> tuple[list[str], threading.Event]:
     """In the background: `count` preemptions and restarts at random moments of one run, each once the run
-    has checkpointed a step past the previous hit (so every hit lands on a running job). Returns the list
-    it fills (`event@step`) and an event set when it is done."""
+    has checkpointed a step past the previous hit and that hit has been recovered (every hit lands on a
+    running job, never on one not yet noticed or a relaunch under way: two hits would make one recovery).
+    Returns the list it fills (`event@step`) and an event set when it is done."""
+    from orchestrator.runs import RunStore
+
     rng = random.Random(seed)
     bucket = project.root / "bucket"
+
+    def recovered() -> int:  # relaunches so far of the run, once it is RUNNING again (-1 while not)
+        runs = [r for r in RunStore().list(limit=3) if r.state == "RUNNING" and all(w.pid for w in r.workers)]
+        return len(runs[0].recoveries) if runs else -1
+
     hits: list[str] = []
     done = threading.Event()
 
     def run() -> None:
-        last = 0
+        last, relaunches = 0, 0
         deadline = time.monotonic() + 600
         while len(hits) < count and time.monotonic() < deadline:
             time.sleep(rng.uniform(0.1, 0.8))
             step = checkpointed_step(bucket)
-            if step <= last or project.fake.node_state(node) != "READY":
+            # the previous hit has been recovered (one recovery per hit) and the job moved on since
+            if step <= last or project.fake.node_state(node) != "READY" or recovered() < relaunches:
                 continue
+            relaunches = recovered() + 1
             event = rng.choice(MACHINE_EVENTS)
             if event == "preempt":
                 project.fake.preempt(node)

@@ -499,8 +499,8 @@ def run(
             t.logger.log(cfg.steps, final)
             rep.say(f"final sweep: accuracy {final['eval_full/accuracy']:.4f} "
                     f"on {int(final['eval_full/num_questions'])} questions")
-        t.logger.log(cfg.steps, ledger_metrics(rep.ledger()))  # W&B and the summary: where the time went
-        summary = t.logger.finish(cfg.steps)
+        # where the time went: into summary.json and W&B's summary (not a metrics.jsonl row of its own)
+        summary = t.logger.finish(cfg.steps, extra=ledger_metrics(rep.ledger()))
         rep.finish(str(summary))
         return dict(t.logger.latest, run_id=t.logger.run_id, config_hash=t.logger.config_hash)
     except BaseException:

@@ -9,6 +9,7 @@ node takes every worker with it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,15 +85,21 @@ def read_state(t: Transport) -> dict[str, Any] | None:
         return None
     try:
         state = json.loads(result.stdout or "null")
-    except ValueError:
+    except (ValueError, RecursionError):  # worker data (untrusted.py): anything malformed is no state
         return None
     return state if isinstance(state, dict) else None
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def describe(state: dict[str, Any] | None, now: float | None = None) -> str | None:
     """`deletes itself at 14:05 UTC (in 29 min) unless a job runs` for `status`."""
-    if not state or not isinstance(state.get("deletes_at"), int | float):
-        return None
+    deletes_at, idle = (state or {}).get("deletes_at"), (state or {}).get("idle_after_s")
+    if not _finite(deletes_at) or abs(deletes_at) > 1e11 or not _finite(idle):
+        return None  # a worker's file: NaN, Infinity or a year past 5000 would end `status` in a traceback
+    assert state is not None
     now = time.time() if now is None else now
     at = datetime.fromtimestamp(state["deletes_at"], UTC).strftime("%H:%M UTC")
     left = max(state["deletes_at"] - now, 0)

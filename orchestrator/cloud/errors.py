@@ -56,6 +56,7 @@ KINDS = (
     "api_disabled",  # 403: the Cloud TPU API is not enabled in the project (SERVICE_DISABLED)
     "permission",  # 401 / 403
     "credentials",  # google.auth RefreshError / TransportError
+    "queue_expired",  # a queued resource FAILED at its validUntil without capacity
     "os_login_required",  # 400: constraints/compute.requireOsLogin refuses enable-oslogin=FALSE
     "bad_request",  # 400 INVALID_ARGUMENT / FAILED_PRECONDITION (the request is wrong)
     "not_found",
@@ -137,6 +138,13 @@ def classify(err: BaseException, *, project: str = "", zone: str = "") -> Failur
             f"no capacity in {where} right now: try later, another zone, or queued: true "
             "(waits for capacity)",
         )
+    if isinstance(err, gexc.DeadlineExceeded) and ("validUntil" in msg or "expired" in msg):
+        return Failure(
+            "queue_expired",
+            3,
+            f"no capacity came in {where} before valid_until_s: raise valid_until_s, try "
+            "later or another zone",
+        )
     if isinstance(err, gexc.Conflict) and "already exists" not in msg:
         return Failure("conflict", 3, "another operation on the node is running; try again when it ends")
     if isinstance(err, gexc.GoogleAPICallError) and err.code in TRANSIENT_HTTP:
@@ -176,6 +184,12 @@ def classify(err: BaseException, *, project: str = "", zone: str = "") -> Failur
     if isinstance(err, OSError | gexc.RetryError):
         return Failure("unreachable", 3, "cannot reach the Cloud TPU API")
     return Failure("other", 3, "Cloud TPU API error")
+
+
+def status_error(code: int, message: str) -> gexc.GoogleAPICallError:
+    """A google.rpc.Status (a failed operation's `error`, a queued resource's `failedData.error`) as the
+    exception class google-api-core gives it, ready for `classify`."""
+    return gexc.from_grpc_status(code, message)
 
 
 def api_error(err: BaseException, action: str, **context: Any) -> GrpoctlError:

@@ -4,7 +4,12 @@ length only (the worker runs the same parser), and only then renamed over the li
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import shlex
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +109,63 @@ def push_env(session: Session, local_path: str | Path = ".env") -> EnvPushResult
     return EnvPushResult(remote, lengths, mode, [t.name for t in session.target.transports()])
 
 
+Prompt = Callable[[str], str]
+
+
+def resolve_secrets(
+    names: list[str], env_file: str | Path = ".env", prompt: Prompt | None = None
+) -> dict[str, str]:
+    """`--secret NAME` values, never from a command line: the laptop's environment, else `env_file`, else
+    `prompt` (the CLI's no-echo prompt on a terminal); a name none of them has is a one-line UsageError."""
+    out: dict[str, str] = {}
+    dotenv: dict[str, str] | None = None
+    for name in names:
+        if "=" in name:
+            raise UsageError(
+                f"--secret {name.split('=', 1)[0]}=...: give the NAME only (a value on the command line is "
+                "visible to every user in `ps` and kept in shell history); the value comes from the "
+                "environment, .env or a prompt"
+            )
+        recipes._env_name(name)
+        if name in os.environ:
+            out[name] = os.environ[name]
+            continue
+        if dotenv is None:
+            dotenv = read_dotenv(env_file)
+        if name in dotenv:
+            out[name] = dotenv[name]
+        elif prompt is not None:
+            out[name] = prompt(name)
+        else:
+            raise UsageError(
+                f"--secret {name}: not in the environment nor in {env_file} (and no terminal to ask)"
+            )
+    return out
+
+
+def _forms(value: str) -> set[str]:
+    """A secret as a log may show it: as is, JSON-escaped, shell-quoted, URL-encoded (both ways)."""
+    return {
+        value,
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        shlex.quote(value),
+        urllib.parse.quote(value, safe=""),
+        urllib.parse.quote_plus(value),
+        repr(value)[1:-1],
+    }
+
+
 def redactor(values_to_hide: list[str], min_len: int = 4):
-    """A function that replaces every secret value in a text with `***` (longest first)."""
-    hidden = sorted({v for v in values_to_hide if len(v) >= min_len}, key=len, reverse=True)
-    if not hidden:
+    """A function that replaces every secret value in a text with `***` (longest first), in the forms a
+    log may show it (`_forms`). A value shorter than `min_len` is hidden where it stands alone (between
+    non-word characters), so that a 2-character secret does not blank out every word that holds it."""
+    forms = {f for v in values_to_hide if v for f in _forms(v)}
+    long_ = sorted((f for f in forms if len(f) >= min_len), key=len, reverse=True)
+    short = sorted((f for f in forms if len(f) < min_len), key=len, reverse=True)
+    parts = [re.escape(f) for f in long_]
+    parts += [rf"(?<![A-Za-z0-9_]){re.escape(f)}(?![A-Za-z0-9_])" for f in short]
+    if not parts:
         return lambda text: text
-    pattern = re.compile("|".join(re.escape(v) for v in hidden))
+    pattern = re.compile("|".join(parts))
     return lambda text: pattern.sub("***", text)

@@ -28,8 +28,10 @@ def new_record(
     env: Mapping[str, str] | None = None,
     trainer_args: Sequence[str] = (),
     git_commit: str | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> RunRecord:
-    """A record with its id and the per-worker paths decided here, before anything starts."""
+    """A record with its id and the per-worker paths decided here, before anything starts. `env`: the
+    secrets (never stored); `flags`: the `-e` values that are not secret (stored, exported on the worker)."""
     stem = Path(config).stem
     ts = utc_stamp()
     run_id = new_run_id(stem, ts)
@@ -46,6 +48,7 @@ def new_record(
         run_dir=paths.run_dir,
         ts=ts,
         env=dict(env or {}),
+        flags=dict(flags or {}),
         trainer_args=list(trainer_args),
         workers=[
             WorkerRun(w.label, f"{w.host}:{w.port}" if w.port != 22 else w.host)
@@ -90,14 +93,32 @@ def renew_attempt(record: RunRecord) -> None:
 
 
 def secret_env_file(env: Mapping[str, str]) -> bytes | None:
-    """`-e` values as a `.env` file for the worker (None without any): the same format and parser as
+    """`--secret` values as a `.env` file for the worker (None without any): the same format and parser as
     `.env`, so they never need a command line. A value the format cannot hold is a one-line UsageError."""
     if not env:
         return None
     try:
         return envfile.render(dict(env))
     except ValueError as err:
-        raise UsageError(f"-e {err}") from None
+        raise UsageError(f"--secret {err}") from None
+
+
+# `-e NAME=VALUE` is for flags that are not secret (they are stored, exported on the worker's command lines
+# and shown in reports). A name made of one of these words is a secret's: `-e` refuses it (--secret).
+_SECRET_WORDS = frozenset(
+    {"KEY", "APIKEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASS", "PWD", "CREDENTIAL", "CREDENTIALS",
+     "AUTH", "PRIVATE", "SESSION", "COOKIE"}
+)
+
+
+def check_flags(flags: Mapping[str, str]) -> None:
+    """Refuse an `-e` flag whose name says it is a secret: its value would be stored and shown."""
+    for name in flags:
+        if _SECRET_WORDS & set(name.upper().replace("-", "_").split("_")):
+            raise UsageError(
+                f"-e {name}=...: {name} looks like a secret, and -e values are stored and shown; pass "
+                f"--secret {name} instead (its value from the environment, .env or a prompt)"
+            )
 
 
 class LogNameTaken(UsageError):
@@ -143,8 +164,8 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
     missing = sorted(set(record.env_names) - set(record.env))
     if missing:  # a record read back from the store: the values were never stored
         raise UsageError(
-            f"run {record.run_id} needs -e {', '.join(missing)} again (values are secrets, never stored): "
-            f"grpoctl recover {record.run_id} -e NAME=VALUE ..."
+            f"run {record.run_id} needs its secrets {', '.join(missing)} again (never stored): "
+            f"grpoctl recover {record.run_id} " + " ".join(f"--secret {m}" for m in missing)
         )
     secrets_file = secret_env_file(record.env)
     heads: dict[int, str] = {}
@@ -160,7 +181,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
             record.config,
             paths,
             config_stem=record.config_stem,
-            env=worker_env(record.run_id, i, workers, record.target_kind),
+            env={**record.flags, **worker_env(record.run_id, i, workers, record.target_kind)},
             trainer_args=record.trainer_args,
             force=force,
             env_file=secrets_file is not None,
@@ -224,10 +245,15 @@ def start_run(
     trainer_args: Sequence[str] = (),
     force: bool = False,
     git_commit: str | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> RunRecord:
-    """Create, save, launch, save again; returns as soon as every worker has a pid."""
-    record = new_record(session, config, env=env, trainer_args=trainer_args, git_commit=git_commit)
-    secret_env_file(record.env)  # refuse an unrepresentable -e value before anything is saved or started
+    """Create, save, launch, save again; returns as soon as every worker has a pid. `env`: secrets;
+    `flags`: the `-e` values that are not secret."""
+    check_flags(flags or {})
+    record = new_record(
+        session, config, env=env, trainer_args=trainer_args, git_commit=git_commit, flags=flags
+    )
+    secret_env_file(record.env)  # refuse an unrepresentable secret before anything is saved or started
     session.store.save(record)
     # Ctrl-C while the workers start the job would leave a job no record tracks: the launch (bounded by
     # its timeout) finishes and is recorded first, then the interrupt is raised.

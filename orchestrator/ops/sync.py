@@ -30,9 +30,15 @@ class SyncResult:
     pythons: dict[str, str] = field(default_factory=dict)  # worker name -> interpreter (after bootstrap)
 
 
+GIT_MISSING = "git is not installed (or not on PATH): grpoctl reads this checkout with it; install git"
+
+
 def _git(cwd: Path, *args: str) -> str | None:
     """Read-only look at the local repo; None when git says no."""
-    proc = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError:  # Windows says `[WinError 2]`: say what is missing instead
+        raise UsageError(GIT_MISSING) from None
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 

@@ -24,6 +24,7 @@ from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.lifecycle.monitor import Poll
 from orchestrator.lifecycle.recovery import RecoveryPolicy
 from orchestrator.lifecycle.states import RunState
+from orchestrator.ops import env as env_ops
 from orchestrator.ops.session import Session
 from orchestrator.phaseview import PhaseView
 from orchestrator.runs import RunRecord, utc_now_iso
@@ -44,6 +45,16 @@ from orchestrator.sop.schema import (
     step_id,
 )
 from orchestrator.sop.state import ReplayResult, ReplayState, StepState
+from orchestrator.untrusted import md
+
+# Quick steps rewrite the state file and the report at most this often (the end and a failure always).
+WRITE_EVERY_S = 2.0
+
+
+def clock() -> float:
+    """The write throttle's clock (a test replaces it to count writes without timing anything)."""
+    return time.monotonic()
+
 
 ViewFactory = Callable[[str], PhaseView]  # run id -> the view that shows its phases while it is waited for
 
@@ -242,7 +253,8 @@ class Replayer:
 
     def remember(self, st: StepState, record: RunRecord) -> None:
         st.run_id, st.record = record.run_id, record.to_json()
-        self.state.save(self.state_path)
+        if not self.dry_run:  # a dry run's state is never read back: written once, at the end
+            self.state.save(self.state_path)
 
     def wait(self, s: Session, st: StepState, record: RunRecord, interval: float) -> None:
         view = (self.view or self._plain_view)(record.run_id).__enter__()
@@ -280,7 +292,7 @@ class Replayer:
         try:
             result = api.fetch(s, record, self.fetch_dest(name))
         except GrpoctlError as err:
-            st.details.append(f"results not fetched yet ({err}); the fetch step tries again")
+            st.details.append(f"results not fetched yet ({md(str(err))}); the fetch step tries again")
             return
         self.state.summaries[name] = result.summary
         st.details.append(f"results fetched to `{result.folder}/` as the run ended")
@@ -328,17 +340,25 @@ def _run(r: Replayer, step: RunStep, st: StepState) -> None:
     record = r.attached(st)
     if record is None:  # the preflight ran for every run before `up`
         overrides = run_overrides(step, r.overrides)  # `sop replay --set` applies to every run
-        record = api.launch(s, step.config, env=step.env, overrides=overrides, force=step.force, gate=False)
+        record = api.launch(
+            s, step.config, env=_secrets(step), flags=step.env, overrides=overrides, force=step.force,
+            gate=False,
+        )
         r.remember(st, record)
         r.say(f"{step_id(step)}: launched {record.run_id}")
     else:
-        record.env = dict(step.env)  # never stored: a relaunch on recovery needs them again
+        record.env = _secrets(step)  # never stored: a relaunch on recovery needs them again
         r.say(f"{step_id(step)}: re-attached to {record.run_id} ({record.state})")
         st.details.append(f"re-attached to `{record.run_id}`")
     if step.wait:
         r.wait(s, st, record, step.interval_s)
         r.fetch_finished(s, step.name, st, record)
     st.details += report_.run_details(record)
+
+
+def _secrets(step: RunStep) -> dict[str, str]:
+    """The step's `secrets:` values, from the environment or ./.env (never from the SOP file)."""
+    return env_ops.resolve_secrets(step.secrets) if step.secrets else {}
 
 
 def _wait(r: Replayer, step: WaitStep, st: StepState) -> None:
@@ -447,10 +467,18 @@ def replay(
     start = _start_index(sop, from_step)
 
     prices = load_config(config_file).prices  # the ledger's cost estimate
+    last_write = [-WRITE_EVERY_S]
 
-    def write() -> None:
+    def write(force: bool = True) -> None:
+        # Each write is linear in the number of steps: after every step (forced) that would make a long
+        # SOP quadratic. Steps that took a while, a failure and the end are always written; a burst of
+        # quick steps (a dry run, skipped steps) at most every WRITE_EVERY_S.
+        now = clock()
+        if not force and now - last_write[0] < WRITE_EVERY_S:
+            return
         state.save(state_path)
         report_.write_report(report, sop, sop_path, state, dry_run, prices)
+        last_write[0] = clock()
 
     sessions = api.Sessions(
         config_file=config_file,
@@ -477,34 +505,37 @@ def replay(
                 replayer.preflight(start, rerun=from_step is not None)
             finally:
                 write()
-        for i, step in enumerate(sop.steps):
-            sid = step_id(step)
-            st = state.steps.setdefault(sid, StepState())
-            if i < start:
-                if st.status != "done":
-                    st.status = "skipped"
-                continue
-            if from_step is not None and st.status == "done":  # --from: run it again
-                state.steps[sid] = st = StepState()
-            if st.status == "done":
-                say(f"[{i + 1}/{len(sop.steps)}] {sid}: done earlier, skipped")
-                continue
-            say(f"[{i + 1}/{len(sop.steps)}] {sid}")
-            st.status, st.started_at, st.error = "running", utc_now_iso(), None
-            st.details = [d for d in st.details if d.startswith("re-attached")] if st.run_id else []
-            st.command = replayer.command_line(step)
-            began = time.monotonic()
-            journal = replayer.session(step).script
-            journal_before = len(journal.journal) if journal else 0
-            try:
-                HANDLERS[type(step)](replayer, step, st)
-                st.status = "done"
-            except GrpoctlError as err:
-                st.status, st.error = "failed", str(err)
-                raise
-            finally:
-                st.finished_at = utc_now_iso()
-                st.duration_s = round(time.monotonic() - began, 2)
-                st.remote_commands = (len(journal.journal) if journal else 0) - journal_before
-                write()
+        try:
+            for i, step in enumerate(sop.steps):
+                sid = step_id(step)
+                st = state.steps.setdefault(sid, StepState())
+                if i < start:
+                    if st.status != "done":
+                        st.status = "skipped"
+                    continue
+                if from_step is not None and st.status == "done":  # --from: run it again
+                    state.steps[sid] = st = StepState()
+                if st.status == "done":
+                    say(f"[{i + 1}/{len(sop.steps)}] {sid}: done earlier, skipped")
+                    continue
+                say(f"[{i + 1}/{len(sop.steps)}] {sid}")
+                st.status, st.started_at, st.error = "running", utc_now_iso(), None
+                st.details = [d for d in st.details if d.startswith("re-attached")] if st.run_id else []
+                st.command = replayer.command_line(step)
+                began = time.monotonic()
+                journal = replayer.session(step).script
+                journal_before = len(journal.journal) if journal else 0
+                try:
+                    HANDLERS[type(step)](replayer, step, st)
+                    st.status = "done"
+                except GrpoctlError as err:
+                    st.status, st.error = "failed", str(err)
+                    raise
+                finally:
+                    st.finished_at = utc_now_iso()
+                    st.duration_s = round(time.monotonic() - began, 2)
+                    st.remote_commands = (len(journal.journal) if journal else 0) - journal_before
+                    write(st.status == "failed" or st.duration_s >= WRITE_EVERY_S)
+        finally:
+            write()  # the end, or the failure that stopped the replay
     return ReplayResult(report, state_path, state, state.verdict)

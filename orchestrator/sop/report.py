@@ -3,13 +3,13 @@ would type to do the same by hand (the report's step table shows it)."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from grpoctl_contract.envflags import ENV_FLAGS
 from orchestrator import compare as cmp
 from orchestrator import ledger as ledger_mod
 from orchestrator.ops import watch as watch_ops
@@ -17,6 +17,7 @@ from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import schema
 from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, members, run_overrides, step_id
 from orchestrator.sop.state import ReplayState, StepState
+from orchestrator.untrusted import md, md_value
 
 
 def plot_path(report_dir: Path, step: CompareStep) -> Path:
@@ -43,9 +44,10 @@ def command_line(
     overrides: Mapping[str, str],
     report_dir: Path,
 ) -> str:
-    """The grpoctl command that does what `step` does (never a secret: `-e` values show as ***, but for
-    the seed's known flags such as EVAL_FULL_SWEEP=1)."""
-    ids = run_ids(sop, state)
+    """The grpoctl command that does what `step` does (secrets by name only: `--secret NAME`; `-e` values
+    are flags that are not secret), shell-quoted (shlex.join): pasting it runs what ran, whatever a value
+    holds (`$(...)`, `;`, quotes)."""
+    ids = run_ids(sop, state) if isinstance(step, schema.WaitStep | schema.FetchStep | CompareStep) else {}
     args: list[str]
     if isinstance(step, schema.UpStep | schema.DownStep):
         args = [step.kind]
@@ -54,13 +56,9 @@ def command_line(
     elif isinstance(step, schema.EnvPushStep):
         args = ["env", "push", "--file", step.file]
     elif isinstance(step, RunStep):
-        # The seed's flags (grpoctl_contract.envflags) are settings, not secrets: shown as they are.
-        args = [
-            "run",
-            step.config,
-            *[f"--env {k}={v if k in ENV_FLAGS else '***'}" for k, v in step.env.items()],
-        ]
-        args += [f"--set {k}={v}" for k, v in run_overrides(step, overrides).items()]
+        args = ["run", step.config, *[a for k, v in step.env.items() for a in ("--env", f"{k}={v}")]]
+        args += [a for name in step.secrets for a in ("--secret", name)]
+        args += [a for k, v in run_overrides(step, overrides).items() for a in ("--set", f"{k}={v}")]
         args += ["--wait"] if step.wait else []
     elif isinstance(step, schema.WaitStep):
         args = ["status", ",".join(ids.get(n, "?") for n in members(sop, step.run)), "--watch"]
@@ -78,8 +76,8 @@ def command_line(
             *(",".join(ids.get(n, "?") for n in members(sop, ref)) for ref in (step.a, step.b)),
         ]
         args += ["--plot", str(plot_path(report_dir, step))] if step.plot else []
-        args += [] if step.margin == cmp.stats.DEFAULT_MARGIN else [f"--margin {step.margin:g}"]
-    return " ".join(["grpoctl", *(["--dry-run"] if dry_run else []), "--target", target, *args])
+        args += [] if step.margin == cmp.stats.DEFAULT_MARGIN else ["--margin", f"{step.margin:g}"]
+    return shlex.join(["grpoctl", *(["--dry-run"] if dry_run else []), "--target", target, *args])
 
 
 def run_details(record: RunRecord) -> list[str]:
@@ -93,10 +91,12 @@ def run_details(record: RunRecord) -> list[str]:
         lines.append(f"{w.worker} ({w.host}): pid {w.pid}, {w.state}{code}")
     phase = watch_ops.phase_json(record)
     if phase is not None:
-        lines.append(f"last phase: {phase['text']}")
+        lines.append(f"last phase: {md(phase['text'])}")
+    # config hash and W&B URL come from the worker's log: escaped, they can never open a line of their own
     lines.append(
-        f"commit `{record.git_commit or 'unknown'}`, config hash `{record.config_hash or 'unknown'}`"
-        + (f", W&B {record.wandb_url}" if record.wandb_url else "")
+        f"commit {md_value(record.git_commit or 'unknown', code=True)}, "
+        f"config hash {md_value(record.config_hash or 'unknown', code=True)}"
+        + (f", W&B {md_value(record.wandb_url)}" if record.wandb_url else "")
     )
     for i, r in enumerate(record.recoveries, 1):
         lines.append(
@@ -265,7 +265,7 @@ def step_details(sop: Sop, state: ReplayState) -> list[str]:
             lines.append(f"- {st.remote_commands} remote command(s) recorded")
         lines += [f"- {d}" for d in st.details]
         if st.error:
-            lines.append(f"- **error**: {st.error}")
+            lines.append(f"- **error**: {md(st.error)}")  # it may quote a worker's last log line
     return lines
 
 
@@ -284,11 +284,11 @@ def runs_table(sop: Sop, state: ReplayState) -> list[str]:
     for name, st in runs:
         rec = RunRecord.from_json(st.record or {})
         pids = ", ".join(f"{w.worker}:{w.pid}" for w in rec.workers)
-        commit = f"`{rec.git_commit[:12]}`" if rec.git_commit else ""
-        config_hash = f"`{rec.config_hash}`" if rec.config_hash else ""
+        commit = md_value(rec.git_commit[:12], code=True) if rec.git_commit else ""
+        config_hash = md_value(rec.config_hash, code=True) if rec.config_hash else ""
         lines.append(
             f"| {name} | `{rec.run_id}` | {rec.state} | {pids} | `{rec.log_path}` | `{rec.exit_path}` "
-            f"| {commit} | {config_hash} | {rec.wandb_url or ''} |"
+            f"| {commit} | {config_hash} | {md_value(rec.wandb_url or '')} |"
         )
     return lines
 
@@ -302,7 +302,8 @@ def observed_summary(sop: Sop, state: ReplayState, dry_run: bool) -> list[str]:
     )
     lines = ["", title, "", "| key | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in sop.summary_keys:
-        lines.append(f"| `{key}` | " + " | ".join(cmp.fmt(state.summaries[n].get(key)) for n in names) + " |")
+        values = " | ".join(md(cmp.fmt(state.summaries[n].get(key))) for n in names)
+        lines.append(f"| `{key}` | {values} |")
     return lines
 
 

@@ -9,7 +9,7 @@ steps:
   - up
   - sync
   - env_push: {optional: true}
-  - run: {name: jax, config: configs/tiny_cpu.yaml, env: {EVAL_FULL_SWEEP: "1"}}
+  - run: {name: jax, config: configs/tiny_cpu.yaml, env: {EVAL_FULL_SWEEP: "1"}, secrets: [WANDB_API_KEY]}
   - run: {name: pallas, config: configs/tiny_cpu_pallas.yaml, seeds: [0, 1, 2]}
   - fetch
   - compare: {a: jax, b: pallas, plot: true}
@@ -31,11 +31,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator import compare as cmp
-from orchestrator.config import TargetConfig, read_text_utf8
+from orchestrator.config import TargetConfig, read_text_utf8, safe_yaml
 from orchestrator.errors import UsageError
 
 
@@ -74,7 +73,8 @@ class RunStep(_Step):
     config: str
     seeds: list[int] | None = Field(default=None, min_length=1)  # one run per seed: `<name>/s<seed>`
     seed: int | None = Field(default=None, ge=0)  # this run's trainer seed (set by `seeds` expansion)
-    env: dict[str, str] = {}
+    env: dict[str, str] = {}  # flags that are not secret (`run -e`): shown in the report
+    secrets: list[str] = []  # names (`run --secret`): values from the environment or .env, never shown
     set: dict[str, str] = {}
     wait: bool = True
     force: bool = False
@@ -118,10 +118,24 @@ class WaitStep(_Step):
     interval_s: float = Field(default=5.0, gt=0)
 
 
+def _under_runs(v: str) -> str:
+    """A fetch/compare `dest`: `runs` or a folder under it, relative, without `..` (an SOP file may come
+    from anyone: it must not make grpoctl write run folders anywhere else)."""
+    parts = Path(v).parts
+    if Path(v).is_absolute() or ".." in parts or not parts or parts[0] != "runs":
+        raise ValueError(f"dest {v!r}: use runs/ or a folder under it (relative, no '..')")
+    return v
+
+
 class FetchStep(_Step):
     kind: Literal["fetch"] = "fetch"
     runs: list[str] | None = None  # default: every run of this SOP
     dest: str = "runs"
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, v: str) -> str:
+        return _under_runs(v)
 
 
 class CompareStep(_Step):
@@ -132,6 +146,11 @@ class CompareStep(_Step):
     plot: bool = True
     margin: float = Field(default=cmp.stats.DEFAULT_MARGIN, ge=0, lt=1)  # the equivalence margin (TOST)
     dest: str = "runs"
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, v: str) -> str:
+        return _under_runs(v)
 
 
 Step = Annotated[
@@ -247,9 +266,4 @@ def load_sop(path: str | Path) -> Sop:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"SOP file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(read_text_utf8(path))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise UsageError(f"{path}:{f' line {mark.line + 1}' if mark else ''} malformed YAML") from None
-    return parse_sop(data, str(path))
+    return parse_sop(safe_yaml(read_text_utf8(path), str(path)), str(path))

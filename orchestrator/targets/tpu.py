@@ -21,7 +21,7 @@ from rich.status import Status
 import grpoctl_contract.watchdog as watchdog
 from orchestrator.cloud import api as cloud
 from orchestrator.cloud import autodelete
-from orchestrator.cloud.errors import TransientApiError, kind_of
+from orchestrator.cloud.errors import TransientApiError, classify, kind_of, status_error
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
@@ -300,7 +300,7 @@ class TpuTarget(Target):
                     raise InfraError(f"queued resource {self.cfg.name} vanished while waiting")
                 state = cloud.queued_state_name(qr)
                 if state in DEAD_QUEUED_STATES:
-                    raise InfraError(f"queued resource {self.cfg.name} is {state}{_why(qr)}")
+                    raise InfraError(f"queued resource {self.cfg.name} is {state}{self._why(qr)}")
                 waited = time.monotonic() - start
                 prefer = self.cfg.spot == "prefer" and self._spot
                 if prefer and state != "ACTIVE" and waited > self.cfg.spot_wait_s:
@@ -334,6 +334,20 @@ class TpuTarget(Target):
                     f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
                 )
             time.sleep(self.cfg.poll_s)
+
+    def _why(self, qr: tpu_v2.QueuedResource) -> str:
+        """`: <advice> (<message>)` from a FAILED queued resource's failedData.error, mapped like any API
+        error (stockout, quota, reservation, validUntil expiry)."""
+        failed = qr.state.failed_data
+        error = failed.error if failed else None
+        if not error or not error.message:
+            return ""
+        failure = classify(
+            status_error(error.code, error.message), project=self.cfg.project, zone=self.cfg.zone
+        )
+        if failure.kind in ("other", "bad_request", "not_found"):
+            return f": {error.message}"
+        return f": {failure.advice} ({error.message})"
 
     def _start_stopped(self) -> None:
         """A STOPPED node (stopped by a person, or by the service): start it once, then keep waiting."""
@@ -572,10 +586,15 @@ class TpuTarget(Target):
     # ---- down, state, preemption --------------------------------------------------------------------
     def _delete(self, node: tpu_v2.Node | None, queued: tpu_v2.QueuedResource | None) -> bool:
         ops = []
-        if queued is not None:
-            ops.append((f"delete queued resource {self.cfg.name}", self.api.delete_queued(self.cfg.name)))
-        elif node is not None:
-            ops.append((f"delete node {self.cfg.name}", self.api.delete_node(self.cfg.name)))
+        try:
+            if queued is not None:
+                ops.append((f"delete queued resource {self.cfg.name}", self.api.delete_queued(self.cfg.name)))
+            elif node is not None:
+                ops.append((f"delete node {self.cfg.name}", self.api.delete_node(self.cfg.name)))
+        except GrpoctlError as err:  # deleted meanwhile (a recovery told to stop undoes its own create)
+            if kind_of(err) != "not_found":
+                raise
+            return True
         for what, op in ops:
             cloud.wait_operation(op, what, timeout_s=600, poll_s=self.cfg.poll_s, api=self.api)
         return bool(ops)
@@ -682,9 +701,3 @@ def _live_status() -> AbstractContextManager[Status | None]:
     return (
         Console(stderr=True).status("waiting for the Cloud TPU API") if sys.stderr.isatty() else nullcontext()
     )
-
-
-def _why(qr: tpu_v2.QueuedResource) -> str:
-    failed = qr.state.failed_data
-    msg = failed.error.message if failed and failed.error else ""
-    return f": {msg}" if msg else ""

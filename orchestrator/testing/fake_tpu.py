@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import secrets
 import signal
 import threading
 import time
@@ -1018,11 +1019,18 @@ def sshd_workers(base: Path, session_env: dict[str, str] | None = None) -> Worke
     `session_env`: more variables for every SSH session on every worker (the rehearsal points pip at one
     cache shared by the VMs)."""
     incarnation = itertools.count()
+    # The tag finds a VM's processes machine-wide: two fakes at once (two rehearsals, a CI job beside a
+    # developer's) name their nodes alike, so the tag carries this factory's own token too.
+    token = secrets.token_hex(4)
 
     def make(node_id: str, index: int, script: Script) -> FakeWorker:
-        tag = f"{node_id}-{next(incarnation)}-w{index}"
+        folder = f"{node_id}-{next(incarnation)}-w{index}"
         return SshdWorker(
-            base / tag, tag, session_env, host_key_types=script.host_key_types, root_login=script.root_login
+            base / folder,
+            f"{folder}.{token}",
+            session_env,
+            host_key_types=script.host_key_types,
+            root_login=script.root_login,
         )
 
     return make

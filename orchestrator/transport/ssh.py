@@ -339,7 +339,7 @@ class SshTransport:
     def _known_keys(self) -> dict[str, paramiko.PKey]:
         if not self._known_hosts.is_file():
             return {}
-        entries = paramiko.HostKeys(str(self._known_hosts)).lookup(self._known_hosts_entry)
+        entries = _read_known_hosts(self._known_hosts).lookup(self._known_hosts_entry)
         return {} if entries is None else {name: entries[name] for name in entries}
 
     def _check_host_key(self, key: paramiko.PKey, known: dict[str, paramiko.PKey]) -> None:
@@ -407,6 +407,30 @@ class SshTransport:
                     continue  # a passphrase-protected default key: the agent may hold it
         self._keys = keys
         return keys
+
+
+def _read_known_hosts(path: Path) -> paramiko.HostKeys:
+    """known_hosts, line by line: a line that does not parse (bad base64, a key that does not decode, an
+    unknown type) is skipped, as OpenSSH skips it; paramiko's own loader lets one such line, even for
+    another host, end every connection with a traceback. A bad line for THIS host leaves it unknown: the
+    host-key check then refuses in one line."""
+    keys = paramiko.HostKeys()
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"known_hosts {path} cannot be read: {exc.strerror or exc}") from None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        except Exception:  # noqa: BLE001 (InvalidHostKey, SSHException, ValueError, struct errors...)
+            continue
+        if entry is not None:
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
+    return keys
 
 
 def _tune_socket(sock: socket.socket, keepalive_s: float) -> None:
