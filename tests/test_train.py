@@ -354,3 +354,17 @@ def test_a_run_resumed_on_a_fresh_disk_keeps_its_start_sweep(tmp_path):
     start = json.loads((first_disk / "metrics.jsonl").read_text().splitlines()[0])
     assert summary["eval_full_start/accuracy"] == start["eval_full_start/accuracy"]
     assert "eval_full/accuracy" in summary
+
+
+def test_paired_correctness_counts_the_samples_only_one_policy_got_right():
+    """baseline_every_steps: the policy and the frozen start policy sample the same prompts with the same
+    keys, so row i of each is a pair; the counts feed an exact McNemar on the sampled pass rate."""
+    from trainer.rewards import RewardBatch
+    from trainer.train import paired_correctness
+
+    def batch(correct: list[float]) -> RewardBatch:
+        return RewardBatch(per_func={"reward_correct": np.array(correct)}, total=np.zeros(len(correct)))
+
+    counts = paired_correctness(batch([1.0, 0.0, 1.0, 1.0, 0.0]), batch([1.0, 1.0, 0.0, 0.0, 0.0]))
+    assert counts == {"train/baseline/pairs/n": 5.0, "train/baseline/pairs/policy_only": 2.0,
+                      "train/baseline/pairs/frozen_only": 1.0}
