@@ -27,7 +27,7 @@ SECRET = "sk-ssh-planted-9f8e7d6c5b4a"
 
 
 def _server(root: Path, name: str, client_key: Path | None = None):
-    from orchestrator.testing.sshd import LoopbackSshd
+    from grpoctl_testing.sshd import LoopbackSshd
 
     home = root / f"home-{name}"
     home.mkdir()

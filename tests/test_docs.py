@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("orchestrator", "grpoctl_contract", "trainer")
+PACKAGES = ("orchestrator", "grpoctl_contract", "trainer", "grpoctl_testing")
 _ENTRY = re.compile(r"^( *)(\S+?)(?: {2,}(.*))?$")
 
 

@@ -35,7 +35,7 @@ SECRET = "sk-e-flag-5b4a3c2d1e0f"  # given with -e: must show up nowhere
 def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):
     from conftest import _require_sshd
 
-    from orchestrator.testing.sshd import LoopbackSshd
+    from grpoctl_testing.sshd import LoopbackSshd
 
     _require_sshd()
     url, _ = standin_repo

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from grpoctl_testing.fake_tpu import FakeTpuApi, Script
 from orchestrator.cloud import api as cloud
 from orchestrator.cloud.client import build_client
 from orchestrator.errors import InfraError, UsageError
-from orchestrator.testing.fake_tpu import FakeTpuApi, Script
 
 REQ = cloud.NodeRequest(
     accelerator_type="v6e-8",

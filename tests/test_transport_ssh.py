@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import modes_during, ps_during
 
+from grpoctl_testing.sshd import LoopbackSshd, free_port, generate_key
 from orchestrator.config import RepoConfig
 from orchestrator.errors import HostKeyError, InfraError, UsageError
 from orchestrator.targets import build_target
 from orchestrator.targets.ssh import SshTarget
-from orchestrator.testing.sshd import LoopbackSshd, free_port, generate_key
 from orchestrator.transport.ssh import SshTransport, sha256_fingerprint
 
 

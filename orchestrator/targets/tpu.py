@@ -58,7 +58,7 @@ class TpuTarget(Target):
     libtpu_lockfile: str = LIBTPU_LOCKFILE
     bootstrap_extras = TPU_BOOTSTRAP_EXTRAS
     # Test wiring, not configuration: a real node's endpoint `port` is its TPU runtime's, never sshd's, so
-    # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
+    # workers are reached on `ssh_port`. The fake API (grpoctl_testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
     # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a warning)
