@@ -7,8 +7,10 @@ Each run is `python -m trainer --config C --run-dir D --set eval_full_sweep=true
 (timed from the outside: wall seconds include start-up and compilation). It reads D/eval_full_start.jsonl
 (the policy right before GRPO step 1) and D/eval_full.jsonl (after the last step) and prints one table row:
 start -> end greedy accuracy, the discordant pairs, the exact McNemar p-value, the frozen-start-policy
-baseline reward beside the trained policy's, and the mean step time. On a shared machine compare step
-times across rows of one sitting; BENCHMARKS.md records the command and figures.
+baseline reward beside the trained policy's, the same as an exact McNemar over the sampled completions of
+the last 3 baseline steps (policy and frozen start policy sample the same prompts with the same keys, so
+each completion is a pair: the sampled pass rate, start -> end), and the mean step time. On a shared
+machine compare step times across rows of one sitting; BENCHMARKS.md records the command and figures.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.compare import paired_test  # noqa: E402
+from orchestrator.compare import mcnemar_exact_p, paired_test  # noqa: E402
 
 
 def _correctness(path: Path) -> dict[str, bool]:
@@ -62,7 +64,15 @@ def run_once(config: str, overrides: list[str], run_dir: Path) -> dict:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m.get("step", 0) > 0]
     with_base = [m for m in steps if "train/baseline/reward/total/mean" in m]
+    # The sampled pass rate, start -> end: at the last 3 baseline steps the policy and the frozen start
+    # policy sampled the same prompts with the same keys; each sample is a pair (exact McNemar).
+    last = with_base[-3:]
+    policy_only = sum(int(m.get("train/baseline/pairs/policy_only", 0)) for m in last)
+    frozen_only = sum(int(m.get("train/baseline/pairs/frozen_only", 0)) for m in last)
     return {
+        "pairs": sum(int(m.get("train/baseline/pairs/n", 0)) for m in last),
+        "policy_only": policy_only, "frozen_only": frozen_only,
+        "pairs_p": mcnemar_exact_p(frozen_only, policy_only),
         "n": paired.n, "start": paired.accuracy_a, "end": paired.accuracy_b, "lost": paired.only_a,
         "gained": paired.only_b, "p": paired.p_value, "wall_s": wall, "cpu_s": cpu,
         "step_s": _mean(steps[1:], "time/train/step_s"),  # step 1 includes compilation
@@ -88,14 +98,15 @@ def main() -> None:
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-learning-"))
     print("| config | label | questions | start acc | end acc | lost / gained | McNemar p | "
           "correct reward: first 5 -> last 5 steps | policy vs frozen start (last 3 baseline steps) | "
-          "step s | wall s | CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "sampled pairs: frozen only / policy only, p | step s | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, config in enumerate(configs):
         r = run_once(config, args.overrides, out / f"run{i}")
         print(f"| `{config}` | {args.label} | {r['n']} | {_f(r['start'])} | {_f(r['end'])} | "
               f"{r['lost']} / {r['gained']} | {r['p']:.2g} | {_f(r['reward_first'])} -> "
               f"{_f(r['reward_last'])} | {_f(r['policy_at_baseline_steps'])} vs "
-              f"{_f(r['frozen_at_baseline_steps'])} | {_f(r['step_s'], 2)} | {r['wall_s']:.0f} | "
+              f"{_f(r['frozen_at_baseline_steps'])} | {r['frozen_only']} / {r['policy_only']} of "
+              f"{r['pairs']}, {r['pairs_p']:.2g} | {_f(r['step_s'], 2)} | {r['wall_s']:.0f} | "
               f"{r['cpu_s']:.0f} |", flush=True)
 
 

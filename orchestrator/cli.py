@@ -790,8 +790,11 @@ def preflight(
             say=g.say,
             cached_only=g.dry_run,  # a dry run never compiles (minutes for a 3B model)
         )
-    except pf.NotCached:
-        g.say(f"dry run: nothing cached; `{pf.command(config, accelerator, overrides, flags)}` compiles it")
+    except pf.PreflightUnavailable as err:  # NotCached: a dry run found nothing cached
+        if not g.dry_run:
+            raise
+        why = "nothing cached" if isinstance(err, pf.NotCached) else str(err)
+        g.say(f"dry run: {why}; `{pf.command(config, accelerator, overrides, flags)}` compiles it")
         return
     if g.json or json_out:
         g.emit_json(report.raw)

@@ -500,7 +500,9 @@ def gate(
         say(line)
         return Gate(None, line)
     except PreflightUnavailable as err:
-        line = f"{err}; going on without it"
+        by_hand = command(config, accelerator, overrides or {}, env or {})
+        where = f" (`{by_hand}` compiles it on a host with libtpu)" if dry_run else ""  # a dry run says how
+        line = f"{err}{where}; going on without it"
         say(line)
         return Gate(None, line)
     if not report.fits:

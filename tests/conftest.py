@@ -27,6 +27,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
 os.environ["NO_GCE_CHECK"] = "true"  # google-auth: never probe the metadata server (lowercase!)
+# ...nor read a gcloud ADC file (this also holds in the CLI subprocesses tests start).
+os.environ["CLOUDSDK_CONFIG"] = "/nonexistent/grpoctl-tests-have-no-gcloud-config"
 
 import pytest  # noqa: E402
 
@@ -122,6 +124,29 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> 
 def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own grpoctl state folder (run records) so tests never see each other's runs."""
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
+def _no_google_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test looks up Google credentials: a client built without the fake's `http://` endpoint gets the
+    product's one-line no-credentials error instead of reaching Google (and the socket guard above refuses
+    any non-loopback address anyway)."""
+    import google.auth  # a base dependency (google-cloud-tpu): there on the laptop-only install too
+    from google.auth.exceptions import DefaultCredentialsError
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise DefaultCredentialsError("tests never look up Google credentials")
+
+    monkeypatch.setattr(google.auth, "default", refuse)
+
+
+@pytest.fixture(scope="session")
+def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One stand-in repo for the whole session: (file:// URL of the bare origin, work clone)."""
+    from standin import make_standin_repo
+
+    repo = make_standin_repo(tmp_path_factory.mktemp("standin"))
+    return repo.url, repo.work
 
 
 # --- what other users of this machine can see ------------------------------------------------------------

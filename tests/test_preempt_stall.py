@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import make_standin_repo, standin_repo  # noqa: F401
+from standin import make_standin_repo
 from tpu_support import Project, long_run, one_line_error, outcome, preempt_at_step
 from typer.testing import CliRunner
 
@@ -189,7 +189,7 @@ def test_status_marks_a_running_record_preempted_then_down_stops_it(project: Pro
 
 
 def test_sigstopped_trainer_shows_stalled_then_running_again(
-    standin_repo,  # noqa: F811
+    standin_repo,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -404,15 +404,16 @@ def test_readme_quickstart_against_the_realistic_fake(project: Project, monkeypa
     block = re.search(r"```yaml\n# grpoctl.yaml\n(.*?)```", readme, re.S)
     assert block, "README lost its quickstart grpoctl.yaml"
     cfg = yaml.safe_load(block.group(1))
-    assert "user" not in cfg["targets"]["v6e"]  # the default user: root
-    cfg["targets"]["v6e"].update(api_endpoint=project.fake.endpoint, python=sys.executable, poll_s=0.1)
+    name = next(k for k, v in cfg["targets"].items() if v.get("kind") == "tpu")
+    assert "user" not in cfg["targets"][name]  # the default user: root
+    cfg["targets"][name].update(api_endpoint=project.fake.endpoint, python=sys.executable, poll_s=0.1)
     cfg["repo"] = {"url": project.repo.url, "branch": "main", "remote_dir": "~/grpoctl-work"}
     monkeypatch.setenv("HOME", str(project.root))  # ~/.ssh/grpoctl_ed25519 is created there
     project.fake.script = Script.realistic(create_s=0.5, host_keys_delay_s=0.5, delete_s=0.3)
     path = project.root / "quickstart.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    project.cli(str(path), "up")
-    project.cli(str(path), "down", "--yes")
+    project.cli(str(path), "--target", name, "up")
+    project.cli(str(path), "--target", name, "down", "--yes")
     _nothing_left(project)
 
 

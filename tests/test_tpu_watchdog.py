@@ -69,7 +69,8 @@ def test_an_idle_node_deletes_itself_with_its_own_token(wired: Project, hook) ->
 
 def test_a_node_grpoctl_did_not_create_never_deletes_itself(wired: Project) -> None:
     before = len(wired.fake.requests)  # the fake serves the whole module
-    body = {"acceleratorType": "v6e-8", "runtimeVersion": "v2-alpha-tpuv6e", "labels": {"team": "theirs"}}
+    body = {"acceleratorType": "v6e-8", "runtimeVersion": "v2-alpha-tpuv6e", "labels": {"team": "theirs"},
+            "schedulingConfig": {"spot": True}}
     url = f"{wired.fake.endpoint}/v2/projects/proj/locations/us-east1-d/nodes?nodeId=grpo-theirs"
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     urllib.request.urlopen(request).read()

@@ -185,8 +185,10 @@ def test_a_run_resumed_on_a_recreated_vm_keeps_its_whole_history(tmp_path, strai
         run(cfg, tmp_path / "vm1" / "run", on_step=crash_after_4)
     fresh = tmp_path / "vm2" / "run"  # same run name (the run id), a new disk
     run(cfg, fresh)
-    rows = [json.loads(line) for line in (fresh / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    def steps(run_dir: Path) -> list[int]:
+        return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps(fresh) == steps(straight_run) and steps(fresh)[:6] == [1, 2, 3, 4, 5, 6]  # every row once
     keys = set(json.loads((straight_run / "summary.json").read_text())) - {"run_id"}
     assert keys <= set(json.loads((fresh / "summary.json").read_text()))
     assert_same_steps(fresh, straight_run)
@@ -352,3 +354,17 @@ def test_a_run_resumed_on_a_fresh_disk_keeps_its_start_sweep(tmp_path):
     start = json.loads((first_disk / "metrics.jsonl").read_text().splitlines()[0])
     assert summary["eval_full_start/accuracy"] == start["eval_full_start/accuracy"]
     assert "eval_full/accuracy" in summary
+
+
+def test_paired_correctness_counts_the_samples_only_one_policy_got_right():
+    """baseline_every_steps: the policy and the frozen start policy sample the same prompts with the same
+    keys, so row i of each is a pair; the counts feed an exact McNemar on the sampled pass rate."""
+    from trainer.rewards import RewardBatch
+    from trainer.train import paired_correctness
+
+    def batch(correct: list[float]) -> RewardBatch:
+        return RewardBatch(per_func={"reward_correct": np.array(correct)}, total=np.zeros(len(correct)))
+
+    counts = paired_correctness(batch([1.0, 0.0, 1.0, 1.0, 0.0]), batch([1.0, 1.0, 0.0, 0.0, 0.0]))
+    assert counts == {"train/baseline/pairs/n": 5.0, "train/baseline/pairs/policy_only": 2.0,
+                      "train/baseline/pairs/frozen_only": 1.0}

@@ -161,6 +161,21 @@ def training_batch(
     return batch
 
 
+def paired_correctness(policy: RewardBatch, frozen: RewardBatch) -> dict[str, float]:
+    """The sampled pass rate of the policy against the frozen start policy, sample by sample: both sampled
+    the same prompts with the same keys, so each row is a pair. Counts over every process's rows: pairs,
+    pairs only the policy got right, pairs only the frozen start policy got right (summed over baseline
+    steps they give an exact McNemar test of "GRPO raised the sampled pass rate", benchmarks/
+    bench_learning.py)."""
+    mine = global_concat(policy.per_func["reward_correct"]) > 0
+    theirs = global_concat(frozen.per_func["reward_correct"]) > 0
+    return {
+        "train/baseline/pairs/n": float(mine.size),
+        "train/baseline/pairs/policy_only": float(np.sum(mine & ~theirs)),
+        "train/baseline/pairs/frozen_only": float(np.sum(theirs & ~mine)),
+    }
+
+
 def rollout_metrics(rollout: Rollout, reward_metrics: dict[str, float], seconds: float) -> dict[str, float]:
     lengths = global_concat(rollout.lengths)
     out = {f"train/{k}": v for k, v in reward_metrics.items()}
@@ -341,6 +356,7 @@ def train_step(t: Trainer, state: dict[str, Any], step: int, timer: StepTimer) -
             frozen = t.sampler.sample(t.start_params, problems, cfg.rollout.n, rng, t.sampling)
             base = score_completions(frozen.texts, answers, t.weights, cfg.reward_grader)
             metrics.update({f"train/baseline/{k}": v for k, v in global_reward_metrics(base).items()})
+            metrics.update(paired_correctness(scores, base))
 
     with timer.phase("update"):
         host_batch = training_batch(rollout, scores.total, cfg.train.seq_bucket, t.sampler.pad_id)
