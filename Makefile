@@ -7,7 +7,7 @@
 #   the orchestrator tests run, the trainer tests are skipped with their reason (TESTING.md).
 # Beside them (not one of them): make rehearsal  replays the seed TPU SOP on the fake Cloud TPU API with
 #   two loopback-sshd workers, a real bootstrap from the registry, the real trainer as two JAX processes
-#   and a preemption (orchestrator/testing/rehearsal.py; report in runs/rehearsal/report.md).
+#   and a preemption (grpoctl_testing/rehearsal.py; report in runs/rehearsal/report.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -32,7 +32,7 @@ demo-seeds: $(STAMP)
 	$(BIN)/grpoctl --target local sop replay sops/local_seeds_pallas_vs_jax.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract grpoctl_testing tests benchmarks
 	$(BIN)/python -m pytest -q --durations=25 tests
 
 laptop-test:
@@ -42,10 +42,10 @@ laptop-test:
 	$(LAPTOP_VENV)/bin/python -m pytest -q tests
 
 rehearsal: $(STAMP)
-	$(BIN)/python -m orchestrator.testing.rehearsal
+	$(BIN)/python -m grpoctl_testing.rehearsal
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator trainer grpoctl_contract tests benchmarks
+	$(BIN)/ruff check orchestrator trainer grpoctl_contract grpoctl_testing tests benchmarks
 
 # Mutation run over the core modules (TESTING.md): slow, a benchmark-style command, not part of `make test`.
 # mutmut stays out of the dev extra (it pulls in a terminal UI); it is installed here on first use.

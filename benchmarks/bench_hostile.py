@@ -16,9 +16,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from grpoctl_testing.sshd import LoopbackSshd
 from orchestrator import untrusted
 from orchestrator.errors import WorkerReadError
-from orchestrator.testing.sshd import LoopbackSshd
 from orchestrator.transport.local import LocalTransport
 from orchestrator.transport.ssh import SshTransport
 

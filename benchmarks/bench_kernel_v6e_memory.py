@@ -5,7 +5,7 @@
 
 libtpu's compiler (the dev extra) builds the real TPU program, Mosaic kernels included, with no TPU:
 the table gives per-chip temp / argument / output bytes from memory_analysis() and the number of Mosaic
-kernels (pallas must show 3: forward, dhidden, dlm_head). Compile only: no time is measured.
+kernels (pallas must show 2: forward, backward). Compile only: no time is measured.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from orchestrator.testing.sshd import LoopbackSshd
+from grpoctl_testing.sshd import LoopbackSshd
 from orchestrator.transport.ssh import SshTransport
 
 SSH = "/usr/bin/ssh"

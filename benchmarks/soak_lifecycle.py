@@ -2,7 +2,7 @@
 
     python benchmarks/soak_lifecycle.py [--hits 12] [--steps 400] [--seed 1]
 
-The fake Cloud TPU API (orchestrator/testing/fake_tpu.py) with loopback sshd workers and the stand-in
+The fake Cloud TPU API (grpoctl_testing/fake_tpu.py) with loopback sshd workers and the stand-in
 trainer (tests/standin.py, checkpoints and metrics history in a "bucket" outside the VMs): the real CLI,
 in-process. Hits are drawn from preemption (a new node) and RESTARTING / REIMAGING / REPAIRING (the node
 comes back by itself); each lands on a running job (after a checkpoint past the previous hit). Then a
@@ -37,8 +37,8 @@ def main() -> int:
     from standin import make_standin_repo  # noqa: F401 (tpu_support needs it importable)
     from tpu_support import Project, soak
 
+    from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
     from orchestrator.targets.tpu import TpuTarget
-    from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
     TpuTarget.ssh_port_from_endpoint = True
     with tempfile.TemporaryDirectory(prefix="grpoctl-soak-") as tmp:

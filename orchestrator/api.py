@@ -19,7 +19,7 @@ from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, InfraError, UsageError
 from orchestrator.lifecycle import recovery as lifecycle
-from orchestrator.lifecycle.monitor import Monitor, OnDecision, OnPoll, Poll, probe
+from orchestrator.lifecycle.monitor import Monitor, OnDecision, OnPoll, probe
 from orchestrator.lifecycle.recovery import RecoveryPolicy
 from orchestrator.lifecycle.states import RunState, is_terminal
 from orchestrator.ops import env as env_ops
@@ -280,14 +280,10 @@ def wait(
     notifier = notify.Notifier(session.config.notify, session.say)
     notices = notify.RunNotices(notifier, record, lambda rec: _ledger_line(rec, session.config.prices))
 
-    def polled(rec: RunRecord, poll: Poll) -> None:
-        notices.on_poll(rec, poll)
-        if on_poll is not None:
-            on_poll(rec, poll)
-
     try:
         done = lifecycle.wait(
-            session, record, policy, interval=interval, on_poll=polled, on_decision=on_decision
+            session, record, policy, interval=interval, on_poll=on_poll,
+            on_decision=[*on_decision, notices.on_decision],
         )
     except GrpoctlError as err:
         notices.finished(record, err)

@@ -20,7 +20,6 @@ from typing import Any
 
 from orchestrator.config import NotifyConfig
 from orchestrator.errors import UsageError
-from orchestrator.lifecycle.states import RunState
 
 EVENTS = ("succeeded", "failed", "preempted", "recovered", "node_deleted")
 _ICONS = {"succeeded": "✅", "failed": "❌", "preempted": "⚠️", "recovered": "🔁", "node_deleted": "🗑️"}
@@ -107,17 +106,22 @@ class Notifier:
 
 
 class RunNotices:
-    """The messages of one waited run: preempted and recovered as they happen (a recovery shows as a new
-    entry in the record's `recoveries`, seen on the next poll), and how the wait ended."""
+    """The messages of one waited run, from its lifecycle monitor's decisions (orchestrator/lifecycle):
+    preempted when the monitor decides to recover (or gives the run up as PREEMPTED), recovered when a new
+    entry shows in the record's `recoveries`, and how the wait ended."""
 
     def __init__(self, notifier: Notifier, record: Any, ledger_line: Callable[[Any], str] | None = None):
         self.notifier, self.ledger_line = notifier, ledger_line
         self.seen = len(record.recoveries)
 
-    def on_poll(self, record: Any, _poll: Any = None) -> None:
+    def on_decision(self, record: Any, decision: Any) -> None:
+        if str(getattr(decision, "action", "")) == "recover":
+            n = len(record.recoveries) + 1  # the recovery this decision starts
+            self.notifier.send("preempted", record.run_id, decision.reason, key=f"#{n}")
+        self._recovered(record)
+
+    def _recovered(self, record: Any) -> None:
         for i, entry in enumerate(record.recoveries[self.seen :], start=self.seen + 1):
-            if entry.get("kind") == "preemption":
-                self.notifier.send("preempted", record.run_id, str(entry.get("reason", "")), key=f"#{i}")
             what = f"relaunched ({entry.get('kind')} #{i}) at step {entry.get('step')}"
             self.notifier.send("recovered", record.run_id, f"{what}, resumes from a checkpoint", key=f"#{i}")
         self.seen = len(record.recoveries)
@@ -126,13 +130,13 @@ class RunNotices:
         """After the wait: succeeded, failed, or preempted (not recovered); nothing for a ^C or the like."""
         from orchestrator.errors import JobFailed, PreemptedError
 
-        self.on_poll(record)
-        if err is None and record.state is RunState.SUCCEEDED:
+        self._recovered(record)
+        if err is None and record.state == "SUCCEEDED":
             p = record.last_progress or {}
             steps = f"step {p.get('step')}/{p.get('total')}" if p.get("total") else "done"
             extra = f"; {self.ledger_line(record)}" if self.ledger_line is not None else ""
             self.notifier.send("succeeded", record.run_id, f"{steps} on {record.target}{extra}")
-        elif isinstance(err, PreemptedError):
-            self.notifier.send("preempted", record.run_id, str(err), key="final")
+        elif isinstance(err, PreemptedError):  # the same key as the decision's: one message
+            self.notifier.send("preempted", record.run_id, str(err), key=f"#{len(record.recoveries) + 1}")
         elif isinstance(err, JobFailed):
             self.notifier.send("failed", record.run_id, str(err))

@@ -1,8 +1,10 @@
-"""One retry helper for everything grpoctl retries: bounded attempts, exponential backoff, full jitter.
+"""The retry and polling helpers for every loop grpoctl waits in.
 
-    retry_call(fn, retry_on=is_transient, policy=Backoff(attempts=6))
+    retry_call(fn, retry_on=is_transient, policy=Backoff(attempts=6))   # bounded attempts, backoff
+    poll_until(check, timeout_s=600, poll_s=5, on_timeout=...)          # until a state holds, or a deadline
 
-`sleep` and `rand` are injectable so tests count attempts and waits on a fake clock instead of waiting.
+`sleep`, `rand` and `clock` are injectable so tests count attempts and waits on a fake clock instead of
+waiting.
 Only the caller knows what is worth retrying (a 503 on a read is; a 400 never is; a create is not
 idempotent), so `retry_on` is a required predicate.
 """
@@ -21,16 +23,19 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Backoff:
     """`attempts` calls at most; before call k+1 wait a uniform draw in [0, min(max_s, first_s * factor**k)]
-    ("full jitter": many clients hitting one busy API spread out instead of retrying in step)."""
+    ("full jitter": many clients hitting one busy API spread out instead of retrying in step), or exactly
+    that bound with `jitter=False` (one client retrying its own connection has nobody to spread out from)."""
 
     attempts: int = 6
     first_s: float = 1.0
     factor: float = 2.0
     max_s: float = 30.0
+    jitter: bool = True
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
         """The wait before retry number `retry` (0 for the first retry)."""
-        return rand() * min(self.max_s, self.first_s * self.factor**retry)
+        bound = min(self.max_s, self.first_s * self.factor**retry)
+        return rand() * bound if self.jitter else bound
 
 
 def retry_call(
@@ -56,3 +61,25 @@ def retry_call(
             if on_retry is not None:
                 on_retry(attempt, err, wait)
             sleep(wait)
+
+
+def poll_until(
+    check: Callable[[], T | None],
+    *,
+    timeout_s: float,
+    poll_s: float,
+    on_timeout: Callable[[], BaseException],
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Call `check()` every `poll_s` until it returns something other than None, and return that. When a
+    check comes back None after `timeout_s`, raise `on_timeout()`. The first check is made at once and
+    each check runs to its end (a check may raise: that ends the poll); Ctrl-C lands between polls."""
+    deadline = clock() + timeout_s
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if clock() > deadline:
+            raise on_timeout()
+        sleep(poll_s)

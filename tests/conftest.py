@@ -27,6 +27,12 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
 os.environ["NO_GCE_CHECK"] = "true"  # google-auth: never probe the metadata server (lowercase!)
+# ...nor read a gcloud ADC file (this also holds in the CLI subprocesses tests start).
+os.environ["CLOUDSDK_CONFIG"] = "/nonexistent/grpoctl-tests-have-no-gcloud-config"
+# grpoctl_testing (the fakes, not in the wheel) is imported from the checkout, also by the processes tests
+# start from another folder (`python -m grpoctl_testing.fake_tpu_cli`).
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([_CHECKOUT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import pytest  # noqa: E402
 
@@ -124,6 +130,29 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
 
 
+@pytest.fixture(autouse=True)
+def _no_google_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test looks up Google credentials: a client built without the fake's `http://` endpoint gets the
+    product's one-line no-credentials error instead of reaching Google (and the socket guard above refuses
+    any non-loopback address anyway)."""
+    import google.auth  # a base dependency (google-cloud-tpu): there on the laptop-only install too
+    from google.auth.exceptions import DefaultCredentialsError
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise DefaultCredentialsError("tests never look up Google credentials")
+
+    monkeypatch.setattr(google.auth, "default", refuse)
+
+
+@pytest.fixture(scope="session")
+def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One stand-in repo for the whole session: (file:// URL of the bare origin, work clone)."""
+    from standin import make_standin_repo
+
+    repo = make_standin_repo(tmp_path_factory.mktemp("standin"))
+    return repo.url, repo.work
+
+
 # --- what other users of this machine can see ------------------------------------------------------------
 
 
@@ -196,13 +225,13 @@ def cli_error(*args: str, code: int) -> str:
     return lines[0]
 
 
-# --- SSH: private sshd servers on 127.0.0.1 (orchestrator/testing/sshd.py) -----------------------------
+# --- SSH: private sshd servers on 127.0.0.1 (grpoctl_testing/sshd.py) -----------------------------
 # They run as the current user on this machine, so a test's "remote" paths are local paths: always
 # point remote_dir / put / get at a tmp_path, never at ~ (that is the real home of whoever runs the tests).
 
 
 def _require_sshd() -> None:
-    from orchestrator.testing.sshd import SSHD, sshd_available
+    from grpoctl_testing.sshd import SSHD, sshd_available
 
     if sshd_available():
         return
@@ -217,7 +246,7 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
     For tests that stop or restart a server: take a fresh one instead of the shared `sshd`.
     """
-    from orchestrator.testing.sshd import LoopbackSshd
+    from grpoctl_testing.sshd import LoopbackSshd
 
     _require_sshd()
     started: list[LoopbackSshd] = []

@@ -20,8 +20,6 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import grpoctl_contract
 
 STANDIN_TRAINER = textwrap.dedent(
@@ -186,10 +184,3 @@ def make_standin_repo(
     git(work, "remote", "add", "origin", bare.as_uri())
     git(work, "push", "-q", "origin", branch)
     return StandinRepo(bare.as_uri(), work)
-
-
-@pytest.fixture(scope="session")
-def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """One stand-in repo for the whole session: (file:// URL of the bare origin, work clone)."""
-    repo = make_standin_repo(tmp_path_factory.mktemp("standin"))
-    return repo.url, repo.work

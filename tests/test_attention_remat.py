@@ -81,3 +81,41 @@ def test_remat_policy_is_a_config_key_with_a_clear_error():
     with pytest.raises(C.ConfigError) as err:
         C.load(None, ["train.remat_policy=save_everything"], environ={})
     assert err.value.exit_code == 2 and "remat_policy" in str(err.value)
+
+
+def test_fsdp_update_step_gathers_weights_not_activations():
+    """Compiled for a v6e-8 (fsdp=8): every floating all-gather of the update step is a weight (no array
+    with the sequence length T = 48 in it). GSPMD left alone gathered the micro-batch's activations."""
+    pytest.importorskip("libtpu", reason="libtpu (the dev extra) compiles for TPU on this host")
+    import re
+
+    from trainer import preflight
+
+    sets = ["rollout.batch_size=2", "rollout.n=4", "rollout.global_length=16", "rollout.max_length_sample=32",
+            "train.seq_bucket=16", "train.micro_batch_size=8", "tiny_model.num_hidden_layers=1",
+            "mesh_shape=auto", "train.remat=true"]
+    cfg = C.load(None, ["model_init=random", "tokenizer_path=tiny", *sets], environ={})
+    devices = preflight.tpu_devices(preflight.parse_accelerator("v6e-8"))
+    (update,) = [p for p in preflight.programs_for(cfg, devices)[0] if p.name == "update_step"]
+    assert update.seq_len == 48
+    text = update.fn.lower(*update.args, **update.kwargs).compile().as_text()
+    gathered = re.findall(r"= ((?:bf16|f32)\[[\d,]*\])\S* all-gather(?:-start)?\(", text)
+    assert gathered  # the weights are gathered (fsdp)
+    assert not [g for g in gathered if "48" in re.findall(r"\d+", g)], gathered
+
+
+def test_the_3b_configs_name_the_fastest_remat_policy_that_benchmarks_md_says_fits():
+    """BENCHMARKS.md "Remat policies" table -> the fastest row that fits; both 3B configs name it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "BENCHMARKS.md").read_text()
+    section = text.split("## Remat policies", 1)[1].split("\n## ", 1)[0]
+    row = r"^\| (\w+) \| [\d.]+ \| [\d.]+ \| (yes|NO) \|(?: [^|]* \|){3} ([\d.]+) \|"
+    rows = re.findall(row, section, re.M)
+    assert len(rows) >= 3, section[:300]
+    best = min((float(est), name) for name, fits, est in rows if fits == "yes")[1]
+    for name in ("steps100.yaml", "steps100_pallas.yaml"):
+        cfg = C.load(root / "configs" / f"grpo_gsm8k_qwen25_3b_bs128_{name}", environ={})
+        assert cfg.train.remat and cfg.train.remat_policy == best, name

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from standin import git, standin_repo  # noqa: F401
+from standin import git
 from typer.testing import CliRunner
 
 from orchestrator import compare as cmp
@@ -23,7 +23,7 @@ SECRET = "sk-local-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
+def env(tmp_path_factory: pytest.TempPathFactory, standin_repo):
     """A clean clone as the current folder, a config outside it, a .env with a secret."""
     url, _ = standin_repo
     root = tmp_path_factory.mktemp("cli_local")
@@ -174,7 +174,7 @@ def test_sync_warns_on_dirty_tree_and_local_target_takes_local_commits(cli, env)
 def test_local_target_syncs_a_repo_without_remote_from_its_own_path(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    standin_repo,  # noqa: F811
+    standin_repo,
 ):
     _, work = standin_repo
     lonely = tmp_path / "lonely"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from standin import git, standin_repo  # noqa: F401
+from standin import git
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -27,7 +27,7 @@ SECRET = "sk-ssh-planted-9f8e7d6c5b4a"
 
 
 def _server(root: Path, name: str, client_key: Path | None = None):
-    from orchestrator.testing.sshd import LoopbackSshd
+    from grpoctl_testing.sshd import LoopbackSshd
 
     home = root / f"home-{name}"
     home.mkdir()
@@ -42,7 +42,7 @@ def _target(*servers, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
+def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):
     from conftest import _require_sshd  # skips locally without sshd, fails in CI
 
     _require_sshd()
@@ -76,8 +76,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
         s.stop()
 
 
-@pytest.fixture
-def cli(lab, monkeypatch: pytest.MonkeyPatch):
+def _invoker(lab, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     monkeypatch.chdir(lab["work"])
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(lab["state"]))
     runner = CliRunner()
@@ -90,6 +89,48 @@ def cli(lab, monkeypatch: pytest.MonkeyPatch):
         return result
 
     return invoke
+
+
+@pytest.fixture
+def cli(lab, monkeypatch: pytest.MonkeyPatch):
+    return _invoker(lab, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def runs(lab) -> dict[str, str]:
+    """On target `one`: two runs that succeed, one whose job exits 3, one whose job is SIGKILLed. Made once;
+    each test below checks one behaviour of them."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cli = _invoker(lab, monkeypatch)
+        cli("sync")
+        sweep = ("-e", "EVAL_FULL_SWEEP=1", "--wait", "--interval", "0.2")
+        ok, ok_b = (cli("run", f"configs/{name}.yaml", *sweep).stdout for name in ("ok", "ok_b"))
+        failed = cli("run", "configs/fail3.yaml", "--wait", "--interval", "0.3", code=1)
+        # SIGKILL the whole job: no trap runs, no exit file.
+        doomed = cli("run", "configs/slow.yaml").stdout.strip()
+        pid = json.loads(cli("status", doomed, "--json").stdout)["workers"][0]["pid"]
+        os.killpg(pid, signal.SIGKILL)
+        _wait_until_gone(pid)
+    return {
+        "ok": ok.split()[0],
+        "ok_b": ok_b.split()[0],
+        "failed": failed.stdout.split()[0],
+        "failed_error": failed.stderr.strip().splitlines()[-1],
+        "doomed": doomed,
+    }
+
+
+def _wait_until_gone(pid: int) -> None:
+    """Until `pid` is no longer a live process (gone, or a zombie no one has reaped yet)."""
+    for _ in range(1000):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} still alive after SIGKILL")
 
 
 def _ps_args() -> str:
@@ -116,30 +157,39 @@ def test_sync_and_env_push_keep_the_secret_off_the_wire_of_words(cli, lab):
     assert SECRET not in log
 
 
-def test_exit_0_exit_3_sigkill_status_logs_fetch_compare(cli, lab, tmp_path: Path):
-    cli("sync")
-    ok = cli(
-        "run", "configs/ok.yaml", "-e", "EVAL_FULL_SWEEP=1", "--wait", "--interval", "0.2"
-    ).stdout.split()[0]
-    ok_b = cli(
-        "run", "configs/ok_b.yaml", "-e", "EVAL_FULL_SWEEP=1", "--wait", "--interval", "0.3"
-    ).stdout.split()[0]
-    failed = cli("run", "configs/fail3.yaml", "--wait", "--interval", "0.3", code=1)
-    assert "exit code 3" in failed.stderr.strip().splitlines()[-1]
-    # SIGKILL the whole job: no trap runs, no exit file; the run must read LOST, never RUNNING forever.
-    doomed = cli("run", "configs/slow.yaml").stdout.strip()
-    pid = json.loads(cli("status", doomed, "--json").stdout)["workers"][0]["pid"]
-    os.killpg(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    assert json.loads(cli("status", doomed, "--json").stdout)["state"] == "LOST"
+def test_a_job_that_exits_0_succeeds(runs, cli):
+    for run_id in (runs["ok"], runs["ok_b"]):
+        assert json.loads(cli("status", run_id, "--json").stdout)["state"] == "SUCCEEDED"
+
+
+def test_a_job_that_exits_3_fails_the_run_naming_the_code(runs, cli):
+    assert "exit code 3" in runs["failed_error"]
+    record = json.loads(cli("status", runs["failed"], "--json").stdout)
+    assert record["state"] == "FAILED" and record["workers"][0]["exit_code"] == 3
+
+
+def test_a_sigkilled_job_reads_lost_never_running(runs, cli):
+    assert json.loads(cli("status", runs["doomed"], "--json").stdout)["state"] == "LOST"
+
+
+def test_status_table_shows_every_state(runs, cli):
     table = cli("status").stdout
     assert "FAILED(3)" in table and "LOST" in table and "SUCCEEDED" in table
-    assert "failing on purpose with 3" in cli("logs", failed.stdout.split()[0]).stdout
-    fetched = cli("fetch", ok, ok_b).stdout
-    assert f"{ok} -> runs/{ok}/" in fetched
-    assert (lab["work"] / "runs" / ok_b / "wandb-summary.json").is_file()
+
+
+def test_logs_show_the_jobs_output(runs, cli):
+    assert "failing on purpose with 3" in cli("logs", runs["failed"]).stdout
+
+
+def test_fetch_copies_runs_to_the_laptop(runs, cli, lab):
+    fetched = cli("fetch", runs["ok"], runs["ok_b"]).stdout
+    assert f"{runs['ok']} -> runs/{runs['ok']}/" in fetched
+    assert (lab["work"] / "runs" / runs["ok_b"] / "wandb-summary.json").is_file()
+
+
+def test_compare_two_runs_with_a_plot(runs, cli, tmp_path: Path):
     png = tmp_path / "c.png"
-    compared = cli("compare", ok, ok_b, "--plot", str(png)).stdout
+    compared = cli("compare", runs["ok"], runs["ok_b"], "--plot", str(png)).stdout
     assert "McNemar exact test on 200 paired questions" in compared
     assert png.is_file()
 
@@ -168,19 +218,35 @@ def test_two_workers_fan_out_per_worker_logs_and_fail_fast(cli, lab):
     assert "workers 0..1" in cli("logs", run_id, "--worker", "2", code=2).stderr
 
 
-def test_status_watch_survives_sshd_killed_and_restarted(cli, lab):
+def test_status_watch_survives_sshd_killed_and_restarted(cli, lab, monkeypatch: pytest.MonkeyPatch):
+    from orchestrator.errors import InfraError
+    from orchestrator.transport.ssh import SshTransport
+
     cli("--target", "flaky", "sync")
     run_id = cli("--target", "flaky", "run", "configs/watch.yaml").stdout.strip()
     outcome: dict = {}
+    polled, failed = threading.Event(), threading.Event()
+    real_open = SshTransport._open_channel
+
+    def spied_open(self):  # type: ignore[no-untyped-def]
+        try:
+            channel = real_open(self)
+        except InfraError:
+            failed.set()  # the transport's own connect retries are spent: the watch sees the outage
+            raise
+        polled.set()
+        return channel
+
+    monkeypatch.setattr(SshTransport, "_open_channel", spied_open)
 
     def watch() -> None:
         outcome["result"] = cli("status", run_id, "--watch", "--interval", "0.3", code=None)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    time.sleep(0.8)
+    assert polled.wait(30)  # the watch reached the worker once
     lab["flaky"].stop()  # kills the server and its live connections
-    time.sleep(3.5)  # longer than the transport's own connect retries: polls must fail and be retried
+    assert failed.wait(30)  # a poll failed after all its connect attempts: now it must be retried
     lab["flaky"].start()  # same port, same host key
     watcher.join(timeout=60)
     assert not watcher.is_alive()

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from standin import standin_repo  # noqa: F401
 from typer.testing import CliRunner
 
+from grpoctl_testing.fake_tpu import FakeTpuApi
 from orchestrator import preflight as pf
 from orchestrator.cli import app
 from orchestrator.runs import RunStore
-from orchestrator.testing.fake_tpu import FakeTpuApi
 
 REPO = Path(__file__).resolve().parents[1]  # this checkout: its configs/, sops/ and trainer schema
 
@@ -486,7 +485,7 @@ def test_status_fits_80_columns_one_line_a_run() -> None:
 
 
 @pytest.fixture
-def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):  # noqa: F811
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):
     """A clone of the stand-in trainer's repo as the cwd, a local target, synced."""
     url, _ = standin_repo
     work = tmp_path / "clone"

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ssh_target_fields
-from standin import standin_repo  # noqa: F401 (a fixture)
 from typer.testing import CliRunner
 
 from grpoctl_contract import progress, rundir
@@ -548,7 +547,7 @@ def _all_cmdlines() -> str:
     return "\n".join(found)
 
 
-def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_repo, monkeypatch):  # noqa: F811
+def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_repo, monkeypatch):
     """`run --secret NAME --wait` as a real process, on the local target with the stand-in trainer:
     /proc/*/cmdline of every process, sampled all along, never holds the value; the job did get it."""
     import subprocess

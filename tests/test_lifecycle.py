@@ -63,7 +63,7 @@ def at_step(project: Project, step: int, action: Callable[[], None]) -> list[int
 def grpoctl(cfg: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """The real entry point in a subprocess (bounded: a wait that would ride out errors for 15 min ends)."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", "--config-file", cfg, *args],
+        [sys.executable, "-m", "grpoctl_testing.fake_tpu_cli", "--config-file", cfg, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -95,7 +95,7 @@ def test_a_delete_during_a_recover_wait_stops_the_run_and_recreates_nothing(proj
     name = "grpo-down" if who == "grpoctl down" else "grpo-deleted"
     cfg = ready(project, name, steps=400)
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", "--config-file", cfg,
+        [sys.executable, "-m", "grpoctl_testing.fake_tpu_cli", "--config-file", cfg,
          "run", "configs/standin.yaml", "--recover", "--interval", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -196,7 +196,7 @@ def test_laptop_killed_mid_recovery_then_recover_picks_it_up(project: Project) -
     project.fake.script.create_s = 3.0  # the recreation takes a while: the laptop dies during it
     hit = at_step(project, 5, lambda: project.fake.preempt("grpo-sigkill"))
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", "--config-file", cfg,
+        [sys.executable, "-m", "grpoctl_testing.fake_tpu_cli", "--config-file", cfg,
          "run", "configs/standin.yaml", "--recover", "--interval", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import yaml
+from standin import git
 from test_notify import SECRET_PATH, hook  # noqa: F401 - the webhook server fixture
 from tpu_support import Project, long_run, preempt_at_step
 
@@ -25,7 +26,11 @@ def test_success_failure_and_a_recovered_preemption_each_send_their_message(
     project: Project, hook  # noqa: F811
 ) -> None:
     url, got, _ = hook
-    long_run(project)  # 40 steps, checkpoints in a bucket that outlives the VM
+    long_run(project)  # checkpoints in a bucket that outlives the VM
+    config = project.repo.work / "configs" / "standin.yaml"  # 150 steps: the preemption lands mid-run
+    config.write_text(json.dumps({**json.loads(config.read_text()), "steps": 150}) + "\n")
+    git(project.repo.work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qam", "150 steps")
+    git(project.repo.work, "push", "-q", "origin", "main")
     cfg = _with_notify(project.config(name="grpo-notify", autodelete_after_idle_s=0), url)
     project.cli(cfg, "up")
     project.cli(cfg, "sync")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import make_standin_repo, standin_repo  # noqa: F401
+from standin import make_standin_repo
 from tpu_support import Project, long_run, one_line_error, outcome, preempt_at_step
 from typer.testing import CliRunner
 
@@ -108,7 +108,7 @@ def test_run_wait_exits_3_with_one_line_when_the_node_is_preempted(project: Proj
     args = ["--config-file", cfg, "run", repo.config, "--wait", "--interval", "0.1"]
     # The timeout only stops a wait that would ride out SSH errors for 15 minutes (today's main).
     done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", *args],  # grpoctl + the fake's ports
+        [sys.executable, "-m", "grpoctl_testing.fake_tpu_cli", *args],  # grpoctl + the fake's ports
         capture_output=True,
         text=True,
         timeout=240,
@@ -142,7 +142,7 @@ def test_sop_wait_stops_at_a_preemption_and_replay_recover_resumes_the_same_run(
     preempted_at = preempt_at_step(project, project.root / "bucket", "grpo-sop-b", 3)
     args = ["--config-file", cfg, "sop", "replay", "spot.yaml", "--report", "report.md"]
     done = subprocess.run(  # timeout: see test_run_wait_exits_3_with_one_line_when_the_node_is_preempted
-        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", *args],  # grpoctl + the fake's ports
+        [sys.executable, "-m", "grpoctl_testing.fake_tpu_cli", *args],  # grpoctl + the fake's ports
         capture_output=True,
         text=True,
         timeout=240,
@@ -189,7 +189,7 @@ def test_status_marks_a_running_record_preempted_then_down_stops_it(project: Pro
 
 
 def test_sigstopped_trainer_shows_stalled_then_running_again(
-    standin_repo,  # noqa: F811
+    standin_repo,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

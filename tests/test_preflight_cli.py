@@ -20,9 +20,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from grpoctl_testing.fake_tpu import FakeTpuApi
 from orchestrator import preflight as pf
 from orchestrator.cli import app
-from orchestrator.testing.fake_tpu import FakeTpuApi
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_cpu.yaml"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import git, standin_repo  # noqa: F401
+from standin import git
 
 from grpoctl_contract import envfile
 from orchestrator import recipes
@@ -110,7 +110,7 @@ def test_env_verify_reports_lengths_never_values(tmp_path: Path):
     assert secret not in recipes.env_verify(str(env), checker)
 
 
-def test_sync_clones_resets_and_never_deletes_untracked_files(tmp_path: Path, standin_repo):  # noqa: F811
+def test_sync_clones_resets_and_never_deletes_untracked_files(tmp_path: Path, standin_repo):
     url, work = standin_repo
     checkout = tmp_path / "ck"
     first = bash(recipes.sync(str(checkout), url, "main"))
@@ -134,7 +134,7 @@ def test_sync_clones_resets_and_never_deletes_untracked_files(tmp_path: Path, st
         assert (checkout / keep).read_text() == "keep"
 
 
-def test_sync_adopts_a_folder_with_only_env_and_refuses_any_other(tmp_path: Path, standin_repo):  # noqa: F811
+def test_sync_adopts_a_folder_with_only_env_and_refuses_any_other(tmp_path: Path, standin_repo):
     url, _ = standin_repo
     adopt = tmp_path / "adopt"
     adopt.mkdir()
@@ -159,7 +159,7 @@ def test_sync_quotes_hostile_values(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def checkout(tmp_path_factory: pytest.TempPathFactory, standin_repo) -> Path:  # noqa: F811
+def checkout(tmp_path_factory: pytest.TempPathFactory, standin_repo) -> Path:
     url, _ = standin_repo
     ck = tmp_path_factory.mktemp("launch") / "checkout dir"
     out = bash(recipes.sync(str(ck), url, "main"))
@@ -387,7 +387,7 @@ def test_launch_passes_hostile_env_values_and_args_through_byte_for_byte(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "dump.json", "python"]  # no stray files
 
 
-def test_sync_refuses_hostile_url_and_branch_without_running_them(tmp_path: Path, standin_repo):  # noqa: F811
+def test_sync_refuses_hostile_url_and_branch_without_running_them(tmp_path: Path, standin_repo):
     url, _ = standin_repo
     marker = tmp_path / "pwned"
     for i, value in enumerate(_hostile(marker)):
@@ -400,7 +400,7 @@ def test_sync_refuses_hostile_url_and_branch_without_running_them(tmp_path: Path
     assert all(p.name.startswith("ck") and p.is_dir() for p in tmp_path.iterdir())
 
 
-def test_sync_into_a_folder_named_with_every_metacharacter(tmp_path: Path, standin_repo):  # noqa: F811
+def test_sync_into_a_folder_named_with_every_metacharacter(tmp_path: Path, standin_repo):
     url, work = standin_repo
     name = "ck$(id)`id`;x|y&z<a>b'c\"d*?[e]{f,g}~#!%^=+,.:@\\h"
     out = bash(recipes.sync(str(tmp_path / name), url, "main"), cwd=tmp_path)

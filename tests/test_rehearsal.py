@@ -1,4 +1,4 @@
-"""The dress rehearsal (orchestrator/testing/rehearsal.py) as a CI test: the seed TPU SOP replayed on the
+"""The dress rehearsal (grpoctl_testing/rehearsal.py) as a CI test: the seed TPU SOP replayed on the
 fake Cloud TPU API, two sshd workers, the real trainer as two JAX processes, a preemption recovered.
 
 `make rehearsal` also bootstraps the workers from the package registry (minutes); this test gives the
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.testing import rehearsal
-from orchestrator.testing.sshd import SSHD, sshd_available
+from grpoctl_testing import rehearsal
+from grpoctl_testing.sshd import SSHD, sshd_available
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ps_during
-from standin import git, standin_repo  # noqa: F401
+from standin import git
 from typer.testing import CliRunner
 
 from orchestrator import recipes
@@ -32,10 +32,10 @@ SECRET = "sk-e-flag-5b4a3c2d1e0f"  # given with -e: must show up nowhere
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):  # noqa: F811
+def lab(tmp_path_factory: pytest.TempPathFactory, standin_repo):
     from conftest import _require_sshd
 
-    from orchestrator.testing.sshd import LoopbackSshd
+    from grpoctl_testing.sshd import LoopbackSshd
 
     _require_sshd()
     url, _ = standin_repo
@@ -227,7 +227,7 @@ def test_hostile_remote_dir_sync_env_push_run_logs_stop(lab, grpoctl):
     assert sorted(p.name for p in markers.iterdir()) == []
 
 
-def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_repo):  # noqa: F811
+def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_repo):
     """Each recipe's shell text and each transport call, on the real sshd and on the local transport."""
     url, _ = standin_repo
     server = lab["server"]

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from standin import standin_repo  # noqa: F401
 
 from orchestrator import compare as cmp
 from orchestrator import sop
@@ -134,7 +133,7 @@ def test_a_compare_of_an_unknown_group_is_refused():
 
 
 @pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):  # noqa: F811
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):
     url, _ = standin_repo
     work = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", url, str(work)], check=True)

@@ -18,14 +18,14 @@ from google.auth.credentials import Credentials
 from google.cloud import tpu_v2
 from tpu_support import Project, one_line_error
 
+from grpoctl_testing import fake_tpu
+from grpoctl_testing.fake_tpu import Script
 from orchestrator.cloud import api as cloud
 from orchestrator.cloud.errors import TransientApiError, classify
 from orchestrator.config import RepoConfig, TpuTargetConfig
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.retry import Backoff, retry_call
 from orchestrator.targets.tpu import TpuTarget
-from orchestrator.testing import fake_tpu
-from orchestrator.testing.fake_tpu import Script
 from orchestrator.transport.ssh import SshTransport
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures

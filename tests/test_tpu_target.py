@@ -13,7 +13,9 @@ from tpu_support import Project, one_line_error, outcome
 
 from orchestrator.cloud import api as cloud
 from orchestrator.config import RepoConfig, TpuTargetConfig
+from orchestrator.errors import AuthError
 from orchestrator.targets.tpu import TpuTarget
+from orchestrator.transport.ssh import SshTransport
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
@@ -166,16 +168,27 @@ def test_the_configured_user_is_the_one_that_logs_in(project: Project) -> None:
     _nothing_left(project)
 
 
-def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(project: Project) -> None:
+def test_attach_adds_our_key_keeps_theirs_and_waits_for_propagation(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api = cloud.TpuApi("proj", "us-east1-d", api_endpoint=project.fake.endpoint)
     theirs = "alice:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlice alice"
     req = cloud.NodeRequest("v6e-8", "v2-alpha-tpuv6e", spot=True, ssh_keys=theirs)
     cloud.wait_operation(api.create_node("grpo-att", req), "create", timeout_s=10, poll_s=0.05)
     project.fake.script.key_propagation_s = 1.0
+    refused: list[AuthError] = []  # logins the worker's sshd refused: the key had not reached the VM yet
+    real_run = SshTransport.run
 
-    started = time.monotonic()
+    def counting_run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return real_run(self, *args, **kwargs)
+        except AuthError as err:
+            refused.append(err)
+            raise
+
+    monkeypatch.setattr(SshTransport, "run", counting_run)
     project.cli(project.config(name="grpo-att"), "up")
-    assert time.monotonic() - started >= 1.0  # logins failed until the key reached the VM
+    assert refused  # `up` met refused logins and kept trying until one went through
     patch = [r for r in project.fake.requests if r.method == "PATCH"][-1]
     assert patch.query["updateMask"] == ["metadata"]
     keys = api.get_node("grpo-att").metadata["ssh-keys"].splitlines()

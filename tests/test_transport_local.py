@@ -13,9 +13,7 @@ from conftest import modes_during, ps_args
 from orchestrator.config import LocalTargetConfig, RepoConfig
 from orchestrator.targets import build_target
 from orchestrator.targets.local import LocalTarget
-from orchestrator.transport.base import Transport
 from orchestrator.transport.local import LocalTransport
-from orchestrator.transport.shell import TIMEOUT_EXIT_CODE
 
 
 @pytest.fixture
@@ -23,75 +21,9 @@ def local() -> LocalTransport:
     return LocalTransport("w0 localhost")
 
 
-def test_is_a_transport(local: LocalTransport) -> None:
-    assert isinstance(local, Transport)
-    assert local.name == "w0 localhost"
-
-
-def test_exit_codes_stdout_stderr_and_streamed_lines(local: LocalTransport) -> None:
-    lines: list[str] = []
-    result = local.run("echo one; echo two >&2; printf 'three'; exit 3", on_output=lines.append)
-    assert result.exit_code == 3 and not result.ok
-    assert result.stdout == "one\nthree"
-    assert result.stderr == "two\n"
-    assert sorted(lines) == ["one", "three", "two"]  # each line once, unterminated tail included
-    assert result.worker == "w0 localhost"
-
-
-def test_output_is_streamed_while_the_command_runs(local: LocalTransport, tmp_path: Path) -> None:
-    # The command waits for a file that only the callback for its first line creates: without streaming
-    # the first line never arrives while the command runs, and the run times out instead.
-    go = tmp_path / "go"
-    seen: list[str] = []
-
-    def on_output(line: str) -> None:
-        seen.append(line)
-        go.touch()
-
-    result = local.run(f"echo first; while [ ! -e '{go}' ]; do sleep 0.05; done; echo second",
-                       on_output=on_output, timeout=30)
-    assert result.ok, result.stderr
-    assert seen == ["first", "second"]
-
-
-def test_env_is_exported_quoted_and_cwd_is_honoured(local: LocalTransport, tmp_path: Path) -> None:
-    folder = tmp_path / "a dir with 'quotes'"
-    folder.mkdir()
-    value = "x y; $(touch pwned) 'z'"
-    result = local.run('printf "%s|%s" "$FLAG" "$PWD"', env={"FLAG": value}, cwd=str(folder))
-    assert result.ok, result.stderr
-    assert result.stdout == f"{value}|{folder}"
-    assert not (folder / "pwned").exists()
-
-
 def test_bad_env_name_is_refused(local: LocalTransport) -> None:
     with pytest.raises(ValueError, match="invalid environment variable name"):
         local.run("true", env={"A;rm -rf /": "1"})
-
-
-def test_missing_cwd_fails_without_running(local: LocalTransport, tmp_path: Path) -> None:
-    result = local.run(f"touch {tmp_path}/ran", cwd=str(tmp_path / "missing"))
-    assert result.exit_code == 1 and "missing" in result.stderr
-    assert not (tmp_path / "ran").exists()
-
-
-def test_timeout_kills_the_whole_process_group(local: LocalTransport, tmp_path: Path) -> None:
-    marker = f"grpoctl-timeout-{os.getpid()}"
-    done = tmp_path / "background-finished"
-    result = local.run(f"(sleep 30; touch '{done}') & echo started; exec -a {marker} sleep 31", timeout=0.5)
-    assert result.exit_code == TIMEOUT_EXIT_CODE
-    assert "timed out after 0.5 s" in result.stderr
-    assert result.stdout == "started\n"
-    assert not done.exists()  # run returned at the timeout, not when the background child ended
-    assert marker not in ps_args()
-
-
-def test_detached_child_does_not_hold_run_open(local: LocalTransport, tmp_path: Path) -> None:
-    # A job launched with setsid nohup that keeps our pipes: run returns once the shell exits.
-    done = tmp_path / "job-finished"
-    result = local.run(f"setsid sh -c 'sleep 5; touch \"{done}\"' & echo launched")
-    assert result.ok and result.stdout == "launched\n"
-    assert not done.exists()  # returned while the detached job still runs
 
 
 def test_put_is_atomic_with_mode_from_the_first_byte(local: LocalTransport, tmp_path: Path) -> None:

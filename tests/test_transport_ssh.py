@@ -10,15 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import modes_during, ps_args, ps_during
+from conftest import modes_during, ps_during
 
+from grpoctl_testing.sshd import LoopbackSshd, free_port, generate_key
 from orchestrator.config import RepoConfig
 from orchestrator.errors import HostKeyError, InfraError, UsageError
 from orchestrator.targets import build_target
 from orchestrator.targets.ssh import SshTarget
-from orchestrator.testing.sshd import LoopbackSshd, free_port, generate_key
-from orchestrator.transport.base import Transport
-from orchestrator.transport.shell import TIMEOUT_EXIT_CODE
 from orchestrator.transport.ssh import SshTransport, sha256_fingerprint
 
 
@@ -44,87 +42,12 @@ def ssh(sshd: LoopbackSshd):  # type: ignore[no-untyped-def]
 # -- commands ------------------------------------------------------------------------------------
 
 
-def test_run_exit_code_output_and_streamed_lines(ssh: SshTransport) -> None:
-    assert isinstance(ssh, Transport)
-    lines: list[str] = []
-    result = ssh.run("echo one; echo two >&2; printf three; exit 3", on_output=lines.append)
-    assert (result.exit_code, result.stdout, result.stderr) == (3, "one\nthree", "two\n")
-    assert sorted(lines) == ["one", "three", "two"]
-    assert result.worker == ssh.name and not result.ok
-
-
-def test_output_arrives_while_the_command_runs(ssh: SshTransport, tmp_path: Path) -> None:
-    # The command waits for a file that only the callback for its first line creates (sshd runs on this
-    # machine): without streaming the first line never arrives while the command runs, and it times out.
-    go = tmp_path / "go"
-    seen: list[str] = []
-
-    def on_output(line: str) -> None:
-        seen.append(line)
-        go.touch()
-
-    result = ssh.run(f"echo first; while [ ! -e '{go}' ]; do sleep 0.05; done; echo second",
-                     on_output=on_output, timeout=30)
-    assert result.ok, result.stderr
-    assert seen == ["first", "second"]
-
-
-def test_env_and_cwd(ssh: SshTransport, tmp_path: Path) -> None:
-    folder = tmp_path / "dir with 'quote' and space"
-    folder.mkdir()
-    value = "a b; $(touch pwned) 'c'"
-    result = ssh.run(
-        'printf "%s|%s|%s" "$FLAG" "$PWD" "$EVAL_FULL_SWEEP"',
-        env={"FLAG": value, "EVAL_FULL_SWEEP": "1"},
-        cwd=str(folder),
-    )
-    assert result.ok, result.stderr
-    assert result.stdout == f"{value}|{folder}|1"
-    assert not (folder / "pwned").exists()
+def test_cwd_tilde_is_the_remote_users_home(ssh: SshTransport) -> None:
+    # (env and cwd as such: test_transport_contract.py)
     assert ssh.run("pwd", cwd="~").stdout.strip() == str(Path("~").expanduser())
 
 
-def test_missing_cwd_runs_nothing(ssh: SshTransport, tmp_path: Path) -> None:
-    result = ssh.run(f"touch {tmp_path}/ran", cwd=str(tmp_path / "missing"))
-    assert result.exit_code == 1 and "missing" in result.stderr
-    assert not (tmp_path / "ran").exists()
-
-
-def test_timeout_kills_the_remote_command(ssh: SshTransport, tmp_path: Path) -> None:
-    marker = f"grpoctl-ssh-timeout-{time.monotonic_ns()}"
-    done = tmp_path / "background-finished"
-    result = ssh.run(f"echo started; (sleep 30; touch '{done}') & exec -a {marker} sleep 31", timeout=0.7)
-    assert not done.exists()  # run returned at the timeout, not when the background child ended
-    assert result.exit_code == TIMEOUT_EXIT_CODE and "timed out after 0.7 s" in result.stderr
-    assert result.stdout == "started\n"
-    time.sleep(0.2)
-    assert marker not in ps_args()
-    assert ssh.run("echo still usable").stdout == "still usable\n"
-
-
-def test_detached_job_does_not_hold_run_open(ssh: SshTransport, tmp_path: Path) -> None:
-    done = tmp_path / "job-finished"
-    result = ssh.run(f"setsid sh -c 'sleep 5; touch \"{done}\"' & echo launched")
-    assert result.stdout == "launched\n"
-    assert not done.exists()  # returned while the detached job still runs
-
-
 # -- files ---------------------------------------------------------------------------------------
-
-
-def test_put_is_atomic_with_mode_0600_and_get_roundtrips(ssh: SshTransport, tmp_path: Path) -> None:
-    dest = tmp_path / "new" / "dirs" / ".env"
-    ssh.put(b"A=1\n", str(dest), mode=0o600)
-    inode = ssh.run(f"stat -c %i {dest}").stdout
-    ssh.put(b"A=2\n", str(dest), mode=0o600)
-    assert ssh.run(f"stat -c %a {dest}").stdout.strip() == "600"  # checked on the remote side
-    assert ssh.run(f"stat -c %i {dest}").stdout != inode  # renamed over, never rewritten in place
-    assert ssh.run(f"ls -A {dest.parent}").stdout.split() == [".env"]  # no temp file left
-    assert ssh.get(str(dest)) == b"A=2\n"
-    blob = bytes(range(256)) * 4096
-    ssh.put(blob, str(tmp_path / "blob.bin"))  # the default mode: 0644, like a file cp makes
-    assert ssh.get(str(tmp_path / "blob.bin")) == blob
-    assert ssh.run(f"stat -c %a {tmp_path / 'blob.bin'}").stdout.strip() == "644"
 
 
 def test_put_failure_raises_and_leaves_no_temp_file(ssh: SshTransport, tmp_path: Path) -> None:
@@ -232,11 +155,16 @@ def test_known_hosts_key_of_another_type_is_the_one_checked(sshd_factory, tmp_pa
 
 def test_connection_refused_is_an_infra_error_within_seconds() -> None:
     port = free_port()  # nobody listens here
-    t = SshTransport("127.0.0.1", port, key_file=None, connect_timeout=2.0, name="w0 nowhere")
+    slept: list[float] = []
+    t = SshTransport(
+        "127.0.0.1", port, key_file=None, connect_timeout=2.0, name="w0 nowhere", sleep=slept.append
+    )
     # Bounded by the attempt count (the message names it), not by a clock.
-    with pytest.raises(InfraError, match=rf"127.0.0.1:{port}: connection refused \(\d+ attempts\)") as err:
+    with pytest.raises(InfraError, match=rf"127.0.0.1:{port}: connection refused \(3 attempts\)") as err:
         t.run("true")
     assert "\n" not in str(err.value) and err.value.exit_code == 3
+    assert slept == [0.5, 1.0]  # the default backoff, doubling, no jitter; nothing connected
+    assert t.connects == 0
 
 
 def test_auth_failure_is_an_infra_error(sshd: LoopbackSshd, tmp_path: Path) -> None:

@@ -20,12 +20,12 @@ import yaml
 from standin import StandinRepo, make_standin_repo
 from typer.testing import CliRunner
 
+from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 from orchestrator.cli import app
 from orchestrator.cloud import api as cloud
 from orchestrator.retry import Backoff
 from orchestrator.targets import tpu as tpu_target
 from orchestrator.targets.tpu import TpuTarget
-from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
 SECRET = "s3cr3t-wandb-value-0123456789"
 
@@ -33,7 +33,7 @@ SECRET = "s3cr3t-wandb-value-0123456789"
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
     """The fake TPU API whose nodes' workers are loopback sshd servers, one per test module."""
-    from orchestrator.testing.sshd import SSHD, sshd_available
+    from grpoctl_testing.sshd import SSHD, sshd_available
 
     if not sshd_available():
         if os.environ.get("CI"):
@@ -221,7 +221,7 @@ def soak(project: Project, *, node: str, steps: int, hits: int, seed: int) -> di
     creates_before_down = len(project.fake.creates())
     # A second run, then `down` while it is recovered: nothing may be created after the delete.
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.testing.fake_tpu_cli", "--config-file", cfg, "run", repo.config,
+        [sys.executable, "-m", "grpoctl_testing.fake_tpu_cli", "--config-file", cfg, "run", repo.config,
          "--recover", "--interval", "0.1", "--set", f"steps={steps * 10}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -285,7 +285,7 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
         start, state, meta = restored
         stream.restore(meta["data"])
         run_id = meta.get("wandb_run_id")
-        # the rehearsal's report quotes this line (orchestrator/testing/rehearsal.py resumed_step)
+        # the rehearsal's report quotes this line (grpoctl_testing/rehearsal.py resumed_step)
         rep.phase("checkpoint", detail=f"resumed from the checkpoint of step {start}")
     logger = RunLogger(
         run_dir, config=to_dict(cfg), config_hash=config_hash(cfg), wandb_mode=cfg.wandb_mode,

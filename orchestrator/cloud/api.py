@@ -24,7 +24,7 @@ from google.protobuf import duration_pb2
 from orchestrator.cloud.client import build_client, build_session, compute_base
 from orchestrator.cloud.errors import TransientApiError, api_error, is_transient
 from orchestrator.errors import GrpoctlError, InfraError
-from orchestrator.retry import Backoff, retry_call
+from orchestrator.retry import Backoff, poll_until, retry_call
 
 # Every resource grpoctl creates carries this label; `grpoctl gc` only ever touches labelled ones.
 LABEL_KEY = "managed-by"
@@ -344,11 +344,14 @@ def wait_operation(
 ) -> Any:
     """Poll `op` until done (our own loop: Ctrl-C lands between polls); raise a grpoctl error on failure.
     Polls are reads: transient errors are retried (`api`'s sleep and error context when given)."""
-    deadline = time.monotonic() + timeout_s
-    while not operation_done(op, action, api):
-        if time.monotonic() > deadline:
-            raise InfraError(f"{action}: still running after {timeout_s:.0f} s ({op.operation.name})")
-        time.sleep(poll_s)
+    poll_until(
+        lambda: operation_done(op, action, api) or None,
+        timeout_s=timeout_s,
+        poll_s=poll_s,
+        on_timeout=lambda: InfraError(
+            f"{action}: still running after {timeout_s:.0f} s ({op.operation.name})"
+        ),
+    )
     try:
         return op.result(timeout=0)
     except CALL_ERRORS as err:

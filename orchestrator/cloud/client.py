@@ -1,13 +1,11 @@
 """Building a Cloud TPU API client (and a session for the one Compute Engine read grpoctl makes).
 
 Credentials come from Application Default Credentials, except for a plain `http://` endpoint (the fake
-API in tests, or a local proxy), which gets anonymous credentials. Under pytest a client is never built
-for Google's own endpoint: a test that forgets `api_endpoint` fails instead of reaching the network.
+API in tests, or a local proxy), which gets anonymous credentials. (The tests' conftest makes every ADC
+lookup fail, so a test that forgets `api_endpoint` gets the no-credentials error, never Google.)
 """
 
 from __future__ import annotations
-
-import os
 
 import requests
 from google.api_core.client_options import ClientOptions
@@ -17,13 +15,7 @@ from google.cloud import tpu_v2
 from orchestrator.cloud.errors import api_error  # noqa: F401 - re-exported: the mapping lives there
 from orchestrator.errors import UsageError
 
-# pytest sets this for the duration of every test; we use it as the "no real cloud here" signal.
-PYTEST_ENV = "PYTEST_CURRENT_TEST"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
-
-
-class RealEndpointUnderTest(AssertionError):
-    """A test tried to build a client for Google's endpoint. Deliberately not a GrpoctlError."""
 
 
 def default_credentials() -> Credentials:
@@ -43,10 +35,6 @@ def default_credentials() -> Credentials:
 
 def build_client(api_endpoint: str | None = None) -> tpu_v2.TpuClient:
     """A REST `TpuClient` for `api_endpoint` (default: Google's public endpoint)."""
-    if api_endpoint is None and os.environ.get(PYTEST_ENV):
-        raise RealEndpointUnderTest(
-            "refusing to build a Cloud TPU client for Google's endpoint under pytest: pass api_endpoint"
-        )
     options = ClientOptions(api_endpoint=api_endpoint) if api_endpoint else None
     if api_endpoint and api_endpoint.startswith("http://"):
         credentials: Credentials = AnonymousCredentials()
@@ -66,8 +54,6 @@ def compute_base(api_endpoint: str | None) -> str:
 def build_session(api_endpoint: str | None = None) -> requests.Session:
     """An HTTP session for Google REST calls the TPU client does not make (Compute's projects.get): the
     same credentials as `build_client` (none for a plain `http://` endpoint)."""
-    if api_endpoint is None and os.environ.get(PYTEST_ENV):
-        raise RealEndpointUnderTest("refusing to call Google's endpoint under pytest: pass api_endpoint")
     if api_endpoint and api_endpoint.startswith("http://"):
         return requests.Session()
     from google.auth.transport.requests import AuthorizedSession

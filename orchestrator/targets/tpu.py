@@ -26,7 +26,7 @@ from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
 from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
 from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, RunStopped, UsageError
-from orchestrator.retry import Backoff, retry_call
+from orchestrator.retry import Backoff, poll_until, retry_call
 from orchestrator.targets.base import Condition, Machine, Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
 from orchestrator.transport.base import Transport
@@ -58,7 +58,7 @@ class TpuTarget(Target):
     libtpu_lockfile: str = LIBTPU_LOCKFILE
     bootstrap_extras = TPU_BOOTSTRAP_EXTRAS
     # Test wiring, not configuration: a real node's endpoint `port` is its TPU runtime's, never sshd's, so
-    # workers are reached on `ssh_port`. The fake API (orchestrator/testing/fake_tpu.py) runs one loopback
+    # workers are reached on `ssh_port`. The fake API (grpoctl_testing/fake_tpu.py) runs one loopback
     # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
     ssh_port_from_endpoint: bool = False
     # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a warning)
@@ -243,7 +243,8 @@ class TpuTarget(Target):
         wrong = []
         if accel and accel != self.cfg.accelerator_type:
             wrong.append(f"accelerator {accel}, the config asks for {self.cfg.accelerator_type}")
-        if not self.cfg.queued and spot != self.cfg.spot:  # a queued resource holds spot-ness itself
+        # a queued resource holds spot-ness itself; spot: prefer takes either
+        if not self.cfg.queued and self.cfg.spot != "prefer" and spot != self.cfg.spot:
             wrong.append(f"spot={str(spot).lower()}, the config asks for spot={str(self.cfg.spot).lower()}")
         if not wrong:
             return
@@ -475,8 +476,8 @@ class TpuTarget(Target):
         policy): only `--accept-new-host-key` goes on."""
         if self.cfg.host_key_sha256:
             return pins_per_host(self.cfg.host_key_sha256, n)
-        deadline = time.monotonic() + HOST_KEY_WAIT_S
-        while True:
+
+        def published() -> list[tuple[str, ...]] | None:
             try:
                 keys = self.api.host_keys(self.cfg.name) or []
             except GrpoctlError as err:
@@ -496,12 +497,14 @@ class TpuTarget(Target):
                 return [tuple(fingerprint_of(blob) for blob in k.values()) for k in keys]
             if self._accept_new:
                 return [()] * n
-            if time.monotonic() > deadline:
-                raise HostKeyError(
-                    f"{self.node_label}: the workers have not published their SSH host keys; pin them with "
-                    "host_key_sha256 or pass --accept-new-host-key"
-                )
-            time.sleep(self.cfg.poll_s)
+            return None
+
+        unpublished = HostKeyError(
+            f"{self.node_label}: the workers have not published their SSH host keys; pin them with "
+            "host_key_sha256 or pass --accept-new-host-key"
+        )
+        wait_s = self.cfg.poll_s
+        return poll_until(published, timeout_s=HOST_KEY_WAIT_S, poll_s=wait_s, on_timeout=lambda: unpublished)
 
     def transports(self) -> list[Transport]:
         if self._transports is None:
@@ -524,21 +527,32 @@ class TpuTarget(Target):
 
     def _connect(self) -> None:
         """First contact with every worker; retry auth while a new key propagates to the VMs."""
-        deadline = time.monotonic() + self.cfg.auth_retry_s
+        deadline = time.monotonic() + self.cfg.auth_retry_s  # one for all workers
         for t in self.transports():
-            while True:
-                try:
-                    t.run("true", timeout=30)
-                    break
-                except HostKeyError:
-                    raise
-                except InfraError as err:
-                    if time.monotonic() > deadline:
-                        if isinstance(err, AuthError):
-                            raise self._login_refused(err) from None
-                        raise InfraError(f"{err} (kept trying for {self.cfg.auth_retry_s:.0f} s)") from None
-                    time.sleep(min(5.0, self.cfg.poll_s))
+            self._reach(t, deadline)
         self.say(f"{self.node_label}: READY, {len(self.transports())} worker(s) reachable")
+
+    def _reach(self, t: Transport, deadline: float) -> None:
+        """Run `true` on `t` until it works or `deadline` passes; only a host key mismatch ends it early."""
+        failed: list[InfraError] = []
+
+        def ran() -> bool | None:
+            try:
+                t.run("true", timeout=30)
+                return True
+            except HostKeyError:
+                raise
+            except InfraError as err:
+                failed.append(err)
+                return None
+
+        def gave_up() -> GrpoctlError:
+            if isinstance(failed[-1], AuthError):
+                return self._login_refused(failed[-1])
+            return InfraError(f"{failed[-1]} (kept trying for {self.cfg.auth_retry_s:.0f} s)")
+
+        wait_s = min(5.0, self.cfg.poll_s)
+        poll_until(ran, timeout_s=deadline - time.monotonic(), poll_s=wait_s, on_timeout=gave_up)
 
     def _login_refused(self, err: AuthError) -> GrpoctlError:
         """Our key has been in the node's ssh-keys metadata for auth_retry_s and the VM still refuses it:

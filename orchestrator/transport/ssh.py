@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import posixpath
 import secrets
@@ -17,12 +18,13 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import paramiko
 
 from orchestrator.errors import AuthError, HostKeyError, InfraError, UsageError
+from orchestrator.retry import Backoff, retry_call
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
     DEFAULT_GET_CAP,
@@ -82,6 +84,7 @@ class SshTransport:
         backoff_s: float = 0.5,
         keepalive_s: float = 15.0,
         name: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,  # between connect attempts; tests count the waits
     ) -> None:
         self.host, self.port, self.user = host, port, user
         self.name = name or f"{host}:{port}"
@@ -93,6 +96,7 @@ class SshTransport:
         self._connect_timeout = connect_timeout
         self._attempts = max(1, connect_attempts)
         self._backoff_s = backoff_s
+        self._sleep = sleep
         self._keepalive_s = keepalive_s
         self._lock = threading.Lock()
         self._conn: paramiko.Transport | None = None
@@ -286,18 +290,19 @@ class SshTransport:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        reason = ""
-        for attempt in range(self._attempts):
-            if attempt:
-                time.sleep(self._backoff_s * 2 ** (attempt - 1))
-            try:
-                self._conn = self._connect_once()
-                self.connects += 1
-                return self._conn
-            except _Retryable as exc:
-                reason = str(exc)
-        tries = f" ({self._attempts} attempts)" if self._attempts > 1 else ""
-        raise InfraError(f"{self.name}: cannot reach {self._where}: {reason}{tries}")
+        policy = Backoff(attempts=self._attempts, first_s=self._backoff_s, max_s=math.inf, jitter=False)
+        try:
+            self._conn = retry_call(
+                self._connect_once,
+                retry_on=lambda e: isinstance(e, _Retryable),
+                policy=policy,
+                sleep=self._sleep,
+            )
+        except _Retryable as exc:
+            tries = f" ({self._attempts} attempts)" if self._attempts > 1 else ""
+            raise InfraError(f"{self.name}: cannot reach {self._where}: {exc}{tries}") from None
+        self.connects += 1
+        return self._conn
 
     def _connect_once(self) -> paramiko.Transport:
         try:

@@ -964,7 +964,7 @@ class SshdWorker:
         host_key_types: tuple[str, ...] = ("ed25519",),
         root_login: bool = True,
     ) -> None:
-        from orchestrator.testing.sshd import LoopbackSshd
+        from grpoctl_testing.sshd import LoopbackSshd
 
         self.tag = tag
         self.home = root / "home"

@@ -1,4 +1,4 @@
-"""`python -m orchestrator.testing.fake_tpu_cli ARGS...`: grpoctl for a tpu target on the fake Cloud TPU API.
+"""`python -m grpoctl_testing.fake_tpu_cli ARGS...`: grpoctl for a tpu target on the fake Cloud TPU API.
 
 The real CLI, with the two things only the fake's workers need set on TpuTarget rather than in grpoctl.yaml
 (no real node works so, so they are no user's configuration): each worker's sshd port comes from its
@@ -11,10 +11,10 @@ other's job ("tried to connect with a different incarnation").
 
 from __future__ import annotations
 
+from grpoctl_testing.sshd import free_port
 from orchestrator.cli import main
 from orchestrator.ops import launch
 from orchestrator.targets.tpu import TpuTarget
-from orchestrator.testing.sshd import free_port
 
 
 def wire_to_fake_workers() -> None:

@@ -1,6 +1,6 @@
 """Dress rehearsal of the seed TPU SOP on this machine: `make rehearsal`.
 
-(`python -m orchestrator.testing.rehearsal --help` for its options.)
+(`python -m grpoctl_testing.rehearsal --help` for its options.)
 
 The path a real run takes, with nothing stubbed between the laptop side and the trainer:
 
@@ -13,7 +13,7 @@ The path a real run takes, with nothing stubbed between the laptop side and the 
   `sops/grpo_gsm8k_pallas_vs_jax.yaml` is replayed as it is, with tiny-model `--set` overrides;
 - `sync` clones a bare copy of this checkout's HEAD and bootstraps the workers for real: `python -m venv`
   and `pip install -e '.[trainer]'` from the package registry (the `tpu` extra, libtpu, is dropped: the
-  workers are CPU hosts; the replay runs through `orchestrator.testing.fake_tpu_cli`, which says so);
+  workers are CPU hosts; the replay runs through `grpoctl_testing.fake_tpu_cli`, which says so);
 - both runs are the real trainer as two JAX processes (one per worker, jax.distributed over loopback);
 - in the middle of the second run the spot VM is preempted through the fake API; `--recover` recreates it,
   re-syncs, re-bootstraps and relaunches the same run id, which resumes from its checkpoint in a local
@@ -42,9 +42,9 @@ from typing import Any
 
 import yaml
 
+from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 from orchestrator.ledger import run_ledger
 from orchestrator.runs import RunRecord
-from orchestrator.testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 SOP = "sops/grpo_gsm8k_pallas_vs_jax.yaml"
@@ -309,7 +309,7 @@ def rehearsal_section(
     else:
         lines.append(
             "- bootstrap: `python -m venv` + `pip install -e '.[trainer]'` from the registry on each "
-            "fake VM; the `tpu` extra (libtpu) is dropped by `orchestrator.testing.fake_tpu_cli` "
+            "fake VM; the `tpu` extra (libtpu) is dropped by `grpoctl_testing.fake_tpu_cli` "
             "(CPU workers)"
         )
         lines += [f"  - {ln}" for ln in bootstrap_lines(vms)]
@@ -367,7 +367,7 @@ def rehearsal_section(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.testing.rehearsal",
+        prog="python -m grpoctl_testing.rehearsal",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "orchestrator.testing.fake_tpu_cli",  # grpoctl, with each worker's sshd port and no libtpu
+            "grpoctl_testing.fake_tpu_cli",  # grpoctl, with each worker's sshd port and no libtpu
             "--config-file",
             str(config),
             "sop",
