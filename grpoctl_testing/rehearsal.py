@@ -46,7 +46,7 @@ from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 from orchestrator.ledger import run_ledger
 from orchestrator.runs import RunRecord
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # grpoctl_testing/ sits at the checkout's root
 SOP = "sops/grpo_gsm8k_pallas_vs_jax.yaml"
 NODE = "grpo-gsm8k-rehearsal"
 ACCELERATOR = "v4-16"  # two hosts in the fake (and on GCP): the smallest multi-host slice
