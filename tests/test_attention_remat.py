@@ -40,13 +40,35 @@ def test_flash_attention_matches_the_dense_mask_at_every_real_token():
     assert float(jnp.max(jnp.abs(want_grads[0]))) > 0  # the check above can fail
 
 
-def test_causal_mask_on_cpu_is_the_dense_path_exactly():
+@pytest.mark.parametrize("t, d", [(16, 16), (M.FLASH_BLOCK, 128)], ids=["untileable", "tileable"])
+def test_causal_mask_on_cpu_is_the_dense_path_exactly(t, d):
     """Lowered for CPU (or at shapes the kernels cannot tile) a CausalMask is the dense mask."""
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4 if i == 0 else 2, 16)) for i in range(3))
-    valid = jnp.arange(16)[None] < jnp.array([[12], [16]])
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, t, 4 if i == 0 else 2, d)) for i in range(3))
+    valid = jnp.arange(t)[None] < jnp.array([[t - 4], [t]])
     np.testing.assert_array_equal(
         M.attention(q, k, v, M.CausalMask(valid)), M.attention(q, k, v, M.CausalMask(valid).dense())
     )
+
+
+def test_the_flash_kernels_are_chosen_by_the_lowering_platform_not_the_default_backend():
+    """Exported for TPU from this CPU host (where jax.default_backend() stays "cpu", as in the preflight)
+    the training attention and its gradient are the flash kernels; lowered for the host, none."""
+    from jax import export
+
+    from trainer.kernels.mosaic_text import tpu_kernels
+
+    b, t, hq, hkv, d = 2, 2 * M.FLASH_BLOCK, 2, 1, 128
+    shapes = [(b, t, hq, d), (b, t, hkv, d), (b, t, hkv, d)]
+    args = [*(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes), jax.ShapeDtypeStruct((b, t), bool)]
+
+    def loss(q, k, v, valid):
+        return jnp.sum(M.attention(q, k, v, M.CausalMask(valid)).astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    assert jax.default_backend() == "cpu"
+    names = sorted(k.name for k in tpu_kernels(export.export(grad, platforms=["tpu"])(*args).mlir_module()))
+    assert names == ["_flash_attention_dkv_kernel", "_flash_attention_dq_kernel", "_flash_attention_kernel"]
+    assert "tpu_custom_call" not in grad.lower(*args).as_text()
 
 
 def test_every_config_remat_policy_is_a_model_policy_with_the_same_gradients():
