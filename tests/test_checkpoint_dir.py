@@ -96,3 +96,18 @@ def test_the_compile_cache_lives_beside_the_checkpoints_and_can_be_turned_off(tm
     assert compile_cache_dir("gs://c/x", "gs://b", "runs/r1") == "gs://c/x"
     assert compile_cache_dir(False, "gs://b", "runs/r1") is None
     assert load("configs/tiny_cpu.yaml", ["compile_cache_dir=false"]).compile_cache_dir is False
+
+
+def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from_beside_its_first_new_one(tmp_path: Path):
+    """`keep` counts verified checkpoints; the one a restart restored was read back whole, so it counts:
+    after a preemption the run still holds `keep` checkpoints, not only its first new save."""
+    state = {"w": jnp.arange(4.0)}
+    first = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+    for step in (1, 2):
+        first.save(step, state, {"step": step})
+    first.close()
+    resumed = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+    assert resumed.restore_latest(state)[0] == 2
+    resumed.save(3, state, {"step": 3})
+    resumed.close()
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]

@@ -147,6 +147,7 @@ class Checkpointer:
         )
         meta = dict(restored["meta"])
         meta.pop(_STEP_KEY, None)
+        self.verified = [step]  # read back whole: it counts towards `keep` beside the next saves
         return step, restored["state"], meta
 
     def wait(self) -> None:
