@@ -100,3 +100,18 @@ def test_matmul_flops_count_every_layer_and_micro_batch_on_a_v6e_chip():
     xla = compiled.cost_analysis()
     xla = xla[0] if isinstance(xla, list | tuple) else xla
     assert xla["flops"] < 2 * one_matmul  # loop bodies once: the reason for counting ourselves
+
+
+def test_matmul_flops_of_a_batched_matmul_are_its_multiply_adds_not_its_convolution_window():
+    """TPU HLO writes a batched matmul (attention's scores) as a convolution with a dilated, strided window
+    over the batch dims whose taps mostly land on holes: only the taps that hit an input element count."""
+    pytest.importorskip("libtpu", reason="libtpu (the dev extra) compiles for TPU on this host")
+    from jax.sharding import SingleDeviceSharding
+
+    b, heads, q, k, d = 4, 2, 256, 384, 128
+    one = SingleDeviceSharding(preflight.tpu_devices(preflight.parse_accelerator("v6e-8"))[0])
+    args = (jax.ShapeDtypeStruct((b, heads, q, d), jnp.bfloat16, sharding=one),
+            jax.ShapeDtypeStruct((b, heads, k, d), jnp.bfloat16, sharding=one))
+    text = jax.jit(lambda x, y: jnp.einsum("bhqd,bhkd->bhqk", x, y)).lower(*args).compile().as_text()
+    assert "lhs_dilate" in text  # the windowed convolution this test is about
+    assert hlo_stats.matmul_flops(text) == 2 * b * heads * q * k * d
