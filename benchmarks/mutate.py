@@ -55,7 +55,7 @@ class Module:
 
 MODULES = (
     # grpo: its pure functions only, against the fast tests. The three model-gradient tests (the only ones
-    # reaching sequence_logprobs / micro_batch_loss / step_gradients) compile a scan over a model's grad:
+    # reaching sequence_logprobs / micro_batch_grads / step_gradients) compile a scan over a model's grad:
     # 1-4 min per mutant on 2 cores, so that glue is left to them and out of the mutation run.
     Module(
         "grpo",

@@ -191,15 +191,21 @@ def test_the_sampler_pins_its_kv_cache_to_the_mesh(monkeypatch):
 @pytest.mark.slow
 def test_the_update_step_is_compiled_with_the_lockstep_parity_shadow_when_the_config_has_one():
     """The shadow's memory and work are in the preflight's figures: the same update step with and without
-    train.shadow_policy_loss_impl (tiny_cpu_pallas.yaml ships with a jax shadow)."""
+    train.shadow_policy_loss_impl (tiny_cpu_pallas.yaml ships with a jax shadow), at 1 and 2 layers."""
     results = {}
     for shadow in ("jax", "none"):
-        cfg = C.load(TINY_PALLAS, [*SMALL, f"train.shadow_policy_loss_impl={shadow}"], environ={})
-        result = preflight.run(cfg, "v6e-8", only=("update_step",))
-        assert result["shadow_policy_loss_impl"] == shadow and result["policy_loss_impl"] == "pallas"
-        (results[shadow],) = result["functions"]
-    on, off = results["jax"], results["none"]
-    # The shadow's head (loss and head-input gradient) and the main head's second pass are compiled in;
-    # temp bytes are not compared: at these shapes XLA's schedule moves them by a few % either way.
+        for layers in (1, 2):
+            sets = [*SMALL, f"tiny_model.num_hidden_layers={layers}",
+                    f"train.shadow_policy_loss_impl={shadow}"]
+            result = preflight.run(C.load(TINY_PALLAS, sets, environ={}), "v6e-8", only=("update_step",))
+            assert result["shadow_policy_loss_impl"] == shadow and result["policy_loss_impl"] == "pallas"
+            (results[shadow, layers],) = result["functions"]
+    on, off = results["jax", 1], results["none", 1]
+    # The shadow's head (loss and head-input gradient) is compiled in; temp bytes are not compared: at these
+    # shapes XLA's schedule moves them by a few % either way.
     assert on["flops"] > off["flops"]
-    assert on["mosaic_kernels"] >= off["mosaic_kernels"] >= 2  # main provider: the kernels (fwd, bwd)
+    # It reuses the main pass's head inputs and head: no second forward pass through the model (the extra
+    # work does not grow with depth), no second run of the main provider's kernels.
+    extra = {layers: results["jax", layers]["flops"] - results["none", layers]["flops"] for layers in (1, 2)}
+    assert extra[2] == extra[1], extra
+    assert on["mosaic_kernels"] == off["mosaic_kernels"] >= 2  # main provider: the kernels (fwd, bwd)

@@ -16,7 +16,7 @@ Batch layout (all [B, T] over packed sequences `prompt + completion + padding`, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -163,57 +163,72 @@ def loss_from_stats(stats, ref_logp: jax.Array | None, mb: Batch, loss_cfg: Loss
     )
 
 
-def micro_batch_loss(params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: Batch, loss_cfg: LossConfig):
-    stats = sequence_logprobs(params, model_cfg, mb, loss_cfg)
+class HeadPass(NamedTuple):
+    """The loss head's side of one micro-batch's gradient: its inputs (and the reference policy's, at
+    beta > 0), the loss, the log-probs and the gradient w.r.t. the inputs (what the lockstep parity reads)."""
+
+    hidden: jax.Array
+    w: jax.Array
+    ref: tuple[jax.Array, jax.Array] | None
+    loss: jax.Array
+    logp: jax.Array
+    dhidden: jax.Array
+    dw: jax.Array
+
+
+def head_loss(hidden: jax.Array, w: jax.Array, ref: Any, mb: Batch, loss_cfg: LossConfig, impl: str):
+    """The micro-batch's policy loss from the head inputs through the provider `impl` (`ref`: the reference
+    policy's head inputs, or None): (loss, (metrics, logp)). Every provider's log-probs meet the loss math
+    here, the update's and the lockstep parity's shadow alike."""
+    stats = head_stats(hidden, w, mb["targets"], loss_cfg, impl)
     ref_logp = None
-    if loss_cfg.beta > 0:
-        ref_logp = jax.lax.stop_gradient(sequence_logprobs(ref_params, model_cfg, mb, loss_cfg).logp)
+    if ref is not None:
+        ref_logp = jax.lax.stop_gradient(head_stats(*ref, mb["targets"], loss_cfg, impl).logp)
     loss, metrics = loss_from_stats(stats, ref_logp, mb, loss_cfg)
     metrics["entropy"] = jnp.sum(mb["token_frac"] * stats.entropy)
     if "sample_logp" in mb:  # how far the sampler's log-probs are from the ones training computes
         metrics["logp_mismatch"] = jnp.sum(mb["token_frac"] * jnp.abs(stats.logp - mb["sample_logp"]))
-    return loss, metrics
+    return loss, (metrics, stats.logp)
+
+
+def micro_batch_grads(
+    params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: Batch, loss_cfg: LossConfig
+) -> tuple[Any, dict[str, jax.Array], HeadPass]:
+    """The micro-batch's parameter gradient and metrics: one forward pass to the head inputs, the head's
+    loss and gradient w.r.t. them, then the backbone's backward pass from that gradient."""
+    (hidden, w), backbone_vjp = jax.vjp(lambda p: head_inputs(p, model_cfg, mb, loss_cfg), params)
+    ref = None
+    if loss_cfg.beta > 0:
+        ref = jax.lax.stop_gradient(head_inputs(ref_params, model_cfg, mb, loss_cfg))
+    grad_fn = jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)
+    (loss, (metrics, logp)), (dhidden, dw) = grad_fn(hidden, w, ref, mb, loss_cfg, loss_cfg.impl)
+    (grads,) = backbone_vjp((dhidden, dw))
+    return grads, metrics, HeadPass(hidden, w, ref, loss, logp, dhidden, dw)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Lockstep parity: the shadow provider on the same micro-batch and parameters as the main one.
 #
-# Both providers get the SAME head inputs (hidden states and LM head from one forward pass) and go through
-# the same `loss_from_stats`; only token_logprobs differs. The gradient compared is the policy loss's
+# The shadow gets the main pass's head inputs (hidden states and LM head: no second forward pass) and goes
+# through the same `head_loss`; only token_logprobs differs. The gradient compared is the policy loss's
 # gradient w.r.t. those head inputs (hidden states of every token, and the LM head), not w.r.t. every
 # parameter: the backbone's backward pass is one linear map applied to either provider's dhidden, so any
 # difference in the full gradient starts here, and it costs no second backward pass through the model.
 
-def micro_batch_parity(
-    params: Any, ref_params: Any, model_cfg: Qwen2Config, mb: Batch, loss_cfg: LossConfig
-) -> dict[str, jax.Array]:
+def micro_batch_parity(main: HeadPass, mb: Batch, loss_cfg: LossConfig) -> dict[str, jax.Array]:
     """Main vs shadow provider on one micro-batch: log-prob differences over its completion tokens, both
     losses, and their head-input gradients (dhidden reduced to squared norms, dlm_head kept whole: it is
     summed over micro-batches before its norm is taken)."""
-    hidden, w = jax.lax.stop_gradient(head_inputs(params, model_cfg, mb, loss_cfg))
-    ref = None
-    if loss_cfg.beta > 0:
-        ref = jax.lax.stop_gradient(head_inputs(ref_params, model_cfg, mb, loss_cfg))
-
-    def head_loss(impl: str):
-        def f(h: jax.Array, w: jax.Array):
-            stats = head_stats(h, w, mb["targets"], loss_cfg, impl)
-            ref_logp = None
-            if ref is not None:
-                ref_logp = jax.lax.stop_gradient(head_stats(*ref, mb["targets"], loss_cfg, impl).logp)
-            return loss_from_stats(stats, ref_logp, mb, loss_cfg)[0], stats.logp
-
-        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, w)
-
-    (loss_a, logp_a), (dh_a, dw_a) = head_loss(loss_cfg.impl)
-    (loss_b, logp_b), (dh_b, dw_b) = head_loss(loss_cfg.shadow_impl or loss_cfg.impl)
-    diff = jnp.abs(logp_a - logp_b)
-    dh_a, dh_b = dh_a.astype(jnp.float32), dh_b.astype(jnp.float32)
-    dw_a, dw_b = dw_a.astype(jnp.float32), dw_b.astype(jnp.float32)
+    hidden, w = jax.lax.stop_gradient((main.hidden, main.w))
+    grad_fn = jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)
+    (loss_b, (_, logp_b)), (dh_b, dw_b) = grad_fn(hidden, w, main.ref, mb, loss_cfg, loss_cfg.shadow_impl)
+    diff = jnp.abs(main.logp - logp_b)
+    dh_a, dh_b = main.dhidden.astype(jnp.float32), dh_b.astype(jnp.float32)
+    dw_a, dw_b = main.dw.astype(jnp.float32), dw_b.astype(jnp.float32)
     return {
         "logp_max": jnp.max(jnp.where(mb["token_frac"] > 0, diff, 0.0)),
         "logp_abs_sum": jnp.sum(mb["token_frac"] * diff),
-        "loss_main": loss_a,
+        "loss_main": main.loss,
         "loss_shadow": loss_b,
         "dh_diff_sq": jnp.sum(jnp.square(dh_a - dh_b)),
         "dh_main_sq": jnp.sum(jnp.square(dh_a)),
@@ -276,27 +291,23 @@ def step_gradients(
         "sample_logp",
     )
     micro = split_micro_batches({k: batch[k] for k in keys if k in batch}, num_micro)
-    grad_fn = jax.grad(micro_batch_loss, has_aux=True)
     shadow = loss_cfg.shadow_impl is not None
+
+    def micro_batch(mb: Batch) -> tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]:
+        g, m, head = micro_batch_grads(params, ref_params, model_cfg, mb, loss_cfg)
+        # the shadow provider on the same micro-batch, parameters and head inputs
+        return g, m, micro_batch_parity(head, mb, loss_cfg) if shadow else {}
 
     def body(carry, mb):
         grads, sums, parity = carry
-        g, m = grad_fn(params, ref_params, model_cfg, mb, loss_cfg)
+        g, m, p = micro_batch(mb)
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
-        if shadow:  # the same micro-batch and parameters through the shadow provider
-            p = micro_batch_parity(params, ref_params, model_cfg, mb, loss_cfg)
-            parity = {k: jnp.maximum(v, p[k]) if k == "logp_max" else v + p[k] for k, v in parity.items()}
+        parity = {k: jnp.maximum(v, p[k]) if k == "logp_max" else v + p[k] for k, v in parity.items()}
         return (grads, {k: sums[k] + m[k] for k in sums}, parity), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    first = jax.tree.map(lambda x: x[0], micro)
-    metric_shapes = jax.eval_shape(
-        lambda: micro_batch_loss(params, ref_params, model_cfg, first, loss_cfg)[1]
-    )
-    parity_init = {}
-    if shadow:
-        shapes = jax.eval_shape(lambda: micro_batch_parity(params, ref_params, model_cfg, first, loss_cfg))
-        parity_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    _, metric_shapes, parity_shapes = jax.eval_shape(micro_batch, jax.tree.map(lambda x: x[0], micro))
+    parity_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parity_shapes)
     init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes), parity_init)
     (grads, metrics, parity), _ = jax.lax.scan(body, init, micro)
     metrics["advantage_abs_mean"] = jnp.mean(jnp.abs(batch["advantages"]))
