@@ -503,9 +503,10 @@ def test_nul_in_env_is_refused_in_one_line_and_nothing_is_pushed(folder: Path):
     with pytest.raises(envfile.EnvFileError, match="line 2: holds a NUL byte"):
         envfile.parse(b"A=1\nB=x\x00y\n")
     (folder / "grpoctl.yaml").write_text(f"targets: {{lab: {{kind: local, workdir: {folder / 'wd'}}}}}\n")
-    (folder / ".env").write_bytes(b"TOKEN=ab\x00cd\n")
+    (folder / ".env").write_bytes(b"TOKEN=sk-nul-7f3a\x00tail-9c2e\n")
     line = cli_error("env", "push", code=2)
-    assert "line 1: holds a NUL byte" in line and "ab" not in line.split("NUL")[0].split(".env")[-1]
+    # neither half of the value, before or after the NUL, anywhere in the line
+    assert "line 1: holds a NUL byte" in line and "sk-nul-7f3a" not in line and "tail-9c2e" not in line
     assert not (folder / "wd").exists()
 
 
