@@ -149,6 +149,10 @@ def test_get_refuses_a_symlink_to_dev_zero_a_sparse_512_mb_file_and_a_fifo(trans
     assert transport.get(str(tmp_path / "link.json"), max_bytes=2, timeout=30) == b"{}"
     with pytest.raises(WorkerReadError, match="larger than 1 B"):
         transport.get(str(tmp_path / "ok.json"), max_bytes=1)
+    # a regular file whose size says 0 but that streams more (procfs; a file growing while read): the
+    # cap holds on the bytes received, not only on the size the worker reports
+    with pytest.raises(WorkerReadError, match="larger than 100 B"):
+        transport.get("/proc/self/maps", max_bytes=100, timeout=30)
     with pytest.raises(FileNotFoundError):
         transport.get(str(tmp_path / "missing.json"))
 
