@@ -357,7 +357,7 @@ class TpuTarget(Target):
         if not error or not error.message:
             return ""
         failure = classify(
-            status_error(error.code, error.message), project=self.cfg.project, zone=self.cfg.zone
+            status_error(error.code, error.message), project=self.cfg.project, zone=self.zone
         )
         if failure.kind in ("other", "bad_request", "not_found"):
             return f": {error.message}"
