@@ -187,6 +187,12 @@ def parse_head(stdout: str) -> str | None:
 # ---------------------------------------------------------------------------------------- bootstrap
 
 
+def _read_small(path: str) -> str:
+    """Shell that prints a pid or exit file: a regular file only, 32 bytes at most (worker files are
+    untrusted: a FIFO or a link to /dev/zero there reads as nothing, never as a hang or a flood)."""
+    return f"[ -f {q(path)} ] && head -c 32 {q(path)} 2>/dev/null || true"
+
+
 BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
 BOOTSTRAP_REQUIREMENTS = "logs/requirements.txt"  # what the bootstrap installs besides the checkout
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
@@ -389,7 +395,7 @@ def _job_running_check(before_exit: str = "") -> list[str]:
         "for f in logs/nohup_*.pid; do",
         '  [ -e "$f" ] || continue',
         '  case "$f" in *_latest.pid) continue ;; esac',
-        '  p=$(cat "$f" 2>/dev/null || true)',
+        '  p=$([ -f "$f" ] && head -c 32 "$f" 2>/dev/null || true)',  # as _read_small: untrusted
         '  case "$p" in ""|*[!0-9]*) continue ;; esac',
         '  if [ ! -e "${f%.pid}.exit" ] && ours "$p" ""; then',
         f'    {before_exit}echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
@@ -477,7 +483,7 @@ def launch(
         "for _ in $(seq 100); do",
         f"  [ -s {q(paths.pid)} ] && break; sleep 0.05",
         "done",
-        f'echo "PID=$(cat {q(paths.pid)} 2>/dev/null || true)"',
+        f'echo "PID=$({_read_small(paths.pid)})"',
     )
 
 
@@ -509,24 +515,24 @@ def status(repo_dir: str, paths: RunPaths) -> str:
     return _script(
         f"cd {qpath(repo_dir)} 2>/dev/null || {{ echo CHECKOUT=missing; exit 0; }}",
         _ALIVE_FN,
-        f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
+        f"p=$({_read_small(paths.pid)})",
         'echo "PIDV=$p"',
         # Liveness before the exit file: the wrapper writes the file, then exits. Read the other way round,
         # a job ending between the two reads would look LOST (no exit file, no process).
         # A pid that now belongs to another process is not the job: the run is LOST, not RUNNING.
         f'if [ -n "$p" ] && ours "$p" {q(paths.run_id)}; then echo ALIVE=1; else echo ALIVE=0; fi',
-        f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
+        f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$({_read_small(paths.exit)})"; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
         # Worker files are untrusted: the log is read only as a regular file, one line at most 64 KiB.
         f"line=$([ -f {q(paths.log)} ] && grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null "
-        "| tail -n 1 | head -c 65536 || true)",
+        f"| tail -n 1 | head -c {untrusted.LINE_CAP} || true)",
         'printf "PROGRESS=%s\\n" "$line"',
         # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
         f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
         'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
         # The run's identity (config hash, W&B URL), printed once near the top of the log.
         f"info=$([ -f {q(paths.log)} ] && grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null "
-        "| head -c 65536 || true)",
+        f"| head -c {untrusted.LINE_CAP} || true)",
         'printf "INFO=%s\\n" "$info"',
     )
 
@@ -670,7 +676,7 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
         f"cd {qpath(repo_dir)}",
         _ALIVE_FN,
         f"RUN={q(paths.run_id)}",
-        f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
+        f"p=$({_read_small(paths.pid)})",
         # Only a real job pid: `kill -- -1` would signal every process of the user.
         'case "$p" in ""|*[!0-9]*|0|1) echo KILL=not-running; exit 0 ;; esac',
         'if ! alive "$p"; then echo KILL=not-running; exit 0; fi',

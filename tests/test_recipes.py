@@ -537,3 +537,21 @@ def test_a_zombie_job_is_not_alive(tmp_path: Path):
         assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
     finally:
         zombie.wait()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_status_and_kill_read_pid_and_exit_files_bounded(tmp_path: Path, kind: str):
+    """Worker files are untrusted: a pid or exit file that is a FIFO (a `cat` blocks for ever) or a link to
+    /dev/zero (endless) reads as nothing, at once: no live job, no exit code, nothing signalled."""
+    paths = recipes.RunPaths.for_run("c", "20260101_000000", "c-1")
+    (tmp_path / "logs").mkdir()
+    for name in (paths.pid, paths.exit):
+        if kind == "fifo":
+            os.mkfifo(tmp_path / name)
+        else:
+            (tmp_path / name).symlink_to("/dev/zero")
+    script = recipes.status(str(tmp_path), paths)  # a blocked read ends the test at the timeout, not the suite
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20)
+    status = recipes.parse_status(done.stdout)
+    assert done.returncode == 0 and status.pid is None and status.exit_code is None
+    assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
