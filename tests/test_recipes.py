@@ -550,7 +550,7 @@ def test_status_and_kill_read_pid_and_exit_files_bounded(tmp_path: Path, kind: s
             os.mkfifo(tmp_path / name)
         else:
             (tmp_path / name).symlink_to("/dev/zero")
-    script = recipes.status(str(tmp_path), paths)  # a blocked read ends the test at the timeout, not the suite
+    script = recipes.status(str(tmp_path), paths)  # a blocked read ends at the timeout, not the suite
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20)
     status = recipes.parse_status(done.stdout)
     assert done.returncode == 0 and status.pid is None and status.exit_code is None
