@@ -16,10 +16,15 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import NotifyConfig
-from orchestrator.errors import UsageError
+from orchestrator.errors import JobFailed, PreemptedError, UsageError
+from orchestrator.lifecycle.states import RunState
+
+if TYPE_CHECKING:  # the lifecycle imports the targets, and a TPU target's watchdog imports this module
+    from orchestrator.lifecycle.monitor import Decision
+    from orchestrator.runs import RunRecord
 
 EVENTS = ("succeeded", "failed", "preempted", "recovered", "node_deleted")
 _ICONS = {"succeeded": "✅", "failed": "❌", "preempted": "⚠️", "recovered": "🔁", "node_deleted": "🗑️"}
@@ -110,28 +115,30 @@ class RunNotices:
     preempted when the monitor decides to recover (or gives the run up as PREEMPTED), recovered when a new
     entry shows in the record's `recoveries`, and how the wait ended."""
 
-    def __init__(self, notifier: Notifier, record: Any, ledger_line: Callable[[Any], str] | None = None):
+    def __init__(
+        self, notifier: Notifier, record: RunRecord, ledger_line: Callable[[RunRecord], str] | None = None
+    ) -> None:
         self.notifier, self.ledger_line = notifier, ledger_line
         self.seen = len(record.recoveries)
 
-    def on_decision(self, record: Any, decision: Any) -> None:
-        if str(getattr(decision, "action", "")) == "recover":
+    def on_decision(self, record: RunRecord, decision: Decision) -> None:
+        from orchestrator.lifecycle.monitor import Action
+
+        if decision.action is Action.RECOVER:
             n = len(record.recoveries) + 1  # the recovery this decision starts
             self.notifier.send("preempted", record.run_id, decision.reason, key=f"#{n}")
         self._recovered(record)
 
-    def _recovered(self, record: Any) -> None:
+    def _recovered(self, record: RunRecord) -> None:
         for i, entry in enumerate(record.recoveries[self.seen :], start=self.seen + 1):
             what = f"relaunched ({entry.get('kind')} #{i}) at step {entry.get('step')}"
             self.notifier.send("recovered", record.run_id, f"{what}, resumes from a checkpoint", key=f"#{i}")
         self.seen = len(record.recoveries)
 
-    def finished(self, record: Any, err: BaseException | None) -> None:
+    def finished(self, record: RunRecord, err: BaseException | None) -> None:
         """After the wait: succeeded, failed, or preempted (not recovered); nothing for a ^C or the like."""
-        from orchestrator.errors import JobFailed, PreemptedError
-
         self._recovered(record)
-        if err is None and record.state == "SUCCEEDED":
+        if err is None and record.state is RunState.SUCCEEDED:
             p = record.last_progress or {}
             steps = f"step {p.get('step')}/{p.get('total')}" if p.get("total") else "done"
             extra = f"; {self.ledger_line(record)}" if self.ledger_line is not None else ""
