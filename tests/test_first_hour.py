@@ -485,17 +485,12 @@ def test_status_fits_80_columns_one_line_a_run() -> None:
 
 
 @pytest.fixture
-def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):
+def standin(local_lab):
     """A clone of the stand-in trainer's repo as the cwd, a local target, synced."""
-    url, _ = standin_repo
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
-    config = tmp_path / "grpoctl.yaml"
-    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
-    monkeypatch.chdir(work)
+    _, config = local_lab
 
     def cli(*args: str, code: int | None = 0):
-        return invoke("--config-file", str(config), *args, code=code)
+        return invoke("--config-file", config, *args, code=code)
 
     cli("sync")
     return cli
