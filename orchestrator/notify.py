@@ -113,7 +113,8 @@ class Notifier:
 class RunNotices:
     """The messages of one waited run, from its lifecycle monitor's decisions (orchestrator/lifecycle):
     preempted when the monitor decides to recover (or gives the run up as PREEMPTED), recovered when a new
-    entry shows in the record's `recoveries`, and how the wait ended."""
+    entry shows in the record's `recoveries`, and how the wait ended. A message that cannot be sent (its
+    `webhook_env` unset) is said, never raised: the wait, and a recovery it is about to make, go on."""
 
     def __init__(
         self, notifier: Notifier, record: RunRecord, ledger_line: Callable[[RunRecord], str] | None = None
@@ -126,13 +127,13 @@ class RunNotices:
 
         if decision.action is Action.RECOVER:
             n = len(record.recoveries) + 1  # the recovery this decision starts
-            self.notifier.send("preempted", record.run_id, decision.reason, key=f"#{n}")
+            self._send("preempted", record.run_id, decision.reason, key=f"#{n}")
         self._recovered(record)
 
     def _recovered(self, record: RunRecord) -> None:
         for i, entry in enumerate(record.recoveries[self.seen :], start=self.seen + 1):
             what = f"relaunched ({entry.get('kind')} #{i}) at step {entry.get('step')}"
-            self.notifier.send("recovered", record.run_id, f"{what}, resumes from a checkpoint", key=f"#{i}")
+            self._send("recovered", record.run_id, f"{what}, resumes from a checkpoint", key=f"#{i}")
         self.seen = len(record.recoveries)
 
     def finished(self, record: RunRecord, err: BaseException | None) -> None:
@@ -142,8 +143,14 @@ class RunNotices:
             p = record.last_progress or {}
             steps = f"step {p.get('step')}/{p.get('total')}" if p.get("total") else "done"
             extra = f"; {self.ledger_line(record)}" if self.ledger_line is not None else ""
-            self.notifier.send("succeeded", record.run_id, f"{steps} on {record.target}{extra}")
+            self._send("succeeded", record.run_id, f"{steps} on {record.target}{extra}")
         elif isinstance(err, PreemptedError):  # the same key as the decision's: one message
-            self.notifier.send("preempted", record.run_id, str(err), key=f"#{len(record.recoveries) + 1}")
+            self._send("preempted", record.run_id, str(err), key=f"#{len(record.recoveries) + 1}")
         elif isinstance(err, JobFailed):
-            self.notifier.send("failed", record.run_id, str(err))
+            self._send("failed", record.run_id, str(err))
+
+    def _send(self, event: str, subject: str, detail: str, *, key: str = "") -> None:
+        try:
+            self.notifier.send(event, subject, detail, key=key)
+        except UsageError as err:  # the config's to fix (its message never holds the URL)
+            self.notifier.say(f"notify: the {event} message was not sent: {err}")
