@@ -167,6 +167,7 @@ def test_command_output_is_capped_in_the_transport(transport):
 @pytest.mark.parametrize(
     ("kind", "name"),
     [("dev_zero", rundir.WANDB_SUMMARY), ("fifo", rundir.WANDB_SUMMARY), ("sparse", rundir.WANDB_SUMMARY),
+     ("dev_zero", rundir.SUMMARY), ("fifo", rundir.SUMMARY), ("dev_zero", rundir.EVAL_FULL_ROWS),
      ("sparse", rundir.SUMMARY), ("sparse", rundir.EVAL_FULL_ROWS)],
 )
 def test_fetch_refuses_an_endless_huge_or_blocking_file_in_one_line(worker: Worker, kind: str, name: str):
