@@ -537,9 +537,6 @@ def status(repo_dir: str, paths: RunPaths) -> str:
     )
 
 
-STEP_TIME_KEY = "time/train/step_s"  # in the trainer's progress lines (docs/ARCHITECTURE.md)
-
-
 @dataclass(frozen=True)
 class Progress:
     """The last event of a run's log: GRPO step/total, and the phase with its own k/n (contract)."""
@@ -556,8 +553,7 @@ class Progress:
     bytes_done: int | None = None
     bytes_total: int | None = None
     reported_eta_s: float | None = None
-    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
-    legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract)
     phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
@@ -573,24 +569,9 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        """The trainer's own ETA (compile excluded, remaining sweeps included); older trainers' lines get
-        one from their step times."""
-        if self.done:
-            return 0.0
-        if not self.legacy:
-            return self.reported_eta_s
-        if self.total and self.step >= self.total:
-            return 0.0
-        if self.step <= 0:
-            return None
-        # elapsed/step counts start-up (compilation, a warm start) as if every step paid it again: once the
-        # trainer reports its own step time (past step 1, which compiles), that is the better rate.
-        step_s = (self.metrics or {}).get(STEP_TIME_KEY)
-        if self.step > 1 and isinstance(step_s, int | float) and step_s > 0:
-            return step_s * (self.total - self.step)
-        if self.elapsed_s is None:
-            return None
-        return self.elapsed_s / self.step * (self.total - self.step)
+        """The trainer's own ETA (compile excluded, remaining sweeps included); None while it has none:
+        the orchestrator makes up no number of its own (the trainer ships in the same commit)."""
+        return 0.0 if self.done else self.reported_eta_s
 
 
 @dataclass(frozen=True)
@@ -622,7 +603,6 @@ def parse_progress_line(line: str) -> Progress | None:
     ev = contract.decode(line)
     if ev is None or ev.event == "info":
         return None
-    legacy = '"phase": ' not in line  # lines of trainers from before phases carry no ETA of their own
     return Progress(
         step=ev.step or 0,
         total=ev.total or 0,
@@ -637,7 +617,6 @@ def parse_progress_line(line: str) -> Progress | None:
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
         ledger=ev.ledger or None,
-        legacy=legacy,
         phase_eta_s=ev.phase_eta_s,
     )
 

@@ -553,7 +553,7 @@ def _all_cmdlines() -> str:
     return "\n".join(found)
 
 
-def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_repo, monkeypatch):
+def test_a_secret_is_on_no_process_argv_during_a_run(local_lab):
     """`run --secret NAME --wait` as a real process, on the local target with the stand-in trainer:
     /proc/*/cmdline of every process, sampled all along, never holds the value; the job did get it."""
     import subprocess
@@ -562,12 +562,7 @@ def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_rep
     from conftest import sample_during
 
     secret = "sk-argv-" + os.urandom(8).hex()
-    url, _ = standin_repo
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
-    config = tmp_path / "grpoctl.yaml"
-    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
-    monkeypatch.chdir(work)
+    _, config = local_lab
     assert CliRunner().invoke(app, ["--config-file", str(config), "sync"]).exit_code == 0
     env = {**os.environ, "STANDIN_SECRET": secret, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "orchestrator", "--config-file", str(config), "run", "configs/leaky.yaml",

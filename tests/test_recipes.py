@@ -69,12 +69,14 @@ def test_parse_status_precedence():
         'PIDV=12\nALIVE=1\nPROGRESS={"event": "progress", "step": 2, "total": 8, "elapsed_s": 4.0}\n'
     )
     assert running.state == "RUNNING"
-    assert running.progress.eta_s == pytest.approx(12.0)  # 2 s/step x 6 steps left
+    # a line without the trainer's eta_s: no ETA made up from elapsed/step or the step time
+    assert (running.progress.step, running.progress.total, running.progress.eta_s) == (2, 8, None)
     slow_start = json.dumps(
-        {"event": "progress", "step": 4, "total": 8, "elapsed_s": 40.0, "metrics": {"time/train/step_s": 0.5}}
+        {"event": "progress", "step": 4, "total": 8, "elapsed_s": 40.0, "metrics": {"time/train/step_s": 0.5},
+         "eta_s": 2.0}
     )
     timed = recipes.parse_status(f"PIDV=12\nALIVE=1\nPROGRESS={slow_start}\n")
-    assert timed.progress.eta_s == pytest.approx(2.0)  # the trainer's step time, not start-up included
+    assert timed.progress.eta_s == pytest.approx(2.0)  # the trainer's own, as it reported it
     assert recipes.parse_status("PIDV=12\nALIVE=0\nPROGRESS=\n").state == "LOST"
     assert recipes.parse_status("CHECKOUT=missing\n").state == "LOST"
 

@@ -132,19 +132,8 @@ def test_a_compare_of_an_unknown_group_is_refused():
         sop.parse_sop(data, "x.yaml")
 
 
-@pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):
-    url, _ = standin_repo
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
-    config = tmp_path / "grpoctl.yaml"
-    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
-    monkeypatch.chdir(work)
-    return work, str(config)
-
-
-def test_local_sop_end_to_end_then_resume_then_from(lab):
-    work, config = lab
+def test_local_sop_end_to_end_then_resume_then_from(local_lab):
+    work, config = local_lab
     messages: list[str] = []
     first = sop.replay(LOCAL_SOP, config_file=config, say=messages.append)
     assert all(s.status == "done" for s in first.state.steps.values())
@@ -191,8 +180,8 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert state["steps"]["compare"]["status"] == "done"
 
 
-def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path, monkeypatch):
-    work, config = lab
+def test_interrupted_wait_reattaches_instead_of_relaunching(local_lab, tmp_path: Path, monkeypatch):
+    work, config = local_lab
     file = tmp_path / "one_run.yaml"
     file.write_text(
         "name: one_run\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
@@ -220,11 +209,13 @@ def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path,
     assert (work / "runs" / launched / "summary.json").is_file()
 
 
-def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, tmp_path: Path, monkeypatch):
+def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(
+    local_lab, tmp_path: Path, monkeypatch
+):
     """Found by the rehearsal: the first run's files lived only on the VM, and the second run's preemption
     recreated it (a fresh disk) before the fetch step: "no result files". A run that SUCCEEDED is fetched
     as it ends; the fetch step then uses that copy."""
-    work, config = lab
+    work, config = local_lab
     file = tmp_path / "lost_disk.yaml"
     file.write_text(
         "name: lost_disk\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
@@ -246,8 +237,8 @@ def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, 
     assert any("fetched when the run ended" in d for d in result.state.steps["fetch"].details)
 
 
-def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
-    _, config = lab
+def test_failed_step_stops_the_replay_and_is_reported(local_lab, tmp_path: Path):
+    _, config = local_lab
     file = tmp_path / "failing.yaml"
     file.write_text(
         "name: failing\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
@@ -361,8 +352,8 @@ steps:
 """
 
 
-def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp_path: Path):
-    work, config = lab
+def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(local_lab, tmp_path: Path):
+    work, config = local_lab
     file = tmp_path / "seeded.yaml"
     file.write_text(SEEDED)
     with pytest.raises(UsageError, match="the SOP sets each run's seed itself"):
