@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,12 +211,14 @@ def load_run(folder: str | Path) -> RunFiles:
     summary = read_summary(folder)
     if not summary:
         raise UsageError(f"{folder}: no {rundir.SUMMARY} (fetch the run first: grpoctl fetch {folder.name})")
+    # Every worker file is read validated (orchestrator/worker_data.py): an id and a real boolean per eval
+    # row, no repeated id; metrics rows keep only finite numbers.
     eval_full, eval_full_start = (
-        _read_correctness(path) if (path := folder / name).is_file() else None
+        worker_data.read_eval_rows(path) if (path := folder / name).is_file() else None
         for name in (rundir.EVAL_FULL_ROWS, rundir.EVAL_FULL_START_ROWS)
     )
     metrics_path = folder / rundir.METRICS
-    metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
+    metrics = worker_data.read_metrics(metrics_path) if metrics_path.is_file() else []
     config_path = folder / rundir.CONFIG
     config = read_config(config_path) if config_path.is_file() else {}
     return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start, config)
@@ -228,12 +230,8 @@ def read_summary(folder: Path) -> dict[str, Any]:
     for name in (rundir.WANDB_SUMMARY, rundir.SUMMARY):
         path = folder / name
         if path.is_file():
-            summary.update(_read_json(path))
+            summary.update(worker_data.read_summary_file(path))  # validated: flat, finite
     return summary
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return worker_data.read_summary_file(path)  # validated: flat, finite (orchestrator/worker_data.py)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -246,14 +244,6 @@ def read_config(path: Path) -> dict[str, Any]:
     except (ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    return worker_data.read_metrics(path)
-
-
-def _read_correctness(path: Path) -> dict[str, bool]:
-    return worker_data.read_eval_rows(path)  # an id and a real boolean per row, no repeated id
 
 
 FABRICATED = "FABRICATED by --dry-run, not a result:"
@@ -550,9 +540,6 @@ class Comparison:
                 ["No paired per-question results (eval_full.jsonl) in both arms: no McNemar test."]
             )
         return self._mark([p.line() for p in self.pairs])
-
-    def test_line(self) -> str:
-        return "\n".join(self.test_lines())
 
     def method_line(self) -> str | None:
         return None if self.method is None else self._mark([self.method.line()])[0]
