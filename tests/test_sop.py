@@ -397,3 +397,24 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
     assert third.state.steps["run:pallas/s0"].run_id != ids["pallas/s0"] and len(RunStore().list()) == 6
     report = third.report_path.read_text()
     assert "Start and end accuracy per arm" in report and "- jax (2 runs): start - -> end 0." in report
+
+
+def test_a_run_steps_secrets_reach_the_job_and_never_the_report_or_state(lab, tmp_path: Path, monkeypatch):
+    """SOP `secrets:` are names; their values (from the environment) go to the job only: the report, the
+    state file and the verdict JSON in it hold the name, never the value."""
+    work, config = lab
+    value = "sop-secret-value-7f3a9c0e51d2b846"
+    monkeypatch.setenv("STANDIN_SECRET", value)
+    file = tmp_path / "secret.yaml"
+    file.write_text(
+        "name: secret\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: a, config: configs/ok.yaml, secrets: [STANDIN_SECRET], interval_s: 0.2}\n"
+        "  - run: {name: b, config: configs/ok_b.yaml, secrets: [STANDIN_SECRET], interval_s: 0.2}\n"
+        "  - fetch\n  - compare: {a: a, b: b, plot: false}\n"
+    )
+    result = sop.replay(file, config_file=config)
+    assert all(s.status == "done" for s in result.state.steps.values())
+    assert result.state.summaries["a"]["secret_len"] == len(value)  # the job saw it
+    report, state = result.report_path.read_text(), result.state_path.read_text()
+    assert "--secret STANDIN_SECRET" in report and "STANDIN_SECRET" in state
+    assert value not in report and value not in state
