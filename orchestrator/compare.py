@@ -35,6 +35,8 @@ POLICIES_DIFFER = "these two trained policies answer differently at 5%"
 NO_DETECTABLE_DIFFERENCE = (
     "no detectable difference between these two trained policies at 5% (not a proof of sameness)"
 )
+# The start -> end verdicts: did training change this run's greedy answers (its end sweep vs its start)?
+IMPROVED, NO_CHANGE, WORSE = "improved at 5%", "no detectable change at 5%", "worse at 5%"
 SEED_KEY = "seed"  # the trainer config's seed (configs/*.yaml `seed:`); SOP `seeds:` sets it per run
 
 
@@ -111,8 +113,8 @@ class StartToEnd:
     def verdict(self) -> str:
         p = self.paired
         if p.p_value >= ALPHA or p.only_a == p.only_b:
-            return "no detectable change at 5%"
-        return "improved at 5%" if p.only_b > p.only_a else "worse at 5%"
+            return NO_CHANGE
+        return IMPROVED if p.only_b > p.only_a else WORSE
 
     def line(self) -> str:
         p = self.paired
