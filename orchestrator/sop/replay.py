@@ -538,4 +538,4 @@ def replay(
                     write(st.status == "failed" or st.duration_s >= WRITE_EVERY_S)
         finally:
             write()  # the end, or the failure that stopped the replay
-    return ReplayResult(report, state_path, state, state.verdict)
+    return ReplayResult(report, state_path, state)

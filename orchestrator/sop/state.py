@@ -75,7 +75,10 @@ class ReplayResult:
     report_path: Path
     state_path: Path
     state: ReplayState
-    verdict: str | None
+
+    @property
+    def verdict(self) -> str | None:
+        return self.state.verdict
 
     def to_json(self) -> dict[str, Any]:
         return {
