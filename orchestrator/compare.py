@@ -354,17 +354,18 @@ class ArmStats:
     label: str
     runs: list[RunAccuracy]
 
-    def _values(self, which: str) -> list[float]:
+    def values(self, which: str) -> list[float]:
+        """Each run's start or end accuracy (`which`), the runs without one left out."""
         values = [getattr(r, f"{which}_value") for r in self.runs]
         return [v for v in values if v is not None]
 
     def mean(self, which: str) -> float | None:
-        values = self._values(which)
+        values = self.values(which)
         return math.fsum(values) / len(values) if values else None
 
     def interval(self, which: str) -> stats.Interval | None:
         """Across runs: a t interval; one run: its Wilson interval (question sampling only)."""
-        values = self._values(which)
+        values = self.values(which)
         if len(values) == 1 and len(self.runs) == 1:
             return getattr(self.runs[0], f"{which}_interval")()
         try:
@@ -520,9 +521,6 @@ class Comparison:
 
     def _mark(self, lines: list[str]) -> list[str]:
         return [f"{FABRICATED} {line}" for line in lines] if self.fabricated else lines
-
-    def _name(self, run_id: str) -> str:
-        return f"{self.names[run_id]} ({run_id})" if run_id in self.names else run_id
 
     def learning_lines(self) -> list[str]:
         """One start -> end line per run (runs without eval_full_start.jsonl say so). A run the SOP named
