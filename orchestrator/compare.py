@@ -251,13 +251,9 @@ def read_config(path: Path) -> dict[str, Any]:
 FABRICATED = "FABRICATED by --dry-run, not a result:"
 WATERMARK = "FABRICATED by --dry-run"
 END_KEY = "eval_full/accuracy"  # the summary's end accuracy, used when a run has no eval_full.jsonl
-# Config keys two arms may differ in without a warning: what is being compared, and the seed.
-ARM_KEYS = (
-    "train.policy_loss_impl",
-    "train.shadow_policy_loss_impl",
-    "train.kernel_blocks",
-    "policy_loss_impl",
-)
+# Config keys two arms may differ in without a warning: what is being compared (the trainer's config.json
+# is nested: trainer/config.py to_dict), and the seed.
+ARM_KEYS = ("train.policy_loss_impl", "train.shadow_policy_loss_impl", "train.kernel_blocks")
 # Keys that differ from run to run by design, or only say where things are kept and how they are logged:
 # none of them changes what a run computes.
 RUN_KEYS = (
