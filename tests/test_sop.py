@@ -418,3 +418,20 @@ def test_a_run_steps_secrets_reach_the_job_and_never_the_report_or_state(lab, tm
     report, state = result.report_path.read_text(), result.state_path.read_text()
     assert "--secret STANDIN_SECRET" in report and "STANDIN_SECRET" in state
     assert value not in report and value not in state
+
+
+def test_replay_state_round_trips_every_field_and_refuses_a_file_that_is_not_one(tmp_path: Path):
+    path = tmp_path / "report.state.json"
+    saved = sop.ReplayState(
+        "old.yaml", {"run:a": sop.StepState(status="done", run_id="ra", seconds={"provisioning": 1.5})},
+        summaries={"a": {"k": 1}}, comparison="| t |", verdict="v", verdict_json={"method_verdict": "x"},
+        plots={"compare": "a_vs_b.png"}, key_numbers=["n"], preflight={"a": "fits"},
+        preflight_fits={"a": True},
+    )
+    saved.save(path)
+    loaded = sop.ReplayState.load(path, "new.yaml")
+    assert loaded.sop == "new.yaml" and loaded == sop.ReplayState(**{**vars(saved), "sop": "new.yaml"})
+    for bad in ("[1]", "{not json", '{"steps": {"up": {"nope": 1}}}'):
+        path.write_text(bad)
+        with pytest.raises(UsageError, match="unreadable SOP state"):
+            sop.ReplayState.load(path, "x.yaml")
