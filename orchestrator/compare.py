@@ -250,7 +250,8 @@ def read_config(path: Path) -> dict[str, Any]:
 
 FABRICATED = "FABRICATED by --dry-run, not a result:"
 WATERMARK = "FABRICATED by --dry-run"
-END_KEY = "eval_full/accuracy"  # the summary's end accuracy, used when a run has no eval_full.jsonl
+# The summary's accuracy after training (used when a run has no eval_full.jsonl) and before GRPO step 1.
+END_KEY, START_KEY = f"{rundir.EVAL_FULL}/accuracy", f"{rundir.EVAL_FULL_START}/accuracy"
 # Config keys two arms may differ in without a warning: what is being compared (the trainer's config.json
 # is nested: trainer/config.py to_dict), and the seed.
 ARM_KEYS = ("train.policy_loss_impl", "train.shadow_policy_loss_impl", "train.kernel_blocks")

@@ -435,3 +435,21 @@ def test_replay_state_round_trips_every_field_and_refuses_a_file_that_is_not_one
         path.write_text(bad)
         with pytest.raises(UsageError, match="unreadable SOP state"):
             sop.ReplayState.load(path, "x.yaml")
+
+
+def test_ledger_rows_cost_each_accuracy_point_a_run_gained():
+    """Points gained = the summary's end accuracy minus its start accuracy (full sweeps), in points; the
+    cost of one point is the run's chip-hours (no list price) over them; no start sweep: no figure."""
+    from orchestrator import ledger as ledger_mod
+    from orchestrator.sop.report import ledger_lines
+
+    hour = ledger_mod.Ledger()
+    hour.add("train", 3600.0)
+    runs = {"a": hour, "b": hour}
+    summaries = {"a": {"eval_full/accuracy": 0.30, "eval_full_start/accuracy": 0.10},
+                 "b": {"eval_full/accuracy": 0.30, "eval_full_start/accuracy": True}}  # not a number
+    lines = ledger_lines(runs, ledger_mod.total(runs.values()), summaries)
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:6] for line in lines[2:5]}
+    assert cells["a"] == ["1", "100%", "-", "+20.0", "0.05 chip-h"]
+    assert cells["b"] == ["1", "100%", "-", "-", "-"]
+    assert cells["**SOP total**"] == ["2", "100%", "-", "-", "-"]

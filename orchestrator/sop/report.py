@@ -158,8 +158,8 @@ def ledger_lines(
         cost = led.cost_estimate_usd
         gained = None
         if summary:
-            end, begin = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
-            if isinstance(end, int | float) and isinstance(begin, int | float):
+            end, begin = summary.get(cmp.END_KEY), summary.get(cmp.START_KEY)
+            if cmp.is_number(end) and cmp.is_number(begin):
                 gained = (end - begin) * 100
         per = "-"
         if gained is not None and gained > 0:
