@@ -730,11 +730,13 @@ def find_wandb_summary(repo_dir: str, run_dir: str) -> str:
 
 @_recipe
 def existing_files(repo_dir: str, paths: Sequence[str]) -> str:
-    """Which of `paths` (relative to the checkout) exist; prints FILE= lines."""
+    """Which of `paths` (relative to the checkout) exist, as anything: prints FILE= lines. A device, FIFO or
+    link to one is listed too, so that the bounded reader refuses it in one line (untrusted.read) instead
+    of the result silently going missing."""
     checks = " ".join(q(p) for p in paths)
     return _script(
         f"cd {qpath(repo_dir)}",
-        f'for f in {checks}; do if [ -f "$f" ]; then echo "FILE=$f"; fi; done',
+        f'for f in {checks}; do if [ -e "$f" ] || [ -L "$f" ]; then echo "FILE=$f"; fi; done',
     )
 
 
