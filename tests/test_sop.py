@@ -388,3 +388,59 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(local_la
     assert third.state.steps["run:pallas/s0"].run_id != ids["pallas/s0"] and len(RunStore().list()) == 6
     report = third.report_path.read_text()
     assert "Start and end accuracy per arm" in report and "- jax (2 runs): start - -> end 0." in report
+
+
+def test_a_run_steps_secrets_reach_the_job_and_never_the_report_or_state(lab, tmp_path: Path, monkeypatch):
+    """SOP `secrets:` are names; their values (from the environment) go to the job only: the report, the
+    state file and the verdict JSON in it hold the name, never the value."""
+    work, config = lab
+    value = "sop-secret-value-7f3a9c0e51d2b846"
+    monkeypatch.setenv("STANDIN_SECRET", value)
+    file = tmp_path / "secret.yaml"
+    file.write_text(
+        "name: secret\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: a, config: configs/ok.yaml, secrets: [STANDIN_SECRET], interval_s: 0.2}\n"
+        "  - run: {name: b, config: configs/ok_b.yaml, secrets: [STANDIN_SECRET], interval_s: 0.2}\n"
+        "  - fetch\n  - compare: {a: a, b: b, plot: false}\n"
+    )
+    result = sop.replay(file, config_file=config)
+    assert all(s.status == "done" for s in result.state.steps.values())
+    assert result.state.summaries["a"]["secret_len"] == len(value)  # the job saw it
+    report, state = result.report_path.read_text(), result.state_path.read_text()
+    assert "--secret STANDIN_SECRET" in report and "STANDIN_SECRET" in state
+    assert value not in report and value not in state
+
+
+def test_replay_state_round_trips_every_field_and_refuses_a_file_that_is_not_one(tmp_path: Path):
+    path = tmp_path / "report.state.json"
+    saved = sop.ReplayState(
+        "old.yaml", {"run:a": sop.StepState(status="done", run_id="ra", seconds={"provisioning": 1.5})},
+        summaries={"a": {"k": 1}}, comparison="| t |", verdict="v", verdict_json={"method_verdict": "x"},
+        plots={"compare": "a_vs_b.png"}, key_numbers=["n"], preflight={"a": "fits"},
+        preflight_fits={"a": True},
+    )
+    saved.save(path)
+    loaded = sop.ReplayState.load(path, "new.yaml")
+    assert loaded.sop == "new.yaml" and loaded == sop.ReplayState(**{**vars(saved), "sop": "new.yaml"})
+    for bad in ("[1]", "{not json", '{"steps": {"up": {"nope": 1}}}'):
+        path.write_text(bad)
+        with pytest.raises(UsageError, match="unreadable SOP state"):
+            sop.ReplayState.load(path, "x.yaml")
+
+
+def test_ledger_rows_cost_each_accuracy_point_a_run_gained():
+    """Points gained = the summary's end accuracy minus its start accuracy (full sweeps), in points; the
+    cost of one point is the run's chip-hours (no list price) over them; no start sweep: no figure."""
+    from orchestrator import ledger as ledger_mod
+    from orchestrator.sop.report import ledger_lines
+
+    hour = ledger_mod.Ledger()
+    hour.add("train", 3600.0)
+    runs = {"a": hour, "b": hour}
+    summaries = {"a": {"eval_full/accuracy": 0.30, "eval_full_start/accuracy": 0.10},
+                 "b": {"eval_full/accuracy": 0.30, "eval_full_start/accuracy": True}}  # not a number
+    lines = ledger_lines(runs, ledger_mod.total(runs.values()), summaries)
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:6] for line in lines[2:5]}
+    assert cells["a"] == ["1", "100%", "-", "+20.0", "0.05 chip-h"]
+    assert cells["b"] == ["1", "100%", "-", "-", "-"]
+    assert cells["**SOP total**"] == ["2", "100%", "-", "-", "-"]
