@@ -707,7 +707,7 @@ def fetch(
         g.out.print(f"{r.run_id} -> {r.folder}/ ({', '.join(r.files)})")
         if r.previous is not None:
             g.say(f"{r.run_id}: the earlier, different copy is kept in {r.previous}/")
-        made_up = " (FABRICATED by --dry-run)" if r.summary.get("dry_run") else ""
+        made_up = f" ({cmp.WATERMARK})" if r.summary.get("dry_run") else ""
         for k in chosen:
             g.out.print(f"  {k} = {cmp.fmt(r.summary.get(k))}{made_up}")
 
