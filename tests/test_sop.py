@@ -390,10 +390,12 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(local_la
     assert "Start and end accuracy per arm" in report and "- jax (2 runs): start - -> end 0." in report
 
 
-def test_a_run_steps_secrets_reach_the_job_and_never_the_report_or_state(lab, tmp_path: Path, monkeypatch):
+def test_a_run_steps_secrets_reach_the_job_and_never_the_report_or_state(
+    local_lab, tmp_path: Path, monkeypatch
+):
     """SOP `secrets:` are names; their values (from the environment) go to the job only: the report, the
     state file and the verdict JSON in it hold the name, never the value."""
-    work, config = lab
+    work, config = local_lab
     value = "sop-secret-value-7f3a9c0e51d2b846"
     monkeypatch.setenv("STANDIN_SECRET", value)
     file = tmp_path / "secret.yaml"
