@@ -249,6 +249,13 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 FABRICATED = "FABRICATED by --dry-run, not a result:"
+# The two groups a reader sees the verdict lines in (grouped_verdicts): what the runs say about the methods,
+# and what these particular trajectories did.
+METHOD_HEADING = "Verdicts on the methods (the same words on any machine):"
+TRAJECTORY_HEADING = (
+    "These runs (their trajectories follow the machine's float rounding: another machine can print other "
+    "words here):"
+)
 WATERMARK = "FABRICATED by --dry-run"
 # The summary's accuracy after training (used when a run has no eval_full.jsonl) and before GRPO step 1.
 END_KEY, START_KEY = f"{rundir.EVAL_FULL}/accuracy", f"{rundir.EVAL_FULL_START}/accuracy"
@@ -267,6 +274,17 @@ RUN_KEYS = (
     "checkpoint",
     "compile_cache_dir",
 )
+
+
+def grouped_verdicts(lines: Sequence[str], trajectory: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`lines` (each verdict once, in reading order) as (heading, lines) groups: the method-level verdicts,
+    then the lines about these trajectories (`Comparison.trajectory_lines`). An empty group is left out."""
+    runs = set(trajectory)
+    groups = [
+        (METHOD_HEADING, [line for line in lines if line not in runs]),
+        (TRAJECTORY_HEADING, [line for line in lines if line in runs]),
+    ]
+    return [(heading, group) for heading, group in groups if group]
 
 
 def _share(k: int, n: int) -> float:
@@ -547,6 +565,13 @@ class Comparison:
 
     def parity_lines(self) -> list[str]:
         return self._mark([p.line() for p in self.parity])
+
+    def trajectory_lines(self) -> list[str]:
+        """The verdict lines about these particular trajectories: each run's start -> end and each pair of
+        trained policies. A last-bit rounding difference (another CPU, another compiler) changes one sampled
+        token and then the whole trajectory, so on another machine these can read otherwise; the rest of
+        `summary_lines` (config warnings, kernel parity, the method verdict over runs) does not."""
+        return [*self.learning_lines(), *self.test_lines()]
 
     def summary_lines(self) -> list[str]:
         """Every verdict once, in reading order: warnings, kernel parity, start -> end of each run, the

@@ -236,3 +236,19 @@ def test_worker_text_in_config_json_reaches_the_terminal_cleaned(tmp_path: Path)
     lines = cmp.compare_runs(other, run).summary_lines()
     assert not any("\x1b" in line or "\x07" in line for line in lines)
     assert any("kernel parity: pallas" in line for line in lines) and lines[0].startswith("warning:")
+
+
+def test_verdicts_split_into_method_claims_and_lines_about_these_trajectories(tmp_path: Path):
+    """Kernel parity and the method verdict claim something about the methods; each run's start -> end and
+    each McNemar pair describe these trajectories, which another machine's rounding changes: shown apart."""
+    run = cmp.load_run(make_run(tmp_path, "p", seed=0, impl="pallas", metrics=_parity_rows(10),
+                                config={"train": {"policy_loss_impl": "pallas",
+                                                  "shadow_policy_loss_impl": "jax"}}))
+    result = cmp.compare_runs(cmp.load_run(make_run(tmp_path, "j", seed=0)), run)
+    lines, trajectory = result.summary_lines(), result.trajectory_lines()
+    assert trajectory == [*result.learning_lines(), *result.test_lines()] and set(trajectory) < set(lines)
+    (claims_heading, claims), (runs_heading, runs) = cmp.grouped_verdicts(lines, trajectory)
+    assert (claims_heading, runs_heading) == (cmp.METHOD_HEADING, cmp.TRAJECTORY_HEADING)
+    assert claims == [result.parity_lines()[0], result.method_line()]
+    assert runs == trajectory and sorted(claims + runs) == sorted(lines)  # each line once
+    assert cmp.grouped_verdicts(claims, []) == [(cmp.METHOD_HEADING, claims)]  # no empty group

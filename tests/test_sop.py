@@ -373,6 +373,9 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(local_la
         "jax/s1 vs pallas/s1: McNemar exact test on 300 paired questions (seed 1 in both)",
     ]
     report = first.report_path.read_text()
+    # The method verdict under its heading, the lines about these trajectories (McNemar pairs) under theirs.
+    claims, runs = report.index(cmp.METHOD_HEADING), report.index(cmp.TRAJECTORY_HEADING)
+    assert claims < report.index("method verdict: inconclusive") < runs < report.index(mcnemar[0])
     assert ("![compare](jax_vs_pallas.png)" in report) == HAVE_PLOT
     assert f"compare {ids['jax/s0']},{ids['jax/s1']} {ids['pallas/s0']},{ids['pallas/s1']}" in report
     assert "run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1 --set seed=1 --wait" in report

@@ -418,6 +418,7 @@ def _compare(r: Replayer, step: CompareStep, st: StepState) -> None:
     r.state.verdict = "\n".join(lines)
     r.state.verdict_json = done.result.to_json()
     r.state.key_numbers = done.result.key_lines()
+    r.state.trajectory_lines = done.result.trajectory_lines()
     st.details.append(f"{len(lines)} verdict line(s): see the summary at the top of the report")
 
 

@@ -205,7 +205,9 @@ def summary(state: ReplayState, dry_run: bool, ledgers: Ledgers | None) -> list[
         return []
     title = "## Summary (dry run: FABRICATED, not results)" if dry_run else "## Summary"
     lines = ["", title, ""]
-    lines += [f"- {line}" for line in state.verdict.splitlines()]
+    for heading, group in cmp.grouped_verdicts(state.verdict.splitlines(), state.trajectory_lines):
+        lines += [heading, "", *(f"- {line}" for line in group), ""]
+    lines.pop()  # the blank line after the last group
     if state.key_numbers:
         lines += ["", "Start and end accuracy per arm (95% interval: t over runs, Wilson for one run):", ""]
         lines += [f"- {line}" for line in state.key_numbers]

@@ -37,6 +37,8 @@ class ReplayState:
     verdict_json: dict[str, Any] | None = None  # the same as `grpoctl --json compare` gives it
     plots: dict[str, str] = field(default_factory=dict)  # compare step id -> its plot, beside the report
     key_numbers: list[str] = field(default_factory=list)  # each arm's start -> end with its interval
+    # the verdict lines about these trajectories (compare.Comparison.trajectory_lines): shown apart
+    trajectory_lines: list[str] = field(default_factory=list)
     preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
     # run name -> whether the preflight's report said it fits (None: no preflight could run here)
     preflight_fits: dict[str, bool | None] = field(default_factory=dict)
