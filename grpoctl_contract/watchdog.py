@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     checkout = os.path.realpath(os.path.expanduser(args.checkout))
     state_path = Path(os.path.expanduser(args.state))
     last_active = time.time()  # (re)started by `up`: the node gets the full idle time from now
+    notified = False  # the node_deleted message of this idle spell went out (a failed delete is retried)
     while True:
         now = time.time()
         if job_running(checkout):
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         state = {"pid": os.getpid(), "node": args.node, "idle_after_s": args.idle_s,
                  "last_active": last_active, "deletes_at": deletes_at}
         if now >= deletes_at:
-            notify(args.notify_file, args.node, args.idle_s)
+            if not notified:
+                notify(args.notify_file, args.node, args.idle_s)
+                notified = True
             try:
                 delete_self(args.api_base, args.project, args.zone, args.node, queued=args.queued,
                             metadata_base=args.metadata_base)
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             _write_state(state_path, {**state, "deleted_at": now})
             return 0
+        notified = False  # a job ran since (the delete kept failing meanwhile): a new spell, a new message
         _write_state(state_path, state)
         time.sleep(min(args.poll_s, max(deletes_at - now, 0.05)))
 

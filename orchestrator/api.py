@@ -19,7 +19,7 @@ from orchestrator import preflight as pf
 from orchestrator.config import TargetConfig, load_config
 from orchestrator.errors import GrpoctlError, InfraError, UsageError
 from orchestrator.lifecycle import recovery as lifecycle
-from orchestrator.lifecycle.monitor import Monitor, OnDecision, OnPoll, probe
+from orchestrator.lifecycle.monitor import Monitor, OnPoll, probe
 from orchestrator.lifecycle.recovery import RecoveryPolicy
 from orchestrator.lifecycle.states import RunState, is_terminal
 from orchestrator.ops import env as env_ops
@@ -272,18 +272,17 @@ def wait(
     *,
     interval: float = 15.0,
     on_poll: OnPoll | None = None,
-    on_decision: Sequence[OnDecision] = (),
 ) -> RunRecord:
     """Until the run ends: what the machine does to it recovered under `policy`, raised (exit 3) without
     one (orchestrator/lifecycle/recovery.py). grpoctl.yaml's `notify` hears of each preemption and
-    recovery, and of the end; `on_decision` callbacks see every decision of the run's monitor."""
+    recovery (from the monitor's decisions), and of the end."""
     notifier = notify.Notifier(session.config.notify, session.say)
     notices = notify.RunNotices(notifier, record, lambda rec: _ledger_line(rec, session.config.prices))
 
     try:
         done = lifecycle.wait(
             session, record, policy, interval=interval, on_poll=on_poll,
-            on_decision=[*on_decision, notices.on_decision],
+            on_decision=[notices.on_decision],
         )
     except GrpoctlError as err:
         notices.finished(record, err)
@@ -323,12 +322,10 @@ def stop(session: Session, record: RunRecord) -> list[str]:
 
 
 @dataclass
-class StatusRound:
-    """One look at the runs `status` shows."""
+class StatusRound(lifecycle.Round):
+    """One look at the runs `status` shows, with the default target's machine line (TPU targets)."""
 
-    records: list[RunRecord]
-    unreachable: list[str]  # `<run id>: <why>` lines, retried next round
-    machine: str | None  # the default target's machine line (TPU targets), else None
+    machine: str | None = None
 
 
 def watch_status(

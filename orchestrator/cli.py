@@ -707,7 +707,7 @@ def fetch(
         g.out.print(f"{r.run_id} -> {r.folder}/ ({', '.join(r.files)})")
         if r.previous is not None:
             g.say(f"{r.run_id}: the earlier, different copy is kept in {r.previous}/")
-        made_up = " (FABRICATED by --dry-run)" if r.summary.get("dry_run") else ""
+        made_up = f" ({cmp.WATERMARK})" if r.summary.get("dry_run") else ""
         for k in chosen:
             g.out.print(f"  {k} = {cmp.fmt(r.summary.get(k))}{made_up}")
 
@@ -860,9 +860,16 @@ def sop_replay(
     else:
         g.out.print(f"report: {result.report_path}")
         if result.verdict:
-            g.out.print(result.verdict, markup=False)
+            _print_verdicts(g, result.verdict.splitlines(), result.state.trajectory_lines)
         for line in result.state.key_numbers:  # each arm's start -> end with its interval
             g.out.print(line, markup=False)
+
+
+def _print_verdicts(g: Globals, lines: list[str], trajectory: list[str]) -> None:
+    for heading, group in cmp.grouped_verdicts(lines, trajectory):
+        g.out.print(heading, markup=False)
+        for line in group:
+            g.out.print(f"  {line}", markup=False)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ POLICIES_DIFFER = "these two trained policies answer differently at 5%"
 NO_DETECTABLE_DIFFERENCE = (
     "no detectable difference between these two trained policies at 5% (not a proof of sameness)"
 )
+# The start -> end verdicts: did training change this run's greedy answers (its end sweep vs its start)?
+IMPROVED, NO_CHANGE, WORSE = "improved at 5%", "no detectable change at 5%", "worse at 5%"
 SEED_KEY = "seed"  # the trainer config's seed (configs/*.yaml `seed:`); SOP `seeds:` sets it per run
 
 
@@ -111,8 +113,8 @@ class StartToEnd:
     def verdict(self) -> str:
         p = self.paired
         if p.p_value >= ALPHA or p.only_a == p.only_b:
-            return "no detectable change at 5%"
-        return "improved at 5%" if p.only_b > p.only_a else "worse at 5%"
+            return NO_CHANGE
+        return IMPROVED if p.only_b > p.only_a else WORSE
 
     def line(self) -> str:
         p = self.paired
@@ -211,12 +213,14 @@ def load_run(folder: str | Path) -> RunFiles:
     summary = read_summary(folder)
     if not summary:
         raise UsageError(f"{folder}: no {rundir.SUMMARY} (fetch the run first: grpoctl fetch {folder.name})")
+    # Every worker file is read validated (orchestrator/worker_data.py): an id and a real boolean per eval
+    # row, no repeated id; metrics rows keep only finite numbers.
     eval_full, eval_full_start = (
-        _read_correctness(path) if (path := folder / name).is_file() else None
+        worker_data.read_eval_rows(path) if (path := folder / name).is_file() else None
         for name in (rundir.EVAL_FULL_ROWS, rundir.EVAL_FULL_START_ROWS)
     )
     metrics_path = folder / rundir.METRICS
-    metrics = list(_read_jsonl(metrics_path)) if metrics_path.is_file() else []
+    metrics = worker_data.read_metrics(metrics_path) if metrics_path.is_file() else []
     config_path = folder / rundir.CONFIG
     config = read_config(config_path) if config_path.is_file() else {}
     return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start, config)
@@ -228,12 +232,8 @@ def read_summary(folder: Path) -> dict[str, Any]:
     for name in (rundir.WANDB_SUMMARY, rundir.SUMMARY):
         path = folder / name
         if path.is_file():
-            summary.update(_read_json(path))
+            summary.update(worker_data.read_summary_file(path))  # validated: flat, finite
     return summary
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return worker_data.read_summary_file(path)  # validated: flat, finite (orchestrator/worker_data.py)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -248,24 +248,20 @@ def read_config(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    return worker_data.read_metrics(path)
-
-
-def _read_correctness(path: Path) -> dict[str, bool]:
-    return worker_data.read_eval_rows(path)  # an id and a real boolean per row, no repeated id
-
-
 FABRICATED = "FABRICATED by --dry-run, not a result:"
-WATERMARK = "FABRICATED by --dry-run"
-END_KEY = "eval_full/accuracy"  # the summary's end accuracy, used when a run has no eval_full.jsonl
-# Config keys two arms may differ in without a warning: what is being compared, and the seed.
-ARM_KEYS = (
-    "train.policy_loss_impl",
-    "train.shadow_policy_loss_impl",
-    "train.kernel_blocks",
-    "policy_loss_impl",
+# The two groups a reader sees the verdict lines in (grouped_verdicts): what the runs say about the methods,
+# and what these particular trajectories did.
+METHOD_HEADING = "Verdicts on the methods (the same words on any machine):"
+TRAJECTORY_HEADING = (
+    "These runs (their trajectories follow the machine's float rounding: another machine can print other "
+    "words here):"
 )
+WATERMARK = "FABRICATED by --dry-run"
+# The summary's accuracy after training (used when a run has no eval_full.jsonl) and before GRPO step 1.
+END_KEY, START_KEY = f"{rundir.EVAL_FULL}/accuracy", f"{rundir.EVAL_FULL_START}/accuracy"
+# Config keys two arms may differ in without a warning: what is being compared (the trainer's config.json
+# is nested: trainer/config.py to_dict), and the seed.
+ARM_KEYS = ("train.policy_loss_impl", "train.shadow_policy_loss_impl", "train.kernel_blocks")
 # Keys that differ from run to run by design, or only say where things are kept and how they are logged:
 # none of them changes what a run computes.
 RUN_KEYS = (
@@ -278,6 +274,17 @@ RUN_KEYS = (
     "checkpoint",
     "compile_cache_dir",
 )
+
+
+def grouped_verdicts(lines: Sequence[str], trajectory: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`lines` (each verdict once, in reading order) as (heading, lines) groups: the method-level verdicts,
+    then the lines about these trajectories (`Comparison.trajectory_lines`). An empty group is left out."""
+    runs = set(trajectory)
+    groups = [
+        (METHOD_HEADING, [line for line in lines if line not in runs]),
+        (TRAJECTORY_HEADING, [line for line in lines if line in runs]),
+    ]
+    return [(heading, group) for heading, group in groups if group]
 
 
 def _share(k: int, n: int) -> float:
@@ -362,17 +369,18 @@ class ArmStats:
     label: str
     runs: list[RunAccuracy]
 
-    def _values(self, which: str) -> list[float]:
+    def values(self, which: str) -> list[float]:
+        """Each run's start or end accuracy (`which`), the runs without one left out."""
         values = [getattr(r, f"{which}_value") for r in self.runs]
         return [v for v in values if v is not None]
 
     def mean(self, which: str) -> float | None:
-        values = self._values(which)
+        values = self.values(which)
         return math.fsum(values) / len(values) if values else None
 
     def interval(self, which: str) -> stats.Interval | None:
         """Across runs: a t interval; one run: its Wilson interval (question sampling only)."""
-        values = self._values(which)
+        values = self.values(which)
         if len(values) == 1 and len(self.runs) == 1:
             return getattr(self.runs[0], f"{which}_interval")()
         try:
@@ -529,9 +537,6 @@ class Comparison:
     def _mark(self, lines: list[str]) -> list[str]:
         return [f"{FABRICATED} {line}" for line in lines] if self.fabricated else lines
 
-    def _name(self, run_id: str) -> str:
-        return f"{self.names[run_id]} ({run_id})" if run_id in self.names else run_id
-
     def learning_lines(self) -> list[str]:
         """One start -> end line per run (runs without eval_full_start.jsonl say so). A run the SOP named
         goes by its name (`jax/s1`): the same words on every replay, the id is in the report's tables."""
@@ -551,9 +556,6 @@ class Comparison:
             )
         return self._mark([p.line() for p in self.pairs])
 
-    def test_line(self) -> str:
-        return "\n".join(self.test_lines())
-
     def method_line(self) -> str | None:
         return None if self.method is None else self._mark([self.method.line()])[0]
 
@@ -563,6 +565,13 @@ class Comparison:
 
     def parity_lines(self) -> list[str]:
         return self._mark([p.line() for p in self.parity])
+
+    def trajectory_lines(self) -> list[str]:
+        """The verdict lines about these particular trajectories: each run's start -> end and each pair of
+        trained policies. A last-bit rounding difference (another CPU, another compiler) changes one sampled
+        token and then the whole trajectory, so on another machine these can read otherwise; the rest of
+        `summary_lines` (config warnings, kernel parity, the method verdict over runs) does not."""
+        return [*self.learning_lines(), *self.test_lines()]
 
     def summary_lines(self) -> list[str]:
         """Every verdict once, in reading order: warnings, kernel parity, start -> end of each run, the

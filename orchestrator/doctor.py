@@ -31,6 +31,8 @@ from orchestrator.config import (
     TargetConfig,
     TpuTargetConfig,
     load_config,
+    read_text_utf8,
+    safe_yaml,
 )
 from orchestrator.errors import GrpoctlError, UsageError
 
@@ -103,12 +105,10 @@ def wandb_online(config: str, overrides: Mapping[str, str], env: Mapping[str, st
     if not path.is_file() or not Path("trainer/config.py").is_file():
         return None
     try:
-        import yaml
-
         from orchestrator.preflight import effective_overrides
         from trainer import config as schema
 
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_yaml(read_text_utf8(path), config) or {}
         cfg = schema.from_dict(schema.apply_overrides(data, effective_overrides(overrides, env)))
     except Exception:  # a bad config is `run`'s to report, with its key
         return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.config import DEFAULT_CONFIG_NAME, parse_config
+from orchestrator.config import DEFAULT_CONFIG_NAME, parse_config, safe_yaml
 from orchestrator.errors import UsageError
 
 DEFAULT_ZONE = "us-east1-d"
@@ -89,7 +89,7 @@ def write(a: Answers, path: str | os.PathLike[str] = DEFAULT_CONFIG_NAME) -> Pat
     """Write the file; refuse (UsageError, nothing written) when one is already there."""
     target = Path(path)
     text = render(a)
-    parse_config(yaml.safe_load(text), str(target))  # a bad zone or name fails here, naming the key
+    parse_config(safe_yaml(text, str(target)), str(target))  # a bad zone or name fails here, naming the key
     try:
         with open(target, "x", encoding="utf-8", newline="\n") as fh:  # "x": never overwrite
             fh.write(text)

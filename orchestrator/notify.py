@@ -16,10 +16,15 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import NotifyConfig
-from orchestrator.errors import UsageError
+from orchestrator.errors import JobFailed, PreemptedError, UsageError
+from orchestrator.lifecycle.states import RunState
+
+if TYPE_CHECKING:  # the lifecycle imports the targets, and a TPU target's watchdog imports this module
+    from orchestrator.lifecycle.monitor import Decision
+    from orchestrator.runs import RunRecord
 
 EVENTS = ("succeeded", "failed", "preempted", "recovered", "node_deleted")
 _ICONS = {"succeeded": "✅", "failed": "❌", "preempted": "⚠️", "recovered": "🔁", "node_deleted": "🗑️"}
@@ -108,35 +113,44 @@ class Notifier:
 class RunNotices:
     """The messages of one waited run, from its lifecycle monitor's decisions (orchestrator/lifecycle):
     preempted when the monitor decides to recover (or gives the run up as PREEMPTED), recovered when a new
-    entry shows in the record's `recoveries`, and how the wait ended."""
+    entry shows in the record's `recoveries`, and how the wait ended. A message that cannot be sent (its
+    `webhook_env` unset) is said, never raised: the wait, and a recovery it is about to make, go on."""
 
-    def __init__(self, notifier: Notifier, record: Any, ledger_line: Callable[[Any], str] | None = None):
+    def __init__(
+        self, notifier: Notifier, record: RunRecord, ledger_line: Callable[[RunRecord], str] | None = None
+    ) -> None:
         self.notifier, self.ledger_line = notifier, ledger_line
         self.seen = len(record.recoveries)
 
-    def on_decision(self, record: Any, decision: Any) -> None:
-        if str(getattr(decision, "action", "")) == "recover":
+    def on_decision(self, record: RunRecord, decision: Decision) -> None:
+        from orchestrator.lifecycle.monitor import Action
+
+        if decision.action is Action.RECOVER:
             n = len(record.recoveries) + 1  # the recovery this decision starts
-            self.notifier.send("preempted", record.run_id, decision.reason, key=f"#{n}")
+            self._send("preempted", record.run_id, decision.reason, key=f"#{n}")
         self._recovered(record)
 
-    def _recovered(self, record: Any) -> None:
+    def _recovered(self, record: RunRecord) -> None:
         for i, entry in enumerate(record.recoveries[self.seen :], start=self.seen + 1):
             what = f"relaunched ({entry.get('kind')} #{i}) at step {entry.get('step')}"
-            self.notifier.send("recovered", record.run_id, f"{what}, resumes from a checkpoint", key=f"#{i}")
+            self._send("recovered", record.run_id, f"{what}, resumes from a checkpoint", key=f"#{i}")
         self.seen = len(record.recoveries)
 
-    def finished(self, record: Any, err: BaseException | None) -> None:
+    def finished(self, record: RunRecord, err: BaseException | None) -> None:
         """After the wait: succeeded, failed, or preempted (not recovered); nothing for a ^C or the like."""
-        from orchestrator.errors import JobFailed, PreemptedError
-
         self._recovered(record)
-        if err is None and record.state == "SUCCEEDED":
+        if err is None and record.state is RunState.SUCCEEDED:
             p = record.last_progress or {}
             steps = f"step {p.get('step')}/{p.get('total')}" if p.get("total") else "done"
             extra = f"; {self.ledger_line(record)}" if self.ledger_line is not None else ""
-            self.notifier.send("succeeded", record.run_id, f"{steps} on {record.target}{extra}")
+            self._send("succeeded", record.run_id, f"{steps} on {record.target}{extra}")
         elif isinstance(err, PreemptedError):  # the same key as the decision's: one message
-            self.notifier.send("preempted", record.run_id, str(err), key=f"#{len(record.recoveries) + 1}")
+            self._send("preempted", record.run_id, str(err), key=f"#{len(record.recoveries) + 1}")
         elif isinstance(err, JobFailed):
-            self.notifier.send("failed", record.run_id, str(err))
+            self._send("failed", record.run_id, str(err))
+
+    def _send(self, event: str, subject: str, detail: str, *, key: str = "") -> None:
+        try:
+            self.notifier.send(event, subject, detail, key=key)
+        except UsageError as err:  # the config's to fix (its message never holds the URL)
+            self.notifier.say(f"notify: the {event} message was not sent: {err}")

@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from grpoctl_contract import rundir
 from orchestrator import untrusted
 
-PREFIX = "train/parity/"
-KEYS = ("logp_max_abs_diff", "logp_mean_abs_diff", "grad_rel_diff", "loss_abs_diff")
+# The trainer's parity metrics (the contract's names, `train/parity/logp_max_abs_diff`, ...) by their short
+# names (`logp_max_abs_diff`), which the tolerances, labels and verdict use.
+METRICS = {name.rsplit("/", 1)[-1]: name for name in rundir.PARITY_KEYS}
 # What "tracked" means, per compute dtype: the largest difference still called rounding. float32 kernels
 # agree to ~1e-6 on log-probs; bfloat16 keeps 8 bits of mantissa, so its rounding is ~1e-2 relative.
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -103,18 +105,20 @@ def parity_verdict(
 ) -> ParityVerdict | None:
     """The run's kernel verdict from its per-step rows (preferred) or its summary's maxima; None when the
     run logged no parity at all (no shadow provider)."""
-    rows = [m for m in metrics if any(PREFIX + k in m for k in KEYS)]
-    from_summary = {k: v for k in KEYS if (v := _num(summary.get(f"{PREFIX}{k}_max"))) is not None}
+    rows = [m for m in metrics if any(name in m for name in rundir.PARITY_KEYS)]
+    from_summary = {
+        k: v for k, name in METRICS.items() if (v := _num(summary.get(rundir.parity_max(name)))) is not None
+    }
     if not rows and not from_summary:
         return None
     dtype = untrusted.clean(_get(config, "compute_dtype") or "float32", 40)
     tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
     maxima: dict[str, float] = {}
     parted_at, parted_on = None, None
-    logged = {k for k in KEYS if any(PREFIX + k in r for r in rows)}
+    logged = {k for k, name in METRICS.items() if any(name in r for r in rows)}
     for n, row in enumerate(rows, 1):
-        for key in KEYS:
-            value = _num(row.get(PREFIX + key))
+        for key, name in METRICS.items():
+            value = _num(row.get(name))
             if value is None:
                 if key not in logged:
                     continue

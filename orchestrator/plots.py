@@ -101,7 +101,7 @@ def _draw_accuracy(ax: Any, arms: Sequence[ArmStats]) -> bool:
     for i, (arm, color) in enumerate(zip(arms, ("tab:blue", "tab:orange"), strict=True)):
         shift = -0.08 if i == 0 else 0.08
         for x, which in ((0, "start"), (1, "end")):
-            values = [v for r in arm.runs if (v := getattr(r, f"{which}_value")) is not None]
+            values = arm.values(which)
             mean, ci = arm.mean(which), arm.interval(which)
             if mean is None:
                 continue

@@ -187,6 +187,12 @@ def parse_head(stdout: str) -> str | None:
 # ---------------------------------------------------------------------------------------- bootstrap
 
 
+def _read_small(path: str) -> str:
+    """Shell that prints a pid or exit file: a regular file only, 32 bytes at most (worker files are
+    untrusted: a FIFO or a link to /dev/zero there reads as nothing, never as a hang or a flood)."""
+    return f"[ -f {q(path)} ] && head -c 32 {q(path)} 2>/dev/null || true"
+
+
 BOOTSTRAP_LOG = "logs/bootstrap.log"  # relative to the checkout, on every worker
 BOOTSTRAP_REQUIREMENTS = "logs/requirements.txt"  # what the bootstrap installs besides the checkout
 BOOTSTRAP_STAGES = ("find python, create the venv", "upgrade pip", "install the trainer")
@@ -389,7 +395,7 @@ def _job_running_check(before_exit: str = "") -> list[str]:
         "for f in logs/nohup_*.pid; do",
         '  [ -e "$f" ] || continue',
         '  case "$f" in *_latest.pid) continue ;; esac',
-        '  p=$(cat "$f" 2>/dev/null || true)',
+        '  p=$([ -f "$f" ] && head -c 32 "$f" 2>/dev/null || true)',  # as _read_small: untrusted
         '  case "$p" in ""|*[!0-9]*) continue ;; esac',
         '  if [ ! -e "${f%.pid}.exit" ] && ours "$p" ""; then',
         f'    {before_exit}echo "BUSY=$f pid $p"; exit {EXIT_BUSY}',
@@ -477,7 +483,7 @@ def launch(
         "for _ in $(seq 100); do",
         f"  [ -s {q(paths.pid)} ] && break; sleep 0.05",
         "done",
-        f'echo "PID=$(cat {q(paths.pid)} 2>/dev/null || true)"',
+        f'echo "PID=$({_read_small(paths.pid)})"',
     )
 
 
@@ -509,29 +515,26 @@ def status(repo_dir: str, paths: RunPaths) -> str:
     return _script(
         f"cd {qpath(repo_dir)} 2>/dev/null || {{ echo CHECKOUT=missing; exit 0; }}",
         _ALIVE_FN,
-        f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
+        f"p=$({_read_small(paths.pid)})",
         'echo "PIDV=$p"',
         # Liveness before the exit file: the wrapper writes the file, then exits. Read the other way round,
         # a job ending between the two reads would look LOST (no exit file, no process).
         # A pid that now belongs to another process is not the job: the run is LOST, not RUNNING.
         f'if [ -n "$p" ] && ours "$p" {q(paths.run_id)}; then echo ALIVE=1; else echo ALIVE=0; fi',
-        f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$(cat {q(paths.exit)})"; fi',
+        f'if [ -e {q(paths.exit)} ]; then echo "EXIT=$({_read_small(paths.exit)})"; fi',
         f"if [ -e {q(paths.log)} ]; then echo LOG=1; else echo LOG=0; fi",
         # Worker files are untrusted: the log is read only as a regular file, one line at most 64 KiB.
         f"line=$([ -f {q(paths.log)} ] && grep -F {q(PROGRESS_PREFIX)} {q(paths.log)} 2>/dev/null "
-        "| tail -n 1 | head -c 65536 || true)",
+        f"| tail -n 1 | head -c {untrusted.LINE_CAP} || true)",
         'printf "PROGRESS=%s\\n" "$line"',
         # Seconds since the log last grew, by the worker's own clock (GNU stat, else BSD): STALLED.
         f"m=$(stat -c %Y {q(paths.log)} 2>/dev/null || stat -f %m {q(paths.log)} 2>/dev/null || true)",
         'if [ -n "$m" ]; then echo "QUIET=$(( $(date +%s) - m ))"; fi',
         # The run's identity (config hash, W&B URL), printed once near the top of the log.
         f"info=$([ -f {q(paths.log)} ] && grep -m 1 -F {q(contract.INFO_PREFIX)} {q(paths.log)} 2>/dev/null "
-        "| head -c 65536 || true)",
+        f"| head -c {untrusted.LINE_CAP} || true)",
         'printf "INFO=%s\\n" "$info"',
     )
-
-
-STEP_TIME_KEY = "time/train/step_s"  # in the trainer's progress lines (docs/ARCHITECTURE.md)
 
 
 @dataclass(frozen=True)
@@ -550,8 +553,7 @@ class Progress:
     bytes_done: int | None = None
     bytes_total: int | None = None
     reported_eta_s: float | None = None
-    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract), None from older ones
-    legacy: bool = True  # a trainer from before phases: no eta_s of its own
+    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract)
     phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
 
     @property
@@ -567,24 +569,9 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        """The trainer's own ETA (compile excluded, remaining sweeps included); older trainers' lines get
-        one from their step times."""
-        if self.done:
-            return 0.0
-        if not self.legacy:
-            return self.reported_eta_s
-        if self.total and self.step >= self.total:
-            return 0.0
-        if self.step <= 0:
-            return None
-        # elapsed/step counts start-up (compilation, a warm start) as if every step paid it again: once the
-        # trainer reports its own step time (past step 1, which compiles), that is the better rate.
-        step_s = (self.metrics or {}).get(STEP_TIME_KEY)
-        if self.step > 1 and isinstance(step_s, int | float) and step_s > 0:
-            return step_s * (self.total - self.step)
-        if self.elapsed_s is None:
-            return None
-        return self.elapsed_s / self.step * (self.total - self.step)
+        """The trainer's own ETA (compile excluded, remaining sweeps included); None while it has none:
+        the orchestrator makes up no number of its own (the trainer ships in the same commit)."""
+        return 0.0 if self.done else self.reported_eta_s
 
 
 @dataclass(frozen=True)
@@ -616,7 +603,6 @@ def parse_progress_line(line: str) -> Progress | None:
     ev = contract.decode(line)
     if ev is None or ev.event == "info":
         return None
-    legacy = '"phase": ' not in line  # lines of trainers from before phases carry no ETA of their own
     return Progress(
         step=ev.step or 0,
         total=ev.total or 0,
@@ -631,7 +617,6 @@ def parse_progress_line(line: str) -> Progress | None:
         bytes_total=ev.bytes_total,
         reported_eta_s=ev.eta_s,
         ledger=ev.ledger or None,
-        legacy=legacy,
         phase_eta_s=ev.phase_eta_s,
     )
 
@@ -670,7 +655,7 @@ def kill(repo_dir: str, paths: RunPaths, grace_s: float = 10.0) -> str:
         f"cd {qpath(repo_dir)}",
         _ALIVE_FN,
         f"RUN={q(paths.run_id)}",
-        f"p=$(cat {q(paths.pid)} 2>/dev/null || true)",
+        f"p=$({_read_small(paths.pid)})",
         # Only a real job pid: `kill -- -1` would signal every process of the user.
         'case "$p" in ""|*[!0-9]*|0|1) echo KILL=not-running; exit 0 ;; esac',
         'if ! alive "$p"; then echo KILL=not-running; exit 0; fi',
@@ -730,11 +715,13 @@ def find_wandb_summary(repo_dir: str, run_dir: str) -> str:
 
 @_recipe
 def existing_files(repo_dir: str, paths: Sequence[str]) -> str:
-    """Which of `paths` (relative to the checkout) exist; prints FILE= lines."""
+    """Which of `paths` (relative to the checkout) exist, as anything: prints FILE= lines. A device, FIFO or
+    link to one is listed too, so that the bounded reader refuses it in one line (untrusted.read) instead
+    of the result silently going missing."""
     checks = " ".join(q(p) for p in paths)
     return _script(
         f"cd {qpath(repo_dir)}",
-        f'for f in {checks}; do if [ -f "$f" ]; then echo "FILE=$f"; fi; done',
+        f'for f in {checks}; do if [ -e "$f" ] || [ -L "$f" ]; then echo "FILE=$f"; fi; done',
     )
 
 

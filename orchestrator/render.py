@@ -85,7 +85,7 @@ def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | Non
     for name in shown:
         table.add_column(name, no_wrap=True, min_width=widths[name], overflow="ellipsis")
     left = max(width - used, 4) if width else None
-    table.add_column("progress", no_wrap=True, overflow="ellipsis", width=left)
+    table.add_column("progress", no_wrap=True, overflow="ellipsis", max_width=left)  # cut, never padded
     for r, state in zip(records, states, strict=True):
         cells = [r.run_id, *([r.target] if several else []), state, *([phase_bar(r)] if bars else [])]
         # Text, not markup: phase and detail are worker text (a `[link=...]` in them stays text)

@@ -233,15 +233,6 @@ class RunStore:
             )
         _take_stored(record, merged, mine)
 
-    def update(self, run_id: str, **values: Any) -> RunRecord:
-        """Set some fields of a stored run, leaving every other field as it is (e.g. `down` asking its
-        watcher to stop); returns the record as stored now."""
-        record = self.get(run_id)
-        for key, value in values.items():
-            setattr(record, key, value)
-        self.save(record)
-        return record
-
     def delete(self, run_id: str) -> None:
         with self._connect() as db:
             db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))

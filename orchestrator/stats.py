@@ -24,7 +24,8 @@ from typing import Any
 
 ALPHA = 0.05
 DEFAULT_MARGIN = 0.03  # accuracy points (3 percentage points): the default equivalence margin
-VERDICTS = ("different", "equivalent", "inconclusive")
+DIFFERENT, EQUIVALENT, INCONCLUSIVE = "different", "equivalent", "inconclusive"
+VERDICTS = (DIFFERENT, EQUIVALENT, INCONCLUSIVE)
 _NEEDS = (
     "the method statistics need scipy and statsmodels, which this install lacks: pip install 'grpoctl[stats]'"
 )
@@ -195,7 +196,7 @@ def method_test(
             f"{per_arm}: run-to-run (seed, sampling) variance cannot be told apart from the method; "
             "replicate each arm (SOP `seeds: [0, 1, 2]`)"
         )
-        return MethodTest("inconclusive", reason, design="none", **base, **means)
+        return MethodTest(INCONCLUSIVE, reason, design="none", **base, **means)
     design = "paired by seed" if paired else "Welch (unpaired)"
     diffs = [y - x for x, y in zip(a, b, strict=True)] if paired else None
     flat = _spread(diffs) == 0 if paired else (_spread(a) == 0 and _spread(b) == 0)
@@ -205,11 +206,11 @@ def method_test(
             f"{what} (no spread between runs): a t test has no variance to judge by; "
             "add seeds (or check that the seed reaches the trainer)"
         )
-        return MethodTest("inconclusive", reason, design=design, **base, **means)
+        return MethodTest(INCONCLUSIVE, reason, design=design, **base, **means)
     try:
         st, ws = _scipy_stats(), _weightstats()
     except StatsUnavailable as err:
-        return MethodTest("inconclusive", str(err), design=design, **base, **means)
+        return MethodTest(INCONCLUSIVE, str(err), design=design, **base, **means)
     import numpy as np
 
     xa, xb = np.asarray(a), np.asarray(b)
@@ -228,14 +229,14 @@ def method_test(
         "df": float(res.df),
     }
     if p_eq < alpha:
-        verdict = "equivalent"
+        verdict = EQUIVALENT
         reason = f"the mean end accuracies are within +/-{margin:.3g} of each other at 5% (TOST)"
         if p_diff < alpha:
             reason += "; a difference is detectable, but it is smaller than the margin"
     elif p_diff < alpha:
-        verdict, reason = "different", "the mean end accuracies differ at 5% (two-sided t test)"
+        verdict, reason = DIFFERENT, "the mean end accuracies differ at 5% (two-sided t test)"
     else:
-        verdict = "inconclusive"
+        verdict = INCONCLUSIVE
         reason = (
             f"neither a difference nor equivalence within +/-{margin:.3g} is shown at 5% with these "
             "runs; more seeds narrow the interval"

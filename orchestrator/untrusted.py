@@ -26,6 +26,8 @@ KiB, MiB = 1 << 10, 1 << 20
 
 # Any command's stdout or stderr, per stream: past this the transport keeps draining but drops the bytes.
 OUTPUT_CAP = 16 * MiB
+# One file `get` from a worker when the caller names no cap (callers use `read` with a `Limit`).
+DEFAULT_GET_CAP = 64 * MiB
 # One line handed to an output callback (progress of sync/bootstrap): cut here, the rest of it dropped.
 LINE_CAP = 64 * KiB
 # One read of a run's log (`logs`, each poll of `logs -f`): past this the read is cut, the rest comes next.

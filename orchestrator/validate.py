@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from orchestrator.config import safe_yaml
 from orchestrator.errors import UsageError
 
 SCHEMA_FILE = "trainer/config.py"
@@ -110,12 +109,7 @@ def check_schema(config: str, text: str | None, overrides: Mapping[str, str], en
     from trainer import config as schema
 
     items = effective_overrides(overrides, env)
-    try:
-        data: Any = yaml.safe_load(text) if text is not None else {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"config {config}:{where} malformed YAML") from None
+    data: Any = safe_yaml(text, f"config {config}") if text is not None else {}  # aliases, nesting bounded
     if data is not None and not isinstance(data, dict):
         raise UsageError(f"config {config}: expected a mapping of keys, got {type(data).__name__}")
     try:

@@ -153,6 +153,21 @@ def standin_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     return repo.url, repo.work
 
 
+@pytest.fixture
+def local_lab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo: tuple[str, Path]
+) -> tuple[Path, str]:
+    """A fresh clone of the stand-in repo as the cwd, and a grpoctl.yaml (its path) with one local target
+    working in `tmp_path/wd`: (clone, config file)."""
+    url, _ = standin_repo
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
+    config = tmp_path / "grpoctl.yaml"
+    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
+    monkeypatch.chdir(work)
+    return work, str(config)
+
+
 # --- what other users of this machine can see ------------------------------------------------------------
 
 

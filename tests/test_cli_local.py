@@ -119,6 +119,23 @@ def test_run_wait_status_logs_fetch_compare(cli, env, tmp_path: Path):
     assert (folder_b / "summary.json").is_file()
 
 
+def test_a_failed_runs_last_words_hide_a_value_of_the_workers_own_env(cli, env):
+    """The failure hint quotes the job's last log line: a value only the worker's .env holds (pushed once,
+    since changed on the laptop) is hidden there as `logs` hides it."""
+    cli("sync")
+    remote_env = env["checkout"] / ".env"
+    kept = remote_env.read_text() if remote_env.exists() else None
+    remote_env.write_text("WORKER_ONLY=on purpose\n")
+    try:
+        line = cli("run", "configs/fail3.yaml", "--wait", code=1).stderr.strip().splitlines()[-1]
+    finally:
+        remote_env.unlink()
+        if kept is not None:
+            remote_env.write_text(kept)
+            remote_env.chmod(0o600)
+    assert line.endswith("exit code 3; w0 log: failing *** with 3"), line
+
+
 def test_failed_run_exit_code_and_one_line_error(cli):
     result = cli("-v", "run", "configs/fail3.yaml", "--wait", code=1)
     assert "w0 localhost: pid " in result.stderr  # -v says where things are

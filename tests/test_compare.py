@@ -15,7 +15,7 @@ except ImportError:
     binomtest = None
 
 from orchestrator import compare as cmp
-from orchestrator import plots
+from orchestrator import plots, stats
 from orchestrator.errors import UsageError
 
 
@@ -352,3 +352,13 @@ def test_a_plot_path_without_an_image_suffix_is_refused_naming_the_suffixes(tmp_
     with pytest.raises(UsageError, match=r"p\.txt.*\.png"):
         plots.check_plot_path(tmp_path / "p.txt")
     assert not (tmp_path / "p.txt").exists()
+
+
+def test_docs_state_each_verdict_in_the_words_the_code_prints():
+    """docs/verdicts.md quotes the verdicts: a wording changed in the code (compare, stats) fails here until
+    the doc says it too."""
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "verdicts.md").read_text().split())
+    for words in (cmp.POLICIES_DIFFER, cmp.NO_DETECTABLE_DIFFERENCE, cmp.IMPROVED, cmp.NO_CHANGE, cmp.WORSE):
+        assert words in doc, words
+    for verdict in stats.VERDICTS:
+        assert f"- `{verdict}`: " in doc, verdict

@@ -16,6 +16,7 @@ from orchestrator.cli import app
 from orchestrator.errors import UsageError
 
 N = 200  # questions per sweep
+PARITY = "train/parity/"  # the trainer's parity metrics (grpoctl_contract.rundir.PARITY_KEYS), as logged
 
 
 def _rows(right: int) -> str:
@@ -54,9 +55,9 @@ def _parity_rows(steps: int, logp: float = 3e-7, grad: float = 2e-6, spike: tupl
     rows = []
     for s in range(1, steps + 1):
         value = spike[1] if spike and s == spike[0] else logp
-        rows.append({"step": s, "loss": 0.1, f"{parity.PREFIX}logp_max_abs_diff": value,
-                     f"{parity.PREFIX}logp_mean_abs_diff": value / 10, f"{parity.PREFIX}grad_rel_diff": grad,
-                     f"{parity.PREFIX}loss_abs_diff": 1e-8})
+        rows.append({"step": s, "loss": 0.1, f"{PARITY}logp_max_abs_diff": value,
+                     f"{PARITY}logp_mean_abs_diff": value / 10, f"{PARITY}grad_rel_diff": grad,
+                     f"{PARITY}loss_abs_diff": 1e-8})
     return rows
 
 
@@ -171,7 +172,7 @@ def test_kernel_parity_tracked_on_every_step(tmp_path: Path):
 @pytest.mark.parametrize(("spike", "on"), [((28, 5e-3), 28), ((40, math.nan), 40), ((1, math.inf), 1)])
 def test_kernel_parity_parted_at_the_first_step_past_tolerance(tmp_path: Path, spike, on):
     rows = _parity_rows(60, spike=spike)
-    rows[50][f"{parity.PREFIX}logp_max_abs_diff"] = 1.0  # later and larger: the first one counts
+    rows[50][f"{PARITY}logp_max_abs_diff"] = 1.0  # later and larger: the first one counts
     verdict = parity.parity_verdict("p", {}, rows, {"train": {"policy_loss_impl": "pallas",
                                                               "shadow_policy_loss_impl": "jax"}})
     assert not verdict.tracked and (verdict.parted_at, verdict.parted_on) == (on, "logp_max_abs_diff")
@@ -179,7 +180,7 @@ def test_kernel_parity_parted_at_the_first_step_past_tolerance(tmp_path: Path, s
 
 
 def test_kernel_parity_from_the_summary_alone_and_bf16_tolerance():
-    summary = {f"{parity.PREFIX}logp_max_abs_diff_max": 0.004, f"{parity.PREFIX}grad_rel_diff_max": 0.01}
+    summary = {f"{PARITY}logp_max_abs_diff_max": 0.004, f"{PARITY}grad_rel_diff_max": 0.01}
     bf16 = parity.parity_verdict("r", summary, [], {"compute_dtype": "bfloat16"})
     assert bf16.tracked and bf16.steps == 0 and "over the run (summary maxima)" in bf16.line()
     assert "(bfloat16)" in bf16.line() and "this run's loss provider tracked its shadow" in bf16.line()
@@ -187,7 +188,7 @@ def test_kernel_parity_from_the_summary_alone_and_bf16_tolerance():
     assert not f32.tracked and "did not track" in f32.line()
     # the summary's maximum covers steps whose rows were not kept: it wins when larger
     rows = _parity_rows(3)
-    merged = parity.parity_verdict("r", {f"{parity.PREFIX}grad_rel_diff_max": 0.5}, rows, {})
+    merged = parity.parity_verdict("r", {f"{PARITY}grad_rel_diff_max": 0.5}, rows, {})
     assert merged.maxima["grad_rel_diff"] == 0.5 and not merged.tracked
     assert parity.parity_verdict("r", {"loss": 1.0}, [{"step": 1, "loss": 2}], {}) is None
 
@@ -221,7 +222,7 @@ def test_a_non_finite_parity_value_in_metrics_jsonl_parts_at_its_step(tmp_path: 
     assert "NaN" in text[2]
     (folder / "metrics.jsonl").write_text("\n".join(text) + "\n")
     run = cmp.load_run(folder)
-    assert f"{parity.PREFIX}grad_rel_diff" not in run.metrics[2]  # dropped on reading
+    assert f"{PARITY}grad_rel_diff" not in run.metrics[2]  # dropped on reading
     (verdict,) = cmp.compare_runs(run, cmp.load_run(make_run(tmp_path, "j", seed=0))).parity
     assert (verdict.parted_at, verdict.parted_on) == (3, "grad_rel_diff") and not verdict.tracked
     assert "pallas parted from jax at step 3 (grad rel diff)" in verdict.line()
@@ -235,3 +236,19 @@ def test_worker_text_in_config_json_reaches_the_terminal_cleaned(tmp_path: Path)
     lines = cmp.compare_runs(other, run).summary_lines()
     assert not any("\x1b" in line or "\x07" in line for line in lines)
     assert any("kernel parity: pallas" in line for line in lines) and lines[0].startswith("warning:")
+
+
+def test_verdicts_split_into_method_claims_and_lines_about_these_trajectories(tmp_path: Path):
+    """Kernel parity and the method verdict claim something about the methods; each run's start -> end and
+    each McNemar pair describe these trajectories, which another machine's rounding changes: shown apart."""
+    run = cmp.load_run(make_run(tmp_path, "p", seed=0, impl="pallas", metrics=_parity_rows(10),
+                                config={"train": {"policy_loss_impl": "pallas",
+                                                  "shadow_policy_loss_impl": "jax"}}))
+    result = cmp.compare_runs(cmp.load_run(make_run(tmp_path, "j", seed=0)), run)
+    lines, trajectory = result.summary_lines(), result.trajectory_lines()
+    assert trajectory == [*result.learning_lines(), *result.test_lines()] and set(trajectory) < set(lines)
+    (claims_heading, claims), (runs_heading, runs) = cmp.grouped_verdicts(lines, trajectory)
+    assert (claims_heading, runs_heading) == (cmp.METHOD_HEADING, cmp.TRAJECTORY_HEADING)
+    assert claims == [result.parity_lines()[0], result.method_line()]
+    assert runs == trajectory and sorted(claims + runs) == sorted(lines)  # each line once
+    assert cmp.grouped_verdicts(claims, []) == [(cmp.METHOD_HEADING, claims)]  # no empty group

@@ -131,6 +131,7 @@ def test_dry_run_touches_nothing_real_and_writes_a_report(replayed):
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["dry-run", "sops"]  # fetched: dry-run/
     report = (folder / result.report_path).read_text()  # relative to the folder it ran in
     assert result.report_path.name == "report.dry-run.md"
+    assert SECRET not in report and SECRET not in (folder / result.state_path).read_text()  # .env pushed
     assert "(dry run)" in report and "## Summary (dry run: FABRICATED, not results)" in report
     # Each verdict once (issue 23), in the summary at the top, before the steps.
     for line in result.verdict.splitlines():

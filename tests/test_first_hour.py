@@ -228,6 +228,22 @@ def test_misspelt_key_gets_did_you_mean_and_the_whole_list(in_repo: Path) -> Non
     assert "train.beta: expected a number, got 'high'" in bad_value
 
 
+def test_a_run_config_is_read_as_every_grpoctl_yaml_is_bounded_and_one_line() -> None:
+    """The run's config goes through config.safe_yaml: malformed YAML names its line, and an alias bomb
+    is refused before it fills memory."""
+    from orchestrator import validate
+    from orchestrator.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^config c\.yaml: line \d+ malformed YAML$"):
+        validate.check_schema("c.yaml", "train:\n  beta: [1\n", {}, {})
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, n in zip("abcdef", "bcdefg", strict=True)
+    )
+    with pytest.raises(UsageError, match="config c.yaml: malformed YAML: expands to more than"):
+        validate.check_schema("c.yaml", bomb, {}, {})
+
+
 def test_backslash_config_path_is_normalised(in_repo: Path, tmp_path: Path) -> None:
     """PowerShell completes `configs\\tiny_cpu.yaml`: the workers get `configs/tiny_cpu.yaml` and the run
     is named after its stem (here the dry run shows the launch without starting anything)."""
@@ -485,17 +501,12 @@ def test_status_fits_80_columns_one_line_a_run() -> None:
 
 
 @pytest.fixture
-def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):
+def standin(local_lab):
     """A clone of the stand-in trainer's repo as the cwd, a local target, synced."""
-    url, _ = standin_repo
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
-    config = tmp_path / "grpoctl.yaml"
-    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
-    monkeypatch.chdir(work)
+    _, config = local_lab
 
     def cli(*args: str, code: int | None = 0):
-        return invoke("--config-file", str(config), *args, code=code)
+        return invoke("--config-file", config, *args, code=code)
 
     cli("sync")
     return cli

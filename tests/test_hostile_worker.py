@@ -149,6 +149,10 @@ def test_get_refuses_a_symlink_to_dev_zero_a_sparse_512_mb_file_and_a_fifo(trans
     assert transport.get(str(tmp_path / "link.json"), max_bytes=2, timeout=30) == b"{}"
     with pytest.raises(WorkerReadError, match="larger than 1 B"):
         transport.get(str(tmp_path / "ok.json"), max_bytes=1)
+    # a regular file whose size says 0 but that streams more (procfs; a file growing while read): the
+    # cap holds on the bytes received, not only on the size the worker reports
+    with pytest.raises(WorkerReadError, match="larger than 100 B"):
+        transport.get("/proc/self/maps", max_bytes=100, timeout=30)
     with pytest.raises(FileNotFoundError):
         transport.get(str(tmp_path / "missing.json"))
 
@@ -167,6 +171,7 @@ def test_command_output_is_capped_in_the_transport(transport):
 @pytest.mark.parametrize(
     ("kind", "name"),
     [("dev_zero", rundir.WANDB_SUMMARY), ("fifo", rundir.WANDB_SUMMARY), ("sparse", rundir.WANDB_SUMMARY),
+     ("dev_zero", rundir.SUMMARY), ("fifo", rundir.SUMMARY), ("dev_zero", rundir.EVAL_FULL_ROWS),
      ("sparse", rundir.SUMMARY), ("sparse", rundir.EVAL_FULL_ROWS)],
 )
 def test_fetch_refuses_an_endless_huge_or_blocking_file_in_one_line(worker: Worker, kind: str, name: str):
@@ -503,9 +508,10 @@ def test_nul_in_env_is_refused_in_one_line_and_nothing_is_pushed(folder: Path):
     with pytest.raises(envfile.EnvFileError, match="line 2: holds a NUL byte"):
         envfile.parse(b"A=1\nB=x\x00y\n")
     (folder / "grpoctl.yaml").write_text(f"targets: {{lab: {{kind: local, workdir: {folder / 'wd'}}}}}\n")
-    (folder / ".env").write_bytes(b"TOKEN=ab\x00cd\n")
+    (folder / ".env").write_bytes(b"TOKEN=sk-nul-7f3a\x00tail-9c2e\n")
     line = cli_error("env", "push", code=2)
-    assert "line 1: holds a NUL byte" in line and "ab" not in line.split("NUL")[0].split(".env")[-1]
+    # neither half of the value, before or after the NUL, anywhere in the line
+    assert "line 1: holds a NUL byte" in line and "sk-nul-7f3a" not in line and "tail-9c2e" not in line
     assert not (folder / "wd").exists()
 
 
@@ -547,7 +553,7 @@ def _all_cmdlines() -> str:
     return "\n".join(found)
 
 
-def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_repo, monkeypatch):
+def test_a_secret_is_on_no_process_argv_during_a_run(local_lab):
     """`run --secret NAME --wait` as a real process, on the local target with the stand-in trainer:
     /proc/*/cmdline of every process, sampled all along, never holds the value; the job did get it."""
     import subprocess
@@ -556,12 +562,7 @@ def test_a_secret_is_on_no_process_argv_during_a_run(tmp_path: Path, standin_rep
     from conftest import sample_during
 
     secret = "sk-argv-" + os.urandom(8).hex()
-    url, _ = standin_repo
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
-    config = tmp_path / "grpoctl.yaml"
-    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
-    monkeypatch.chdir(work)
+    _, config = local_lab
     assert CliRunner().invoke(app, ["--config-file", str(config), "sync"]).exit_code == 0
     env = {**os.environ, "STANDIN_SECRET": secret, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "orchestrator", "--config-file", str(config), "run", "configs/leaky.yaml",

@@ -239,14 +239,19 @@ def test_one_dead_worker_in_a_ready_slice_is_recovered(project: Project) -> None
 # ----------------------------------------------------------------------------------- API errors, budgets
 
 
+def preempt_then_fail(project: Project, node: str, method: str, path: str, http: int) -> list[int]:
+    """At step 5: `node` is preempted, and the fake API's next `method path` answers `http`."""
+
+    def act() -> None:
+        project.fake.fail_next(method, path, http=http)
+        project.fake.preempt(node)
+
+    return at_step(project, 5, act)
+
+
 def test_api_errors_while_recreating_are_not_preemptions(project: Project) -> None:
     cfg = ready(project, "grpo-500")
-
-    def preempt_then_fail_the_create() -> None:
-        project.fake.fail_next("POST", "/nodes", http=500)
-        project.fake.preempt("grpo-500")
-
-    hit = at_step(project, 5, preempt_then_fail_the_create)
+    hit = preempt_then_fail(project, "grpo-500", "POST", "/nodes", 500)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--max-preemptions", "1",
                       "--interval", "0.1", "--retry-wait", "0.2")
     run_id, final = outcome(ran.stdout)
@@ -258,12 +263,7 @@ def test_api_errors_while_recreating_are_not_preemptions(project: Project) -> No
 
 def test_a_403_during_recovery_says_the_run_is_not_watched_and_how_to_resume(project: Project) -> None:
     cfg = ready(project, "grpo-403")
-
-    def preempt_then_refuse() -> None:
-        project.fake.fail_next("GET", "/nodes/grpo-403", http=403)
-        project.fake.preempt("grpo-403")
-
-    at_step(project, 5, preempt_then_refuse)
+    preempt_then_fail(project, "grpo-403", "GET", "/nodes/grpo-403", 403)
     ran = project.cli(cfg, "run", "configs/standin.yaml", "--recover", "--interval", "0.1", code=2)
     line = one_line_error(ran)
     run_id = outcome(ran.stdout)[0]

@@ -100,3 +100,25 @@ def test_a_command_gets_the_message_on_stdin_and_in_its_environment(tmp_path: Pa
     assert not _notifier({"command": "exit 7"}, said).send("failed", "run-f")
     assert said == ["notify: the command exited 7 for the failed message"]
     assert not Notifier(None).enabled and not Notifier(None).send("failed", "r")
+
+
+def test_a_notification_that_cannot_be_sent_never_stops_the_wait(monkeypatch):
+    """`run --recover` with notify.webhook_env unset: the preemption's message cannot go out, and the
+    recovery (which acts after the monitor's callbacks) goes on; each message not sent is said."""
+    from types import SimpleNamespace
+
+    from orchestrator.lifecycle.monitor import Action, Decision
+    from orchestrator.lifecycle.states import RunState
+    from orchestrator.notify import RunNotices
+
+    monkeypatch.delenv("GRPOCTL_TEST_HOOK", raising=False)
+    said: list[str] = []
+    record = SimpleNamespace(run_id="r", recoveries=[], state=RunState.SUCCEEDED, last_progress={},
+                             target="t")
+    notices = RunNotices(_notifier({"webhook_env": "GRPOCTL_TEST_HOOK"}, said), record)
+    notices.on_decision(record, Decision(Action.RECOVER, RunState.PREEMPTED, "node PREEMPTED"))
+    notices.finished(record, None)
+    assert said == [
+        f"notify: the {event} message was not sent: notify.webhook_env: $GRPOCTL_TEST_HOOK is not set"
+        for event in ("preempted", "succeeded")
+    ]

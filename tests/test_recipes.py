@@ -69,12 +69,14 @@ def test_parse_status_precedence():
         'PIDV=12\nALIVE=1\nPROGRESS={"event": "progress", "step": 2, "total": 8, "elapsed_s": 4.0}\n'
     )
     assert running.state == "RUNNING"
-    assert running.progress.eta_s == pytest.approx(12.0)  # 2 s/step x 6 steps left
+    # a line without the trainer's eta_s: no ETA made up from elapsed/step or the step time
+    assert (running.progress.step, running.progress.total, running.progress.eta_s) == (2, 8, None)
     slow_start = json.dumps(
-        {"event": "progress", "step": 4, "total": 8, "elapsed_s": 40.0, "metrics": {"time/train/step_s": 0.5}}
+        {"event": "progress", "step": 4, "total": 8, "elapsed_s": 40.0, "metrics": {"time/train/step_s": 0.5},
+         "eta_s": 2.0}
     )
     timed = recipes.parse_status(f"PIDV=12\nALIVE=1\nPROGRESS={slow_start}\n")
-    assert timed.progress.eta_s == pytest.approx(2.0)  # the trainer's step time, not start-up included
+    assert timed.progress.eta_s == pytest.approx(2.0)  # the trainer's own, as it reported it
     assert recipes.parse_status("PIDV=12\nALIVE=0\nPROGRESS=\n").state == "LOST"
     assert recipes.parse_status("CHECKOUT=missing\n").state == "LOST"
 
@@ -537,3 +539,21 @@ def test_a_zombie_job_is_not_alive(tmp_path: Path):
         assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout
     finally:
         zombie.wait()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_status_and_kill_read_pid_and_exit_files_bounded(tmp_path: Path, kind: str):
+    """Worker files are untrusted: a pid or exit file that is a FIFO (a `cat` blocks for ever) or a link to
+    /dev/zero (endless) reads as nothing, at once: no live job, no exit code, nothing signalled."""
+    paths = recipes.RunPaths.for_run("c", "20260101_000000", "c-1")
+    (tmp_path / "logs").mkdir()
+    for name in (paths.pid, paths.exit):
+        if kind == "fifo":
+            os.mkfifo(tmp_path / name)
+        else:
+            (tmp_path / name).symlink_to("/dev/zero")
+    script = recipes.status(str(tmp_path), paths)  # a blocked read ends at the timeout, not the suite
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20)
+    status = recipes.parse_status(done.stdout)
+    assert done.returncode == 0 and status.pid is None and status.exit_code is None
+    assert "KILL=not-running" in bash(recipes.kill(str(tmp_path), paths, grace_s=0.1)).stdout

@@ -132,19 +132,8 @@ def test_a_compare_of_an_unknown_group_is_refused():
         sop.parse_sop(data, "x.yaml")
 
 
-@pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin_repo):
-    url, _ = standin_repo
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", url, str(work)], check=True)
-    config = tmp_path / "grpoctl.yaml"
-    config.write_text(f"targets:\n  local: {{kind: local, workdir: {tmp_path / 'wd'}}}\n")
-    monkeypatch.chdir(work)
-    return work, str(config)
-
-
-def test_local_sop_end_to_end_then_resume_then_from(lab):
-    work, config = lab
+def test_local_sop_end_to_end_then_resume_then_from(local_lab):
+    work, config = local_lab
     messages: list[str] = []
     first = sop.replay(LOCAL_SOP, config_file=config, say=messages.append)
     assert all(s.status == "done" for s in first.state.steps.values())
@@ -191,8 +180,8 @@ def test_local_sop_end_to_end_then_resume_then_from(lab):
     assert state["steps"]["compare"]["status"] == "done"
 
 
-def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path, monkeypatch):
-    work, config = lab
+def test_interrupted_wait_reattaches_instead_of_relaunching(local_lab, tmp_path: Path, monkeypatch):
+    work, config = local_lab
     file = tmp_path / "one_run.yaml"
     file.write_text(
         "name: one_run\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
@@ -220,11 +209,13 @@ def test_interrupted_wait_reattaches_instead_of_relaunching(lab, tmp_path: Path,
     assert (work / "runs" / launched / "summary.json").is_file()
 
 
-def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, tmp_path: Path, monkeypatch):
+def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(
+    local_lab, tmp_path: Path, monkeypatch
+):
     """Found by the rehearsal: the first run's files lived only on the VM, and the second run's preemption
     recreated it (a fresh disk) before the fetch step: "no result files". A run that SUCCEEDED is fetched
     as it ends; the fetch step then uses that copy."""
-    work, config = lab
+    work, config = local_lab
     file = tmp_path / "lost_disk.yaml"
     file.write_text(
         "name: lost_disk\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
@@ -246,8 +237,8 @@ def test_finished_runs_are_fetched_at_once_so_a_lost_vm_disk_loses_nothing(lab, 
     assert any("fetched when the run ended" in d for d in result.state.steps["fetch"].details)
 
 
-def test_failed_step_stops_the_replay_and_is_reported(lab, tmp_path: Path):
-    _, config = lab
+def test_failed_step_stops_the_replay_and_is_reported(local_lab, tmp_path: Path):
+    _, config = local_lab
     file = tmp_path / "failing.yaml"
     file.write_text(
         "name: failing\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
@@ -361,8 +352,8 @@ steps:
 """
 
 
-def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp_path: Path):
-    work, config = lab
+def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(local_lab, tmp_path: Path):
+    work, config = local_lab
     file = tmp_path / "seeded.yaml"
     file.write_text(SEEDED)
     with pytest.raises(UsageError, match="the SOP sets each run's seed itself"):
@@ -382,6 +373,9 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
         "jax/s1 vs pallas/s1: McNemar exact test on 300 paired questions (seed 1 in both)",
     ]
     report = first.report_path.read_text()
+    # The method verdict under its heading, the lines about these trajectories (McNemar pairs) under theirs.
+    claims, runs = report.index(cmp.METHOD_HEADING), report.index(cmp.TRAJECTORY_HEADING)
+    assert claims < report.index("method verdict: inconclusive") < runs < report.index(mcnemar[0])
     assert ("![compare](jax_vs_pallas.png)" in report) == HAVE_PLOT
     assert f"compare {ids['jax/s0']},{ids['jax/s1']} {ids['pallas/s0']},{ids['pallas/s1']}" in report
     assert "run configs/tiny_cpu.yaml --env EVAL_FULL_SWEEP=1 --set seed=1 --wait" in report
@@ -397,3 +391,61 @@ def test_seeded_arms_run_one_after_another_resume_and_compare_as_groups(lab, tmp
     assert third.state.steps["run:pallas/s0"].run_id != ids["pallas/s0"] and len(RunStore().list()) == 6
     report = third.report_path.read_text()
     assert "Start and end accuracy per arm" in report and "- jax (2 runs): start - -> end 0." in report
+
+
+def test_a_run_steps_secrets_reach_the_job_and_never_the_report_or_state(
+    local_lab, tmp_path: Path, monkeypatch
+):
+    """SOP `secrets:` are names; their values (from the environment) go to the job only: the report, the
+    state file and the verdict JSON in it hold the name, never the value."""
+    work, config = local_lab
+    value = "sop-secret-value-7f3a9c0e51d2b846"
+    monkeypatch.setenv("STANDIN_SECRET", value)
+    file = tmp_path / "secret.yaml"
+    file.write_text(
+        "name: secret\ntarget: local\nsteps:\n  - sync: {bootstrap: false}\n"
+        "  - run: {name: a, config: configs/ok.yaml, secrets: [STANDIN_SECRET], interval_s: 0.2}\n"
+        "  - run: {name: b, config: configs/ok_b.yaml, secrets: [STANDIN_SECRET], interval_s: 0.2}\n"
+        "  - fetch\n  - compare: {a: a, b: b, plot: false}\n"
+    )
+    result = sop.replay(file, config_file=config)
+    assert all(s.status == "done" for s in result.state.steps.values())
+    assert result.state.summaries["a"]["secret_len"] == len(value)  # the job saw it
+    report, state = result.report_path.read_text(), result.state_path.read_text()
+    assert "--secret STANDIN_SECRET" in report and "STANDIN_SECRET" in state
+    assert value not in report and value not in state
+
+
+def test_replay_state_round_trips_every_field_and_refuses_a_file_that_is_not_one(tmp_path: Path):
+    path = tmp_path / "report.state.json"
+    saved = sop.ReplayState(
+        "old.yaml", {"run:a": sop.StepState(status="done", run_id="ra", seconds={"provisioning": 1.5})},
+        summaries={"a": {"k": 1}}, comparison="| t |", verdict="v", verdict_json={"method_verdict": "x"},
+        plots={"compare": "a_vs_b.png"}, key_numbers=["n"], preflight={"a": "fits"},
+        preflight_fits={"a": True},
+    )
+    saved.save(path)
+    loaded = sop.ReplayState.load(path, "new.yaml")
+    assert loaded.sop == "new.yaml" and loaded == sop.ReplayState(**{**vars(saved), "sop": "new.yaml"})
+    for bad in ("[1]", "{not json", '{"steps": {"up": {"nope": 1}}}'):
+        path.write_text(bad)
+        with pytest.raises(UsageError, match="unreadable SOP state"):
+            sop.ReplayState.load(path, "x.yaml")
+
+
+def test_ledger_rows_cost_each_accuracy_point_a_run_gained():
+    """Points gained = the summary's end accuracy minus its start accuracy (full sweeps), in points; the
+    cost of one point is the run's chip-hours (no list price) over them; no start sweep: no figure."""
+    from orchestrator import ledger as ledger_mod
+    from orchestrator.sop.report import ledger_lines
+
+    hour = ledger_mod.Ledger()
+    hour.add("train", 3600.0)
+    runs = {"a": hour, "b": hour}
+    summaries = {"a": {"eval_full/accuracy": 0.30, "eval_full_start/accuracy": 0.10},
+                 "b": {"eval_full/accuracy": 0.30, "eval_full_start/accuracy": True}}  # not a number
+    lines = ledger_lines(runs, ledger_mod.total(runs.values()), summaries)
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:6] for line in lines[2:5]}
+    assert cells["a"] == ["1", "100%", "-", "+20.0", "0.05 chip-h"]
+    assert cells["b"] == ["1", "100%", "-", "-", "-"]
+    assert cells["**SOP total**"] == ["2", "100%", "-", "-", "-"]

@@ -9,6 +9,9 @@ import json
 import pytest
 from tpu_support import Project, one_line_error
 
+from grpoctl_testing import fake_tpu
+from orchestrator.cloud import api as cloud
+
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
 Z1, Z2 = "us-east1-d", "us-east5-b"
@@ -68,3 +71,12 @@ def test_quota_permission_and_a_disabled_api_say_what_to_fix(
     line = one_line_error(project.cli(project.config(name="grpo-cap", zones=[Z2]), "up", code=code))
     assert words in line, line
     assert not project.fake.nodes
+
+
+def test_a_failed_queued_resource_in_the_other_zone_is_explained_with_that_zone(project: Project) -> None:
+    project.fake.script.create_error = fake_tpu.STOCKOUT  # every queued resource FAILED, code 8
+    api = cloud.TpuApi("proj", Z2, api_endpoint=project.fake.endpoint, sleep=lambda _: None)
+    api.create_queued("grpo-cap", "grpo-cap", cloud.NodeRequest("v6e-8", "v2-alpha-tpuv6e", spot=True), None)
+    cfg = project.config(name="grpo-cap", zones=[Z2], queued=True, autodelete_after_idle_s=0)
+    line = one_line_error(project.cli(cfg, "up", code=3))
+    assert f"is FAILED: no capacity in {Z2} right now" in line, line  # where it is, not the first zone

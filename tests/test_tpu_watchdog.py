@@ -106,3 +106,25 @@ def test_a_live_grpoctl_job_in_the_checkout_counts_as_activity(tmp_path: Path) -
         "deletes itself at 00:00 UTC (in 0 min)"
     )
     assert autodelete.describe(None) is None and autodelete.describe({"deleted_at": 1}) is None
+
+
+def test_a_delete_that_fails_is_retried_and_the_message_goes_out_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+    tries: list[int] = []
+
+    def delete(*_args: object, **_kwargs: object) -> None:
+        tries.append(1)
+        if len(tries) < 3:
+            raise OSError("an API blip")
+
+    monkeypatch.setattr(watchdog, "notify", lambda _file, node, _idle: sent.append(node))
+    monkeypatch.setattr(watchdog, "delete_self", delete)
+    (tmp_path / "checkout").mkdir()
+    args = ["--idle-s", "0", "--poll-s", "0.01", "--checkout", str(tmp_path / "checkout"), "--project", "p",
+            "--zone", "z", "--node", "grpo-x", "--state", str(tmp_path / "state.json"),
+            "--notify-file", str(tmp_path / "notify.json")]
+    assert watchdog.main(args) == 0
+    assert len(tries) == 3 and sent == ["grpo-x"]  # one node_deleted message, not one per try
+    assert "deleted_at" in json.loads((tmp_path / "state.json").read_text())

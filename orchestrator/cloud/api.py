@@ -158,16 +158,10 @@ class TpuApi:
     def _error(self, err: BaseException, action: str) -> Exception:
         return api_error(err, action, project=self.project, zone=self.zone)
 
-    def _call(
-        self, action: str, fn: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any
-    ) -> T:
-        """`fn(...)` once, with a timeout; with `missing_ok` a NotFound returns None instead of raising."""
+    def _call(self, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(...)` once, with a timeout (creates, deletes, updates: not idempotent, never retried)."""
         try:
             return fn(*args, timeout=CALL_TIMEOUT_S, **kwargs)
-        except gexc.NotFound as err:
-            if missing_ok:
-                return None  # type: ignore[return-value]
-            raise self._error(err, action) from None
         except CALL_ERRORS as err:
             raise self._error(err, action) from None
 

@@ -22,9 +22,7 @@ from orchestrator.notify import Notifier
 from orchestrator.transport.base import Transport
 from orchestrator.transport.shell import quote as q
 
-SOURCE = Path(watchdog.__file__).read_bytes()
 REMOTE_SCRIPT = "~/.grpoctl/watchdog.py"
-REMOTE_LOG = "~/.grpoctl/watchdog.log"
 REMOTE_NOTIFY = "~/.grpoctl/notify.json"  # 0600: the webhook URL is a secret (never on a command line)
 
 
@@ -60,7 +58,7 @@ def start(
     t: Transport, cfg: TpuTargetConfig, zone: str, remote_dir: str, *, metadata_base: str, poll_s: float,
     notify: NotifyConfig | None = None,
 ) -> None:
-    t.put(SOURCE, REMOTE_SCRIPT, mode=0o700)
+    t.put(Path(watchdog.__file__).read_bytes(), REMOTE_SCRIPT, mode=0o700)  # read when a node needs it
     url = None
     if notify is not None:
         try:

@@ -171,10 +171,6 @@ class Decision:
     warnings: tuple[str, ...] = ()  # new machine warnings (each said once per monitor)
     notes: tuple[str, ...] = ()  # unreachable workers and the like: shown, retried next poll
 
-    @property
-    def recreate(self) -> bool:
-        return self.kind in ("preemption", "worker")
-
 
 OnDecision = Callable[[RunRecord, Decision], None]
 

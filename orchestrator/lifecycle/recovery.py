@@ -126,8 +126,10 @@ class Recovery:
                 ) from None
             for warning in d.warnings:
                 self.session.say(f"{rec.run_id}: warning: {self.session.target_name}: {warning}")
-            if d.action is Action.WAIT and self.policy is not None and _maintenance(d.warnings):
-                self._ahead_of_maintenance(_maintenance(d.warnings))
+            acting = d.action is Action.WAIT and self.policy is not None  # maintenance: act ahead of it
+            maintenance = _maintenance(d.warnings) if acting else ""
+            if maintenance:
+                self._ahead_of_maintenance(maintenance)
                 polls = 0
                 continue
             if d.action is Action.DONE:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import recipes
+from orchestrator import recipes, validate
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.fanout import fan_out, values
 from orchestrator.ops.session import Session
@@ -34,12 +34,12 @@ GIT_MISSING = "git is not installed (or not on PATH): grpoctl reads this checkou
 
 
 def _git(cwd: Path, *args: str) -> str | None:
-    """Read-only look at the local repo; None when git says no."""
-    try:
-        proc = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=False)
-    except FileNotFoundError:  # Windows says `[WinError 2]`: say what is missing instead
-        raise UsageError(GIT_MISSING) from None
-    return proc.stdout.strip() if proc.returncode == 0 else None
+    """Read-only look at the local repo (validate.git, stripped); None when git says no. Without git at
+    all, one line that says so (Windows would say `[WinError 2]`)."""
+    if shutil.which("git") is None:
+        raise UsageError(GIT_MISSING)
+    out = validate.git(cwd, *args)
+    return None if out is None else out.strip()
 
 
 def resolve_repo(session: Session, cwd: Path | None = None) -> RepoSpec:

@@ -9,6 +9,7 @@ from orchestrator import recipes
 from orchestrator.errors import GrpoctlError
 from orchestrator.lifecycle.states import RunState, is_failure
 from orchestrator.ops import env as env_ops
+from orchestrator.ops import logs as logs_ops
 from orchestrator.ops.fanout import fan_out
 from orchestrator.ops.launch import paths_of
 from orchestrator.runs import RunRecord
@@ -58,7 +59,11 @@ def log_hint(target, record: RunRecord, index: int) -> str:
     line = result.stdout.strip().splitlines()[-1:] if result.ok else []
     if not line:
         return ""
-    text = env_ops.redactor([*_local_env_values(), *record.env.values()])(line[0])
+    try:  # the same values `logs` hides: local .env, the worker's .env, the run's secrets
+        hidden = logs_ops.secret_values(target, record, worker=index)
+    except GrpoctlError:  # a broken local .env must not hide why the job failed
+        hidden = [*_local_env_values(), *record.env.values()]
+    text = env_ops.redactor(hidden)(line[0])
     return f"; {record.workers[index].worker} log: {clip(text)}"
 
 

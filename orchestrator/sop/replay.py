@@ -183,10 +183,7 @@ class Replayer:
         """Before `up`: every run step still to launch on a TPU target compiles here for its chip; one
         that cannot fit stops the replay (exit 2) before any node is paid for."""
         seen: dict[tuple, tuple[str, bool | None]] = {}
-        for step in self.sop.steps[start:]:
-            st = self.state.steps.get(step_id(step))
-            if not isinstance(step, RunStep) or (not rerun and st and (st.status == "done" or st.run_id)):
-                continue
+        for step in self.to_launch(start, rerun):
             s = self.session(step)
             if s.kind != "tpu":
                 continue
@@ -421,6 +418,7 @@ def _compare(r: Replayer, step: CompareStep, st: StepState) -> None:
     r.state.verdict = "\n".join(lines)
     r.state.verdict_json = done.result.to_json()
     r.state.key_numbers = done.result.key_lines()
+    r.state.trajectory_lines = done.result.trajectory_lines()
     st.details.append(f"{len(lines)} verdict line(s): see the summary at the top of the report")
 
 
@@ -538,4 +536,4 @@ def replay(
                     write(st.status == "failed" or st.duration_s >= WRITE_EVERY_S)
         finally:
             write()  # the end, or the failure that stopped the replay
-    return ReplayResult(report, state_path, state, state.verdict)
+    return ReplayResult(report, state_path, state)

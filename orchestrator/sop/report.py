@@ -158,8 +158,8 @@ def ledger_lines(
         cost = led.cost_estimate_usd
         gained = None
         if summary:
-            end, begin = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
-            if isinstance(end, int | float) and isinstance(begin, int | float):
+            end, begin = summary.get(cmp.END_KEY), summary.get(cmp.START_KEY)
+            if cmp.is_number(end) and cmp.is_number(begin):
                 gained = (end - begin) * 100
         per = "-"
         if gained is not None and gained > 0:
@@ -195,28 +195,31 @@ def header(sop: Sop, sop_path: Path, dry_run: bool) -> list[str]:
     return lines
 
 
-def summary(
-    sop: Sop, state: ReplayState, dry_run: bool, prices: Mapping[str, Any] | None = None
-) -> list[str]:
+Ledgers = tuple[dict[str, ledger_mod.Ledger], ledger_mod.Ledger]  # sop_ledgers(): per run, and the total
+
+
+def summary(state: ReplayState, dry_run: bool, ledgers: Ledgers | None) -> list[str]:
     """The verdicts, each once, first, then the key numbers and what the runs cost: what a reader pastes
     into a notebook."""
     if not state.verdict:
         return []
     title = "## Summary (dry run: FABRICATED, not results)" if dry_run else "## Summary"
     lines = ["", title, ""]
-    lines += [f"- {line}" for line in state.verdict.splitlines()]
+    for heading, group in cmp.grouped_verdicts(state.verdict.splitlines(), state.trajectory_lines):
+        lines += [heading, "", *(f"- {line}" for line in group), ""]
+    lines.pop()  # the blank line after the last group
     if state.key_numbers:
         lines += ["", "Start and end accuracy per arm (95% interval: t over runs, Wilson for one run):", ""]
         lines += [f"- {line}" for line in state.key_numbers]
-    lines += cost(sop, state, dry_run, prices)
+    lines += cost(dry_run, ledgers)
     return [*lines, *plots(state, dry_run)]
 
 
-def cost(sop: Sop, state: ReplayState, dry_run: bool, prices: Mapping[str, Any] | None) -> list[str]:
+def cost(dry_run: bool, ledgers: Ledgers | None) -> list[str]:
     """One line: the runs' chip-hours and estimated cost (the Ledger section has the split)."""
-    if not _launched(sop, state):
+    if ledgers is None:
         return []
-    runs, total = sop_ledgers(sop, state, prices)
+    runs, total = ledgers
     usd = total.cost_estimate_usd
     price = "" if usd is None else f", ${usd:.2f} estimated ({total.price.note() if total.price else ''})"
     line = f"{len(runs)} run(s), {total.chip_hours:.3g} chip-hours in all{price}; the split is under Ledger"
@@ -307,10 +310,10 @@ def observed_summary(sop: Sop, state: ReplayState, dry_run: bool) -> list[str]:
     return lines
 
 
-def ledger(sop: Sop, state: ReplayState, prices: Mapping[str, Any] | None) -> list[str]:
-    if not _launched(sop, state):
+def ledger(state: ReplayState, ledgers: Ledgers | None) -> list[str]:
+    if ledgers is None:
         return []
-    run_ledgers, total = sop_ledgers(sop, state, prices)
+    run_ledgers, total = ledgers
     return [
         "",
         "## Ledger (where the time and chip-hours went)",
@@ -329,15 +332,17 @@ def comparison(state: ReplayState) -> list[str]:
 def render(
     sop: Sop, sop_path: Path, state: ReplayState, dry_run: bool, prices: Mapping[str, Any] | None = None
 ) -> str:
+    # The ledgers once: the summary's cost line and the Ledger section quote the same figures (one clock).
+    ledgers = sop_ledgers(sop, state, prices) if _launched(sop, state) else None
     lines = [
         *header(sop, sop_path, dry_run),
-        *summary(sop, state, dry_run, prices),
+        *summary(state, dry_run, ledgers),
         *steps_table(sop, state),
         *preflight(state),
         *step_details(sop, state),
         *runs_table(sop, state),
         *observed_summary(sop, state, dry_run),
-        *ledger(sop, state, prices),
+        *ledger(state, ledgers),
         *comparison(state),
     ]
     return "\n".join(lines) + "\n"

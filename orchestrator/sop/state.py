@@ -5,7 +5,7 @@ report lines; per run its fetched summary; the comparison and the verdict. Saved
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class ReplayState:
     verdict_json: dict[str, Any] | None = None  # the same as `grpoctl --json compare` gives it
     plots: dict[str, str] = field(default_factory=dict)  # compare step id -> its plot, beside the report
     key_numbers: list[str] = field(default_factory=list)  # each arm's start -> end with its interval
+    # the verdict lines about these trajectories (compare.Comparison.trajectory_lines): shown apart
+    trajectory_lines: list[str] = field(default_factory=list)
     preflight: dict[str, str] = field(default_factory=dict)  # run name -> the preflight's one line
     # run name -> whether the preflight's report said it fits (None: no preflight could run here)
     preflight_fits: dict[str, bool | None] = field(default_factory=dict)
@@ -54,20 +56,11 @@ class ReplayState:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             steps = {k: StepState(**v) for k, v in data.get("steps", {}).items()}
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):
             raise UsageError(f"{path}: unreadable SOP state (use --fresh)") from None
-        return ReplayState(
-            sop,
-            steps,
-            summaries=data.get("summaries", {}),
-            comparison=data.get("comparison"),
-            verdict=data.get("verdict"),
-            verdict_json=data.get("verdict_json"),
-            plots=data.get("plots", {}),
-            key_numbers=data.get("key_numbers", []),
-            preflight=data.get("preflight", {}),
-            preflight_fits=data.get("preflight_fits", {}),
-        )
+        # Every other field as saved (a field the file lacks keeps its default): `sop` is this replay's.
+        rest = {f.name for f in fields(ReplayState)} - {"sop", "steps"}
+        return ReplayState(sop, steps, **{k: v for k, v in data.items() if k in rest})
 
 
 @dataclass
@@ -75,7 +68,10 @@ class ReplayResult:
     report_path: Path
     state_path: Path
     state: ReplayState
-    verdict: str | None
+
+    @property
+    def verdict(self) -> str | None:
+        return self.state.verdict
 
     def to_json(self) -> dict[str, Any]:
         return {

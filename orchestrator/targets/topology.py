@@ -55,30 +55,30 @@ def pins_per_host(pins: Sequence[str], n_hosts: int) -> list[tuple[str, ...]]:
     raise UsageError(f"host_key_sha256 has {len(pins)} entries for {n_hosts} hosts: give 1 or {n_hosts}")
 
 
-def hosts_for_accelerator(accelerator_type: str) -> int:
-    """How many VMs (workers) a TPU slice has: v6e-8 -> 1, v6e-16 -> 4, v4-32 -> 4."""
+def _slice(accelerator_type: str) -> tuple[bool, int]:
+    """(counts chips, the number in the name): v6e-8 -> (True, 8), v4-8 -> (False, 8); UsageError for a
+    name that is not `<generation>-<n>` or a generation not known here."""
     m = _ACCEL.match(accelerator_type)
     if not m:
         raise UsageError(f"accelerator_type {accelerator_type!r} is not of the form e.g. v6e-8")
     gen, n = m["gen"], int(m["n"])
-    if gen in _CHIP_COUNTED:  # up to 8 chips fit one host; bigger slices have 4 chips per host
+    if gen not in _CHIP_COUNTED + _CORE_COUNTED:
+        raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")
+    return gen in _CHIP_COUNTED, n
+
+
+def hosts_for_accelerator(accelerator_type: str) -> int:
+    """How many VMs (workers) a TPU slice has: v6e-8 -> 1, v6e-16 -> 4, v4-32 -> 4."""
+    chips, n = _slice(accelerator_type)
+    if chips:  # up to 8 chips fit one host; bigger slices have 4 chips per host
         return 1 if n <= 8 else n // 4
-    if gen in _CORE_COUNTED:  # 4 chips x 2 TensorCores = 8 cores per host
-        return max(1, n // 8)
-    raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")
+    return max(1, n // 8)  # 4 chips x 2 TensorCores = 8 cores per host
 
 
 def chips_for_accelerator(accelerator_type: str) -> int:
     """How many chips a TPU slice has (what is billed): v6e-8 -> 8, v4-8 -> 4 (v2-v5p types count cores)."""
-    m = _ACCEL.match(accelerator_type)
-    if not m:
-        raise UsageError(f"accelerator_type {accelerator_type!r} is not of the form e.g. v6e-8")
-    gen, n = m["gen"], int(m["n"])
-    if gen in _CHIP_COUNTED:
-        return n
-    if gen in _CORE_COUNTED:  # 2 TensorCores per chip
-        return max(1, n // 2)
-    raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")
+    chips, n = _slice(accelerator_type)
+    return n if chips else max(1, n // 2)  # 2 TensorCores per chip
 
 
 def accelerator_family(accelerator_type: str) -> str:

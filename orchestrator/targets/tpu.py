@@ -227,15 +227,22 @@ class TpuTarget(Target):
 
         if not deleting():
             return node, queued
-        deadline = time.monotonic() + self.cfg.up_timeout_s
         self.say(f"{self.node_label}: DELETING; waiting until it is gone")
-        while deleting():
-            if time.monotonic() > deadline:
-                raise InfraError(f"{self.node_label}: still DELETING after {self.cfg.up_timeout_s:.0f} s")
-            time.sleep(self.cfg.poll_s)
+
+        def gone() -> tuple[tpu_v2.Node | None, tpu_v2.QueuedResource | None] | None:
+            nonlocal node, queued
             node = self.api.get_node(self.cfg.name)
             queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
-        return node, queued
+            return None if deleting() else (node, queued)
+
+        return poll_until(
+            gone,
+            timeout_s=self.cfg.up_timeout_s,
+            poll_s=self.cfg.poll_s,
+            on_timeout=lambda: InfraError(
+                f"{self.node_label}: still DELETING after {self.cfg.up_timeout_s:.0f} s"
+            ),
+        )
 
     def _check_matches(self, node: tpu_v2.Node) -> None:
         """An existing node is attached only if it is what the config asks for (type and spot-ness)."""
@@ -283,11 +290,12 @@ class TpuTarget(Target):
             return self._poll_until_ready(queued_mode, live)
 
     def _poll_until_ready(self, queued_mode: bool, live: Status | None) -> tpu_v2.Node:
-        deadline = time.monotonic() + self.cfg.up_timeout_s
-        start, last, state = time.monotonic(), "", ""
+        start = polled = time.monotonic()
+        last = state = shown = ""
         op = self._create_op
-        polled = time.monotonic()
-        while True:
+
+        def ready() -> tpu_v2.Node | None:
+            nonlocal polled, last, state, shown, op
             stop = self.stop_check() if self.stop_check is not None else None
             if stop:  # e.g. `grpoctl down` while a recovery waits for its new node: stop the spend
                 raise RunStopped(f"{self.node_label}: stopped waiting for it: {stop}")
@@ -330,11 +338,16 @@ class TpuTarget(Target):
                 raise InfraError(f"{self.node_label} is {node_state} (going away): `grpoctl up` again later")
             if node_state in START_NODE_STATES:
                 self._start_stopped()
-            if time.monotonic() > deadline:
-                raise InfraError(
-                    f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
-                )
-            time.sleep(self.cfg.poll_s)
+            return None
+
+        return poll_until(
+            ready,
+            timeout_s=self.cfg.up_timeout_s,
+            poll_s=self.cfg.poll_s,
+            on_timeout=lambda: InfraError(
+                f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
+            ),
+        )
 
     def _why(self, qr: tpu_v2.QueuedResource) -> str:
         """`: <advice> (<message>)` from a FAILED queued resource's failedData.error, mapped like any API
@@ -344,7 +357,7 @@ class TpuTarget(Target):
         if not error or not error.message:
             return ""
         failure = classify(
-            status_error(error.code, error.message), project=self.cfg.project, zone=self.cfg.zone
+            status_error(error.code, error.message), project=self.cfg.project, zone=self.zone
         )
         if failure.kind in ("other", "bad_request", "not_found"):
             return f": {error.message}"

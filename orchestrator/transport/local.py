@@ -16,7 +16,6 @@ from typing import IO
 from orchestrator.errors import UsageError
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
-    DEFAULT_GET_CAP,
     EXIT_GRACE_S,
     TIMEOUT_EXIT_CODE,
     LineSplitter,
@@ -26,6 +25,7 @@ from orchestrator.transport.shell import (
     timed_out_note,
     too_large,
 )
+from orchestrator.untrusted import DEFAULT_GET_CAP
 
 # The local target runs every command under bash and starts jobs with setsid and flock (recipes.launch).
 LOCAL_TOOLS = ("bash", "setsid", "flock")

@@ -57,10 +57,6 @@ def timed_out_note(worker: str, timeout: float) -> str:
     return f"grpoctl: {worker}: timed out after {timeout:g} s\n"
 
 
-# Without a cap from the caller, `get` still reads no more than this (every byte from a worker is bounded).
-DEFAULT_GET_CAP = 64 * 1024 * 1024
-
-
 def get_script(path: str, max_bytes: int) -> str:
     """Shell text that prints at most `max_bytes` + 1 bytes of a REGULAR file `path` (a symlink to one is
     fine): a missing file exits GET_MISSING, a device, FIFO or socket (or a link to one) GET_NOT_REGULAR

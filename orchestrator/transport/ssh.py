@@ -27,7 +27,6 @@ from orchestrator.errors import AuthError, HostKeyError, InfraError, UsageError
 from orchestrator.retry import Backoff, retry_call
 from orchestrator.transport.base import CommandResult, OutputCallback
 from orchestrator.transport.shell import (
-    DEFAULT_GET_CAP,
     EXIT_GRACE_S,
     GET_MISSING,
     GET_NOT_REGULAR,
@@ -43,6 +42,7 @@ from orchestrator.transport.shell import (
     timed_out_note,
     too_large,
 )
+from orchestrator.untrusted import DEFAULT_GET_CAP
 
 _READ_CHUNK = 65536
 # The remote `timeout` kills the command; the client gives it this much longer before dropping the channel.
