@@ -29,10 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.compare import mcnemar_exact_p, paired_test  # noqa: E402
+from orchestrator.learning import sampled_test  # noqa: E402
 
 
 def _correctness(path: Path) -> dict[str, bool]:
     return {row["id"]: bool(row["correct"]) for row in map(json.loads, path.read_text().splitlines())}
+
+
+def _sampled(path: Path) -> dict[str, tuple[int, int]]:
+    """Question id -> (right, samples) of the sweep's sampled pass (eval_full_sampled), {} without one."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["id"]: (r["sampled_correct"], r["samples"]) for r in rows if "samples" in r}
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -61,6 +68,8 @@ def run_once(config: str, overrides: list[str], run_dir: Path) -> dict:
     start = _correctness(run_dir / "eval_full_start.jsonl")
     end = _correctness(run_dir / "eval_full.jsonl")
     paired = paired_test(start, end)
+    sweeps = (_sampled(run_dir / name) for name in ("eval_full_start.jsonl", "eval_full.jsonl"))
+    sampled = sampled_test("run", *sweeps)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m.get("step", 0) > 0]
     with_base = [m for m in steps if "train/baseline/reward/total/mean" in m]
@@ -73,6 +82,7 @@ def run_once(config: str, overrides: list[str], run_dir: Path) -> dict:
         "pairs": sum(int(m.get("train/baseline/pairs/n", 0)) for m in last),
         "policy_only": policy_only, "frozen_only": frozen_only,
         "pairs_p": mcnemar_exact_p(frozen_only, policy_only),
+        "sampled": sampled,
         "n": paired.n, "start": paired.accuracy_a, "end": paired.accuracy_b, "lost": paired.only_a,
         "gained": paired.only_b, "p": paired.p_value, "wall_s": wall, "cpu_s": cpu,
         "step_s": _mean(steps[1:], "time/train/step_s"),  # step 1 includes compilation
@@ -87,6 +97,13 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _sampled_cells(t: object) -> str:
+    if t is None:
+        return "- | -"
+    return (f"{t.start:.3f} -> {t.end:.3f} ({t.samples}/question) | {t.up} / {t.down}, "
+            f"{t.p_value:.2g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", help="trainer config (repeatable)")
@@ -98,15 +115,17 @@ def main() -> None:
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-learning-"))
     print("| config | label | questions | start acc | end acc | lost / gained | McNemar p | "
           "correct reward: first 5 -> last 5 steps | policy vs frozen start (last 3 baseline steps) | "
-          "sampled pairs: frozen only / policy only, p | step s | wall s | CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "sampled pairs: frozen only / policy only, p | sampled sweep start -> end | questions up / down, "
+          "Wilcoxon p | step s | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, config in enumerate(configs):
         r = run_once(config, args.overrides, out / f"run{i}")
         print(f"| `{config}` | {args.label} | {r['n']} | {_f(r['start'])} | {_f(r['end'])} | "
               f"{r['lost']} / {r['gained']} | {r['p']:.2g} | {_f(r['reward_first'])} -> "
               f"{_f(r['reward_last'])} | {_f(r['policy_at_baseline_steps'])} vs "
               f"{_f(r['frozen_at_baseline_steps'])} | {r['frozen_only']} / {r['policy_only']} of "
-              f"{r['pairs']}, {r['pairs_p']:.2g} | {_f(r['step_s'], 2)} | {r['wall_s']:.0f} | "
+              f"{r['pairs']}, {r['pairs_p']:.2g} | {_sampled_cells(r['sampled'])} | {_f(r['step_s'], 2)} | "
+              f"{r['wall_s']:.0f} | "
               f"{r['cpu_s']:.0f} |", flush=True)
 
 

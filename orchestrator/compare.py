@@ -3,9 +3,10 @@
 The verdicts, each answering one question and no other:
 - kernel parity (orchestrator/parity.py): did this run's loss provider compute what its shadow computed,
   step by step on the same batch? The direct answer to "does the kernel change training?";
-- start -> end per run: its own start sweep (eval_full_start.jsonl) vs its end sweep (eval_full.jsonl),
-  exact McNemar: did training change this run's greedy answers ("improved", "no detectable change",
-  "worse" at 5%)?
+- start -> end per run (orchestrator/learning.py): its own start sweep (eval_full_start.jsonl) vs its end
+  sweep (eval_full.jsonl): exact McNemar on the greedy answers and, where the sweeps sampled, Wilcoxon
+  signed-rank on each question's right samples ("improved", "no detectable change", "worse" at 5%);
+- start -> end over an arm's runs (learning.OverRuns): each run's change is one number, runs the units;
 - the method verdict (orchestrator/stats.py): per-run end accuracies, runs as the units: "different",
   "equivalent" within a margin, or "inconclusive" (always with one run per arm);
 - McNemar per seed pair: do these two trained policies answer the same questions differently? It says
@@ -26,8 +27,9 @@ from typing import Any
 
 from grpoctl_contract import rundir
 from grpoctl_contract.rundir import SOP_KEYS  # cli and the SOP replayer read it as compare.SOP_KEYS
-from orchestrator import parity, stats, untrusted, worker_data
+from orchestrator import learning, parity, stats, untrusted, worker_data
 from orchestrator.errors import UsageError
+from orchestrator.learning import IMPROVED, NO_CHANGE, WORSE
 
 ALPHA = stats.ALPHA
 # The McNemar verdicts: about two trained policies, never about the methods that trained them.
@@ -35,8 +37,7 @@ POLICIES_DIFFER = "these two trained policies answer differently at 5%"
 NO_DETECTABLE_DIFFERENCE = (
     "no detectable difference between these two trained policies at 5% (not a proof of sameness)"
 )
-# The start -> end verdicts: did training change this run's greedy answers (its end sweep vs its start)?
-IMPROVED, NO_CHANGE, WORSE = "improved at 5%", "no detectable change at 5%", "worse at 5%"
+__all__ = ["IMPROVED", "NO_CHANGE", "WORSE"]  # the start -> end verdict words (learning.py), read here too
 SEED_KEY = "seed"  # the trainer config's seed (configs/*.yaml `seed:`); SOP `seeds:` sets it per run
 
 
@@ -111,10 +112,7 @@ class StartToEnd:
 
     @property
     def verdict(self) -> str:
-        p = self.paired
-        if p.p_value >= ALPHA or p.only_a == p.only_b:
-            return NO_CHANGE
-        return IMPROVED if p.only_b > p.only_a else WORSE
+        return learning.direction(self.paired.p_value, self.paired.only_b, self.paired.only_a)
 
     def line(self) -> str:
         p = self.paired
@@ -190,6 +188,8 @@ class RunFiles:
     metrics: list[dict[str, Any]]
     eval_full_start: dict[str, bool] | None = None  # the sweep before GRPO step 1 (eval_full_at_start)
     config: dict[str, Any] = field(default_factory=dict)  # config.json: the run's effective trainer config
+    sampled: dict[str, tuple[int, int]] | None = None  # the end sweep's sampled pass (eval_full_sampled)
+    sampled_start: dict[str, tuple[int, int]] | None = None
 
     @property
     def seed(self) -> int | None:
@@ -206,6 +206,10 @@ class RunFiles:
             return None
         return StartToEnd(self.run_id, paired_test(self.eval_full_start, self.eval_full))
 
+    def sampled_start_to_end(self) -> learning.SampledStartToEnd | None:
+        """The sampled pass rate, end vs start, paired by question; None without both sampled passes."""
+        return learning.sampled_test(self.run_id, self.sampled_start, self.sampled)
+
 
 def load_run(folder: str | Path) -> RunFiles:
     """A fetched run folder; its summary.json (or W&B's wandb-summary.json) must exist."""
@@ -215,15 +219,18 @@ def load_run(folder: str | Path) -> RunFiles:
         raise UsageError(f"{folder}: no {rundir.SUMMARY} (fetch the run first: grpoctl fetch {folder.name})")
     # Every worker file is read validated (orchestrator/worker_data.py): an id and a real boolean per eval
     # row, no repeated id; metrics rows keep only finite numbers.
-    eval_full, eval_full_start = (
-        worker_data.read_eval_rows(path) if (path := folder / name).is_file() else None
+    end, start = (
+        worker_data.read_eval_sweep(path) if (path := folder / name).is_file() else None
         for name in (rundir.EVAL_FULL_ROWS, rundir.EVAL_FULL_START_ROWS)
     )
     metrics_path = folder / rundir.METRICS
     metrics = worker_data.read_metrics(metrics_path) if metrics_path.is_file() else []
     config_path = folder / rundir.CONFIG
     config = read_config(config_path) if config_path.is_file() else {}
-    return RunFiles(folder.name, folder, summary, eval_full, metrics, eval_full_start, config)
+    return RunFiles(
+        folder.name, folder, summary, end and end.correct, metrics, start and start.correct, config,
+        end and end.sampled, start and start.sampled,
+    )
 
 
 def read_summary(folder: Path) -> dict[str, Any]:
@@ -524,6 +531,8 @@ class Comparison:
     runs_a: list[str] = field(default_factory=list)
     runs_b: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # run id -> the SOP's name for it
+    sampled: list[learning.SampledStartToEnd] = field(default_factory=list)  # per run with sampled sweeps
+    over_runs: list[learning.OverRuns] = field(default_factory=list)  # per arm of 2+ runs
 
     @property
     def paired(self) -> PairedResult | None:
@@ -538,15 +547,22 @@ class Comparison:
         return [f"{FABRICATED} {line}" for line in lines] if self.fabricated else lines
 
     def learning_lines(self) -> list[str]:
-        """One start -> end line per run (runs without eval_full_start.jsonl say so). A run the SOP named
-        goes by its name (`jax/s1`): the same words on every replay, the id is in the report's tables."""
-        have = {s.run_id: s.line() for s in self.learning}
+        """Start -> end per run: greedy, then sampled where the sweeps sampled (runs without
+        eval_full_start.jsonl say so). A run the SOP named goes by its name (`jax/s1`): the same words on
+        every replay, the id is in the report's tables."""
+        greedy = {s.run_id: s.line() for s in self.learning}
+        sampled = {s.run_id: s.line() for s in self.sampled}
         missing = "no eval_full_start.jsonl (eval_full_at_start off): no start -> end test"
         lines = []
         for run in (*self.runs_a, *self.runs_b):
-            line = have.get(run, f"{run}: {missing}")
-            lines.append(f"{self.names[run]}{line.removeprefix(run)}" if run in self.names else line)
+            for line in (greedy.get(run, f"{run}: {missing}"), sampled.get(run)):
+                if line is not None:
+                    lines.append(f"{self.names[run]}{line.removeprefix(run)}" if run in self.names else line)
         return self._mark(lines)
+
+    def over_runs_lines(self) -> list[str]:
+        """Start -> end over each arm's runs: a claim about the method, not about one trajectory."""
+        return self._mark([o.line() for o in self.over_runs])
 
     def test_lines(self) -> list[str]:
         """One McNemar line per pair of trained policies; a dry run's read as made up, never as findings."""
@@ -574,13 +590,14 @@ class Comparison:
         return [*self.learning_lines(), *self.test_lines()]
 
     def summary_lines(self) -> list[str]:
-        """Every verdict once, in reading order: warnings, kernel parity, start -> end of each run, the
-        method verdict, the McNemar test of each pair of trained policies."""
+        """Every verdict once, in reading order: warnings, kernel parity, start -> end of each run and over
+        each arm's runs, the method verdict, the McNemar test of each pair of trained policies."""
         method = self.method_line()
         return [
             *self._mark(self.warnings),
             *self.parity_lines(),
             *self.learning_lines(),
+            *self.over_runs_lines(),
             *([method] if method else []),
             *self.test_lines(),
         ]
@@ -631,6 +648,8 @@ class Comparison:
             "mcnemar": None if self.paired is None else self.pairs[0].to_json(),
             "mcnemar_pairs": [p.to_json() for p in self.pairs],
             "start_to_end": [s.to_json() for s in self.learning],
+            "sampled_start_to_end": [s.to_json() for s in self.sampled],
+            "learning_over_runs": [o.to_json() for o in self.over_runs],
             "config_warnings": self.warnings,
             "verdict_lines": self.summary_lines(),
         }
@@ -681,17 +700,31 @@ def compare_runs(
         ArmStats(label_a, [run_accuracy(r) for r in runs_a]),
         ArmStats(label_b, [run_accuracy(r) for r in runs_b]),
     )
+    # Each run's one number for the method test: its sampled end pass rate when every run has one (eight
+    # samples a question average out the greedy mode's all-or-nothing flips), else its greedy end accuracy.
     end = {r.run_id: r.end_value for arm in arms for r in arm.runs}
+    metric = stats.END_ACCURACY
+    sampled_end = {r.run_id: sampled_rate(r.sampled) for r in (*runs_a, *runs_b)}
+    if all(v is not None for v in sampled_end.values()):
+        end, metric = sampled_end, "end sampled pass rate"
     seed_ends = [(end[x.run_id], end[y.run_id]) for x, y in pairs]  # aligned by seed, A's order
     if by_seed and all(x is not None and y is not None for x, y in seed_ends):
-        method = stats.method_test([x for x, _ in seed_ends], [y for _, y in seed_ends], margin, paired=True)
+        method = stats.method_test(
+            [x for x, _ in seed_ends], [y for _, y in seed_ends], margin, paired=True, metric=metric
+        )
     else:
         method = stats.method_test(
             [v for r in runs_a if (v := end[r.run_id]) is not None],
             [v for r in runs_b if (v := end[r.run_id]) is not None],
             margin,
+            metric=metric,
         )
     learning = [s for r in (*runs_a, *runs_b) if (s := r.start_to_end()) is not None]
+    sampled = {s.run_id: s for r in (*runs_a, *runs_b) if (s := r.sampled_start_to_end()) is not None}
+    over = [
+        o for label, runs in ((label_a, runs_a), (label_b, runs_b))
+        if (o := arm_over_runs(label, runs, learning, sampled)) is not None
+    ]
     verdicts = [
         v
         for r in (*runs_a, *runs_b)
@@ -711,4 +744,36 @@ def compare_runs(
         [r.run_id for r in runs_a],
         [r.run_id for r in runs_b],
         names,
+        list(sampled.values()),
+        over,
     )
+
+
+def sampled_rate(counts: Mapping[str, tuple[int, int]] | None) -> float | None:
+    """A sweep's sampled pass rate: right samples over samples; None without a sampled pass."""
+    total = sum(n for _, n in (counts or {}).values())
+    return sum(k for k, _ in counts.values()) / total if counts and total else None
+
+
+def arm_over_runs(
+    label: str,
+    runs: Sequence[RunFiles],
+    greedy: Sequence[StartToEnd],
+    sampled: Mapping[str, learning.SampledStartToEnd],
+) -> learning.OverRuns | None:
+    """The arm's start -> end over its runs: on the sampled pass rate when every run has one (the finer
+    measure), else on greedy accuracy when every run has both sweeps; None otherwise or with one run."""
+    ids = [r.run_id for r in runs]
+    by_run = {s.run_id: s for s in greedy}
+    if all(i in sampled for i in ids):
+        results = [sampled[i] for i in ids]
+        changes = [s.end - s.start for s in results]
+        metric = f"sampled pass rate ({'/'.join(sorted({str(s.samples) for s in results}))} per question)"
+    elif all(i in by_run for i in ids):
+        results = [by_run[i] for i in ids]
+        changes = [s.paired.accuracy_b - s.paired.accuracy_a for s in results]
+        metric = "greedy accuracy"
+    else:
+        return None
+    improved = sum(1 for s in results if s.verdict == IMPROVED)
+    return learning.over_runs(label, metric, changes, improved)

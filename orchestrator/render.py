@@ -96,12 +96,19 @@ def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | Non
 def accuracy_text(summary: dict[str, Any]) -> str:
     """`accuracy 0.086 -> 0.168 (full eval sweep, start -> end)` (before GRPO step 1 -> after the last
     step), or the end alone; `` without one."""
-    end, start = summary.get("eval_full/accuracy"), summary.get("eval_full_start/accuracy")
+    def pair(key: str) -> tuple[Any, Any]:
+        return summary.get(f"eval_full_start/{key}"), summary.get(f"eval_full/{key}")
+
+    start, end = pair("accuracy")
     if not isinstance(end, int | float):
         return ""
-    if isinstance(start, int | float):
-        return f"accuracy {start:.3f} -> {end:.3f} (full eval sweep, start -> end)"
-    return f"accuracy {end:.3f} (full eval sweep at the end)"
+    if not isinstance(start, int | float):
+        return f"accuracy {end:.3f} (full eval sweep at the end)"
+    text = f"accuracy {start:.3f} -> {end:.3f}"
+    s_start, s_end = pair("sampled_accuracy")  # eval_full_sampled
+    if isinstance(s_start, int | float) and isinstance(s_end, int | float):
+        text += f", sampled pass rate {s_start:.3f} -> {s_end:.3f}"
+    return f"{text} (full eval sweep, start -> end)"
 
 
 def details(record: RunRecord) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 
 ALPHA = 0.05
 DEFAULT_MARGIN = 0.03  # accuracy points (3 percentage points): the default equivalence margin
+END_ACCURACY = "end accuracy"  # the method test's default measure: each run's greedy end accuracy
 DIFFERENT, EQUIVALENT, INCONCLUSIVE = "different", "equivalent", "inconclusive"
 VERDICTS = (DIFFERENT, EQUIVALENT, INCONCLUSIVE)
 _NEEDS = (
@@ -99,6 +100,23 @@ def mean_interval(values: Sequence[float], alpha: float = ALPHA) -> Interval | N
     return Interval(float(ci.low), float(ci.high), "t", 1 - alpha)
 
 
+def one_sample_p(values: Sequence[float]) -> float | None:
+    """Two-sided one-sample t test of "mean 0" over runs; None with fewer than two runs or no spread (a t test
+    has no variance to judge by)."""
+    if len(values) < 2 or _spread(values) == 0:
+        return None
+    return float(_scipy_stats().ttest_1samp(list(values), 0.0).pvalue)
+
+
+def signed_rank_p(changes: Sequence[int | float]) -> float:
+    """Two-sided Wilcoxon signed-rank test of "no change" over paired units (questions); zero changes are
+    left out (Wilcoxon's own treatment); 1.0 when nothing changed."""
+    nonzero = [c for c in changes if c != 0]
+    if not nonzero:
+        return 1.0
+    return float(_scipy_stats().wilcoxon(nonzero, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
 # ------------------------------------------------------------------------------------- method test
 
 
@@ -120,6 +138,7 @@ class MethodTest:
     p_equivalence: float | None = None  # TOST, H0: |difference| >= margin
     df: float | None = None
     alpha: float = ALPHA
+    metric: str = END_ACCURACY  # what each run contributes: its greedy end accuracy or sampled pass rate
 
     def line(self) -> str:
         figures = []
@@ -129,7 +148,7 @@ class MethodTest:
                 if self.difference_ci
                 else ""
             )
-            figures.append(f"mean end accuracy B - A {self.difference:+.3f}{ci}")
+            figures.append(f"mean {self.metric} B - A {self.difference:+.3f}{ci}")
         if self.p_difference is not None:
             figures.append(f"t test p={self.p_difference:.3g}")
         if self.p_equivalence is not None:
@@ -155,6 +174,7 @@ class MethodTest:
             "p_difference": self.p_difference,
             "p_equivalence": self.p_equivalence,
             "df": self.df,
+            "metric": self.metric,
         }
 
 
@@ -171,6 +191,7 @@ def method_test(
     *,
     paired: bool = False,
     alpha: float = ALPHA,
+    metric: str = "",
 ) -> MethodTest:
     """Are arms A and B (per-run end accuracies) different, equivalent within `margin`, or neither?
 
@@ -182,7 +203,8 @@ def method_test(
     a, b = [float(x) for x in a], [float(x) for x in b]
     if paired and len(a) != len(b):
         raise ValueError(f"a paired test needs as many runs in A as in B ({len(a)} vs {len(b)})")
-    base = {"margin": margin, "n_a": len(a), "n_b": len(b), "alpha": alpha}
+    metric = metric or END_ACCURACY
+    base = {"margin": margin, "n_a": len(a), "n_b": len(b), "alpha": alpha, "metric": metric}
     mean_a = math.fsum(a) / len(a) if a else None
     mean_b = math.fsum(b) / len(b) if b else None
     means = {
@@ -230,11 +252,11 @@ def method_test(
     }
     if p_eq < alpha:
         verdict = EQUIVALENT
-        reason = f"the mean end accuracies are within +/-{margin:.3g} of each other at 5% (TOST)"
+        reason = f"the arms' mean {metric} is the same within +/-{margin:.3g} at 5% (TOST)"
         if p_diff < alpha:
             reason += "; a difference is detectable, but it is smaller than the margin"
     elif p_diff < alpha:
-        verdict, reason = DIFFERENT, "the mean end accuracies differ at 5% (two-sided t test)"
+        verdict, reason = DIFFERENT, f"the arms' mean {metric} values differ at 5% (two-sided t test)"
     else:
         verdict = INCONCLUSIVE
         reason = (

@@ -2,7 +2,9 @@
 forge a figure or crash `compare` with a traceback.
 
 - `eval_full*.jsonl`: one JSON object per line with an `id` (a string or an integer) and a real boolean
-  `correct` (`"false"`, `0` or a missing key is refused, not counted); an id seen twice is refused.
+  `correct` (`"false"`, `0` or a missing key is refused, not counted); an id seen twice is refused. A
+  sweep with a sampled pass has on every row integers `samples` (1 to MAX_SAMPLES) and `sampled_correct`
+  (0 to `samples`); on some rows only, or out of range, is refused.
 - `summary.json`: a flat JSON object; every value a finite number, a string, a boolean or null.
   `wandb-summary.json` (W&B's own file) may nest its internals (`_wandb`, histograms): nested values are
   left out, the rest must be as above.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +82,29 @@ def _kind(value: Any) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
-def eval_rows(data: bytes | str, source: str) -> dict[str, bool]:
-    """Question id -> correct, every row checked (see the module docstring)."""
+MAX_SAMPLES = 4096  # samples per question in a sweep's sampled pass: more is no trainer's output
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One eval_full*.jsonl: each question's greedy correctness and, with a sampled pass, (right, samples)."""
+
+    correct: dict[str, bool]
+    sampled: dict[str, tuple[int, int]] | None = None
+
+
+def _count(row: dict[str, Any], key: str, low: int, high: int, where: str) -> int:
+    value = row.get(key)
+    if not _is_number(value) or not float(value).is_integer() or not low <= value <= high:
+        shown = "missing" if key not in row else f"{untrusted.clean(repr(value), untrusted.FIELD)}"
+        raise WorkerDataError(f"{where}: `{key}` must be an integer from {low} to {high}, not {shown}")
+    return int(value)
+
+
+def eval_sweep(data: bytes | str, source: str) -> Sweep:
+    """Every row checked (see the module docstring)."""
     out: dict[str, bool] = {}
+    sampled: dict[str, tuple[int, int]] = {}
     first_row: dict[str, int] = {}
     for number, row in _rows(_decode(data, source), source):
         qid, correct = row.get("id"), row.get("correct")
@@ -96,8 +119,19 @@ def eval_rows(data: bytes | str, source: str) -> dict[str, bool]:
                 f"{source}:{number}: question id {untrusted.clean(key, untrusted.FIELD)!r} "
                 f"repeats row {first_row[key]}"
             )
+        has_samples = "samples" in row or "sampled_correct" in row
+        if first_row and has_samples != bool(sampled):
+            raise WorkerDataError(f"{source}:{number}: a sampled pass on some rows only")
+        if has_samples:
+            n = _count(row, "samples", 1, MAX_SAMPLES, f"{source}:{number}")
+            sampled[key] = (_count(row, "sampled_correct", 0, n, f"{source}:{number}"), n)
         first_row[key], out[key] = number, correct
-    return out
+    return Sweep(out, sampled or None)
+
+
+def eval_rows(data: bytes | str, source: str) -> dict[str, bool]:
+    """Question id -> correct, every row checked (see the module docstring)."""
+    return eval_sweep(data, source).correct
 
 
 def summary(data: bytes | str, source: str, *, nested_ok: bool = False) -> dict[str, Any]:
@@ -162,6 +196,10 @@ def read_summary_file(path: Path) -> dict[str, Any]:
 
 def read_eval_rows(path: Path) -> dict[str, bool]:
     return eval_rows(_read(path), str(path))
+
+
+def read_eval_sweep(path: Path) -> Sweep:
+    return eval_sweep(_read(path), str(path))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

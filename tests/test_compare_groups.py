@@ -100,7 +100,10 @@ def test_groups_pair_by_seed_and_give_a_method_verdict(groups, st):
     assert as_json["config_warnings"] == []  # provider and seed differ, nothing else
     lines = result.summary_lines()
     assert [line.split(":")[0] for line in lines[:6]] == [f"{r.run_id}" for r in (*a, *b)]
-    assert lines[6].startswith("method verdict: equivalent") and len(lines) == 10
+    # then each arm's start -> end over its runs (greedy here: the runs have no sampled pass)
+    assert [line.split(" over ")[0] for line in lines[6:8]] == [result.a, result.b]
+    assert "greedy accuracy end - start" in lines[6]
+    assert lines[8].startswith("method verdict: equivalent") and len(lines) == 12
     md = result.markdown()
     assert "| jax-s0,jax-s1,jax-s2 | `jax-s0` | 0 | 0.100 [" in md and "(mean over runs)" in md
     assert "| `eval_full/accuracy` | 0.18 |" in md  # the key table shows each arm's mean

@@ -108,17 +108,24 @@ def test_ppo_epochs_reuse_the_sampling_policy_log_probs(tmp_path):
 @pytest.mark.slow
 def test_start_sweep_and_frozen_baseline_see_the_policy_right_before_grpo_step_1(tmp_path):
     """eval_full_start.jsonl is the sweep of the warm-started policy (not the random init): with a learning
-    rate too small to change a greedy token, start and end sweeps agree row for row. At step 1 the frozen
+    rate too small to change a greedy token, start and end sweeps agree row for row, the sampled pass's
+    counts too (its keys are fixed: the same dice at the start and the end). At step 1 the frozen
     start policy IS the sampling policy, so on the same prompts and keys its rewards equal the policy's."""
     cfg = tiny("steps=1", "warm_start.steps=150", "eval_full_sweep=true", "eval_full_limit=16",
                "eval_full_batch_size=16", "optimizer.lr=1e-12", "optimizer.end_lr=0",
-               "baseline_every_steps=1")
+               "baseline_every_steps=1", "eval_full_sampled=true")
     summary = run(cfg, tmp_path)
     start, end = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
                   for name in ("eval_full_start.jsonl", "eval_full.jsonl"))
     assert len(start) == 16 and start == end
     assert any(row["prediction"] is not None for row in start)  # the warm start taught the answer layout
     assert summary["eval_full_start/accuracy"] == summary["eval_full/accuracy"]
+    # the sampled pass: rollout.n samples a question at the rollout's settings, its rate the rows' mean
+    assert {row["samples"] for row in start} == {cfg.rollout.n}
+    right = [row["sampled_correct"] for row in start]
+    assert 0 < sum(right) < 16 * cfg.rollout.n and len(set(right)) > 1  # sampled, not one greedy answer x n
+    assert summary["eval_full/sampled_accuracy"] == sum(right) / (16 * cfg.rollout.n)
+    assert summary["eval_full_start/sampled_accuracy"] == summary["eval_full/sampled_accuracy"]
     assert summary["eval_full_start/num_questions"] == 16
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     [step1] = [row for row in rows if "train/reward/total/mean" in row]

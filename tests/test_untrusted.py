@@ -79,6 +79,28 @@ def test_eval_rows_accept_the_contract_and_nothing_else():
             worker_data.eval_rows(bad + "\n", "e.jsonl")
 
 
+def test_a_sweeps_sampled_pass_is_read_whole_and_in_range_or_refused():
+    good = ('{"id": "q0", "correct": true, "samples": 8, "sampled_correct": 3}\n'
+            '{"id": "q1", "correct": false, "samples": 8, "sampled_correct": 0}\n')
+    sweep = worker_data.eval_sweep(good, "e.jsonl")
+    assert sweep.correct == {"q0": True, "q1": False} and sweep.sampled == {"q0": (3, 8), "q1": (0, 8)}
+    assert worker_data.eval_sweep('{"id": "q0", "correct": true}\n', "e.jsonl").sampled is None
+    row = '{"id": "q%d", "correct": true%s}\n'
+    for bad, where in (
+        (row % (0, "") + row % (1, ', "samples": 8, "sampled_correct": 1'), "e.jsonl:2: a sampled pass on some"),
+        (row % (0, ', "samples": 8, "sampled_correct": 1') + row % (1, ""), "e.jsonl:2: a sampled pass on some"),
+        (row % (0, ', "samples": 8, "sampled_correct": 9'), "e.jsonl:1: `sampled_correct` must be an integer"),
+        (row % (0, ', "samples": 8, "sampled_correct": -1'), "e.jsonl:1: `sampled_correct`"),
+        (row % (0, ', "samples": 8, "sampled_correct": true'), "e.jsonl:1: `sampled_correct`"),
+        (row % (0, ', "samples": 8, "sampled_correct": 1.5'), "e.jsonl:1: `sampled_correct`"),
+        (row % (0, ', "samples": 0, "sampled_correct": 0'), "e.jsonl:1: `samples` must be an integer from 1"),
+        (row % (0, ', "samples": 1e12, "sampled_correct": 0'), "e.jsonl:1: `samples`"),
+        (row % (0, ', "sampled_correct": 0'), "e.jsonl:1: `samples` must be an integer from 1 to 4096, not missing"),
+    ):
+        with pytest.raises(worker_data.WorkerDataError, match=where):
+            worker_data.eval_sweep(bad, "e.jsonl")
+
+
 def test_metrics_rows_keep_only_finite_numbers():
     rows = worker_data.metrics('{"step": 1, "loss": NaN, "r": Infinity, "x": "s", "ok": 0.5}\n', "m.jsonl")
     assert rows == [{"step": 1, "ok": 0.5}]

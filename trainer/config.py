@@ -187,6 +187,10 @@ class Config(Section):
     eval_full_at_start: bool = True  # with eval_full_sweep: the same sweep before the first GRPO step
     eval_full_limit: int = Field(0, ge=0)  # questions in the full sweep (0 = the whole split)
     eval_full_batch_size: int = Field(64, gt=0)  # prompts per greedy batch in the full sweep
+    # with eval_full_sweep: each question also sampled rollout.n times at the rollout's settings, in batches
+    # of rollout.batch_size (the training rollout's own program) with keys fixed per batch, the same at the
+    # start and the end: eval_full/sampled_accuracy, the pass rate of the objective GRPO optimises
+    eval_full_sampled: bool = False
     print_time_breakdown: bool = False
 
 

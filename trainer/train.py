@@ -36,11 +36,11 @@ from trainer import grpo, hf_io, programs, sharding
 from trainer.checkpoints import Checkpointer, checkpoint_dir, compile_cache_dir, enable_compile_cache
 from trainer.config import Config, ConfigError, config_hash, to_dict
 from trainer.data import ProblemStream, load_problems
-from trainer.evaluation import OnBatch, full_sweep, periodic_eval
+from trainer.evaluation import OnBatch, SampledPass, full_sweep, periodic_eval, sweep_batches
 from trainer.metrics import RunLogger, progress_metrics
 from trainer.model import Qwen2Config, init_params
 from trainer.optim import lr_schedule, optimizer_for, scale_updates
-from trainer.progress import Plan, Reporter, batches, eval_steps
+from trainer.progress import Plan, Reporter, eval_steps
 from trainer.rewards import RewardBatch, RewardWeights, score_completions
 from trainer.rollout import Rollout, Sampler, global_concat, global_max
 from trainer.sampler import SamplingSettings
@@ -414,8 +414,15 @@ def sweep(
     return full_sweep(
         t.sampler, params, t.eval_problems, batch_size=cfg.eval_full_batch_size,
         settings=t.sweep_sampling, out_path=run_dir / rundir.sweep_rows(prefix) if t.logger.enabled else None,
-        grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch,
+        grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch, sampled=sampled_pass(cfg, t.sampling),
     )
+
+
+def sampled_pass(cfg: Config, rollout: SamplingSettings) -> SampledPass | None:
+    """The sweep's sampled pass (eval_full_sampled): the training rollout's n, settings and batch."""
+    if not cfg.eval_full_sampled:
+        return None
+    return SampledPass(n=cfg.rollout.n, settings=rollout, batch_size=cfg.rollout.batch_size)
 
 
 class Stopped(Exception):
@@ -539,15 +546,17 @@ def ledger_metrics(ledger: dict[str, Any]) -> dict[str, float]:
 
 def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:
     """What is left to do from `start` (the last finished step), in each phase's units."""
+    sampled = sampled_pass(cfg, programs.rollout_settings(cfg))
+    sweep = sweep_batches(eval_questions, cfg.eval_full_batch_size, sampled) if cfg.eval_full_sweep else 0
+    rows = eval_questions * (1 + (sampled.n if sampled else 0))  # sequences one sweep samples
     return Plan(
         steps=cfg.steps,
         first_step=start + 1,
         warm_start_steps=cfg.warm_start.steps if start == 0 else 0,
-        start_sweep_batches=(batches(eval_questions, cfg.eval_full_batch_size)
-                             if start == 0 and cfg.eval_full_sweep and cfg.eval_full_at_start else 0),
+        start_sweep_batches=sweep if start == 0 and cfg.eval_full_at_start else 0,
         eval_steps=eval_steps(start + 1, cfg.steps, cfg.eval_every_steps),
         eval_batches=cfg.eval_batches_per_process,
-        final_sweep_batches=batches(eval_questions, cfg.eval_full_batch_size) if cfg.eval_full_sweep else 0,
+        final_sweep_batches=sweep,
         rows_per_step=cfg.rollout.batch_size * cfg.rollout.n,
-        rows_per_sweep_batch=cfg.eval_full_batch_size,
+        rows_per_sweep_batch=rows // max(sweep, 1) or cfg.eval_full_batch_size,
     )
