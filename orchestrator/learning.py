@@ -49,10 +49,11 @@ class SampledStartToEnd:
     up: int  # questions with more right samples at the end than at the start
     down: int
     p_value: float  # two-sided Wilcoxon signed-rank over the questions' changes (zeros left out)
+    rank_balance: float  # rank sum of the gains minus that of the losses: the side the test leans to
 
     @property
     def verdict(self) -> str:
-        return direction(self.p_value, self.up, self.down)
+        return direction(self.p_value, max(self.rank_balance, 0.0), max(-self.rank_balance, 0.0))
 
     def line(self) -> str:
         return (
@@ -71,6 +72,7 @@ class SampledStartToEnd:
             "up": self.up,
             "down": self.down,
             "p_value": self.p_value,
+            "rank_balance": self.rank_balance,
             "test": "Wilcoxon signed-rank (two-sided, over questions)",
             "verdict": self.verdict,
         }
@@ -87,7 +89,7 @@ def sampled_test(run_id: str, start: Counts | None, end: Counts | None) -> Sampl
     samples = {start[q][1] for q in ids}
     changes = [end[q][0] - start[q][0] for q in ids]
     try:
-        p_value = stats.signed_rank_p(changes)
+        p_value, balance = stats.signed_rank_test(changes)
     except stats.StatsUnavailable:
         return None
     total = sum(start[q][1] for q in ids)
@@ -100,6 +102,7 @@ def sampled_test(run_id: str, start: Counts | None, end: Counts | None) -> Sampl
         sum(1 for d in changes if d > 0),
         sum(1 for d in changes if d < 0),
         p_value,
+        balance,
     )
 
 

@@ -108,13 +108,18 @@ def one_sample_p(values: Sequence[float]) -> float | None:
     return float(_scipy_stats().ttest_1samp(list(values), 0.0).pvalue)
 
 
-def signed_rank_p(changes: Sequence[int | float]) -> float:
-    """Two-sided Wilcoxon signed-rank test of "no change" over paired units (questions); zero changes are
-    left out (Wilcoxon's own treatment); 1.0 when nothing changed."""
+def signed_rank_test(changes: Sequence[int | float]) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank test of "no change" over paired units (questions), zero changes left
+    out (Wilcoxon's own treatment): (p, the positive changes' rank sum minus the negative ones'). The side
+    is the rank sums', not the count of units that moved: few large gains can outweigh many small losses.
+    (1.0, 0.0) when nothing changed."""
     nonzero = [c for c in changes if c != 0]
     if not nonzero:
-        return 1.0
-    return float(_scipy_stats().wilcoxon(nonzero, zero_method="wilcox", alternative="two-sided").pvalue)
+        return 1.0, 0.0
+    st = _scipy_stats()
+    ranks = st.rankdata([abs(c) for c in nonzero])
+    balance = float(sum(r if c > 0 else -r for r, c in zip(ranks, nonzero, strict=True)))
+    return float(st.wilcoxon(nonzero, zero_method="wilcox", alternative="two-sided").pvalue), balance
 
 
 # ------------------------------------------------------------------------------------- method test

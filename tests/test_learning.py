@@ -44,6 +44,10 @@ def test_the_sampled_verdict_has_a_side_only_when_the_test_says_so():
     assert (up.verdict, down.verdict) == (learning.IMPROVED, learning.WORSE)
     assert noise.verdict == same.verdict == learning.NO_CHANGE and same.p_value == 1.0
     assert "up on 30, down on 0" in up.line() and "Wilcoxon signed-rank p=" in up.line()
+    # the side is the rank sums': 60 questions down by one sample, 40 up by three is a gain, not a loss
+    few_large = learning.sampled_test("r", counts([4] * 100), counts([3] * 60 + [7] * 40))
+    assert (few_large.up, few_large.down) == (40, 60) and few_large.end > few_large.start
+    assert few_large.p_value < 0.05 and few_large.verdict == learning.IMPROVED
 
 
 def test_only_questions_sampled_alike_at_both_ends_are_paired():
