@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl_contract.progress import Event
 from orchestrator.errors import UsageError
 from orchestrator.runs import RunRecord, RunStore, WorkerRun, new_run_id, state_dir, utc_stamp
 
@@ -114,11 +115,12 @@ def test_two_writers_of_one_run_never_lose_each_others_fields(tmp_path: Path):
     RunStore(path).save(fetcher)
     downer.stop_requested = "down"
     RunStore(path).save(downer)
-    watcher.state, watcher.last_progress = "STALLED", {"step": 3}
+    step3 = Event("progress", "train", k=3, step=3)
+    watcher.state, watcher.last_progress = "STALLED", step3
     RunStore(path).save(watcher)  # loaded before both writes above
     stored = RunStore(path).get("r-1")
     assert (stored.fetched_to, stored.stop_requested) == ("runs/r-1", "down")
-    assert (stored.state, stored.last_progress) == ("STALLED", {"step": 3})
+    assert (stored.state, stored.last_progress) == ("STALLED", step3)
     assert (watcher.fetched_to, watcher.stop_requested) == ("runs/r-1", "down")  # it sees them now
     watcher.workers[0].pid = 7  # its next save still writes only what it changed
     fetcher.fetched_to = "runs/again"
