@@ -4,6 +4,10 @@ The trainer prints one JSON object per line to stdout (the nohup log), each star
 and beside it an ordinary line for people (`human`). The orchestrator reads the last JSON line of the log
 (`decode`). Both halves import this module, so it is stdlib only: no jax on the laptop, no typer on a worker.
 
+`Event` is the one representation of an event on both sides: the trainer builds and encodes it, the laptop
+decodes it (every number checked, see `from_json`), keeps it in its run record (`to_json`/`from_json`, the
+form `status --json` shows as `last_progress`) and shows it (`describe`, `human`).
+
 Four events:
 - `phase`    a phase began or advanced: {"event": "phase", "phase": "warm_start", "k": 40, "n": 400, ...}
 - `progress` a GRPO step finished (the original line, kept as it was, plus "phase": "train", "k", "n")
@@ -24,6 +28,7 @@ phase seconds add up to `elapsed_s`; the orchestrator's ledger (orchestrator/led
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -100,6 +105,11 @@ class Event:
     def done(self) -> bool:
         return self.event == "done"
 
+    @property
+    def text(self) -> str:
+        """`train step 3/40`, `final sweep batch 2/11`, `compile sampler` (see `describe`)."""
+        return describe(self)
+
 
 def _finite(value: Any) -> Any:
     """NaN/inf become null, so every line stays valid JSON for any reader."""
@@ -151,10 +161,7 @@ def _float(value: Any) -> float | None:
 
 
 def decode(line: str) -> Event | None:
-    """An Event from one log line, or None when the line is not one of ours (or is cut short).
-
-    Lines of older trainers (progress/done without `phase`) decode too: a progress line is phase
-    `train` with k/n = step/total."""
+    """An Event from one log line, or None when the line is not one of ours (or is cut short)."""
     line = line.strip()
     if not line.startswith(PREFIX):
         return None
@@ -162,6 +169,21 @@ def decode(line: str) -> Event | None:
         data = json.loads(line)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than any event is
         return None
+    return from_json(data)
+
+
+def to_json(ev: Event) -> dict[str, Any]:
+    """Every field (null where unknown) and `text`: what a run record keeps of its last event and `status
+    --json` shows as `last_progress`. `from_json` reads it back."""
+    return {**dataclasses.asdict(ev), "ledger": ev.ledger or None, "text": describe(ev)}
+
+
+def from_json(data: Any) -> Event | None:
+    """An Event from a decoded JSON object (a log line's, or `to_json`'s), every field checked: numbers
+    finite (NaN/Infinity dropped), strings strings, anything else dropped; None when it is no event.
+
+    A progress line without `phase` (and k/n) is phase `train` with k/n = step/total; a done line is phase
+    `done` with k/n = step/total."""
     if not isinstance(data, dict) or not isinstance(data.get("event"), str):
         return None
     kind = data["event"]

@@ -6,6 +6,7 @@ callbacks (the session's `say`, `on_stage`, `on_poll`, `on_round`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import logs as logs_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
-from orchestrator.ops.session import Say, Session, open_session
+from orchestrator.ops.session import Session, open_session
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
-from orchestrator.targets.base import Condition
+from orchestrator.targets.base import Condition, Say, TargetState
 
 # ---------------------------------------------------------------------------------------- sessions
 
@@ -130,15 +131,6 @@ class Sessions:
 # ---------------------------------------------------------------------------------------- machines
 
 
-@dataclass(frozen=True)
-class TargetState:
-    target: str
-    kind: str
-    state: str
-    details: dict[str, Any]
-    workers: int
-
-
 def up(session: Session) -> TargetState:
     """Make the target exist and be reachable (provision a TPU, or just connect)."""
     session.target.up()
@@ -146,8 +138,8 @@ def up(session: Session) -> TargetState:
     waited = getattr(session.target, "capacity_wait_s", None)
     if waited is not None:  # the ledger's waiting_for_capacity (TPU targets)
         st.details["waiting_for_capacity_s"] = round(waited, 1)
-    return TargetState(
-        session.target_name, session.kind, st.state, dict(st.details), len(session.target.workers())
+    return dataclasses.replace(
+        st, target=session.target_name, kind=session.kind, workers=len(session.target.workers())
     )
 
 

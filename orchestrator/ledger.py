@@ -204,11 +204,12 @@ def _attempts(record: RunRecord) -> list[_Attempt]:
             trainer=rec.get("attempt_ledger") or {}, step=rec.get("step"), elapsed_s=None, phase=None,
             next_launch=rec.get("relaunched_at_s"), alive_at=rec.get("alive_at_s"),
         ))
-    p = record.last_progress or {}
+    ev = record.last_progress
     end = record.ended_at_s or (_epoch(record.finished_at) if is_terminal(record.state) else None)
     out.append(_Attempt(
-        launched=record.launched_at_s, end=end, trainer=p.get("ledger") or {}, step=p.get("step"),
-        elapsed_s=p.get("elapsed_s"), phase=p.get("phase"), next_launch=None, alive_at=record.alive_at_s,
+        launched=record.launched_at_s, end=end, trainer=ev.ledger if ev else {}, step=ev.step if ev else None,
+        elapsed_s=ev.elapsed_s if ev else None, phase=ev.phase if ev else None, next_launch=None,
+        alive_at=record.alive_at_s,
     ))
     if out[0].launched is None:  # a record from before the ledger: its creation is the first launch
         out[0] = _Attempt(**{**out[0].__dict__, "launched": _epoch(record.created_at)})

@@ -140,8 +140,8 @@ class RunNotices:
         """After the wait: succeeded, failed, or preempted (not recovered); nothing for a ^C or the like."""
         self._recovered(record)
         if err is None and record.state is RunState.SUCCEEDED:
-            p = record.last_progress or {}
-            steps = f"step {p.get('step')}/{p.get('total')}" if p.get("total") else "done"
+            ev = record.last_progress
+            steps = f"step {ev.step}/{ev.total}" if ev and ev.total else "done"
             extra = f"; {self.ledger_line(record)}" if self.ledger_line is not None else ""
             self._send("succeeded", record.run_id, f"{steps} on {record.target}{extra}")
         elif isinstance(err, PreemptedError):  # the same key as the decision's: one message

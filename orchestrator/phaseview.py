@@ -14,12 +14,11 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from grpoctl_contract.progress import fmt_duration
+from grpoctl_contract.progress import Event, fmt_duration
 from orchestrator.lifecycle.states import is_terminal
-from orchestrator.recipes import Progress as RunProgress
 
 
-def phase_line(state: str, progress: RunProgress | None) -> str:
+def phase_line(state: str, progress: Event | None) -> str:
     """`train step 3/40, eta 0:45` (or the run's state while no event has come)."""
     if progress is None:
         return state
@@ -101,7 +100,7 @@ class PhaseView:
                 self._say(line)
         self._phase = phase
 
-    def show(self, state: str, progress: RunProgress | None, note: str = "") -> None:
+    def show(self, state: str, progress: Event | None, note: str = "") -> None:
         """A run's last poll: its phase bar, or its state while no event has come."""
         if progress is None:
             self.update(state, text=state, info=note)

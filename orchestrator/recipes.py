@@ -12,6 +12,7 @@ recipe a command is (the dry run's scripted answers, the journal) asks the name,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -538,50 +539,13 @@ def status(repo_dir: str, paths: RunPaths) -> str:
 
 
 @dataclass(frozen=True)
-class Progress:
-    """The last event of a run's log: GRPO step/total, and the phase with its own k/n (contract)."""
-
-    step: int
-    total: int
-    elapsed_s: float | None = None
-    metrics: Mapping[str, float] | None = None
-    done: bool = False
-    phase: str = "train"
-    k: int | None = None
-    n: int | None = None
-    detail: str | None = None
-    bytes_done: int | None = None
-    bytes_total: int | None = None
-    reported_eta_s: float | None = None
-    ledger: Mapping[str, Any] | None = None  # the trainer's time ledger (contract)
-    phase_eta_s: float | None = None  # the current phase's own ETA while eta_s is unknown
-
-    @property
-    def text(self) -> str:
-        """`train step 3/40`, `final sweep batch 2/11`, `compile sampler`."""
-        return contract.describe(self.event())
-
-    def event(self) -> contract.Event:
-        return contract.Event(
-            event="done" if self.done else "phase", phase=self.phase, k=self.k, n=self.n, step=self.step,
-            total=self.total, detail=self.detail, bytes_done=self.bytes_done, bytes_total=self.bytes_total,
-        )
-
-    @property
-    def eta_s(self) -> float | None:
-        """The trainer's own ETA (compile excluded, remaining sweeps included); None while it has none:
-        the orchestrator makes up no number of its own (the trainer ships in the same commit)."""
-        return 0.0 if self.done else self.reported_eta_s
-
-
-@dataclass(frozen=True)
 class WorkerStatus:
     """What one worker's status probe saw: facts only. Which state they make is the lifecycle's call."""
 
     alive: bool
     exit_code: int | None = None
     pid: int | None = None
-    progress: Progress | None = None
+    progress: contract.Event | None = None  # the log's last event, made safe (parse_progress_line)
     quiet_s: int | None = None  # seconds since the log last grew (None: no log)
     info: Mapping[str, str] | None = None  # the trainer's info event: config_hash, wandb_url, ...
 
@@ -598,26 +562,23 @@ class WorkerStatus:
         return states.label(self.state, self.exit_code)
 
 
-def parse_progress_line(line: str) -> Progress | None:
-    """The worker's last event; its strings made safe to show (untrusted.clean), its numbers finite."""
+def parse_progress_line(line: str) -> contract.Event | None:
+    """The worker's last event; its strings made safe to show (untrusted.clean), its numbers finite
+    (contract.decode). Step and total read 0 while unknown, and a finished run's ETA is 0: the
+    trainer ships in the same commit, so the laptop makes up no ETA of its own."""
     ev = contract.decode(line)
     if ev is None or ev.event == "info":
         return None
-    return Progress(
+    return dataclasses.replace(
+        ev,
         step=ev.step or 0,
         total=ev.total or 0,
-        elapsed_s=ev.elapsed_s,
-        metrics=untrusted.clean_map(ev.metrics) or None,
-        done=ev.done,
+        eta_s=0.0 if ev.done else ev.eta_s,
         phase=untrusted.clean(ev.phase, untrusted.FIELD),
-        k=ev.k,
-        n=ev.n,
         detail=untrusted.clean_opt(ev.detail),
-        bytes_done=ev.bytes_done,
-        bytes_total=ev.bytes_total,
-        reported_eta_s=ev.eta_s,
-        ledger=ev.ledger or None,
-        phase_eta_s=ev.phase_eta_s,
+        summary=untrusted.clean_opt(ev.summary),
+        metrics=untrusted.clean_map(ev.metrics),
+        info={},  # only an info event's means anything (parse_info_line); a progress line's is dropped
     )
 
 

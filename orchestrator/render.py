@@ -28,18 +28,17 @@ def quiet_s(record: RunRecord) -> int:
 def progress_text(record: RunRecord) -> str:
     """The run's phase with its own k/n (`train step 3/40`, `final sweep batch 2/11`) and the ETA (the
     phase's own while the run's is unknown: a warm start, the start sweep)."""
-    phase = watch_ops.phase_json(record)
+    ev = record.last_progress
     if record.state is RunState.STALLED:
-        at = f" at {phase['text']}" if phase else ""
+        at = f" at {ev.text}" if ev else ""
         return f"no output for {quiet_s(record)} s{at}"
     if record.state is RunState.RECOVERING:
         return f"recovering: {record.state_reason or 'relaunching'}"
-    if phase is None:
+    if ev is None:
         return "-"
     if is_terminal(record.state):
-        p = record.last_progress or {}
-        return f"step {p.get('step')}/{p.get('total')}" if p.get("total") else phase["text"]
-    return f"{phase['text']} {eta_text(phase['eta_s'], phase.get('phase_eta_s'))}"
+        return f"step {ev.step}/{ev.total}" if ev.total else ev.text
+    return f"{ev.text} {eta_text(ev.eta_s, ev.phase_eta_s)}"
 
 
 # Exit codes of a job ended by `grpoctl stop` (TERM, then KILL after the grace period): 128 + signal, the
@@ -61,10 +60,10 @@ def state_text(record: RunRecord) -> str:
 
 
 def phase_bar(record: RunRecord) -> ProgressBar | str:
-    phase = watch_ops.phase_json(record)
-    if phase is None or not phase["n"] or is_terminal(record.state):
+    ev = record.last_progress
+    if ev is None or not ev.n or is_terminal(record.state):
         return ""
-    return ProgressBar(total=phase["n"], completed=phase["k"] or 0, width=16)
+    return ProgressBar(total=ev.n, completed=ev.k or 0, width=16)
 
 
 def runs_table(records: list[RunRecord], *, bars: bool = False, width: int | None = None) -> Table:

@@ -21,6 +21,7 @@ from typing import Any
 
 import platformdirs
 
+from grpoctl_contract import progress
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.lifecycle.states import RunState, parse
 
@@ -89,7 +90,8 @@ class RunRecord:
     created_at: str = field(default_factory=utc_now_iso)
     updated_at: str = field(default_factory=utc_now_iso)
     finished_at: str | None = None
-    last_progress: dict[str, Any] | None = None  # the last event: step/total, phase with k/n, eta_s
+    # The last event of the run's log (recipes.parse_progress_line); stored as progress.to_json.
+    last_progress: progress.Event | None = None
     fetched_to: str | None = None
     # Appended by recovery: {"at", "kind", "reason", "step", "previous_log", "log"} per relaunch.
     recoveries: list[dict[str, Any]] = field(default_factory=list)
@@ -112,6 +114,8 @@ class RunRecord:
         self.state = parse(self.state)
         for w in self.workers:
             w.state = parse(w.state)
+        if isinstance(self.last_progress, dict):  # the stored form (to_json)
+            self.last_progress = stored_event(self.last_progress)
 
     @property
     def config_stem(self) -> str:
@@ -120,6 +124,7 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         del data["env"]  # the values never leave the process (see `env`)
+        data["last_progress"] = progress.to_json(self.last_progress) if self.last_progress else None
         return data
 
     @staticmethod
@@ -133,6 +138,15 @@ class RunRecord:
         record = RunRecord(**data)
         record._stored = record.to_json()  # what the store held: `save` writes only what changed since
         return record
+
+
+def stored_event(data: dict[str, Any]) -> progress.Event | None:
+    """A run record's last event as stored. A record written before events were stored whole has no
+    `event`: what it was follows from its phase (none at all: a progress line of a trainer before phases)."""
+    if "event" not in data:
+        phase = data.get("phase")
+        data = {**data, "event": "done" if phase == "done" else "phase" if phase else "progress"}
+    return progress.from_json(data)
 
 
 _SCHEMA = """

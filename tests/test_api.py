@@ -11,6 +11,7 @@ import pytest
 from orchestrator import api
 from orchestrator.errors import UsageError
 from orchestrator.runs import RunRecord, WorkerRun
+from orchestrator.targets.base import TargetState
 
 
 def test_a_whole_dry_run_through_the_api(folder: Path, capsys: pytest.CaptureFixture[str]):
@@ -19,7 +20,8 @@ def test_a_whole_dry_run_through_the_api(folder: Path, capsys: pytest.CaptureFix
         s = sessions.get()
         # one session per target, whichever name asked for it
         assert sessions.get(s.target_name) is s and sessions.get() is s
-        assert api.up(s) == api.TargetState("local", "local", "DRY_RUN", {"kind": "local"}, 1)
+        up = TargetState("DRY_RUN", True, {"kind": "local"}, target="local", kind="local", workers=1)
+        assert api.up(s) == up
         synced = api.sync(s)
         assert set(synced.pythons) == set(synced.heads) and len(synced.heads) == 1
         record = api.launch(s, "configs/tiny_cpu.yaml", env={"A": "secret-a"}, overrides={"train.steps": "3"})

@@ -5,13 +5,13 @@ from orchestrator.targets.base import Worker
 
 
 def test_single_worker_gets_no_distributed_setup() -> None:
-    env = worker_env("r1", 0, [Worker(0, "10.0.0.5")], "ssh")
+    env = worker_env("r1", 0, [Worker(0, "10.0.0.5")])
     assert env == {"GRPOCTL_RUN_ID": "r1", "GRPOCTL_WORKER": "0"}
 
 
 def test_ssh_hosts_use_worker_zero_as_coordinator() -> None:
     workers = [Worker(0, "10.0.0.5"), Worker(1, "10.0.0.6", 2222)]
-    env = worker_env("r1", 1, workers, "ssh")
+    env = worker_env("r1", 1, workers)
     assert env["GRPOCTL_DISTRIBUTED"] == "1"
     assert env["GRPOCTL_NUM_PROCESSES"] == "2"
     assert env["GRPOCTL_PROCESS_ID"] == "1"
@@ -23,6 +23,6 @@ def test_tpu_slices_name_worker_zero_internal_ip_as_coordinator() -> None:
     # real TPU VMs (no TPU metadata to discover peers from) fails; worker 0's internal IP is what a
     # slice's peers reach it by (its external IP may be firewalled).
     workers = [Worker(i, f"34.1.0.{i}", peer_host=f"10.0.0.{i}") for i in range(4)]
-    env = worker_env("r1", 3, workers, "tpu")
+    env = worker_env("r1", 3, workers)
     assert env["GRPOCTL_PROCESS_ID"] == "3" and env["GRPOCTL_NUM_PROCESSES"] == "4"
     assert env["JAX_COORDINATOR_ADDRESS"] == f"10.0.0.0:{COORDINATOR_PORT}"

@@ -23,7 +23,7 @@ from orchestrator.transport.base import CommandResult
 from orchestrator.transport.local import LocalTransport
 
 
-def _progress(ev: Event) -> recipes.Progress:
+def _progress(ev: Event) -> Event:
     parsed = recipes.parse_progress_line(encode(ev))
     assert parsed is not None
     return parsed

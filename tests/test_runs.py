@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl_contract.progress import Event
 from orchestrator.errors import UsageError
 from orchestrator.runs import RunRecord, RunStore, WorkerRun, new_run_id, state_dir, utc_stamp
 
@@ -93,6 +94,23 @@ def test_unknown_fields_from_a_newer_version_are_ignored():
     assert RunRecord.from_json(data).run_id == "x"
 
 
+def test_the_last_event_is_stored_whole_and_records_stored_before_read_back():
+    """The record keeps the contract's Event; `status --json` shows it with the keys it always had."""
+    ev = Event("phase", "final_sweep", k=2, n=11, step=100, total=100, eta_s=45.0,
+               ledger={"t0": 1.0, "phase_s": {"train": 2.0}, "resumed_from": 0})
+    stored = _record("x", last_progress=ev).to_json()["last_progress"]
+    old_keys = {"step", "total", "elapsed_s", "eta_s", "phase_eta_s", "metrics", "phase", "k", "n", "detail",
+                "bytes_done", "bytes_total", "text", "ledger"}
+    assert old_keys <= set(stored) and stored["text"] == "final sweep batch 2/11"
+    assert RunRecord.from_json(_record("x", last_progress=ev).to_json()).last_progress == ev
+    # written by an older grpoctl: no `event`; before phases, not even `phase` (a train step then)
+    before = RunRecord.from_json({**_record("x").to_json(), "last_progress": {"step": 3, "total": 10}})
+    assert before.last_progress is not None
+    assert (before.last_progress.phase, before.last_progress.k, before.last_progress.n) == ("train", 3, 10)
+    done = _record("x", last_progress={"phase": "done", "step": 10, "total": 10, "eta_s": 0.0}).last_progress
+    assert done is not None and done.done
+
+
 def test_in_memory_store_for_dry_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GRPOCTL_STATE_DIR", str(tmp_path / "s"))
     store = RunStore.in_memory()
@@ -114,11 +132,12 @@ def test_two_writers_of_one_run_never_lose_each_others_fields(tmp_path: Path):
     RunStore(path).save(fetcher)
     downer.stop_requested = "down"
     RunStore(path).save(downer)
-    watcher.state, watcher.last_progress = "STALLED", {"step": 3}
+    step3 = Event("progress", "train", k=3, step=3)
+    watcher.state, watcher.last_progress = "STALLED", step3
     RunStore(path).save(watcher)  # loaded before both writes above
     stored = RunStore(path).get("r-1")
     assert (stored.fetched_to, stored.stop_requested) == ("runs/r-1", "down")
-    assert (stored.state, stored.last_progress) == ("STALLED", {"step": 3})
+    assert (stored.state, stored.last_progress) == ("STALLED", step3)
     assert (watcher.fetched_to, watcher.stop_requested) == ("runs/r-1", "down")  # it sees them now
     watcher.workers[0].pid = 7  # its next save still writes only what it changed
     fetcher.fetched_to = "runs/again"

@@ -48,4 +48,4 @@ def test_recreation_retries_until_spot_capacity_returns(project: Project) -> Non
     creates = [r for r in project.fake.creates() if r.query["nodeId"] == ["grpo-stockout"]]
     assert len(creates) >= 3  # the first node, at least one refused attempt, the replacement
     assert done.recoveries[0]["kind"] == "preemption" and done.recoveries[0]["reason"] == "node PREEMPTED"
-    assert done.last_progress is not None and done.last_progress["step"] == 40
+    assert done.last_progress is not None and done.last_progress.step == 40

@@ -47,13 +47,6 @@ from trainer.sampler import SamplingSettings
 from trainer.tokenizer import TINY, load_tokenizer
 from trainer.warm_start import warm_start
 
-# The mesh, micro-batch count, model shapes, optimizer init and sampling settings come from
-# trainer/programs.py, which the preflight uses too (re-exported here for callers of the old names).
-DTYPES = programs.DTYPES
-make_mesh = programs.make_mesh
-num_micro_batches = programs.num_micro_batches
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Process-level setup.
 
@@ -89,7 +82,7 @@ def build_model(
     cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh, on_bytes: hf_io.OnBytes | None = None
 ) -> tuple[Qwen2Config, Any]:
     """Pretrained weights (hub id or local folder) or a random-init tiny Qwen2, sharded on `mesh`."""
-    dtype = DTYPES[cfg.param_dtype]
+    dtype = programs.DTYPES[cfg.param_dtype]
     if cfg.model_init == "pretrained":
         return hf_io.load_model(cfg.model_path, param_dtype=dtype, mesh=mesh, on_bytes=on_bytes)
     model_cfg = programs.tiny_model_config(cfg, vocab_size)
@@ -111,7 +104,7 @@ def loss_config(cfg: Config) -> grpo.LossConfig:
         impl=t.policy_loss_impl,
         shadow_impl=None if t.shadow_policy_loss_impl == "none" else t.shadow_policy_loss_impl,
         kernel_blocks=tuple(sorted(t.kernel_blocks.items())),
-        compute_dtype=DTYPES[cfg.compute_dtype],
+        compute_dtype=programs.DTYPES[cfg.compute_dtype],
         remat=t.remat_policy if t.remat else False,
     )
 
@@ -246,8 +239,8 @@ def setup(cfg: Config, run_dir: Path, rep: Reporter | None = None) -> tuple[Trai
 
     Returns (trainer, state {"params", "opt_state"}, last completed step)."""
     rep = rep or Reporter(enabled=False, watch_compiles=False)
-    mesh = make_mesh(cfg.mesh_shape)
-    num_micro = num_micro_batches(cfg, mesh)
+    mesh = programs.make_mesh(cfg.mesh_shape)
+    num_micro = programs.num_micro_batches(cfg, mesh)
     devices = mesh.devices.size
     rep.phase("setup", detail=f"mesh {dict(mesh.shape)} on {devices} {jax.default_backend()} device(s), "
                               f"{jax.process_count()} process(es), config hash {config_hash(cfg)}")
@@ -330,7 +323,7 @@ def warm_start_policy(t: Trainer, params: Any) -> tuple[Any, dict[str, float]]:
     rep.advance("warm_start", 0, n)
     return warm_start(
         params, cfg.warm_start, t.model_cfg, t.sampler.tokenizer, t.stream.problems, t.mesh, seed=cfg.seed,
-        pad_id=t.sampler.pad_id, compute_dtype=DTYPES[cfg.compute_dtype],
+        pad_id=t.sampler.pad_id, compute_dtype=programs.DTYPES[cfg.compute_dtype],
         local_rows=t.sampler.local_slice(cfg.warm_start.batch_size), on_step=on_step,
     )
 

@@ -13,6 +13,7 @@ cached node and connections are dropped, so the next poll reaches the machine as
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from grpoctl_contract.progress import Event
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.lifecycle.states import IN_FLIGHT_LAUNCH, RunState, combine, is_failure, is_terminal
@@ -46,7 +48,7 @@ class Poll:
         return not self.errors
 
     @property
-    def progress(self) -> recipes.Progress | None:
+    def progress(self) -> Event | None:
         first = self.statuses[0] if self.statuses else None
         return first.progress if first else None
 
@@ -98,32 +100,12 @@ def probe(target, record: RunRecord, *, timeout: float = 30, stall_after_s: floa
         record.alive_at_s = time.time()  # the time ledger: the job was last seen alive then
     result = Poll(statuses, errors)
     if result.progress:
-        record.last_progress = progress_dict(result.progress)
+        record.last_progress = result.progress
     info = next((s.info for s in statuses if s is not None and s.info), None)
     if info:
         record.config_hash = info.get("config_hash") or record.config_hash
         record.wandb_url = info.get("wandb_url") or record.wandb_url
     return result
-
-
-def progress_dict(progress: recipes.Progress) -> dict[str, Any]:
-    """What a run record keeps of its last event (status --json shows it)."""
-    return {
-        "step": progress.step,
-        "total": progress.total,
-        "elapsed_s": progress.elapsed_s,
-        "eta_s": progress.eta_s,
-        "phase_eta_s": progress.phase_eta_s,
-        "metrics": dict(progress.metrics or {}),
-        "phase": progress.phase,
-        "k": progress.k,
-        "n": progress.n,
-        "detail": progress.detail,
-        "bytes_done": progress.bytes_done,
-        "bytes_total": progress.bytes_total,
-        "text": progress.text,
-        "ledger": dict(progress.ledger) if progress.ledger else None,
-    }
 
 
 def _stalled(status: recipes.WorkerStatus, stall_after_s: float | None) -> bool:
@@ -214,7 +196,8 @@ class Monitor:
             for w in rec.workers:
                 if not is_terminal(w.state):
                     w.state = decision.state
-            rec.last_progress = {**(rec.last_progress or {}), "eta_s": None}
+            if rec.last_progress is not None:  # the job is gone: its ETA means nothing any more
+                rec.last_progress = dataclasses.replace(rec.last_progress, eta_s=None)
         if self.store is not None:
             self.store.save(rec)  # also brings in what other processes wrote (a `down` asking to stop)
         for callback in self.on_decision:

@@ -230,14 +230,14 @@ class Recovery:
             "at": utc_now_iso(),
             "kind": kind,
             "reason": reason,
-            "step": (rec.last_progress or {}).get("step"),
+            "step": rec.last_progress.step if rec.last_progress else None,
             "previous_log": rec.log_path,
             "deleted": False,
             # The ended attempt, for the time ledger: when it was launched and seen gone, its trainer's split.
             "attempt_launched_at_s": rec.launched_at_s,
             "detected_at_s": rec.ended_at_s or time.time(),
             "alive_at_s": rec.alive_at_s,
-            "attempt_ledger": (rec.last_progress or {}).get("ledger"),
+            "attempt_ledger": (rec.last_progress.ledger or None) if rec.last_progress else None,
         }
         rec.state, rec.state_reason, rec.recovery_pending = RunState.RECOVERING, reason, pending
         self.session.store.save(rec)  # before any delete or create: a crash from here on is picked up

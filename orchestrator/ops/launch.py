@@ -128,15 +128,14 @@ class LogNameTaken(UsageError):
 COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
 
 
-def worker_env(run_id: str, index: int, workers: Sequence[Worker], target_kind: str) -> dict[str, str]:
+def worker_env(run_id: str, index: int, workers: Sequence[Worker]) -> dict[str, str]:
     """What every worker's trainer is told about the run and its peers.
 
     With several workers the trainer calls jax.distributed.initialize() with worker 0 (as its peers reach
-    it: a TPU VM's internal IP) as the coordinator. On a TPU slice that is the address JAX would discover
-    from the TPU metadata anyway; saying it makes a slice whose metadata JAX cannot read (the rehearsal's
-    CPU workers, a VM built by hand) work the same way.
+    it: a TPU VM's internal IP) as the coordinator, whatever the target's kind. On a TPU slice that is the
+    address JAX would discover from the TPU metadata anyway; saying it makes a slice whose metadata JAX
+    cannot read (the rehearsal's CPU workers, a VM built by hand) work the same way.
     """
-    del target_kind  # every kind gets the same settings (kept for callers' clarity)
     env = {"GRPOCTL_RUN_ID": run_id, "GRPOCTL_WORKER": str(index)}
     if len(workers) > 1:
         env |= {
@@ -181,7 +180,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
             record.config,
             paths,
             config_stem=record.config_stem,
-            env={**record.flags, **worker_env(record.run_id, i, workers, record.target_kind)},
+            env={**record.flags, **worker_env(record.run_id, i, workers)},
             trainer_args=record.trainer_args,
             force=force,
             env_file=secrets_file is not None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +11,8 @@ from orchestrator.config import GrpoctlConfig, RepoConfig, TargetConfig, load_co
 from orchestrator.ops import dryrun
 from orchestrator.runs import RunStore
 from orchestrator.targets import Target, build_target
+from orchestrator.targets.base import Say, say_nothing
 from orchestrator.transport.recording import RecordingScript
-
-Say = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass
@@ -30,7 +24,7 @@ class Session:
     store: RunStore
     dry_run: bool = False
     script: RecordingScript | None = None  # the dry run's journal
-    say: Say = _quiet  # progress and warnings, one line each (the CLI sends them to stderr)
+    say: Say = say_nothing  # progress and warnings, one line each (the CLI sends them to stderr)
 
     @property
     def kind(self) -> str:
@@ -67,7 +61,7 @@ def open_session(
     dry_run: bool = False,
     accept_new_host_key: bool = False,
     store: RunStore | None = None,
-    say: Say = _quiet,
+    say: Say = say_nothing,
     extra_targets: dict[str, TargetConfig] | None = None,
 ) -> Session:
     """Load the config, pick the target (nothing connects yet) and open the run store.

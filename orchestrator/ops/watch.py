@@ -18,16 +18,12 @@ from orchestrator.transport.base import Transport
 
 def phase_json(record: RunRecord) -> dict[str, Any] | None:
     """The `phase` field of `status --json`: what the run does now, with its own k/n and the ETA."""
-    p = record.last_progress
-    if not p:
+    ev = record.last_progress
+    if ev is None:
         return None
-    phase = p.get("phase") or "train"
-    k, n = p.get("k"), p.get("n")
-    if p.get("phase") is None:  # a record from before phases: its step is the train phase's k
-        k, n = p.get("step"), p.get("total")
-    eta = 0.0 if record.state is RunState.SUCCEEDED else p.get("eta_s")
-    return {"name": phase, "k": k, "n": n, "eta_s": eta, "phase_eta_s": p.get("phase_eta_s"),
-            "detail": p.get("detail"), "text": p.get("text") or f"step {p.get('step')}/{p.get('total')}"}
+    eta = 0.0 if record.state is RunState.SUCCEEDED else ev.eta_s
+    return {"name": ev.phase, "k": ev.k, "n": ev.n, "eta_s": eta, "phase_eta_s": ev.phase_eta_s,
+            "detail": ev.detail, "text": ev.text}
 
 
 def kill(target, record: RunRecord, *, workers: list[int] | None = None, grace_s: float = 10.0) -> list[str]:

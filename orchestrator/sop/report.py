@@ -12,7 +12,6 @@ from typing import Any
 
 from orchestrator import compare as cmp
 from orchestrator import ledger as ledger_mod
-from orchestrator.ops import watch as watch_ops
 from orchestrator.runs import RunRecord, utc_now_iso
 from orchestrator.sop import schema
 from orchestrator.sop.schema import CompareStep, RunStep, Sop, Step, members, run_overrides, step_id
@@ -89,9 +88,8 @@ def run_details(record: RunRecord) -> list[str]:
     for w in record.workers:
         code = "" if w.exit_code is None else f", exit {w.exit_code}"
         lines.append(f"{w.worker} ({w.host}): pid {w.pid}, {w.state}{code}")
-    phase = watch_ops.phase_json(record)
-    if phase is not None:
-        lines.append(f"last phase: {md(phase['text'])}")
+    if record.last_progress is not None:
+        lines.append(f"last phase: {md(record.last_progress.text)}")
     # config hash and W&B URL come from the worker's log: escaped, they can never open a line of their own
     lines.append(
         f"commit {md_value(record.git_commit or 'unknown', code=True)}, "

@@ -38,11 +38,16 @@ class Worker:
 
 @dataclass
 class TargetState:
-    """What `status` shows about the machine itself, beside the runs."""
+    """What `status` and `up` show about the machine itself, beside the runs."""
 
     state: str  # e.g. READY, CREATING, PREEMPTED, NOT_FOUND, REACHABLE
     healthy: bool
     details: dict[str, Any] = field(default_factory=dict)
+    # What the config calls the target and its kind, and how many workers it has: `api.up` fills them in
+    # (a target's own `state()` reports only what it sees of the machine).
+    target: str = ""
+    kind: str = ""
+    workers: int = 0
 
 
 class Condition(StrEnum):
