@@ -18,14 +18,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paramiko
 
 from orchestrator.errors import AuthError, HostKeyError, InfraError, UsageError
 from orchestrator.retry import Backoff, retry_call
-from orchestrator.transport.base import CommandResult, OutputCallback
+from orchestrator.transport.base import Command, CommandResult, OutputCallback, Transport
 from orchestrator.transport.shell import (
     EXIT_GRACE_S,
     GET_MISSING,
@@ -66,8 +66,8 @@ class _Retryable(Exception):
     """A connect attempt failed in a way that another attempt might not (refused, timed out, reset)."""
 
 
-class SshTransport:
-    """Runs commands on one host over one kept SSH connection (see the `Transport` protocol)."""
+class SshTransport(Transport):
+    """Runs commands on one host over one kept SSH connection (see `Transport`)."""
 
     def __init__(
         self,
@@ -112,27 +112,18 @@ class SshTransport:
 
     # -- the Transport interface ---------------------------------------------------------------
 
-    def run(
-        self,
-        command: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> CommandResult:
-        start = time.monotonic()
+    def _run(self, cmd: Command) -> CommandResult:
         # The trailing `exit $?` stops bash from exec-ing the last command in its place: if that command
         # dies by a signal, bash reports 128+N (paramiko drops SSH's exit-signal message).
-        text = quote(script(command, env=env, cwd=cwd) + "\nexit $?")
+        text = quote(script(cmd.text, env=cmd.env, cwd=cmd.cwd) + "\nexit $?")
         # The remote `timeout` kills the command's whole process group; closing a channel would not.
         # (`timeout 0` would mean "no limit": the smallest limit it takes is 1 ms.)
+        timeout = cmd.timeout
         limit = None if timeout is None else max(timeout, 0.001)
         line = f"bash -c {text}" if limit is None else f"timeout -k 5 {limit:.3f} bash -c {text}"
-        client_deadline = None if timeout is None else start + timeout + _CLIENT_TIMEOUT_SLACK_S
-        code, out, err = self._exec(line, None, client_deadline, on_output)
+        code, out, err = self._exec(line, None, cmd.deadline(_CLIENT_TIMEOUT_SLACK_S), cmd.on_output)
         stdout, stderr = out.close(), err.close()
-        elapsed = time.monotonic() - start
+        elapsed = cmd.elapsed()
         if code == TIMEOUT_EXIT_CODE and timeout is not None and elapsed >= timeout:
             stderr += timed_out_note(self.name, timeout)
         return CommandResult(self.name, code, stdout, stderr, elapsed, len(out.data))
