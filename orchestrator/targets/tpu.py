@@ -12,7 +12,9 @@ from __future__ import annotations
 import getpass
 import sys  # only to ask whether stderr is a terminal (the live spinner); lines go to `say`
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
 from google.cloud import tpu_v2
 from rich.console import Console
@@ -50,6 +52,8 @@ HEALTHY = ("HEALTHY", "HEALTH_UNSPECIFIED")
 HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
 # Metadata updates that meet a concurrent one (409) are tried again after a pause.
 CONFLICT_RETRY = Backoff(attempts=6, first_s=2.0, max_s=20.0)
+
+T = TypeVar("T")
 
 
 class TpuTarget(Target):
@@ -225,12 +229,17 @@ class TpuTarget(Target):
             queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
             return None if deleting() else (node, queued)
 
+        return self._poll_up(gone, "still DELETING")
+
+    def _poll_up(self, check: Callable[[], T | None], late: str, last: Callable[[], str] = str) -> T:
+        """`check()` every poll_s until it answers; `<node>: <late> after <up_timeout_s> s<last()>` (an
+        InfraError) when it has not within up_timeout_s."""
         return poll_until(
-            gone,
+            check,
             timeout_s=self.cfg.up_timeout_s,
             poll_s=self.cfg.poll_s,
             on_timeout=lambda: InfraError(
-                f"{self.node_label}: still DELETING after {self.cfg.up_timeout_s:.0f} s"
+                f"{self.node_label}: {late} after {self.cfg.up_timeout_s:.0f} s{last()}"
             ),
         )
 
@@ -330,14 +339,7 @@ class TpuTarget(Target):
                 self._start_stopped()
             return None
 
-        return poll_until(
-            ready,
-            timeout_s=self.cfg.up_timeout_s,
-            poll_s=self.cfg.poll_s,
-            on_timeout=lambda: InfraError(
-                f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
-            ),
-        )
+        return self._poll_up(ready, "not READY", lambda: f" (last: {shown})")
 
     def _why(self, qr: tpu_v2.QueuedResource) -> str:
         """`: <advice> (<message>)` from a FAILED queued resource's failedData.error, mapped like any API
