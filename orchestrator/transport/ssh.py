@@ -66,6 +66,15 @@ class _Retryable(Exception):
     """A connect attempt failed in a way that another attempt might not (refused, timed out, reset)."""
 
 
+class _SessionLost(Exception):
+    """The kept connection died under us (sshd restarted, a network blip) before a channel opened."""
+
+
+# Nothing ran on a lost session, so one reconnect and one more try is safe. No wait between them: the
+# reconnect is the remedy, and `_ensure_connected` backs off on its own while the host does not answer.
+_REOPEN_ONCE = Backoff(attempts=2, first_s=0.0, jitter=False)
+
+
 class SshTransport(Transport):
     """Runs commands on one host over one kept SSH connection (see `Transport`)."""
 
@@ -262,18 +271,21 @@ class SshTransport(Transport):
 
     def _open_channel(self) -> paramiko.Channel:
         with self._lock:
-            for attempt in (1, 2):
-                conn = self._ensure_connected()
-                try:
-                    return conn.open_session(timeout=self._connect_timeout)
-                except (paramiko.SSHException, EOFError, OSError) as exc:
-                    # The kept connection died under us (sshd restarted, network blip): nothing ran
-                    # yet, so reconnecting and trying once more is safe.
-                    conn.close()
-                    self._conn = None
-                    if attempt == 2:
-                        raise InfraError(f"{self.name}: no session on {self._where}: {exc}") from None
-        raise AssertionError("unreachable")
+            try:
+                return retry_call(
+                    self._open_session, retry_on=lambda e: isinstance(e, _SessionLost), policy=_REOPEN_ONCE
+                )
+            except _SessionLost as exc:
+                raise InfraError(f"{self.name}: no session on {self._where}: {exc}") from None
+
+    def _open_session(self) -> paramiko.Channel:
+        conn = self._ensure_connected()
+        try:
+            return conn.open_session(timeout=self._connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            conn.close()  # dead: the next try connects afresh
+            self._conn = None
+            raise _SessionLost(str(exc)) from None
 
     def _ensure_connected(self) -> paramiko.Transport:
         if self._conn is not None and self._conn.is_active():
