@@ -38,9 +38,6 @@ def main() -> int:
     from tpu_support import Project, soak
 
     from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
-    from orchestrator.targets.tpu import TpuTarget
-
-    TpuTarget.ssh_port_from_endpoint = True
     with tempfile.TemporaryDirectory(prefix="grpoctl-soak-") as tmp:
         root = Path(tmp)
         os.environ["GRPOCTL_STATE_DIR"] = str(root / "state")

@@ -1,9 +1,9 @@
 """`python -m grpoctl_testing.fake_tpu_cli ARGS...`: grpoctl for a tpu target on the fake Cloud TPU API.
 
-The real CLI, with the two things only the fake's workers need set on TpuTarget rather than in grpoctl.yaml
-(no real node works so, so they are no user's configuration): each worker's sshd port comes from its
-network endpoint (one loopback sshd per worker), and `sync` installs the trainer without the `tpu` extra
-(the workers are CPU hosts: libtpu has no chip to drive). The rehearsal runs its SOP replay through this.
+The real CLI, told (through `main(tpu_wiring=...)`, not grpoctl.yaml: no real node works so, so they are
+no user's configuration) what the fake's VMs are like: each worker's sshd port comes from its network
+endpoint (one loopback sshd per worker), and `sync` installs the trainer without the `tpu` extra (the
+workers are CPU hosts: libtpu has no chip to drive). The rehearsal runs its SOP replay through this.
 The fake's workers all share 127.0.0.1, so the jax.distributed coordinator port is a free one picked here:
 two rehearsals at once on one machine otherwise meet on the customary port, and one's worker joins the
 other's job ("tried to connect with a different incarnation").
@@ -11,18 +11,26 @@ other's job ("tried to connect with a different incarnation").
 
 from __future__ import annotations
 
+import dataclasses
+
 from grpoctl_testing.sshd import free_port
 from orchestrator.cli import main
 from orchestrator.ops import launch
-from orchestrator.targets.tpu import TpuTarget
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 
 
-def wire_to_fake_workers() -> None:
-    TpuTarget.ssh_port_from_endpoint = True
-    TpuTarget.bootstrap_extras = ("trainer",)
-    launch.COORDINATOR_PORT = free_port()
+def fake_vm_wiring(*, metadata_base: str | None = None, cpu_workers: bool = False) -> TpuWiring:
+    """What a VM of the fake API is like: its sshd on the port its network endpoint names; with
+    `metadata_base` (the fake's endpoint) its watchdog asks the fake for a token; with `cpu_workers`,
+    `sync` installs the trainer alone (no libtpu)."""
+    wiring = dataclasses.replace(REAL_TPU_VM, ssh_port_from_endpoint=True)
+    if metadata_base is not None:
+        wiring = dataclasses.replace(wiring, metadata_base=metadata_base)
+    if cpu_workers:
+        wiring = dataclasses.replace(wiring, bootstrap_extras=("trainer",))
+    return wiring
 
 
 if __name__ == "__main__":
-    wire_to_fake_workers()
-    main()
+    launch.COORDINATOR_PORT = free_port()
+    main(fake_vm_wiring(cpu_workers=True))

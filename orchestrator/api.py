@@ -32,6 +32,7 @@ from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session, open_session
 from orchestrator.runs import RunRecord, RunStore, utc_now_iso
 from orchestrator.targets.base import Condition, Say, TargetState
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 
 # ---------------------------------------------------------------------------------------- sessions
 
@@ -53,6 +54,7 @@ class Sessions:
         extra_targets: Mapping[str, TargetConfig] | None = None,
         stall_after_s: float | None = None,
         attach_any: bool = False,
+        tpu_wiring: TpuWiring = REAL_TPU_VM,
     ) -> None:
         self.config_file, self.default_target = config_file, target
         self.attach_any = attach_any  # `--attach-any`: a TPU node of another type or spot-ness is attached
@@ -60,6 +62,7 @@ class Sessions:
         self.store = store if store is not None else (RunStore.in_memory() if dry_run else RunStore())
         self.extra_targets = dict(extra_targets or {})
         self.stall_after_s = stall_after_s  # `--stall-after`: replaces the config's stall_after_s
+        self.tpu_wiring = tpu_wiring  # what tpu targets assume about their VMs (a stand-in's, in rehearsals)
         self._open: dict[str | None, Session] = {}
 
     def get(self, target: str | None = None) -> Session:
@@ -74,6 +77,7 @@ class Sessions:
                 store=self.store,
                 say=self.say,
                 extra_targets=self.extra_targets,
+                tpu_wiring=self.tpu_wiring,
             )
             if self.stall_after_s is not None:
                 session.config = session.config.model_copy(update={"stall_after_s": self.stall_after_s})

@@ -33,6 +33,7 @@ from orchestrator.errors import GrpoctlError, UsageError
 from orchestrator.lifecycle.recovery import RecoveryPolicy, final_error
 from orchestrator.lifecycle.states import RunState
 from orchestrator.phaseview import PhaseView
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
 _GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
@@ -119,6 +120,7 @@ class Globals:
     target: str | None = None
     config_file: str | None = None
     accept_new_host_key: bool = False
+    tpu_wiring: TpuWiring = REAL_TPU_VM  # a real VM's, unless `main(tpu_wiring=...)` runs on a stand-in
 
     def __post_init__(self) -> None:
         # Piped output is for grep and logs: wide tables, never wrapped ids or paths.
@@ -144,6 +146,7 @@ class Globals:
             say=self.say,
             stall_after_s=stall_after_s,
             attach_any=attach_any,
+            tpu_wiring=self.tpu_wiring,
         )
 
     def emit_json(self, data: Any) -> None:
@@ -212,7 +215,10 @@ def main_options(
     ] = False,
 ) -> None:
     del version  # handled by its callback
-    ctx.obj = Globals(dry_run, json_out, verbose, target, config_file, accept_new_host_key)
+    # click's `obj`, when the caller passed one (`main(tpu_wiring=...)`, `CliRunner.invoke(..., obj=...)`),
+    # is how a stand-in Cloud TPU service says what its VMs are like; a user's grpoctl passes none.
+    wiring = ctx.obj if isinstance(ctx.obj, TpuWiring) else REAL_TPU_VM
+    ctx.obj = Globals(dry_run, json_out, verbose, target, config_file, accept_new_host_key, wiring)
 
 
 # ------------------------------------------------------------------------------------- options
@@ -854,6 +860,7 @@ def sop_replay(
         recover=_policy(recover, recover_on_exit_code, max_preemptions, max_failures, retry_wait),
         run_preflight=not no_preflight,
         view=lambda label: PhaseView(g.err, label, enabled=not g.json),
+        tpu_wiring=g.tpu_wiring,
     )
     if g.json:
         g.emit_json(result.to_json())
@@ -872,8 +879,8 @@ def _print_verdicts(g: Globals, lines: list[str], trajectory: list[str]) -> None
             g.out.print(f"  {line}", markup=False)
 
 
-def main() -> None:
-    app()
+def main(tpu_wiring: TpuWiring = REAL_TPU_VM) -> None:
+    app(obj=tpu_wiring)
 
 
 if __name__ == "__main__":

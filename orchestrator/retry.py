@@ -2,6 +2,8 @@
 
     retry_call(fn, retry_on=is_transient, policy=Backoff(attempts=6))   # bounded attempts, backoff
     poll_until(check, timeout_s=600, poll_s=5, on_timeout=...)          # until a state holds, or a deadline
+    poll_until(check, poll_s=5)                                         # until a state holds (no deadline)
+    Backoff(first_s=0.25, max_s=interval, jitter=False).delay(k)        # a growing wait (a loop of its own)
 
 `sleep`, `rand` and `clock` are injectable so tests count attempts and waits on a fake clock instead of
 waiting.
@@ -11,6 +13,7 @@ idempotent), so `retry_on` is a required predicate.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -34,7 +37,11 @@ class Backoff:
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
         """The wait before retry number `retry` (0 for the first retry)."""
-        bound = min(self.max_s, self.first_s * self.factor**retry)
+        try:
+            grown = self.first_s * self.factor**retry
+        except OverflowError:  # a watcher's thousandth wait: 2.0**1100 is past any float, and past max_s
+            grown = math.inf
+        bound = min(self.max_s, grown)
         return rand() * bound if self.jitter else bound
 
 
@@ -66,20 +73,23 @@ def retry_call(
 def poll_until(
     check: Callable[[], T | None],
     *,
-    timeout_s: float,
     poll_s: float,
-    on_timeout: Callable[[], BaseException],
+    timeout_s: float = math.inf,
+    on_timeout: Callable[[], BaseException] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call `check()` every `poll_s` until it returns something other than None, and return that. When a
-    check comes back None after `timeout_s`, raise `on_timeout()`. The first check is made at once and
-    each check runs to its end (a check may raise: that ends the poll); Ctrl-C lands between polls."""
+    check comes back None after `timeout_s`, raise `on_timeout()` (a TimeoutError without one); with no
+    `timeout_s` it polls until the check answers. The first check is made at once and each check runs to
+    its end (a check may raise: that ends the poll); Ctrl-C lands between polls."""
     deadline = clock() + timeout_s
     while True:
         result = check()
         if result is not None:
             return result
         if clock() > deadline:
+            if on_timeout is None:
+                raise TimeoutError(f"no answer within {timeout_s:g} s")
             raise on_timeout()
         sleep(poll_s)

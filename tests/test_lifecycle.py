@@ -152,7 +152,7 @@ def test_a_waiter_started_while_the_node_starts_reaches_it_once_ready(project: P
     cfg = ready(project, "grpo-starting")
     run_id = project.cli(cfg, "run", "configs/standin.yaml").stdout.strip()
     project.fake.report_state("grpo-starting", "STARTING")  # the API says STARTING, no endpoints; VMs live on
-    session = open_session(config_file=cfg)
+    session = open_session(config_file=cfg, tpu_wiring=project.wiring)
     try:
         record = session.store.get(run_id)
         threading.Timer(0.5, lambda: project.fake.report_state("grpo-starting", "READY")).start()

@@ -42,7 +42,7 @@ def test_preempted_node_is_reported_on_the_next_poll_and_recoverable_later(proje
     finally:
         del os.environ["TEST_TOKEN"]
 
-    session = open_session(config_file=cfg)
+    session = open_session(config_file=cfg, tpu_wiring=project.wiring)
     record = session.store.get(run_id)
     polls: list[str] = []
     preempted_at: list[int] = []

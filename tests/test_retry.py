@@ -89,3 +89,14 @@ def test_poll_until_passes_a_checks_error_through_at_once() -> None:
 
 def test_poll_until_takes_a_falsy_answer_that_is_not_none() -> None:
     assert poll_until(lambda: 0, timeout_s=0, poll_s=1, on_timeout=AssertionError, sleep=pytest.fail) == 0
+
+
+def test_poll_until_without_a_deadline_polls_until_the_check_answers() -> None:
+    clock, answers = FakeClock(), iter([None] * 1000 + ["SUCCEEDED"])
+    result = poll_until(lambda: next(answers), poll_s=3600, sleep=clock.sleep, clock=clock.monotonic)
+    assert result == "SUCCEEDED" and len(clock.slept) == 1000  # 1000 h of fake waiting: no deadline met
+
+
+def test_backoff_stays_at_its_cap_however_many_waits_came_before() -> None:
+    # a watcher polling for days: the growing bound would pass any float long before this
+    assert Backoff(first_s=0.25, max_s=30.0, jitter=False).delay(5000) == 30.0

@@ -45,7 +45,10 @@ def _api(project: Project) -> cloud.TpuApi:
 def _target(project: Project, say=None, accept_new: bool = False, **tpu: object) -> TpuTarget:  # type: ignore[no-untyped-def]
     data = yaml.safe_load(Path(project.config(**tpu)).read_text())["targets"]["tpu"]
     cfg = TpuTargetConfig.model_validate(data)
-    return TpuTarget("tpu", cfg, RepoConfig(), say=say or (lambda _: None), accept_new_host_key=accept_new)
+    return TpuTarget(
+        "tpu", cfg, RepoConfig(), say=say or (lambda _: None), accept_new_host_key=accept_new,
+        wiring=project.wiring,
+    )
 
 
 def _make_node(project: Project, name: str, ssh_keys: str = "", ready: bool = True) -> None:

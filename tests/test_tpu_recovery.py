@@ -18,7 +18,9 @@ pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 def test_recreation_retries_until_spot_capacity_returns(project: Project) -> None:
     long_run(project)
     said: list[str] = []
-    session = open_session(config_file=project.config(name="grpo-stockout"), say=said.append)
+    session = open_session(
+        config_file=project.config(name="grpo-stockout"), say=said.append, tpu_wiring=project.wiring
+    )
     session.target.say = said.append
     try:
         session.target.up()

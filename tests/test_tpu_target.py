@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import time
@@ -61,7 +62,7 @@ def test_ctrl_c_while_waiting_for_resources_deletes_the_queued_resource(project:
             raise KeyboardInterrupt  # the user's Ctrl-C, landing in the wait loop
 
     tpu = TpuTargetConfig.model_validate(json.loads(_target_json(project, name="grpo-int", queued=True)))
-    target = TpuTarget("tpu", tpu, RepoConfig(), say=say)
+    target = TpuTarget("tpu", tpu, RepoConfig(), say=say, wiring=project.wiring)
     with pytest.raises(KeyboardInterrupt):
         target.up()
     assert "up interrupted; deleted the queued resource grpo-int it created" in said[-1]
@@ -75,10 +76,11 @@ def test_the_target_reports_to_its_caller_and_never_prints(
     writes nothing to stdout or stderr, with or without a listener."""
     said: list[str] = []
     tpu = TpuTargetConfig.model_validate(json.loads(_target_json(project, name="grpo-quiet")))
-    loud = TpuTarget("tpu", tpu, RepoConfig(), say=said.append)
+    loud = TpuTarget("tpu", tpu, RepoConfig(), say=said.append, wiring=project.wiring)
     loud.up()
     loud.down()
-    TpuTarget("tpu", tpu, RepoConfig()).down()  # no listener: "nothing to delete" goes nowhere
+    quiet = TpuTarget("tpu", tpu, RepoConfig(), wiring=project.wiring)
+    quiet.down()  # no listener: "nothing to delete" goes nowhere
     assert any("READY" in line for line in said) and any("deleted" in line for line in said)
     assert capfd.readouterr() == ("", "")
     _nothing_left(project)
@@ -241,13 +243,14 @@ def test_failure_recovery_has_its_own_budget(project: Project) -> None:
     project.cli(cfg, "down", "--yes")
 
 
-def test_run_clears_stale_tpu_users_first(project: Project, monkeypatch) -> None:
+def test_run_clears_stale_tpu_users_first(project: Project) -> None:
     dev = project.root / "dev"
     (dev / "vfio").mkdir(parents=True)
     (dev / "vfio" / "0").touch()
     lock = project.root / "libtpu_lockfile"
-    monkeypatch.setattr(TpuTarget, "device_patterns", (f"{dev}/vfio/*",))
-    monkeypatch.setattr(TpuTarget, "libtpu_lockfile", str(lock))
+    project.wiring = dataclasses.replace(
+        project.wiring, device_patterns=(f"{dev}/vfio/*",), libtpu_lockfile=str(lock)
+    )
     cfg = project.config(name="grpo-stale")
     project.cli(cfg, "up")
     project.cli(cfg, "sync")
@@ -259,6 +262,7 @@ def test_run_clears_stale_tpu_users_first(project: Project, monkeypatch) -> None
         "tpu",
         TpuTargetConfig.model_validate(json.loads(_target_json(project, name="grpo-stale"))),
         RepoConfig(),
+        wiring=project.wiring,
     )
     assert target.transports()[0].run(stale).ok
     target.close()

@@ -4,6 +4,7 @@ server; a node grpoctl only attached to never gets a watchdog; a live grpoctl jo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,16 +20,16 @@ from tpu_support import Project
 
 from grpoctl_contract import watchdog
 from orchestrator.cloud import autodelete
-from orchestrator.targets.tpu import TpuTarget
 
 pytest_plugins = ["tpu_support"]  # the `fake` and `project` fixtures
 
 
 @pytest.fixture()
-def wired(project: Project, monkeypatch: pytest.MonkeyPatch) -> Project:
+def wired(project: Project) -> Project:
     """The watchdog asks the fake for its token and looks for jobs 5 times a second."""
-    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", project.fake.endpoint)
-    monkeypatch.setattr(TpuTarget, "autodelete_poll_s", 0.2)
+    project.wiring = dataclasses.replace(
+        project.wiring, metadata_base=project.fake.endpoint, autodelete_poll_s=0.2
+    )
     return project
 
 

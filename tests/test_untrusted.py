@@ -86,16 +86,18 @@ def test_a_sweeps_sampled_pass_is_read_whole_and_in_range_or_refused():
     assert sweep.correct == {"q0": True, "q1": False} and sweep.sampled == {"q0": (3, 8), "q1": (0, 8)}
     assert worker_data.eval_sweep('{"id": "q0", "correct": true}\n', "e.jsonl").sampled is None
     row = '{"id": "q%d", "correct": true%s}\n'
+    n8 = ', "samples": 8, "sampled_correct": %s'
+    some_rows = "e.jsonl:2: a sampled pass on some rows only"
     for bad, where in (
-        (row % (0, "") + row % (1, ', "samples": 8, "sampled_correct": 1'), "e.jsonl:2: a sampled pass on some"),
-        (row % (0, ', "samples": 8, "sampled_correct": 1') + row % (1, ""), "e.jsonl:2: a sampled pass on some"),
-        (row % (0, ', "samples": 8, "sampled_correct": 9'), "e.jsonl:1: `sampled_correct` must be an integer"),
-        (row % (0, ', "samples": 8, "sampled_correct": -1'), "e.jsonl:1: `sampled_correct`"),
-        (row % (0, ', "samples": 8, "sampled_correct": true'), "e.jsonl:1: `sampled_correct`"),
-        (row % (0, ', "samples": 8, "sampled_correct": 1.5'), "e.jsonl:1: `sampled_correct`"),
+        (row % (0, "") + row % (1, n8 % 1), some_rows),
+        (row % (0, n8 % 1) + row % (1, ""), some_rows),
+        (row % (0, n8 % 9), "e.jsonl:1: `sampled_correct` must be an integer from 0 to 8, not 9"),
+        (row % (0, n8 % -1), "e.jsonl:1: `sampled_correct`"),
+        (row % (0, n8 % "true"), "e.jsonl:1: `sampled_correct`"),
+        (row % (0, n8 % 1.5), "e.jsonl:1: `sampled_correct`"),
         (row % (0, ', "samples": 0, "sampled_correct": 0'), "e.jsonl:1: `samples` must be an integer from 1"),
         (row % (0, ', "samples": 1e12, "sampled_correct": 0'), "e.jsonl:1: `samples`"),
-        (row % (0, ', "sampled_correct": 0'), "e.jsonl:1: `samples` must be an integer from 1 to 4096, not missing"),
+        (row % (0, ', "sampled_correct": 0'), "`samples` must be an integer from 1 to 4096, not missing"),
     ):
         with pytest.raises(worker_data.WorkerDataError, match=where):
             worker_data.eval_sweep(bad, "e.jsonl")

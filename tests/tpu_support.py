@@ -21,11 +21,12 @@ from standin import StandinRepo, make_standin_repo
 from typer.testing import CliRunner
 
 from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
+from grpoctl_testing.fake_tpu_cli import fake_vm_wiring
 from orchestrator.cli import app
 from orchestrator.cloud import api as cloud
 from orchestrator.retry import Backoff
 from orchestrator.targets import tpu as tpu_target
-from orchestrator.targets.tpu import TpuTarget
+from orchestrator.targets.tpu_wiring import TpuWiring
 
 SECRET = "s3cr3t-wandb-value-0123456789"
 
@@ -50,21 +51,22 @@ def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -
     # read retries back off for milliseconds, not seconds (the same code path, a shorter policy)
     monkeypatch.setattr(cloud, "READ_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
     monkeypatch.setattr(tpu_target, "CONFLICT_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
-    # The fake's workers are loopback sshd servers on a port each, named in their network endpoints: test
-    # wiring set on the target class (as the rehearsal's fake_tpu_cli does), not a grpoctl.yaml key.
-    monkeypatch.setattr(TpuTarget, "ssh_port_from_endpoint", True)
-    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
-    monkeypatch.setattr(TpuTarget, "autodelete_metadata_base", fake.endpoint)
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
-    return Project(tmp_path, repo, fake)
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
+    return Project(tmp_path, repo, fake, wiring=fake_vm_wiring(metadata_base=fake.endpoint))
 
 
 class Project:
-    def __init__(self, root: Path, repo: StandinRepo, fake: FakeTpuApi) -> None:
+    def __init__(
+        self, root: Path, repo: StandinRepo, fake: FakeTpuApi, wiring: TpuWiring | None = None
+    ) -> None:
         self.root, self.repo, self.fake = root, repo, fake
         self.key = root / "keys" / "grpoctl_ed25519"
+        # What the fake's VMs are like (each worker's sshd on its endpoint's port): handed to every
+        # target this project builds, by the CLI (click's `obj`) or directly (TpuTarget(wiring=...)).
+        self.wiring = wiring if wiring is not None else fake_vm_wiring()
 
     def config(self, **tpu: object) -> str:
         target = {
@@ -91,7 +93,7 @@ class Project:
         return str(path)
 
     def cli(self, config: str, *args: str, code: int = 0):  # type: ignore[no-untyped-def]
-        result = CliRunner().invoke(app, ["--config-file", config, *args])
+        result = CliRunner().invoke(app, ["--config-file", config, *args], obj=self.wiring)
         out = result.stdout + result.stderr
         assert result.exit_code == code, f"{args}: exit {result.exit_code}\n{out}\n{result.exception!r}"
         assert SECRET not in out

@@ -29,6 +29,7 @@ from orchestrator.ops import launch as launch_ops
 from orchestrator.ops import sync as sync_ops
 from orchestrator.ops import watch as watch_ops
 from orchestrator.ops.session import Session
+from orchestrator.retry import Backoff, poll_until, retry_call
 from orchestrator.runs import RunRecord, utc_now_iso
 
 MACHINE_KINDS = ("preemption", "restart", "worker")  # the machine's fault: the preemption budget
@@ -115,7 +116,9 @@ class Recovery:
     def run(self, interval: float) -> RunRecord:
         rec = self.record
         self._pick_up()
-        polls = 0
+        # Short runs end fast and long ones need no hammering: waits of 0.25 s, 0.5 s, ... up to `interval`.
+        ramp = Backoff(first_s=0.25, factor=2.0, max_s=interval, jitter=False)
+        polls = 0  # waits since the last action
         while True:
             try:
                 d = self.monitor.poll()
@@ -148,8 +151,7 @@ class Recovery:
                 for note in d.notes:
                     if note.startswith("the control plane"):
                         self.session.say(f"{rec.run_id}: workers unreachable and {note}; still watching")
-                # Short runs end fast and long ones need no hammering: 0.25 s, 0.5 s, ... up to `interval`.
-                self.sleep(min(interval, 0.25 * 2**polls))
+                self.sleep(ramp.delay(polls))
                 polls += 1
                 continue
             polls = 0
@@ -248,34 +250,45 @@ class Recovery:
         rec, policy, session = self.record, self.policy, self.session
         assert policy is not None
         session.target.stop_check = self._stop_reason
-        errors = 0
+
+        def attempt() -> None:
+            reason = self._stop_reason()  # `grpoctl down` before (or between) tries: nothing is recreated
+            if reason:
+                self._stopped(reason)
+            try:
+                self._attempt(pending)
+            except RunStopped:
+                self._stopped(self._stop_reason() or "stopped while recovering")
+
+        def failed(errors: int, err: BaseException, wait_s: float) -> None:
+            session.say(
+                f"{rec.run_id}: recovery failed ({err}); next try in {wait_s:g} s "
+                f"(attempt {errors} of {policy.max_api_errors}; no preemption counted)"
+            )
+
+        # API errors and no capacity may pass (a stopped run does not): max_api_errors retries, evenly spaced.
+        wait_s = policy.retry_wait_s
+        fixed = Backoff(attempts=policy.max_api_errors + 1, first_s=wait_s, max_s=wait_s, jitter=False)
         try:
-            while True:
-                reason = self._stop_reason()
-                if reason:
-                    self._stopped(reason)
-                try:
-                    self._attempt(pending)
-                    return
-                except RunStopped:
-                    self._stopped(self._stop_reason() or "stopped while recovering")
-                except UsageError as err:  # refused (403, a bad request): only a person can fix it
-                    raise UsageError(
-                        f"run {rec.run_id}: recovery stopped: {err}; the run is not watched any more "
-                        f"(recorded {rec.state}): fix that, then resume with grpoctl recover {rec.run_id}"
-                    ) from None
-                except InfraError as err:
-                    errors += 1
-                    if errors > policy.max_api_errors:
-                        raise InfraError(
-                            f"run {rec.run_id}: recovery failed {errors} times (last: {err}); recorded "
-                            f"RECOVERING: grpoctl recover {rec.run_id} tries again"
-                        ) from None
-                    session.say(
-                        f"{rec.run_id}: recovery failed ({err}); next try in {policy.retry_wait_s:g} s "
-                        f"(attempt {errors} of {policy.max_api_errors}; no preemption counted)"
-                    )
-                    self.sleep(policy.retry_wait_s)
+            retry_call(
+                attempt,
+                retry_on=lambda err: isinstance(err, InfraError) and not isinstance(err, RunStopped),
+                policy=fixed,
+                sleep=self.sleep,
+                on_retry=failed,
+            )
+        except RunStopped:
+            raise
+        except UsageError as err:  # refused (403, a bad request): only a person can fix it
+            raise UsageError(
+                f"run {rec.run_id}: recovery stopped: {err}; the run is not watched any more "
+                f"(recorded {rec.state}): fix that, then resume with grpoctl recover {rec.run_id}"
+            ) from None
+        except InfraError as err:  # every try failed
+            raise InfraError(
+                f"run {rec.run_id}: recovery failed {fixed.attempts} times (last: {err}); recorded "
+                f"RECOVERING: grpoctl recover {rec.run_id} tries again"
+            ) from None
         finally:
             session.target.stop_check = None
 
@@ -298,11 +311,7 @@ class Recovery:
             target.up()  # a PREEMPTED node is deleted and created again; a READY one is attached
             prepare_workers(session, self.policy.env_file if self.policy else ".env")
         # launch() clears stale TPU users itself (TpuTarget.before_launch), with the target's device paths
-        previous = rec.log_path
-        launch_ops.renew_attempt(rec)
-        while rec.log_path == previous:  # log names have 1 s resolution: a fast failure
-            time.sleep(0.2)
-            launch_ops.renew_attempt(rec)
+        launch_ops.renew_attempt(rec)  # new log paths, never the last attempt's (even after a fast failure)
         for w, fresh in zip(rec.workers, target.workers(), strict=True):
             w.host = fresh.host if fresh.port == 22 else f"{fresh.host}:{fresh.port}"
         rec.finished_at = None
@@ -375,7 +384,8 @@ def observe(
     records = list(records)
     monitors: dict[str, Monitor] = {}
     unpollable: set[str] = set()
-    while True:
+
+    def one_round() -> list[RunRecord] | None:
         unreachable: list[str] = []
         for record in records:
             if is_terminal(record.state) or record.run_id in unpollable:
@@ -393,4 +403,6 @@ def observe(
         on_round(Round(records, unreachable))
         if not watch or all(is_terminal(r.state) or r.run_id in unpollable for r in records):
             return records
-        sleep(interval)
+        return None
+
+    return poll_until(one_round, poll_s=interval, sleep=sleep)  # no deadline: until every run has ended

@@ -13,8 +13,9 @@ from grpoctl_contract import envfile
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.lifecycle.states import RunState
-from orchestrator.ops.fanout import fan_out
+from orchestrator.ops.fanout import PerWorker, fan_out
 from orchestrator.ops.session import Session
+from orchestrator.retry import Backoff, poll_until, retry_call
 from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
 from orchestrator.targets.base import Worker
 from orchestrator.transport.base import Transport
@@ -83,11 +84,18 @@ def paths_of(record: RunRecord) -> recipes.RunPaths:
 def renew_attempt(record: RunRecord) -> None:
     """New log/pid/exit paths (a fresh UTC stamp) for relaunching the same run, e.g. after preemption.
 
-    The run dir stays: the trainer resumes from its checkpoints there.
+    The run dir stays: the trainer resumes from its checkpoints there. The paths differ from the last
+    attempt's: they are stamped to the second, so a relaunch within the same second waits for the next.
     """
-    record.ts = utc_stamp()
-    fresh = recipes.RunPaths.for_run(record.config_stem, record.ts, record.run_id)
-    record.log_path, record.pid_path, record.exit_path = fresh.log, fresh.pid, fresh.exit
+    taken = record.log_path
+
+    def stamped() -> bool | None:
+        record.ts = utc_stamp()
+        fresh = recipes.RunPaths.for_run(record.config_stem, record.ts, record.run_id)
+        record.log_path, record.pid_path, record.exit_path = fresh.log, fresh.pid, fresh.exit
+        return True if record.log_path != taken else None
+
+    poll_until(stamped, poll_s=0.2)
     for w in record.workers:
         w.pid, w.state, w.exit_code = None, RunState.STARTING, None
 
@@ -123,6 +131,18 @@ def check_flags(flags: Mapping[str, str]) -> None:
 
 class LogNameTaken(UsageError):
     """This run's log file name is already in use on a worker (another launch in the same second)."""
+
+
+class _EveryNameTaken(Exception):
+    """The log name was taken on every worker: nothing started, a fresh name may start everywhere."""
+
+    def __init__(self, results: list[PerWorker[int]]) -> None:
+        super().__init__("log name taken on every worker")
+        self.results = results
+
+
+# No wait of its own between tries: `renew_attempt` waits for the clock's next second.
+NAME_TAKEN_RETRY = Backoff(attempts=4, first_s=0.0, jitter=False)
 
 
 COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
@@ -210,16 +230,28 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
             raise InfraError(f"{t.name}: launch failed (exit {result.exit_code}): {detail}")
         return pid
 
-    results = fan_out(target.transports(), one)
-    for _ in range(3):  # log names have 1 s resolution: a launch of the same config in the same second
-        if not results or not all(isinstance(r.error, LogNameTaken) for r in results):
-            break
-        taken = record.log_path
-        while record.log_path == taken:
-            time.sleep(0.2)
-            renew_attempt(record)
-        paths = paths_of(record)
+    def start_everywhere() -> list[PerWorker[int]]:
         results = fan_out(target.transports(), one)
+        if results and all(isinstance(r.error, LogNameTaken) for r in results):
+            raise _EveryNameTaken(results)
+        return results
+
+    def next_name(_attempt: int, _err: BaseException, _wait_s: float) -> None:
+        nonlocal paths
+        renew_attempt(record)
+        paths = paths_of(record)
+
+    # Log names have 1 s resolution: another launch of the same config in the same second took this one
+    # on every worker. Nothing started, so it is tried again under the next second's name (3 times).
+    try:
+        results = retry_call(
+            start_everywhere,
+            retry_on=lambda err: isinstance(err, _EveryNameTaken),
+            policy=NAME_TAKEN_RETRY,
+            on_retry=next_name,
+        )
+    except _EveryNameTaken as still:
+        results = still.results  # reported below like any launch that failed everywhere
     for r, w in zip(results, record.workers, strict=True):
         w.pid, w.state = r.value, (RunState.RUNNING if r.ok else RunState.LOST)
     failed = [r for r in results if r.error is not None]

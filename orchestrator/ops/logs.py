@@ -10,6 +10,7 @@ from orchestrator import recipes, untrusted
 from orchestrator.errors import GrpoctlError, InfraError, UsageError, WorkerReadError
 from orchestrator.ops import env as env_ops
 from orchestrator.ops.launch import paths_of
+from orchestrator.retry import poll_until
 from orchestrator.runs import RunRecord
 from orchestrator.transport.shell import GET_NOT_REGULAR
 
@@ -82,7 +83,10 @@ def follow(
             emit(pending[:cut])
             pending = pending[cut:]
 
-    while True:
+    def poll() -> str | None:
+        """New lines out; the run's final state label once it has ended (its last lines out too), else None.
+        A worker that does not answer is asked again next poll, until unreachable for max_unreachable_s."""
+        nonlocal offset, last_ok
         try:
             chunk = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
             state = recipes.parse_status(t.run(status_script, timeout=30).stdout)
@@ -90,16 +94,17 @@ def follow(
         except InfraError:
             if time.monotonic() - last_ok > max_unreachable_s:
                 raise
-            time.sleep(interval)
-            continue
+            return None
         if chunk.exit_code == GET_NOT_REGULAR:  # a log swapped for a device or FIFO: refuse, never hang
             raise WorkerReadError(f"{t.name}: {_last_line(chunk.stderr)}")
         if chunk.ok and chunk.stdout:
             # Bytes as received: a decoded text's length differs wherever the log is not valid UTF-8.
             offset += chunk.stdout_bytes if chunk.stdout_bytes is not None else len(chunk.stdout.encode())
             take(chunk.stdout)
-        if state.finished:
-            final = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
-            take(final.stdout if final.ok else "", final=True)
-            return state.label
-        time.sleep(interval)
+        if not state.finished:
+            return None
+        final = t.run(recipes.read_log_from(record.remote_dir, record.log_path, offset), timeout=60)
+        take(final.stdout if final.ok else "", final=True)
+        return state.label
+
+    return poll_until(poll, poll_s=interval)  # no deadline: a run's log is followed to its end

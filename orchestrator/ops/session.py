@@ -12,6 +12,7 @@ from orchestrator.ops import dryrun
 from orchestrator.runs import RunStore
 from orchestrator.targets import Target, build_target
 from orchestrator.targets.base import Say, say_nothing
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 from orchestrator.transport.recording import RecordingScript
 
 
@@ -63,6 +64,7 @@ def open_session(
     store: RunStore | None = None,
     say: Say = say_nothing,
     extra_targets: dict[str, TargetConfig] | None = None,
+    tpu_wiring: TpuWiring = REAL_TPU_VM,
 ) -> Session:
     """Load the config, pick the target (nothing connects yet) and open the run store.
 
@@ -78,7 +80,7 @@ def open_session(
         script = RecordingScript(responder=dryrun.responder, files=dryrun.FakeRunFiles(), printer=say)
     built = build_target(
         name, target_cfg, cfg.repo, dry_run=dry_run, accept_new_host_key=accept_new_host_key, script=script,
-        say=say,
+        say=say, tpu_wiring=tpu_wiring,
     )
     if store is None:
         store = RunStore.in_memory() if dry_run else RunStore()

@@ -45,6 +45,7 @@ from orchestrator.sop.schema import (
     step_id,
 )
 from orchestrator.sop.state import ReplayResult, ReplayState, StepState
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 from orchestrator.untrusted import md
 
 # Quick steps rewrite the state file and the report at most this often (the end and a failure always).
@@ -450,6 +451,7 @@ def replay(
     overrides: dict[str, str] | None = None,
     run_preflight: bool = True,
     view: ViewFactory | None = None,
+    tpu_wiring: TpuWiring = REAL_TPU_VM,
 ) -> ReplayResult:
     sop_path = Path(path)
     sop = load_sop(sop_path)
@@ -484,6 +486,7 @@ def replay(
         accept_new_host_key=accept_new_host_key,
         say=say,
         extra_targets=sop.targets,
+        tpu_wiring=tpu_wiring,
     )
     replayer = Replayer(
         sop,

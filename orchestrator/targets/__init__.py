@@ -11,6 +11,7 @@ from orchestrator.config import (
 )
 from orchestrator.targets.base import Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, hosts_for_accelerator, parse_host
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 from orchestrator.transport.recording import RecordingScript
 
 __all__ = ["Target", "TargetState", "Worker", "build_target"]
@@ -25,12 +26,14 @@ def build_target(
     accept_new_host_key: bool = False,
     script: RecordingScript | None = None,
     say: Say = say_nothing,
+    tpu_wiring: TpuWiring = REAL_TPU_VM,
 ) -> Target:
     """Build the target `name`. Nothing connects here: transports connect on their first call.
     The target reports progress (a TPU node's states while it starts) to `say`, one line at a time.
 
     With `dry_run`, the target has the real one's name, worker count and remote_dir, but its transports
     are RecordingTransports sharing `script` (a fresh empty one by default: every command "succeeds").
+    `tpu_wiring` is what a tpu target assumes about its VMs (a stand-in service passes its own).
     """
     if dry_run:
         return _dry_run_target(name, cfg, repo_cfg, script or RecordingScript())
@@ -45,7 +48,9 @@ def build_target(
     if isinstance(cfg, TpuTargetConfig):
         from orchestrator.targets.tpu import TpuTarget  # google-cloud-tpu is imported only when needed
 
-        return TpuTarget(name, cfg, repo_cfg, accept_new_host_key=accept_new_host_key, say=say)
+        return TpuTarget(
+            name, cfg, repo_cfg, accept_new_host_key=accept_new_host_key, say=say, wiring=tpu_wiring
+        )
     raise TypeError(f"unknown target config {type(cfg).__name__}")
 
 

@@ -12,23 +12,25 @@ from __future__ import annotations
 import getpass
 import sys  # only to ask whether stderr is a terminal (the live spinner); lines go to `say`
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
 from google.cloud import tpu_v2
 from rich.console import Console
 from rich.status import Status
 
-import grpoctl_contract.watchdog as watchdog
 from orchestrator.cloud import api as cloud
 from orchestrator.cloud import autodelete
 from orchestrator.cloud.errors import TransientApiError, classify, kind_of, status_error
 from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
-from orchestrator.cloud.stale import LIBTPU_LOCKFILE, TPU_DEVICE_PATTERNS, clear_stale_tpu_users
+from orchestrator.cloud.stale import clear_stale_tpu_users
 from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
 from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, RunStopped, UsageError
 from orchestrator.retry import Backoff, poll_until, retry_call
 from orchestrator.targets.base import Condition, Machine, Say, Target, TargetState, Worker, say_nothing
-from orchestrator.targets.topology import TPU_BOOTSTRAP_EXTRAS, pins_per_host
+from orchestrator.targets.topology import pins_per_host
+from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
 from orchestrator.transport.base import Transport
 from orchestrator.transport.ssh import SshTransport
 
@@ -51,24 +53,10 @@ HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after REA
 # Metadata updates that meet a concurrent one (409) are tried again after a pause.
 CONFLICT_RETRY = Backoff(attempts=6, first_s=2.0, max_s=20.0)
 
+T = TypeVar("T")
+
 
 class TpuTarget(Target):
-    # What counts as "holding the TPU" on a worker; tests point these at fake device files.
-    device_patterns: tuple[str, ...] = TPU_DEVICE_PATTERNS
-    libtpu_lockfile: str = LIBTPU_LOCKFILE
-    bootstrap_extras = TPU_BOOTSTRAP_EXTRAS
-    # Test wiring, not configuration: a real node's endpoint `port` is its TPU runtime's, never sshd's, so
-    # workers are reached on `ssh_port`. The fake API (grpoctl_testing/fake_tpu.py) runs one loopback
-    # sshd per worker and names its port there; its fixtures and the rehearsal's CLI set this to True.
-    ssh_port_from_endpoint: bool = False
-    # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a warning)
-    # instead of refusing it.
-    attach_any: bool = False
-    # Test wiring too: where the node's watchdog asks for its token (the fake API plays the metadata
-    # server), and how often it looks for jobs.
-    autodelete_metadata_base: str = watchdog.METADATA_BASE
-    autodelete_poll_s: float = 30.0
-
     def __init__(
         self,
         name: str,
@@ -78,12 +66,18 @@ class TpuTarget(Target):
         accept_new_host_key: bool = False,
         api: cloud.TpuApi | None = None,
         say: Say = say_nothing,
+        wiring: TpuWiring = REAL_TPU_VM,
     ) -> None:
         self.name = name
         self.cfg = cfg
         self.remote_dir = repo_cfg.remote_dir
         self.python = cfg.python
         self.say = say  # node states, deletions, stale chip users: the caller renders them
+        self.wiring = wiring  # the VM's insides: a real node's unless a stand-in service says otherwise
+        self.bootstrap_extras = wiring.bootstrap_extras
+        # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a
+        # warning) instead of refusing it.
+        self.attach_any = False
         self._accept_new = accept_new_host_key
         self._api = api
         self._node: tpu_v2.Node | None = None
@@ -235,12 +229,17 @@ class TpuTarget(Target):
             queued = self.api.get_queued(self.cfg.name) if self.cfg.queued else None
             return None if deleting() else (node, queued)
 
+        return self._poll_up(gone, "still DELETING")
+
+    def _poll_up(self, check: Callable[[], T | None], late: str, last: Callable[[], str] = str) -> T:
+        """`check()` every poll_s until it answers; `<node>: <late> after <up_timeout_s> s<last()>` (an
+        InfraError) when it has not within up_timeout_s."""
         return poll_until(
-            gone,
+            check,
             timeout_s=self.cfg.up_timeout_s,
             poll_s=self.cfg.poll_s,
             on_timeout=lambda: InfraError(
-                f"{self.node_label}: still DELETING after {self.cfg.up_timeout_s:.0f} s"
+                f"{self.node_label}: {late} after {self.cfg.up_timeout_s:.0f} s{last()}"
             ),
         )
 
@@ -340,14 +339,7 @@ class TpuTarget(Target):
                 self._start_stopped()
             return None
 
-        return poll_until(
-            ready,
-            timeout_s=self.cfg.up_timeout_s,
-            poll_s=self.cfg.poll_s,
-            on_timeout=lambda: InfraError(
-                f"{self.node_label}: not READY after {self.cfg.up_timeout_s:.0f} s (last: {shown})"
-            ),
-        )
+        return self._poll_up(ready, "not READY", lambda: f" (last: {shown})")
 
     def _why(self, qr: tpu_v2.QueuedResource) -> str:
         """`: <advice> (<message>)` from a FAILED queued resource's failedData.error, mapped like any API
@@ -438,7 +430,7 @@ class TpuTarget(Target):
             return
         try:
             autodelete.start(self.transports()[0], self.cfg, self.zone, self.remote_dir,
-                             metadata_base=self.autodelete_metadata_base, poll_s=self.autodelete_poll_s,
+                             metadata_base=self.wiring.metadata_base, poll_s=self.wiring.autodelete_poll_s,
                              notify=self.notify)
         except GrpoctlError as err:  # the node works without it: say so, do not fail `up`
             self.say(f"{self.node_label}: {err}; it will NOT delete itself when idle (grpoctl down does)")
@@ -479,7 +471,7 @@ class TpuTarget(Target):
             host = ep.ip_address if self.cfg.internal_ip else ep.access_config.external_ip
             if not host:
                 raise UsageError(f"{self.node_label}: worker {i} has no external IP; set internal_ip: true")
-            port = (ep.port or 22) if self.ssh_port_from_endpoint else self.cfg.ssh_port
+            port = (ep.port or 22) if self.wiring.ssh_port_from_endpoint else self.cfg.ssh_port
             out.append(Worker(i, host, port, peer_host=ep.ip_address or host))
         return out
 
@@ -592,8 +584,8 @@ class TpuTarget(Target):
         reports = clear_stale_tpu_users(
             self.transports(),
             remote_dir=remote_dir,
-            device_patterns=self.device_patterns,
-            lockfile=self.libtpu_lockfile,
+            device_patterns=self.wiring.device_patterns,
+            lockfile=self.wiring.libtpu_lockfile,
             force=force,
         )
         for report in reports:

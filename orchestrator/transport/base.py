@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 OutputCallback = Callable[[str], None]
 
@@ -25,8 +26,26 @@ class CommandResult:
         return self.exit_code == 0
 
 
-@runtime_checkable
-class Transport(Protocol):
+@dataclass(frozen=True)
+class Command:
+    """One `run` call as every transport receives it; `started` is when `run` was called."""
+
+    text: str
+    env: Mapping[str, str] | None
+    cwd: str | None
+    timeout: float | None
+    on_output: OutputCallback | None
+    started: float
+
+    def deadline(self, slack_s: float = 0.0) -> float | None:
+        """When the command's `timeout` (plus `slack_s`) runs out, on time.monotonic's clock; None: never."""
+        return None if self.timeout is None else self.started + self.timeout + slack_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Transport(ABC):
     """Runs shell commands and moves files on one worker.
 
     `run` executes `command` with `bash -lc`-like semantics (a POSIX shell string) and never raises
@@ -46,14 +65,21 @@ class Transport(Protocol):
         cwd: str | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
-    ) -> CommandResult: ...
+    ) -> CommandResult:
+        """The one signature of `run`, for every transport: each implements `_run` of the same `Command`."""
+        return self._run(Command(command, env, cwd, timeout, on_output, started=time.monotonic()))
 
+    @abstractmethod
+    def _run(self, cmd: Command) -> CommandResult: ...
+
+    @abstractmethod
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None: ...
 
+    @abstractmethod
     def get(self, remote_path: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
         """A regular file's bytes (a symlink to one is followed): FileNotFoundError when missing;
         WorkerReadError for a device, FIFO or socket, a file over `max_bytes` (default DEFAULT_GET_CAP) or
         a read past `timeout`. Callers use orchestrator.untrusted.read, which picks the limits."""
-        ...
 
+    @abstractmethod
     def close(self) -> None: ...

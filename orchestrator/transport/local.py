@@ -9,12 +9,11 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from orchestrator.errors import UsageError
-from orchestrator.transport.base import CommandResult, OutputCallback
+from orchestrator.transport.base import Command, CommandResult, Transport
 from orchestrator.transport.shell import (
     EXIT_GRACE_S,
     TIMEOUT_EXIT_CODE,
@@ -96,26 +95,17 @@ def _collect(
     return timed_out
 
 
-class LocalTransport:
+class LocalTransport(Transport):
     """Runs commands as `bash -c SCRIPT` in their own process group; env/cwd go into the script."""
 
     def __init__(self, name: str = "w0 localhost", *, shell: str = "/bin/bash") -> None:
         self.name = name
         self._shell = shell
 
-    def run(
-        self,
-        command: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> CommandResult:
-        start = time.monotonic()
+    def _run(self, cmd: Command) -> CommandResult:
         try:
             proc = subprocess.Popen(
-                [self._shell, "-c", script(command, env=env, cwd=cwd)],
+                [self._shell, "-c", script(cmd.text, env=cmd.env, cwd=cmd.cwd)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -128,10 +118,9 @@ class LocalTransport:
             assert stream is not None
             threading.Thread(target=_pump, args=(stream, which, chunks), daemon=True).start()
         # Callbacks run here, in the caller's thread, never in the pump threads.
-        splitters = {1: LineSplitter(on_output), 2: LineSplitter(on_output)}
-        deadline = None if timeout is None else start + timeout
+        splitters = {1: LineSplitter(cmd.on_output), 2: LineSplitter(cmd.on_output)}
         try:
-            timed_out = _collect(proc, chunks, splitters, deadline)
+            timed_out = _collect(proc, chunks, splitters, cmd.deadline())
         except BaseException:  # Ctrl-C or a callback that raised: do not leave the command behind
             _kill_group(proc)
             raise
@@ -139,11 +128,10 @@ class LocalTransport:
         stdout, stderr = splitters[1].close(), splitters[2].close()
         if timed_out:
             code = TIMEOUT_EXIT_CODE
-            stderr += timed_out_note(self.name, timeout)
+            stderr += timed_out_note(self.name, cmd.timeout or 0)
         elif code < 0:  # killed by a signal: report it the way a shell would
             code = 128 - code
-        elapsed = time.monotonic() - start
-        return CommandResult(self.name, code, stdout, stderr, elapsed, len(splitters[1].data))
+        return CommandResult(self.name, code, stdout, stderr, cmd.elapsed(), len(splitters[1].data))
 
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         """Write via a temp file that has `mode` (or less, under the umask) from its creation, then rename."""

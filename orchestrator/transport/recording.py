@@ -15,7 +15,7 @@ from typing import Literal
 
 # The dry run stands in for the workers that run recipes, so it knows what a recipe is (its name).
 from orchestrator.recipes import Recipe
-from orchestrator.transport.base import CommandResult, OutputCallback
+from orchestrator.transport.base import Command, CommandResult, Transport
 
 # (regex searched in the command, stdout, exit code); the first matching rule answers.
 Rule = tuple[str, str, int]
@@ -95,7 +95,7 @@ def describe(call: RecordedCall) -> str:
     return f"[{call.worker}] get {call.path}"
 
 
-class RecordingTransport:
+class RecordingTransport(Transport):
     """A Transport that never leaves the process: see the module docstring."""
 
     def __init__(self, name: str = "w0 dry-run", *, script: RecordingScript | None = None) -> None:
@@ -107,23 +107,18 @@ class RecordingTransport:
         """This worker's calls, in order."""
         return [c for c in self.script.journal if c.worker == self.name]
 
-    def run(
-        self,
-        command: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> CommandResult:
+    def _run(self, cmd: Command) -> CommandResult:
+        command = cmd.text
         recipe = command.name if isinstance(command, Recipe) else None
-        call = RecordedCall(self.name, "run", str(command), tuple(env or ()), cwd, timeout, recipe=recipe)
+        call = RecordedCall(
+            self.name, "run", str(command), tuple(cmd.env or ()), cmd.cwd, cmd.timeout, recipe=recipe
+        )
         self.script.record(call)
         stdout, exit_code = self.script.answer(command, self.name)
-        if on_output is not None:
+        if cmd.on_output is not None:
             for line in stdout.splitlines():
-                on_output(line)
-        return CommandResult(self.name, exit_code, stdout, "", 0.0)
+                cmd.on_output(line)
+        return CommandResult(self.name, exit_code, stdout, "", 0.0)  # nothing ran: it took no time
 
     def put(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         self.script.record(RecordedCall(self.name, "put", path=remote_path, mode=mode, size=len(data)))

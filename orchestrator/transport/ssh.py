@@ -18,14 +18,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paramiko
 
 from orchestrator.errors import AuthError, HostKeyError, InfraError, UsageError
 from orchestrator.retry import Backoff, retry_call
-from orchestrator.transport.base import CommandResult, OutputCallback
+from orchestrator.transport.base import Command, CommandResult, OutputCallback, Transport
 from orchestrator.transport.shell import (
     EXIT_GRACE_S,
     GET_MISSING,
@@ -66,8 +66,17 @@ class _Retryable(Exception):
     """A connect attempt failed in a way that another attempt might not (refused, timed out, reset)."""
 
 
-class SshTransport:
-    """Runs commands on one host over one kept SSH connection (see the `Transport` protocol)."""
+class _SessionLost(Exception):
+    """The kept connection died under us (sshd restarted, a network blip) before a channel opened."""
+
+
+# Nothing ran on a lost session, so one reconnect and one more try is safe. No wait between them: the
+# reconnect is the remedy, and `_ensure_connected` backs off on its own while the host does not answer.
+_REOPEN_ONCE = Backoff(attempts=2, first_s=0.0, jitter=False)
+
+
+class SshTransport(Transport):
+    """Runs commands on one host over one kept SSH connection (see `Transport`)."""
 
     def __init__(
         self,
@@ -112,27 +121,18 @@ class SshTransport:
 
     # -- the Transport interface ---------------------------------------------------------------
 
-    def run(
-        self,
-        command: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> CommandResult:
-        start = time.monotonic()
+    def _run(self, cmd: Command) -> CommandResult:
         # The trailing `exit $?` stops bash from exec-ing the last command in its place: if that command
         # dies by a signal, bash reports 128+N (paramiko drops SSH's exit-signal message).
-        text = quote(script(command, env=env, cwd=cwd) + "\nexit $?")
+        text = quote(script(cmd.text, env=cmd.env, cwd=cmd.cwd) + "\nexit $?")
         # The remote `timeout` kills the command's whole process group; closing a channel would not.
         # (`timeout 0` would mean "no limit": the smallest limit it takes is 1 ms.)
+        timeout = cmd.timeout
         limit = None if timeout is None else max(timeout, 0.001)
         line = f"bash -c {text}" if limit is None else f"timeout -k 5 {limit:.3f} bash -c {text}"
-        client_deadline = None if timeout is None else start + timeout + _CLIENT_TIMEOUT_SLACK_S
-        code, out, err = self._exec(line, None, client_deadline, on_output)
+        code, out, err = self._exec(line, None, cmd.deadline(_CLIENT_TIMEOUT_SLACK_S), cmd.on_output)
         stdout, stderr = out.close(), err.close()
-        elapsed = time.monotonic() - start
+        elapsed = cmd.elapsed()
         if code == TIMEOUT_EXIT_CODE and timeout is not None and elapsed >= timeout:
             stderr += timed_out_note(self.name, timeout)
         return CommandResult(self.name, code, stdout, stderr, elapsed, len(out.data))
@@ -271,18 +271,21 @@ class SshTransport:
 
     def _open_channel(self) -> paramiko.Channel:
         with self._lock:
-            for attempt in (1, 2):
-                conn = self._ensure_connected()
-                try:
-                    return conn.open_session(timeout=self._connect_timeout)
-                except (paramiko.SSHException, EOFError, OSError) as exc:
-                    # The kept connection died under us (sshd restarted, network blip): nothing ran
-                    # yet, so reconnecting and trying once more is safe.
-                    conn.close()
-                    self._conn = None
-                    if attempt == 2:
-                        raise InfraError(f"{self.name}: no session on {self._where}: {exc}") from None
-        raise AssertionError("unreachable")
+            try:
+                return retry_call(
+                    self._open_session, retry_on=lambda e: isinstance(e, _SessionLost), policy=_REOPEN_ONCE
+                )
+            except _SessionLost as exc:
+                raise InfraError(f"{self.name}: no session on {self._where}: {exc}") from None
+
+    def _open_session(self) -> paramiko.Channel:
+        conn = self._ensure_connected()
+        try:
+            return conn.open_session(timeout=self._connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            conn.close()  # dead: the next try connects afresh
+            self._conn = None
+            raise _SessionLost(str(exc)) from None
 
     def _ensure_connected(self) -> paramiko.Transport:
         if self._conn is not None and self._conn.is_active():
