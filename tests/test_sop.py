@@ -278,9 +278,12 @@ def test_real_local_sop_with_the_real_trainer(tmp_path: Path, monkeypatch: pytes
     (kernel,) = [line for line in result.verdict.splitlines() if "kernel parity" in line]
     assert kernel.startswith("pallas: kernel parity: pallas tracked jax on all 2 steps: max |dlogp| ")
     lines = [line for line in result.verdict.splitlines() if "kernel parity" not in line]
-    assert [line.split(" ")[0].rstrip(":") for line in lines] == ["jax", "pallas", "method", "jax"]
-    assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:2])
-    assert lines[2].startswith("method verdict: inconclusive: one run per arm")
+    # each run's start -> end twice: greedy (McNemar), then the sampled pass (the tiny configs turn it on)
+    heads = [line.split(" ")[0].rstrip(":") for line in lines]
+    assert heads == ["jax", "jax", "pallas", "pallas", "method", "jax"]
+    assert all(" -> end " in line and "on 16 paired questions" in line for line in lines[:4])
+    assert all("sampled pass rate (8 per question)" in lines[i] for i in (1, 3))
+    assert lines[4].startswith("method verdict: inconclusive: one run per arm")
     report = result.report_path.read_text()
     assert all(report.count(line) == 1 for line in lines)
     from orchestrator.sop.report import sop_ledgers
