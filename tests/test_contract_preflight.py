@@ -1,6 +1,6 @@
 """The contracts both halves read from grpoctl_contract: the preflight report (schema, JSON, exit codes, its
-one rendering) and the accelerator table (every half accepts and refuses the same slices). Fast: no
-compile, no jax import in the contract checks."""
+one rendering), the accelerator table (every half accepts and refuses the same slices) and the run's file
+layout. Fast: no compile, no jax import in the contract checks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from grpoctl_contract import preflight_table
 from grpoctl_contract.accelerators import CHIPS, AcceleratorError, family, parse_slice
 from grpoctl_contract.preflight import EXIT_DOES_NOT_FIT, EXIT_FITS, EXIT_UNAVAILABLE, FunctionReport, Report
+from grpoctl_contract.rundir import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_the_contract_package_imports_nothing_outside_the_stdlib() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert {"preflight", "preflight_table", "accelerators"} <= set(modules)
+    assert {"preflight", "preflight_table", "accelerators", "rundir"} <= set(modules)
 
 
 def test_a_trainer_report_round_trips_through_the_contract_unchanged() -> None:
@@ -152,3 +153,12 @@ def test_the_trainer_refuses_the_same_slices() -> None:
     )
     assert err.value.code == EXIT_DOES_NOT_FIT
 
+
+def test_run_paths_are_the_workers_file_layout() -> None:
+    paths = RunPaths.for_run("tiny", "20260101_000000", "tiny-1")
+    assert (paths.log, paths.pid, paths.exit) == (
+        "logs/nohup_tiny_20260101_000000.log", "logs/nohup_tiny_20260101_000000.pid",
+        "logs/nohup_tiny_20260101_000000.exit",
+    )  # fmt: skip
+    assert (paths.run_dir, paths.run_id, paths.env) == ("runs/tiny-1", "tiny-1", "logs/tiny-1.env")
+    assert RunPaths.latest("tiny", "log") == "logs/nohup_tiny_latest.log"
