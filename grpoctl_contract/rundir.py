@@ -1,10 +1,14 @@
-"""What a run directory (`runs/<run-id>/` on worker 0) holds: the file names and the summary keys.
+"""Where a run's files live on a worker: the job's files under the checkout (`RunPaths`: log, pid, exit,
+env) and what the run directory (`runs/<run-id>/` on worker 0) holds (file names and summary keys).
 
-The trainer writes these files; the orchestrator fetches, fakes (dry run) and compares them. Both import
-the names from here, so renaming a file is one edit. Stdlib only, like the rest of this package.
+The launch recipe and the trainer write these files; the orchestrator polls, fetches, fakes (dry run) and
+compares them. Both import the names from here, so renaming a file is one edit. Stdlib only, like the rest
+of this package.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 SUMMARY = "summary.json"  # latest value of every metric + run id, config hash, git commit, steps
 METRICS = "metrics.jsonl"  # one JSON object per logged step: {"step": N, "<metric>": value, ...}
@@ -50,3 +54,39 @@ PARITY_KEYS = (
 def parity_max(key: str) -> str:
     """The summary key holding the run's maximum of a PARITY_KEYS metric."""
     return f"{key}_max"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's files live on every worker, relative to the checkout."""
+
+    log: str
+    pid: str
+    exit: str
+    run_dir: str
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def env(self) -> str:
+        """The run's `-e` values (0600, read by the job launcher; `logs` redacts with it). Named by run
+        id, not by log stamp: a retried launch in the same second must not overwrite another run's."""
+        return f"logs/{self.run_id}.env"
+
+    @property
+    def env_loader(self) -> str:
+        """A copy of grpoctl_contract/envfile.py (ENVFILE_SOURCE) that loads `env` for the job: the job
+        needs no grpoctl installed on the worker, whatever interpreter the target names."""
+        return f"logs/{self.run_id}.loader.py"
+
+    @staticmethod
+    def for_run(config_stem: str, ts: str, run_id: str) -> RunPaths:
+        base = f"logs/nohup_{config_stem}_{ts}"
+        return RunPaths(log=f"{base}.log", pid=f"{base}.pid", exit=f"{base}.exit", run_dir=f"runs/{run_id}")
+
+    @staticmethod
+    def latest(config_stem: str, ext: str) -> str:
+        """The symlink to the newest run's `log`, `pid` or `exit` file of a config."""
+        return f"logs/nohup_{config_stem}_latest.{ext}"

@@ -26,6 +26,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
+from grpoctl_contract import preflight_table
 from orchestrator import api, initfile, recipes, render, untrusted, validate
 from orchestrator import compare as cmp
 from orchestrator import preflight as pf
@@ -803,17 +804,10 @@ def preflight(
         g.say(f"dry run: {why}; `{pf.command(config, accelerator, overrides, flags)}` compiles it")
         return
     if g.json or json_out:
-        g.emit_json(report.raw)
+        g.emit_json(report.to_json())
     else:
-        g.out.print(pf.table(report))
-        g.out.print("* est. ms: a roofline estimate (chip peak FLOP/s, HBM bandwidth), not a measurement")
-        step = pf.step_line(report)
-        if step:
-            g.out.print(step, markup=False)
-        suggestion = pf.suggestion_line(report)
-        if suggestion:
-            g.out.print(suggestion, markup=False)
-        g.out.print(report.line(), markup=False)
+        for line in preflight_table.render(report):  # the trainer prints the same (one renderer)
+            g.out.print(line, markup=False)
     if not report.fits:
         raise UsageError(pf.not_fitting_message(config, report))
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from grpoctl_contract.accelerators import parse_slice
 from orchestrator.errors import UsageError
 
 CONFIG_ENV = "GRPOCTL_CONFIG"
@@ -122,6 +123,14 @@ class TpuTargetConfig(_Strict):
                     f"label {key}={value!r}: keys and values are at most 63 lowercase letters, digits, "
                     "_ and -, keys start with a letter"
                 )
+        return v
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _known_accelerator(cls, v: str) -> str:
+        # The one accelerator table decides, before anything is created: a slice the trainer's preflight
+        # cannot compile for (v2/v3, a size no slice has) is refused here with the same words.
+        parse_slice(v)  # AcceleratorError is a ValueError: pydantic reports it under the key
         return v
 
     @field_validator("zone")

@@ -8,8 +8,10 @@ overrides (`--set` and the run's env flags that switch config keys), the acceler
 jax and libtpu versions and the trainer's own source, so editing the trainer (say, its remat policy) is
 never answered from a stale result.
 
-Exit codes of the trainer side: 0 everything fits, 2 something does not fit (or a bad config), 4 the
-preflight cannot run on this host (no jax/libtpu, e.g. macOS or ARM). Here: not fitting and bad configs
+The report's schema, its exit codes and its one rendering live in grpoctl_contract (preflight.py,
+preflight_table.py), shared with the trainer. Exit codes of the trainer side: 0 everything fits, 2
+something does not fit (or a bad config), 4 the preflight cannot run on this host (no jax/libtpu, e.g.
+macOS or ARM). Here: not fitting and bad configs
 raise `UsageError` (2); an unusable host raises `PreflightUnavailable` (3), which `run` and `sop replay`
 turn into one line and go on; a preflight that crashes raises `InfraError` (3).
 """
@@ -24,25 +26,25 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from rich.table import Table
 
 from grpoctl_contract.envflags import ENV_FLAGS
+from grpoctl_contract.preflight import (
+    DEFAULT_ACCELERATOR,
+    DEFAULT_HEADROOM,
+    EXIT_DOES_NOT_FIT,
+    EXIT_FITS,
+    EXIT_UNAVAILABLE,
+    Report,
+    gib,
+)
 from grpoctl_contract.progress import PREFLIGHT_COMPILED
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.runs import state_dir
 
-DEFAULT_ACCELERATOR = "v6e-8"
-DEFAULT_HEADROOM = 0.10
 PYTHON_ENV = "GRPOCTL_PREFLIGHT_PYTHON"  # an interpreter with the trainer extra + libtpu (README)
 CACHE_VERSION = 1  # bump when the cached layout changes
-
-EXIT_FITS, EXIT_NO_FIT, EXIT_UNAVAILABLE = 0, 2, 4
-
-GIB = 1024**3
 
 # Runs in the preflight interpreter, from the same folder as the preflight itself (same sys.path): which
 # jax/libtpu it would use and where its `trainer` package lives. importlib.metadata: no jax import.
@@ -73,101 +75,6 @@ class PreflightUnavailable(InfraError):
 
 class NotCached(PreflightUnavailable):
     """`--dry-run`: no cached report, and a dry run never compiles (a 3B model takes many minutes)."""
-
-
-@dataclass(frozen=True)
-class FunctionReport:
-    """One compiled function, per chip (bytes), as the trainer reports it."""
-
-    name: str
-    seq_len: int | None = None
-    peak_bytes: int = 0  # args + temp + out - alias (XLA's own check compares temp alone)
-    capacity_bytes: int = 0
-    fits: bool = True
-    mosaic_kernels: int = 0
-    argument_bytes: int = 0
-    output_bytes: int = 0
-    alias_bytes: int = 0
-    temp_bytes: int = 0
-    generated_code_bytes: int = 0
-    compile_s: float | None = None
-    flops: float | None = None  # every loop trip counted (a decode loop's once)
-    bytes_accessed: float | None = None  # XLA's cost analysis: loop bodies once
-    estimated_s: float | None = None  # a roofline estimate, not a measurement
-    hbm_bytes: float | None = None  # every loop trip counted, as flops
-    collective_bytes: int | None = None
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> FunctionReport:
-        known = {f.name for f in fields(FunctionReport)}
-        if "name" not in data:
-            raise ValueError("a function without a name")
-        return FunctionReport(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass(frozen=True)
-class Report:
-    """The trainer's preflight object, typed; `raw` is the object as printed (what `--json` passes on)."""
-
-    fits: bool
-    accelerator: str
-    topology: str
-    num_devices: int
-    headroom: float
-    jax_version: str
-    config_hash: str
-    reason: str | None
-    functions: tuple[FunctionReport, ...]
-    raw: dict[str, Any]
-    cached: bool = False
-
-    @staticmethod
-    def from_json(data: Any, *, cached: bool = False) -> Report:
-        if not isinstance(data, dict) or not isinstance(data.get("functions"), list):
-            raise ValueError("not a preflight report object")
-        return Report(
-            fits=bool(data["fits"]),
-            accelerator=str(data.get("accelerator", "")),
-            topology=str(data.get("topology", "")),
-            num_devices=int(data.get("num_devices", 0)),
-            headroom=float(data.get("headroom", DEFAULT_HEADROOM)),
-            jax_version=str(data.get("jax_version", "")),
-            config_hash=str(data.get("config_hash", "")),
-            reason=data.get("reason"),
-            functions=tuple(FunctionReport.from_json(f) for f in data["functions"]),
-            raw=data,
-            cached=cached,
-        )
-
-    @property
-    def largest(self) -> FunctionReport | None:
-        """The function with the highest per-chip peak: what decides whether the run fits."""
-        return max(self.functions, key=lambda f: f.peak_bytes, default=None)
-
-    def line(self) -> str:
-        """One line for progress output and reports: verdict, the largest function, capacity."""
-        top = self.largest
-        verdict = "fits" if self.fits else "DOES NOT FIT"
-        where = f"{self.accelerator}"
-        if top is None:
-            return f"{verdict} on {where}"
-        at = f" at T={top.seq_len}" if top.seq_len else ""
-        text = (
-            f"{verdict} on {where}: largest {top.name}{at} {gib(top.peak_bytes)} of "
-            f"{gib(top.capacity_bytes)} GiB per chip (headroom {self.headroom:.0%})"
-        )
-        return text + (" [cached]" if self.cached else "")
-
-
-def gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / GIB:.2f}"
-
-
-def _cell(n: float | None) -> str:
-    """GiB in the table; under 0.01 GiB in MiB with an `M` (tiny configs would read 0.00 everywhere)."""
-    if n is None:
-        return "-"
-    return f"{n / GIB:.2f}" if n == 0 or n >= GIB / 100 else f"{n / 2**20:.1f}M"
 
 
 @dataclass(frozen=True)
@@ -354,15 +261,15 @@ def run(
         _write(refused, message)
         raise UsageError(message)
     if report is None:
-        if code == EXIT_NO_FIT:  # no report: the config (or accelerator) was refused
+        if code == EXIT_DOES_NOT_FIT:  # no report: the config (or accelerator) was refused
             raise UsageError(f"preflight of {config}: {err_line or 'bad config'}")
         raise InfraError(
             f"preflight of {config} failed (exit {code}): {err_line or 'no output'}"
             " (grpoctl run --no-preflight skips it)"
         )
-    if code not in (EXIT_FITS, EXIT_NO_FIT) or report.fits != (code == EXIT_FITS):
+    if code not in (EXIT_FITS, EXIT_DOES_NOT_FIT) or report.fits != (code == EXIT_FITS):
         raise InfraError(f"preflight of {config}: exit {code} disagrees with its report")
-    _write(cached, json.dumps(report.raw))
+    _write(cached, json.dumps(report.to_json()))
     return report
 
 
@@ -510,86 +417,3 @@ def gate(
     line = f"preflight {config}: {report.line()}"
     say(line)
     return Gate(report, line)
-
-
-def table(report: Report) -> Table:
-    """Per function and per chip: memory (GiB), Mosaic kernels, compile time, cost and roofline estimate."""
-    t = Table(
-        box=None,
-        pad_edge=False,
-        title=f"{report.accelerator} ({report.topology}, "
-        f"{report.num_devices} chips), jax {report.jax_version}, per chip, GiB (M: MiB)",
-        title_justify="left",
-    )
-    for col in (
-        "function",
-        "T",
-        "args",
-        "temp",
-        "out",
-        "alias",
-        "code",
-        "peak",
-        "capacity",
-        "fits",
-        "mosaic",
-        "compile s",
-        "GFLOP",
-        "HBM GB",
-        "est. ms*",
-    ):
-        t.add_column(col, justify="left" if col in ("function", "fits") else "right")
-    for f in report.functions:
-        t.add_row(
-            f.name,
-            "-" if f.seq_len is None else str(f.seq_len),
-            _cell(f.argument_bytes),
-            _cell(f.temp_bytes),
-            _cell(f.output_bytes),
-            _cell(f.alias_bytes),
-            _cell(f.generated_code_bytes),
-            _cell(f.peak_bytes),
-            _cell(f.capacity_bytes),
-            "yes" if f.fits else "NO",
-            str(f.mosaic_kernels),
-            "-" if f.compile_s is None else f"{f.compile_s:.1f}",
-            "-" if f.flops is None else f"{f.flops / 1e9:.1f}",
-            "-" if f.hbm_bytes is None else f"{f.hbm_bytes / 1e9:.2f}",
-            "-" if f.estimated_s is None else f"{f.estimated_s * 1e3:.1f}",
-        )
-    return t
-
-
-def step_line(report: Report) -> str | None:
-    """The whole GRPO step's roofline estimate and its parts (the trainer's `grpo_step` entry)."""
-    g = report.raw.get("grpo_step")
-    if not isinstance(g, dict):
-        return None
-    try:
-        return (
-            f"GRPO step (estimate, device work only): {g['estimated_s']:.2f} s = rollout {g['rollout_s']:.2f}"
-            f" + log-probs {g['logprob_s']:.2f} + update {g['update_s']:.2f} + eval (amortised)"
-            f" {g['eval_s']:.2f}"
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def suggestion_line(report: Report) -> str | None:
-    """`--suggest`: the largest micro-batch per device whose update step fits, and what was tried."""
-    sug = report.raw.get("suggest")
-    if not isinstance(sug, dict):
-        return None
-    tried = ", ".join(
-        f"{t.get('micro_batch_size_per_device')}: {gib(t.get('peak_bytes'))} GiB"
-        f" {'fits' if t.get('fits') else 'no'}"
-        for t in sug.get("tried", [])
-        if isinstance(t, dict)
-    )
-    best = sug.get("micro_batch_size_per_device")
-    head = (
-        f"suggestion: --set train.micro_batch_size_per_device={best}"
-        if best
-        else "suggestion: no micro-batch size fits"
-    )
-    return f"{head} (tried {tried})" if tried else head

@@ -25,6 +25,7 @@ from typing import Any, ParamSpec
 import grpoctl_contract.envfile
 from grpoctl_contract import progress as contract
 from grpoctl_contract import rundir
+from grpoctl_contract.rundir import RunPaths
 from orchestrator import untrusted
 from orchestrator.errors import UsageError
 from orchestrator.lifecycle import states
@@ -328,37 +329,6 @@ def parse_env_verify(stdout: str) -> tuple[str | None, dict[str, int]]:
 # -------------------------------------------------------------------------------------------- launch
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one run's files live on every worker, relative to the checkout."""
-
-    log: str
-    pid: str
-    exit: str
-    run_dir: str
-
-    @property
-    def run_id(self) -> str:
-        return _basename(self.run_dir.rstrip("/"))
-
-    @property
-    def env(self) -> str:
-        """The run's `-e` values (0600, read by the job launcher; `logs` redacts with it). Named by run
-        id, not by log stamp: a retried launch in the same second must not overwrite another run's."""
-        return f"logs/{self.run_id}.env"
-
-    @property
-    def env_loader(self) -> str:
-        """A copy of grpoctl_contract/envfile.py (ENVFILE_SOURCE) that loads `env` for the job: the job
-        needs no grpoctl installed on the worker, whatever interpreter the target names."""
-        return f"logs/{self.run_id}.loader.py"
-
-    @staticmethod
-    def for_run(config_stem: str, ts: str, run_id: str) -> RunPaths:
-        base = f"logs/nohup_{config_stem}_{ts}"
-        return RunPaths(log=f"{base}.log", pid=f"{base}.pid", exit=f"{base}.exit", run_dir=f"runs/{run_id}")
-
-
 # The job wrapper: constant text, its inputs arrive as positional arguments (nothing to quote inside).
 # It records its own pid (the session leader: `kill -- -PID` stops the whole job), runs the trainer as a
 # child and writes the exit file when the child ends or when it is told to stop (TERM/INT).
@@ -446,7 +416,7 @@ def launch(
     """
     exports = [f"export {_env_name(k)}={q(v)}" for k, v in sorted((env or {}).items())]
     latest = [
-        f"ln -sfn {q(_basename(getattr(paths, ext)))} {q(f'logs/nohup_{config_stem}_latest.{ext}')}"
+        f"ln -sfn {q(_basename(getattr(paths, ext)))} {q(RunPaths.latest(config_stem, ext))}"
         for ext in ("log", "pid", "exit")
     ]
     envf = paths.env if env_file else ""

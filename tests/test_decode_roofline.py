@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl_contract.accelerators import CHIPS
 from trainer import config as C
 from trainer import hlo_stats, preflight, programs
 from trainer.sampler import _generate, decode_step
@@ -103,7 +104,7 @@ def test_decode_step_entry_on_an_abstract_v6e_8(decode_report):
     by_name = {f["name"]: f for f in result["functions"]}
     assert set(by_name) == {"prefill", "decode_step"}
     step = by_name["decode_step"]
-    chip = preflight.CHIPS["v6e"]
+    chip = CHIPS["v6e"]
     # flops and HBM bytes read off the compiled text, every loop trip (the layer scan) counted: above XLA's
     # own cost analysis, which counts the scan's body once.
     assert step["hbm_bytes"] > 0 and step["flops"] > 0 and step["bytes_accessed"] > 0

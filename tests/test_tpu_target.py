@@ -104,6 +104,7 @@ def _target_json(project: Project, **tpu: object) -> str:
     ("case", "code", "words"),
     [
         ("malformed zone", 2, "zone 'useast1d' is not of the form"),
+        ("accelerator the trainer cannot compile for", 2, "accelerator_type: unknown accelerator 'v3-8'"),
         ("accelerator type not offered", 2, 'Accelerator type "v5p-8" is not available in zone'),
         ("quota exhausted", 3, "quota exceeded ("),
         ("os login required by org policy", 2, "OS Login is required by the org policy"),
@@ -116,6 +117,8 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
     tpu: dict[str, object] = {"name": "grpo-bad"}
     if case == "malformed zone":
         tpu["zone"] = "useast1d"
+    elif case == "accelerator the trainer cannot compile for":
+        tpu["accelerator_type"] = "v3-8"  # the one accelerator table has no v2/v3
     elif case == "accelerator type not offered":
         tpu["accelerator_type"] = "v5p-8"
     elif case == "quota exhausted":
@@ -134,7 +137,7 @@ def test_bad_input_and_api_errors(project: Project, monkeypatch, case: str, code
     result = project.cli(project.config(**tpu), "up", code=code)
     assert words in one_line_error(result)
     _nothing_left(project)  # whatever `up` created on the way was deleted again
-    if case in ("malformed zone", "no credentials"):
+    if case in ("malformed zone", "accelerator the trainer cannot compile for", "no credentials"):
         assert len(project.fake.requests) == requests_before  # refused before any API call
 
 

@@ -37,8 +37,9 @@ host time, rewards, Python or dispatch.
 `--compile-cache DIR` keeps each compiled program's analysis and HLO keyed by its lowered module, so an
 unchanged program (a 3B update step takes many minutes) is read back instead of compiled again.
 
-Exit codes: 0 everything fits; 2 something does not fit (one line naming the program, T and GiB) or the
-config is bad; 4 the preflight cannot run on this host (no libtpu: Linux x86_64 only).
+Exit codes (grpoctl_contract/preflight.py, with the report's schema): 0 everything fits; 2 something does
+not fit (one line naming the program, T and GiB) or the config is bad; 4 the preflight cannot run on this
+host (no libtpu: Linux x86_64 only).
 """
 
 from __future__ import annotations
@@ -57,97 +58,36 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from grpoctl_contract.accelerators import CHIPS, Chip
+from grpoctl_contract import preflight_table
+from grpoctl_contract.accelerators import GIB, AcceleratorError, Chip, Slice, parse_slice
+from grpoctl_contract.preflight import (
+    DEFAULT_ACCELERATOR,
+    DEFAULT_HEADROOM,
+    EXIT_DOES_NOT_FIT,
+    EXIT_FITS,
+    EXIT_UNAVAILABLE,
+    FunctionReport,
+    Report,
+)
 from grpoctl_contract.progress import PREFLIGHT_COMPILED
 from trainer.hlo_stats import collective_bytes, hbm_traffic, matmul_flops
 
-GIB = 1024**3
-EXIT_DOES_NOT_FIT = 2
-EXIT_HOST = 4
-
-
-_ALIASES = {"v5litepod": "v5e", "v6e": "v6e", "v5e": "v5e", "v5p": "v5p", "v4": "v4"}
-# v6e/v5e slices name chips; v5p/v4 name TensorCores (2 per chip).
-_CORES_PER_CHIP = {"v6e": 1, "v5e": 1, "v5p": 2, "v4": 2}
-_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
-
 
 class PreflightError(Exception):
-    """One line for the user; `code` is the exit status (2 input, 4 host)."""
+    """One line for the user; `code` is the exit status (EXIT_DOES_NOT_FIT input, EXIT_UNAVAILABLE host)."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
 
 
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-    name: str
-    chip: Chip
-    topology: str  # jax's topology name, e.g. "v6e:2x4"
-    chips_per_host: tuple[int, int, int]
-    num_chips: int
-
-
-def parse_accelerator(name: str) -> Accelerator:
-    """'v6e-8', 'v5litepod-16', 'v5p-8', 'v4-8', ... -> the topology jax's tables know."""
-    m = re.fullmatch(r"(v6e|v5e|v5litepod|v5p|v4)-(\d+)", name.strip())
-    if not m:
-        raise PreflightError(
-            f"preflight: unknown accelerator {name!r} (expected e.g. v6e-8, v5litepod-16, v5p-8, v4-8)",
-            EXIT_DOES_NOT_FIT,
-        )
-    kind = _ALIASES[m.group(1)]
-    count = int(m.group(2))
-    cores = _CORES_PER_CHIP[kind]
-    chips = count // cores
-    bad = PreflightError(f"preflight: no {kind} slice has {count} {'cores' if cores > 1 else 'chips'}", 2)
-    if count % cores:
-        raise bad
-    if kind in ("v6e", "v5e"):
-        if chips not in _2D:
-            raise bad
-        x, y = _2D[chips]
-        # One host holds up to 8 chips (v6e-8 is 2x4 on one host); bigger slices have 4 chips per host.
-        per_host = (x, y, 1) if chips <= 8 else (2, 2, 1)
-        return Accelerator(name, CHIPS[kind], f"{kind}:{x}x{y}", per_host, chips)
-    # 3-D tori (v5p, v4): 4 chips per host, 2x2x1 per host.
-    shapes = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4)}
-    if chips not in shapes:
-        raise bad
-    x, y, z = shapes[chips]
-    per_host = (1, 1, 1) if chips == 1 else (2, 2, 1)
-    return Accelerator(name, CHIPS[kind], f"{kind}:{x}x{y}x{z}", per_host, chips)
-
-
-@dataclasses.dataclass
-class FunctionReport:
-    name: str
-    seq_len: int
-    peak_bytes: int
-    capacity_bytes: int
-    fits: bool
-    mosaic_kernels: int
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    generated_code_bytes: int
-    compile_s: float
-    # The roofline inputs, per chip, read off the compiled text with every loop trip counted (layer scan,
-    # micro-batches; a loop whose trip count depends on data, the sampler's decode loop, counts once):
-    flops: float  # matmul flops (hlo_stats.matmul_flops; a Pallas kernel counts its CostEstimate)
-    bytes_accessed: float  # XLA's cost analysis: HBM bytes with every loop body counted ONCE
-    estimated_s: float  # max(flops / peak, hbm_bytes / HBM bandwidth) + collective_bytes / ICI bandwidth
-    hbm_bytes: float = 0.0  # HBM bytes, every loop trip counted (hlo_stats.hbm_traffic)
-    collective_bytes: int = 0  # sum of `collectives`
-    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # {kind: bytes per chip}
-    # XLA's own cost analysis (loop bodies once) and the same formula on it, for comparison.
-    xla_flops: float = 0.0
-    xla_estimated_s: float = 0.0
-    # One iteration of the loops whose trip count depends on data (the decode loop of a whole sampler
-    # program): {"flops", "hbm_bytes", "collective_bytes"}, already counted once in the totals above.
-    data_loop: dict[str, float] | None = None
+def parse_accelerator(name: str) -> Slice:
+    """'v6e-8', 'v5litepod-16', 'v5p-8', 'v4-8', ... -> the slice and the topology jax's tables know
+    (grpoctl_contract/accelerators.py: the laptop reads the same table)."""
+    try:
+        return parse_slice(name)
+    except AcceleratorError as err:
+        raise PreflightError(f"preflight: {err}", EXIT_DOES_NOT_FIT) from None
 
 
 @dataclasses.dataclass
@@ -165,18 +105,18 @@ class Program:
 # Host and topology.
 
 
-def tpu_devices(acc: Accelerator) -> list[Any]:
+def tpu_devices(acc: Slice) -> list[Any]:
     """The abstract devices of the accelerator's topology (libtpu's compiler, no TPU needed)."""
     try:
         from jax.experimental import topologies
     except ImportError as err:  # pragma: no cover - jax is a trainer dependency
-        raise PreflightError(f"preflight: cannot run on this host: {err}", EXIT_HOST) from None
+        raise PreflightError(f"preflight: cannot run on this host: {err}", EXIT_UNAVAILABLE) from None
     try:
         import libtpu  # noqa: F401
     except ImportError:
         raise PreflightError(
             "preflight: cannot run on this host: libtpu is not installed (pip install 'jax[tpu]';"
-            " Linux x86_64 only)", EXIT_HOST,
+            " Linux x86_64 only)", EXIT_UNAVAILABLE,
         ) from None
     try:
         topo = topologies.get_topology_desc(
@@ -185,7 +125,7 @@ def tpu_devices(acc: Accelerator) -> list[Any]:
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         message = f"preflight: cannot build the {acc.name} topology here: {first}"
-        raise PreflightError(message, EXIT_HOST) from None
+        raise PreflightError(message, EXIT_UNAVAILABLE) from None
     # v4/v5p chips hold two TensorCores and the topology lists one device per core; JAX on such a slice
     # runs in megacore mode, one device per chip with the chip's whole HBM, so keep one device per chip
     # (mesh building refuses core-level devices there anyway).
@@ -515,7 +455,7 @@ def step_plan(cfg: Any, max_new_tokens: int, sweep_max_new_tokens: int) -> dict[
 
 
 def run(
-    cfg: Any, accelerator: str, headroom: float = 0.10,
+    cfg: Any, accelerator: str, headroom: float = DEFAULT_HEADROOM,
     on_report: Callable[[FunctionReport], None] | None = None, only: Sequence[str] = (),
     cache: Path | None = None,
 ) -> dict[str, Any]:
@@ -544,84 +484,34 @@ def run(
                 f" with {headroom:.0%} headroom"
             )
             break
-    functions = [dataclasses.asdict(r) for r in reports]
-    return {
-        "fits": reason is None,
-        "accelerator": acc.name,
-        "topology": acc.topology,
-        "num_devices": len(devices),
-        "headroom": headroom,
-        "usable_bytes": acc.chip.usable_bytes,
-        "jax_version": jax.__version__,
-        "config_hash": config_hash(cfg),
-        "reason": reason,
-        **facts,
-        "decode_estimate": decode_estimate(functions, facts["max_new_tokens"]),
-        "grpo_step": grpo_step(
-            acc.chip, functions, step_plan(cfg, facts["max_new_tokens"], facts["sweep_max_new_tokens"])
-        ),
-        "functions": functions,
-    }
+    functions = [r.to_json() for r in reports]
+    plan = step_plan(cfg, facts["max_new_tokens"], facts["sweep_max_new_tokens"])
+    return Report(
+        fits=reason is None,
+        accelerator=acc.name,
+        topology=acc.topology,
+        num_devices=len(devices),
+        headroom=headroom,
+        usable_bytes=acc.chip.usable_bytes,
+        jax_version=jax.__version__,
+        config_hash=config_hash(cfg),
+        reason=reason,
+        functions=tuple(reports),
+        extra={
+            **facts,
+            "decode_estimate": decode_estimate(functions, facts["max_new_tokens"]),
+            "grpo_step": grpo_step(acc.chip, functions, plan),
+        },
+    ).to_json()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Report.
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
-
-
 def render(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    title = (
-        f"preflight {result['accelerator']} ({result['topology']}, {result['num_devices']} chips, mesh"
-        f" {result['mesh']}), per chip, GiB; usable {_gib(result['usable_bytes'])} less"
-        f" {result['headroom']:.0%} headroom; jax {result['jax_version']}"
-    )
-    table = Table(title=title)
-    cols = ["function", "T", "args", "out", "alias", "temp", "code", "peak", "capacity", "fits",
-            "compile s", "Mosaic", "GFLOP", "HBM GB", "collectives MiB", "est. s (roofline)"]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("function", "fits") else "right")
-    for f in result["functions"]:
-        table.add_row(
-            f["name"], str(f["seq_len"] or "-"), _gib(f["argument_bytes"]), _gib(f["output_bytes"]),
-            _gib(f["alias_bytes"]), _gib(f["temp_bytes"]), _gib(f["generated_code_bytes"]),
-            _gib(f["peak_bytes"]), _gib(f["capacity_bytes"]), "yes" if f["fits"] else "NO",
-            f"{f['compile_s']:.1f}", str(f["mosaic_kernels"]), f"{f['flops'] / 1e9:.1f}",
-            f"{f['hbm_bytes'] / 1e9:.2f}", f"{f['collective_bytes'] / 1024**2:.1f}",
-            f"{f['estimated_s']:.4f}",
-        )
-    console = Console(width=max(Console().width, 180))  # a wide table: never truncate the figures
-    console.print(table)
-    shadow = result.get("shadow_policy_loss_impl", "none")
-    if shadow != "none":
-        console.print(
-            f"update_step includes the lockstep parity: the {shadow} provider beside"
-            f" {result.get('policy_loss_impl')} on every micro-batch (train.shadow_policy_loss_impl)."
-        )
-    console.print(
-        "est. s is a roofline ESTIMATE: max(flops / peak flops, HBM bytes / HBM bandwidth) + collective bytes"
-        " / ICI bandwidth per chip (grpoctl_contract/accelerators.py), every loop trip counted except a"
-        " decode loop's (once): device time only, not a measurement."
-    )
-    d = result.get("decode_estimate")
-    if d:
-        console.print(
-            f"decode (ESTIMATE): {d['decode_step_s'] * 1e3:.2f} ms per decode step x {d['tokens']} tokens"
-            f" = {d['decode_s']:.2f} s, + prefill {d['prefill_s']:.3f} s = {d['rollout_s']:.2f} s per rollout"
-        )
-    g = result.get("grpo_step")
-    if g:
-        console.print(
-            f"GRPO step (ESTIMATE, per chip, device work only): {g['estimated_s']:.2f} s = rollout"
-            f" {g['rollout_s']:.2f} + log-probs {g['logprob_s']:.2f} + update {g['update_s']:.2f}"
-            f" + eval (amortised) {g['eval_s']:.2f}; {g['flops'] / 1e12:.1f} TFLOP,"
-            f" {g['hbm_bytes'] / 1e9:.1f} GB HBM, {g['collective_bytes'] / 1e9:.1f} GB collectives"
-        )
+    """The report for people: the same table and notes `grpoctl preflight` prints (one renderer)."""
+    print("\n".join(preflight_table.render(Report.from_json(result))), flush=True)
 
 
 def suggest(cfg: Any, accelerator: str, headroom: float) -> dict[str, Any]:
@@ -644,7 +534,7 @@ def suggest(cfg: Any, accelerator: str, headroom: float) -> dict[str, Any]:
             continue
         (update,) = [p for p in progs if p.name == "update_step"]
         r = compile_program(update, acc.chip, headroom)
-        tried.append({"micro_batch_size_per_device": per_device, **dataclasses.asdict(r)})
+        tried.append({"micro_batch_size_per_device": per_device, **r.to_json()})
         if r.fits:
             return {"micro_batch_size_per_device": per_device, "tried": tried}
         per_device //= 2
@@ -661,10 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m trainer.preflight", description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", required=True, help="YAML config file (configs/*.yaml)")
     parser.add_argument("--accelerator", default=None,
-                        help="TPU slice, e.g. v6e-8 (default: v6e-8)")
+                        help=f"TPU slice, e.g. v6e-8 (default: {DEFAULT_ACCELERATOR})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, as for python -m trainer")
-    parser.add_argument("--headroom", type=float, default=0.10, help="fraction of usable HBM kept free")
+    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                        help="fraction of usable HBM kept free")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--suggest", action="store_true",
                         help="also find the largest micro_batch_size_per_device whose update step fits")
@@ -683,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config, args.overrides)
     except ConfigError as err:
         print(str(err), file=sys.stderr, flush=True)
-        return 2
-    accelerator = args.accelerator or "v6e-8"
+        return EXIT_DOES_NOT_FIT
+    accelerator = args.accelerator or DEFAULT_ACCELERATOR
     # The preflight never needs a real device: keep jax's own backend on the CPU (a TPU VM's chips may be
     # busy with a run), and let several preflights load libtpu at once (its lock file is per process).
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -705,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         return err.code
     except ConfigError as err:
         print(str(err), file=sys.stderr, flush=True)
-        return 2
+        return EXIT_DOES_NOT_FIT
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -713,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result["fits"]:
         print(result["reason"], file=sys.stderr, flush=True)
         return EXIT_DOES_NOT_FIT
-    return 0
+    return EXIT_FITS
 
 
 if __name__ == "__main__":

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from grpoctl_contract.accelerators import AcceleratorError, Slice, family, parse_slice
 from orchestrator.errors import UsageError
 
-# TPU generations whose accelerator type counts chips (v5e, v6e) rather than TensorCores (v2-v5p).
-_CHIP_COUNTED = ("v5litepod", "v5e", "v6e")
-_CORE_COUNTED = ("v2", "v3", "v4", "v5p")
-_ACCEL = re.compile(r"(?P<gen>[a-z0-9]+)-(?P<n>\d+)\Z")
 # What `sync` installs into a TPU VM's venv (pyproject.toml extras): the trainer, and libtpu to drive chips.
 TPU_BOOTSTRAP_EXTRAS = ("trainer", "tpu")
 
@@ -55,33 +51,25 @@ def pins_per_host(pins: Sequence[str], n_hosts: int) -> list[tuple[str, ...]]:
     raise UsageError(f"host_key_sha256 has {len(pins)} entries for {n_hosts} hosts: give 1 or {n_hosts}")
 
 
-def _slice(accelerator_type: str) -> tuple[bool, int]:
-    """(counts chips, the number in the name): v6e-8 -> (True, 8), v4-8 -> (False, 8); UsageError for a
-    name that is not `<generation>-<n>` or a generation not known here."""
-    m = _ACCEL.match(accelerator_type)
-    if not m:
-        raise UsageError(f"accelerator_type {accelerator_type!r} is not of the form e.g. v6e-8")
-    gen, n = m["gen"], int(m["n"])
-    if gen not in _CHIP_COUNTED + _CORE_COUNTED:
-        raise UsageError(f"accelerator_type {accelerator_type!r}: unknown TPU generation {gen!r}")
-    return gen in _CHIP_COUNTED, n
+def _slice(accelerator_type: str) -> Slice:
+    """The slice the one accelerator table (grpoctl_contract/accelerators.py) makes of the name; a one-line
+    UsageError for what it does not know (v2/v3, a malformed name, a size no slice has)."""
+    try:
+        return parse_slice(accelerator_type)
+    except AcceleratorError as err:
+        raise UsageError(f"accelerator_type: {err}") from None
 
 
 def hosts_for_accelerator(accelerator_type: str) -> int:
     """How many VMs (workers) a TPU slice has: v6e-8 -> 1, v6e-16 -> 4, v4-32 -> 4."""
-    chips, n = _slice(accelerator_type)
-    if chips:  # up to 8 chips fit one host; bigger slices have 4 chips per host
-        return 1 if n <= 8 else n // 4
-    return max(1, n // 8)  # 4 chips x 2 TensorCores = 8 cores per host
+    return _slice(accelerator_type).hosts
 
 
 def chips_for_accelerator(accelerator_type: str) -> int:
-    """How many chips a TPU slice has (what is billed): v6e-8 -> 8, v4-8 -> 4 (v2-v5p types count cores)."""
-    chips, n = _slice(accelerator_type)
-    return n if chips else max(1, n // 2)  # 2 TensorCores per chip
+    """How many chips a TPU slice has (what is billed): v6e-8 -> 8, v4-8 -> 4 (v4/v5p types count cores)."""
+    return _slice(accelerator_type).num_chips
 
 
 def accelerator_family(accelerator_type: str) -> str:
-    """The price table's key: v6e-8 -> v6e, v5litepod-16 -> v5e."""
-    gen = accelerator_type.rsplit("-", 1)[0]
-    return "v5e" if gen == "v5litepod" else gen
+    """The price table's key: v6e-8 -> v6e, v5litepod-16 -> v5e (unchecked: old run records keep theirs)."""
+    return family(accelerator_type)
