@@ -1,8 +1,8 @@
 # Two commands do everything on a fresh clone:
 #   make demo   set up .venv and replay sops/local_pallas_vs_jax.yaml on the local target (tiny model, CPU)
 #   make test   set up .venv and run the whole test suite
-# Beside them: make demo-seeds  the demo with three seeds per arm (sops/local_seeds_pallas_vs_jax.yaml, six
-#   tiny runs): the method verdict over runs (docs/verdicts.md).
+# Beside them: make demo-seeds  the demo with five seeds per arm (sops/local_seeds_pallas_vs_jax.yaml, ten
+#   tiny runs): start -> end over runs and the method verdict over runs (docs/verdicts.md).
 # Beside them: make laptop-test  the laptop-only install (no jax, torch, transformers) in $(LAPTOP_VENV):
 #   the orchestrator tests run, the trainer tests are skipped with their reason (TESTING.md).
 # Beside them (not one of them): make rehearsal  replays the seed TPU SOP on the fake Cloud TPU API with
