@@ -22,8 +22,6 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-from typer._click.exceptions import NoArgsIsHelpError
-from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
 from grpoctl_contract import preflight_table
@@ -35,6 +33,12 @@ from orchestrator.lifecycle.recovery import RecoveryPolicy, final_error
 from orchestrator.lifecycle.states import RunState
 from orchestrator.phaseview import PhaseView
 from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
+
+# click's UsageError, the class of every command-line mistake (NoSuchOption, MissingParameter, BadParameter
+# ...), reached through typer's public re-export of BadParameter (a UsageError, as click documents): the
+# same class whether typer uses the installed click (0.25 and older) or its own copy of it (0.26.8 and
+# newer), with no private import.
+_CLICK_USAGE_ERROR: Any = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "UsageError")
 
 # Options of the root callback that may also follow the command (`grpoctl up --target lab`).
 _GLOBAL_FLAGS = frozenset({"--dry-run", "--json", "-v", "--verbose", "--accept-new-host-key"})
@@ -90,8 +94,9 @@ class _RootGroup(TyperGroup):
 def _one_line_usage_errors() -> Iterator[None]:
     try:
         yield
-    except ClickUsageError as err:
-        if isinstance(err, NoArgsIsHelpError):  # `grpoctl` or `grpoctl env` alone: the help text
+    except _CLICK_USAGE_ERROR as err:
+        # `grpoctl` or `grpoctl env` alone (click >= 8.2): the help text. By name, as typer itself tells it.
+        if type(err).__name__ == "NoArgsIsHelpError":
             raise
         where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
         message = " ".join(err.format_message().split())

@@ -83,6 +83,14 @@ def test_command_line_mistakes_are_one_line(folder: Path, args: list[str], words
     assert words in line and "--help" in line
 
 
+@pytest.mark.parametrize("args", [[], ["env"], ["sop"]])
+def test_a_group_alone_shows_its_help_not_an_error(args: list[str]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (args, result.output)  # click's code for "help instead of a command"
+    assert "Usage:" in result.output and "Commands" in result.output
+    assert "grpoctl: error" not in result.output and "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------------------------- config and files
 
 
