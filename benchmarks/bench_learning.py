@@ -116,7 +116,7 @@ def main() -> None:
     print("| config | label | questions | start acc | end acc | lost / gained | McNemar p | "
           "correct reward: first 5 -> last 5 steps | policy vs frozen start (last 3 baseline steps) | "
           "sampled pairs: frozen only / policy only, p | sampled sweep start -> end | questions up / down, "
-          "Wilcoxon p | step s | wall s | CPU s |")
+          "paired t p | step s | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, config in enumerate(configs):
         r = run_once(config, args.overrides, out / f"run{i}")

@@ -4,8 +4,8 @@ The verdicts, each answering one question and no other:
 - kernel parity (orchestrator/parity.py): did this run's loss provider compute what its shadow computed,
   step by step on the same batch? The direct answer to "does the kernel change training?";
 - start -> end per run (orchestrator/learning.py): its own start sweep (eval_full_start.jsonl) vs its end
-  sweep (eval_full.jsonl): exact McNemar on the greedy answers and, where the sweeps sampled, Wilcoxon
-  signed-rank on each question's right samples ("improved", "no detectable change", "worse" at 5%);
+  sweep (eval_full.jsonl): exact McNemar on the greedy answers and, where the sweeps sampled, a paired t
+  test over the questions on the sampled pass rate ("improved", "no detectable change", "worse" at 5%);
 - start -> end over an arm's runs (learning.OverRuns): each run's change is one number, runs the units;
 - the method verdict (orchestrator/stats.py): per-run end accuracies, runs as the units: "different",
   "equivalent" within a margin, or "inconclusive" (always with one run per arm);
