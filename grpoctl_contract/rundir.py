@@ -81,6 +81,8 @@ class RunPaths:
         needs no grpoctl installed on the worker, whatever interpreter the target names."""
         return f"logs/{self.run_id}.loader.py"
 
+    PID_GLOB = "logs/nohup_*.pid"  # every run's pid file (and the _latest links), relative to the checkout
+
     @staticmethod
     def for_run(config_stem: str, ts: str, run_id: str) -> RunPaths:
         base = f"logs/nohup_{config_stem}_{ts}"

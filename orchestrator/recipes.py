@@ -363,7 +363,7 @@ def _job_running_check(before_exit: str = "") -> list[str]:
     grpoctl job (not a process that later got the same pid) and has no exit file. Needs _ALIVE_FN.
     `before_exit`: shell text run first when refusing."""
     return [
-        "for f in logs/nohup_*.pid; do",
+        f"for f in {RunPaths.PID_GLOB}; do",
         '  [ -e "$f" ] || continue',
         '  case "$f" in *_latest.pid) continue ;; esac',
         '  p=$([ -f "$f" ] && head -c 32 "$f" 2>/dev/null || true)',  # as _read_small: untrusted

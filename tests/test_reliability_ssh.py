@@ -23,6 +23,7 @@ from conftest import ps_during
 from standin import git
 from typer.testing import CliRunner
 
+from grpoctl_contract.rundir import RunPaths
 from orchestrator import recipes
 from orchestrator.cli import app
 from orchestrator.transport.local import LocalTransport
@@ -262,7 +263,7 @@ def test_every_recipe_and_transport_method_quotes_hostile_paths(lab, standin_rep
         assert recipes.parse_env_verify(verified) == ("600", {"K": 1})
         assert transport.run(recipes.env_install(f"{ck}/.env.pending", f"{ck}/.env")).ok
         assert transport.run(recipes.remove_file(f"{ck}/.env")).ok
-        paths = recipes.RunPaths.for_run("ok", f"{time.time_ns()}", f"ok-{time.time_ns()}")
+        paths = RunPaths.for_run("ok", f"{time.time_ns()}", f"ok-{time.time_ns()}")
         transport.put(b"EVAL_FULL_SWEEP=1\n", f"{ck}/{paths.env}", mode=0o600)
         transport.put(recipes.ENVFILE_SOURCE, f"{ck}/{paths.env_loader}", mode=0o600)
         started = transport.run(

@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from grpoctl_contract.rundir import RunPaths
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.ops.fanout import fan_out, values
 from orchestrator.transport.base import Transport
@@ -27,7 +28,7 @@ def clear_stale_script(
     *,
     device_patterns: Sequence[str] = TPU_DEVICE_PATTERNS,
     lockfile: str = LIBTPU_LOCKFILE,
-    run_pid_glob: str = "~/grpoctl-work/logs/nohup_*.pid",
+    run_pid_glob: str = f"~/grpoctl-work/{RunPaths.PID_GLOB}",
     grace_s: float = 5.0,
     force: bool = False,
 ) -> str:
@@ -103,7 +104,7 @@ def clear_stale_tpu_users(
     text = clear_stale_script(
         device_patterns=device_patterns,
         lockfile=lockfile,
-        run_pid_glob=f"{remote_dir.rstrip('/')}/logs/nohup_*.pid",
+        run_pid_glob=f"{remote_dir.rstrip('/')}/{RunPaths.PID_GLOB}",
         grace_s=grace_s,
         force=force,
     )

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from grpoctl_contract import envfile
+from grpoctl_contract.rundir import RunPaths
 from orchestrator import recipes
 from orchestrator.errors import InfraError, UsageError
 from orchestrator.lifecycle.states import RunState
@@ -36,7 +37,7 @@ def new_record(
     stem = Path(config).stem
     ts = utc_stamp()
     run_id = new_run_id(stem, ts)
-    paths = recipes.RunPaths.for_run(stem, ts, run_id)
+    paths = RunPaths.for_run(stem, ts, run_id)
     return RunRecord(
         run_id=run_id,
         config=config,
@@ -77,8 +78,8 @@ def set_args(overrides: Mapping[str, str]) -> list[str]:
     return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
 
 
-def paths_of(record: RunRecord) -> recipes.RunPaths:
-    return recipes.RunPaths(record.log_path, record.pid_path, record.exit_path, record.run_dir)
+def paths_of(record: RunRecord) -> RunPaths:
+    return RunPaths(record.log_path, record.pid_path, record.exit_path, record.run_dir)
 
 
 def renew_attempt(record: RunRecord) -> None:
@@ -91,7 +92,7 @@ def renew_attempt(record: RunRecord) -> None:
 
     def stamped() -> bool | None:
         record.ts = utc_stamp()
-        fresh = recipes.RunPaths.for_run(record.config_stem, record.ts, record.run_id)
+        fresh = RunPaths.for_run(record.config_stem, record.ts, record.run_id)
         record.log_path, record.pid_path, record.exit_path = fresh.log, fresh.pid, fresh.exit
         return True if record.log_path != taken else None
 
