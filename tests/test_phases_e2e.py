@@ -116,7 +116,7 @@ def test_logs_hold_a_human_line_for_each_phase(tiny_run):
         "] train step 4/4",
         "] eval batch 1/1",
         "] checkpoint: saving step 4",
-        "] final sweep batch 2/2",
+        "] final sweep batch 3/3",  # 16 questions: 2 greedy batches of 8, 1 sampled batch of 16 x n
         "] done (step 4/4)",
     ):
         assert any(phrase in line for line in human), (phrase, human)

@@ -287,8 +287,12 @@ def test_cli_runs_offline_as_two_processes_and_writes_the_run_files(tmp_path):
     assert summary["config_hash"] == C.config_hash(C.from_dict(cfg))
 
     sweep = [json.loads(line) for line in (run_dir / "eval_full.jsonl").read_text().splitlines()]
-    assert len(sweep) == 16 and set(sweep[0]) == {"id", "answer", "prediction", "correct"}
+    # tiny_cpu.yaml sweeps with a sampled pass too (eval_full_sampled): its rows hold both
+    assert len(sweep) == 16 and set(sweep[0]) == {"id", "answer", "prediction", "correct", "samples",
+                                                   "sampled_correct"}
     assert summary["eval_full/accuracy"] == pytest.approx(np.mean([r["correct"] for r in sweep]))
+    assert summary["eval_full/sampled_accuracy"] == pytest.approx(
+        sum(r["sampled_correct"] for r in sweep) / sum(r["samples"] for r in sweep))  # both processes' rows
     start = [json.loads(line) for line in (run_dir / "eval_full_start.jsonl").read_text().splitlines()]
     assert [r["id"] for r in start] == [r["id"] for r in sweep]  # eval_full_at_start is on by default
     assert summary["eval_full_start/accuracy"] == pytest.approx(np.mean([r["correct"] for r in start]))
