@@ -258,7 +258,9 @@ def read_config(path: Path) -> dict[str, Any]:
 FABRICATED = "FABRICATED by --dry-run, not a result:"
 # The two groups a reader sees the verdict lines in (grouped_verdicts): what the runs say about the methods,
 # and what these particular trajectories did.
-METHOD_HEADING = "Verdicts on the methods (the same words on any machine):"
+# "Over runs" lines are tests whose words another machine repeats unless their p sits near 5%: they average
+# the trajectories out; parity and a one-run method verdict do not depend on the trajectory at all.
+METHOD_HEADING = "Verdicts on the methods (not tied to one trajectory: the same words on another machine):"
 TRAJECTORY_HEADING = (
     "These runs (their trajectories follow the machine's float rounding: another machine can print other "
     "words here):"
