@@ -1,5 +1,6 @@
 """`compare --plot` and the SOP report's plot: reward and loss curves per run (the mean of an arm's seeds
-thick) and start/end accuracy with intervals. matplotlib is the `plot` extra, not a base dependency."""
+thick), start/end greedy accuracy with intervals and, when every run's sweeps sampled, start/end sampled
+pass rate. matplotlib is the `plot` extra, not a base dependency."""
 
 from __future__ import annotations
 
@@ -8,8 +9,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.compare import WATERMARK, ArmStats, RunFiles, as_runs, is_number, label_of, run_accuracy
+from orchestrator import stats
+from orchestrator.compare import (
+    WATERMARK,
+    ArmStats,
+    RunFiles,
+    as_runs,
+    is_number,
+    label_of,
+    run_accuracy,
+    sampled_rate,
+)
 from orchestrator.errors import UsageError
+
+# Per arm, for "start" and "end": each run's value and the arm's interval (None: no bar).
+StartEnd = tuple[str, dict[str, tuple[list[float], stats.Interval | None]]]
 
 REWARD_KEYS = ("train/reward/total/mean", "reward/total/mean", "train/reward/mean", "reward")
 LOSS_KEYS = ("loss", "train/loss", "train/policy_loss")
@@ -94,17 +108,39 @@ def _draw_curves(
     return drawn
 
 
-def _draw_accuracy(ax: Any, arms: Sequence[ArmStats]) -> bool:
-    """Start and end accuracy per arm: each run a dot, the arm's mean with its interval (t across runs,
-    Wilson for one run) as an error bar."""
+def _greedy(arm: ArmStats) -> StartEnd:
+    """Greedy accuracy: t interval across runs, Wilson for one run (ArmStats.interval)."""
+    return arm.label, {which: (arm.values(which), arm.interval(which)) for which in ("start", "end")}
+
+
+def _sampled(label: str, runs: Sequence[RunFiles]) -> StartEnd | None:
+    """Sampled pass rate when every run has both sampled passes: t interval across runs (one run: none,
+    its samples are not independent draws)."""
+    values = {
+        "start": [sampled_rate(r.sampled_start) for r in runs],
+        "end": [sampled_rate(r.sampled) for r in runs],
+    }
+    if any(v is None for vs in values.values() for v in vs):
+        return None
+    out = {}
+    for which, vs in values.items():
+        try:
+            out[which] = (vs, stats.mean_interval(vs))
+        except stats.StatsUnavailable:
+            out[which] = (vs, None)
+    return label, out
+
+
+def _draw_start_end(ax: Any, arms: Sequence[StartEnd]) -> bool:
+    """Start and end per arm: each run a dot, the arm's mean with its interval as an error bar."""
     drawn = False
-    for i, (arm, color) in enumerate(zip(arms, ("tab:blue", "tab:orange"), strict=True)):
+    for i, ((label, by_which), color) in enumerate(zip(arms, ("tab:blue", "tab:orange"), strict=True)):
         shift = -0.08 if i == 0 else 0.08
         for x, which in ((0, "start"), (1, "end")):
-            values = arm.values(which)
-            mean, ci = arm.mean(which), arm.interval(which)
-            if mean is None:
+            values, ci = by_which[which]
+            if not values:
                 continue
+            mean = math.fsum(values) / len(values)
             ax.scatter([x + shift] * len(values), values, color=color, alpha=0.4, s=14)
             yerr = None if ci is None else [[mean - ci.low], [ci.high - mean]]
             ax.errorbar(
@@ -114,7 +150,7 @@ def _draw_accuracy(ax: Any, arms: Sequence[ArmStats]) -> bool:
                 fmt="o",
                 color=color,
                 capsize=4,
-                label=arm.label if x == 0 or arm.mean("start") is None else None,
+                label=label if x == 0 or not by_which["start"][0] else None,
             )
             drawn = True
     ax.set_xticks([0, 1], ["start", "end"])
@@ -136,8 +172,10 @@ def plot(
     runs_a, runs_b = as_runs(a), as_runs(b)
     label_a, label_b = labels or (label_of(runs_a), label_of(runs_b))
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     arms = ((label_a, runs_a), (label_b, runs_b))
+    sampled = [_sampled(label, runs) for label, runs in arms]
+    panels = 4 if all(sampled) else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     for ax, title, candidates in ((axes[0], "reward", REWARD_KEYS), (axes[1], "loss", LOSS_KEYS)):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -147,11 +185,15 @@ def plot(
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", transform=ax.transAxes)
     accuracy = axes[2]
     accuracy.set_title("greedy accuracy (95% interval)")
-    stats_arms = [ArmStats(label, [run_accuracy(r) for r in runs]) for label, runs in arms]
-    if _draw_accuracy(accuracy, stats_arms):
+    greedy = [_greedy(ArmStats(label, [run_accuracy(r) for r in runs])) for label, runs in arms]
+    if _draw_start_end(accuracy, greedy):
         accuracy.legend(fontsize=7)
     else:
         accuracy.text(0.5, 0.5, "no eval_full accuracy", ha="center", transform=accuracy.transAxes)
+    if panels == 4:
+        axes[3].set_title("sampled pass rate (95% t interval over runs)")
+        if _draw_start_end(axes[3], [arm for arm in sampled if arm]):
+            axes[3].legend(fontsize=7)
     fig.tight_layout()
     if any(r.fabricated for r in (*runs_a, *runs_b)):  # a made-up figure must not pass for a result
         fig.text(

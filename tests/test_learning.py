@@ -159,3 +159,25 @@ def test_status_shows_the_sampled_pass_rate_beside_greedy_accuracy_when_the_run_
     assert accuracy_text(both) == (
         "accuracy 0.086 -> 0.184, sampled pass rate 0.100 -> 0.118 (full eval sweep, start -> end)"
     )
+
+
+def test_the_plot_adds_the_sampled_pass_rate_when_every_run_sampled(tmp_path: Path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot", reason="plots need the plot extra")
+    from orchestrator import plots
+
+    figures: list = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    runs = [cmp.load_run(sampled_run(tmp_path, f"r{k}", k, [1, 2, 3], [2, 3, 5 + k], "jax"))
+            for k in range(3)]
+    plots.plot(runs[:2], runs[2], tmp_path / "p.png", labels=("two", "one"))
+    *_, sampled_ax = figures[-1].axes
+    assert len(figures[-1].axes) == 4 and sampled_ax.get_title().startswith("sampled pass rate")
+    # each run a dot: "two" at the end holds (2+3+5)/24 and (2+3+6)/24
+    ends = sorted(round(float(y), 4) for c in sampled_ax.collections for x, y in c.get_offsets() if x > 0.5)
+    assert ends == sorted(round(v, 4) for v in (10 / 24, 11 / 24, 12 / 24))
+    greedy_only = tmp_path / "g"
+    greedy_only.mkdir()
+    (greedy_only / "summary.json").write_text(json.dumps({"eval_full/accuracy": 0.5}))
+    plots.plot(runs[0], cmp.load_run(greedy_only), tmp_path / "q.png")
+    assert len(figures[-1].axes) == 3  # not every run sampled: no fourth panel
