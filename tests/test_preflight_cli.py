@@ -134,6 +134,11 @@ def test_tiny_config_fits_json_schema_then_table_from_the_cache(lab: Lab) -> Non
     for f in data["functions"]:
         assert set(f) >= FUNCTION_KEYS, f
         assert f["fits"] and 0 < f["peak_bytes"] <= f["capacity_bytes"]
+    by_name = {f["name"]: f for f in data["functions"]}
+    # the periodic eval is the rollout sampler's program: its figures, not a second compile
+    assert by_name["eval"]["compile_s"] == 0.0 < by_name["sampler"]["compile_s"]
+    assert {k: v for k, v in by_name["eval"].items() if k not in ("name", "compile_s")} == \
+        {k: v for k, v in by_name["sampler"].items() if k not in ("name", "compile_s")}
     update = next(f for f in data["functions"] if f["name"] == "update_step")
     assert update["seq_len"] >= 128 + 16  # the worst case: prompt bucket + every token it may sample
     step = data["grpo_step"]  # the whole GRPO step's estimate: its parts add up to it
