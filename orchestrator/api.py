@@ -542,11 +542,13 @@ def accelerator_for(config_file: str | None, target: str | None) -> str:
     return getattr(target_cfg, "accelerator_type", None) or pf.DEFAULT_ACCELERATOR
 
 
-def find_leftovers(config_file: str | None, target: str | None) -> list[tuple[Any, Any]]:
+def find_leftovers(
+    config_file: str | None, target: str | None, *, tpu_wiring: TpuWiring = REAL_TPU_VM
+) -> list[tuple[Any, Any]]:
     """PREEMPTED/TERMINATED nodes and FAILED/SUSPENDED queued resources grpoctl left behind."""
     from orchestrator.cloud import gc as cloud_gc  # the Cloud TPU client: only for this command
 
-    return cloud_gc.find_all(load_config(config_file), target)
+    return cloud_gc.find_all(load_config(config_file), target, read_retry=tpu_wiring.read_retry)
 
 
 def delete_leftover(api: Any, leftover: Any) -> None:

@@ -418,7 +418,7 @@ def gc(
 ) -> None:
     """Delete grpoctl's leftovers: PREEMPTED/TERMINATED nodes, FAILED/SUSPENDED queued resources."""
     g = _globals(ctx)
-    found = api.find_leftovers(g.config_file, g.target)
+    found = api.find_leftovers(g.config_file, g.target, tpu_wiring=g.tpu_wiring)
     if g.json:
         g.emit_json([{"kind": x.kind, "name": x.name, "state": x.state, "zone": x.zone} for _, x in found])
     else:

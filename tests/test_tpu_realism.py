@@ -4,6 +4,7 @@ google-cloud-tpu client over loopback with anonymous credentials, and real sshd 
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import re
 import sys
@@ -100,8 +101,10 @@ def test_reads_survive_one_shot_500_503_429(project: Project) -> None:
     _nothing_left(project)
 
 
-def test_up_survives_transient_errors_at_a_rate(project: Project, monkeypatch) -> None:
-    monkeypatch.setattr(cloud, "READ_RETRY", Backoff(attempts=12, first_s=0.001, max_s=0.01))
+def test_up_survives_transient_errors_at_a_rate(project: Project) -> None:
+    project.wiring = dataclasses.replace(
+        project.wiring, read_retry=Backoff(attempts=12, first_s=0.001, max_s=0.01)
+    )
     project.fake.script.read_error_rate = 0.15
     cfg = project.config(name="grpo-rate", queued=True)
     project.cli(cfg, "up")

@@ -151,10 +151,8 @@ def test_up_waits_for_host_keys_published_after_ready(project: Project) -> None:
     _nothing_left(project)
 
 
-def test_host_keys_never_published_is_a_one_line_error(project: Project, monkeypatch) -> None:
-    from orchestrator.targets import tpu as tpu_target
-
-    monkeypatch.setattr(tpu_target, "HOST_KEY_WAIT_S", 0.5)  # the real wait is minutes
+def test_host_keys_never_published_is_a_one_line_error(project: Project) -> None:
+    project.wiring = dataclasses.replace(project.wiring, host_key_wait_s=0.5)  # the real wait is minutes
     project.fake.script.host_keys_delay_s = 3600
     result = project.cli(project.config(name="grpo-no-keys"), "up", code=3)
     assert one_line_error(result).endswith(
@@ -281,9 +279,7 @@ def test_accept_new_host_key_trusts_the_first_key_when_none_are_published(
 ) -> None:
     # The other side of the error above: asked to trust on first use, `up` connects to every worker and
     # records the key each offered, instead of waiting for keys that never come.
-    from orchestrator.targets import tpu as tpu_target
-
-    monkeypatch.setattr(tpu_target, "HOST_KEY_WAIT_S", 0.5)
+    project.wiring = dataclasses.replace(project.wiring, host_key_wait_s=0.5)
     monkeypatch.setenv("HOME", str(project.root))  # the known_hosts written is the test's, not ours
     project.fake.script.host_keys_delay_s = 3600
     cfg = project.config(name="grpo-tofu")

@@ -23,9 +23,6 @@ from typer.testing import CliRunner
 from grpoctl_testing.fake_tpu import FakeTpuApi, Script, sshd_workers
 from grpoctl_testing.fake_tpu_cli import fake_vm_wiring
 from orchestrator.cli import app
-from orchestrator.cloud import api as cloud
-from orchestrator.retry import Backoff
-from orchestrator.targets import tpu as tpu_target
 from orchestrator.targets.tpu_wiring import TpuWiring
 
 SECRET = "s3cr3t-wandb-value-0123456789"
@@ -48,14 +45,13 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTpuApi]:
 def project(tmp_path: Path, fake: FakeTpuApi, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A laptop checkout of the stand-in repo (made the cwd) with a .env, over a reset fake API."""
     fake.script = Script(create_s=0.2, wait_for_resources_s=0.3)
-    # read retries back off for milliseconds, not seconds (the same code path, a shorter policy)
-    monkeypatch.setattr(cloud, "READ_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
-    monkeypatch.setattr(tpu_target, "CONFLICT_RETRY", Backoff(attempts=6, first_s=0.01, max_s=0.05))
     repo = make_standin_repo(tmp_path, steps=4, step_s=0.05, checkpoint_dir=str(tmp_path / "bucket"))
     monkeypatch.chdir(repo.work)
     (repo.work / ".env").write_text(f"WANDB_API_KEY={SECRET}\n")
-    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token.
-    return Project(tmp_path, repo, fake, wiring=fake_vm_wiring(metadata_base=fake.endpoint))
+    # Nodes grpoctl creates start the idle watchdog: it asks the fake, never Google, for a token. Reads and
+    # metadata updates back off for milliseconds, not seconds (the same code path, a shorter policy).
+    wiring = fake_vm_wiring(metadata_base=fake.endpoint, quick_retries=True)
+    return Project(tmp_path, repo, fake, wiring=wiring)
 
 
 class Project:

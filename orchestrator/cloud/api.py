@@ -23,6 +23,7 @@ from google.protobuf import duration_pb2
 
 from orchestrator.cloud.client import build_client, build_session, compute_base
 from orchestrator.cloud.errors import TransientApiError, api_error, is_transient
+from orchestrator.cloud.policy import READ_RETRY
 from orchestrator.errors import GrpoctlError, InfraError
 from orchestrator.retry import Backoff, poll_until, retry_call
 
@@ -32,8 +33,6 @@ LABEL_VALUE = "grpoctl"
 SSH_KEYS = "ssh-keys"
 OS_LOGIN = "enable-oslogin"
 CALL_TIMEOUT_S = 60.0  # one HTTP call; the long waits are our own polling loops
-# Reads: 6 tries over ~30 s at most (1, 2, 4, 8, 16 s caps, full jitter). Tests swap in a quicker one.
-READ_RETRY = Backoff(attempts=6, first_s=1.0, max_s=16.0)
 # The errors one API call can end with (credentials errors are neither of the other two).
 CALL_ERRORS = (gexc.GoogleAPICallError, gexc.RetryError, OSError, auth_exc.GoogleAuthError)
 
@@ -141,12 +140,14 @@ class TpuApi:
         api_endpoint: str | None = None,
         client: Any = None,
         sleep: Callable[[float], None] = time.sleep,
+        read_retry: Backoff = READ_RETRY,
     ) -> None:
         self.project, self.zone = project, zone
         self.parent = f"projects/{project}/locations/{zone}"
         self.api_endpoint = api_endpoint
         self.client: tpu_v2.TpuClient = client if client is not None else build_client(api_endpoint)
         self.sleep = sleep  # between read retries (a test's fake clock)
+        self.read_retry = read_retry  # how reads back off (a stand-in that answers at once: a quicker one)
         self.retries = 0  # transient read errors met and retried (for reports and tests)
 
     def node_path(self, name: str) -> str:
@@ -172,7 +173,8 @@ class TpuApi:
             self.retries += 1
 
         return read_with_retry(
-            action, fn, missing_ok=missing_ok, sleep=self.sleep, error=self._error, on_retry=counted
+            action, fn, missing_ok=missing_ok, sleep=self.sleep, error=self._error, on_retry=counted,
+            policy=self.read_retry,
         )
 
     def _get(self, action: str, fn: Callable[..., T], **kwargs: Any) -> T:
@@ -310,11 +312,13 @@ def read_with_retry(
     sleep: Callable[[float], None] = time.sleep,
     error: Callable[[BaseException, str], Exception] = api_error,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
+    policy: Backoff = READ_RETRY,
 ) -> T:
-    """`fn()`, an idempotent read, retried on transient errors (READ_RETRY), then one grpoctl error:
-    `TransientApiError` when the errors stayed transient. With `missing_ok` a NotFound returns None."""
+    """`fn()`, an idempotent read, retried on transient errors (`policy`, READ_RETRY unless the client
+    says otherwise), then one grpoctl error: `TransientApiError` when the errors stayed transient. With
+    `missing_ok` a NotFound returns None."""
     try:
-        return retry_call(fn, retry_on=is_transient, policy=READ_RETRY, sleep=sleep, on_retry=on_retry)
+        return retry_call(fn, retry_on=is_transient, policy=policy, sleep=sleep, on_retry=on_retry)
     except gexc.NotFound as err:
         if missing_ok:
             return None  # type: ignore[return-value]
@@ -322,7 +326,7 @@ def read_with_retry(
     except CALL_ERRORS as err:
         if is_transient(err):
             raise TransientApiError(
-                f"{action}: the Cloud TPU API kept failing ({READ_RETRY.attempts} tries, last: "
+                f"{action}: the Cloud TPU API kept failing ({policy.attempts} tries, last: "
                 f"{_one_line(err)}); nothing was deleted: try again"
             ) from None
         raise error(err, action) from None

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.cloud import api as cloud
+from orchestrator.cloud.policy import READ_RETRY
 from orchestrator.config import GrpoctlConfig, TpuTargetConfig
 from orchestrator.errors import UsageError
+from orchestrator.retry import Backoff
 
 DEAD_NODES = ("PREEMPTED", "TERMINATED")
 DEAD_QUEUED = ("FAILED", "SUSPENDED")
@@ -50,8 +52,11 @@ def delete_leftover(
     cloud.wait_operation(op, f"delete {item.kind} {item.name}", timeout_s=timeout_s, poll_s=poll_s)
 
 
-def find_all(config: GrpoctlConfig, target: str | None = None) -> list[tuple[cloud.TpuApi, Leftover]]:
-    """Leftovers in every project/zone the config's tpu targets use (or only `target`'s)."""
+def find_all(
+    config: GrpoctlConfig, target: str | None = None, *, read_retry: Backoff = READ_RETRY
+) -> list[tuple[cloud.TpuApi, Leftover]]:
+    """Leftovers in every project/zone the config's tpu targets use (or only `target`'s); reads back off
+    by `read_retry` (a stand-in service's wiring: a quicker one)."""
     tpus = {n: t for n, t in config.targets.items() if isinstance(t, TpuTargetConfig)}
     if target is not None:
         _, chosen = config.target(target)
@@ -63,6 +68,6 @@ def find_all(config: GrpoctlConfig, target: str | None = None) -> list[tuple[clo
     places = sorted({(t.project, z, t.api_endpoint or "") for t in tpus.values() for z in t.all_zones()})
     found = []
     for project, zone, endpoint in places:
-        api = cloud.TpuApi(project, zone, api_endpoint=endpoint or None)
+        api = cloud.TpuApi(project, zone, api_endpoint=endpoint or None, read_retry=read_retry)
         found += [(api, x) for x in find_leftovers(api)]
     return found

@@ -18,7 +18,7 @@ from orchestrator.ops.fanout import PerWorker, fan_out
 from orchestrator.ops.session import Session
 from orchestrator.retry import Backoff, poll_until, retry_call
 from orchestrator.runs import RunRecord, WorkerRun, new_run_id, utc_stamp
-from orchestrator.targets.base import Worker
+from orchestrator.targets.base import COORDINATOR_PORT, Worker
 from orchestrator.transport.base import Transport
 from orchestrator.transport.local import LOCAL_TOOLS_NEEDED
 
@@ -146,16 +146,16 @@ class _EveryNameTaken(Exception):
 NAME_TAKEN_RETRY = Backoff(attempts=4, first_s=0.0, jitter=False)
 
 
-COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port
-
-
-def worker_env(run_id: str, index: int, workers: Sequence[Worker]) -> dict[str, str]:
+def worker_env(
+    run_id: str, index: int, workers: Sequence[Worker], coordinator_port: int = COORDINATOR_PORT
+) -> dict[str, str]:
     """What every worker's trainer is told about the run and its peers.
 
     With several workers the trainer calls jax.distributed.initialize() with worker 0 (as its peers reach
     it: a TPU VM's internal IP) as the coordinator, whatever the target's kind. On a TPU slice that is the
     address JAX would discover from the TPU metadata anyway; saying it makes a slice whose metadata JAX
-    cannot read (the rehearsal's CPU workers, a VM built by hand) work the same way.
+    cannot read (the rehearsal's CPU workers, a VM built by hand) work the same way. `coordinator_port`
+    is the target's (a stand-in whose workers share one address picks a free one).
     """
     env = {"GRPOCTL_RUN_ID": run_id, "GRPOCTL_WORKER": str(index)}
     if len(workers) > 1:
@@ -163,7 +163,7 @@ def worker_env(run_id: str, index: int, workers: Sequence[Worker]) -> dict[str, 
             "GRPOCTL_DISTRIBUTED": "1",
             "GRPOCTL_NUM_PROCESSES": str(len(workers)),
             "GRPOCTL_PROCESS_ID": str(index),
-            "JAX_COORDINATOR_ADDRESS": f"{workers[0].peer_host or workers[0].host}:{COORDINATOR_PORT}",
+            "JAX_COORDINATOR_ADDRESS": f"{workers[0].peer_host or workers[0].host}:{coordinator_port}",
         }
     return env
 
@@ -201,7 +201,7 @@ def launch(target, record: RunRecord, *, force: bool = False, timeout: float = 1
             record.config,
             paths,
             config_stem=record.config_stem,
-            env={**record.flags, **worker_env(record.run_id, i, workers)},
+            env={**record.flags, **worker_env(record.run_id, i, workers, target.coordinator_port)},
             trainer_args=record.trainer_args,
             force=force,
             env_file=secrets_file is not None,

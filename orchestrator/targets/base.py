@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.transport.base import Transport
 
 Say = Callable[[str], None]  # one line of progress for a person; the caller renders it
+COORDINATOR_PORT = 8476  # jax.distributed's customary coordinator port (on worker 0 of a multi-worker run)
 
 
 def say_nothing(_: str) -> None:
@@ -81,6 +82,8 @@ class Target(ABC):
     python: str | None  # an interpreter to use instead of bootstrapping a venv
     # The extras of pyproject.toml that `sync` installs into the workers' venv (when `python` is unset).
     bootstrap_extras: tuple[str, ...] = ("trainer",)
+    # Where worker 0's jax.distributed coordinator listens when the run has several workers.
+    coordinator_port: int = COORDINATOR_PORT
 
     @abstractmethod
     def workers(self) -> list[Worker]: ...

@@ -27,7 +27,7 @@ from orchestrator.cloud.sshkeys import ensure_key, fingerprint_of, metadata_line
 from orchestrator.cloud.stale import clear_stale_tpu_users
 from orchestrator.config import NotifyConfig, RepoConfig, TpuTargetConfig
 from orchestrator.errors import AuthError, GrpoctlError, HostKeyError, InfraError, RunStopped, UsageError
-from orchestrator.retry import Backoff, poll_until, retry_call
+from orchestrator.retry import poll_until, retry_call
 from orchestrator.targets.base import Condition, Machine, Say, Target, TargetState, Worker, say_nothing
 from orchestrator.targets.topology import pins_per_host
 from orchestrator.targets.tpu_wiring import REAL_TPU_VM, TpuWiring
@@ -49,9 +49,6 @@ GONE_NODE_STATES = ("DELETING", "HIDING", "HIDDEN")  # going away: never usable 
 MAINTENANCE = "UNHEALTHY_MAINTENANCE"
 STOPPED_NODE_STATES = ("STOPPED", "STOPPING")
 HEALTHY = ("HEALTHY", "HEALTH_UNSPECIFIED")
-HOST_KEY_WAIT_S = 120.0  # a fresh VM publishes its host keys a little after READY
-# Metadata updates that meet a concurrent one (409) are tried again after a pause.
-CONFLICT_RETRY = Backoff(attempts=6, first_s=2.0, max_s=20.0)
 
 T = TypeVar("T")
 
@@ -75,6 +72,7 @@ class TpuTarget(Target):
         self.say = say  # node states, deletions, stale chip users: the caller renders them
         self.wiring = wiring  # the VM's insides: a real node's unless a stand-in service says otherwise
         self.bootstrap_extras = wiring.bootstrap_extras
+        self.coordinator_port = wiring.coordinator_port
         # `--attach-any`: attach to an existing node of another accelerator type or spot-ness (with a
         # warning) instead of refusing it.
         self.attach_any = False
@@ -94,7 +92,10 @@ class TpuTarget(Target):
     @property
     def api(self) -> cloud.TpuApi:
         if self._api is None:  # built on first use: `status` of other targets never needs credentials
-            self._api = cloud.TpuApi(self.cfg.project, self.zone, api_endpoint=self.cfg.api_endpoint)
+            self._api = cloud.TpuApi(
+                self.cfg.project, self.zone, api_endpoint=self.cfg.api_endpoint,
+                read_retry=self.wiring.read_retry,
+            )
         return self._api
 
     @property
@@ -109,7 +110,10 @@ class TpuTarget(Target):
             self._zone = self.cfg.zone
             if self.cfg.zones:
                 for zone in self.cfg.all_zones():
-                    api = cloud.TpuApi(self.cfg.project, zone, api_endpoint=self.cfg.api_endpoint)
+                    api = cloud.TpuApi(
+                        self.cfg.project, zone, api_endpoint=self.cfg.api_endpoint,
+                        read_retry=self.wiring.read_retry,
+                    )
                     if api.get_node(self.cfg.name) is not None or (
                         self.cfg.queued and api.get_queued(self.cfg.name) is not None
                     ):
@@ -419,7 +423,8 @@ class TpuTarget(Target):
             )
 
         retry_call(
-            add, retry_on=lambda err: kind_of(err) == "conflict", policy=CONFLICT_RETRY, sleep=self.api.sleep
+            add, retry_on=lambda err: kind_of(err) == "conflict", policy=self.wiring.conflict_retry,
+            sleep=self.api.sleep,
         )
 
     # ---- a node that deletes itself -----------------------------------------------------------------
@@ -508,8 +513,8 @@ class TpuTarget(Target):
             f"{self.node_label}: the workers have not published their SSH host keys; pin them with "
             "host_key_sha256 or pass --accept-new-host-key"
         )
-        wait_s = self.cfg.poll_s
-        return poll_until(published, timeout_s=HOST_KEY_WAIT_S, poll_s=wait_s, on_timeout=lambda: unpublished)
+        wait_s, timeout_s = self.cfg.poll_s, self.wiring.host_key_wait_s
+        return poll_until(published, timeout_s=timeout_s, poll_s=wait_s, on_timeout=lambda: unpublished)
 
     def transports(self) -> list[Transport]:
         if self._transports is None:
