@@ -109,6 +109,9 @@ def test_tpu_sop_dry_run_command_sequence(replayed):
     assert all(v.status == "done" for v in result.state.steps.values()) and len(result.state.steps) == 8
     assert "method verdict: inconclusive: one run per arm" in result.verdict
     assert all(line.startswith("FABRICATED by --dry-run") for line in result.verdict.splitlines())
+    # the made-up config.json is shaped like the trainer's (train.policy_loss_impl nested): the arms
+    # differ only by the loss provider, which is no config warning
+    assert "configs differ" not in result.verdict
 
 
 def test_dry_run_commands_carry_the_sop_flags_and_never_the_secret(replayed):

@@ -105,7 +105,8 @@ def fake_file(path: str) -> bytes | None:
         ]
         return "".join(json.dumps(r) + "\n" for r in rows).encode()
     if name == rundir.CONFIG:
-        return json.dumps({"policy_loss_impl": flavour, "dry_run": True}).encode()
+        # nested like the trainer's own config.json: compare reads train.policy_loss_impl as the arm's key
+        return json.dumps({"train": {"policy_loss_impl": flavour}, "dry_run": True}).encode()
     return None
 
 
