@@ -115,16 +115,25 @@ def test_up_survives_transient_errors_at_a_rate(project: Project) -> None:
 
 def test_a_read_that_keeps_failing_never_deletes_the_capacity_it_got(project: Project) -> None:
     said: list[str] = []
+    failing_from: list[int] = []  # the request count when reads began to fail
 
     def say(line: str) -> None:
         said.append(line)
-        if "CREATING" in line:  # the node exists: from now on every read answers 503
+        if "CREATING" in line and not failing_from:  # the node exists: from now on every read answers 503
             project.fake.script.fail_reads = [503] * 1000
+            failing_from.append(len(project.fake.requests))
 
     target = _target(project, say=say, name="grpo-keep")
     with pytest.raises(TransientApiError) as err:
         target.up()
     assert err.value.exit_code == 3 and "kept failing" in str(err.value) and "\n" not in str(err.value)
+    # one retry layer, ours: the failing read of the create operation was tried exactly as often as the
+    # read policy says (api-core's own default retry, with its 1-120 s backoff, used to run under each try)
+    attempts = project.wiring.read_retry.attempts
+    assert f"({attempts} tries" in str(err.value)
+    failed = project.fake.requests[failing_from[0]:]
+    op_reads = [r for r in failed if r.method == "GET" and "/operations/" in r.path]
+    assert len(op_reads) == attempts, [r.path for r in op_reads]
     assert project.node("grpo-keep") is not None  # not deleted
     assert "kept the node grpo-keep it created" in said[-1]
     project.fake.script.fail_reads = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
+from google.api_core import retry as gretry
 from google.api_core.operation import Operation
 from google.auth import exceptions as auth_exc
 from google.cloud import tpu_v2
@@ -182,7 +183,7 @@ class TpuApi:
 
     def poll(self, op: Operation, action: str) -> bool:
         """`op.done()` (a read of the operation), retried like every read."""
-        return self.read(action, op.done)
+        return self.read(action, lambda: _done_once(op))
 
     def project_os_login(self) -> bool | None:
         """`enable-oslogin` of the project's metadata (Compute Engine `projects.get`, the API that holds
@@ -332,9 +333,19 @@ def read_with_retry(
         raise error(err, action) from None
 
 
+# api-core refreshes an operation with its own default retry (transient errors, backoff 1 s doubling up to
+# 120 s) unless given one: under our read retry that hid up to minutes of waiting inside each "try", so
+# the read policy's attempts and the "kept failing (N tries)" message meant nothing. One retry layer: ours.
+_ONE_TRY = gretry.Retry(predicate=lambda _: False)
+
+
+def _done_once(op: Operation) -> bool:
+    return bool(op.done(retry=_ONE_TRY))
+
+
 def operation_done(op: Operation, action: str, api: TpuApi | None = None) -> bool:
     """`op.done()`, a read of the operation: retried on transient errors (with `api`'s sleep)."""
-    return api.poll(op, action) if api is not None else read_with_retry(action, op.done)
+    return api.poll(op, action) if api is not None else read_with_retry(action, lambda: _done_once(op))
 
 
 def wait_operation(
