@@ -74,8 +74,12 @@ def test_a_node_grpoctl_did_not_create_never_deletes_itself(wired: Project) -> N
     url = f"{wired.fake.endpoint}/v2/projects/proj/locations/us-east1-d/nodes?nodeId=grpo-theirs"
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     urllib.request.urlopen(request).read()
+    node_url = f"{wired.fake.endpoint}/v2/projects/proj/locations/us-east1-d/nodes/grpo-theirs"
     deadline = time.monotonic() + 30
-    while wired.node("grpo-theirs").state != "READY" and time.monotonic() < deadline:
+    # time passes in the fake as it serves requests: ask for the node like a client does (reading the
+    # fake's memory alone never advanced it, and this loop used to run out its 30 s)
+    while json.loads(urllib.request.urlopen(node_url).read())["state"] != "READY":
+        assert time.monotonic() < deadline, "the node never became READY"
         time.sleep(0.05)
     # spot=False: the node is on-demand (another spot-ness is refused: issue 20)
     up = wired.cli(wired.config(name="grpo-theirs", spot=False, autodelete_after_idle_s=1), "up")
