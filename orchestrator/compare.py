@@ -29,7 +29,11 @@ from grpoctl_contract import rundir
 from grpoctl_contract.rundir import SOP_KEYS  # cli and the SOP replayer read it as compare.SOP_KEYS
 from orchestrator import learning, parity, stats, untrusted, worker_data
 from orchestrator.errors import UsageError
-from orchestrator.learning import IMPROVED, NO_CHANGE, WORSE
+
+# the start -> end verdict words live in learning.py; re-exported (cli, reports and tests read cmp.*)
+from orchestrator.learning import IMPROVED as IMPROVED
+from orchestrator.learning import NO_CHANGE as NO_CHANGE
+from orchestrator.learning import WORSE as WORSE
 
 ALPHA = stats.ALPHA
 # The McNemar verdicts: about two trained policies, never about the methods that trained them.
@@ -37,7 +41,6 @@ POLICIES_DIFFER = "these two trained policies answer differently at 5%"
 NO_DETECTABLE_DIFFERENCE = (
     "no detectable difference between these two trained policies at 5% (not a proof of sameness)"
 )
-__all__ = ["IMPROVED", "NO_CHANGE", "WORSE"]  # the start -> end verdict words (learning.py), read here too
 SEED_KEY = "seed"  # the trainer config's seed (configs/*.yaml `seed:`); SOP `seeds:` sets it per run
 
 

@@ -114,9 +114,10 @@ def mean_change_p(changes: Sequence[int | float]) -> float:
     questions moved one way, and on the tiny demo it called a run whose pass rate rose "worse" (many
     questions lost a sample, a few gained many). With no spread: 1.0 when nothing changed, else 0.0 (every
     question moved by the same non-zero amount)."""
-    if _spread(changes) == 0:
+    p = one_sample_p(changes)
+    if p is None:
         return 1.0 if not changes or changes[0] == 0 else 0.0
-    return float(_scipy_stats().ttest_1samp(list(changes), 0.0).pvalue)
+    return p
 
 
 # ------------------------------------------------------------------------------------- method test

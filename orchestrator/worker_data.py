@@ -194,10 +194,6 @@ def read_summary_file(path: Path) -> dict[str, Any]:
     return summary(_read(path), str(path), nested_ok=path.name == rundir.WANDB_SUMMARY)
 
 
-def read_eval_rows(path: Path) -> dict[str, bool]:
-    return eval_rows(_read(path), str(path))
-
-
 def read_eval_sweep(path: Path) -> Sweep:
     return eval_sweep(_read(path), str(path))
 

@@ -119,7 +119,7 @@ def _sampled_counts(
     problems: Sequence[Problem],
     sampled: SampledPass,
     grader: Grader,
-    on_batch: Callable[[], None],
+    on_batch: Callable[[int], None],
 ) -> np.ndarray:
     """How many of the n samples of each question are right (int, one per question, every process)."""
     counts = []
@@ -132,7 +132,7 @@ def _sampled_counts(
               for t, p in zip(rollout.texts, rollout.problems, strict=True)]
         per_question = np.asarray(ok, np.int32).reshape(len(mine), sampled.n).sum(axis=1)
         counts.append(global_concat(per_question)[:real])
-        on_batch()
+        on_batch(b + 1)
     return np.concatenate(counts)
 
 
@@ -172,15 +172,13 @@ def full_sweep(
         if on_batch is not None:
             on_batch(k, total)
     flags, preds = np.concatenate(correct), np.concatenate(predictions)
-    done = iter(range(len(starts) + 1, total + 1))
-
-    def one_more() -> None:
+    def sampled_done(k: int) -> None:  # the sampled batches come after the greedy ones
         if on_batch is not None:
-            on_batch(next(done), total)
+            on_batch(len(starts) + k, total)
 
     counts = None
     if sampled is not None and len(problems):
-        counts = _sampled_counts(sampler, params, problems, sampled, grader, one_more)
+        counts = _sampled_counts(sampler, params, problems, sampled, grader, sampled_done)
     if out_path is not None:
         with open(out_path, "w") as f:
             for i, (p, c, v) in enumerate(zip(problems, flags, preds, strict=True)):

@@ -407,15 +407,17 @@ def sweep(
     return full_sweep(
         t.sampler, params, t.eval_problems, batch_size=cfg.eval_full_batch_size,
         settings=t.sweep_sampling, out_path=run_dir / rundir.sweep_rows(prefix) if t.logger.enabled else None,
-        grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch, sampled=sampled_pass(cfg, t.sampling),
+        grader=cfg.reward_grader, prefix=prefix, on_batch=on_batch, sampled=sampled_pass(cfg),
     )
 
 
-def sampled_pass(cfg: Config, rollout: SamplingSettings) -> SampledPass | None:
+def sampled_pass(cfg: Config) -> SampledPass | None:
     """The sweep's sampled pass (eval_full_sampled): the training rollout's n, settings and batch."""
     if not cfg.eval_full_sampled:
         return None
-    return SampledPass(n=cfg.rollout.n, settings=rollout, batch_size=cfg.rollout.batch_size)
+    return SampledPass(
+        n=cfg.rollout.n, settings=programs.rollout_settings(cfg), batch_size=cfg.rollout.batch_size
+    )
 
 
 class Stopped(Exception):
@@ -539,7 +541,7 @@ def ledger_metrics(ledger: dict[str, Any]) -> dict[str, float]:
 
 def plan_of(cfg: Config, start: int, eval_questions: int) -> Plan:
     """What is left to do from `start` (the last finished step), in each phase's units."""
-    sampled = sampled_pass(cfg, programs.rollout_settings(cfg))
+    sampled = sampled_pass(cfg)
     sweep = sweep_batches(eval_questions, cfg.eval_full_batch_size, sampled) if cfg.eval_full_sweep else 0
     rows = eval_questions * (1 + (sampled.n if sampled else 0))  # sequences one sweep samples
     return Plan(
